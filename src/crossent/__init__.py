@@ -1,0 +1,35 @@
+"""crossent: drop-in, exact and checked cross-entropy losses for PyTorch.
+
+Change one import line::
+
+    import crossent.nn as nn              # was: import torch.nn as nn
+    import crossent.functional as F       # was: import torch.nn.functional as F
+"""
+
+__version__ = "0.1.0"
+
+from . import functional
+from . import nn
+from ._validation import CrossentIndexError
+from ._validation import CrossentTypeError
+from ._validation import CrossentValueError
+from ._validation import CrossentWarning
+from .backends import BackendUnavailableError
+from .functional import LossParts
+from .functional import binary_cross_entropy
+from .functional import binary_cross_entropy_with_logits
+from .functional import cross_entropy
+
+__all__ = [
+    "BackendUnavailableError",
+    "CrossentIndexError",
+    "CrossentTypeError",
+    "CrossentValueError",
+    "CrossentWarning",
+    "LossParts",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "functional",
+    "nn",
+]

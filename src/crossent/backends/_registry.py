@@ -1,0 +1,63 @@
+"""Which implementation computes a loss: chosen per call.
+
+``backend=None`` (automatic) takes the first backend, in priority order, that supports
+the op on the input's device; what cannot run is skipped silently. An explicitly named
+backend that cannot run raises :class:`BackendUnavailableError` naming the reason and the
+alternatives (the Liger Kernel habit). Every backend returns the same unreduced losses;
+none of them decides what ``mean`` means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .._validation import fail
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+@dataclass
+class Backend:
+    name: str
+    priority: int  # higher wins in automatic choice
+    ops: Dict[str, Callable] = field(default_factory=dict)
+    # Returns None when usable for this device, else the reason why not.
+    unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+
+
+_BACKENDS: Dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends() -> List[str]:
+    return sorted(_BACKENDS, key=lambda n: -_BACKENDS[n].priority)
+
+
+def dispatch(op: str, like: torch.Tensor, backend: Optional[str] = None) -> Callable:
+    """Return the implementation of ``op`` for tensors like ``like``."""
+    if backend is None or backend == "auto":
+        for name in available_backends():
+            b = _BACKENDS[name]
+            if op in b.ops and b.unavailable(like.device) is None:
+                return b.ops[op]
+        raise BackendUnavailableError(f"no backend implements {op!r} on {like.device}")  # reference covers all
+    b = _BACKENDS.get(backend)
+    if b is None:
+        fail("backend", f"one of {['auto'] + available_backends()}", repr(backend),
+             "Leave backend=None for the automatic choice.")
+    reason = b.unavailable(like.device) if op in b.ops else f"it does not implement {op!r}"
+    if reason is not None:
+        usable = [n for n in available_backends()
+                  if op in _BACKENDS[n].ops and _BACKENDS[n].unavailable(like.device) is None]
+        raise BackendUnavailableError(
+            f"backend {backend!r} cannot run {op} on {like.device}: {reason}. "
+            f"Usable here: {usable}; backend=None chooses automatically.")
+    return b.ops[op]

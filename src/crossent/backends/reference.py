@@ -1,0 +1,233 @@
+"""The plain-torch reference backend: exact formulas, any device, any autograd order.
+
+Every function here takes *canonical* arguments (validated, broadcast, in the compute
+dtype, with ``ignore_index`` already turned into a boolean ``keep`` mask) and returns
+**unreduced** per-element losses; reductions happen in ``functional._reduction`` only.
+
+Gradients come from autograd over these formulas (so second derivatives and target
+gradients exist), except where an explicit backward is needed for exactness or for
+torch's documented gradient (see each function).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def _softplus(z: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(z)) with full relative precision for every z.
+
+    torch's softplus switches to the identity above ``threshold`` (default 20); that is
+    exact to float32 rounding but drops exp(-20) ~ 2e-9 relative in float64, so float64
+    uses 40. Below the threshold it evaluates log1p(exp(z)), exact for very negative z,
+    and its backward is exp(z) / (1 + exp(z)), exact in both tails.
+    """
+    return F.softplus(z, beta=1.0, threshold=40.0 if z.dtype == torch.float64 else 20.0)
+
+
+def _times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """coef * value with 0 * inf = 0: a term with zero weight is absent, not NaN."""
+    return torch.where(coef == 0, torch.zeros((), dtype=value.dtype, device=value.device), coef * value)
+
+
+def binary_cross_entropy_with_logits(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    pos_weight: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+) -> torch.Tensor:
+    r"""Per-element :math:`w\,[p\,t\,\mathrm{softplus}(-x) + (1-t)\,\mathrm{softplus}(x)]`.
+
+    Algebraically equal to torch's ``(1-t) x + (1 + (p-1) t) softplus(-x)``, but a sum of
+    two non-negative terms (for t in [0, 1], p >= 0): no cancellation, so a loss of 2e-9
+    keeps all its digits, and x = +-inf gives the finite limit instead of NaN.
+    """
+    pos = t if pos_weight is None else pos_weight * t
+    loss = _times(pos, _softplus(-x)) + _times(1 - t, _softplus(x))
+    if weight is not None:
+        loss = loss * weight
+    if keep is not None:
+        loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    return loss
+
+
+class _BinaryCrossEntropy(torch.autograd.Function):
+    r"""BCE on probabilities with torch's documented clamp and torch's gradient.
+
+    Forward: :math:`-w\,[p_w\,t \max(\log p, -100) + (1-t)\max(\log(1-p), -100)]`, with
+    ``log1p(-p)`` so that p close to 0 keeps full precision.
+    Backward (as torch, plus ``pos_weight``):
+    :math:`w\,[(1-t)\,p - p_w\,t\,(1-p)] / \max(p(1-p), 10^{-12})`, which is exact inside
+    (0, 1) and finite at the ends. The backward is written in differentiable ops, so
+    double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, p, t, pos_weight):
+        ctx.save_for_backward(p, t, pos_weight)
+        return _bce_value(p, t, pos_weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, t, pos_weight = ctx.saved_tensors
+        grad_p = grad_t = None
+        if ctx.needs_input_grad[0]:
+            pt = t if pos_weight is None else pos_weight * t
+            grad_p = grad * ((1 - t) * p - pt * (1 - p)) / torch.clamp(p * (1 - p), min=1e-12)
+        if ctx.needs_input_grad[1]:
+            # d/dt of the clamped forward (torch's target gradient).
+            pw = 1 if pos_weight is None else pos_weight
+            grad_t = grad * (torch.clamp(torch.log1p(-p), min=-100) - pw * torch.clamp(torch.log(p), min=-100))
+        return grad_p, grad_t, None
+
+
+def _bce_value(p, t, pos_weight):
+    log_p = torch.clamp(torch.log(p), min=-100)
+    log_1mp = torch.clamp(torch.log1p(-p), min=-100)
+    pt = t if pos_weight is None else pos_weight * t
+    return -(pt * log_p + (1 - t) * log_1mp)
+
+
+def binary_cross_entropy(
+    p: torch.Tensor,
+    t: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    pos_weight: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Per-element BCE on probabilities (see :class:`_BinaryCrossEntropy`)."""
+    if pos_weight is not None:
+        pos_weight = pos_weight.expand_as(p)
+    loss = _BinaryCrossEntropy.apply(p, t, pos_weight)
+    if weight is not None:
+        loss = loss * weight
+    if keep is not None:
+        loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    return loss
+
+
+# --------------------------------------------------------------------------- multiclass
+def _neg_log_softmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``-log softmax(x)`` over dim 1, cancellation-free.
+
+    With :math:`m = \max_j x_j` at index k and :math:`S' = \sum_{j \ne k} e^{x_j - m}`,
+
+    .. math:: -\log p_j = (m - x_j) + \log(1 + S'),
+
+    a sum of two non-negative terms. The textbook ``logsumexp(x) - x_j`` rounds
+    ``log(1 + 4e-9)`` to 0 in float32 when the winning class has a wide margin; this form
+    returns 4.12e-9. A +inf logit is its own max (``x - m`` is set to 0 where ``x == m``),
+    which gives the finite limit instead of NaN. Returns ``(nlp, s, k)``.
+    """
+    m, k = x.max(dim=1, keepdim=True)
+    z = torch.where(x == m, torch.zeros((), dtype=x.dtype, device=x.device), x - m)
+    e = torch.exp(z).scatter(1, k, 0.0)
+    s = e.sum(dim=1, keepdim=True)
+    nlp = torch.log1p(s) - z
+    return nlp, s, k
+
+
+class _CrossEntropy(torch.autograd.Function):
+    r"""Cross-entropy against per-class coefficients :math:`a_{ij} \ge 0`:
+
+    .. math:: \ell_i = \sum_j a_{ij}\,(-\log p_{ij}), \qquad
+              \frac{\partial \ell_i}{\partial x_{ij}} = A_i\,p_{ij} - a_{ij},\quad A_i = \sum_j a_{ij}.
+
+    At the arg-max k the gradient is evaluated as
+    :math:`(A_i - a_{ik}) - A_i\,S'/(1+S')` (since :math:`p_{ik} = 1/(1+S')`), so a
+    confident correct prediction keeps the relative precision of its tiny gradient
+    instead of rounding ``p - 1`` to 0.
+
+    ``coef`` is either a dense (M, C) tensor (probability targets) or, for class-index
+    targets, the tuple (y, c, smooth) meaning :math:`a_{ij} = c_i [j = y_i] + smooth_j`
+    with ``smooth`` of shape (C,) or None. The backward recomputes from saved inputs with
+    differentiable ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x, q, y, c, smooth):
+        ctx.save_for_backward(x, q, y, c, smooth)
+        nlp, _, _ = _neg_log_softmax(x)
+        return _ce_value(nlp, q, y, c, smooth)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, q, y, c, smooth = ctx.saved_tensors
+        grad_x = grad_q = grad_c = grad_smooth = None
+        nlp, s, k = _neg_log_softmax(x)
+        a = _dense_coef(x, q, y, c, smooth)
+        if ctx.needs_input_grad[0]:
+            A = a.sum(dim=1, keepdim=True)
+            p = torch.exp(-nlp)
+            g = A * p - a
+            a_rest = a.scatter(1, k, 0.0).sum(dim=1, keepdim=True)  # A - a_k without cancellation
+            g_k = a_rest - A * (s / (1 + s))
+            g = g.scatter(1, k, g_k)
+            grad_x = grad.unsqueeze(1) * g
+        if ctx.needs_input_grad[1]:
+            grad_q = grad.unsqueeze(1) * nlp
+        if ctx.needs_input_grad[3]:
+            grad_c = grad * nlp.gather(1, y.unsqueeze(1)).squeeze(1)
+        if ctx.needs_input_grad[4]:
+            grad_smooth = (grad.unsqueeze(1) * nlp).sum(0)
+        return grad_x, grad_q, None, grad_c, grad_smooth
+
+
+def _dense_coef(x, q, y, c, smooth):
+    if q is not None:
+        return q
+    a = torch.zeros_like(x) if smooth is None else smooth.expand_as(x).clone()
+    return a.scatter_add(1, y.unsqueeze(1), c.unsqueeze(1).to(x.dtype))
+
+
+def _ce_value(nlp, q, y, c, smooth):
+    if q is not None:
+        return _times(q, nlp).sum(dim=1)
+    loss = c * nlp.gather(1, y.unsqueeze(1)).squeeze(1)
+    if smooth is not None:
+        loss = loss + _times(smooth.expand_as(nlp), nlp).sum(dim=1)
+    return loss
+
+
+def cross_entropy(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    index_target: bool,
+    weight: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    label_smoothing: float,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-row cross-entropy of logits ``x`` (M, C).
+
+    Args:
+        target: int64 (M,) class indices (``keep`` marks rows not equal to ignore_index)
+            or (M, C) class probabilities.
+        weight: (C,) class weights or None.
+    Returns:
+        ``(loss, denominator)``: per-row losses (M,) and the per-row denominator weights
+        (M,) for ``mean``, or None meaning one per row.
+    """
+    C = x.shape[1]
+    eps = label_smoothing
+    if not index_target:
+        q = target if eps == 0 else target * (1 - eps) + eps / C
+        if weight is not None:
+            q = q * weight
+        return _CrossEntropy.apply(x, q, None, None, None), None
+    y = target if keep is None else torch.where(keep, target, torch.zeros_like(target))
+    w_y = None if weight is None else weight.gather(0, y)
+    den = torch.ones_like(y, dtype=x.dtype) if w_y is None else w_y
+    if keep is not None:
+        den = torch.where(keep, den, torch.zeros((), dtype=den.dtype, device=den.device))
+    c = den * (1 - eps) if eps else den
+    smooth = None
+    if eps:
+        smooth = torch.full((C,), eps / C, dtype=x.dtype, device=x.device) if weight is None else weight * (eps / C)
+    loss = _CrossEntropy.apply(x, None, y, c, smooth)
+    if eps and keep is not None:
+        loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    return loss, den

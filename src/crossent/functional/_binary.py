@@ -1,0 +1,154 @@
+"""Binary cross-entropy on probabilities and on logits (``torch.nn.functional`` drop-ins)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as V
+from ..backends import dispatch
+from ._reduction import compute_dtype, legacy_reduction, reduce_loss
+
+
+def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
+             size_average, reduce, *, probabilities_in, validate):
+    """Validate and canonicalise once: returns what the backend needs."""
+    reduction = legacy_reduction(func, size_average, reduce, reduction)
+    V.check_floating_input(func, input)
+    target = V.check_binary_target(func, input, target)
+    label_smoothing = V.check_label_smoothing(func, label_smoothing)
+    ignore_index = V.check_ignore_index(func, ignore_index)
+    weight = V.as_weight_tensor(func, "weight", weight, like=input)
+    pos_weight = V.as_weight_tensor(func, "pos_weight", pos_weight, like=input)
+    V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
+    if weight is not None:
+        try:
+            ok = torch.broadcast_shapes(weight.shape, input.shape) == input.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            V.fail(func, f"`weight` broadcastable to the input's shape {V.shape_str(input.shape)}",
+                   f"shape {V.shape_str(weight.shape)}",
+                   "Per-element weights need the input's shape (or a shape that broadcasts to it, "
+                   f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label).")
+    if pos_weight is not None:
+        try:
+            ok = torch.broadcast_shapes(pos_weight.shape, input.shape) == input.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            n = input.shape[-1] if input.dim() else 1
+            V.fail(func, f"`pos_weight` broadcastable to the input's shape {V.shape_str(input.shape)}: "
+                   "one weight per label, along the last dimension",
+                   f"shape {V.shape_str(pos_weight.shape)}",
+                   f"Use pos_weight of shape ({n},) (e.g. num_negatives / num_positives per label).")
+    keep = None
+    if ignore_index is not None:
+        keep = target != ignore_index
+    if V.validation_enabled(validate):
+        V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
+    cdt = compute_dtype(torch.promote_types(input.dtype, target.dtype))
+    x = input.to(cdt)
+    t = target.to(cdt)
+    if keep is not None:
+        t = torch.where(keep, t, torch.zeros((), dtype=cdt, device=t.device))
+    if label_smoothing:
+        t = t * (1 - label_smoothing) + label_smoothing / 2
+    weight = None if weight is None else weight.to(cdt)
+    pos_weight = None if pos_weight is None else pos_weight.to(cdt)
+    denominator = None if keep is None else keep.sum()
+    return reduction, x, t, weight, pos_weight, keep, denominator
+
+
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    *,
+    pos_weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: bool = False,
+    backend: Optional[str] = None,
+):
+    r"""Binary cross-entropy between probabilities ``input`` and ``target``.
+
+    .. math::
+        \ell_i = -w_i\,\bigl[p_w\,t_i\,\max(\log x_i, -100) + (1 - t_i)\,\max(\log(1 - x_i), -100)\bigr]
+
+    Drop-in for :func:`torch.nn.functional.binary_cross_entropy` (same positional
+    arguments, defaults, values and gradients; the log clamp at -100 is torch's). See
+    :class:`crossent.nn.BCELoss` for shapes. ``log(1 - x)`` is evaluated as ``log1p(-x)``,
+    so probabilities near 0 keep full precision. Computed in float32 for fp16/bf16 inputs
+    (also under ``torch.autocast``, where torch raises) and returned in the input dtype.
+
+    Keyword-only extensions: ``pos_weight`` (pytorch#20424), ``label_smoothing``
+    (targets become :math:`t(1-\epsilon) + \epsilon/2`), ``ignore_index`` (those elements
+    count neither in the sum nor in the ``mean`` denominator), ``validate`` (value checks,
+    see :mod:`crossent._validation`), ``return_parts`` (a :class:`LossParts`) and
+    ``backend``. Integer and bool 0/1 targets are accepted.
+
+    Example (the tutorial's numbers, computed right):
+
+    >>> import torch, crossent
+    >>> p = torch.tensor([0.8, 0.3, 0.6])
+    >>> round(crossent.binary_cross_entropy(p, torch.tensor([1., 0., 1.])).item(), 4)
+    0.3635
+    """
+    func = "binary_cross_entropy"
+    reduction, p, t, weight, pos_weight, keep, denominator = _prepare(
+        func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
+        size_average, reduce, probabilities_in=True, validate=validate)
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        loss = dispatch("binary_cross_entropy", p, backend)(p, t, weight, pos_weight, keep)
+    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: bool = False,
+    backend: Optional[str] = None,
+):
+    r"""Binary cross-entropy on logits: sigmoid and BCE in one exact step.
+
+    .. math::
+        \ell_i = w_i\,\bigl[p_w\,t_i\,\mathrm{softplus}(-x_i) + (1 - t_i)\,\mathrm{softplus}(x_i)\bigr],
+        \qquad \mathrm{softplus}(z) = \log(1 + e^{z})
+
+    Drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`. torch
+    evaluates the algebraically equal ``(1-t) x + (1 + (p_w-1) t) softplus(-x)``, whose
+    cancellation loses small losses (float32 x=-20, t=0 gives 0 instead of 2.06e-9) and
+    gives NaN at x = +-inf; the form above is a sum of non-negative terms, exact to a few
+    ulp everywhere and finite at +-inf. Shapes and the ``pos_weight`` example: see
+    :class:`crossent.nn.BCEWithLogitsLoss`.
+
+    Keyword-only extensions as for :func:`binary_cross_entropy`.
+
+    >>> import torch, crossent
+    >>> logits = torch.tensor([0.2, -1.5, 3.0, 0.7])
+    >>> round(crossent.binary_cross_entropy_with_logits(logits, torch.tensor([1., 0., 1., 0.])).item(), 4)
+    0.4878
+    """
+    func = "binary_cross_entropy_with_logits"
+    reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
+        func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
+        size_average, reduce, probabilities_in=False, validate=validate)
+    loss = dispatch("binary_cross_entropy_with_logits", x, backend)(x, t, weight, pos_weight, keep)
+    # torch promotes with a floating target's dtype (float32 input, float64 target -> float64).
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)

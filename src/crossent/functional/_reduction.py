@@ -1,0 +1,111 @@
+"""The one place that decides what ``reduction`` means.
+
+Every loss in crossent is computed as per-element losses ``l_i`` together with a
+per-element *denominator weight* ``d_i``. Then
+
+.. math::
+
+    \\text{none} = (l_i)_i, \\qquad \\text{sum} = \\sum_i l_i, \\qquad
+    \\text{mean} = \\frac{\\sum_i l_i}{\\sum_i d_i}.
+
+The loss decides ``d_i``, matching torch exactly:
+
+* BCE and BCE-with-logits: ``d_i = 1`` (``weight`` rescales the loss but is *not* in the
+  denominator), and ``d_i = 0`` for elements equal to ``ignore_index`` (crossent extension).
+* Cross-entropy, class-index targets: ``d_i = weight[y_i]`` (1 without weights), 0 for
+  ``ignore_index``; label smoothing keeps this denominator (torch does the same).
+* Cross-entropy, class-probability targets: ``d_i = 1`` per sample, weights or not.
+
+An empty batch, or one where every element is ignored, has ``mean = 0 / 0 = nan``, like torch.
+
+:class:`LossParts` exposes the numerator and denominator so that epoch averages can be
+exact (``crossent.tracking.LossMeter`` adds them up; never a mean of batch means).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from .._validation import check_reduction
+
+
+class LossParts(NamedTuple):
+    """What a loss call returns with ``return_parts=True``.
+
+    Attributes:
+        loss: the reduced loss exactly as without ``return_parts`` (keeps its graph).
+        total: the sum of the per-element losses, detached, float64 (a 0-dim tensor).
+        denominator: what ``mean`` divides ``total`` by, detached, float64 (a 0-dim tensor):
+            the number of kept elements, or the sum of their class weights.
+    """
+
+    loss: torch.Tensor
+    total: torch.Tensor
+    denominator: torch.Tensor
+
+
+def legacy_reduction(func: str, size_average, reduce, reduction: str) -> str:
+    """Resolve torch's deprecated ``size_average`` / ``reduce`` pair, as torch does."""
+    if size_average is None and reduce is None:
+        return check_reduction(func, reduction)
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        resolved = "mean"
+    elif reduce:
+        resolved = "sum"
+    else:
+        resolved = "none"
+    warnings.warn(
+        f"{func}: size_average and reduce are deprecated (as in torch); use reduction='{resolved}' instead.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return resolved
+
+
+def reduce_loss(
+    loss: torch.Tensor,
+    denominator: Union[torch.Tensor, int, None],
+    reduction: str,
+    *,
+    out_dtype: torch.dtype,
+    return_parts: bool = False,
+):
+    """Apply ``reduction`` to per-element ``loss`` (already multiplied by its weights).
+
+    Args:
+        loss: per-element losses, any shape, in the compute dtype.
+        denominator: ``sum_i d_i`` for ``mean``: a tensor (for weighted or masked losses)
+            or ``None`` meaning ``loss.numel()``.
+        reduction: 'none' | 'mean' | 'sum'.
+        out_dtype: the dtype of the result (the input's dtype, like torch).
+        return_parts: also return the detached float64 numerator and denominator.
+    """
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        denom = loss.numel() if denominator is None else denominator
+        out = loss.sum() / denom
+    out = out.to(out_dtype)
+    if not return_parts:
+        return out
+    with torch.no_grad():
+        total = loss.detach().sum(dtype=torch.float64)
+        if denominator is None:
+            den = torch.tensor(float(loss.numel()), dtype=torch.float64, device=loss.device)
+        elif isinstance(denominator, torch.Tensor):
+            den = denominator.detach().to(torch.float64)
+        else:
+            den = torch.tensor(float(denominator), dtype=torch.float64, device=loss.device)
+    return LossParts(out, total, den)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32/fp16/bf16) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
