@@ -7,15 +7,41 @@ Two tiers (the torchmetrics habit):
   (also in ``crossent.nn`` constructors, so a bad option fails when the module is built).
 * **Value checks** read the data: targets in range, probabilities inside [0, 1],
   inputs that look like probabilities or log-probabilities where logits are expected.
-  Each costs one reduction pass over the tensor it inspects (about a third of the
-  loss itself on CPU, one device synchronisation on GPU). They run by default and
-  are switched off per call (``validate=False``) or for the whole process with the
-  environment variable ``CROSSENT_VALIDATE=0``.
+  They run by default and are switched off per call or per module (keyword-only
+  ``validate=False``) or for the whole process with the environment variable
+  ``CROSSENT_VALIDATE=0`` (an explicit ``validate=True`` still wins). When off they are
+  skipped entirely: no data is read and nothing synchronises.
+
+Cost of the value tier, by design: each inspected tensor is read **once** by a fused
+reduction (``aminmax``; row sums for class-probability targets), the "looks like
+softmax" heuristic reads at most :data:`_ROWS_TO_INSPECT` rows, and the small results
+of one call are fetched to the host together: **one device synchronisation per loss
+call** on GPU. Work beyond that (``nonzero``, the position of the first bad element)
+happens only on the failure path. Measured numbers: ``benchmarks/validation_cost.py``.
+
+On GPU, an out-of-range class index is therefore reported by this module before any
+kernel indexes with it: the checks use only comparisons and reductions, never
+``gather``/indexing with the user's indices, so they cannot trigger a device-side assert.
 
 Errors follow one template, ``{function}: expected {what}, but got {found}. {fix}``,
 and are ``ValueError`` / ``TypeError`` / ``IndexError`` subclasses (never ``assert``).
 Warnings are :class:`CrossentWarning` (a ``UserWarning``) and are shown once per
-call site of user code.
+call site of user code (:func:`warn_once`), also under ``simplefilter("always")``.
+
+Decisions where the issue is silent (each has a test in ``tests/test_guardrails*.py``):
+
+* Raise (the answer would be wrong, or torch raises too): NaN/inf targets of any loss
+  (a NaN target makes the loss and every gradient NaN), integer/bool/complex inputs
+  (torch raises as well), ``ignore_index=None`` for cross-entropy (torch raises a
+  TypeError), ``ignore_index`` 0 or 1 for the BCE losses (a crossent extension: it would
+  drop every negative or positive label).
+* Warn (legal, probably wrong): cross-entropy with a single class (``C == 1``: the loss
+  and its gradient are identically 0), an input whose autograd history shows it just
+  came out of ``sigmoid`` / ``softmax`` / ``log_softmax`` (any batch size), negative
+  weights (at construction).
+* Not detectable, documented: probabilities in a tiny batch without autograd history
+  (the tutorial's 4 values: see :func:`check_binary_values`), sequence logits
+  ``(B, T, V)`` with ``T == V`` (the shapes are then valid for ``(N, C, d1)``).
 """
 
 from __future__ import annotations
@@ -25,7 +51,7 @@ import os
 import sys
 import warnings
 from numbers import Number
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -39,11 +65,23 @@ __all__ = [
 
 REDUCTIONS = ("none", "mean", "sum")
 
-# Below this many elements a batch cannot tell logits from probabilities reliably:
-# 32 raw logits of an untrained model all landing inside [0, 1] has probability ~2**-32.
+# Below this many elements a batch cannot tell logits from probabilities: logits of an
+# untrained model sit near 0, and for standard-normal logits the chance that all n of
+# them land in [0, 1] is 0.34**n: 1.4% for the tutorial's n = 4 (a training loop would
+# warn falsely within a few hundred steps), 1e-15 for n = 32.
 _MIN_ELEMENTS_TO_TELL = 32
-# Rows inspected by the "looks like softmax / log_softmax" heuristics: bounded cost.
+# Elements of a BCE input read by the "looks like probabilities" heuristic (bounded cost;
+# BCELoss's own range check, an error, reads everything).
+_ELEMENTS_TO_INSPECT = 1 << 16
+# Rows inspected by the "looks like softmax / log_softmax" heuristic: bounded cost.
 _ROWS_TO_INSPECT = 64
+# Autograd nodes that reveal where an input came from (a free, exact signal).
+_PROBABILITY_NODES = {"SigmoidBackward0": "torch.sigmoid"}
+_SOFTMAX_NODES = {"SoftmaxBackward0": "softmax", "LogSoftmaxBackward0": "log_softmax"}
+_BINARY_FUNCS = ("binary_cross_entropy", "binary_cross_entropy_with_logits", "BCELoss",
+                 "BCEWithLogitsLoss")
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class CrossentWarning(UserWarning):
@@ -66,7 +104,12 @@ class CrossentIndexError(CrossentValueError, IndexError):
 
 
 def validation_enabled(validate: Optional[bool] = None) -> bool:
-    """Whether value checks run: the per-call ``validate`` wins, else ``CROSSENT_VALIDATE``."""
+    """Whether value checks run: the per-call ``validate`` wins, else ``CROSSENT_VALIDATE``.
+
+    ``CROSSENT_VALIDATE`` set to ``0``, ``false``, ``no`` or ``off`` switches the value
+    tier off for every call that does not pass ``validate=True``; it is read on each call
+    (a dictionary lookup), so it can be changed at run time.
+    """
     if validate is not None:
         return bool(validate)
     return os.environ.get("CROSSENT_VALIDATE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -82,14 +125,18 @@ def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentVa
 
 # --------------------------------------------------------------------------- warnings
 _WARNED: set = set()
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-_TORCH_NN_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "nn")
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_NN_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "nn") + os.sep
 
 
 def _user_frame_and_level():
-    """First frame outside crossent and torch.nn (where the user called the loss)."""
-    frame = sys._getframe(1)
-    level = 1
+    """First frame outside crossent and torch.nn (where the user called the loss).
+
+    Returns ``(frame, stacklevel)`` where ``stacklevel`` is the value that makes
+    ``warnings.warn`` called from :func:`warn_once` point at that frame.
+    """
+    frame = sys._getframe(2)  # the caller of warn_once
+    level = 2
     while frame is not None:
         fname = os.path.abspath(frame.f_code.co_filename)
         if not (fname.startswith(_PKG_DIR) or fname.startswith(_TORCH_NN_DIR)):
@@ -102,17 +149,19 @@ def _user_frame_and_level():
 def warn_once(key: str, message: str) -> None:
     """Warn with :class:`CrossentWarning` once per (key, user call site).
 
-    Python's own "default" filter already shows a warning once per location; we keep a
-    registry as well so that a training loop under ``simplefilter("always")`` (pytest,
-    notebooks) still sees it once, not every step.
+    The call site is the first stack frame outside crossent and ``torch.nn`` (the line
+    that called the loss or the module). Python's "default" filter already shows a
+    warning once per location; the registry here also holds under
+    ``simplefilter("always")`` (pytest, notebooks), so a training loop sees a mistake
+    once, not every step. Two different call sites each warn once. This is also the
+    helper for the bookkeeping warnings (a meter fed a loss that still requires grad).
     """
     frame, level = _user_frame_and_level()
     site = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)
     if (key, site) in _WARNED:
         return
     _WARNED.add((key, site))
-    # +1: this function's own frame.
-    warnings.warn(message, CrossentWarning, stacklevel=level + 1)
+    warnings.warn(message, CrossentWarning, stacklevel=level)
 
 
 def reset_warnings() -> None:
@@ -120,14 +169,28 @@ def reset_warnings() -> None:
     _WARNED.clear()
 
 
+def _fetch(values: List[torch.Tensor]) -> List[float]:
+    """Bring a few 0-dim statistics to the host in ONE transfer (one GPU sync)."""
+    if not values:
+        return []
+    return torch.stack([v.detach().to(torch.float64).reshape(()) for v in values]).tolist()
+
+
+def _grad_fn_name(t: torch.Tensor) -> str:
+    fn = t.grad_fn
+    return type(fn).__name__ if fn is not None else ""
+
+
 # --------------------------------------------------------------------------- options
 def check_reduction(func: str, reduction) -> str:
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         hint = ""
-        if isinstance(reduction, str) and reduction.lower() in REDUCTIONS:
-            hint = f" Reduction names are lower case: use reduction='{reduction.lower()}'."
-        elif reduction in ("avg", "average", "elementwise_mean"):
+        if isinstance(reduction, str) and reduction.strip().lower() in REDUCTIONS:
+            hint = f" Reduction names are lower case: use reduction='{reduction.strip().lower()}'."
+        elif reduction in ("avg", "average", "elementwise_mean", "batchmean"):
             hint = " Use reduction='mean'."
+        elif reduction is None:
+            hint = " For per-element losses use reduction='none' (the string)."
         fail(func, "`reduction` to be one of 'none', 'mean', 'sum'", repr(reduction),
              ("Pick one of those." + hint).strip())
     return reduction
@@ -136,33 +199,45 @@ def check_reduction(func: str, reduction) -> str:
 def check_label_smoothing(func: str, label_smoothing) -> float:
     if isinstance(label_smoothing, torch.Tensor) and label_smoothing.numel() == 1:
         label_smoothing = float(label_smoothing)
-    if not isinstance(label_smoothing, Number) or isinstance(label_smoothing, bool):
+    if not isinstance(label_smoothing, Number) or isinstance(label_smoothing, (bool, complex)):
         fail(func, "`label_smoothing` to be a float in [0, 1]", f"{type(label_smoothing).__name__}",
              "Pass a Python float such as label_smoothing=0.1.", CrossentTypeError)
     value = float(label_smoothing)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         fail(func, "`label_smoothing` in [0, 1]", repr(label_smoothing),
              "0 turns smoothing off; typical values are 0.05 to 0.2. (torch silently ignores "
-             "negative values; crossent refuses them.)")
+             "negative and NaN values; crossent refuses them.)")
     return value
 
 
 def check_ignore_index(func: str, ignore_index) -> Optional[int]:
+    """``ignore_index`` must be an integer (None is allowed: the BCE losses' default).
+
+    For the BCE losses (an extension) 0 and 1 are refused: they are labels, so
+    ``ignore_index=0`` would silently drop every negative example."""
     if ignore_index is None:
         return None
     if isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1:
         ignore_index = ignore_index.item()
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Number) or int(ignore_index) != ignore_index:
+    if (isinstance(ignore_index, bool) or not isinstance(ignore_index, Number)
+            or isinstance(ignore_index, complex) or not math.isfinite(ignore_index)
+            or int(ignore_index) != ignore_index):
         fail(func, "`ignore_index` to be an integer", repr(ignore_index),
              "Pass the integer label that marks elements to skip, e.g. ignore_index=-100.",
              CrossentTypeError)
-    return int(ignore_index)
+    ignore_index = int(ignore_index)
+    if func in _BINARY_FUNCS and ignore_index in (0, 1):
+        fail(func, "`ignore_index` different from the labels 0 and 1", f"ignore_index={ignore_index}",
+             f"ignore_index={ignore_index} would drop every {'negative' if ignore_index == 0 else 'positive'} "
+             "label; mark missing labels with another value, e.g. -1, and pass ignore_index=-1.")
+    return ignore_index
 
 
 def as_weight_tensor(func: str, name: str, value, like: Optional[torch.Tensor] = None):
     """Accept tensors, Python scalars and sequences for ``weight`` / ``pos_weight``.
 
-    Tensors are kept as they are (their dtype is resolved at call time); scalars and
+    Tensors are kept as they are (their dtype is resolved at call time: a float64 weight
+    on a float32 input is cast, where torch's cross_entropy raises); scalars and
     sequences become float tensors on ``like``'s device (an extension over torch).
     """
     if value is None or isinstance(value, torch.Tensor):
@@ -185,14 +260,12 @@ def as_weight_tensor(func: str, name: str, value, like: Optional[torch.Tensor] =
              f"{type(value).__name__}", f"Pass `{name}` as torch.tensor([...]).", CrossentTypeError)
 
 
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
 def check_weight_values_nonnegative(func: str, name: str, value: Optional[torch.Tensor]) -> None:
     """Warn about negative or NaN weights (legal in torch, but they turn the loss into a reward).
 
-    Weights are C numbers, not data, so this runs at construction only (skipped on GPU)."""
-    if value is None or value.numel() == 0 or value.numel() > 1_000_000 or value.is_cuda:
+    Weights are C numbers, not data, so this runs at construction only (skipped on GPU
+    and for huge tensors, so that it never synchronises or costs real time)."""
+    if value is None or value.numel() == 0 or value.numel() > 1_000_000 or value.device.type != "cpu":
         return
     bad = ~(value >= 0)
     if bool(bad.any()):
@@ -204,6 +277,7 @@ def check_weight_values_nonnegative(func: str, name: str, value: Optional[torch.
 
 
 def check_same_device(func: str, input: torch.Tensor, **others) -> None:
+    """Every tensor argument on the input's device (0-dim CPU tensors count as scalars)."""
     for name, t in others.items():
         if isinstance(t, torch.Tensor) and t.device != input.device and t.dim() > 0:
             fail(func, f"`{name}` on the same device as `input` ({input.device})",
@@ -217,32 +291,65 @@ def check_floating_input(func: str, input) -> None:
         fail(func, "`input` to be a torch.Tensor", type(input).__name__,
              "Convert it with torch.as_tensor(...).", CrossentTypeError)
     if not input.is_floating_point():
+        if input.is_complex():
+            fix = "Losses need real scores: pass `input.real` or `input.abs()`, whichever you mean."
+        else:
+            fix = ("Losses need real-valued scores: call `input.float()` (and check that you did "
+                   "not pass the labels as the input: the argument order is (input, target)).")
         fail(func, "`input` to be a floating-point tensor (float16/bfloat16/float32/float64)",
-             f"dtype {input.dtype}",
-             "Losses need real-valued scores: call `input.float()` (and check that you did "
-             "not pass the labels as the input).", CrossentTypeError)
+             f"dtype {input.dtype}", fix, CrossentTypeError)
 
 
 def shape_str(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def _where(shape: Sequence[int], flat_pos: int) -> str:
+    """Position of a flat index in ``shape`` as a tuple string, e.g. ``(1, 3)``."""
+    if len(shape) == 0:
+        return "()"
+    idx = []
+    for size in reversed(tuple(shape)):
+        idx.append(flat_pos % size)
+        flat_pos //= size
+    return shape_str(tuple(reversed(idx)))
+
+
+def _row_repr(row: torch.Tensor, limit: int = 6) -> str:
+    vals = [f"{v:.4g}" for v in row[:limit].tolist()]
+    if row.numel() > limit:
+        vals.append("...")
+    return "[" + ", ".join(vals) + "]"
+
+
 # --------------------------------------------------------------------------- binary
 def check_binary_target(func: str, input: torch.Tensor, target) -> torch.Tensor:
-    """Shape and dtype of a BCE target; returns it cast to a floating dtype."""
+    """Shape and dtype of a BCE target; returns it cast to a floating dtype.
+
+    Shapes must match exactly (torch raises too); never silent broadcasting."""
     if not isinstance(target, torch.Tensor):
         fail(func, "`target` to be a torch.Tensor", type(target).__name__,
              "Convert it with torch.as_tensor(...).", CrossentTypeError)
     if target.shape != input.shape:
-        found = f"input {shape_str(input.shape)} and target {shape_str(target.shape)}"
-        fix = "BCE compares input and target element by element, so their shapes must match."
         ish, tsh = tuple(input.shape), tuple(target.shape)
+        found = f"input {shape_str(ish)} and target {shape_str(tsh)}"
+        fix = "BCE compares input and target element by element, so their shapes must match."
         if ish == tsh + (1,):
-            fix += " Use `target.unsqueeze(-1)` or `input.squeeze(-1)`; torch would otherwise broadcast or fail."
+            k = input.dim() - 1
+            fix += f" Use `target.unsqueeze({k})` or `input.squeeze({k})`."
         elif tsh == ish + (1,):
-            fix += " Use `target.squeeze(-1)` or `input.unsqueeze(-1)`."
+            k = target.dim() - 1
+            fix += f" Use `target.squeeze({k})` or `input.unsqueeze({k})`."
+        elif input.dim() == 2 and tsh == ish[:1] and ish[1] == 2:
+            fix += (" Two scores per sample and one label each is 2-class cross-entropy: use "
+                    "CrossEntropyLoss with `target.long()`, or give the model one output "
+                    "per sample for BCEWithLogitsLoss.")
+        elif input.dim() == 2 and tsh == ish[:1]:
+            fix += (f" Class indices for {ish[1]} classes? Use CrossEntropyLoss with "
+                    f"`target.long()`, or one-hot encode them for multi-label BCE: "
+                    f"`F.one_hot(target.long(), {ish[1]}).float()`.")
         elif input.numel() == target.numel():
-            fix += f" They have the same number of elements: `target.view({shape_str(ish)[1:-1].rstrip(',')})` if the order matches."
+            fix += f" They have the same number of elements: `target.view({', '.join(map(str, ish))})` if the order matches."
         fail(func, "`target` with the same shape as `input`", found, fix)
     if target.dtype == torch.bool or target.dtype in _INTEGER_DTYPES:
         # Extension (pytorch#842): 0/1 integer and bool labels are cast.
@@ -253,55 +360,105 @@ def check_binary_target(func: str, input: torch.Tensor, target) -> torch.Tensor:
     return target
 
 
+def _first_bad(t: torch.Tensor, bad: torch.Tensor):
+    """(flat position, value) of the first True in ``bad`` (failure path only)."""
+    pos = int(bad.reshape(-1).nonzero()[0])
+    return pos, t.reshape(-1)[pos].item()
+
+
 def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
                         keep: Optional[torch.Tensor], *, probabilities_in: bool) -> None:
-    """Value tier for BCE: targets inside [0, 1]; input range matching the loss."""
-    if target.numel() == 0:
-        return
-    t = target if keep is None else target[keep]
-    if t.numel():
-        tmin, tmax = torch.aminmax(t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach())
-        tmin, tmax = float(tmin), float(tmax)
-        if not (tmin >= 0.0 and tmax <= 1.0):
-            if math.isnan(tmin) or math.isnan(tmax):
-                found = "NaN"
-            else:
-                found = f"values in [{tmin:.6g}, {tmax:.6g}]"
-            fix = ("Targets are probabilities of the positive class: 0, 1, or a soft label in "
-                   "between.")
-            if tmax > 1 and float(tmax) == int(tmax):
-                fix += (" Integer labels above 1 mean several classes: use CrossEntropyLoss, or "
-                        "one-hot encode for a multi-label BCE.")
-            if tmin < 0 and tmin == -1:
-                fix += " If -1 marks missing labels, pass ignore_index=-1."
-            fail(func, "`target` values in [0, 1]", found, fix)
-    x = input.detach()
-    if x.numel() == 0:
-        return
-    xmin, xmax = torch.aminmax(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
-    xmin, xmax = float(xmin), float(xmax)
-    if probabilities_in:
-        if not (xmin >= 0.0 and xmax <= 1.0):
-            found = "NaN" if (math.isnan(xmin) or math.isnan(xmax)) else f"min {xmin:.6g}, max {xmax:.6g}"
-            fail(func, "`input` to hold probabilities in [0, 1]", found,
-                 "These look like raw logits: use BCEWithLogitsLoss / "
-                 "binary_cross_entropy_with_logits on them (it applies the sigmoid itself, "
-                 "exactly), or apply torch.sigmoid first.")
-    elif x.numel() >= _MIN_ELEMENTS_TO_TELL and xmin >= 0.0 and xmax <= 1.0:
+    """Value tier for BCE: targets inside [0, 1]; input range matching the loss.
+
+    One ``aminmax`` over the target, one over the input (only its first
+    :data:`_ELEMENTS_TO_INSPECT` elements for the logits heuristic), one host transfer.
+
+    BCELoss (``probabilities_in``): every input must lie in [0, 1] (an error, as torch).
+    BCEWithLogitsLoss: a warning when the input looks like probabilities: its autograd
+    history ends in ``sigmoid`` (any size), or at least :data:`_MIN_ELEMENTS_TO_TELL`
+    values all lie in [0, 1] and are not all equal (an all-zero input is what a
+    zero-initialised head produces, not a probability). Smaller batches without
+    history are not judged: the tutorial's ``sigmoid([0.2, -1.5, 3.0, 0.7])`` is four
+    numbers in (0, 1), and four raw logits of an uncertain model land there 1.4% of
+    the time (standard normal) or far more often (logits near 0), so a warning would
+    cry wolf in a training loop. Every probability is the sigmoid of *some* logit, so
+    no value test can do better; the ``SigmoidBackward0`` history can, and does.
+    """
+    if not probabilities_in and _grad_fn_name(input) in _PROBABILITY_NODES:
         warn_once("sigmoid-before-logits",
-                  f"{func}: all {x.numel()} inputs lie in [{xmin:.3g}, {xmax:.3g}], which looks like "
-                  "probabilities. This loss applies the sigmoid itself: pass the raw logits "
-                  "(drop the torch.sigmoid), or use BCELoss on probabilities.")
+                  f"{func}: the input comes straight out of torch.sigmoid (its grad_fn is "
+                  f"{_grad_fn_name(input)}), but this loss applies the sigmoid itself: pass the "
+                  "raw logits (drop the sigmoid / nn.Sigmoid), or use BCELoss on probabilities.")
+    stats, names = [], []
+    t = target.detach()
+    if t.numel():
+        if keep is not None:
+            t = torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+        stats += list(torch.aminmax(t))
+        names += ["tmin", "tmax"]
+    x = input.detach()
+    inspect_logits = (not probabilities_in) and x.numel() >= _MIN_ELEMENTS_TO_TELL
+    if probabilities_in and x.numel():
+        stats += list(torch.aminmax(x))
+        names += ["xmin", "xmax"]
+    elif inspect_logits:
+        xs = x.reshape(-1)[:_ELEMENTS_TO_INSPECT] if x.is_contiguous() else x
+        stats += list(torch.aminmax(xs))
+        names += ["xmin", "xmax"]
+    s = dict(zip(names, _fetch(stats)))  # the one synchronisation
+
+    if probabilities_in and "xmin" in s and not (s["xmin"] >= 0.0 and s["xmax"] <= 1.0):
+        xd = input.detach()
+        if math.isnan(s["xmin"]) or math.isnan(s["xmax"]):
+            pos, _ = _first_bad(xd, torch.isnan(xd))
+            found = f"NaN at position {_where(xd.shape, pos)}"
+            fix = "A NaN probability has no loss: find where the model produced it (torch raises here too)."
+        else:
+            found = f"min {s['xmin']:.6g}, max {s['xmax']:.6g}"
+            fix = ("These look like raw logits: use BCEWithLogitsLoss / "
+                   "binary_cross_entropy_with_logits on them (it applies the sigmoid itself, "
+                   "exactly), or apply torch.sigmoid first.")
+        fail(func, "`input` to hold probabilities in [0, 1]", found, fix)
+
+    if "tmin" in s and not (s["tmin"] >= 0.0 and s["tmax"] <= 1.0):
+        bad = ~((t >= 0) & (t <= 1))
+        pos, value = _first_bad(t, bad)
+        found = f"{value:.6g} at position {_where(t.shape, pos)}"
+        if not math.isnan(s["tmin"]) and not math.isnan(s["tmax"]):
+            found += f" (targets range over [{s['tmin']:.6g}, {s['tmax']:.6g}])"
+        fix = ("Targets are probabilities of the positive class: 0, 1, or a soft label in "
+               "between.")
+        if math.isnan(value) or math.isinf(value):
+            fix += " A NaN or infinite target makes the loss and every gradient NaN; mask it with ignore_index."
+        elif s["tmax"] > 1 and float(s["tmax"]) == int(s["tmax"]):
+            fix += (" Integer labels above 1 mean several classes: use CrossEntropyLoss, or "
+                    "one-hot encode them for multi-label BCE.")
+        if value < 0 and value == int(value):
+            fix += f" If {int(value)} marks a missing label, pass ignore_index={int(value)}."
+        if not probabilities_in and value > 1:
+            fix += " (torch returns a wrong, possibly negative, loss here.)"
+        fail(func, "`target` values in [0, 1]", found, fix)
+
+    if inspect_logits and 0.0 <= s["xmin"] < s["xmax"] <= 1.0:
+        warn_once("sigmoid-before-logits",
+                  f"{func}: all {xs.numel()} inputs{' inspected' if xs.numel() < x.numel() else ''} lie in [{s['xmin']:.3g}, {s['xmax']:.3g}], which "
+                  "looks like probabilities (sigmoid already applied?). This loss applies the "
+                  "sigmoid itself: pass the raw logits (drop the torch.sigmoid), or use BCELoss "
+                  "on probabilities. If these really are logits, pass validate=False.")
 
 
 # --------------------------------------------------------------------------- multiclass
-def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index: int):
+def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index):
     """Decide between class-index and probability targets, as torch does, and catch the
     classic shape mistakes. Returns ``(target, is_index_target)``; index targets are
-    returned as int64 (any integer dtype is accepted: pytorch#45540)."""
+    returned as int64 (any integer dtype is accepted: pytorch#45540). Metadata only."""
     if not isinstance(target, torch.Tensor):
         fail(func, "`target` to be a torch.Tensor", type(target).__name__,
              "Convert it with torch.as_tensor(...).", CrossentTypeError)
+    if ignore_index is None:
+        fail(func, "`ignore_index` to be an integer", "None",
+             "Keep the default ignore_index=-100 when no target should be skipped (torch "
+             "raises here too).", CrossentTypeError)
     if input.dim() == 0:
         fail(func, "`input` of shape (C,), (N, C) or (N, C, d1, ..., dK)", "a 0-dim tensor",
              "Cross-entropy needs one score per class.")
@@ -317,8 +474,9 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
                  "class probabilities.")
         if ignore_index >= 0:
             fail(func, "ignore_index < 0 with class-probability targets", f"ignore_index={ignore_index}",
-                 "ignore_index applies to class-index targets only; give ignored rows zero "
-                 "probability mass instead.")
+                 "ignore_index applies to class-index targets only (torch raises too); give "
+                 "ignored rows zero weight or drop them instead.")
+        _warn_single_class(func, C, input)
         return target, False
     if tsh == index_shape:
         if target.is_floating_point():
@@ -327,6 +485,7 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
                  "Class indices must be integers: use `target.long()`. Class-probability "
                  f"targets must have the input's shape {shape_str(ish)}.", CrossentTypeError)
         if target.dtype == torch.bool or target.dtype in _INTEGER_DTYPES:
+            _warn_single_class(func, C, input)
             return target.long(), True
         fail(func, "an integer target", f"dtype {target.dtype}", "Use `target.long()`.", CrossentTypeError)
     # Shape mistakes, most specific first.
@@ -338,8 +497,8 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
                f"needs `input.transpose(1, 2)` (or flatten: `input.reshape(-1, {ish[2]})` "
                "with `target.reshape(-1)`).")
     elif input.dim() >= 3 and tsh == ish[:-1]:
-        fix = ("The class dimension is dim 1, not the last one: use `input.movedim(-1, 1)`.")
-    elif input.dim() >= 2 and tsh == (ish[0],) and input.dim() > 2:
+        fix = "The class dimension is dim 1, not the last one: use `input.movedim(-1, 1)`."
+    elif input.dim() > 2 and tsh == (ish[0],):
         fix = f"Inputs with extra dimensions {shape_str(ish[2:])} need targets of shape {shape_str(index_shape)}."
     elif target.dim() == input.dim() and target.is_floating_point():
         fix = "Class-probability targets must have exactly the input's shape."
@@ -348,6 +507,15 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
     fail(func, f"target of shape {shape_str(index_shape)} (class indices) or {shape_str(ish)} "
          f"(class probabilities) for input of shape {shape_str(ish)}",
          f"target of shape {shape_str(tsh)}", fix)
+
+
+def _warn_single_class(func: str, C: int, input: torch.Tensor) -> None:
+    if C == 1 and input.numel() > 0:
+        warn_once("single-class-ce",
+                  f"{func}: the input has a single class (C=1, shape {shape_str(input.shape)}), so "
+                  "softmax is always 1 and the loss and its gradient are always 0: nothing is "
+                  "learned. A single logit per sample needs BCEWithLogitsLoss (binary), or give "
+                  "the model one output per class.")
 
 
 def check_class_weight(func: str, weight: Optional[torch.Tensor], C: int) -> None:
@@ -359,90 +527,206 @@ def check_class_weight(func: str, weight: Optional[torch.Tensor], C: int) -> Non
              f"Pass one weight per class, e.g. weight=torch.ones({C}).")
 
 
-def check_class_indices(func: str, target: torch.Tensor, C: int, ignore_index: int) -> None:
-    """Value tier: every index is in [0, C) or equals ignore_index."""
-    if target.numel() == 0:
+def _sum_tol(dtype: torch.dtype, C: int) -> float:
+    """How far a row sum may be from 1 and still count as 1 (rounding of C terms)."""
+    return (1e-3 if dtype in _LOW_PRECISION else 1e-4) * max(1.0, C ** 0.5)
+
+
+# Each value check is split into stats (0-dim tensors, no sync) and a judgement on the
+# fetched numbers, so that one loss call synchronises once, whatever it checks.
+def _index_stats(target: torch.Tensor, ignore_index: Optional[int]):
+    flat = target.detach().reshape(-1)
+    if ignore_index is not None:
+        flat = torch.where(flat == ignore_index, torch.zeros((), dtype=flat.dtype, device=flat.device), flat)
+    return list(torch.aminmax(flat))
+
+
+def _index_judge(func: str, target: torch.Tensor, C: int, ignore_index: Optional[int], tmin, tmax) -> None:
+    if tmin >= 0 and tmax < C:
         return
-    flat = target.reshape(-1)
-    bad = ((flat < 0) | (flat >= C)) & (flat != ignore_index)
+    # Failure path: find the first offending element (comparisons only, no indexing).
+    flat = target.detach().reshape(-1)
+    bad = (flat < 0) | (flat >= C)
+    if ignore_index is not None:
+        bad &= flat != ignore_index
     if not bool(bad.any()):
         return
     pos = int(bad.nonzero()[0])
     value = int(flat[pos])
-    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(pos), tuple(target.shape))) if target.dim() else ()
-    tmin, tmax = (int(v) for v in torch.aminmax(flat[flat != ignore_index]))
+    labels = flat if ignore_index is None else flat[flat != ignore_index]
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    what = f"class indices in [0, {C - 1}] (C={C})"
+    if ignore_index is not None:
+        what += f" or ignore_index={ignore_index}"
+    found = f"{value} at position {_where(target.shape, pos)} (targets range over [{lo}, {hi}])"
     hints = []
-    if value == C and tmin >= 1:
-        hints.append("Labels start at 1? subtract 1 (`target - 1`).")
     if value < 0:
         if value == -1 and ignore_index != -1:
-            hints.append("Marks no label? pass ignore_index=-1.")
+            now = ("the default -100" if ignore_index == -100 else
+                   "not set" if ignore_index is None else f"{ignore_index}")
+            hints.append(f"Padded with -1? Marks no label? pass ignore_index=-1 (ignore_index "
+                         f"is {now}, so -1 counts as a class index).")
         else:
             hints.append(f"Marks no label? pass ignore_index={value}.")
-    elif value >= C:
-        if not hints:
-            hints.append(f"Labels start at 1? subtract 1. Marks no label? pass ignore_index={value}. "
-                         f"Otherwise the model needs at least {tmax + 1} outputs.")
-    fail(func, f"class indices in [0, {C - 1}] (C={C}) or ignore_index={ignore_index}",
-         f"{value} at position {where if where else '()'}", " ".join(hints), CrossentIndexError)
+    else:
+        if lo >= 1:
+            hints.append("Labels start at 1? subtract 1 (`target - 1`).")
+        else:
+            hints.append(f"The labels go up to {hi}: the model needs at least {hi + 1} outputs "
+                         f"(it has {C}).")
+        hints.append(f"Marks no label? pass ignore_index={value}.")
+    fail(func, what, found, " ".join(hints), CrossentIndexError)
 
 
-def check_probability_target(func: str, target: torch.Tensor, class_dim: int) -> None:
-    """Value tier for class-probability targets."""
+def check_class_indices(func: str, target: torch.Tensor, C: int, ignore_index: Optional[int]) -> None:
+    """Value tier: every index is in [0, C) or equals ignore_index (one pass, one sync)."""
     if target.numel() == 0:
         return
+    tmin, tmax = _fetch(_index_stats(target, ignore_index))
+    _index_judge(func, target, C, ignore_index, tmin, tmax)
+
+
+def _prob_stats(target: torch.Tensor, class_dim: int):
     t = target.detach()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    rows = t.movedim(class_dim, -1).reshape(-1, t.shape[class_dim])
-    bad = ~(rows >= 0).all(dim=1)
-    if bool(bad.any()):
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    tmin, tmax = torch.aminmax(t)
+    dev = (t.sum(dim=class_dim, dtype=acc) - 1).abs().amax()
+    return [tmin, tmax, dev]
+
+
+def _prob_rows(target: torch.Tensor, class_dim: int) -> torch.Tensor:
+    t = target.detach()
+    return t.movedim(class_dim, -1).reshape(-1, t.shape[class_dim])
+
+
+def _prob_judge(func: str, target: torch.Tensor, class_dim: int, tmin, tmax, dev) -> None:
+    if not (tmin >= 0 and math.isfinite(tmax)):
+        rows = _prob_rows(target, class_dim)
+        bad = ~((rows >= 0) & torch.isfinite(rows)).all(dim=1)
         r = int(bad.nonzero()[0])
-        fail(func, "class-probability targets with non-negative entries",
-             f"row {r} = {_row_repr(rows[r])}",
-             "Probabilities cannot be negative. If these are class indices, pass an integer "
-             "tensor of shape (N,) instead.")
-    sums = rows.sum(dim=1, dtype=torch.float64)
-    tol = 1e-3 if target.dtype in (torch.float16, torch.bfloat16) else 1e-5 * max(1, rows.shape[1]) ** 0.5
-    off = (sums - 1).abs() > tol
-    if bool(off.any()):
-        r = int(off.nonzero()[0])
+        if bool(torch.isfinite(rows[r]).all()):
+            fail(func, "class-probability targets with non-negative entries",
+                 f"row {r} = {_row_repr(rows[r])}",
+                 "Probabilities cannot be negative (torch would return a wrong loss). If these "
+                 "are class indices, pass an integer tensor of shape (N,) instead.")
+        fail(func, "finite class-probability targets", f"row {r} = {_row_repr(rows[r])}",
+             "A NaN or infinite target makes the loss and every gradient NaN or infinite; "
+             "fix or drop that row.")
+    C = target.shape[class_dim]
+    tol = _sum_tol(target.dtype, C)
+    if dev > tol:
+        rows = _prob_rows(target, class_dim)
+        sums = rows.sum(dim=1, dtype=torch.float64)
+        r = int(((sums - 1).abs() > tol).nonzero()[0])
         s = float(sums[r])
         fix = "Cross-entropy with probability targets expects each row to be a distribution."
         if s > 1 + tol:
-            fix += " Several classes at once (multi-hot)? use BCEWithLogitsLoss for multi-label."
+            fix += (" Several classes at once (multi-hot)? use BCEWithLogitsLoss for multi-label;"
+                    " otherwise normalise: `target / target.sum(1, keepdim=True)`.")
+        else:
+            fix += " Normalise: `target / target.sum(1, keepdim=True)`."
         warn_once("prob-target-sum",
                   f"{func}: class-probability target rows should sum to 1, but row {r} = "
                   f"{_row_repr(rows[r])} sums to {s:.6g}. {fix}")
 
 
-def check_logits_not_probabilities(func: str, input: torch.Tensor, class_dim: int) -> None:
-    """Value tier heuristic: warn when input rows look like softmax or log_softmax output."""
+def check_probability_target(func: str, target: torch.Tensor, class_dim: int) -> None:
+    """Value tier for class-probability targets: entries finite and >= 0 (else an error
+    showing the first bad row); rows summing to 1 (else a one-time warning: torch
+    accepts them, and so do its own tests). One aminmax, one row sum, one sync."""
+    if target.numel() == 0:
+        return
+    _prob_judge(func, target, class_dim, *_fetch(_prob_stats(target, class_dim)))
+
+
+def _sample_rows(x: torch.Tensor, class_dim: int, k: int) -> torch.Tensor:
+    """At most ``k`` rows of C scores, copying only those rows (views, then a small copy)."""
+    if x.dim() == 1:
+        return x[None]
+    if x.dim() == 2:
+        return x[:k]
+    y = x[:1]
+    budget = k
+    for d in range(2, y.dim()):
+        n = max(1, min(y.shape[d], budget))
+        y = y.narrow(d, 0, n)
+        budget = max(1, budget // n)
+    return y.movedim(1, -1).reshape(-1, x.shape[class_dim])
+
+
+def _softmax_stats(input: torch.Tensor, class_dim: int):
     C = input.shape[class_dim]
     if C < 2 or input.numel() < _MIN_ELEMENTS_TO_TELL:
-        return
-    x = input.detach().movedim(class_dim, -1).reshape(-1, C)[:_ROWS_TO_INSPECT]
-    x = x.double()
-    if not bool(torch.isfinite(x).all()):
-        return
-    tol = 1e-3 if input.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    if bool((x >= 0).all()) and bool(((x.sum(1) - 1).abs() < tol * max(1.0, C ** 0.5)).all()):
-        warn_once("softmax-before-ce",
-                  f"{func}: the input rows are non-negative and sum to 1, which looks like "
-                  "softmax output. Cross-entropy applies log_softmax itself: pass the raw "
-                  "logits (drop the softmax), otherwise the loss and its gradients are wrong.")
-    elif bool((x <= 0).all()) and bool((torch.logsumexp(x, 1).abs() < tol * max(1.0, C ** 0.5)).all()):
-        warn_once("log-softmax-before-ce",
-                  f"{func}: the input rows have logsumexp 0, which looks like log_softmax "
-                  "output. Cross-entropy applies log_softmax itself: pass the raw logits (the "
-                  "value is the same, but use F.nll_loss if you mean log-probabilities).")
+        return []
+    xs = _sample_rows(input.detach(), class_dim, _ROWS_TO_INSPECT).to(torch.float64)
+    xmin, xmax = torch.aminmax(xs)
+    sum_dev = (xs.sum(1) - 1).abs().amax()
+    lse_dev = torch.logsumexp(xs, 1).abs().amax()
+    return [xmin, xmax, sum_dev, lse_dev]
 
 
-def _row_repr(row: torch.Tensor, limit: int = 6) -> str:
-    vals = [f"{v:.4g}" for v in row[:limit].tolist()]
-    if row.numel() > limit:
-        vals.append("...")
-    return "[" + ", ".join(vals) + "]"
+_SOFTMAX_MSG = ("{func}: {why}, which looks like softmax output. Cross-entropy applies "
+                "log_softmax itself: pass the raw logits (drop the softmax); otherwise the loss "
+                "and its gradients are wrong.")
+_LOG_SOFTMAX_MSG = ("{func}: {why}, which looks like log_softmax output. Cross-entropy applies "
+                    "log_softmax itself: pass the raw logits (the value happens to be the same, "
+                    "but the extra op is wasted; use F.nll_loss if you mean log-probabilities).")
+
+
+def _softmax_judge(func: str, input: torch.Tensor, class_dim: int, stats) -> None:
+    node = _grad_fn_name(input)
+    if node == "SoftmaxBackward0":
+        warn_once("softmax-before-ce", _SOFTMAX_MSG.format(
+            func=func, why="the input comes straight out of softmax (grad_fn SoftmaxBackward0)"))
+        return
+    if node == "LogSoftmaxBackward0":
+        warn_once("log-softmax-before-ce", _LOG_SOFTMAX_MSG.format(
+            func=func, why="the input comes straight out of log_softmax (grad_fn LogSoftmaxBackward0)"))
+        return
+    if not stats:
+        return
+    xmin, xmax, sum_dev, lse_dev = stats
+    if not (math.isfinite(xmin) and math.isfinite(xmax)):
+        return
+    tol = _sum_tol(input.dtype, input.shape[class_dim])
+    if xmin >= 0 and sum_dev < tol:
+        warn_once("softmax-before-ce", _SOFTMAX_MSG.format(
+            func=func, why="the input rows are non-negative and sum to 1"))
+    elif xmax <= 0 and lse_dev < tol:
+        warn_once("log-softmax-before-ce", _LOG_SOFTMAX_MSG.format(
+            func=func, why="the input rows have logsumexp 0"))
+
+
+def check_logits_not_probabilities(func: str, input: torch.Tensor, class_dim: int) -> None:
+    """Value tier heuristic: warn when the input looks like softmax or log_softmax output.
+
+    Exact signal first: the autograd node that produced the input (any size, free).
+    Otherwise, on at least :data:`_MIN_ELEMENTS_TO_TELL` elements, the first
+    :data:`_ROWS_TO_INSPECT` rows are all non-negative and sum to 1 (softmax), or all
+    have logsumexp 0 (log_softmax): raw logits never do either."""
+    _softmax_judge(func, input, class_dim, _fetch(_softmax_stats(input, class_dim)))
+
+
+def check_multiclass_values(func: str, input: torch.Tensor, target: torch.Tensor, index_target: bool,
+                            C: int, ignore_index: Optional[int], class_dim: int) -> None:
+    """The whole value tier of cross-entropy with ONE host synchronisation.
+
+    Class indices: one ``aminmax`` over the targets (ignore_index masked out), so an
+    index outside [0, C) is reported before any kernel indexes with it (no device-side
+    assert on GPU). Probabilities: see :func:`check_probability_target`. Input: see
+    :func:`check_logits_not_probabilities`."""
+    stats = []
+    if target.numel():
+        stats += _index_stats(target, ignore_index) if index_target else _prob_stats(target, class_dim)
+    n_t = len(stats)
+    stats += _softmax_stats(input, class_dim)
+    values = _fetch(stats)
+    if n_t:
+        if index_target:
+            _index_judge(func, target, C, ignore_index, *values[:n_t])
+        else:
+            _prob_judge(func, target, class_dim, *values[:n_t])
+    _softmax_judge(func, input, class_dim, values[n_t:])
 
 
 Tensorish = Union[torch.Tensor, Number, Sequence[Number], None]

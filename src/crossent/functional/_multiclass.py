@@ -65,13 +65,8 @@ def cross_entropy(
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     V.check_class_weight(func, weight, C)
     V.check_same_device(func, input, target=target, weight=weight)
-    validate = V.validation_enabled(validate)
-    if validate:
-        if index_target:
-            V.check_class_indices(func, target, C, ignore_index)
-        else:
-            V.check_probability_target(func, target, class_dim)
-        V.check_logits_not_probabilities(func, input, class_dim)
+    if V.validation_enabled(validate):  # value tier: one pass, one sync, before any kernel
+        V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim)
 
     # Canonical layout: rows of C logits.
     cdt = compute_dtype(input.dtype)
