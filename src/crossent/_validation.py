@@ -173,6 +173,8 @@ def _fetch(values: List[torch.Tensor]) -> List[float]:
     """Bring a few 0-dim statistics to the host in ONE transfer (one GPU sync)."""
     if not values:
         return []
+    if all(v.device.type == "cpu" for v in values):
+        return [float(v) for v in values]  # no transfer to save on CPU; skip the stack
     return torch.stack([v.detach().to(torch.float64).reshape(()) for v in values]).tolist()
 
 
@@ -537,7 +539,7 @@ def _sum_tol(dtype: torch.dtype, C: int) -> float:
 def _index_stats(target: torch.Tensor, ignore_index: Optional[int]):
     flat = target.detach().reshape(-1)
     if ignore_index is not None:
-        flat = torch.where(flat == ignore_index, torch.zeros((), dtype=flat.dtype, device=flat.device), flat)
+        flat = torch.where(flat == ignore_index, 0, flat)
     return list(torch.aminmax(flat))
 
 
@@ -658,11 +660,13 @@ def _softmax_stats(input: torch.Tensor, class_dim: int):
     C = input.shape[class_dim]
     if C < 2 or input.numel() < _MIN_ELEMENTS_TO_TELL:
         return []
-    xs = _sample_rows(input.detach(), class_dim, _ROWS_TO_INSPECT).to(torch.float64)
+    xs = _sample_rows(input.detach(), class_dim, _ROWS_TO_INSPECT)
+    if xs.dtype in _LOW_PRECISION:
+        xs = xs.float()
     xmin, xmax = torch.aminmax(xs)
-    sum_dev = (xs.sum(1) - 1).abs().amax()
-    lse_dev = torch.logsumexp(xs, 1).abs().amax()
-    return [xmin, xmax, sum_dev, lse_dev]
+    sum_dev = (xs.sum(1) - 1).abs().amax()  # softmax rows sum to 1
+    exp_dev = (xs.exp().sum(1) - 1).abs().amax()  # log_softmax rows: exp sums to 1
+    return [xmin, xmax, sum_dev, exp_dev]
 
 
 _SOFTMAX_MSG = ("{func}: {why}, which looks like softmax output. Cross-entropy applies "
@@ -685,14 +689,14 @@ def _softmax_judge(func: str, input: torch.Tensor, class_dim: int, stats) -> Non
         return
     if not stats:
         return
-    xmin, xmax, sum_dev, lse_dev = stats
+    xmin, xmax, sum_dev, exp_dev = stats
     if not (math.isfinite(xmin) and math.isfinite(xmax)):
         return
     tol = _sum_tol(input.dtype, input.shape[class_dim])
     if xmin >= 0 and sum_dev < tol:
         warn_once("softmax-before-ce", _SOFTMAX_MSG.format(
             func=func, why="the input rows are non-negative and sum to 1"))
-    elif xmax <= 0 and lse_dev < tol:
+    elif xmax <= 0 and exp_dev < tol:
         warn_once("log-softmax-before-ce", _LOG_SOFTMAX_MSG.format(
             func=func, why="the input rows have logsumexp 0"))
 
