@@ -70,7 +70,7 @@ REDUCTIONS = ("none", "mean", "sum")
 # them land in [0, 1] is 0.34**n: 1.4% for the tutorial's n = 4 (a training loop would
 # warn falsely within a few hundred steps), 1e-15 for n = 32.
 _MIN_ELEMENTS_TO_TELL = 32
-# Elements of a BCE input read by the "looks like probabilities" heuristic (bounded cost;
+# Elements read by the "looks like probabilities / softmax" heuristics (bounded cost;
 # BCELoss's own range check, an error, reads everything).
 _ELEMENTS_TO_INSPECT = 1 << 16
 # Rows inspected by the "looks like softmax / log_softmax" heuristic: bounded cost.
@@ -660,7 +660,10 @@ def _softmax_stats(input: torch.Tensor, class_dim: int):
     C = input.shape[class_dim]
     if C < 2 or input.numel() < _MIN_ELEMENTS_TO_TELL:
         return []
-    xs = _sample_rows(input.detach(), class_dim, _ROWS_TO_INSPECT)
+    # At most _ROWS_TO_INSPECT rows and about _ELEMENTS_TO_INSPECT numbers (at least one
+    # row): with a 32000-word vocabulary two rows already cannot be raw logits by chance.
+    rows = max(1, min(_ROWS_TO_INSPECT, _ELEMENTS_TO_INSPECT // max(C, 1)))
+    xs = _sample_rows(input.detach(), class_dim, rows)
     if xs.dtype in _LOW_PRECISION:
         xs = xs.float()
     xmin, xmax = torch.aminmax(xs)
