@@ -14,7 +14,8 @@ Two tiers (the torchmetrics habit):
 
 Cost of the value tier, by design: each inspected tensor is read **once** by a fused
 reduction (``aminmax``; row sums for class-probability targets), the "looks like
-softmax" heuristic reads at most :data:`_ROWS_TO_INSPECT` rows, and the small results
+probabilities / softmax" heuristics read at most :data:`_ROWS_TO_INSPECT` rows and about
+:data:`_ELEMENTS_TO_INSPECT` numbers, and the small results
 of one call are fetched to the host together: **one device synchronisation per loss
 call** on GPU. Work beyond that (``nonzero``, the position of the first bad element)
 happens only on the failure path. Measured numbers: ``benchmarks/validation_cost.py``.
@@ -36,7 +37,8 @@ Decisions where the issue is silent (each has a test in ``tests/test_guardrails*
   TypeError), ``ignore_index`` 0 or 1 for the BCE losses (a crossent extension: it would
   drop every negative or positive label).
 * Warn (legal, probably wrong): cross-entropy with a single class (``C == 1``: the loss
-  and its gradient are identically 0), an input whose autograd history shows it just
+  and its gradient are identically 0; a shape fact, so it warns even with value checks
+  off), an input whose autograd history shows it just
   came out of ``sigmoid`` / ``softmax`` / ``log_softmax`` (any batch size), negative
   weights (at construction).
 * Not detectable, documented: probabilities in a tiny batch without autograd history
