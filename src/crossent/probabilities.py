@@ -305,8 +305,9 @@ def two_logit_head_to_one(head: torch.nn.Linear) -> torch.nn.Linear:
 def one_logit_head_to_two(head: torch.nn.Linear) -> torch.nn.Linear:
     """A 2-output ``nn.Linear`` head giving logits :math:`(0, z)` for the 1-output head :math:`z`.
 
-    Row 0 (weights and bias) is zero, row 1 is a copy of the head: ``softmax(new(h))[:, 1]``
-    equals ``sigmoid(head(h))`` and ``two_logits_to_one(new(h)) == head(h)`` exactly. Useful to
+    Row 0 (weights and bias) is zero, row 1 is a copy of the head, so ``new(h)[:, 0]`` is
+    exactly 0 and ``new(h)[:, 1]`` is ``head(h)`` (up to the rounding of a matrix product of a
+    different shape): ``softmax(new(h))[:, 1] = sigmoid(head(h))``. Useful to
     start a ``CrossEntropyLoss`` head from the same function as a ``BCEWithLogitsLoss`` head
     (the demo does this). Note that plain SGD then moves :math:`z_1 - z_0` twice as fast as
     it moves the 1-logit head (both rows get the gradient, with opposite signs).
