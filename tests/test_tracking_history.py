@@ -146,3 +146,14 @@ def test_csv_is_readable_by_a_plain_reader():
     text = _history().to_csv()
     rows = list(csv.reader(io.StringIO(text)))
     assert rows[0] == ["epoch", "train_loss", "val_loss", "model", "note"] and len(rows) == 4
+
+
+def test_new_files_get_the_umask_mode_and_replaced_files_keep_theirs(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "h.csv"
+    _history().save_csv(path)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+    os.chmod(path, 0o640)
+    _history().save_csv(path)
+    assert os.stat(path).st_mode & 0o777 == 0o640

@@ -24,7 +24,8 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 from numbers import Number
 from typing import Any, Dict, Iterable, List, Optional, Union
 
@@ -43,8 +44,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = _create_temp(directory, os.path.basename(path))
     try:
+        try:  # keep the mode of the file we replace
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,6 +62,21 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             pass
         raise
     _fsync_directory(directory)
+
+
+def _create_temp(directory: str, name: str):
+    """A new hidden temp file next to the target, created with mode 0o666 minus the umask.
+
+    (``tempfile.mkstemp`` would create it 0o600, and ``os.replace`` would hand that mode
+    to the target: a history file that only its owner can read.)
+    """
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"atomic_write: could not create a temporary file in {directory}")
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
