@@ -308,7 +308,7 @@ def _run(args, device, t_start: float) -> int:
                      f"({round(va_acc * y_va.numel())}/{y_va.numel()})   val loss {vl:.5f}")
     two = next(m for m in models if m.name == BINARY_MODELS[2])
     with torch.no_grad():
-        z = two.model(data[two.name][2]).double()
+        z = two.model(data[two.name][2]).cpu().double()  # float64 on the CPU (MPS has none)
         gap = (torch.sigmoid(P.two_logits_to_one(z)) - P.multiclass_probabilities(z)[:, 1]).abs().max().item()
     drift = max(abs(a - b) for a, b in zip(history.column("val_loss", model=BINARY_MODELS[0]),
                                             history.column("val_loss", model=BINARY_MODELS[1])))
