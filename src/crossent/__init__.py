@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from . import functional
 from . import nn
+from . import probabilities
+from . import tracking
 from ._validation import CrossentIndexError
 from ._validation import CrossentTypeError
 from ._validation import CrossentValueError
@@ -32,4 +34,6 @@ __all__ = [
     "cross_entropy",
     "functional",
     "nn",
+    "probabilities",
+    "tracking",
 ]

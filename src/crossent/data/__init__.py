@@ -1,0 +1,76 @@
+"""Small real data sets shipped inside the package (no network), for ``crossent demo`` and tests.
+
+* :func:`load_breast_cancer`: UCI Breast Cancer Wisconsin (Diagnostic), 569 x 30, binary.
+* :func:`load_digits`: UCI Optical Recognition of Handwritten Digits (test part),
+  1797 x 64 (8x8 images, pixel counts 0..16), 10 classes.
+
+Both files are byte-for-byte the copies that scikit-learn 1.9.1 bundles (the breast cancer
+CSV gzip-compressed by us); ``README.md`` in this folder gives sources, licences (CC BY 4.0)
+and checksums. They are read with :mod:`importlib.resources`, so they work from a wheel,
+an editable install or a zip.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from importlib import resources
+from typing import List, NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "load_breast_cancer", "load_digits"]
+
+
+class Dataset(NamedTuple):
+    """A bundled data set: ``features`` (float32, (N, F)), ``target`` (int64, (N,)), names, source."""
+
+    features: torch.Tensor
+    target: torch.Tensor
+    feature_names: List[str]
+    target_names: List[str]
+    source: str
+
+
+def _read_gz_csv(name: str) -> str:
+    data = resources.files(__name__).joinpath(name).read_bytes()
+    return gzip.decompress(data).decode("ascii")
+
+
+_BC_BASE = ["radius", "texture", "perimeter", "area", "smoothness", "compactness", "concavity",
+            "concave points", "symmetry", "fractal dimension"]
+
+
+def load_breast_cancer() -> Dataset:
+    """Breast Cancer Wisconsin (Diagnostic): 569 tumours, 30 features, **target 1 = malignant**.
+
+    Features are the mean, standard error and worst value of ten measurements of cell nuclei
+    (``mean radius`` ... ``worst fractal dimension``). Classes: 212 malignant, 357 benign.
+    (scikit-learn codes malignant as 0; here the positive class, 1, is the malignant one.)
+    """
+    text = _read_gz_csv("breast_cancer.csv.gz")
+    header, body = text.split("\n", 1)
+    n, f = (int(v) for v in header.split(",")[:2])
+    arr = np.loadtxt(io.StringIO(body), delimiter=",", dtype=np.float64, ndmin=2)
+    if arr.shape != (n, f + 1):  # pragma: no cover - guards a corrupted install
+        raise RuntimeError(f"load_breast_cancer: expected {n} rows of {f + 1} values, but got {arr.shape}. "
+                           "Reinstall crossent.")
+    names = ([f"mean {b}" for b in _BC_BASE] + [f"{b} error" for b in _BC_BASE]
+             + [f"worst {b}" for b in _BC_BASE])
+    malignant = 1 - arr[:, -1].astype(np.int64)  # file: 0 = malignant, 1 = benign
+    return Dataset(torch.from_numpy(arr[:, :-1].astype(np.float32)), torch.from_numpy(malignant),
+                   names, ["benign", "malignant"],
+                   "UCI ML Breast Cancer Wisconsin (Diagnostic), CC BY 4.0, doi:10.24432/C5DW2B")
+
+
+def load_digits() -> Dataset:
+    """Handwritten digits: 1797 images of 8x8 pixel counts (0..16), classes 0..9."""
+    arr = np.loadtxt(io.StringIO(_read_gz_csv("digits.csv.gz")), delimiter=",", dtype=np.float64, ndmin=2)
+    if arr.shape != (1797, 65):  # pragma: no cover - guards a corrupted install
+        raise RuntimeError(f"load_digits: expected 1797 rows of 65 values, but got {arr.shape}. "
+                           "Reinstall crossent.")
+    names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+    return Dataset(torch.from_numpy(arr[:, :-1].astype(np.float32)), torch.from_numpy(arr[:, -1].astype(np.int64)),
+                   names, [str(d) for d in range(10)],
+                   "UCI ML Optical Recognition of Handwritten Digits (test set), CC BY 4.0, doi:10.24432/C50P49")
