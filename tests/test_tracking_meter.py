@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch.nn.functional as TF
 
 import crossent
@@ -293,3 +294,27 @@ def test_float32_losses_are_summed_in_float64(gen):
     ref = TF.cross_entropy(x.double(), y).item()
     # each batch's sum is exact to float32 rounding, the accumulation adds nothing
     assert abs(meter.compute() - ref) <= 1e-6 * ref
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(1, 59), max_size=8, unique=True),
+       seed=st.integers(0, 2**31 - 1), smoothing=st.sampled_from([0.0, 0.1]),
+       ignore=st.booleans())
+def test_any_split_into_batches_gives_the_whole_dataset_loss(cuts, seed, smoothing, ignore):
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 4, (n,), generator=g)
+    if ignore:
+        y[torch.rand(n, generator=g) < 0.3] = -100
+    w = torch.rand(4, generator=g, dtype=torch.float64) + 0.05
+    crit = cnn.CrossEntropyLoss(weight=w, label_smoothing=smoothing)
+    edges = [0] + sorted(cuts) + [n]
+    meter = LossMeter()
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        meter(crit, x[lo:hi], y[lo:hi])
+    ref = TF.cross_entropy(x, y, weight=w, label_smoothing=smoothing).item()
+    if math.isnan(ref):
+        assert math.isnan(meter.compute())
+    else:
+        _close(meter.compute(), ref)

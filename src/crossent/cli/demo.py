@@ -183,12 +183,12 @@ def _table_header() -> List[str]:
     names = list(BINARY_MODELS) + [DIGITS_MODEL]
     top = "epoch |" + "|".join(f" {n:^19} " for n in names)
     sub = "      |" + "|".join(f" {'train':>9} {'val':>9} " for _ in names)
-    return [top, sub, "-" * len(top)]
+    return [top.rstrip(), sub.rstrip(), "-" * len(top.rstrip())]
 
 
 def _table_row(epoch: int, rows: Dict[str, Tuple[float, float]]) -> str:
     names = list(BINARY_MODELS) + [DIGITS_MODEL]
-    return f"{epoch:5d} |" + "|".join(f" {rows[n][0]:9.5f} {rows[n][1]:9.5f} " for n in names)
+    return (f"{epoch:5d} |" + "|".join(f" {rows[n][0]:9.5f} {rows[n][1]:9.5f} " for n in names)).rstrip()
 
 
 def _resolve_device(spec: str):
