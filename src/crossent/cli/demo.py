@@ -68,49 +68,17 @@ def _batches(n: int, batch_size: int, generator=None):
 
 
 # --------------------------------------------------------------------------- models
-class _Adam:
-    """Plain Adam (Kingma & Ba, 2015), the update of ``torch.optim.Adam`` with its defaults.
-
-    Written out because the first ``torch.optim`` optimiser of a process imports
-    ``torch._dynamo`` (2-7 s on a 2-core machine): longer than this whole demo's training.
-    """
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        import torch
-
-        self.params = [p for p in params if p.requires_grad]
-        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def step(self) -> None:
-        import torch
-
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        with torch.no_grad():
-            for p, m, v in zip(self.params, self.m, self.v):
-                if p.grad is None:
-                    continue
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
-
-
 class _Classifier:
     """A model, its criterion, how to turn outputs into predictions, and its optimiser."""
 
     def __init__(self, name, model, criterion, predict, lr):
+        import torch
+
         self.name = name
         self.model = model
         self.criterion = criterion
         self.predict = predict
-        self.optimizer = _Adam(model.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
 
 def _build(args, device, n_features_binary: int, n_features_digits: int) -> List[_Classifier]:
