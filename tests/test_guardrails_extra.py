@@ -75,6 +75,7 @@ def test_single_class_cross_entropy_warns_that_loss_is_always_zero():
                                              r"BCEWithLogitsLoss"):
         out = F.cross_entropy(x, torch.zeros(8, dtype=torch.long))
     assert out.item() == 0.0 == TF.cross_entropy(x, torch.zeros(8, dtype=torch.long)).item()
+    F.cross_entropy(x, torch.zeros(8, dtype=torch.long), validate=False)  # a heuristic: off with the tier
 
 
 def test_probability_targets_with_nonnegative_ignore_index_raise_like_torch():

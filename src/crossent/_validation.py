@@ -36,9 +36,9 @@ Decisions where the issue is silent (each has a test in ``tests/test_guardrails*
   (torch raises as well), ``ignore_index=None`` for cross-entropy (torch raises a
   TypeError), ``ignore_index`` 0 or 1 for the BCE losses (a crossent extension: it would
   drop every negative or positive label).
-* Warn (legal, probably wrong): cross-entropy with a single class (``C == 1``: the loss
-  and its gradient are identically 0; a shape fact, so it warns even with value checks
-  off), an input whose autograd history shows it just
+* Warn (legal, probably wrong; every such warning at call time belongs to the value
+  tier, so ``validate=False`` silences all of them): cross-entropy with a single class (``C == 1``: the loss
+  and its gradient are identically 0), an input whose autograd history shows it just
   came out of ``sigmoid`` / ``softmax`` / ``log_softmax`` (any batch size), negative
   weights (at construction).
 * Not detectable, documented: probabilities in a tiny batch without autograd history
@@ -480,7 +480,6 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
             fail(func, "ignore_index < 0 with class-probability targets", f"ignore_index={ignore_index}",
                  "ignore_index applies to class-index targets only (torch raises too); give "
                  "ignored rows zero weight or drop them instead.")
-        _warn_single_class(func, C, input)
         return target, False
     if tsh == index_shape:
         if target.is_floating_point():
@@ -489,7 +488,6 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
                  "Class indices must be integers: use `target.long()`. Class-probability "
                  f"targets must have the input's shape {shape_str(ish)}.", CrossentTypeError)
         if target.dtype == torch.bool or target.dtype in _INTEGER_DTYPES:
-            _warn_single_class(func, C, input)
             return target.long(), True
         fail(func, "an integer target", f"dtype {target.dtype}", "Use `target.long()`.", CrossentTypeError)
     # Shape mistakes, most specific first.
@@ -724,6 +722,7 @@ def check_multiclass_values(func: str, input: torch.Tensor, target: torch.Tensor
     index outside [0, C) is reported before any kernel indexes with it (no device-side
     assert on GPU). Probabilities: see :func:`check_probability_target`. Input: see
     :func:`check_logits_not_probabilities`."""
+    _warn_single_class(func, C, input)
     stats = []
     if target.numel():
         stats += _index_stats(target, ignore_index) if index_target else _prob_stats(target, class_dim)
