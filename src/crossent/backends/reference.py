@@ -29,8 +29,14 @@ def _softplus(z: torch.Tensor) -> torch.Tensor:
 
 
 def _times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """coef * value with 0 * inf = 0: a term with zero weight is absent, not NaN."""
-    return torch.where(coef == 0, torch.zeros((), dtype=value.dtype, device=value.device), coef * value)
+    """coef * value with 0 * inf = 0: a term with zero weight is absent, not NaN.
+
+    Where ``coef == 0`` the product uses ``value`` with +-inf replaced by the largest finite
+    number, so the value is 0, the gradient w.r.t. ``coef`` is still ``value`` (a target of
+    exactly 0 or 1 keeps its target gradient) and no ``0 * inf`` reaches the backward.
+    """
+    finite = torch.nan_to_num(value, nan=float("nan"))
+    return coef * torch.where(coef == 0, finite, value)
 
 
 def binary_cross_entropy_with_logits(
@@ -55,14 +61,21 @@ def binary_cross_entropy_with_logits(
     return loss
 
 
+# torch's BCE backward clamps p (1 - p) at its C++ ``float EPSILON = 1e-12``: the float32
+# value, also for float64 inputs (9.99999996e-13, not 1e-12). Same constant here, for
+# bit-for-bit parity of the clamped gradient at p = 0 and p = 1.
+_TORCH_BCE_EPS = float(torch.tensor(1e-12, dtype=torch.float32))
+
+
 class _BinaryCrossEntropy(torch.autograd.Function):
     r"""BCE on probabilities with torch's documented clamp and torch's gradient.
 
     Forward: :math:`-w\,[p_w\,t \max(\log p, -100) + (1-t)\max(\log(1-p), -100)]`, with
     ``log1p(-p)`` so that p close to 0 keeps full precision.
     Backward (as torch, plus ``pos_weight``):
-    :math:`w\,[(1-t)\,p - p_w\,t\,(1-p)] / \max(p(1-p), 10^{-12})`, which is exact inside
-    (0, 1) and finite at the ends. The backward is written in differentiable ops, so
+    :math:`w\,[(p - t) - (p_w - 1)\,t\,(1-p)] / \max(p(1-p), 10^{-12})` (equal to
+    :math:`w\,[(1-t)\,p - p_w\,t\,(1-p)] / \ldots`; ``p - t`` is exact when p is close
+    to t), which is accurate inside (0, 1) and finite at the ends. The backward is written in differentiable ops, so
     double backward works.
     """
 
@@ -76,12 +89,17 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         p, t, pos_weight = ctx.saved_tensors
         grad_p = grad_t = None
         if ctx.needs_input_grad[0]:
-            pt = t if pos_weight is None else pos_weight * t
-            grad_p = grad * ((1 - t) * p - pt * (1 - p)) / torch.clamp(p * (1 - p), min=1e-12)
+            # (1-t) p - p_w t (1-p), written as (p - t) - (p_w - 1) t (1-p): ``p - t`` is
+            # torch's numerator and is exact when p is close to t (no cancellation).
+            num = p - t
+            if pos_weight is not None:
+                num = num - (pos_weight - 1) * t * (1 - p)
+            grad_p = grad * num / torch.clamp(p * (1 - p), min=_TORCH_BCE_EPS)
         if ctx.needs_input_grad[1]:
-            # d/dt of the clamped forward (torch's target gradient).
+            # torch's target gradient: the unclamped log(1-p) - log(p) (+-inf at p = 0, 1),
+            # consistent with its unclamped input gradient; log1p keeps p near 0 exact.
             pw = 1 if pos_weight is None else pos_weight
-            grad_t = grad * (torch.clamp(torch.log1p(-p), min=-100) - pw * torch.clamp(torch.log(p), min=-100))
+            grad_t = grad * (torch.log1p(-p) - pw * torch.log(p))
         return grad_p, grad_t, None
 
 
