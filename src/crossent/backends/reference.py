@@ -139,14 +139,16 @@ def _neg_log_softmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch
     a sum of two non-negative terms. The textbook ``logsumexp(x) - x_j`` rounds
     ``log(1 + 4e-9)`` to 0 in float32 when the winning class has a wide margin; this form
     returns 4.12e-9. A +inf logit is its own max (``x - m`` is set to 0 where ``x == m``),
-    which gives the finite limit instead of NaN. Returns ``(nlp, s, k)``.
+    which gives the finite limit instead of NaN. Returns ``(nlp, s, k, e)`` with
+    ``e = exp(x - m)`` (``e_k = 1``), so that :math:`p_j = e_j / (1 + S')` to a couple of
+    ulp (``exp(-nlp)`` would carry an error of ``|nlp|`` ulp).
     """
     m, k = x.max(dim=1, keepdim=True)
     z = torch.where(x == m, torch.zeros((), dtype=x.dtype, device=x.device), x - m)
-    e = torch.exp(z).scatter(1, k, 0.0)
-    s = e.sum(dim=1, keepdim=True)
+    e = torch.exp(z)
+    s = e.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
     nlp = torch.log1p(s) - z
-    return nlp, s, k
+    return nlp, s, k, e
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -155,10 +157,12 @@ class _CrossEntropy(torch.autograd.Function):
     .. math:: \ell_i = \sum_j a_{ij}\,(-\log p_{ij}), \qquad
               \frac{\partial \ell_i}{\partial x_{ij}} = A_i\,p_{ij} - a_{ij},\quad A_i = \sum_j a_{ij}.
 
-    At the arg-max k the gradient is evaluated as
-    :math:`(A_i - a_{ik}) - A_i\,S'/(1+S')` (since :math:`p_{ik} = 1/(1+S')`), so a
-    confident correct prediction keeps the relative precision of its tiny gradient
-    instead of rounding ``p - 1`` to 0.
+    With :math:`p_{ij} = e^{x_{ij} - m_i} / (1 + S'_i)` (a few ulp, whatever the margin).
+    At the arg-max k, when it dominates (:math:`S' < 1`, i.e. :math:`p_{ik} > 1/2`), the
+    gradient is evaluated as :math:`(A_i - a_{ik}) - A_i\,S'/(1+S')` (since
+    :math:`1 - p_{ik} = S'/(1+S')`), so a confident correct prediction keeps the relative
+    precision of its tiny gradient instead of rounding ``p - 1`` to 0; otherwise as
+    :math:`A_i p_{ik} - a_{ik}`, which is the better-conditioned form there.
 
     ``coef`` is either a dense (M, C) tensor (probability targets) or, for class-index
     targets, the tuple (y, c, smooth) meaning :math:`a_{ij} = c_i [j = y_i] + smooth_j`
@@ -169,21 +173,21 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, y, c, smooth):
         ctx.save_for_backward(x, q, y, c, smooth)
-        nlp, _, _ = _neg_log_softmax(x)
+        nlp = _neg_log_softmax(x)[0]
         return _ce_value(nlp, q, y, c, smooth)
 
     @staticmethod
     def backward(ctx, grad):
         x, q, y, c, smooth = ctx.saved_tensors
         grad_x = grad_q = grad_c = grad_smooth = None
-        nlp, s, k = _neg_log_softmax(x)
+        nlp, s, k, e = _neg_log_softmax(x)
         a = _dense_coef(x, q, y, c, smooth)
         if ctx.needs_input_grad[0]:
             A = a.sum(dim=1, keepdim=True)
-            p = torch.exp(-nlp)
+            p = e / (1 + s)
             g = A * p - a
             a_rest = a.scatter(1, k, 0.0).sum(dim=1, keepdim=True)  # A - a_k without cancellation
-            g_k = a_rest - A * (s / (1 + s))
+            g_k = torch.where(s < 1, a_rest - A * (s / (1 + s)), g.gather(1, k))
             g = g.scatter(1, k, g_k)
             grad_x = grad.unsqueeze(1) * g
         if ctx.needs_input_grad[1]:
