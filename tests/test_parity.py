@@ -611,3 +611,31 @@ def test_count_parity_cases():
     n = (len(BINARY_GRID) + len(POS_WEIGHT_GRID) + len(BINARY_LAYOUT_GRID) + len(CE_GRID)
          + len(CE_LAYOUT_GRID))
     assert n > 2000
+
+
+# --------------------------------------------------------------------------- autocast
+@pytest.mark.parametrize("loss", ["bce_logits", "ce", "bce"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_float32_policy(loss, dtype):
+    """Under CPU autocast torch runs these losses in float32 (float32 result); so does
+    crossent. (torch's BCE on probabilities raises under CUDA autocast; on CPU it follows
+    the float32 policy, which is what crossent does on every device.)"""
+    g = gen(60)
+    lin = torch.nn.Linear(4, 3).double()
+    x = torch.randn(6, 4, generator=g)
+    t = soft_targets((6, 3), g).float()
+    results = []
+    for fn in FN[loss]:
+        lin_f = torch.nn.Linear(4, 3)
+        lin_f.load_state_dict({k: v.float() for k, v in lin.state_dict().items()})
+        with torch.autocast("cpu", dtype=dtype):
+            z = lin_f(x)
+            inp = torch.sigmoid(z) if loss == "bce" else z
+            tgt = t.argmax(1) if loss == "ce" else t
+            out = fn(inp, tgt)
+        out.backward()
+        results.append((out, lin_f.weight.grad))
+    (a, ga), (b, gb) = results
+    assert a.dtype == b.dtype == torch.float32
+    assert_close(b, a)
+    assert_close(gb, ga)

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import dispatch
-from ._reduction import compute_dtype, legacy_reduction, reduce_loss
+from ._reduction import autocast_inputs, compute_dtype, legacy_reduction, reduce_loss
 
 
 def cross_entropy(
@@ -55,6 +55,7 @@ def cross_entropy(
     0.3974
     """
     func = "cross_entropy"
+    input, target, weight = autocast_inputs(input, target, weight)
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
@@ -96,7 +97,8 @@ def cross_entropy(
     else:
         t = target.to(cdt).movedim(class_dim, -1).reshape(-1, C)
     w = None if weight is None else weight.to(cdt)
-    loss, den = dispatch("cross_entropy", x, backend)(x, t, index_target, w, keep, label_smoothing)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        loss, den = dispatch("cross_entropy", x, backend)(x, t, index_target, w, keep, label_smoothing)
     loss = loss.reshape(out_shape)
     denominator = None if den is None else den.sum()
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)

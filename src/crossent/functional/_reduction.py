@@ -125,3 +125,24 @@ def reduce_loss(
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (fp32/fp16/bf16) is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast``, torch runs its losses in the float32 policy: fp16/bf16
+    arguments are cast to float32 and the loss comes back in float32 (``F.binary_cross_entropy``
+    on CUDA raises instead; crossent follows the float32 policy there too). Returns the
+    tensors, cast where autocast is active on their device; non-tensors pass through."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or not _autocast_enabled(first.device.type):
+        return tensors
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+                 for t in tensors)
