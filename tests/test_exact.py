@@ -237,12 +237,12 @@ def test_cross_entropy_margins_mpmath(dtype, C, y, eps):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_cross_entropy_50k_classes_mpmath(dtype, eps):
-    m = X.measure_ce_margins(dtype, 50_000, 0, eps, margins=[5.0, 20.0, 40.0, 100.0])
-    ev, _, nv, _ = _assert_within(m, ULP["ce_large_c"], "ce 50k")
-    assert (ev[~nv] <= 50_000 + 4).all()
-    _assert_within(X.measure_ce_random_row(dtype, 50_000, eps), ULP["ce_large_c"], "ce 50k random")
+def test_cross_entropy_50k_classes_mpmath(dtype):
+    for eps in (0.0, 0.1):
+        m = X.measure_ce_margins(dtype, 50_000, 0, eps, margins=[5.0, 20.0, 40.0, 100.0])
+        ev, _, nv, _ = _assert_within(m, ULP["ce_large_c"], "ce 50k")
+        assert (ev[~nv] <= 50_000 + 4).all()
+        _assert_within(X.measure_ce_random_row(dtype, 50_000, eps), ULP["ce_large_c"], "ce 50k random")
 
 
 def test_cross_entropy_issue_example():
