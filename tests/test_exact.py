@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as TF
 from torch.autograd import gradcheck, gradgradcheck
 
 import crossent.functional as CF
@@ -345,6 +346,28 @@ def test_low_precision_small_losses_keep_precision():
     v = CF.cross_entropy(torch.tensor([[12.0, 0.0, 0.0]], dtype=torch.bfloat16), torch.tensor([0]))
     truth = math.log1p(2 * math.exp(-12.0))
     assert abs(v.float().item() / truth - 1) <= 2 ** -8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["bce_logits", "ce", "bce"])
+def test_low_precision_no_worse_than_torch(dtype, loss):
+    """Against a float64 truth on the same rounded inputs, crossent's fp16/bf16 result is
+    never further off than torch's same-precision result plus one rounding step."""
+    g = gen(51)
+    if loss == "bce":
+        tf, cf, x, t = TF.binary_cross_entropy, CF.binary_cross_entropy, probabilities((64, 8), g), soft_targets((64, 8), g)
+    elif loss == "bce_logits":
+        tf, cf = TF.binary_cross_entropy_with_logits, CF.binary_cross_entropy_with_logits
+        x, t = logits((64, 8), g, scale=10), soft_targets((64, 8), g)
+    else:
+        tf, cf, x, t = TF.cross_entropy, CF.cross_entropy, logits((64, 8), g, scale=10), class_indices((64,), 8, g)
+    x = x.to(dtype)
+    t = t.to(dtype) if t.is_floating_point() else t
+    truth = tf(x.double(), t.double() if t.is_floating_point() else t, reduction="none")
+    ours = cf(x, t, reduction="none").double()
+    theirs = tf(x, t, reduction="none").double()
+    step = torch.finfo(dtype).eps * truth.abs()
+    assert ((ours - truth).abs() <= (theirs - truth).abs() + step).all()
 
 
 def test_tolerance_table_is_the_one_used():

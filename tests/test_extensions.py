@@ -63,6 +63,11 @@ def test_weight_and_pos_weight_accept_numbers_and_sequences(form):
         y = torch.tensor([0, 2, 1, 1])
         assert_close(CF.cross_entropy(x, y, weight=conv(w)), TF.cross_entropy(x, y, weight=as_t(w)))
         assert_close(CN.CrossEntropyLoss(weight=conv(w))(x, y), TF.cross_entropy(x, y, weight=as_t(w)))
+    # integer weight tensors are taken as numbers too (torch: "expected scalar type Float")
+    wi = torch.tensor([1, 2, 3])
+    y = torch.tensor([0, 2, 1, 1])
+    assert_close(CF.cross_entropy(x, y, weight=wi), TF.cross_entropy(x, y, weight=wi.float()))
+    assert_close(CF.binary_cross_entropy_with_logits(x, t, weight=wi), TF.binary_cross_entropy_with_logits(x, t, weight=wi.float()))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.5, 1.0])
