@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import dispatch
-from ._reduction import autocast_inputs, compute_dtype, legacy_reduction, reduce_loss
+from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
 
 
 def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
@@ -106,7 +106,7 @@ def binary_cross_entropy(
     reduction, p, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
         size_average, reduce, probabilities_in=True, validate=validate)
-    with torch.autocast(device_type=p.device.type, enabled=False):
+    with no_autocast(p.device):
         loss = dispatch("binary_cross_entropy", p, backend)(p, t, weight, pos_weight, keep)
     return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
 
@@ -151,7 +151,7 @@ def binary_cross_entropy_with_logits(
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
         size_average, reduce, probabilities_in=False, validate=validate)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device):
         loss = dispatch("binary_cross_entropy_with_logits", x, backend)(x, t, weight, pos_weight, keep)
     # torch's result has the dtype of a floating target (its kernel works in place on
     # ``1 - target``: float32 input with a float16 target gives float16); crossent computes

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import dispatch
-from ._reduction import autocast_inputs, compute_dtype, legacy_reduction, reduce_loss
+from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
 
 
 def cross_entropy(
@@ -97,7 +97,7 @@ def cross_entropy(
     else:
         t = target.to(cdt).movedim(class_dim, -1).reshape(-1, C)
     w = None if weight is None else weight.to(cdt)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device):
         loss, den = dispatch("cross_entropy", x, backend)(x, t, index_target, w, keep, label_smoothing)
     loss = loss.reshape(out_shape)
     denominator = None if den is None else den.sum()

@@ -25,6 +25,7 @@ exact (``crossent.tracking.LossMeter`` adds them up; never a mean of batch means
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple, Optional, Union
 
@@ -134,6 +135,16 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
+
+
+def no_autocast(device: torch.device):
+    """A context that switches autocast off on ``device`` while the loss is computed (a
+    no-op where autocast is not active or does not exist for the device type)."""
+    if not _autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def autocast_inputs(*tensors):
