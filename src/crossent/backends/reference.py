@@ -29,8 +29,14 @@ def _softplus(z: torch.Tensor) -> torch.Tensor:
 
 
 def _times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """coef * value with 0 * inf = 0: a term with zero weight is absent, not NaN."""
-    return torch.where(coef == 0, torch.zeros((), dtype=value.dtype, device=value.device), coef * value)
+    """coef * value with 0 * inf = 0: a term with zero weight is absent, not NaN.
+
+    Where ``coef == 0`` the product uses ``value`` with +-inf replaced by the largest finite
+    number, so the value is 0, the gradient w.r.t. ``coef`` is still ``value`` (a target of
+    exactly 0 or 1 keeps its target gradient) and no ``0 * inf`` reaches the backward.
+    """
+    finite = torch.nan_to_num(value, nan=float("nan"))
+    return coef * torch.where(coef == 0, finite, value)
 
 
 def binary_cross_entropy_with_logits(
@@ -55,14 +61,21 @@ def binary_cross_entropy_with_logits(
     return loss
 
 
+# torch's BCE backward clamps p (1 - p) at its C++ ``float EPSILON = 1e-12``: the float32
+# value, also for float64 inputs (9.99999996e-13, not 1e-12). Same constant here, for
+# bit-for-bit parity of the clamped gradient at p = 0 and p = 1.
+_TORCH_BCE_EPS = float(torch.tensor(1e-12, dtype=torch.float32))
+
+
 class _BinaryCrossEntropy(torch.autograd.Function):
     r"""BCE on probabilities with torch's documented clamp and torch's gradient.
 
     Forward: :math:`-w\,[p_w\,t \max(\log p, -100) + (1-t)\max(\log(1-p), -100)]`, with
     ``log1p(-p)`` so that p close to 0 keeps full precision.
     Backward (as torch, plus ``pos_weight``):
-    :math:`w\,[(1-t)\,p - p_w\,t\,(1-p)] / \max(p(1-p), 10^{-12})`, which is exact inside
-    (0, 1) and finite at the ends. The backward is written in differentiable ops, so
+    :math:`w\,[(p - t) - (p_w - 1)\,t\,(1-p)] / \max(p(1-p), 10^{-12})` (equal to
+    :math:`w\,[(1-t)\,p - p_w\,t\,(1-p)] / \ldots`; ``p - t`` is exact when p is close
+    to t), which is accurate inside (0, 1) and finite at the ends. The backward is written in differentiable ops, so
     double backward works.
     """
 
@@ -76,12 +89,17 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         p, t, pos_weight = ctx.saved_tensors
         grad_p = grad_t = None
         if ctx.needs_input_grad[0]:
-            pt = t if pos_weight is None else pos_weight * t
-            grad_p = grad * ((1 - t) * p - pt * (1 - p)) / torch.clamp(p * (1 - p), min=1e-12)
+            # (1-t) p - p_w t (1-p), written as (p - t) - (p_w - 1) t (1-p): ``p - t`` is
+            # torch's numerator and is exact when p is close to t (no cancellation).
+            num = p - t
+            if pos_weight is not None:
+                num = num - (pos_weight - 1) * t * (1 - p)
+            grad_p = grad * num / torch.clamp(p * (1 - p), min=_TORCH_BCE_EPS)
         if ctx.needs_input_grad[1]:
-            # d/dt of the clamped forward (torch's target gradient).
+            # torch's target gradient: the unclamped log(1-p) - log(p) (+-inf at p = 0, 1),
+            # consistent with its unclamped input gradient; log1p keeps p near 0 exact.
             pw = 1 if pos_weight is None else pos_weight
-            grad_t = grad * (torch.clamp(torch.log1p(-p), min=-100) - pw * torch.clamp(torch.log(p), min=-100))
+            grad_t = grad * (torch.log1p(-p) - pw * torch.log(p))
         return grad_p, grad_t, None
 
 
@@ -121,14 +139,16 @@ def _neg_log_softmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch
     a sum of two non-negative terms. The textbook ``logsumexp(x) - x_j`` rounds
     ``log(1 + 4e-9)`` to 0 in float32 when the winning class has a wide margin; this form
     returns 4.12e-9. A +inf logit is its own max (``x - m`` is set to 0 where ``x == m``),
-    which gives the finite limit instead of NaN. Returns ``(nlp, s, k)``.
+    which gives the finite limit instead of NaN. Returns ``(nlp, s, k, e)`` with
+    ``e = exp(x - m)`` (``e_k = 1``), so that :math:`p_j = e_j / (1 + S')` to a couple of
+    ulp (``exp(-nlp)`` would carry an error of ``|nlp|`` ulp).
     """
     m, k = x.max(dim=1, keepdim=True)
     z = torch.where(x == m, torch.zeros((), dtype=x.dtype, device=x.device), x - m)
-    e = torch.exp(z).scatter(1, k, 0.0)
-    s = e.sum(dim=1, keepdim=True)
+    e = torch.exp(z)
+    s = e.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
     nlp = torch.log1p(s) - z
-    return nlp, s, k
+    return nlp, s, k, e
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -137,10 +157,12 @@ class _CrossEntropy(torch.autograd.Function):
     .. math:: \ell_i = \sum_j a_{ij}\,(-\log p_{ij}), \qquad
               \frac{\partial \ell_i}{\partial x_{ij}} = A_i\,p_{ij} - a_{ij},\quad A_i = \sum_j a_{ij}.
 
-    At the arg-max k the gradient is evaluated as
-    :math:`(A_i - a_{ik}) - A_i\,S'/(1+S')` (since :math:`p_{ik} = 1/(1+S')`), so a
-    confident correct prediction keeps the relative precision of its tiny gradient
-    instead of rounding ``p - 1`` to 0.
+    With :math:`p_{ij} = e^{x_{ij} - m_i} / (1 + S'_i)` (a few ulp, whatever the margin).
+    At the arg-max k, when it dominates (:math:`S' < 1`, i.e. :math:`p_{ik} > 1/2`), the
+    gradient is evaluated as :math:`(A_i - a_{ik}) - A_i\,S'/(1+S')` (since
+    :math:`1 - p_{ik} = S'/(1+S')`), so a confident correct prediction keeps the relative
+    precision of its tiny gradient instead of rounding ``p - 1`` to 0; otherwise as
+    :math:`A_i p_{ik} - a_{ik}`, which is the better-conditioned form there.
 
     ``coef`` is either a dense (M, C) tensor (probability targets) or, for class-index
     targets, the tuple (y, c, smooth) meaning :math:`a_{ij} = c_i [j = y_i] + smooth_j`
@@ -151,21 +173,21 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, y, c, smooth):
         ctx.save_for_backward(x, q, y, c, smooth)
-        nlp, _, _ = _neg_log_softmax(x)
+        nlp = _neg_log_softmax(x)[0]
         return _ce_value(nlp, q, y, c, smooth)
 
     @staticmethod
     def backward(ctx, grad):
         x, q, y, c, smooth = ctx.saved_tensors
         grad_x = grad_q = grad_c = grad_smooth = None
-        nlp, s, k = _neg_log_softmax(x)
+        nlp, s, k, e = _neg_log_softmax(x)
         a = _dense_coef(x, q, y, c, smooth)
         if ctx.needs_input_grad[0]:
             A = a.sum(dim=1, keepdim=True)
-            p = torch.exp(-nlp)
+            p = e / (1 + s)
             g = A * p - a
             a_rest = a.scatter(1, k, 0.0).sum(dim=1, keepdim=True)  # A - a_k without cancellation
-            g_k = a_rest - A * (s / (1 + s))
+            g_k = torch.where(s < 1, a_rest - A * (s / (1 + s)), g.gather(1, k))
             g = g.scatter(1, k, g_k)
             grad_x = grad.unsqueeze(1) * g
         if ctx.needs_input_grad[1]:

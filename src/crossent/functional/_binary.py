@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import dispatch
-from ._reduction import compute_dtype, legacy_reduction, reduce_loss
+from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
 
 
 def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
@@ -85,7 +85,8 @@ def binary_cross_entropy(
     arguments, defaults, values and gradients; the log clamp at -100 is torch's). See
     :class:`crossent.nn.BCELoss` for shapes. ``log(1 - x)`` is evaluated as ``log1p(-x)``,
     so probabilities near 0 keep full precision. Computed in float32 for fp16/bf16 inputs
-    (also under ``torch.autocast``, where torch raises) and returned in the input dtype.
+    and returned in the input dtype; under ``torch.autocast`` it follows torch's float32
+    policy (float32 in, float32 out) where torch's CUDA kernel raises "unsafe to autocast".
 
     Keyword-only extensions: ``pos_weight`` (pytorch#20424), ``label_smoothing``
     (targets become :math:`t(1-\epsilon) + \epsilon/2`), ``ignore_index`` (those elements
@@ -101,10 +102,11 @@ def binary_cross_entropy(
     0.3635
     """
     func = "binary_cross_entropy"
+    input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
     reduction, p, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
         size_average, reduce, probabilities_in=True, validate=validate)
-    with torch.autocast(device_type=p.device.type, enabled=False):
+    with no_autocast(p.device):
         loss = dispatch("binary_cross_entropy", p, backend)(p, t, weight, pos_weight, keep)
     return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
 
@@ -145,10 +147,15 @@ def binary_cross_entropy_with_logits(
     0.4878
     """
     func = "binary_cross_entropy_with_logits"
+    input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
         size_average, reduce, probabilities_in=False, validate=validate)
-    loss = dispatch("binary_cross_entropy_with_logits", x, backend)(x, t, weight, pos_weight, keep)
-    # torch promotes with a floating target's dtype (float32 input, float64 target -> float64).
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+    with no_autocast(x.device):
+        loss = dispatch("binary_cross_entropy_with_logits", x, backend)(x, t, weight, pos_weight, keep)
+    # torch's result has the dtype of a floating target (its kernel works in place on
+    # ``1 - target``: float32 input with a float16 target gives float16); crossent computes
+    # in the promoted dtype (at least float32) and returns torch's dtype. Integer and bool
+    # targets (an extension) give the input's dtype.
+    out_dtype = target.dtype if target.is_floating_point() else input.dtype
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import dispatch
-from ._reduction import compute_dtype, legacy_reduction, reduce_loss
+from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
 
 
 def cross_entropy(
@@ -55,10 +55,16 @@ def cross_entropy(
     0.3974
     """
     func = "cross_entropy"
+    input, target, weight = autocast_inputs(input, target, weight)
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
     ignore_index = V.check_ignore_index(func, ignore_index)
+    if (isinstance(target, torch.Tensor) and input.dim() == 1 and tuple(target.shape) == (1,)
+            and tuple(input.shape) != (1,) and not target.is_floating_point()):
+        # torch accepts one class index of shape (1,) for an unbatched (C,) input and
+        # returns a 0-dim loss: same here.
+        target = target.reshape(())
     target, index_target = V.check_multiclass_shapes(func, input, target, ignore_index)
     class_dim = 1 if input.dim() >= 2 else 0
     C = input.shape[class_dim]
@@ -68,8 +74,15 @@ def cross_entropy(
     if V.validation_enabled(validate):  # value tier: one pass, one sync, before any kernel
         V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim)
 
-    # Canonical layout: rows of C logits.
-    cdt = compute_dtype(input.dtype)
+    # Canonical layout: rows of C logits. Output dtype as torch: the input's for class
+    # indices; for probability targets the promotion of input, target and weight (torch's
+    # composite formula promotes: float16 logits with float32 targets give float32).
+    out_dtype = input.dtype
+    if not index_target:
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None and weight.is_floating_point():
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    cdt = compute_dtype(out_dtype)
     x = input.to(cdt).movedim(class_dim, -1).reshape(-1, C)
     out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
     keep = None
@@ -79,7 +92,8 @@ def cross_entropy(
     else:
         t = target.to(cdt).movedim(class_dim, -1).reshape(-1, C)
     w = None if weight is None else weight.to(cdt)
-    loss, den = dispatch("cross_entropy", x, backend)(x, t, index_target, w, keep, label_smoothing)
+    with no_autocast(x.device):
+        loss, den = dispatch("cross_entropy", x, backend)(x, t, index_target, w, keep, label_smoothing)
     loss = loss.reshape(out_shape)
     denominator = None if den is None else den.sum()
-    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)

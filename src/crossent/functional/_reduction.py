@@ -16,7 +16,8 @@ The loss decides ``d_i``, matching torch exactly:
   ``ignore_index``; label smoothing keeps this denominator (torch does the same).
 * Cross-entropy, class-probability targets: ``d_i = 1`` per sample, weights or not.
 
-An empty batch, or one where every element is ignored, has ``mean = 0 / 0 = nan``, like torch.
+An empty batch, or one where every element is ignored, has ``mean = 0 / 0 = nan``, like torch;
+the gradient of such a ``mean`` is zero (as torch's when every target is ignored).
 
 :class:`LossParts` exposes the numerator and denominator so that epoch averages can be
 exact (``crossent.tracking.LossMeter`` adds them up; never a mean of batch means).
@@ -24,6 +25,7 @@ exact (``crossent.tracking.LossMeter`` adds them up; never a mean of batch means
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple, Optional, Union
 
@@ -48,7 +50,15 @@ class LossParts(NamedTuple):
 
 
 def legacy_reduction(func: str, size_average, reduce, reduction: str) -> str:
-    """Resolve torch's deprecated ``size_average`` / ``reduce`` pair, as torch does."""
+    """Resolve torch's deprecated ``size_average`` / ``reduce`` pair, as torch does.
+
+    torch's deprecated alias ``reduction='elementwise_mean'`` is accepted as ``'mean'``
+    with a DeprecationWarning (torch warns too); everything else goes through
+    :func:`crossent._validation.check_reduction`."""
+    if reduction == "elementwise_mean":
+        warnings.warn(f"{func}: reduction='elementwise_mean' is deprecated (as in torch); use reduction='mean'.",
+                      DeprecationWarning, stacklevel=3)
+        reduction = "mean"
     if size_average is None and reduce is None:
         return check_reduction(func, reduction)
     size_average = True if size_average is None else size_average
@@ -89,9 +99,16 @@ def reduce_loss(
         out = loss
     elif reduction == "sum":
         out = loss.sum()
+    elif denominator is None:
+        out = loss.sum() / loss.numel()  # empty: 0 / 0 = nan, like torch
     else:
-        denom = loss.numel() if denominator is None else denominator
-        out = loss.sum() / denom
+        # A zero denominator (every element ignored, or kept weights summing to 0) gives
+        # nan like torch, with a zero gradient (torch: zero when all are ignored) instead
+        # of 0 * inf = nan flowing back. No device sync: a select, not a branch.
+        denominator = denominator.to(loss.dtype)
+        empty = denominator == 0
+        safe = torch.where(empty, torch.ones_like(denominator), denominator)
+        out = torch.where(empty, torch.full_like(safe, float("nan")), loss.sum() / safe)
     out = out.to(out_dtype)
     if not return_parts:
         return out
@@ -109,3 +126,34 @@ def reduce_loss(
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (fp32/fp16/bf16) is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
+
+
+def no_autocast(device: torch.device):
+    """A context that switches autocast off on ``device`` while the loss is computed (a
+    no-op where autocast is not active or does not exist for the device type)."""
+    if not _autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast``, torch runs its losses in the float32 policy: fp16/bf16
+    arguments are cast to float32 and the loss comes back in float32 (``F.binary_cross_entropy``
+    on CUDA raises instead; crossent follows the float32 policy there too). Returns the
+    tensors, cast where autocast is active on their device; non-tensors pass through."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or not _autocast_enabled(first.device.type):
+        return tensors
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+                 for t in tensors)
