@@ -61,6 +61,17 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     return reduction, x, t, weight, pos_weight, keep, denominator
 
 
+def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, backend):
+    """Per-element losses, or their 0-dim sum when the backend offers it and the reduction
+    does not need the elements (fused backends then skip a full-size loss buffer); the
+    denominator of ``mean`` is unchanged."""
+    fn = dispatch(op, x, backend)
+    if reduction != "none" and getattr(fn, "supports_sum_only", False):
+        total = fn(x, t, weight, pos_weight, keep, sum_only=True)
+        return total, (x.numel() if denominator is None else denominator)
+    return fn(x, t, weight, pos_weight, keep), denominator
+
+
 def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -105,7 +116,8 @@ def binary_cross_entropy(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
         size_average, reduce, probabilities_in=True, validate=validate)
     with torch.autocast(device_type=p.device.type, enabled=False):
-        loss = dispatch("binary_cross_entropy", p, backend)(p, t, weight, pos_weight, keep)
+        loss, denominator = _run_backend("binary_cross_entropy", p, t, weight, pos_weight, keep, denominator,
+                                         reduction, backend)
     return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
 
 
@@ -148,7 +160,8 @@ def binary_cross_entropy_with_logits(
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
         size_average, reduce, probabilities_in=False, validate=validate)
-    loss = dispatch("binary_cross_entropy_with_logits", x, backend)(x, t, weight, pos_weight, keep)
+    loss, denominator = _run_backend("binary_cross_entropy_with_logits", x, t, weight, pos_weight, keep,
+                                     denominator, reduction, backend)
     # torch promotes with a floating target's dtype (float32 input, float64 target -> float64).
     out_dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)
