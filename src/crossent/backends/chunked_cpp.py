@@ -1,228 +1,222 @@
-r"""Optional compiled CPU kernels for the fused backend (AVX2 + OpenMP via ATen's ``Vectorized``).
+r"""Optional compiled CPU kernels for the fused backend (C, AVX2 intrinsics, OpenMP).
 
-Built on first use with :func:`torch.utils.cpp_extension.load_inline` (cached by torch in
-``~/.cache/torch_extensions``; the first build takes about a minute on 2 cores, later
-imports are instant). It is used only when all of these hold, otherwise the chunked
-torch path of :mod:`crossent.backends.chunked` runs (same formulas, same results):
+A small C file (below) is compiled on first use with the system C compiler into
+``~/.cache/crossent/kernels/`` (or ``$CROSSENT_CACHE_DIR``) and loaded with :mod:`ctypes`.
+It includes no torch headers, so the build takes about a second; it links against
+``libtorch_cpu`` only for Sleef's vectorised ``expf`` / ``log1pf`` (1-ulp accuracy, the
+very functions torch's own vectorised CPU kernels use). The kernel is used only when all of
+these hold, otherwise the chunked torch path of :mod:`crossent.backends.chunked` runs (same
+formulas, same results to a few ulp):
 
-* ``CROSSENT_CPU_KERNEL`` is not ``0`` (``=0`` disables; ``=1`` builds eagerly on first use
-  even when no build exists yet — the default is also to build on first use);
-* a C++ compiler is found and the CPU has AVX2 (what torch reports);
-* the build succeeds (a failure is remembered, reported once by ``crossent env``, and the
-  torch path is used).
+* ``CROSSENT_CPU_KERNEL`` is not ``0`` (``=0`` disables it);
+* torch reports AVX2 (or better) for this CPU, and a C compiler is found (``$CC`` or ``cc``);
+* the build succeeds (a failure is remembered; ``crossent env`` shows the reason);
+* the tensors are float32, contiguous, on CPU (float64 and odd layouts use the torch path).
 
-Why a compiled kernel: with torch ops, every formula step is a pass over memory and the
-exp/log1p run at eager speed; the targets of issue 5 (BCE 1.2x, CE 1.3x torch.compile)
-were not reachable by chunked torch ops. The kernel evaluates exactly the formulas of
-:mod:`crossent.backends.reference` with Sleef's 1-ulp ``exp``/``log1p`` (the ones torch
-itself vectorises with), one read of the inputs and one write of loss and gradient.
+Why a compiled kernel: with torch ops every formula step is a pass over memory, and the
+targets of issue 5 (BCE 1.2x, CE 1.3x torch.compile) were not reachable that way. The kernel
+evaluates exactly the formulas of :mod:`crossent.backends.reference` in one read of the
+inputs and one write of the gradient (and of the loss, unless only its sum is wanted).
 
-Precision: float32 lanes, row sums accumulated in blocks of 256 (32 partial lanes) and the
-block sums in float64, so a 128k-class row keeps ~1e-7 relative accuracy.
+Precision: float32 lanes; sums (the softmax denominator of a row, the BCE total) are
+accumulated 8 lanes x at most 32 terms in float32, then in float64 -- about 1e-7 relative
+even for a 128k-class row. Threads: OpenMP, ``torch.get_num_threads()`` of them; ctypes
+releases the GIL during the call.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import os
 import shutil
+import subprocess
+import tempfile
 import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 _SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/cpu/vec/functional.h>
-#include <cmath>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
 
-using Vec = at::vec::Vectorized<float>;
-static constexpr int64_t W = Vec::size();
+typedef __m256 V;
+extern V Sleef_expf8_u10(V);
+extern V Sleef_log1pf8_u10(V);
 
-// Loss and gradient of BCE-with-logits (reference formulas):
-//   loss = p t softplus(-x) + (1-t) softplus(x)   (terms with a zero coefficient are 0)
-//   grad = (1-t) sigmoid(x) - p t sigmoid(-x)
-// with e = exp(-|x|): softplus(+-x) = max(+-x, 0) + log1p(e), sigmoid(|x|) = 1/(1+e).
-static inline void bce_vec(Vec x, Vec t, Vec pw, Vec& loss, Vec& grad) {
-  const Vec zero(0.f), one(1.f);
-  Vec e = (x.abs()).neg().exp();
-  Vec l1 = e.log1p();
-  Vec r = one / (one + e);
-  Vec er = e * r;
-  Vec neg = x < zero;
-  Vec sp_pos = at::vec::maximum(x, zero) + l1;
-  Vec sp_neg = at::vec::maximum(x.neg(), zero) + l1;
-  Vec sig = Vec::blendv(r, er, neg);
-  Vec sig_neg = Vec::blendv(er, r, neg);
-  Vec p = pw * t;
-  Vec omt = one - t;
-  Vec a = Vec::blendv(p * sp_neg, zero, p == zero);
-  Vec b = Vec::blendv(omt * sp_pos, zero, omt == zero);
-  loss = a + b;
-  grad = omt * sig - p * sig_neg;
+#define W 8
+
+static inline V vzero(void) { return _mm256_setzero_ps(); }
+static inline V vset(float a) { return _mm256_set1_ps(a); }
+static inline V vneg(V a) { return _mm256_xor_ps(a, vset(-0.0f)); }
+/* max(0, a), NaN propagating (maxps returns its second operand when one is NaN) */
+static inline V vrelu(V a) { return _mm256_max_ps(vzero(), a); }
+/* c * v, with 0 where c == 0 (a term with zero weight is absent, even if v is inf) */
+static inline V vtimes(V c, V v) {
+  return _mm256_blendv_ps(_mm256_mul_ps(c, v), vzero(), _mm256_cmp_ps(c, vzero(), _CMP_EQ_OQ));
+}
+static inline double hsum(V a) {
+  float t[W]; _mm256_storeu_ps(t, a);
+  double s = 0.0; for (int j = 0; j < W; ++j) s += t[j]; return s;
 }
 
-// Returns {loss, grad}; with want_loss == false, loss is the 0-dim sum (accumulated in
-// float64 per block of BLOCK elements, blocks summed in order: deterministic).
-std::vector<at::Tensor> bcewl(at::Tensor x, at::Tensor t, c10::optional<at::Tensor> pw_opt, int64_t L,
-                              bool want_loss) {
-  constexpr int64_t BLOCK = 16384;
-  const int64_t n = x.numel();
-  auto grad = at::empty_like(x);
-  at::Tensor loss = want_loss ? at::empty_like(x) : at::empty({}, x.options());
+/* BCE with logits, reference formulas, e = exp(-|x|):
+   loss = p t softplus(-x) + (1-t) softplus(x),  softplus(+-x) = max(+-x, 0) + log1p(e)
+   grad = (1-t) sigmoid(x) - p t sigmoid(-x),     sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e) */
+static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
+  const V one = vset(1.f);
+  V ax = _mm256_andnot_ps(vset(-0.0f), x);
+  V e = Sleef_expf8_u10(vneg(ax));
+  V l1 = Sleef_log1pf8_u10(e);
+  V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+  V er = _mm256_mul_ps(e, r);
+  V neg = _mm256_cmp_ps(x, vzero(), _CMP_LT_OQ);
+  V sp_pos = _mm256_add_ps(vrelu(x), l1);
+  V sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
+  V sig = _mm256_blendv_ps(r, er, neg);
+  V sig_neg = _mm256_blendv_ps(er, r, neg);
+  V p = _mm256_mul_ps(pw, t);
+  V omt = _mm256_sub_ps(one, t);
+  *loss = _mm256_add_ps(vtimes(p, sp_neg), vtimes(omt, sp_pos));
+  *grad = _mm256_sub_ps(_mm256_mul_ps(omt, sig), _mm256_mul_ps(p, sig_neg));
+}
+
+#define BLOCK 16384
+
+/* loss: per-element losses, or NULL to return their sum. pw: NULL, or L weights cycled. */
+double crossent_bcewl(const float *x, const float *t, const float *pw, int64_t L, float *loss,
+                      float *grad, int64_t n, int nthreads) {
   const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-  std::vector<double> partial(want_loss ? 0 : nblocks, 0.0);
-  const float* xp = x.data_ptr<float>();
-  const float* tp = t.data_ptr<float>();
-  const float* pwp = pw_opt.has_value() ? pw_opt->data_ptr<float>() : nullptr;
-  float* lp = want_loss ? loss.data_ptr<float>() : nullptr;
-  float* gp = grad.data_ptr<float>();
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    float pwbuf[W];
-    float lbuf[W];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t begin = b * BLOCK, end = std::min(n, begin + BLOCK);
-      Vec acc(0.f);
-      double s = 0.0;
-      int64_t i = begin;
-      int flush = 0;
-      for (; i + W <= end; i += W) {
-        if (!lp && ++flush == 32) {  // float lanes hold at most 32 terms: ~1e-7 relative
-          acc.store(lbuf);
-          for (int j = 0; j < W; ++j) s += lbuf[j];
-          acc = Vec(0.f);
-          flush = 0;
+  double total = 0.0;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;
+    float pwb[W], xb[W], tb[W], lb[W], gb[W];
+    V acc = vzero();
+    double s = 0.0;
+    int flush = 0;
+    int64_t i = begin;
+    for (; i < end; i += W) {
+      const int64_t m = (end - i < W) ? end - i : W;
+      V xv, tv, pv = vset(1.f), lo, gr;
+      if (m == W) {
+        xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
+        if (pw) {
+          if (L == n) pv = _mm256_loadu_ps(pw + i);
+          else { for (int j = 0; j < W; ++j) pwb[j] = pw[(i + j) % L]; pv = _mm256_loadu_ps(pwb); }
         }
-        Vec pw(1.f);
-        if (pwp) {
-          if (L == n) pw = Vec::loadu(pwp + i);
-          else { for (int j = 0; j < W; ++j) pwbuf[j] = pwp[(i + j) % L]; pw = Vec::loadu(pwbuf); }
+      } else {
+        for (int j = 0; j < W; ++j) { xb[j] = 0.f; tb[j] = 0.f; pwb[j] = 1.f; }
+        for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
+        xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
+      }
+      bce8(xv, tv, pv, &lo, &gr);
+      if (m == W) {
+        _mm256_storeu_ps(grad + i, gr);
+        if (loss) _mm256_storeu_ps(loss + i, lo);
+        else {
+          acc = _mm256_add_ps(acc, lo);
+          if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
         }
-        Vec lo, gr;
-        bce_vec(Vec::loadu(xp + i), Vec::loadu(tp + i), pw, lo, gr);
-        if (lp) lo.store(lp + i); else acc = acc + lo;
-        gr.store(gp + i);
-      }
-      if (i < end) {
-        int64_t m = end - i;
-        float xb[W] = {0}, tb[W] = {0}, pb[W], lb[W], gb[W];
-        for (int j = 0; j < W; ++j) pb[j] = 1.f;
-        for (int64_t j = 0; j < m; ++j) { xb[j] = xp[i + j]; tb[j] = tp[i + j]; if (pwp) pb[j] = pwp[(i + j) % L]; }
-        Vec lo, gr;
-        bce_vec(Vec::loadu(xb), Vec::loadu(tb), Vec::loadu(pb), lo, gr);
-        lo.store(lb); gr.store(gb);
-        for (int64_t j = 0; j < m; ++j) { if (lp) lp[i + j] = lb[j]; else s += lb[j]; gp[i + j] = gb[j]; }
-      }
-      if (!lp) {
-        acc.store(lbuf);
-        for (int j = 0; j < W; ++j) s += lbuf[j];
-        partial[b] = s;
+      } else {
+        _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
+        for (int64_t j = 0; j < m; ++j) { grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
       }
     }
-  });
-  if (!want_loss) {
-    double total = 0.0;
-    for (double v : partial) total += v;
-    loss.fill_(total);
+    total += s + hsum(acc);
   }
-  return {loss, grad};
+  return total;
 }
 
-// Cross-entropy with class-index targets, one row at a time (reference formulas):
-//   m = max_j x_j, k = first arg-max, z_j = x_j - m (0 where x_j == m),
-//   s = sum_{j != k} exp(z_j)  (ties with the max count 1 each),
-//   loss = c (log1p(s) - z_y)  (0 when c == 0),
-//   grad_j = c e_j / (1+s) - c [j == y];  grad_k = c [k != y] - c s / (1+s).
-// grad may alias x (in-place mode): x_y is read before the row is overwritten.
-at::Tensor ce_index(at::Tensor x, at::Tensor y, at::Tensor c, c10::optional<at::Tensor> grad_opt) {
-  const int64_t M = x.size(0), C = x.size(1);
-  auto loss = at::empty({M}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int64_t* yp = y.data_ptr<int64_t>();
-  const float* cp = c.data_ptr<float>();
-  float* lp = loss.data_ptr<float>();
-  float* gp = grad_opt.has_value() ? grad_opt->data_ptr<float>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * C;
-      float* gr = gp ? gp + r * C : nullptr;
-      // pass 1: max
-      float m = -INFINITY;
-      int64_t j = 0;
-      bool has_nan = false;
-      if (C >= W) {
-        Vec vm(-INFINITY);
-        for (; j + W <= C; j += W) vm = at::vec::maximum(vm, Vec::loadu(xr + j));
-        float tmp[W];
-        vm.store(tmp);
-        for (int q = 0; q < W; ++q) { if (std::isnan(tmp[q])) has_nan = true; m = std::max(m, tmp[q]); }
-      }
-      for (; j < C; ++j) { if (std::isnan(xr[j])) has_nan = true; m = std::max(m, xr[j]); }
-      const int64_t yr = yp[r];
-      const float cr = cp[r];
-      if (has_nan) {
-        lp[r] = NAN;
-        if (gr) for (int64_t q = 0; q < C; ++q) gr[q] = NAN;
-        continue;
-      }
-      const float zy = (xr[yr] == m) ? 0.f : xr[yr] - m;
-      // pass 2: e_j = exp(z_j) (1 for ties), s = sum over j != k; k = first tie.
-      int64_t k = -1;
-      int64_t ties = 0;
-      double s_total = 0.0;
-      const Vec vm(m), zero(0.f), one(1.f);
-      j = 0;
-      while (j + W <= C) {
-        const int64_t block_end = std::min<int64_t>(C - (C - j) % W, j + 256);
-        Vec acc(0.f);
-        for (; j < block_end; j += W) {
-          Vec xv = Vec::loadu(xr + j);
-          Vec eq = (xv == vm);
-          int eqbits = (~eq.zero_mask()) & ((1 << W) - 1);
-          Vec e = Vec::blendv((xv - vm).exp(), one, eq);
-          if (eqbits) {
-            ties += __builtin_popcount(eqbits);
-            if (k < 0) k = j + __builtin_ctz(eqbits);
-            acc = acc + Vec::blendv(e, zero, eq);
-          } else {
-            acc = acc + e;
-          }
-          if (gr) e.store(gr + j);
-        }
-        float tmp[W];
-        acc.store(tmp);
-        for (int q = 0; q < W; ++q) s_total += tmp[q];
-      }
-      for (; j < C; ++j) {
-        float e;
-        if (xr[j] == m) { e = 1.f; ++ties; if (k < 0) k = j; }
-        else { e = std::exp(xr[j] - m); s_total += e; }
-        if (gr) gr[j] = e;
-      }
-      const float s = (float)(s_total + (double)(ties - 1));
-      const float lse = std::log1p(s);
-      lp[r] = (cr == 0.f) ? 0.f : cr * (lse - zy);
-      if (!gr) continue;
-      // pass 3: grad
-      const float inv = 1.f / (1.f + s);
-      const Vec vscale(cr * inv);
-      j = 0;
-      for (; j + W <= C; j += W) (vscale * Vec::loadu(gr + j)).store(gr + j);
-      for (; j < C; ++j) gr[j] = cr * inv * gr[j];
-      gr[yr] -= cr;
-      gr[k] = ((k == yr) ? 0.f : cr) - cr * (s * inv);
+/* Cross-entropy, class-index targets, one row at a time (reference formulas):
+   m = max x, k = first arg-max, z = x - m (0 where x == m), e = exp(z) (1 for ties),
+   s = sum_{j != k} e_j, loss = c (log1p(s) - z_y) (0 if c == 0),
+   grad_j = c e_j/(1+s) - c [j == y];  grad_k = c [k != y] - c s/(1+s).
+   grad may be NULL (loss only) or alias x (in-place mode: x_y is read first). */
+void crossent_ce_index(const float *x, const int64_t *y, const float *c, float *loss, float *grad,
+                       int64_t M, int64_t C, int nthreads) {
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < M; ++r) {
+    const float *xr = x + r * C;
+    float *gr = grad ? grad + r * C : 0;
+    const int64_t yr = y[r];
+    const float cr = c[r];
+    V vm = vset(-INFINITY), vnan = vzero();
+    int64_t j = 0;
+    for (; j + W <= C; j += W) {
+      V xv = _mm256_loadu_ps(xr + j);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+      vm = _mm256_max_ps(vm, xv);
     }
-  });
-  return loss;
+    float tmp[W]; _mm256_storeu_ps(tmp, vm);
+    float m = -INFINITY;
+    for (int q = 0; q < W; ++q) m = tmp[q] > m ? tmp[q] : m;
+    int has_nan = _mm256_movemask_ps(vnan) != 0;
+    for (; j < C; ++j) { if (xr[j] != xr[j]) has_nan = 1; else if (xr[j] > m) m = xr[j]; }
+    if (has_nan) {
+      loss[r] = NAN;
+      if (gr) for (int64_t q = 0; q < C; ++q) gr[q] = NAN;
+      continue;
+    }
+    const float zy = (xr[yr] == m) ? 0.f : xr[yr] - m;
+    int64_t k = -1, ties = 0;
+    double s_total = 0.0;
+    const V vmax = vset(m), one = vset(1.f);
+    V acc = vzero();
+    int flush = 0;
+    for (j = 0; j + W <= C; j += W) {
+      V xv = _mm256_loadu_ps(xr + j);
+      V eq = _mm256_cmp_ps(xv, vmax, _CMP_EQ_OQ);
+      int bits = _mm256_movemask_ps(eq);
+      V e = Sleef_expf8_u10(_mm256_sub_ps(xv, vmax));
+      if (bits) {
+        e = _mm256_blendv_ps(e, one, eq);
+        ties += __builtin_popcount(bits);
+        if (k < 0) k = j + __builtin_ctz(bits);
+        acc = _mm256_add_ps(acc, _mm256_blendv_ps(e, vzero(), eq));
+      } else {
+        acc = _mm256_add_ps(acc, e);
+      }
+      if (gr) _mm256_storeu_ps(gr + j, e);
+      if (++flush == 32) { s_total += hsum(acc); acc = vzero(); flush = 0; }
+    }
+    s_total += hsum(acc);
+    for (; j < C; ++j) {
+      float e;
+      if (xr[j] == m) { e = 1.f; ++ties; if (k < 0) k = j; }
+      else { e = expf(xr[j] - m); s_total += e; }
+      if (gr) gr[j] = e;
+    }
+    const float s = (float)(s_total + (double)(ties - 1));
+    loss[r] = (cr == 0.f) ? 0.f : cr * (log1pf(s) - zy);
+    if (!gr) continue;
+    const float inv = 1.f / (1.f + s);
+    const V sc = vset(cr * inv);
+    for (j = 0; j + W <= C; j += W) _mm256_storeu_ps(gr + j, _mm256_mul_ps(sc, _mm256_loadu_ps(gr + j)));
+    for (; j < C; ++j) gr[j] = cr * inv * gr[j];
+    gr[yr] -= cr;
+    gr[k] = ((k == yr) ? 0.f : cr) - cr * (s * inv);
+  }
 }
 """
 
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c99"]
+
 _lock = threading.Lock()
-_module = None
+_lib = None
 _error: Optional[str] = None
 _tried = False
+
+
+def _torch_lib_dir() -> str:
+    return str(Path(torch.__file__).parent / "lib")
+
+
+def _compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
 
 
 def disabled_reason() -> Optional[str]:
@@ -235,35 +229,74 @@ def disabled_reason() -> Optional[str]:
         cap = "unknown"
     if cap not in ("AVX2", "AVX512"):
         return f"the CPU capability is {cap}, the kernel needs AVX2"
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        return "no C++ compiler found (set CXX or install g++)"
+    if _compiler() is None:
+        return "no C compiler found (set CC or install gcc)"
     return _error
 
 
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    key = hashlib.sha256("\n".join([_SOURCE, cc, *_FLAGS, torch.__version__]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("CROSSENT_CACHE_DIR", Path.home() / ".cache" / "crossent")) / "kernels"
+    cache.mkdir(parents=True, exist_ok=True)
+    so = cache / f"crossent_cpu_{key}.so"
+    if not so.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src = Path(tmp) / "kernel.c"
+            src.write_text(_SOURCE)
+            out = Path(tmp) / so.name
+            libdir = _torch_lib_dir()
+            cmd = [cc, *_FLAGS, str(src), "-o", str(out), f"-L{libdir}", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)}\n{proc.stderr[-2000:]}")
+            os.replace(out, so)  # atomic: concurrent builders are harmless
+    lib = ctypes.CDLL(str(so))
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    lib.crossent_bcewl.argtypes = [P, P, P, I64, P, P, I64, ctypes.c_int]
+    lib.crossent_bcewl.restype = ctypes.c_double
+    lib.crossent_ce_index.argtypes = [P, P, P, P, P, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index.restype = None
+    return lib
+
+
 def get():
-    """The compiled module (building it on first call), or None when unavailable."""
-    global _module, _error, _tried
-    if _module is not None:
-        return _module
+    """The kernel module (building it on the first call), or None when unavailable."""
+    global _lib, _error, _tried
+    if _lib is not None:
+        return _Kernels
     if _tried or disabled_reason() is not None:
         return None
     with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        try:
-            from torch.utils.cpp_extension import load_inline
+        if not _tried:
+            _tried = True
+            try:
+                _lib = _build()
+            except Exception as exc:  # compiler error, missing Sleef symbols, ...
+                _error = f"build failed: {type(exc).__name__}: {exc}"[:500]
+    return _Kernels if _lib is not None else None
 
-            flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-            _module = load_inline(
-                name="crossent_chunked_cpu_v2",
-                cpp_sources=[_SOURCE],
-                functions=["bcewl", "ce_index"],
-                extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as exc:  # compiler missing, headers mismatch, ...
-            _error = f"build failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            _module = None
-    return _module
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+class _Kernels:
+    """Tensor-level wrappers; callers guarantee float32, contiguous, CPU."""
+
+    @staticmethod
+    def bcewl(x, t, pw, L, want_loss):
+        grad = torch.empty_like(x)
+        loss = torch.empty_like(x) if want_loss else None
+        total = _lib.crossent_bcewl(_ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), x.numel(),
+                                    torch.get_num_threads())
+        if not want_loss:
+            loss = torch.tensor(total, dtype=x.dtype)
+        return loss, grad
+
+    @staticmethod
+    def ce_index(x, y, c, grad):
+        M, C = x.shape
+        loss = torch.empty(M, dtype=x.dtype)
+        _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(loss), _ptr(grad), M, C, torch.get_num_threads())
+        return loss
