@@ -277,6 +277,11 @@ def get():
     return _Kernels if _lib is not None else None
 
 
+def _threads(work: int) -> int:
+    # Below ~64k elements a parallel region costs more than it saves.
+    return 1 if work < (1 << 16) else torch.get_num_threads()
+
+
 def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
@@ -289,7 +294,7 @@ class _Kernels:
         grad = torch.empty_like(x)
         loss = torch.empty_like(x) if want_loss else None
         total = _lib.crossent_bcewl(_ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), x.numel(),
-                                    torch.get_num_threads())
+                                    _threads(x.numel()))
         if not want_loss:
             loss = torch.tensor(total, dtype=x.dtype)
         return loss, grad
@@ -298,5 +303,5 @@ class _Kernels:
     def ce_index(x, y, c, grad):
         M, C = x.shape
         loss = torch.empty(M, dtype=x.dtype)
-        _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(loss), _ptr(grad), M, C, torch.get_num_threads())
+        _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(loss), _ptr(grad), M, C, _threads(M * C))
         return loss
