@@ -402,14 +402,15 @@ class _WriteGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, c, smooth, keep, holder):
+    def forward(ctx, buf, y, c, smooth, keep, holder):
+        x = buf.view(y.shape[0], -1)   # buf is x or the identical-layout tensor x views
         loss, _ = _ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x)
         if smooth is not None and keep is not None:
             loss = torch.where(keep, loss, _zero(loss))
             x.masked_fill_(~keep.unsqueeze(1), 0.0)
         holder.append(loss)
-        ctx.mark_dirty(x)
-        return x
+        ctx.mark_dirty(buf)
+        return buf
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -436,7 +437,8 @@ class _LossFromGradient(torch.autograd.Function):
                 "consumed; use inplace_backward=False to backpropagate more than once.")
         ctx.used = True
         (g,) = ctx.saved_tensors
-        return g.mul_(grad_out.unsqueeze(1)), None
+        g.view(grad_out.shape[0], -1).mul_(grad_out.unsqueeze(1))
+        return g, None
 
 
 def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing):
@@ -463,6 +465,14 @@ def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing
     if _needs_graph(c, smooth):
         fail(func, "a weight that does not require grad with inplace_backward=True", "one that does",
              "Use inplace_backward=False to differentiate w.r.t. the class weights.")
+    # Work on the tensor x is a view of when it has x's exact layout (x = logits.reshape(-1, C)
+    # of contiguous logits): marking a *view* dirty makes autograd route the gradient through
+    # CopySlices, which clones it -- the (N, C) buffer this mode exists to avoid.
+    buf = x
+    base = x._base
+    if base is not None and x.is_contiguous() and base.is_contiguous() and base.numel() == x.numel() \
+            and base.storage_offset() == x.storage_offset() and base.dtype == x.dtype:
+        buf = base
     holder: list = []
-    g = _WriteGradient.apply(x, y, c, smooth, keep, holder)
+    g = _WriteGradient.apply(buf, y, c, smooth, keep, holder)
     return _LossFromGradient.apply(g, holder), den
