@@ -12,26 +12,12 @@ re-derive through the reference formulas when it is asked for.
 """
 
 from . import chunked, reference
+from . import triton as triton_backend
 from ._registry import Backend, BackendUnavailableError, available_backends, dispatch, register
 
 
 def _cpu_only(device):
     return None if device.type == "cpu" else f"it runs on CPU tensors only, got a {device.type} tensor"
-
-
-def _triton_unavailable(device):
-    from .triton import unavailable_reason
-
-    return unavailable_reason(device)
-
-
-def _triton_op(name):
-    def call(*args, **kwargs):
-        from . import triton as triton_backend
-
-        return getattr(triton_backend, name)(*args, **kwargs)
-    call.__name__ = name
-    return call
 
 
 register(Backend(
@@ -47,21 +33,15 @@ register(Backend(
 register(Backend(
     name="chunked",
     priority=10,
-    ops={
-        "binary_cross_entropy": chunked.binary_cross_entropy,
-        "binary_cross_entropy_with_logits": chunked.binary_cross_entropy_with_logits,
-        "cross_entropy": chunked.cross_entropy,
-        "cross_entropy_inplace": chunked.cross_entropy_inplace,
-    },
+    ops=dict(chunked.OPS),
     unavailable=_cpu_only,
 ))
 
 register(Backend(
     name="triton",
     priority=20,
-    ops={name: _triton_op(name) for name in (
-        "binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "cross_entropy_inplace")},
-    unavailable=_triton_unavailable,
+    ops=dict(triton_backend.OPS),
+    unavailable=triton_backend.unavailable_reason,
 ))
 
 __all__ = ["Backend", "BackendUnavailableError", "available_backends", "dispatch", "register"]

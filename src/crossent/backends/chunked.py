@@ -177,8 +177,8 @@ class _FusedElementwise(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kind, sum_only, x, t, weight, pos_weight, keep):
-        forward = _bcewl_forward if kind == "logits" else _bce_forward
+    def forward(ctx, impl, kind, sum_only, x, t, weight, pos_weight, keep):
+        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
         loss, grad = forward(x, t, weight, pos_weight, keep, sum_only)
         ctx.kind, ctx.sum_only, ctx.grad = kind, sum_only, grad
         ctx.save_for_backward(x, t, weight, pos_weight, keep)
@@ -188,16 +188,16 @@ class _FusedElementwise(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, t, weight, pos_weight, keep = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
-        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[3:6]):
+        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[4:7]):
             ref = (reference.binary_cross_entropy_with_logits if ctx.kind == "logits"
                    else reference.binary_cross_entropy)
 
             def fn(x_, t_, w_, pw_):
                 loss = ref(x_, t_, w_, pw_, keep)
                 return loss.sum() if ctx.sum_only else loss
-            sub = _SubCtx(ctx, (2, 3, 4, 5))
-            return (None, None) + _reference_grads(sub, fn, (x, t, weight, pos_weight), grad_out) + (None,)
-        return None, None, grad.mul_(grad_out), None, None, None, None
+            sub = _SubCtx(ctx, (3, 4, 5, 6))
+            return (None, None, None) + _reference_grads(sub, fn, (x, t, weight, pos_weight), grad_out) + (None,)
+        return None, None, None, grad.mul_(grad_out), None, None, None, None
 
 
 class _SubCtx:
@@ -230,31 +230,12 @@ def _reference_grads(ctx, fn, inputs, grad_out):
     return tuple(result)
 
 
-def _elementwise_op(kind, x, t, weight, pos_weight, keep, sum_only):
+def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only):
     if not _needs_graph(x, t, weight, pos_weight):
-        forward = _bcewl_forward if kind == "logits" else _bce_forward
+        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
         with torch.no_grad():
             return forward(x, t, weight, pos_weight, keep, sum_only)[0]
-    return _FusedElementwise.apply(kind, sum_only, x, t, weight, pos_weight, keep)
-
-
-def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False):
-    """Per-element BCE-with-logits (same contract as the reference); fused loss + gradient.
-
-    With ``sum_only=True`` returns the 0-dim sum of the per-element losses instead (the
-    functional layer asks for it when the reduction is not ``'none'``): no per-element
-    loss buffer is written, so the only full-size allocation is the gradient.
-    """
-    return _elementwise_op("logits", x, t, weight, pos_weight, keep, sum_only)
-
-
-def binary_cross_entropy(p, t, weight, pos_weight, keep, *, sum_only: bool = False):
-    """Per-element BCE on probabilities (same contract as the reference); fused."""
-    return _elementwise_op("probs", p, t, weight, pos_weight, keep, sum_only)
-
-
-binary_cross_entropy_with_logits.supports_sum_only = True
-binary_cross_entropy.supports_sum_only = True
+    return _FusedElementwise.apply(impl, kind, sum_only, x, t, weight, pos_weight, keep)
 
 
 # --------------------------------------------------------------------- cross-entropy
@@ -356,11 +337,11 @@ def _ce_mask(loss, keep, smooth):
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, q, y, c, smooth, keep):
-        loss, grad = _ce_forward(x, q, y, c, smooth, keep, want_grad=True)
-        if smooth is not None and keep is not None:
+    def forward(ctx, impl, x, q, y, c, smooth, keep):
+        loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True)
+        if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
             loss = torch.where(keep, loss, _zero(loss))
-            grad = torch.where(keep.unsqueeze(1), grad, _zero(grad))
+            grad.masked_fill_(~keep.unsqueeze(1), 0.0)
         ctx.grad = grad
         ctx.save_for_backward(x, q, y, c, smooth, keep)
         return loss
@@ -369,23 +350,22 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, q, y, c, smooth, keep = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
-        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[1:5]):
+        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[2:6]):
             def fn(x_, q_, c_, s_):
                 loss = reference._CrossEntropy.apply(x_, q_, y, c_, s_)
                 return _ce_mask(loss, keep, s_)
-            gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (0, 1, 3, 4)), fn, (x, q, c, smooth), grad_out)
-            return gx, gq, None, gc, gs, None
-        return grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
+            gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (1, 2, 4, 5)), fn, (x, q, c, smooth), grad_out)
+            return None, gx, gq, None, gc, gs, None
+        return None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
 
 
-def cross_entropy(x, target, index_target, weight, keep, label_smoothing):
-    """Per-row cross-entropy (same contract as ``reference.cross_entropy``); fused."""
+def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing):
     q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x, q, c, smooth):
         with torch.no_grad():
-            loss, _ = _ce_forward(x, q, y, c, smooth, keep, want_grad=False)
+            loss, _ = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=False)
             return _ce_mask(loss, keep, smooth), den
-    return _FusedCrossEntropy.apply(x, q, y, c, smooth, keep), den
+    return _FusedCrossEntropy.apply(impl, x, q, y, c, smooth, keep), den
 
 
 # ---------------------------------------------------------- in-place cross-entropy
@@ -402,9 +382,9 @@ class _WriteGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, buf, y, c, smooth, keep, holder):
+    def forward(ctx, impl, buf, y, c, smooth, keep, holder):
         x = buf.view(y.shape[0], -1)   # buf is x or the identical-layout tensor x views
-        loss, _ = _ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x)
+        loss, _ = impl.ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x)
         if smooth is not None and keep is not None:
             loss = torch.where(keep, loss, _zero(loss))
             x.masked_fill_(~keep.unsqueeze(1), 0.0)
@@ -415,7 +395,7 @@ class _WriteGradient(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_x):
-        return grad_x, None, None, None, None, None
+        return None, grad_x, None, None, None, None, None
 
 
 class _LossFromGradient(torch.autograd.Function):
@@ -441,7 +421,7 @@ class _LossFromGradient(torch.autograd.Function):
         return g, None
 
 
-def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing):
+def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing):
     """Cross-entropy whose gradient is written into the logits buffer ``x``.
 
     For LM heads whose logits are dead after the loss: no second (M, C) buffer. Only for
@@ -456,7 +436,7 @@ def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing
              "Use inplace_backward=False for probability targets.")
     q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x):
-        return cross_entropy(x, target, index_target, weight, keep, label_smoothing)
+        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing)
     root = x if x._base is None else x._base
     if root.is_leaf and root.requires_grad:
         fail(func, "logits computed by the graph (e.g. the output of a Linear) with inplace_backward=True",
@@ -474,5 +454,58 @@ def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing
             and base.storage_offset() == x.storage_offset() and base.dtype == x.dtype:
         buf = base
     holder: list = []
-    g = _WriteGradient.apply(buf, y, c, smooth, keep, holder)
+    g = _WriteGradient.apply(impl, buf, y, c, smooth, keep, holder)
     return _LossFromGradient.apply(g, holder), den
+
+
+# ------------------------------------------------------------------ the op table
+class Kernels:
+    """The three forward kernels a fused backend provides (see :func:`make_ops`).
+
+    ``bcewl_forward(x, t, weight, pos_weight, keep, sum_only) -> (loss or its sum, grad)``,
+    ``bce_forward`` likewise, ``ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out=None)
+    -> (loss (M,), grad (M, C) or None)`` where ``grad_out`` may be ``x`` (in-place).
+    """
+
+    def __init__(self, bcewl_forward, bce_forward, ce_forward):
+        self.bcewl_forward, self.bce_forward, self.ce_forward = bcewl_forward, bce_forward, ce_forward
+
+
+def make_ops(impl: Kernels) -> dict:
+    """The backend ops (same contracts as :mod:`~crossent.backends.reference`) for ``impl``."""
+
+    def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False):
+        """Per-element BCE-with-logits, fused loss + gradient; ``sum_only=True`` returns the
+        0-dim sum instead (the functional layer asks for it when the reduction is not
+        'none'), so the only full-size buffer written is the gradient."""
+        return _elementwise_op(impl, "logits", x, t, weight, pos_weight, keep, sum_only)
+
+    def binary_cross_entropy(p, t, weight, pos_weight, keep, *, sum_only: bool = False):
+        """Per-element BCE on probabilities, fused loss + gradient (``sum_only`` as above)."""
+        return _elementwise_op(impl, "probs", p, t, weight, pos_weight, keep, sum_only)
+
+    def cross_entropy(x, target, index_target, weight, keep, label_smoothing):
+        """Per-row cross-entropy (contract of ``reference.cross_entropy``), fused."""
+        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing)
+
+    def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing):
+        """Cross-entropy whose gradient is written into the logits buffer (see
+        ``crossent.functional.cross_entropy(inplace_backward=True)``)."""
+        return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing)
+
+    binary_cross_entropy_with_logits.supports_sum_only = True
+    binary_cross_entropy.supports_sum_only = True
+    return {
+        "binary_cross_entropy": binary_cross_entropy,
+        "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
+        "cross_entropy": cross_entropy,
+        "cross_entropy_inplace": cross_entropy_inplace,
+    }
+
+
+CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward)
+OPS = make_ops(CPU)
+binary_cross_entropy = OPS["binary_cross_entropy"]
+binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
+cross_entropy = OPS["cross_entropy"]
+cross_entropy_inplace = OPS["cross_entropy_inplace"]
