@@ -62,6 +62,20 @@ def test_bce_logits_matches_torch(backend, dtype, shape, reduction):
         _close(_grad((ours * gy).sum(), x)[0], _grad((ref * gy).sum(), x)[0], dtype)
 
 
+@pytest.mark.parametrize("shape", [(5, 4099), (3, 8200)])
+def test_bce_logits_many_blocks_cycled_pos_weight(backend, shape):
+    """Several kernel blocks (16384 elements each) that start mid-row of pos_weight."""
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    t = torch.rand(shape, generator=g)
+    pw = torch.rand(shape[-1], generator=g) * 4
+    for reduction in ("sum", "none"):
+        ours = crossent.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction=reduction, backend=backend)
+        ref = F.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction=reduction)
+        _close(ours, ref, rtol=1e-5)
+        _close(_grad(ours.sum(), x)[0], _grad(ref.sum(), x)[0])
+
+
 def _bce_logits_f64(x, t, pw=1.0):
     """Per-element BCE-with-logits from the math, float64: pw t softplus(-x) + (1-t) softplus(x)."""
     def softplus(z):

@@ -12,16 +12,28 @@ cancellation-free ones, only evaluated differently):
   intermediates of a chunk stay in the L2/L3 cache instead of being full-size buffers.
 * **float32 inside** for fp16/bf16 (the functional layer already casts; float64 stays
   float64).
-* **Compiled kernel when possible.** For the hot cases (BCE-with-logits, cross-entropy
-  with class-index targets, float32/float64 contiguous) a small C++ kernel
-  (:mod:`crossent.backends.chunked_cpp`) is used when it is built; otherwise the same
-  math runs as chunked torch ops. Both give the same numbers to a few ulp.
+* **Compiled kernel when possible.** For the hot cases -- BCE-with-logits (with or without
+  ``pos_weight``) and cross-entropy with class-index targets (with or without class
+  weights), float32, contiguous -- a small C kernel (:mod:`crossent.backends.chunked_cpp`)
+  runs; everything else (label smoothing, probability targets, per-element weights,
+  ``ignore_index`` for BCE, BCE on probabilities, float64) runs the same math as chunked
+  torch ops. Both give the same numbers to a few ulp.
+* **Backward reuses the buffer.** The first backward scales the saved gradient in place
+  and hands it on, so forward+backward allocates one gradient buffer in total (and, with
+  ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
+  ``sum_only``).
 
-Gradients other than w.r.t. the input (target, weight, pos_weight) and higher-order
-gradients are served by the reference formulas: the Function keeps references to its
-inputs, and its backward re-derives through :mod:`~crossent.backends.reference` when
-``create_graph=True`` is requested or another input needs a gradient. So double backward
-works with the automatic backend choice; it simply costs what the reference costs.
+The autograd plumbing is written once, :func:`make_ops`, over a small table of forward
+kernels (:class:`Kernels`); the Triton backend reuses it with its own kernels.
+
+Gradients other than w.r.t. the input (target, weight, pos_weight), higher-order
+gradients and a second backward through the same graph (``retain_graph=True``) are served
+by the reference formulas: the Function keeps references to its inputs (no copies), and
+its backward re-derives through :mod:`~crossent.backends.reference` when
+``create_graph=True`` is requested (inside a backward, grad mode is on exactly then), when
+another input needs a gradient, or when the gradient buffer was already handed on. So
+double backward works with the automatic backend choice, nothing to configure; it simply
+costs what the reference costs.
 
 The opt-in in-place cross-entropy (``inplace_backward=True``) writes the gradient into the
 logits buffer and tells autograd with ``ctx.mark_dirty``; see :func:`cross_entropy_inplace`.

@@ -99,14 +99,18 @@ double crossent_bcewl(const float *x, const float *t, const float *pw, int64_t L
     double s = 0.0;
     int flush = 0;
     int64_t i = begin;
+    int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
     for (; i < end; i += W) {
       const int64_t m = (end - i < W) ? end - i : W;
       V xv, tv, pv = vset(1.f), lo, gr;
       if (m == W) {
         xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
         if (pw) {
-          if (L == n) pv = _mm256_loadu_ps(pw + i);
-          else { for (int j = 0; j < W; ++j) pwb[j] = pw[(i + j) % L]; pv = _mm256_loadu_ps(pwb); }
+          if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
+          else {
+            for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
+            pv = _mm256_loadu_ps(pwb);
+          }
         }
       } else {
         for (int j = 0; j < W; ++j) { xb[j] = 0.f; tb[j] = 0.f; pwb[j] = 1.f; }
