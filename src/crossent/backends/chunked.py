@@ -12,12 +12,12 @@ cancellation-free ones, only evaluated differently):
   intermediates of a chunk stay in the L2/L3 cache instead of being full-size buffers.
 * **float32 inside** for fp16/bf16 (the functional layer already casts; float64 stays
   float64).
-* **Compiled kernel when possible.** For the hot cases -- BCE-with-logits (with or without
-  ``pos_weight``) and cross-entropy with class-index targets (with or without class
-  weights), float32, contiguous -- a small C kernel (:mod:`crossent.backends.chunked_cpp`)
-  runs; everything else (label smoothing, probability targets, per-element weights,
-  ``ignore_index`` for BCE, BCE on probabilities, float64) runs the same math as chunked
-  torch ops. Both give the same numbers to a few ulp.
+* **Compiled kernel when possible.** For the hot cases -- BCE-with-logits and BCE on
+  probabilities (with or without ``pos_weight``) and cross-entropy with class-index targets
+  (with or without class weights and ``ignore_index``), float32, contiguous -- a small C
+  kernel (:mod:`crossent.backends.chunked_cpp`) runs; everything else (label smoothing,
+  probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64) runs
+  the same math as chunked torch ops. Both give the same numbers to a few ulp.
 * **Backward reuses the buffer.** The first backward scales the saved gradient in place
   and hands it on, so forward+backward allocates one gradient buffer in total (and, with
   ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
@@ -158,22 +158,27 @@ def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: boo
     return (total.to(x.dtype) if sum_only else loss), grad
 
 
+def _cycled_pos_weight(x, pos_weight):
+    """(weights, L) for the C kernel: one weight per label cycled along the last dim, or full."""
+    if pos_weight is None:
+        return None, 0
+    if x.dim() >= 1 and pos_weight.numel() == x.shape[-1] and pos_weight.shape[-1:] == x.shape[-1:]:
+        return pos_weight.reshape(-1).contiguous(), x.shape[-1]
+    return pos_weight.expand(x.shape).contiguous(), x.numel()
+
+
 def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False):
-    """(loss, grad) for the whole tensor: compiled kernel or chunked torch ops."""
+    """(loss or its sum, grad) for the whole tensor: compiled kernel or chunked torch ops."""
     cpp = _cpp() if _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
-        if pos_weight is None:
-            pw, L = None, 0
-        elif x.dim() >= 1 and pos_weight.numel() == x.shape[-1] and pos_weight.shape[-1:] == x.shape[-1:]:
-            pw, L = pos_weight.reshape(-1).contiguous(), x.shape[-1]   # one weight per label, cycled
-        else:
-            pw, L = pos_weight.expand(x.shape).contiguous(), x.numel()
-        loss, grad = cpp.bcewl(x, t, pw, L, not sum_only)
-        return loss, grad
+        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only)
     return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only)
 
 
 def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False):
+    cpp = _cpp() if _cpp_ok(p, t) and weight is None and keep is None else None
+    if cpp is not None:
+        return cpp.bce_probs(p, t, *_cycled_pos_weight(p, pos_weight), not sum_only)
     return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only)
 
 

@@ -46,6 +46,7 @@ _SOURCE = r"""
 typedef __m256 V;
 extern V Sleef_expf8_u10(V);
 extern V Sleef_log1pf8_u10(V);
+extern V Sleef_logf8_u10(V);
 
 #define W 8
 
@@ -84,11 +85,27 @@ static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
   *grad = _mm256_sub_ps(_mm256_mul_ps(omt, sig), _mm256_mul_ps(p, sig_neg));
 }
 
+/* BCE on probabilities, torch's clamp and torch's gradient (reference._BinaryCrossEntropy):
+   loss = -(p t max(log q, -100) + (1-t) max(log1p(-q), -100))
+   grad = ((1-t) q - p t (1-q)) / max(q (1-q), 1e-12)          (q the probability) */
+static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
+  const V one = vset(1.f), lo = vset(-100.f);
+  V log_q = _mm256_max_ps(lo, Sleef_logf8_u10(q));
+  V log_1mq = _mm256_max_ps(lo, Sleef_log1pf8_u10(vneg(q)));
+  V p = _mm256_mul_ps(pw, t);
+  V omt = _mm256_sub_ps(one, t);
+  V omq = _mm256_sub_ps(one, q);
+  *loss = vneg(_mm256_add_ps(_mm256_mul_ps(p, log_q), _mm256_mul_ps(omt, log_1mq)));
+  *grad = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(omt, q), _mm256_mul_ps(p, omq)),
+                        _mm256_max_ps(vset(1e-12f), _mm256_mul_ps(q, omq)));
+}
+
 #define BLOCK 16384
 
 /* loss: per-element losses, or NULL to return their sum. pw: NULL, or L weights cycled. */
-double crossent_bcewl(const float *x, const float *t, const float *pw, int64_t L, float *loss,
-                      float *grad, int64_t n, int nthreads) {
+/* kind 0: BCE with logits (bce8), kind 1: BCE on probabilities (bcep8). */
+double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
+                    float *grad, int64_t n, int nthreads) {
   const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
   double total = 0.0;
   #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
@@ -113,11 +130,11 @@ double crossent_bcewl(const float *x, const float *t, const float *pw, int64_t L
           }
         }
       } else {
-        for (int j = 0; j < W; ++j) { xb[j] = 0.f; tb[j] = 0.f; pwb[j] = 1.f; }
+        for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
         for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
         xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
       }
-      bce8(xv, tv, pv, &lo, &gr);
+      if (kind == 0) bce8(xv, tv, pv, &lo, &gr); else bcep8(xv, tv, pv, &lo, &gr);
       if (m == W) {
         _mm256_storeu_ps(grad + i, gr);
         if (loss) _mm256_storeu_ps(loss + i, lo);
@@ -257,8 +274,8 @@ def _build() -> ctypes.CDLL:
             os.replace(out, so)  # atomic: concurrent builders are harmless
     lib = ctypes.CDLL(str(so))
     P, I64 = ctypes.c_void_p, ctypes.c_int64
-    lib.crossent_bcewl.argtypes = [P, P, P, I64, P, P, I64, ctypes.c_int]
-    lib.crossent_bcewl.restype = ctypes.c_double
+    lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, I64, ctypes.c_int]
+    lib.crossent_bce.restype = ctypes.c_double
     lib.crossent_ce_index.argtypes = [P, P, P, P, P, I64, I64, ctypes.c_int]
     lib.crossent_ce_index.restype = None
     return lib
@@ -295,10 +312,18 @@ class _Kernels:
 
     @staticmethod
     def bcewl(x, t, pw, L, want_loss):
+        return _Kernels._bce(0, x, t, pw, L, want_loss)
+
+    @staticmethod
+    def bce_probs(p, t, pw, L, want_loss):
+        return _Kernels._bce(1, p, t, pw, L, want_loss)
+
+    @staticmethod
+    def _bce(kind, x, t, pw, L, want_loss):
         grad = torch.empty_like(x)
         loss = torch.empty_like(x) if want_loss else None
-        total = _lib.crossent_bcewl(_ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), x.numel(),
-                                    _threads(x.numel()))
+        total = _lib.crossent_bce(kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), x.numel(),
+                                  _threads(x.numel()))
         if not want_loss:
             loss = torch.tensor(total, dtype=x.dtype)
         return loss, grad
