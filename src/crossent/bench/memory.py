@@ -3,8 +3,11 @@
 **What the number means:** the highest memory in use during one call of
 ``loss = variant(inputs); loss.backward()`` *beyond what was in use just before it* (the
 inputs, and for in-place variants the fresh logits). It includes the gradient the call
-leaves in ``x.grad`` (one input-sized buffer is the least any variant can need) and every
-temporary that was alive at the same time.
+leaves in ``x.grad`` (one input-sized buffer is the least any variant can need without
+reusing the input's buffer) and every temporary that was alive at the same time. For the
+LM-head cases the logits come from a stand-in layer (``harness._Layer``) whose backward
+takes the gradient without keeping it: there the number is what the loss itself needs,
+and the in-place variant's ideal is about zero.
 
 **How it is measured:**
 
@@ -86,6 +89,7 @@ def measure_case(case, device: torch.device, variants=None) -> Dict[str, Optiona
             out[name] = _measure_cpu(call)
         del d
         inputs[case.grad_input].grad = None
+    inputs.pop("_anchor", None)
     return out
 
 

@@ -40,9 +40,10 @@ class Case:
             ``"torch.compile"`` are the baselines of the ratios; a variant whose name starts
             with ``"torch.compile"`` is compiled (first call timed separately).
         grad_input: the input the gradient is taken for.
-        fresh_input: hand each call a fresh non-leaf copy ``x0.clone()`` of the grad input
-            (made outside the timer), like logits coming out of a layer; needed by in-place
-            variants, applied to every variant of the case so all see the same thing.
+        fresh_input: hand each call fresh logits: a non-leaf copy of the grad input made
+            outside the timer by a stand-in layer whose backward consumes the gradient
+            without copying it (``harness._Layer``), like an LM head's output; needed by
+            in-place variants, applied to every variant of the case alike.
         elements: number of loss elements (logits) for throughput.
         bytes_per_element: the least memory traffic of forward+backward per element
             (read inputs, write the gradient), for the machine-limit fraction.
