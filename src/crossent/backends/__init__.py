@@ -1,7 +1,24 @@
-"""Backends own speed; ``crossent.functional`` owns meaning. See ``_registry``."""
+"""Backends own speed; ``crossent.functional`` owns meaning. See ``_registry``.
 
-from . import reference
+Registered here, highest priority first in the automatic choice:
+
+* ``triton`` (priority 20): fused Triton kernels, CUDA tensors only, needs ``triton``.
+* ``chunked`` (priority 10): fused CPU kernels (compiled C++ when available, else chunked
+  torch ops), CPU tensors only. Also the only CPU backend of ``cross_entropy_inplace``.
+* ``reference`` (priority 0): plain torch, any device, any order of derivative.
+
+Double backward (``create_graph=True``) works with every backend: the fused backends
+re-derive through the reference formulas when it is asked for.
+"""
+
+from . import chunked, reference
+from . import triton as triton_backend
 from ._registry import Backend, BackendUnavailableError, available_backends, dispatch, register
+
+
+def _cpu_only(device):
+    return None if device.type == "cpu" else f"it runs on CPU tensors only, got a {device.type} tensor"
+
 
 register(Backend(
     name="reference",
@@ -11,6 +28,20 @@ register(Backend(
         "binary_cross_entropy_with_logits": reference.binary_cross_entropy_with_logits,
         "cross_entropy": reference.cross_entropy,
     },
+))
+
+register(Backend(
+    name="chunked",
+    priority=10,
+    ops=dict(chunked.OPS),
+    unavailable=_cpu_only,
+))
+
+register(Backend(
+    name="triton",
+    priority=20,
+    ops=dict(triton_backend.OPS),
+    unavailable=triton_backend.unavailable_reason,
 ))
 
 __all__ = ["Backend", "BackendUnavailableError", "available_backends", "dispatch", "register"]

@@ -24,6 +24,7 @@ def cross_entropy(
     validate: Optional[bool] = None,
     return_parts: bool = False,
     backend: Optional[str] = None,
+    inplace_backward: bool = False,
 ):
     r"""Cross-entropy between logits ``input`` and class indices or class probabilities.
 
@@ -47,7 +48,18 @@ def cross_entropy(
     fp16/bf16 inputs are computed in float32 and returned in the input dtype.
 
     Keyword-only extensions: ``validate``, ``return_parts`` (a :class:`LossParts`),
-    ``backend``. Class-index targets may have any integer dtype.
+    ``backend``, ``inplace_backward``. Class-index targets may have any integer dtype.
+
+    ``inplace_backward=True`` (opt-in, off by default; class-index targets) writes the
+    gradient into the logits' buffer during the forward pass, so no second (N, C) buffer
+    is allocated (LM heads, whose logits are dead after the loss). **The logits hold the
+    gradient afterwards**: autograd is told (``mark_dirty``), so an op that saved them for
+    its backward raises "modified by an inplace operation" instead of computing garbage,
+    but plain reads (``logits.argmax()`` after the loss) see the gradient: compute
+    anything you need from the logits *before* the loss. Only the logits' own buffer is
+    reused when it already is float32/float64 rows of classes (2-D, contiguous); otherwise
+    a converted copy is overwritten (correct, just no memory saved). Under ``no_grad`` the
+    logits are left untouched.
 
     >>> import torch, crossent
     >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 1.2, 0.3]])
@@ -92,8 +104,9 @@ def cross_entropy(
     else:
         t = target.to(cdt).movedim(class_dim, -1).reshape(-1, C)
     w = None if weight is None else weight.to(cdt)
+    op = "cross_entropy_inplace" if inplace_backward else "cross_entropy"
     with no_autocast(x.device):
-        loss, den = dispatch("cross_entropy", x, backend)(x, t, index_target, w, keep, label_smoothing)
+        loss, den = dispatch(op, x, backend)(x, t, index_target, w, keep, label_smoothing)
     loss = loss.reshape(out_shape)
     denominator = None if den is None else den.sum()
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)

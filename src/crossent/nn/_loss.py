@@ -165,7 +165,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 validate: Optional[bool] = None, backend: Optional[str] = None) -> None:
+                 validate: Optional[bool] = None, backend: Optional[str] = None,
+                 inplace_backward: bool = False) -> None:
         name = type(self).__name__
         reduction = legacy_reduction(name, size_average, reduce, reduction)
         weight = V.as_weight_tensor(name, "weight", weight)
@@ -177,12 +178,13 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         V.check_weight_values_nonnegative(name, "weight", self.weight)
         self.validate = validate
         self.backend = backend
+        self.inplace_backward = bool(inplace_backward)  # see crossent.functional.cross_entropy
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, validate=self.validate,
-            return_parts=return_parts, backend=self.backend)
+            return_parts=return_parts, backend=self.backend, inplace_backward=self.inplace_backward)
 
 
 for _cls in (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss):

@@ -1,0 +1,528 @@
+r"""Fused CPU backend: loss and gradient in one pass over the data, chunked over rows.
+
+Every op here takes the same canonical arguments and returns the same unreduced losses as
+:mod:`crossent.backends.reference` (read it first: the formulas are the same
+cancellation-free ones, only evaluated differently):
+
+* **Forward computes the gradient too.** While the logits of a chunk are in cache, the
+  kernel writes the per-element loss *and* :math:`\partial \ell / \partial x`; the
+  autograd Function saves only that gradient (plus references to tensors the caller
+  holds anyway). **Backward** is one multiply by ``grad_output``.
+* **Chunked over rows** (``CHUNK_ELEMENTS`` elements at a time) so the handful of
+  intermediates of a chunk stay in the L2/L3 cache instead of being full-size buffers.
+* **float32 inside** for fp16/bf16 (the functional layer already casts; float64 stays
+  float64).
+* **Compiled kernel when possible.** For the hot cases -- BCE-with-logits and BCE on
+  probabilities (with or without ``pos_weight``) and cross-entropy with class-index targets
+  (with or without class weights and ``ignore_index``), float32, contiguous -- a small C
+  kernel (:mod:`crossent.backends.chunked_cpp`) runs; everything else (label smoothing,
+  probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64) runs
+  the same math as chunked torch ops. Both give the same numbers to a few ulp.
+* **Backward reuses the buffer.** The first backward scales the saved gradient in place
+  and hands it on, so forward+backward allocates one gradient buffer in total (and, with
+  ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
+  ``sum_only``).
+
+The autograd plumbing is written once, :func:`make_ops`, over a small table of forward
+kernels (:class:`Kernels`); the Triton backend reuses it with its own kernels.
+
+Gradients other than w.r.t. the input (target, weight, pos_weight), higher-order
+gradients and a second backward through the same graph (``retain_graph=True``) are served
+by the reference formulas: the Function keeps references to its inputs (no copies), and
+its backward re-derives through :mod:`~crossent.backends.reference` when
+``create_graph=True`` is requested (inside a backward, grad mode is on exactly then), when
+another input needs a gradient, or when the gradient buffer was already handed on. So
+double backward works with the automatic backend choice, nothing to configure; it simply
+costs what the reference costs.
+
+The opt-in in-place cross-entropy (``inplace_backward=True``) writes the gradient into the
+logits buffer and tells autograd with ``ctx.mark_dirty``; see :func:`cross_entropy_inplace`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+
+# 2**16 float32 elements = 256 KiB per intermediate: a chunk's few temporaries stay in L2/L3
+# while per-op overhead (~5-10 us per torch call) stays small against the work per chunk.
+CHUNK_ELEMENTS = 1 << 16
+
+
+def _rows_per_chunk(row_elements: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, row_elements))
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def _times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """coef * value with 0 * inf = 0 (a term with zero weight is absent, not NaN)."""
+    return torch.where(coef == 0, _zero(value), coef * value)
+
+
+def _cpp():
+    """The compiled kernel module, or None (not built / no compiler / disabled)."""
+    from . import chunked_cpp
+
+    return chunked_cpp.get()
+
+
+def _cpp_ok(*tensors) -> bool:
+    """The compiled kernels take contiguous float32 CPU tensors."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------- BCE with logits
+def _bcewl_chunk(x, t, pos, w, keep):
+    """Loss and d loss / dx of one chunk (pure torch), reference formulas.
+
+    With :math:`e = e^{-|x|}`: softplus(+-x) = max(+-x, 0) + log1p(e) (non-negative sums),
+    sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e).
+    """
+    e = torch.exp(-x.abs())
+    l1 = torch.log1p(e)
+    r = 1.0 / (1.0 + e)
+    neg = x < 0
+    sp_pos = torch.clamp(x, min=0) + l1          # softplus(x)
+    sp_neg = torch.clamp(-x, min=0) + l1         # softplus(-x)
+    sig = torch.where(neg, e * r, r)             # sigmoid(x)
+    sig_neg = torch.where(neg, r, e * r)         # sigmoid(-x) = 1 - sigmoid(x), exact
+    one_m_t = 1 - t
+    p = t if pos is None else pos * t
+    loss = _times(p, sp_neg) + _times(one_m_t, sp_pos)
+    grad = one_m_t * sig - p * sig_neg
+    if w is not None:
+        loss = loss * w
+        grad = grad * w
+    if keep is not None:
+        loss = torch.where(keep, loss, _zero(loss))
+        grad = torch.where(keep, grad, _zero(grad))
+    return loss, grad
+
+
+def _bce_chunk(p, t, pos, w, keep):
+    """torch's clamped BCE and its documented gradient (see reference._BinaryCrossEntropy)."""
+    log_p = torch.clamp(torch.log(p), min=-100)
+    log_1mp = torch.clamp(torch.log1p(-p), min=-100)
+    pt = t if pos is None else pos * t
+    one_m_t = 1 - t
+    loss = -(pt * log_p + one_m_t * log_1mp)
+    grad = (one_m_t * p - pt * (1 - p)) / torch.clamp(p * (1 - p), min=1e-12)
+    if w is not None:
+        loss = loss * w
+        grad = grad * w
+    if keep is not None:
+        loss = torch.where(keep, loss, _zero(loss))
+        grad = torch.where(keep, grad, _zero(grad))
+    return loss, grad
+
+
+def _chunks(n: int, rows: int):
+    for i in range(0, n, rows):
+        yield i, min(n, i + rows)
+
+
+def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: bool):
+    """Run ``chunk_fn`` over chunks of rows: (per-element loss or its 0-dim sum, grad)."""
+    if x.dim() == 0:
+        loss, grad = chunk_fn(x, t, pos_weight, weight, keep)
+        return (loss if not sum_only else loss.clone()), grad
+    shape = x.shape
+    loss = None if sum_only else torch.empty_like(x)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    grad = torch.empty_like(x)
+    # Broadcast views (no copies) so that slicing along dim 0 lines everything up.
+    tv = t.expand(shape)
+    pv = None if pos_weight is None else pos_weight.expand(shape)
+    wv = None if weight is None else weight.expand(shape)
+    kv = None if keep is None else keep.expand(shape)
+    row = x[0].numel() if shape[0] else 1
+    for i, j in _chunks(shape[0], _rows_per_chunk(row)):
+        sl = slice(i, j)
+        lo, g = chunk_fn(x[sl], tv[sl], None if pv is None else pv[sl], None if wv is None else wv[sl],
+                         None if kv is None else kv[sl])
+        if sum_only:
+            total += lo.sum(dtype=torch.float64)
+        else:
+            loss[sl] = lo
+        grad[sl] = g
+    return (total.to(x.dtype) if sum_only else loss), grad
+
+
+def _cycled_pos_weight(x, pos_weight):
+    """(weights, L) for the C kernel: one weight per label cycled along the last dim, or full."""
+    if pos_weight is None:
+        return None, 0
+    if x.dim() >= 1 and pos_weight.numel() == x.shape[-1] and pos_weight.shape[-1:] == x.shape[-1:]:
+        return pos_weight.reshape(-1).contiguous(), x.shape[-1]
+    return pos_weight.expand(x.shape).contiguous(), x.numel()
+
+
+def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False):
+    """(loss or its sum, grad) for the whole tensor: compiled kernel or chunked torch ops."""
+    cpp = _cpp() if _cpp_ok(x, t) and weight is None and keep is None else None
+    if cpp is not None:
+        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only)
+    return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only)
+
+
+def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False):
+    cpp = _cpp() if _cpp_ok(p, t) and weight is None and keep is None else None
+    if cpp is not None:
+        return cpp.bce_probs(p, t, *_cycled_pos_weight(p, pos_weight), not sum_only)
+    return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only)
+
+
+class _FusedElementwise(torch.autograd.Function):
+    """Shared autograd shell of the fused BCE ops.
+
+    forward(kind, sum_only, x, t, weight, pos_weight, keep) computes the loss (per element,
+    or its sum when ``sum_only``) and keeps the unscaled gradient on ``ctx``. The first
+    backward scales that buffer in place by ``grad_output`` and hands it on (no new
+    buffer). Anything else -- a second backward (``retain_graph=True``), ``create_graph``,
+    gradients w.r.t. target / weight / pos_weight -- is computed from the saved inputs by
+    the reference formulas, so every case is right and only the common one is special.
+    """
+
+    @staticmethod
+    def forward(ctx, impl, kind, sum_only, x, t, weight, pos_weight, keep):
+        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
+        loss, grad = forward(x, t, weight, pos_weight, keep, sum_only)
+        ctx.kind, ctx.sum_only, ctx.grad = kind, sum_only, grad
+        ctx.save_for_backward(x, t, weight, pos_weight, keep)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, t, weight, pos_weight, keep = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[4:7]):
+            ref = (reference.binary_cross_entropy_with_logits if ctx.kind == "logits"
+                   else reference.binary_cross_entropy)
+
+            def fn(x_, t_, w_, pw_):
+                loss = ref(x_, t_, w_, pw_, keep)
+                return loss.sum() if ctx.sum_only else loss
+            sub = _SubCtx(ctx, (3, 4, 5, 6))
+            return (None, None, None) + _reference_grads(sub, fn, (x, t, weight, pos_weight), grad_out) + (None,)
+        return None, None, None, grad.mul_(grad_out), None, None, None, None
+
+
+class _SubCtx:
+    """``needs_input_grad`` of selected forward arguments (for :func:`_reference_grads`)."""
+
+    def __init__(self, ctx, positions):
+        self.needs_input_grad = tuple(ctx.needs_input_grad[i] for i in positions)
+
+
+def _reference_grads(ctx, fn, inputs, grad_out):
+    """Gradients of ``fn(*inputs)`` (reference formulas) for the inputs that need them.
+
+    Inside a backward, grad mode is on exactly when the caller asked for
+    ``create_graph=True``; then the graph is built on the original inputs, so higher
+    derivatives flow through the reference formulas.
+    """
+    create = torch.is_grad_enabled()
+    wanted = [i for i, inp in enumerate(inputs) if inp is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        if create:
+            leaves = list(inputs)
+        else:
+            leaves = [inp.detach().requires_grad_() if i in wanted else inp for i, inp in enumerate(inputs)]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, create_graph=create,
+                                    allow_unused=True)
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return tuple(result)
+
+
+def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only):
+    if not _needs_graph(x, t, weight, pos_weight):
+        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
+        with torch.no_grad():
+            return forward(x, t, weight, pos_weight, keep, sum_only)[0]
+    return _FusedElementwise.apply(impl, kind, sum_only, x, t, weight, pos_weight, keep)
+
+
+# --------------------------------------------------------------------- cross-entropy
+def _ce_chunk(x, q, y, c, smooth, want_grad: bool):
+    r"""Loss (rows,) and gradient (rows, C) of one chunk of rows; see reference._CrossEntropy.
+
+    With m the row max at index k, z = x - m (0 where x == m), e = exp(z) with e_k = 0,
+    s = sum(e): -log p_j = log1p(s) - z_j, p_j = e_j / (1 + s) (p_k = 1 / (1 + s)), and
+    the gradient A p - a with its arg-max entry evaluated as (A - a_k) - A s / (1 + s).
+    """
+    m, k = x.max(dim=1, keepdim=True)
+    z = torch.where(x == m, _zero(x), x - m)
+    e = torch.exp(z).scatter_(1, k, 0.0)
+    s = e.sum(dim=1, keepdim=True)
+    lse = torch.log1p(s)
+    if q is not None:                       # dense coefficients (probability targets)
+        nlp = lse - z
+        loss = _times(q, nlp).sum(dim=1)
+        if not want_grad:
+            return loss, None
+        A = q.sum(dim=1, keepdim=True)
+        inv = 1.0 / (1.0 + s)
+        g = (A * inv) * e - q
+        a_rest = q.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+        g.scatter_(1, k, a_rest - A * (s * inv))
+        return loss, g
+    yy = y.unsqueeze(1)
+    cc = c.unsqueeze(1)
+    nlp_y = lse - z.gather(1, yy)
+    loss = _times(cc, nlp_y).squeeze(1)
+    A = cc
+    if smooth is not None:
+        sm = smooth.unsqueeze(0)
+        loss = loss + _times(sm.expand_as(z), lse - z).sum(dim=1)
+        A = cc + smooth.sum()
+    if not want_grad:
+        return loss, None
+    inv = 1.0 / (1.0 + s)
+    g = (A * inv) * e
+    if smooth is not None:
+        g = g - sm
+    g.scatter_add_(1, yy, -cc)
+    # arg-max entry: (A - a_k) - A * s/(1+s), with A - a_k summed without cancellation.
+    a_rest = torch.where(k == yy, _zero(cc), cc)
+    if smooth is not None:
+        a_rest = a_rest + (smooth.sum() - smooth[k])
+    g.scatter_(1, k, a_rest - A * (s * inv))
+    return loss, g
+
+
+def _ce_args(x, target, index_target, weight, keep, label_smoothing):
+    """The reference's canonicalisation: (q, y, c, smooth, den)."""
+    C = x.shape[1]
+    eps = label_smoothing
+    if not index_target:
+        q = target if eps == 0 else target * (1 - eps) + eps / C
+        if weight is not None:
+            q = q * weight
+        return q, None, None, None, None
+    y = target if keep is None else torch.where(keep, target, torch.zeros_like(target))
+    w_y = None if weight is None else weight.gather(0, y)
+    den = torch.ones_like(y, dtype=x.dtype) if w_y is None else w_y
+    if keep is not None:
+        den = torch.where(keep, den, _zero(den))
+    c = den * (1 - eps) if eps else den
+    smooth = None
+    if eps:
+        smooth = torch.full((C,), eps / C, dtype=x.dtype, device=x.device) if weight is None else weight * (eps / C)
+    return None, y, c, smooth, den
+
+
+def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None):
+    """(loss (M,), grad (M, C) or None). ``grad_out`` may be ``x`` itself (in-place mode)."""
+    M, C = x.shape
+    cpp = _cpp() if q is None and smooth is None and M > 0 and C > 0 and _cpp_ok(x) else None
+    if cpp is not None:
+        if want_grad and grad_out is None:
+            grad_out = torch.empty_like(x)
+        loss = cpp.ce_index(x, y.long().contiguous(), c.contiguous().to(x.dtype), grad_out if want_grad else None)
+        return loss, grad_out
+    loss = torch.empty(M, dtype=x.dtype, device=x.device)
+    if want_grad and grad_out is None:
+        grad_out = torch.empty_like(x)
+    for i, j in _chunks(M, _rows_per_chunk(C)):
+        sl = slice(i, j)
+        lo, g = _ce_chunk(x[sl], None if q is None else q[sl], None if y is None else y[sl],
+                          None if c is None else c[sl], smooth, want_grad)
+        loss[sl] = lo
+        if want_grad:
+            grad_out[sl] = g
+    return loss, grad_out
+
+
+def _ce_mask(loss, keep, smooth):
+    if smooth is not None and keep is not None:
+        loss = torch.where(keep, loss, _zero(loss))
+    return loss
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl, x, q, y, c, smooth, keep):
+        loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True)
+        if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
+            loss = torch.where(keep, loss, _zero(loss))
+            grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+        ctx.grad = grad
+        ctx.save_for_backward(x, q, y, c, smooth, keep)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, q, y, c, smooth, keep = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[2:6]):
+            def fn(x_, q_, c_, s_):
+                loss = reference._CrossEntropy.apply(x_, q_, y, c_, s_)
+                return _ce_mask(loss, keep, s_)
+            gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (1, 2, 4, 5)), fn, (x, q, c, smooth), grad_out)
+            return None, gx, gq, None, gc, gs, None
+        return None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
+
+
+def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing):
+    q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
+    if not _needs_graph(x, q, c, smooth):
+        with torch.no_grad():
+            loss, _ = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=False)
+            return _ce_mask(loss, keep, smooth), den
+    return _FusedCrossEntropy.apply(impl, x, q, y, c, smooth, keep), den
+
+
+# ---------------------------------------------------------- in-place cross-entropy
+class _WriteGradient(torch.autograd.Function):
+    """Step 1 of the in-place cross-entropy: overwrite the logits ``x`` with d loss_i / d x_i.
+
+    ``ctx.mark_dirty(x)`` bumps the version counter of the logits, so anything that saved
+    them for its own backward fails with autograd's "modified by an inplace operation"
+    error instead of computing with the gradient. Returns ``x`` (now holding the gradient);
+    the losses go to ``holder``. Backward passes the incoming gradient through: the
+    gradient w.r.t. the logits is what :class:`_LossFromGradient` hands back.
+    Two Functions, because autograd allows a Function that modifies a view in place to
+    return only that one tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, impl, buf, y, c, smooth, keep, holder):
+        x = buf.view(y.shape[0], -1)   # buf is x or the identical-layout tensor x views
+        loss, _ = impl.ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x)
+        if smooth is not None and keep is not None:
+            loss = torch.where(keep, loss, _zero(loss))
+            x.masked_fill_(~keep.unsqueeze(1), 0.0)
+        holder.append(loss)
+        ctx.mark_dirty(buf)
+        return buf
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x):
+        return None, grad_x, None, None, None, None, None
+
+
+class _LossFromGradient(torch.autograd.Function):
+    """Step 2: the losses, whose backward scales the gradient buffer in place (once)."""
+
+    @staticmethod
+    def forward(ctx, g, holder):
+        ctx.save_for_backward(g)
+        ctx.used = False
+        return holder[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.used:
+            raise RuntimeError(
+                "cross_entropy: expected one backward pass through an inplace_backward=True loss, but got a "
+                "second one (retain_graph=True). The gradient lives in the logits buffer and was already "
+                "consumed; use inplace_backward=False to backpropagate more than once.")
+        ctx.used = True
+        (g,) = ctx.saved_tensors
+        g.view(grad_out.shape[0], -1).mul_(grad_out.unsqueeze(1))
+        return g, None
+
+
+def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing):
+    """Cross-entropy whose gradient is written into the logits buffer ``x``.
+
+    For LM heads whose logits are dead after the loss: no second (M, C) buffer. Only for
+    class-index targets and when the logits need a gradient; without autograd (e.g. under
+    ``torch.no_grad()``) the logits are left untouched and this is the normal path.
+    """
+    from .._validation import fail
+
+    func = "cross_entropy"
+    if not index_target:
+        fail(func, "class-index targets with inplace_backward=True", "class-probability targets",
+             "Use inplace_backward=False for probability targets.")
+    q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
+    if not _needs_graph(x):
+        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing)
+    root = x if x._base is None else x._base
+    if root.is_leaf and root.requires_grad:
+        fail(func, "logits computed by the graph (e.g. the output of a Linear) with inplace_backward=True",
+             "a leaf tensor that requires grad",
+             "Its buffer cannot hold the gradient; use inplace_backward=False.")
+    if _needs_graph(c, smooth):
+        fail(func, "a weight that does not require grad with inplace_backward=True", "one that does",
+             "Use inplace_backward=False to differentiate w.r.t. the class weights.")
+    # Work on the tensor x is a view of when it has x's exact layout (x = logits.reshape(-1, C)
+    # of contiguous logits): marking a *view* dirty makes autograd route the gradient through
+    # CopySlices, which clones it -- the (N, C) buffer this mode exists to avoid.
+    buf = x
+    base = x._base
+    if base is not None and x.is_contiguous() and base.is_contiguous() and base.numel() == x.numel() \
+            and base.storage_offset() == x.storage_offset() and base.dtype == x.dtype:
+        buf = base
+    holder: list = []
+    g = _WriteGradient.apply(impl, buf, y, c, smooth, keep, holder)
+    return _LossFromGradient.apply(g, holder), den
+
+
+# ------------------------------------------------------------------ the op table
+class Kernels:
+    """The three forward kernels a fused backend provides (see :func:`make_ops`).
+
+    ``bcewl_forward(x, t, weight, pos_weight, keep, sum_only) -> (loss or its sum, grad)``,
+    ``bce_forward`` likewise, ``ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out=None)
+    -> (loss (M,), grad (M, C) or None)`` where ``grad_out`` may be ``x`` (in-place).
+    """
+
+    def __init__(self, bcewl_forward, bce_forward, ce_forward):
+        self.bcewl_forward, self.bce_forward, self.ce_forward = bcewl_forward, bce_forward, ce_forward
+
+
+def make_ops(impl: Kernels) -> dict:
+    """The backend ops (same contracts as :mod:`~crossent.backends.reference`) for ``impl``."""
+
+    def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False):
+        """Per-element BCE-with-logits, fused loss + gradient; ``sum_only=True`` returns the
+        0-dim sum instead (the functional layer asks for it when the reduction is not
+        'none'), so the only full-size buffer written is the gradient."""
+        return _elementwise_op(impl, "logits", x, t, weight, pos_weight, keep, sum_only)
+
+    def binary_cross_entropy(p, t, weight, pos_weight, keep, *, sum_only: bool = False):
+        """Per-element BCE on probabilities, fused loss + gradient (``sum_only`` as above)."""
+        return _elementwise_op(impl, "probs", p, t, weight, pos_weight, keep, sum_only)
+
+    def cross_entropy(x, target, index_target, weight, keep, label_smoothing):
+        """Per-row cross-entropy (contract of ``reference.cross_entropy``), fused."""
+        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing)
+
+    def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing):
+        """Cross-entropy whose gradient is written into the logits buffer (see
+        ``crossent.functional.cross_entropy(inplace_backward=True)``)."""
+        return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing)
+
+    binary_cross_entropy_with_logits.supports_sum_only = True
+    binary_cross_entropy.supports_sum_only = True
+    return {
+        "binary_cross_entropy": binary_cross_entropy,
+        "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
+        "cross_entropy": cross_entropy,
+        "cross_entropy_inplace": cross_entropy_inplace,
+    }
+
+
+CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward)
+OPS = make_ops(CPU)
+binary_cross_entropy = OPS["binary_cross_entropy"]
+binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
+cross_entropy = OPS["cross_entropy"]
+cross_entropy_inplace = OPS["cross_entropy_inplace"]

@@ -1,0 +1,122 @@
+"""Triton backend: fused loss + gradient kernels for CUDA tensors.
+
+The autograd plumbing (gradient computed in forward and scaled in place by backward,
+reference formulas for double backward and for target / weight gradients, the in-place
+cross-entropy) is shared with the CPU backend, :func:`crossent.backends.chunked.make_ops`;
+this package only supplies the three forward kernels (:mod:`.kernels`). float64 inputs
+use the chunked torch-ops path (the Triton kernels compute in float32).
+
+Registered for CUDA devices only. In CI the kernels run on CPU tensors through the Triton
+interpreter (``TRITON_INTERPRET=1``, see ``tests/test_triton.py``). ``triton`` is imported
+only when a kernel is first used.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import chunked
+
+# Largest class tile of the cross-entropy kernel (see kernels.py); tests lower it to make
+# small rows span several tiles.
+CE_BLOCK_C_MAX = 4096
+BLOCK = 1024
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the Triton backend can run on ``device``, else why not."""
+    if device.type != "cuda":
+        return f"it runs on CUDA tensors only (got a {device.type} tensor)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'crossent[triton]')"
+    return None
+
+
+def _kernels():
+    from . import kernels
+
+    return kernels
+
+
+def _flat(t: torch.Tensor, shape) -> torch.Tensor:
+    return t.expand(shape).contiguous().view(-1)
+
+
+def _elementwise(kernel_name):
+    def forward(x, t, weight, pos_weight, keep, sum_only=False):
+        if x.dtype == torch.float64:
+            chunk = chunked._bcewl_chunk if kernel_name == "bce_logits_kernel" else chunked._bce_chunk
+            return chunked._elementwise_forward(chunk, x, t, weight, pos_weight, keep, sum_only)
+        k = _kernels()
+        shape = x.shape
+        n = x.numel()
+        xf = x.contiguous().view(-1)
+        tf = _flat(t, shape)
+        L = 1
+        pw = None
+        if pos_weight is not None:
+            if x.dim() >= 1 and pos_weight.numel() == shape[-1] and pos_weight.shape[-1:] == shape[-1:]:
+                pw, L = pos_weight.contiguous().view(-1), shape[-1]     # one weight per label, cycled
+            else:
+                pw, L = _flat(pos_weight, shape), max(n, 1)
+        w = None if weight is None else _flat(weight, shape)
+        kp = None if keep is None else _flat(keep, shape).view(torch.uint8)
+        grad = torch.empty_like(xf)
+        nblocks = triton_cdiv(n, BLOCK)
+        loss = torch.empty(nblocks if sum_only else n, dtype=torch.float32, device=x.device)
+        if n:
+            getattr(k, kernel_name)[(nblocks,)](
+                xf, tf, pw if pw is not None else xf, w if w is not None else xf, kp if kp is not None else xf,
+                loss, grad, n, L,
+                HAS_PW=pw is not None, HAS_W=w is not None, HAS_KEEP=kp is not None, SUM_ONLY=sum_only,
+                BLOCK=BLOCK, num_warps=4)
+        grad = grad.view(shape)
+        if sum_only:
+            return loss.sum(dtype=torch.float64).to(x.dtype), grad
+        return loss.view(shape).to(x.dtype), grad
+    return forward
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None):
+    if x.dtype == torch.float64:
+        return chunked._ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out)
+    k = _kernels()
+    M, C = x.shape
+    if x.stride(1) != 1 and C > 1:   # the kernel walks a row with unit stride
+        if grad_out is x:            # in-place on an odd layout: compute in a copy, write back
+            tmp = x.contiguous()
+            loss, _ = _ce_forward(tmp, q, y, c, smooth, keep, want_grad, grad_out=tmp)
+            x.copy_(tmp)
+            return loss, x
+        x = x.contiguous()
+    if want_grad and grad_out is None:
+        grad_out = torch.empty_like(x)
+    loss = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return loss, grad_out
+    block_c = min(CE_BLOCK_C_MAX, 1 << max(0, (C - 1).bit_length()))
+    dummy = x
+    k.ce_kernel[(M,)](
+        x, q.contiguous() if q is not None else dummy, y.long() if y is not None else dummy,
+        c.float() if c is not None else dummy, smooth.float().contiguous() if smooth is not None else dummy,
+        dummy, loss, grad_out if want_grad else dummy, C, x.stride(0),
+        grad_out.stride(0) if want_grad else 0,
+        DENSE=q is not None, HAS_SMOOTH=smooth is not None, HAS_KEEP=False, WANT_GRAD=want_grad,
+        BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4)
+    return loss.to(x.dtype), grad_out
+
+
+KERNELS = chunked.Kernels(_elementwise("bce_logits_kernel"), _elementwise("bce_probs_kernel"), _ce_forward)
+OPS = chunked.make_ops(KERNELS)
+binary_cross_entropy = OPS["binary_cross_entropy"]
+binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
+cross_entropy = OPS["cross_entropy"]
+cross_entropy_inplace = OPS["cross_entropy_inplace"]

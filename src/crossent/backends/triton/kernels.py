@@ -1,0 +1,206 @@
+r"""Triton kernels: loss and gradient in one pass, float32 inside (imported only when used).
+
+The formulas are those of :mod:`crossent.backends.reference` (cancellation-free; +-inf
+logits give finite limits); see :mod:`crossent.backends.chunked_cpp` for the same math in C.
+
+Sizes:
+
+* ``BLOCK`` (elementwise BCE): 1024 elements per program, 4 warps -- 8 elements per
+  thread, enough bytes in flight per SM to stream at full bandwidth with 12 bytes/element.
+* ``BLOCK_C`` (cross-entropy): one program per row walks the classes in tiles of
+  ``BLOCK_C`` (at most 4096, 8 warps): a 128k-class row is 32 tiles, each held in
+  registers, so any vocabulary size works with an *online* max / sum-of-exponentials.
+  Pass 1 finds the max m, the first arg-max k and s = sum_{j != k} exp(x_j - m) (a tile
+  with a new max rescales the running sum by exp(m_old - m_new) and adds the old arg-max
+  as one more term); pass 2 re-reads the row and writes the gradient (and the
+  smoothing / probability-target parts of the loss, which need the final m).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _times(c, v):
+    # c * v with 0 * inf = 0: a term with zero weight is absent.
+    return tl.where(c == 0.0, 0.0, c * v)
+
+
+@triton.jit
+def bce_logits_kernel(x_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr, n, L,
+                      HAS_PW: tl.constexpr, HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr,
+                      SUM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.exp(-tl.abs(x))
+    l1 = tl.log(1.0 + e)
+    # log1p(e) without cancellation for small e: log(1+e) * e / ((1+e) - 1)
+    u = 1.0 + e
+    l1 = tl.where(u == 1.0, e, l1 * e / (u - 1.0))
+    r = 1.0 / u
+    neg = x < 0
+    sp_pos = tl.maximum(x, 0.0) + l1
+    sp_neg = tl.maximum(-x, 0.0) + l1
+    sig = tl.where(neg, e * r, r)
+    sig_neg = tl.where(neg, r, e * r)
+    p = t
+    if HAS_PW:
+        p = t * tl.load(pw_ptr + offs % L, mask=mask, other=1.0).to(tl.float32)
+    omt = 1.0 - t
+    loss = _times(p, sp_neg) + _times(omt, sp_pos)
+    grad = omt * sig - p * sig_neg
+    if HAS_W:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        loss = loss * w
+        grad = grad * w
+    if HAS_KEEP:
+        k = tl.load(keep_ptr + offs, mask=mask, other=0)
+        loss = tl.where(k != 0, loss, 0.0)
+        grad = tl.where(k != 0, grad, 0.0)
+    tl.store(grad_ptr + offs, grad, mask=mask)
+    if SUM_ONLY:
+        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    else:
+        tl.store(loss_ptr + offs, loss, mask=mask)
+
+
+@triton.jit
+def bce_probs_kernel(p_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr, n, L,
+                     HAS_PW: tl.constexpr, HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr,
+                     SUM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.5).to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    log_p = tl.maximum(tl.log(p), -100.0)
+    q = 1.0 - p
+    # log1p(-p) = log(1-p) * (-p) / ((1-p) - 1), exact also for tiny p
+    log_1mp = tl.where(q == 1.0, -p, tl.log(q) * (-p) / (q - 1.0))
+    log_1mp = tl.where(q == 0.0, -float("inf"), log_1mp)
+    log_1mp = tl.maximum(log_1mp, -100.0)
+    pt = t
+    if HAS_PW:
+        pt = t * tl.load(pw_ptr + offs % L, mask=mask, other=1.0).to(tl.float32)
+    omt = 1.0 - t
+    loss = -(pt * log_p + omt * log_1mp)
+    grad = (omt * p - pt * (1.0 - p)) / tl.maximum(p * (1.0 - p), 1e-12)
+    if HAS_W:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        loss = loss * w
+        grad = grad * w
+    if HAS_KEEP:
+        k = tl.load(keep_ptr + offs, mask=mask, other=0)
+        loss = tl.where(k != 0, loss, 0.0)
+        grad = tl.where(k != 0, grad, 0.0)
+    tl.store(grad_ptr + offs, grad, mask=mask)
+    if SUM_ONLY:
+        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    else:
+        tl.store(loss_ptr + offs, loss, mask=mask)
+
+
+@triton.jit
+def ce_kernel(x_ptr, q_ptr, y_ptr, c_ptr, sm_ptr, keep_ptr, loss_ptr, grad_ptr, C, stride_x, stride_g,
+              DENSE: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_KEEP: tl.constexpr,
+              WANT_GRAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    xr = x_ptr + row * stride_x
+    gr = grad_ptr + row * stride_g
+    qr = q_ptr + row * stride_x
+    cols0 = tl.arange(0, BLOCK_C)
+    BIG: tl.constexpr = 2147483647
+
+    # ---- pass 1: m, first arg-max k, s = sum_{j != k} exp(x_j - m), nan flag, A = sum a_j
+    m = -float("inf")
+    k = -1
+    s = 0.0
+    nan_count = 0
+    A_dense = 0.0
+    A_smooth = 0.0
+    for start in range(0, C, BLOCK_C):
+        cols = start + cols0
+        msk = cols < C
+        x = tl.load(xr + cols, mask=msk, other=-float("inf")).to(tl.float32)
+        nan_count += tl.sum((x != x).to(tl.int32), axis=0)
+        mt = tl.max(x, axis=0)
+        if DENSE:
+            A_dense += tl.sum(tl.load(qr + cols, mask=msk, other=0.0).to(tl.float32), axis=0)
+        if HAS_SMOOTH:
+            A_smooth += tl.sum(tl.load(sm_ptr + cols, mask=msk, other=0.0).to(tl.float32), axis=0)
+        new_max = (mt > m) | (k < 0)
+        # the reference point for this tile's exponentials
+        ref = tl.where(new_max, mt, m)
+        z = tl.where(x == ref, 0.0, x - ref)
+        e = tl.where(msk, tl.exp(z), 0.0)
+        kt = tl.min(tl.where((x == ref) & msk, cols, BIG), axis=0)
+        # a new max: old sum and old arg-max (one more term, exp(0) = 1) rescaled, and the
+        # tile's own arg-max excluded; otherwise every term of the tile counts (ties as 1).
+        scale = tl.where(k < 0, 0.0, tl.exp(tl.where(m == mt, 0.0, m - mt)))
+        e_excl = tl.where(cols == kt, 0.0, e)
+        s_new = (s + 1.0) * scale + tl.sum(e_excl, axis=0)
+        s_same = s + tl.sum(e, axis=0)
+        s = tl.where(new_max, s_new, s_same)
+        k = tl.where(new_max & (kt != BIG), kt, k)
+        m = tl.where(new_max, mt, m)
+    lse = tl.log(1.0 + s)
+    u = 1.0 + s
+    lse = tl.where(u == 1.0, s, lse * s / (u - 1.0))     # log1p(s), exact for tiny s
+    inv = 1.0 / (1.0 + s)
+
+    keep = 1
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + row)
+    if DENSE:
+        A = A_dense
+        cy = 0.0
+        y = -1
+    else:
+        y = tl.load(y_ptr + row)
+        cy = tl.load(c_ptr + row).to(tl.float32)
+        A = cy + A_smooth
+        xy = tl.load(xr + y).to(tl.float32)
+        zy = tl.where(xy == m, 0.0, xy - m)
+
+    # ---- pass 2: gradient, and the loss parts that need the final m
+    loss = 0.0
+    a_rest = 0.0
+    for start in range(0, C, BLOCK_C):
+        cols = start + cols0
+        msk = cols < C
+        x = tl.load(xr + cols, mask=msk, other=0.0).to(tl.float32)
+        z = tl.where(x == m, 0.0, x - m)
+        nlp = lse - z
+        if DENSE:
+            a = tl.load(qr + cols, mask=msk, other=0.0).to(tl.float32)
+            loss += tl.sum(tl.where(msk, _times(a, nlp), 0.0), axis=0)
+        else:
+            a = tl.where(cols == y, cy, 0.0)
+            if HAS_SMOOTH:
+                sm = tl.load(sm_ptr + cols, mask=msk, other=0.0).to(tl.float32)
+                a = a + sm
+                loss += tl.sum(tl.where(msk, _times(sm, nlp), 0.0), axis=0)
+        a_rest += tl.sum(tl.where(msk & (cols != k), a, 0.0), axis=0)
+        if WANT_GRAD:
+            g = A * (tl.exp(z) * inv) - a
+            g = tl.where(keep != 0, g, 0.0)
+            tl.store(gr + cols, g, mask=msk)
+    if not DENSE:
+        loss += tl.where(cy == 0.0, 0.0, cy * (lse - zy))
+    loss = tl.where(keep != 0, loss, 0.0)
+    loss = tl.where(nan_count > 0, float("nan"), loss)
+    tl.store(loss_ptr + row, loss)
+    if WANT_GRAD:
+        # arg-max entry: (A - a_k) - A s/(1+s), with A - a_k summed without cancellation
+        gk = a_rest - A * (s * inv)
+        gk = tl.where(keep != 0, gk, 0.0)
+        tl.store(gr + k, gk, mask=k >= 0)
+        if nan_count > 0:
+            for start in range(0, C, BLOCK_C):
+                cols = start + cols0
+                tl.store(gr + cols, float("nan"), mask=cols < C)

@@ -1,0 +1,388 @@
+"""Every CPU backend gives torch's values and gradients, and the reference's exactness.
+
+Backends under test: ``reference``, ``chunked`` (the compiled C kernel where it can be
+built, which is what users get) and ``chunked-torch`` (the same backend with the kernel
+switched off: the chunked torch-ops fallback). Expected values come from torch and from
+float64 formulas written from the math, never from our own output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent.backends import BackendUnavailableError, chunked, chunked_cpp, dispatch
+
+BACKENDS = ["reference", "chunked", "chunked-torch"]
+TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """The backend name to pass; 'chunked-torch' disables the compiled kernel."""
+    if request.param == "chunked-torch":
+        monkeypatch.setattr(chunked, "_cpp", lambda: None)
+        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 64)  # many chunks even on small shapes
+        return "chunked"
+    if request.param == "chunked" and chunked_cpp.get() is None:
+        pytest.skip(f"compiled CPU kernel unavailable: {chunked_cpp.disabled_reason()}")
+    return request.param
+
+
+def _grad(loss, *xs):
+    return torch.autograd.grad(loss, xs)
+
+
+def _close(a, b, dtype=torch.float32, **kw):
+    tol = dict(TOL[dtype])
+    tol.update(kw)
+    torch.testing.assert_close(a, b, **tol)
+
+
+# --------------------------------------------------------------- BCE with logits
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(), (7,), (33, 5), (4, 3, 9)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_logits_matches_torch(backend, dtype, shape, reduction):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=dtype) * 4).requires_grad_()
+    t = torch.rand(shape, generator=g, dtype=dtype)
+    L = shape[-1] if shape else 1
+    pw = torch.rand(L, generator=g, dtype=dtype) * 3 if shape else None
+    w = torch.rand(shape, generator=g, dtype=dtype)
+    for kw in ({}, {"pos_weight": pw}, {"weight": w}, {"weight": w, "pos_weight": pw}):
+        ours = crossent.binary_cross_entropy_with_logits(x, t, reduction=reduction, backend=backend, **kw)
+        ref = F.binary_cross_entropy_with_logits(x, t, reduction=reduction, **kw)
+        _close(ours, ref, dtype)
+        gy = torch.rand_like(ref)
+        _close(_grad((ours * gy).sum(), x)[0], _grad((ref * gy).sum(), x)[0], dtype)
+
+
+@pytest.mark.parametrize("shape", [(5, 4099), (3, 8200)])
+def test_bce_logits_many_blocks_cycled_pos_weight(backend, shape):
+    """Several kernel blocks (16384 elements each) that start mid-row of pos_weight."""
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    t = torch.rand(shape, generator=g)
+    pw = torch.rand(shape[-1], generator=g) * 4
+    for reduction in ("sum", "none"):
+        ours = crossent.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction=reduction, backend=backend)
+        ref = F.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction=reduction)
+        _close(ours, ref, rtol=1e-5)
+        _close(_grad(ours.sum(), x)[0], _grad(ref.sum(), x)[0])
+
+
+def _bce_logits_f64(x, t, pw=1.0):
+    """Per-element BCE-with-logits from the math, float64: pw t softplus(-x) + (1-t) softplus(x)."""
+    def softplus(z):
+        return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+    out = []
+    for xi, ti in zip(x.tolist(), t.tolist()):
+        a = 0.0 if pw * ti == 0 else pw * ti * softplus(-xi)
+        b = 0.0 if 1 - ti == 0 else (1 - ti) * softplus(xi)
+        out.append(a + b)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_bce_logits_extremes_are_exact_and_finite(backend):
+    x = torch.tensor([-math.inf, -1e9, -100.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 100.0, 1e9, math.inf])
+    for tv in (0.0, 1.0, 0.25):
+        t = torch.full_like(x, tv)
+        xr = x.clone().requires_grad_()
+        loss = crossent.binary_cross_entropy_with_logits(xr, t, reduction="none", backend=backend)
+        expected = _bce_logits_f64(x.double(), t.double())
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(loss), finite)
+        # relative 2e-6 wherever float32 has normal numbers (below 1.2e-38 it has fewer digits)
+        torch.testing.assert_close(loss[finite].double(), expected[finite], rtol=2e-6, atol=1.2e-38)
+        (grad,) = _grad(loss.sum(), xr)
+        assert torch.isfinite(grad).all()
+        # d/dx = (1-t) sigmoid(x) - t sigmoid(-x)
+        sig = torch.sigmoid(x.double())
+        torch.testing.assert_close(grad.double(), (1 - tv) * sig - tv * (1 - sig), rtol=1e-6, atol=1e-30)
+    # the small loss torch's formula rounds to 0: x=-20, t=0 -> log1p(e^-20) = 2.06e-9
+    loss = crossent.binary_cross_entropy_with_logits(torch.tensor([-20.0]), torch.tensor([0.0]), backend=backend)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-20.0)), rel=1e-6)
+
+
+def test_bce_logits_label_smoothing_ignore_index_against_math(backend):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(40, 6, generator=g) * 3).double().requires_grad_()
+    t = torch.randint(0, 2, (40, 6), generator=g).double()
+    t[0, :3] = -1
+    pw = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    eps = 0.1
+    loss = crossent.binary_cross_entropy_with_logits(x, t, pos_weight=pw, label_smoothing=eps, ignore_index=-1,
+                                                     backend=backend)
+    keep = t != -1
+    ts = torch.where(keep, t, 0.0) * (1 - eps) + eps / 2
+    per = pw * ts * F.softplus(-x) + (1 - ts) * F.softplus(x)
+    expected = (per * keep).sum() / keep.sum()
+    _close(loss, expected, torch.float64)
+    _close(_grad(loss, x)[0], _grad(expected, x)[0], torch.float64)
+
+
+# --------------------------------------------------------------- BCE on probabilities
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_probs_matches_torch(backend, reduction):
+    g = torch.Generator().manual_seed(2)
+    p = torch.rand(50, 3, generator=g)
+    p[0] = torch.tensor([0.0, 1.0, 1e-30])
+    p = p.requires_grad_()
+    t = torch.rand(50, 3, generator=g)
+    t[0] = torch.tensor([1.0, 0.0, 1.0])
+    w = torch.rand(3, generator=g)
+    for kw in ({}, {"weight": w}):
+        ours = crossent.binary_cross_entropy(p, t, reduction=reduction, backend=backend, **kw)
+        ref = F.binary_cross_entropy(p, t, reduction=reduction, **kw)
+        _close(ours, ref)
+        _close(_grad(ours.sum(), p)[0], _grad(ref.sum(), p)[0])
+
+
+# --------------------------------------------------------------- cross-entropy
+@pytest.mark.parametrize("C", [1, 3, 8, 13, 37, 300])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ce_index_targets_match_torch(backend, C, reduction):
+    g = torch.Generator().manual_seed(C)
+    x = (torch.randn(19, C, generator=g) * 3).requires_grad_()
+    y = torch.randint(0, C, (19,), generator=g)
+    y[::5] = -100
+    w = torch.rand(C, generator=g) + 0.1
+    for kw in ({}, {"weight": w}, {"label_smoothing": 0.2}, {"weight": w, "label_smoothing": 0.05}):
+        ours = crossent.cross_entropy(x, y, reduction=reduction, backend=backend, **kw)
+        ref = F.cross_entropy(x, y, reduction=reduction, **kw)
+        _close(ours, ref)
+        _close(_grad(ours.sum(), x)[0], _grad(ref.sum(), x)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ce_probability_targets_and_kdim_match_torch(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 11, 4, 5, generator=g, dtype=dtype).requires_grad_()
+    q = torch.softmax(torch.randn(3, 11, 4, 5, generator=g, dtype=dtype), 1)
+    y = torch.randint(0, 11, (3, 4, 5), generator=g)
+    w = torch.rand(11, generator=g, dtype=dtype)
+    for target in (q, y):
+        for kw in ({}, {"weight": w, "label_smoothing": 0.1}):
+            ours = crossent.cross_entropy(x, target, backend=backend, **kw)
+            ref = F.cross_entropy(x, target, **kw)
+            _close(ours, ref, dtype)
+            _close(_grad(ours, x)[0], _grad(ref, x)[0], dtype)
+
+
+def test_ce_wide_margin_keeps_tiny_loss_and_gradient(backend):
+    x = torch.tensor([[20.0, 0.0, 0.0], [30.0, -5.0, 1.0]], requires_grad=True)
+    y = torch.tensor([0, 0])
+    loss = crossent.cross_entropy(x, y, reduction="none", backend=backend)
+    xd = x.detach().double()
+    s = torch.exp(xd[:, 1:] - xd[:, :1]).sum(1)  # sum_{j != 0} e^{x_j - x_0}
+    torch.testing.assert_close(loss.double(), torch.log1p(s), rtol=1e-6, atol=0)
+    assert loss[0].item() == pytest.approx(4.122307e-9, rel=1e-5)
+    (grad,) = _grad(loss.sum(), x)
+    # d/dx_0 = p_0 - 1 = -s / (1 + s): tiny but exact, not rounded to 0
+    torch.testing.assert_close(grad[:, 0].double(), -s / (1 + s), rtol=1e-5, atol=0)
+
+
+def test_ce_infinite_logits_give_finite_limits(backend):
+    x = torch.tensor([[math.inf, 0.0, 1.0], [math.inf, math.inf, 0.0], [-math.inf, 0.0, 2.0],
+                      [-math.inf, -math.inf, -math.inf]], requires_grad=True)
+    y = torch.tensor([0, 1, 1, 2])
+    loss = crossent.cross_entropy(x, y, reduction="none", backend=backend)
+    expected = torch.tensor([0.0, math.log(2.0), math.log1p(math.exp(2.0)), math.log(3.0)])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    (grad,) = _grad(loss.sum(), x)
+    assert torch.isfinite(grad).all()
+    ref = crossent.cross_entropy(x, y, reduction="none", backend="reference")
+    _close(grad, _grad(ref.sum(), x)[0])
+
+
+def test_ce_many_classes_accumulate_accurately(backend):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(2, 20011, generator=g) * 2).requires_grad_()
+    y = torch.tensor([5, 20010])
+    loss = crossent.cross_entropy(x, y, reduction="none", backend=backend)
+    xd = x.detach().double()
+    expected = torch.logsumexp(xd, 1) - xd.gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    (grad,) = _grad(loss.sum(), x)
+    exp_grad = torch.softmax(xd, 1) - F.one_hot(y, 20011).double()
+    torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-4, atol=1e-9)
+
+
+# ------------------------------------------------------- autograd: orders, inputs, reuse
+def test_double_backward_matches_torch(backend):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (6,), generator=g)
+    t = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    for ours_fn, ref_fn in [
+        (lambda: crossent.cross_entropy(x, y, backend=backend), lambda: F.cross_entropy(x, y)),
+        (lambda: crossent.binary_cross_entropy_with_logits(x, t, backend=backend),
+         lambda: F.binary_cross_entropy_with_logits(x, t)),
+    ]:
+        (g1,) = torch.autograd.grad(ours_fn(), x, create_graph=True)
+        (h1,) = torch.autograd.grad(g1.square().sum(), x)
+        (g2,) = torch.autograd.grad(ref_fn(), x, create_graph=True)
+        (h2,) = torch.autograd.grad(g2.square().sum(), x)
+        _close(h1, h2, torch.float64)
+
+
+def test_target_and_weight_gradients_match_torch(backend):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    pw = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    ours = crossent.binary_cross_entropy_with_logits(x, t, pos_weight=pw, backend=backend)
+    ref = F.binary_cross_entropy_with_logits(x, t, pos_weight=pw)
+    for a, b in zip(_grad(ours, x, t), _grad(ref, x, t)):
+        _close(a, b, torch.float64)
+    # torch cannot differentiate w.r.t. pos_weight; the math: d mean / d pw_j = sum_i t_ij softplus(-x_ij) / numel
+    pw.requires_grad_()
+    ours = crossent.binary_cross_entropy_with_logits(x, t, pos_weight=pw, backend=backend)
+    expected = (t * F.softplus(-x)).sum(0).detach() / x.numel()
+    _close(_grad(ours, pw)[0], expected, torch.float64)
+    q = torch.softmax(torch.randn(8, 4, generator=g, dtype=torch.float64), 1).requires_grad_()
+    ours = crossent.cross_entropy(x, q, backend=backend)
+    ref = F.cross_entropy(x, q)
+    for a, b in zip(_grad(ours, x, q), _grad(ref, x, q)):
+        _close(a, b, torch.float64)
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradient(backend):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 6, generator=g, requires_grad=True)
+    y = torch.randint(0, 6, (9,), generator=g)
+    t = torch.rand(9, 6, generator=g)
+    for loss in (crossent.cross_entropy(x, y, backend=backend),
+                 crossent.binary_cross_entropy_with_logits(x, t, backend=backend)):
+        (a,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (b,) = torch.autograd.grad(loss, x)
+        _close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_no_worse_than_torch(backend, dtype):
+    g = torch.Generator().manual_seed(8)
+    x64 = torch.randn(64, 50, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, 50, (64,), generator=g)
+    x = x64.to(dtype)
+    truth = F.cross_entropy(x.double(), y, reduction="none")
+    ours = crossent.cross_entropy(x, y, reduction="none", backend=backend)
+    theirs = F.cross_entropy(x.float(), y, reduction="none").to(dtype)
+    assert ours.dtype == dtype
+    err_ours = (ours.double() - truth).abs().max()
+    err_torch = (theirs.double() - truth).abs().max()
+    assert err_ours <= err_torch + 1e-6
+    t = torch.rand(64, 50, generator=g).to(dtype)
+    b = crossent.binary_cross_entropy_with_logits(x, t, backend=backend)
+    truth = F.binary_cross_entropy_with_logits(x.double(), t.double())
+    assert b.dtype == dtype
+    assert abs(b.double() - truth) <= abs(truth) * 2 ** -7
+
+
+def test_return_parts_total_equals_sum_of_elements(backend):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(30, 7, generator=g)
+    t = torch.randint(0, 2, (30, 7), generator=g).float()
+    t[0, 0] = -1
+    parts = crossent.binary_cross_entropy_with_logits(x, t, ignore_index=-1, return_parts=True, backend=backend)
+    per = crossent.binary_cross_entropy_with_logits(x, t, ignore_index=-1, reduction="none", backend=backend)
+    torch.testing.assert_close(parts.total, per.double().sum(), rtol=1e-6, atol=0)
+    assert parts.denominator.item() == 30 * 7 - 1
+
+
+# --------------------------------------------------------------- in-place cross-entropy
+def _lm_head(seed=10, C=37):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(12, 8, generator=g, requires_grad=True)
+    W = torch.randn(8, C, generator=g, requires_grad=True)
+    y = torch.randint(0, C, (12,), generator=g)
+    y[2] = -100
+    return h, W, y
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1}, {"reduction": "sum"}, {"weight": "w"}])
+def test_inplace_equals_normal_path(kw):
+    h, W, y = _lm_head()
+    if kw.get("weight") == "w":
+        kw = {"weight": torch.rand(37) + 0.5}
+    results = []
+    for inplace in (False, True):
+        loss = crossent.cross_entropy(h @ W, y, inplace_backward=inplace, **kw)
+        results.append((loss.detach(), *_grad(loss, h, W)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_inplace_writes_gradient_into_the_logits_buffer():
+    h, W, y = _lm_head()
+    logits = h @ W
+    ptr = logits.data_ptr()
+    loss = crossent.cross_entropy(logits, y, inplace_backward=True)
+    captured = {}
+    logits.register_hook(lambda g: captured.update(ptr=g.data_ptr()))
+    loss.backward()
+    assert captured["ptr"] == ptr  # no second (N, C) buffer
+    # the module form
+    loss = crossent.nn.CrossEntropyLoss(inplace_backward=True)(h @ W, y)
+    loss.backward()
+
+
+def test_inplace_misuse_is_an_error_not_a_wrong_number():
+    h, W, y = _lm_head()
+    logits = h @ W
+    other = logits.pow(2).sum()  # pow saves its input for backward
+    loss = crossent.cross_entropy(logits, y, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+
+    loss = crossent.cross_entropy(h @ W, y, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass through an inplace_backward=True loss"):
+        loss.backward()
+
+    leaf = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf tensor"):
+        crossent.cross_entropy(leaf, torch.tensor([0, 1, 2, 3]), inplace_backward=True)
+    with pytest.raises(ValueError, match="class-probability targets"):
+        crossent.cross_entropy(h @ W, torch.softmax(torch.randn(12, 37), 1), inplace_backward=True)
+    with pytest.raises(ValueError, match="weight that does not require grad"):
+        crossent.cross_entropy(h @ W, y, weight=torch.rand(37, requires_grad=True), inplace_backward=True)
+
+
+def test_inplace_is_off_by_default_and_inert_without_autograd():
+    h, W, y = _lm_head()
+    logits = h @ W
+    before = logits.detach().clone()
+    crossent.cross_entropy(logits, y).backward()
+    assert torch.equal(logits.detach(), before)
+    with torch.no_grad():
+        logits = h @ W
+        crossent.cross_entropy(logits, y, inplace_backward=True)
+        assert torch.equal(logits, before)
+
+
+# --------------------------------------------------------------- registry
+def test_automatic_choice_and_explicit_failures():
+    x = torch.randn(3, 4)
+    assert dispatch("cross_entropy", x) is chunked.cross_entropy
+    assert dispatch("cross_entropy_inplace", x) is chunked.cross_entropy_inplace
+    meta = torch.empty(3, 4, device="meta")
+    assert dispatch("cross_entropy", meta).__module__ == "crossent.backends.reference"
+    with pytest.raises(BackendUnavailableError, match=r"backend 'chunked' cannot run cross_entropy on meta.*"
+                                                      r"Usable here: \['reference'\]"):
+        dispatch("cross_entropy", meta, "chunked")
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run .* on cpu: .*CUDA"):
+        crossent.cross_entropy(x, torch.tensor([0, 1, 2]), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="backend 'reference' cannot run cross_entropy_inplace"):
+        crossent.cross_entropy(x.requires_grad_() * 1, torch.tensor([0, 1, 2]), backend="reference",
+                               inplace_backward=True)
+
+
+def test_compiled_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("CROSSENT_CPU_KERNEL", "0")
+    assert "CROSSENT_CPU_KERNEL=0" in chunked_cpp.disabled_reason()
