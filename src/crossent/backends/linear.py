@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._registry import Backend, _BACKENDS, register
@@ -105,8 +104,8 @@ class CETarget:
         self.index = q is None
 
     def dense(self, r0, r1, c0, c1, dtype):
-        """(R, Cc) coefficients of probability targets (never the full (N, C))."""
-        a = self.q[r0:r1, c0:c1].to(dtype)
+        """(R, Cc) coefficients of probability targets (a fresh block, never the full (N, C))."""
+        a = self.q[r0:r1, c0:c1].to(dtype, copy=True)
         if self.eps:
             a = a * (1 - self.eps) + self.eps / self.C
         if self.weight is not None:
@@ -184,7 +183,7 @@ def _shift(L: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 class _RowStats:
-    """Per-row statistics of one position, merged exactly over class blocks ((N,) each).
+    r"""Per-row statistics of one position, merged exactly over class blocks ((N,) each).
 
     ``m`` running max, ``k`` its index, ``s`` :math:`S' = \sum_{j \ne k} e^{x_j - m}`,
     ``t`` :math:`\sum_j a^{soft}_j (m - x_j)` and ``w`` :math:`\sum_j a^{soft}_j` of the
@@ -448,8 +447,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_loss, g_lse):
+        _no_double_backward("linear_cross_entropy")
+        with torch.no_grad():
+            return LinearCrossEntropyFunction._backward(ctx, g_loss)
+
+    @staticmethod
+    def _backward(ctx, g_loss):
         x, W, b = ctx.saved_tensors
         pre, ctx.pre = ctx.pre, None
         if g_loss is None:
@@ -468,6 +472,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                               g_loss[:, p].to(ctx.cdt))
             out = list(grads.results(x.dtype, None if b is None else b.dtype))
         return out[0], out[1], out[2], None, None, None, None
+
+
+def _no_double_backward(func):
+    """Second derivatives would silently be zero: refuse ``create_graph=True`` loudly."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{func}: expected a first-order backward, but got create_graph=True (double "
+            "backward). The fused op computes its gradients chunk by chunk without a graph; for "
+            "second derivatives use the unfused loss on `F.linear(...)` logits.")
 
 
 def _usable_scale(grad_scale, cdt):
@@ -654,8 +667,13 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_loss):
+        _no_double_backward("linear_binary_cross_entropy_with_logits")
+        with torch.no_grad():
+            return LinearBCEWithLogitsFunction._backward(ctx, g_loss)
+
+    @staticmethod
+    def _backward(ctx, g_loss):
         x, W, b = ctx.saved_tensors
         pre, ctx.pre = ctx.pre, None
         if pre is not None and _uniform(g_loss):
