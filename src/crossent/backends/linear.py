@@ -435,7 +435,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         needs = (x.requires_grad, W.requires_grad, b is not None and b.requires_grad)
         ops = _Operands(x, W, b, cdt)
-        want = precompute and any(needs) and torch.is_grad_enabled()
+        want = precompute and any(needs)  # (grad mode is off in here: decided by the caller)
         scale = _usable_scale(grad_scale, cdt) if want else None
         grads = _GradAcc(ops, needs) if want else None
         loss, lse, stats = _ce_forward_pass(ops, tgts, plan, grads, scale)
@@ -494,11 +494,12 @@ def _usable_scale(grad_scale, cdt):
 
 def _uniform(g: torch.Tensor) -> bool:
     """The incoming gradient is one number broadcast (the backward of sum / mean)."""
-    return g.numel() > 0 and all(st == 0 for st in g.stride())
+    return g.numel() > 0 and all(st == 0 or n == 1 for st, n in zip(g.stride(), g.shape))
 
 
 def linear_cross_entropy_chunked(x, W, b, tgts, plan, grad_scale, precompute):
     """Per-row losses and log-sum-exp (N, D); see the module docstring."""
+    precompute = precompute and torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(x, W, b, tgts, plan, grad_scale, precompute)
 
 
@@ -652,7 +653,7 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         needs = (x.requires_grad, W.requires_grad, b is not None and b.requires_grad)
         ops = _Operands(x, W, b, cdt)
-        want = precompute and any(needs) and torch.is_grad_enabled()
+        want = precompute and any(needs)  # (grad mode is off in here: decided by the caller)
         scale = _usable_scale(grad_scale, cdt) if want else None
         grads = _GradAcc(ops, needs) if want else None
         N, L_ = x.shape[0], W.shape[1]
@@ -690,6 +691,7 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
 
 def linear_bce_with_logits_chunked(x, W, b, tgt, plan, grad_scale, precompute, per_element):
     """Per-row loss sums (N,) or, with ``per_element``, the (N, L) losses."""
+    precompute = precompute and torch.is_grad_enabled()
     return LinearBCEWithLogitsFunction.apply(x, W, b, tgt, plan, grad_scale, precompute, per_element)
 
 

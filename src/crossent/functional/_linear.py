@@ -137,9 +137,9 @@ def linear_cross_entropy(
     >>> h = torch.tensor([[1.0, -0.5], [0.2, 0.3]])
     >>> W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
     >>> round(crossent.linear_cross_entropy(h, W, torch.tensor([0, 2])).item(), 4)
-    0.6981
+    0.6897
     >>> round(crossent.cross_entropy(h @ W.T, torch.tensor([0, 2])).item(), 4)
-    0.6981
+    0.6897
     """
     func = "linear_cross_entropy"
     reduction = V.check_reduction(func, reduction)
@@ -272,9 +272,9 @@ def linear_binary_cross_entropy_with_logits(
     >>> dense = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     >>> sparse = torch.tensor([[0, -1], [1, 2]])
     >>> round(crossent.linear_binary_cross_entropy_with_logits(h, W, dense).item(), 4)
-    0.4917
+    0.4857
     >>> round(crossent.linear_binary_cross_entropy_with_logits(h, W, sparse).item(), 4)
-    0.4917
+    0.4857
     """
     func = "linear_binary_cross_entropy_with_logits"
     reduction = V.check_reduction(func, reduction)
