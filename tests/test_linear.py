@@ -222,6 +222,7 @@ def _truth_and_eager(x, W, b, y, loss_fn):
 
 
 def _err(a, r):
+    r = r.detach()
     return float((a.detach().to(F64) - r).abs().max() / max(1e-30, float(r.abs().max())))
 
 

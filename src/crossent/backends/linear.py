@@ -1,6 +1,7 @@
 r"""Fused linear + loss in plain PyTorch, chunked: the ``(N, C)`` logits never exist.
 
-Two ops, registered on the ``chunked`` backend (any device) and, unfused, on ``reference``:
+Two ops, registered on the ``torch-chunked`` backend (any device), added to ``chunked``
+(the CPU backend) and, unfused (full logits), to ``reference``:
 
 * ``linear_cross_entropy(x, W, b, spec, plan, grad_scale, precompute)``
 * ``linear_binary_cross_entropy_with_logits(x, W, b, spec, plan, grad_scale, precompute)``
@@ -728,5 +729,8 @@ def _add_ops(name: str, priority: int, ops: dict, unavailable=None) -> None:
         b.ops.update(ops)
 
 
+# "torch-chunked": these plain-torch kernels on any device (the CUDA fallback without
+# Triton). They are also added to "chunked" (the CPU backend) and, unfused, to "reference".
 _add_ops("reference", 0, _OPS_REFERENCE)
+_add_ops("torch-chunked", 5, _OPS_CHUNKED)
 _add_ops("chunked", 10, _OPS_CHUNKED)
