@@ -58,6 +58,11 @@ class ChunkPlan:
     rows: int      # R: rows per block
     classes: int   # Cc: classes per block
     budget: int    # the budget the plan was sized for (bytes)
+    blocks: object = None  # per-block arithmetic (None: TorchBlocks; the Triton backend sets its own)
+
+    @property
+    def impl(self):
+        return TORCH_BLOCKS if self.blocks is None else self.blocks
 
     def describe(self, N: int, C: int) -> str:
         return (f"{math.ceil(N / self.rows)} row blocks of {self.rows} x "
@@ -293,6 +298,41 @@ def _ce_block_grad(e, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype):
     return g
 
 
+class TorchBlocks:
+    """The per-block arithmetic in torch ops (any device). Another implementation (the
+    Triton one) provides the same three methods:
+
+    * ``ce_stats(L, r0, r1, c0, c1, tgt, stats, dtype)``: merge the block's statistics into
+      ``stats``; returns what ``ce_grad(..., reused=True)`` accepts (may destroy ``L``).
+    * ``ce_grad(L_or_e, reused, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype)``: the
+      block of d loss / d logits (may overwrite its input).
+    * ``bce(L, tgt, r0, r1, c0, c1, dtype, want_grad)``: (per-element loss, gradient or None).
+    """
+
+    @staticmethod
+    def ce_stats(L, r0, r1, c0, c1, tgt, stats, dtype):
+        return _ce_block_stats(L, r0, r1, c0, c1, tgt, stats, dtype)
+
+    @staticmethod
+    def ce_grad(L, reused, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype):
+        if reused:
+            e = L  # e^{x - m} with the arg-max zeroed, from ce_stats (one class block)
+        else:
+            e = _shift(L, stats.m[r0:r1].unsqueeze(1)).exp_()
+            k = stats.k[r0:r1]
+            hit = ((k >= c0) & (k < c1)).nonzero().squeeze(1)
+            if hit.numel():
+                e[hit, k[hit] - c0] = 0.0
+        return _ce_block_grad(e, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype)
+
+    @staticmethod
+    def bce(L, tgt, r0, r1, c0, c1, dtype, want_grad):
+        return _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad)
+
+
+TORCH_BLOCKS = TorchBlocks()
+
+
 class _Operands:
     """Inputs in the compute dtype, weights cast block by block (fp16/bf16 -> float32)."""
 
@@ -334,9 +374,9 @@ def _ce_forward_pass(ops, tgts, plan, grads, scale):
             Wb, bb = ops.wblock(p, 0, C), ops.bblock(p, 0, C)
             for r0, r1 in _blocks(N, plan.rows):
                 L = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * C].view(r1 - r0, C))
-                e = _ce_block_stats(L, r0, r1, 0, C, tgt, stats, cdt)
+                e = plan.impl.ce_stats(L, r0, r1, 0, C, tgt, stats, cdt)
                 Arest = tgt.rest(stats.k, cdt, r0, r1)
-                g = _ce_block_grad(e, r0, r1, 0, C, tgt, stats, A[r0:r1], Arest, scale, cdt)
+                g = plan.impl.ce_grad(e, True, r0, r1, 0, C, tgt, stats, A[r0:r1], Arest, scale, cdt)
                 grads.add(p, g, r0, r1, 0, C, Wb)
             grads.finish_class_block(p, 0, C)
         else:
@@ -344,7 +384,7 @@ def _ce_forward_pass(ops, tgts, plan, grads, scale):
                 Wb, bb = ops.wblock(p, c0, c1), ops.bblock(p, c0, c1)
                 for r0, r1 in _blocks(N, plan.rows):
                     L = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
-                    _ce_block_stats(L, r0, r1, c0, c1, tgt, stats, cdt)
+                    plan.impl.ce_stats(L, r0, r1, c0, c1, tgt, stats, cdt)
             if grads is not None:
                 _ce_grad_pass(ops, p, tgt, stats, plan, grads, buf, scale)
         loss[:, p] = stats.loss(tgt)
@@ -368,13 +408,8 @@ def _ce_grad_pass(ops, p, tgt, stats, plan, grads, buf, scale):
         Wb, bb = ops.wblock(p, c0, c1), ops.bblock(p, c0, c1)
         for r0, r1 in _blocks(N, plan.rows):
             L = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
-            e = _shift(L, stats.m[r0:r1].unsqueeze(1)).exp_()
-            k = stats.k[r0:r1]
-            hit = ((k >= c0) & (k < c1)).nonzero().squeeze(1)
-            if hit.numel():
-                e[hit, k[hit] - c0] = 0.0
             sc = scale if (scale is None or scale.dim() == 0) else scale[r0:r1]
-            g = _ce_block_grad(e, r0, r1, c0, c1, tgt, stats, A[r0:r1], Arest[r0:r1], sc, cdt)
+            g = plan.impl.ce_grad(L, False, r0, r1, c0, c1, tgt, stats, A[r0:r1], Arest[r0:r1], sc, cdt)
             grads.add(p, g, r0, r1, c0, c1, Wb)
         grads.finish_class_block(p, c0, c1)
 
@@ -627,7 +662,7 @@ def _bce_pass(ops, tgt, plan, grads, scale, per_element, loss_out):
         Wb, bb = ops.wblock(0, c0, c1), ops.bblock(0, c0, c1)
         for r0, r1 in _blocks(N, plan.rows):
             Lg = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
-            loss, g = _bce_block(Lg, tgt, r0, r1, c0, c1, cdt, grads is not None)
+            loss, g = plan.impl.bce(Lg, tgt, r0, r1, c0, c1, cdt, grads is not None)
             if loss_out is not None:
                 if per_element:
                     loss_out[r0:r1, c0:c1] = loss
@@ -729,8 +764,29 @@ def _add_ops(name: str, priority: int, ops: dict, unavailable=None) -> None:
         b.ops.update(ops)
 
 
+def _triton_unavailable(device):
+    if device.type != "cuda":
+        return f"it runs on CUDA tensors only (got a {device.type} tensor)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'crossent[triton]')"
+    return None
+
+
+def _triton_linear_op(name):
+    def call(*args):
+        from .triton import linear as triton_linear  # imports triton: only when used
+        return getattr(triton_linear, name)(*args)
+    call.__name__ = name
+    return call
+
+
+_OPS_TRITON = {op: _triton_linear_op(fn.__name__) for op, fn in _OPS_CHUNKED.items()}
+
 # "torch-chunked": these plain-torch kernels on any device (the CUDA fallback without
 # Triton). They are also added to "chunked" (the CPU backend) and, unfused, to "reference".
 _add_ops("reference", 0, _OPS_REFERENCE)
 _add_ops("torch-chunked", 5, _OPS_CHUNKED)
 _add_ops("chunked", 10, _OPS_CHUNKED)
+_add_ops("triton", 20, _OPS_TRITON, unavailable=_triton_unavailable)
