@@ -275,26 +275,31 @@ def _ce_block_grad(e, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype):
 
     g = A p - a, and at the arg-max k: g_k = (A - a_k) - A S'/(1+S') (reference.py's
     form, so a confident right answer keeps its tiny gradient). ``A``, ``Arest`` are the
-    rows' values (R,); ``scale`` multiplies each row (a 0-dim or (R,) tensor, or None).
+    rows' values (R,); ``scale`` multiplies each row (a 0-dim or (R,) tensor, or None); it
+    is folded into the per-row factors, so the block is swept twice, not three times.
     """
     s = stats.s[r0:r1]
-    g = e.mul_((A / (1 + s)).unsqueeze(1))
+    if scale is None:
+        sc = torch.ones((), dtype=dtype, device=e.device)
+    else:
+        sc = scale.to(dtype)
+    g = e.mul_((sc * A / (1 + s)).unsqueeze(1))
     if tgt.index:
         y = tgt.y[r0:r1]
         rows = ((y >= c0) & (y < c1)).nonzero().squeeze(1)
         if rows.numel():
-            g[rows, y[rows] - c0] -= tgt.c[r0:r1][rows].to(dtype)
+            cs = tgt.c[r0:r1].to(dtype) * sc
+            g[rows, y[rows] - c0] -= cs[rows]
         if tgt.smooth is not None:
-            g.sub_(tgt.srow[r0:r1].unsqueeze(1) * tgt.smooth[c0:c1])
+            g.sub_((tgt.srow[r0:r1] * sc).unsqueeze(1) * tgt.smooth[c0:c1])
     else:
-        g.sub_(tgt.dense(r0, r1, c0, c1, dtype))
+        a = tgt.dense(r0, r1, c0, c1, dtype)
+        g.sub_(a.mul_(sc.unsqueeze(1) if sc.dim() else sc))
     k = stats.k[r0:r1]
     hit = ((k >= c0) & (k < c1)).nonzero().squeeze(1)
     if hit.numel():
-        gk = Arest - A * (s / (1 + s))
+        gk = (Arest - A * (s / (1 + s))) * sc
         g[hit, k[hit] - c0] = gk[hit]
-    if scale is not None:
-        g.mul_(scale.unsqueeze(1) if scale.dim() else scale)
     return g
 
 
@@ -495,8 +500,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if g_loss is None:
             return (None,) * 7
         if pre is not None and _uniform(g_loss):
-            ratio = g_loss.reshape(-1)[:1].to(ctx.cdt) / ctx.scale  # exactly 1 for sum / mean
-            out = [None if t is None else t.mul_(ratio.to(t.dtype)) for t in pre]
+            out = _rescale(pre, g_loss.reshape(-1)[:1].to(ctx.cdt) / ctx.scale)  # ratio 1 for sum / mean
         else:
             ops = _Operands(x, W, b, ctx.cdt)
             needs = ctx.needs_input_grad[:3]
@@ -526,6 +530,13 @@ def _usable_scale(grad_scale, cdt):
         return torch.ones((), dtype=cdt)
     s = grad_scale.to(cdt)
     return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))  # no device sync
+
+
+def _rescale(pre, ratio):
+    """Scale the precomputed gradients in place by ``ratio`` (skipped on CPU when it is 1)."""
+    if ratio.device.type == "cpu" and float(ratio) == 1.0:
+        return list(pre)
+    return [None if t is None else t.mul_(ratio.to(t.dtype)) for t in pre]
 
 
 def _uniform(g: torch.Tensor) -> bool:
@@ -714,8 +725,7 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
         x, W, b = ctx.saved_tensors
         pre, ctx.pre = ctx.pre, None
         if pre is not None and _uniform(g_loss):
-            ratio = g_loss.reshape(-1)[:1].to(ctx.cdt) / ctx.scale
-            out = [None if t is None else t.mul_(ratio.to(t.dtype)) for t in pre]
+            out = _rescale(pre, g_loss.reshape(-1)[:1].to(ctx.cdt) / ctx.scale)
         else:
             ops = _Operands(x, W, b, ctx.cdt)
             needs = ctx.needs_input_grad[:3]

@@ -231,12 +231,19 @@ def _memory(kind, size, index, variant):
     return int(proc.stdout.strip().splitlines()[-1])
 
 
-def run(presets=PRESET_NAMES, size="smoke", repeats=5, compile=True, memory=True, log=print):
-    """Time (median of interleaved repeats, fwd+bwd) and measure memory; returns rows."""
+def run(presets=PRESET_NAMES, size="smoke", repeats=5, compile=True, memory=True, log=print, match=None,
+        variants=None):
+    """Time (median of interleaved repeats, fwd+bwd) and measure memory; returns rows.
+
+    ``match``: only cases whose name contains it; ``variants``: only these variants."""
     rows = []
     for preset in presets:
         kind = preset.split("-")[1]
         for index, case in enumerate(_cases(kind, size, torch.device("cpu"))):
+            if match and match not in case.name:
+                continue
+            if variants:
+                case.variants = {k: v for k, v in case.variants.items() if k in variants}
             d = case.make(torch.device("cpu"))
             names = [n for n in case.variants if compile or not n.startswith("torch.compile")]
             for n in names:  # warm-up (and compilation)
@@ -268,13 +275,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--case", help="only cases whose name contains this, e.g. 'float32'")
+    p.add_argument("--variant", action="append", help="only these variants (repeatable)")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         kind, size, index, variant = a.child
         print(_child(kind, size, int(index), variant))
         return 0
-    rows = run(a.preset or PRESET_NAMES, a.size, a.repeats, not a.no_compile, not a.no_memory)
+    rows = run(a.preset or PRESET_NAMES, a.size, a.repeats, not a.no_compile, not a.no_memory, match=a.case,
+               variants=a.variant)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

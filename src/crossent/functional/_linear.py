@@ -58,13 +58,13 @@ def _check_linear(func: str, input, linear_weight, linear_bias, *, allow_kdim: b
     return H, C, out_features
 
 
-def _plan(N, C, H, dtype, chunk_size, class_chunk_size, memory_budget, options):
+def _plan(func, N, C, H, dtype, chunk_size, class_chunk_size, memory_budget, options):
     if chunk_size is None and options is not None and getattr(options, "batch_chunk_size", None):
         chunk_size = options.batch_chunk_size
     for name, v in (("chunk_size", chunk_size), ("class_chunk_size", class_chunk_size),
                     ("memory_budget", memory_budget)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            V.fail("linear_cross_entropy", f"`{name}` to be a positive int or None", repr(v),
+            V.fail(func, f"`{name}` to be a positive int or None", repr(v),
                    "Leave it None to size blocks from the memory budget.")
     return plan_chunks(N, C, H, dtype, budget=memory_budget, rows=chunk_size, classes=class_chunk_size)
 
@@ -210,7 +210,7 @@ def linear_cross_entropy(
         grad_scale = 1 / (denominator if denominator is not None else torch.tensor(float(N * D), dtype=cdt))
     else:
         grad_scale = torch.ones((), dtype=cdt)
-    plan = _plan(N, C, H, input.dtype, chunk_size, class_chunk_size, memory_budget, options)
+    plan = _plan(func, N, C, H, input.dtype, chunk_size, class_chunk_size, memory_budget, options)
     loss, lse = dispatch("linear_cross_entropy", x, backend)(x, W3, b2, tgts, plan, grad_scale, precompute)
     loss = loss.reshape(out_shape)
     result = reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
@@ -346,7 +346,7 @@ def linear_binary_cross_entropy_with_logits(
                           torch.zeros((), dtype=torch.long, device=input.device)).to(cdt)
     per_element = reduction == "none"
     grad_scale = 1 / denominator if reduction == "mean" else torch.ones((), dtype=cdt)
-    plan = _plan(N, L, H, input.dtype, chunk_size, class_chunk_size, memory_budget, None)
+    plan = _plan(func, N, L, H, input.dtype, chunk_size, class_chunk_size, memory_budget, None)
     W3 = linear_weight.unsqueeze(0)
     b2 = None if linear_bias is None else linear_bias.unsqueeze(0)
     loss = dispatch("linear_binary_cross_entropy_with_logits", x, backend)(
