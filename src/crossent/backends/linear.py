@@ -118,20 +118,23 @@ class CETarget:
             a = a * self.weight[c0:c1]
         return a
 
-    def total(self, dtype, rows: int = 64) -> torch.Tensor:
-        """A_i = sum_j a_ij per row (N,)."""
+    def total(self, dtype, rows: int = 64, classes: int = 4096) -> torch.Tensor:
+        """A_i = sum_j a_ij per row (N,), read in (rows, classes) blocks."""
         if self.index:
             A = self.c.to(dtype)
             if self.smooth is not None:
                 A = A + self.srow * self.smooth.sum()
             return A
         N = self.q.shape[0]
-        A = torch.empty(N, dtype=dtype, device=self.q.device)
+        A = torch.zeros(N, dtype=dtype, device=self.q.device)
         for r0 in range(0, N, rows):
-            A[r0:r0 + rows] = self.dense(r0, min(N, r0 + rows), 0, self.C, dtype).sum(1)
+            r1 = min(N, r0 + rows)
+            for c0 in range(0, self.C, classes):
+                A[r0:r1] += self.dense(r0, r1, c0, min(self.C, c0 + classes), dtype).sum(1)
         return A
 
-    def rest(self, k: torch.Tensor, dtype, r0: int = 0, r1: Optional[int] = None, rows: int = 64) -> torch.Tensor:
+    def rest(self, k: torch.Tensor, dtype, r0: int = 0, r1: Optional[int] = None, rows: int = 64,
+             classes: int = 4096) -> torch.Tensor:
         """A_i - a_{i k_i} for rows r0:r1, as a sum of the other terms (no cancellation)."""
         r1 = (self.q.shape[0] if self.q is not None else self.y.shape[0]) if r1 is None else r1
         k = k[r0:r1]
@@ -142,12 +145,17 @@ class CETarget:
                 # sum_{j != k} sigma_j: the sum of non-negative weights minus one of them.
                 R = R + self.srow[r0:r1] * (self.smooth.sum() - self.smooth[k])
             return R
-        R = torch.empty(r1 - r0, dtype=dtype, device=k.device)
+        R = torch.zeros(r1 - r0, dtype=dtype, device=k.device)
         for a0 in range(r0, r1, rows):
             a1 = min(r1, a0 + rows)
-            a = self.dense(a0, a1, 0, self.C, dtype)
-            a.scatter_(1, k[a0 - r0:a1 - r0].unsqueeze(1), 0.0)
-            R[a0 - r0:a1 - r0] = a.sum(1)
+            kk = k[a0 - r0:a1 - r0]
+            for c0 in range(0, self.C, classes):
+                c1 = min(self.C, c0 + classes)
+                a = self.dense(a0, a1, c0, c1, dtype)
+                hit = ((kk >= c0) & (kk < c1)).nonzero().squeeze(1)
+                if hit.numel():
+                    a[hit, kk[hit] - c0] = 0.0
+                R[a0 - r0:a1 - r0] += a.sum(1)
         return R
 
 
@@ -375,12 +383,12 @@ def _ce_forward_pass(ops, tgts, plan, grads, scale):
         stats = _RowStats(N, cdt, x.device)
         if plan.classes >= C and grads is not None:
             # One class block: statistics and gradients from the same logits.
-            A = tgt.total(cdt)
+            A = tgt.total(cdt, rows=plan.rows, classes=plan.classes)
             Wb, bb = ops.wblock(p, 0, C), ops.bblock(p, 0, C)
             for r0, r1 in _blocks(N, plan.rows):
                 L = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * C].view(r1 - r0, C))
                 e = plan.impl.ce_stats(L, r0, r1, 0, C, tgt, stats, cdt)
-                Arest = tgt.rest(stats.k, cdt, r0, r1)
+                Arest = tgt.rest(stats.k, cdt, r0, r1, rows=plan.rows, classes=plan.classes)
                 g = plan.impl.ce_grad(e, True, r0, r1, 0, C, tgt, stats, A[r0:r1], Arest, scale, cdt)
                 grads.add(p, g, r0, r1, 0, C, Wb)
             grads.finish_class_block(p, 0, C)
@@ -407,8 +415,8 @@ def _ce_grad_pass(ops, p, tgt, stats, plan, grads, buf, scale):
     N = x.shape[0]
     C = ops.W.shape[1]
     cdt = ops.cdt
-    A = tgt.total(cdt)
-    Arest = tgt.rest(stats.k, cdt)
+    A = tgt.total(cdt, rows=plan.rows, classes=plan.classes)
+    Arest = tgt.rest(stats.k, cdt, rows=plan.rows, classes=plan.classes)
     for c0, c1 in _blocks(C, plan.classes):
         Wb, bb = ops.wblock(p, c0, c1), ops.bblock(p, c0, c1)
         for r0, r1 in _blocks(N, plan.rows):
