@@ -21,6 +21,8 @@ from .functional import LossParts
 from .functional import binary_cross_entropy
 from .functional import binary_cross_entropy_with_logits
 from .functional import cross_entropy
+from .functional import linear_binary_cross_entropy_with_logits
+from .functional import linear_cross_entropy
 
 __all__ = [
     "BackendUnavailableError",
@@ -33,6 +35,8 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "functional",
+    "linear_binary_cross_entropy_with_logits",
+    "linear_cross_entropy",
     "nn",
     "probabilities",
     "tracking",

@@ -45,3 +45,4 @@ register(Backend(
 ))
 
 __all__ = ["Backend", "BackendUnavailableError", "available_backends", "dispatch", "register"]
+from . import linear as _linear  # noqa: E402,F401  (fused linear + loss ops: chunked, reference)
