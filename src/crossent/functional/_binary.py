@@ -117,14 +117,9 @@ def binary_cross_entropy(
     reduction, p, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
         size_average, reduce, probabilities_in=True, validate=validate)
-<<<<<<< HEAD
     with no_autocast(p.device):
-        loss = dispatch("binary_cross_entropy", p, backend)(p, t, weight, pos_weight, keep)
-=======
-    with torch.autocast(device_type=p.device.type, enabled=False):
         loss, denominator = _run_backend("binary_cross_entropy", p, t, weight, pos_weight, keep, denominator,
                                          reduction, backend)
->>>>>>> kern5
     return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
 
 
@@ -168,18 +163,12 @@ def binary_cross_entropy_with_logits(
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
         size_average, reduce, probabilities_in=False, validate=validate)
-<<<<<<< HEAD
     with no_autocast(x.device):
-        loss = dispatch("binary_cross_entropy_with_logits", x, backend)(x, t, weight, pos_weight, keep)
+        loss, denominator = _run_backend("binary_cross_entropy_with_logits", x, t, weight, pos_weight, keep,
+                                         denominator, reduction, backend)
     # torch's result has the dtype of a floating target (its kernel works in place on
     # ``1 - target``: float32 input with a float16 target gives float16); crossent computes
     # in the promoted dtype (at least float32) and returns torch's dtype. Integer and bool
     # targets (an extension) give the input's dtype.
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
-=======
-    loss, denominator = _run_backend("binary_cross_entropy_with_logits", x, t, weight, pos_weight, keep,
-                                     denominator, reduction, backend)
-    # torch promotes with a floating target's dtype (float32 input, float64 target -> float64).
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
->>>>>>> kern5
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)
