@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import crossent.functional as CF
 from conftest import assert_close
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

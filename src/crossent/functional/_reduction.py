@@ -105,7 +105,10 @@ def reduce_loss(
         # A zero denominator (every element ignored, or kept weights summing to 0) gives
         # nan like torch, with a zero gradient (torch: zero when all are ignored) instead
         # of 0 * inf = nan flowing back. No device sync: a select, not a branch.
-        denominator = denominator.to(loss.dtype)
+        if isinstance(denominator, torch.Tensor):
+            denominator = denominator.to(loss.dtype)
+        else:  # a Python number from a backend
+            denominator = torch.tensor(float(denominator), dtype=loss.dtype, device=loss.device)
         empty = denominator == 0
         safe = torch.where(empty, torch.ones_like(denominator), denominator)
         out = torch.where(empty, torch.full_like(safe, float("nan")), loss.sum() / safe)
