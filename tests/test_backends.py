@@ -386,3 +386,19 @@ def test_automatic_choice_and_explicit_failures():
 def test_compiled_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("CROSSENT_CPU_KERNEL", "0")
     assert "CROSSENT_CPU_KERNEL=0" in chunked_cpp.disabled_reason()
+
+
+def test_out_of_range_targets_without_validation_raise_never_read_out_of_bounds(backend):
+    x = torch.randn(4, 9, requires_grad=True)
+    y = torch.tensor([0, 9, 3, 1])
+    with pytest.raises((ValueError, IndexError, RuntimeError), match=r"out of bounds|outside|index"):
+        crossent.cross_entropy(x, y, validate=False, backend=backend)
+
+
+def test_empty_batches(backend):
+    x = torch.randn(0, 5, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    assert torch.isnan(crossent.cross_entropy(x, y, backend=backend))
+    assert crossent.cross_entropy(x, y, reduction="sum", backend=backend).item() == 0
+    b = torch.randn(0, 3, requires_grad=True)
+    assert torch.isnan(crossent.binary_cross_entropy_with_logits(b, torch.rand(0, 3), backend=backend))

@@ -157,14 +157,16 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
    s = sum_{j != k} e_j, loss = c (log1p(s) - z_y) (0 if c == 0),
    grad_j = c e_j/(1+s) - c [j == y];  grad_k = c [k != y] - c s/(1+s).
    grad may be NULL (loss only) or alias x (in-place mode: x_y is read first). */
-void crossent_ce_index(const float *x, const int64_t *y, const float *c, float *loss, float *grad,
-                       int64_t M, int64_t C, int nthreads) {
-  #pragma omp parallel for num_threads(nthreads) schedule(static)
+int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, float *loss, float *grad,
+                          int64_t M, int64_t C, int nthreads) {
+  int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
+  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
   for (int64_t r = 0; r < M; ++r) {
     const float *xr = x + r * C;
     float *gr = grad ? grad + r * C : 0;
     const int64_t yr = y[r];
     const float cr = c[r];
+    if (yr < 0 || yr >= C) { ++bad; loss[r] = NAN; continue; }
     V vm = vset(-INFINITY), vnan = vzero();
     int64_t j = 0;
     for (; j + W <= C; j += W) {
@@ -221,6 +223,7 @@ void crossent_ce_index(const float *x, const int64_t *y, const float *c, float *
     gr[yr] -= cr;
     gr[k] = ((k == yr) ? 0.f : cr) - cr * (s * inv);
   }
+  return bad;
 }
 """
 
@@ -277,7 +280,7 @@ def _build() -> ctypes.CDLL:
     lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, I64, ctypes.c_int]
     lib.crossent_bce.restype = ctypes.c_double
     lib.crossent_ce_index.argtypes = [P, P, P, P, P, I64, I64, ctypes.c_int]
-    lib.crossent_ce_index.restype = None
+    lib.crossent_ce_index.restype = ctypes.c_int64
     return lib
 
 
@@ -332,5 +335,11 @@ class _Kernels:
     def ce_index(x, y, c, grad):
         M, C = x.shape
         loss = torch.empty(M, dtype=x.dtype)
-        _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(loss), _ptr(grad), M, C, _threads(M * C))
+        bad = _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(loss), _ptr(grad), M, C, _threads(M * C))
+        if bad:
+            from .._validation import fail
+
+            lo, hi = int(y.min()), int(y.max())
+            fail("cross_entropy", f"class indices in [0, {C})", f"{bad} target(s) outside it (min {lo}, max {hi})",
+                 "Targets must index the class dimension (validate=False skipped the friendlier check).")
         return loss
