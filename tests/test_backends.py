@@ -402,3 +402,21 @@ def test_empty_batches(backend):
     assert crossent.cross_entropy(x, y, reduction="sum", backend=backend).item() == 0
     b = torch.randn(0, 3, requires_grad=True)
     assert torch.isnan(crossent.binary_cross_entropy_with_logits(b, torch.rand(0, 3), backend=backend))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_any_grad_output_is_exact_after_prescaled_forward(backend, reduction):
+    """The fused BCE pre-scales its gradient by the grad_output of a plain backward();
+    any other grad_output (loss * 3, a GradScaler) must still give torch's gradient."""
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(70, 9, generator=g) * 3).requires_grad_()
+    t = torch.rand(70, 9, generator=g)
+    p = torch.rand(70, 9, generator=g).requires_grad_()
+    for factor in (1.0, 3.0, 2.0 ** -10):
+        for ours, ref, inp in (
+            (crossent.binary_cross_entropy_with_logits(x, t, reduction=reduction, backend=backend),
+             F.binary_cross_entropy_with_logits(x, t, reduction=reduction), x),
+            (crossent.binary_cross_entropy(p, t, reduction=reduction, backend=backend),
+             F.binary_cross_entropy(p, t, reduction=reduction), p),
+        ):
+            _close(_grad(ours * factor, inp)[0], _grad(ref * factor, inp)[0])

@@ -131,10 +131,12 @@ def _chunks(n: int, rows: int):
         yield i, min(n, i + rows)
 
 
-def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: bool):
-    """Run ``chunk_fn`` over chunks of rows: (per-element loss or its 0-dim sum, grad)."""
+def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: bool, scale=None):
+    """Run ``chunk_fn`` over chunks of rows: (per-element loss or its 0-dim sum, grad * scale)."""
     if x.dim() == 0:
         loss, grad = chunk_fn(x, t, pos_weight, weight, keep)
+        if scale is not None:
+            grad = grad * scale
         return (loss if not sum_only else loss.clone()), grad
     shape = x.shape
     loss = None if sum_only else torch.empty_like(x)
@@ -154,7 +156,7 @@ def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: boo
             total += lo.sum(dtype=torch.float64)
         else:
             loss[sl] = lo
-        grad[sl] = g
+        grad[sl] = g if scale is None else g * scale
     return (total.to(x.dtype) if sum_only else loss), grad
 
 
@@ -167,19 +169,19 @@ def _cycled_pos_weight(x, pos_weight):
     return pos_weight.expand(x.shape).contiguous(), x.numel()
 
 
-def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False):
-    """(loss or its sum, grad) for the whole tensor: compiled kernel or chunked torch ops."""
+def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
+    """(loss or its sum, grad * scale) for the whole tensor: compiled kernel or chunked torch ops."""
     cpp = _cpp() if _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
-        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only)
-    return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only)
+        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
+    return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
 
 
-def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False):
+def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None):
     cpp = _cpp() if _cpp_ok(p, t) and weight is None and keep is None else None
     if cpp is not None:
-        return cpp.bce_probs(p, t, *_cycled_pos_weight(p, pos_weight), not sum_only)
-    return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only)
+        return cpp.bce_probs(p, t, *_cycled_pos_weight(p, pos_weight), not sum_only, scale)
+    return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only, scale)
 
 
 class _FusedElementwise(torch.autograd.Function):
@@ -194,10 +196,13 @@ class _FusedElementwise(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, impl, kind, sum_only, x, t, weight, pos_weight, keep):
+    def forward(ctx, impl, kind, opts, x, t, weight, pos_weight, keep):
+        sum_only, scale = opts
+        if not impl.prescale:
+            scale = None
         forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
-        loss, grad = forward(x, t, weight, pos_weight, keep, sum_only)
-        ctx.kind, ctx.sum_only, ctx.grad = kind, sum_only, grad
+        loss, grad = forward(x, t, weight, pos_weight, keep, sum_only, scale)
+        ctx.kind, ctx.sum_only, ctx.grad, ctx.scale, ctx.forward = kind, sum_only, grad, scale, forward
         ctx.save_for_backward(x, t, weight, pos_weight, keep)
         return loss
 
@@ -214,6 +219,13 @@ class _FusedElementwise(torch.autograd.Function):
                 return loss.sum() if ctx.sum_only else loss
             sub = _SubCtx(ctx, (3, 4, 5, 6))
             return (None, None, None) + _reference_grads(sub, fn, (x, t, weight, pos_weight), grad_out) + (None,)
+        if ctx.scale is not None:
+            # The gradient was scaled in forward by the grad_output a plain loss.backward()
+            # sends (1/N for 'mean', exactly as autograd computes it): nothing left to do.
+            # Any other grad_output (loss * 2, a GradScaler): recompute unscaled, then scale.
+            if grad_out.numel() == 1 and grad_out.item() == ctx.scale.item():
+                return None, None, None, grad, None, None, None, None
+            grad = ctx.forward(x, t, weight, pos_weight, keep, True, None)[1]
         return None, None, None, grad.mul_(grad_out), None, None, None, None
 
 
@@ -247,12 +259,12 @@ def _reference_grads(ctx, fn, inputs, grad_out):
     return tuple(result)
 
 
-def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only):
+def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only, grad_scale=None):
     if not _needs_graph(x, t, weight, pos_weight):
         forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
         with torch.no_grad():
             return forward(x, t, weight, pos_weight, keep, sum_only)[0]
-    return _FusedElementwise.apply(impl, kind, sum_only, x, t, weight, pos_weight, keep)
+    return _FusedElementwise.apply(impl, kind, (sum_only, grad_scale), x, t, weight, pos_weight, keep)
 
 
 # --------------------------------------------------------------------- cross-entropy
@@ -484,22 +496,32 @@ class Kernels:
     -> (loss (M,), grad (M, C) or None)`` where ``grad_out`` may be ``x`` (in-place).
     """
 
-    def __init__(self, bcewl_forward, bce_forward, ce_forward):
+    def __init__(self, bcewl_forward, bce_forward, ce_forward, prescale: bool = False):
         self.bcewl_forward, self.bce_forward, self.ce_forward = bcewl_forward, bce_forward, ce_forward
+        # prescale: the BCE forwards honour ``scale`` (multiply the gradient in the same
+        # pass), and reading grad_output with .item() in backward costs no device sync.
+        self.prescale = prescale
 
 
 def make_ops(impl: Kernels) -> dict:
     """The backend ops (same contracts as :mod:`~crossent.backends.reference`) for ``impl``."""
 
-    def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False):
-        """Per-element BCE-with-logits, fused loss + gradient; ``sum_only=True`` returns the
-        0-dim sum instead (the functional layer asks for it when the reduction is not
-        'none'), so the only full-size buffer written is the gradient."""
-        return _elementwise_op(impl, "logits", x, t, weight, pos_weight, keep, sum_only)
+    def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False,
+                                         grad_scale=None):
+        """Per-element BCE-with-logits, fused loss + gradient.
 
-    def binary_cross_entropy(p, t, weight, pos_weight, keep, *, sum_only: bool = False):
-        """Per-element BCE on probabilities, fused loss + gradient (``sum_only`` as above)."""
-        return _elementwise_op(impl, "probs", p, t, weight, pos_weight, keep, sum_only)
+        ``sum_only=True`` returns the 0-dim sum instead (the functional layer asks for it
+        when the reduction is not 'none'), so the only full-size buffer written is the
+        gradient. ``grad_scale`` (a 0-dim tensor, e.g. ``1/N`` for 'mean') is the
+        grad_output that a plain ``backward()`` will send: the gradient is multiplied by it
+        in the same pass, and backward has nothing left to do when it arrives (any other
+        grad_output is still handled exactly).
+        """
+        return _elementwise_op(impl, "logits", x, t, weight, pos_weight, keep, sum_only, grad_scale)
+
+    def binary_cross_entropy(p, t, weight, pos_weight, keep, *, sum_only: bool = False, grad_scale=None):
+        """Per-element BCE on probabilities, fused loss + gradient (options as above)."""
+        return _elementwise_op(impl, "probs", p, t, weight, pos_weight, keep, sum_only, grad_scale)
 
     def cross_entropy(x, target, index_target, weight, keep, label_smoothing):
         """Per-row cross-entropy (contract of ``reference.cross_entropy``), fused."""
@@ -520,7 +542,7 @@ def make_ops(impl: Kernels) -> dict:
     }
 
 
-CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward)
+CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward, prescale=True)
 OPS = make_ops(CPU)
 binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]

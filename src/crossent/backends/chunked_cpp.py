@@ -105,7 +105,8 @@ static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
 /* loss: per-element losses, or NULL to return their sum. pw: NULL, or L weights cycled. */
 /* kind 0: BCE with logits (bce8), kind 1: BCE on probabilities (bcep8). */
 double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
-                    float *grad, int64_t n, int nthreads) {
+                    float *grad, float scale, int64_t n, int nthreads) {
+  const V vscale = vset(scale);
   const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
   double total = 0.0;
   #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
@@ -135,6 +136,7 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
         xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
       }
       if (kind == 0) bce8(xv, tv, pv, &lo, &gr); else bcep8(xv, tv, pv, &lo, &gr);
+      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
       if (m == W) {
         _mm256_storeu_ps(grad + i, gr);
         if (loss) _mm256_storeu_ps(loss + i, lo);
@@ -277,7 +279,7 @@ def _build() -> ctypes.CDLL:
             os.replace(out, so)  # atomic: concurrent builders are harmless
     lib = ctypes.CDLL(str(so))
     P, I64 = ctypes.c_void_p, ctypes.c_int64
-    lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, I64, ctypes.c_int]
+    lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_bce.restype = ctypes.c_double
     lib.crossent_ce_index.argtypes = [P, P, P, P, P, I64, I64, ctypes.c_int]
     lib.crossent_ce_index.restype = ctypes.c_int64
@@ -314,19 +316,20 @@ class _Kernels:
     """Tensor-level wrappers; callers guarantee float32, contiguous, CPU."""
 
     @staticmethod
-    def bcewl(x, t, pw, L, want_loss):
-        return _Kernels._bce(0, x, t, pw, L, want_loss)
+    def bcewl(x, t, pw, L, want_loss, scale=None):
+        return _Kernels._bce(0, x, t, pw, L, want_loss, scale)
 
     @staticmethod
-    def bce_probs(p, t, pw, L, want_loss):
-        return _Kernels._bce(1, p, t, pw, L, want_loss)
+    def bce_probs(p, t, pw, L, want_loss, scale=None):
+        return _Kernels._bce(1, p, t, pw, L, want_loss, scale)
 
     @staticmethod
-    def _bce(kind, x, t, pw, L, want_loss):
+    def _bce(kind, x, t, pw, L, want_loss, scale=None):
         grad = torch.empty_like(x)
         loss = torch.empty_like(x) if want_loss else None
-        total = _lib.crossent_bce(kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), x.numel(),
-                                  _threads(x.numel()))
+        s = 1.0 if scale is None else float(scale)   # a float32 value: exact as a C float
+        total = _lib.crossent_bce(kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), s,
+                                  x.numel(), _threads(x.numel()))
         if not want_loss:
             loss = torch.tensor(total, dtype=x.dtype)
         return loss, grad

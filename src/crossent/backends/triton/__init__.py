@@ -47,7 +47,7 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _elementwise(kernel_name):
-    def forward(x, t, weight, pos_weight, keep, sum_only=False):
+    def forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):   # scale: see Kernels.prescale
         if x.dtype == torch.float64:
             chunk = chunked._bcewl_chunk if kernel_name == "bce_logits_kernel" else chunked._bce_chunk
             return chunked._elementwise_forward(chunk, x, t, weight, pos_weight, keep, sum_only)
