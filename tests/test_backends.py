@@ -420,3 +420,23 @@ def test_any_grad_output_is_exact_after_prescaled_forward(backend, reduction):
              F.binary_cross_entropy(p, t, reduction=reduction), p),
         ):
             _close(_grad(ours * factor, inp)[0], _grad(ref * factor, inp)[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ce_any_grad_output_is_exact_after_prescaled_forward(backend, reduction, inplace):
+    if inplace and backend == "reference":
+        pytest.skip("the reference backend has no in-place mode")
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(11, 6, generator=g, requires_grad=True)
+    W = torch.randn(6, 29, generator=g, requires_grad=True)
+    y = torch.randint(0, 29, (11,), generator=g)
+    y[4] = -100
+    w = torch.rand(29, generator=g) + 0.2
+    for kw in ({}, {"weight": w}, {"label_smoothing": 0.1}):
+        for factor in (1.0, 3.0, 2.0 ** 16):
+            ours = crossent.cross_entropy(h @ W, y, reduction=reduction, backend=backend, inplace_backward=inplace,
+                                          **kw)
+            ref = F.cross_entropy(h @ W, y, reduction=reduction, **kw)
+            for a, b in zip(_grad(ours * factor, h, W), _grad(ref * factor, h, W)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * factor)

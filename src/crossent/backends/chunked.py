@@ -336,14 +336,16 @@ def _ce_args(x, target, index_target, weight, keep, label_smoothing):
     return None, y, c, smooth, den
 
 
-def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None):
-    """(loss (M,), grad (M, C) or None). ``grad_out`` may be ``x`` itself (in-place mode)."""
+def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None,
+                scale=None):
+    """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place)."""
     M, C = x.shape
     cpp = _cpp() if q is None and smooth is None and M > 0 and C > 0 and _cpp_ok(x) else None
     if cpp is not None:
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
-        loss = cpp.ce_index(x, y.long().contiguous(), c.contiguous().to(x.dtype), grad_out if want_grad else None)
+        loss = cpp.ce_index(x, y.long().contiguous(), c.contiguous().to(x.dtype), grad_out if want_grad else None,
+                            scale)
         return loss, grad_out
     loss = torch.empty(M, dtype=x.dtype, device=x.device)
     if want_grad and grad_out is None:
@@ -354,7 +356,7 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
                           None if c is None else c[sl], smooth, want_grad)
         loss[sl] = lo
         if want_grad:
-            grad_out[sl] = g
+            grad_out[sl] = g if scale is None else g * scale
     return loss, grad_out
 
 
@@ -366,12 +368,13 @@ def _ce_mask(loss, keep, smooth):
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, impl, x, q, y, c, smooth, keep):
-        loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True)
+    def forward(ctx, impl, scale, x, q, y, c, smooth, keep):
+        scale = scale if impl.prescale else None
+        loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)
         if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
             loss = torch.where(keep, loss, _zero(loss))
             grad.masked_fill_(~keep.unsqueeze(1), 0.0)
-        ctx.grad = grad
+        ctx.grad, ctx.scale, ctx.impl = grad, scale, impl
         ctx.save_for_backward(x, q, y, c, smooth, keep)
         return loss
 
@@ -379,22 +382,48 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, q, y, c, smooth, keep = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
-        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[2:6]):
+        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[3:7]):
             def fn(x_, q_, c_, s_):
                 loss = reference._CrossEntropy.apply(x_, q_, y, c_, s_)
                 return _ce_mask(loss, keep, s_)
-            gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (1, 2, 4, 5)), fn, (x, q, c, smooth), grad_out)
-            return None, gx, gq, None, gc, gs, None
-        return None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
+            gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (2, 3, 5, 6)), fn, (x, q, c, smooth), grad_out)
+            return None, None, gx, gq, None, gc, gs, None
+        if ctx.scale is not None:
+            if _is_expected(grad_out, ctx.scale):   # pre-scaled in forward: nothing left to do
+                return None, None, grad, None, None, None, None, None
+            grad = ctx.impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True)[1]
+            if smooth is not None and keep is not None:
+                grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+        return None, None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
 
 
-def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing):
+def _is_expected(grad_out: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Is every entry of grad_out exactly ``scale`` (what a plain backward() sends)? CPU only."""
+    if grad_out.numel() == 0:
+        return True
+    if grad_out.dim() and grad_out.stride(0) == 0 and grad_out.numel() == grad_out.shape[0]:
+        return grad_out[0].item() == scale.item()   # expanded scalar: one read
+    return bool((grad_out == scale).all())
+
+
+def ce_grad_scale(reduction: str, den: Optional[torch.Tensor], M: int, like: torch.Tensor):
+    """The per-row grad_output a plain backward() sends through functional._reduction."""
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    if reduction == "sum":
+        return one
+    if reduction == "mean" and M:
+        return one / (M if den is None else den.sum())
+    return None
+
+
+def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
     q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x, q, c, smooth):
         with torch.no_grad():
             loss, _ = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=False)
             return _ce_mask(loss, keep, smooth), den
-    return _FusedCrossEntropy.apply(impl, x, q, y, c, smooth, keep), den
+    scale = ce_grad_scale(reduction, den, x.shape[0], x) if impl.prescale and reduction else None
+    return _FusedCrossEntropy.apply(impl, scale, x, q, y, c, smooth, keep), den
 
 
 # ---------------------------------------------------------- in-place cross-entropy
@@ -413,7 +442,10 @@ class _WriteGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, buf, y, c, smooth, keep, holder):
         x = buf.view(y.shape[0], -1)   # buf is x or the identical-layout tensor x views
-        loss, _ = impl.ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x)
+        scale = holder.pop() if impl.prescale else None
+        holder.clear()
+        loss, _ = impl.ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x, scale=scale)
+        holder.append(scale)
         if smooth is not None and keep is not None:
             loss = torch.where(keep, loss, _zero(loss))
             x.masked_fill_(~keep.unsqueeze(1), 0.0)
@@ -434,7 +466,8 @@ class _LossFromGradient(torch.autograd.Function):
     def forward(ctx, g, holder):
         ctx.save_for_backward(g)
         ctx.used = False
-        return holder[0]
+        ctx.scale = holder[0]
+        return holder[1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -446,11 +479,16 @@ class _LossFromGradient(torch.autograd.Function):
                 "consumed; use inplace_backward=False to backpropagate more than once.")
         ctx.used = True
         (g,) = ctx.saved_tensors
+        if ctx.scale is not None:
+            if _is_expected(grad_out, ctx.scale):    # pre-scaled in forward
+                return g, None
+            # The logits are gone, so no recomputation: rescale (relative error ~2 ulp).
+            grad_out = grad_out / ctx.scale
         g.view(grad_out.shape[0], -1).mul_(grad_out.unsqueeze(1))
         return g, None
 
 
-def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing):
+def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
     """Cross-entropy whose gradient is written into the logits buffer ``x``.
 
     For LM heads whose logits are dead after the loss: no second (M, C) buffer. Only for
@@ -465,7 +503,7 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
              "Use inplace_backward=False for probability targets.")
     q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x):
-        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing)
+        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
     root = x if x._base is None else x._base
     if root.is_leaf and root.requires_grad:
         fail(func, "logits computed by the graph (e.g. the output of a Linear) with inplace_backward=True",
@@ -482,7 +520,7 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
     if base is not None and x.is_contiguous() and base.is_contiguous() and base.numel() == x.numel() \
             and base.storage_offset() == x.storage_offset() and base.dtype == x.dtype:
         buf = base
-    holder: list = []
+    holder: list = [ce_grad_scale(reduction, den, x.shape[0], x) if reduction else None]
     g = _WriteGradient.apply(impl, buf, y, c, smooth, keep, holder)
     return _LossFromGradient.apply(g, holder), den
 
@@ -523,14 +561,21 @@ def make_ops(impl: Kernels) -> dict:
         """Per-element BCE on probabilities, fused loss + gradient (options as above)."""
         return _elementwise_op(impl, "probs", p, t, weight, pos_weight, keep, sum_only, grad_scale)
 
-    def cross_entropy(x, target, index_target, weight, keep, label_smoothing):
-        """Per-row cross-entropy (contract of ``reference.cross_entropy``), fused."""
-        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing)
+    def cross_entropy(x, target, index_target, weight, keep, label_smoothing, *, reduction=None):
+        """Per-row cross-entropy (contract of ``reference.cross_entropy``), fused.
 
-    def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing):
+        ``reduction`` (optional) tells which grad_output a plain ``backward()`` will send
+        (see :func:`ce_grad_scale`): the gradient is pre-scaled by it in the same pass.
+        """
+        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
+
+    def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing, *, reduction=None):
         """Cross-entropy whose gradient is written into the logits buffer (see
         ``crossent.functional.cross_entropy(inplace_backward=True)``)."""
-        return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing)
+        return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
+
+    cross_entropy.accepts_reduction = True
+    cross_entropy_inplace.accepts_reduction = True
 
     binary_cross_entropy_with_logits.supports_sum_only = True
     binary_cross_entropy.supports_sum_only = True

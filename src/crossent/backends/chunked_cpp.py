@@ -160,7 +160,7 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
    grad_j = c e_j/(1+s) - c [j == y];  grad_k = c [k != y] - c s/(1+s).
    grad may be NULL (loss only) or alias x (in-place mode: x_y is read first). */
 int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, float *loss, float *grad,
-                          int64_t M, int64_t C, int nthreads) {
+                          float scale, int64_t M, int64_t C, int nthreads) {
   int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
   #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
   for (int64_t r = 0; r < M; ++r) {
@@ -218,12 +218,15 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, floa
     const float s = (float)(s_total + (double)(ties - 1));
     loss[r] = (cr == 0.f) ? 0.f : cr * (log1pf(s) - zy);
     if (!gr) continue;
+    /* scale: the grad_output a plain backward() will send, applied last (as backward would) */
     const float inv = 1.f / (1.f + s);
-    const V sc = vset(cr * inv);
-    for (j = 0; j + W <= C; j += W) _mm256_storeu_ps(gr + j, _mm256_mul_ps(sc, _mm256_loadu_ps(gr + j)));
-    for (; j < C; ++j) gr[j] = cr * inv * gr[j];
-    gr[yr] -= cr;
-    gr[k] = ((k == yr) ? 0.f : cr) - cr * (s * inv);
+    const float ey = gr[yr];
+    const V sc = vset(cr * inv), vs = vset(scale);
+    for (j = 0; j + W <= C; j += W)
+      _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_mul_ps(sc, _mm256_loadu_ps(gr + j))));
+    for (; j < C; ++j) gr[j] = scale * (cr * inv * gr[j]);
+    gr[yr] = scale * (cr * inv * ey - cr);
+    gr[k] = scale * (((k == yr) ? 0.f : cr) - cr * (s * inv));
   }
   return bad;
 }
@@ -281,7 +284,7 @@ def _build() -> ctypes.CDLL:
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_bce.restype = ctypes.c_double
-    lib.crossent_ce_index.argtypes = [P, P, P, P, P, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index.argtypes = [P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
     lib.crossent_ce_index.restype = ctypes.c_int64
     return lib
 
@@ -335,10 +338,12 @@ class _Kernels:
         return loss, grad
 
     @staticmethod
-    def ce_index(x, y, c, grad):
+    def ce_index(x, y, c, grad, scale=None):
         M, C = x.shape
         loss = torch.empty(M, dtype=x.dtype)
-        bad = _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(loss), _ptr(grad), M, C, _threads(M * C))
+        s = 1.0 if scale is None else float(scale)
+        bad = _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(loss), _ptr(grad), s, M, C,
+                                     _threads(M * C))
         if bad:
             from .._validation import fail
 

@@ -85,7 +85,8 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None):
+def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, scale=None):
+    # scale is ignored: KERNELS.prescale is False (reading grad_output would sync the GPU)
     if x.dtype == torch.float64:
         return chunked._ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out)
     k = _kernels()
