@@ -22,6 +22,15 @@ cancellation-free ones, only evaluated differently):
   and hands it on, so forward+backward allocates one gradient buffer in total (and, with
   ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
   ``sum_only``).
+* **Pre-scaled gradient.** When the functional layer says which reduction follows, the
+  forward pass already multiplies the gradient by the grad_output that a plain
+  ``loss.backward()`` will send (``1/N`` or ``1/sum(w_y)`` for 'mean', 1 for 'sum',
+  computed exactly as autograd computes it). Backward checks that the grad_output is
+  exactly that value (one scalar read, CPU only) and returns the buffer untouched: no
+  second pass over N x C memory. Any other grad_output (``loss * 2``, AMP's GradScaler)
+  recomputes the unscaled gradient and scales it, so results never depend on the guess;
+  the in-place mode, whose logits are gone, rescales by ``grad_output / guess`` instead
+  (about 2 ulp).
 
 The autograd plumbing is written once, :func:`make_ops`, over a small table of forward
 kernels (:class:`Kernels`); the Triton backend reuses it with its own kernels.
