@@ -14,10 +14,10 @@ cancellation-free ones, only evaluated differently):
   float64).
 * **Compiled kernel when possible.** For the hot cases -- BCE-with-logits and BCE on
   probabilities (with or without ``pos_weight``) and cross-entropy with class-index targets
-  (with or without class weights and ``ignore_index``), float32, contiguous -- a small C
-  kernel (:mod:`crossent.backends.chunked_cpp`) runs; everything else (label smoothing,
-  probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64) runs
-  the same math as chunked torch ops. Both give the same numbers to a few ulp.
+  (with or without class weights, ``ignore_index`` and label smoothing), float32,
+  contiguous -- a small C kernel (:mod:`crossent.backends.chunked_cpp`) runs; everything
+  else (probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64)
+  runs the same math as chunked torch ops. Both give the same numbers to a few ulp.
 * **Backward reuses the buffer.** The first backward scales the saved gradient in place
   and hands it on, so forward+backward allocates one gradient buffer in total (and, with
   ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
@@ -349,12 +349,12 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
                 scale=None):
     """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place)."""
     M, C = x.shape
-    cpp = _cpp() if q is None and smooth is None and M > 0 and C > 0 and _cpp_ok(x) else None
+    cpp = _cpp() if q is None and M > 0 and C > 0 and _cpp_ok(x) else None
     if cpp is not None:
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
         loss = cpp.ce_index(x, y.long().contiguous(), c.contiguous().to(x.dtype), grad_out if want_grad else None,
-                            scale)
+                            scale, smooth)
         return loss, grad_out
     loss = torch.empty(M, dtype=x.dtype, device=x.device)
     if want_grad and grad_out is None:
