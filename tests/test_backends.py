@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import crossent
 from crossent.backends import BackendUnavailableError, chunked, chunked_cpp, dispatch
@@ -386,3 +388,94 @@ def test_automatic_choice_and_explicit_failures():
 def test_compiled_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("CROSSENT_CPU_KERNEL", "0")
     assert "CROSSENT_CPU_KERNEL=0" in chunked_cpp.disabled_reason()
+
+
+def test_out_of_range_targets_without_validation_raise_never_read_out_of_bounds(backend):
+    x = torch.randn(4, 9, requires_grad=True)
+    y = torch.tensor([0, 9, 3, 1])
+    with pytest.raises((ValueError, IndexError, RuntimeError), match=r"out of bounds|outside|index"):
+        crossent.cross_entropy(x, y, validate=False, backend=backend)
+
+
+def test_empty_batches(backend):
+    x = torch.randn(0, 5, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    assert torch.isnan(crossent.cross_entropy(x, y, backend=backend))
+    assert crossent.cross_entropy(x, y, reduction="sum", backend=backend).item() == 0
+    b = torch.randn(0, 3, requires_grad=True)
+    assert torch.isnan(crossent.binary_cross_entropy_with_logits(b, torch.rand(0, 3), backend=backend))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_any_grad_output_is_exact_after_prescaled_forward(backend, reduction):
+    """The fused BCE pre-scales its gradient by the grad_output of a plain backward();
+    any other grad_output (loss * 3, a GradScaler) must still give torch's gradient."""
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(70, 9, generator=g) * 3).requires_grad_()
+    t = torch.rand(70, 9, generator=g)
+    p = torch.rand(70, 9, generator=g).requires_grad_()
+    for factor in (1.0, 3.0, 2.0 ** -10):
+        for ours, ref, inp in (
+            (crossent.binary_cross_entropy_with_logits(x, t, reduction=reduction, backend=backend),
+             F.binary_cross_entropy_with_logits(x, t, reduction=reduction), x),
+            (crossent.binary_cross_entropy(p, t, reduction=reduction, backend=backend),
+             F.binary_cross_entropy(p, t, reduction=reduction), p),
+        ):
+            _close(_grad(ours * factor, inp)[0], _grad(ref * factor, inp)[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ce_any_grad_output_is_exact_after_prescaled_forward(backend, reduction, inplace):
+    if inplace and backend == "reference":
+        pytest.skip("the reference backend has no in-place mode")
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(11, 6, generator=g, requires_grad=True)
+    W = torch.randn(6, 29, generator=g, requires_grad=True)
+    y = torch.randint(0, 29, (11,), generator=g)
+    y[4] = -100
+    w = torch.rand(29, generator=g) + 0.2
+    for kw in ({}, {"weight": w}, {"label_smoothing": 0.1}):
+        for factor in (1.0, 3.0, 2.0 ** 16):
+            ours = crossent.cross_entropy(h @ W, y, reduction=reduction, backend=backend, inplace_backward=inplace,
+                                          **kw)
+            ref = F.cross_entropy(h @ W, y, reduction=reduction, **kw)
+            for a, b in zip(_grad(ours * factor, h, W), _grad(ref * factor, h, W)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * factor)
+
+
+_LOGIT = st.one_of(
+    st.floats(-1e4, 1e4, width=32),
+    st.sampled_from([math.inf, -math.inf, 0.0, 20.0, -20.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(_LOGIT, min_size=11, max_size=11), min_size=1, max_size=4),
+    data=st.data())
+def test_fused_cpu_kernels_agree_with_reference_on_any_logits(rows, data):
+    """Property: the compiled CPU kernels give the reference's values and gradients
+    (finite exactly where the reference is) for arbitrary logits, +-inf and ties included."""
+    if chunked_cpp.get() is None:
+        pytest.skip(f"compiled CPU kernel unavailable: {chunked_cpp.disabled_reason()}")
+    x = torch.tensor(rows)
+    y = torch.tensor([data.draw(st.integers(0, 10)) for _ in rows])
+    t = torch.tensor([[data.draw(st.sampled_from([0.0, 1.0, 0.3]))
+                       for _ in range(11)] for _ in rows])
+    # positive weights: with w_y = 0 and an infinite -log p_y the reference gives 0 * inf = NaN,
+    # the fused kernels drop the zero-weight term (0), as reference._times does elsewhere
+    w = torch.tensor([data.draw(st.sampled_from([0.5, 2.0])) for _ in range(11)])
+    for fn in (lambda a, b: crossent.cross_entropy(a, y, reduction="none", backend=b),
+               lambda a, b: crossent.cross_entropy(a, y, weight=w, label_smoothing=0.1, reduction="none",
+                                                   backend=b),
+               lambda a, b: crossent.binary_cross_entropy_with_logits(a, t, reduction="none", backend=b)):
+        outs = []
+        for b in ("chunked", "reference"):
+            xr = x.clone().requires_grad_()
+            loss = fn(xr, b)
+            outs.append((loss.detach(), _grad(loss.sum(), xr)[0]))
+        for ours, ref in zip(*outs):
+            assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+            fin = torch.isfinite(ref)
+            torch.testing.assert_close(ours[fin], ref[fin], rtol=1e-5, atol=1e-6)

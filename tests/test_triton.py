@@ -135,3 +135,10 @@ def test_triton_backend_is_cuda_only_in_automatic_choice():
     reason = triton_backend.unavailable_reason(torch.device("cpu"))
     assert "CUDA tensors only" in reason
     assert crossent.backends.dispatch("cross_entropy", torch.zeros(2, 3)).__qualname__.startswith("make_ops")
+
+
+def test_out_of_range_target_gives_nan_not_a_stray_read(backend):
+    x = torch.randn(3, 9)
+    y = torch.tensor([0, 9, 3])
+    loss = crossent.cross_entropy(x, y, validate=False, reduction="none", backend=backend)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()

@@ -14,14 +14,23 @@ cancellation-free ones, only evaluated differently):
   float64).
 * **Compiled kernel when possible.** For the hot cases -- BCE-with-logits and BCE on
   probabilities (with or without ``pos_weight``) and cross-entropy with class-index targets
-  (with or without class weights and ``ignore_index``), float32, contiguous -- a small C
-  kernel (:mod:`crossent.backends.chunked_cpp`) runs; everything else (label smoothing,
-  probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64) runs
-  the same math as chunked torch ops. Both give the same numbers to a few ulp.
+  (with or without class weights, ``ignore_index`` and label smoothing), float32,
+  contiguous -- a small C kernel (:mod:`crossent.backends.chunked_cpp`) runs; everything
+  else (probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64)
+  runs the same math as chunked torch ops. Both give the same numbers to a few ulp.
 * **Backward reuses the buffer.** The first backward scales the saved gradient in place
   and hands it on, so forward+backward allocates one gradient buffer in total (and, with
   ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
   ``sum_only``).
+* **Pre-scaled gradient.** When the functional layer says which reduction follows, the
+  forward pass already multiplies the gradient by the grad_output that a plain
+  ``loss.backward()`` will send (``1/N`` or ``1/sum(w_y)`` for 'mean', 1 for 'sum',
+  computed exactly as autograd computes it). Backward checks that the grad_output is
+  exactly that value (one scalar read, CPU only) and returns the buffer untouched: no
+  second pass over N x C memory. Any other grad_output (``loss * 2``, AMP's GradScaler)
+  recomputes the unscaled gradient and scales it, so results never depend on the guess;
+  the in-place mode, whose logits are gone, rescales by ``grad_output / guess`` instead
+  (about 2 ulp).
 
 The autograd plumbing is written once, :func:`make_ops`, over a small table of forward
 kernels (:class:`Kernels`); the Triton backend reuses it with its own kernels.
@@ -131,10 +140,12 @@ def _chunks(n: int, rows: int):
         yield i, min(n, i + rows)
 
 
-def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: bool):
-    """Run ``chunk_fn`` over chunks of rows: (per-element loss or its 0-dim sum, grad)."""
+def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: bool, scale=None):
+    """Run ``chunk_fn`` over chunks of rows: (per-element loss or its 0-dim sum, grad * scale)."""
     if x.dim() == 0:
         loss, grad = chunk_fn(x, t, pos_weight, weight, keep)
+        if scale is not None:
+            grad = grad * scale
         return (loss if not sum_only else loss.clone()), grad
     shape = x.shape
     loss = None if sum_only else torch.empty_like(x)
@@ -154,7 +165,7 @@ def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: boo
             total += lo.sum(dtype=torch.float64)
         else:
             loss[sl] = lo
-        grad[sl] = g
+        grad[sl] = g if scale is None else g * scale
     return (total.to(x.dtype) if sum_only else loss), grad
 
 
@@ -167,19 +178,19 @@ def _cycled_pos_weight(x, pos_weight):
     return pos_weight.expand(x.shape).contiguous(), x.numel()
 
 
-def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False):
-    """(loss or its sum, grad) for the whole tensor: compiled kernel or chunked torch ops."""
+def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
+    """(loss or its sum, grad * scale) for the whole tensor: compiled kernel or chunked torch ops."""
     cpp = _cpp() if _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
-        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only)
-    return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only)
+        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
+    return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
 
 
-def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False):
+def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None):
     cpp = _cpp() if _cpp_ok(p, t) and weight is None and keep is None else None
     if cpp is not None:
-        return cpp.bce_probs(p, t, *_cycled_pos_weight(p, pos_weight), not sum_only)
-    return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only)
+        return cpp.bce_probs(p, t, *_cycled_pos_weight(p, pos_weight), not sum_only, scale)
+    return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only, scale)
 
 
 class _FusedElementwise(torch.autograd.Function):
@@ -194,10 +205,13 @@ class _FusedElementwise(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, impl, kind, sum_only, x, t, weight, pos_weight, keep):
+    def forward(ctx, impl, kind, opts, x, t, weight, pos_weight, keep):
+        sum_only, scale = opts
+        if not impl.prescale:
+            scale = None
         forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
-        loss, grad = forward(x, t, weight, pos_weight, keep, sum_only)
-        ctx.kind, ctx.sum_only, ctx.grad = kind, sum_only, grad
+        loss, grad = forward(x, t, weight, pos_weight, keep, sum_only, scale)
+        ctx.kind, ctx.sum_only, ctx.grad, ctx.scale, ctx.forward = kind, sum_only, grad, scale, forward
         ctx.save_for_backward(x, t, weight, pos_weight, keep)
         return loss
 
@@ -214,6 +228,13 @@ class _FusedElementwise(torch.autograd.Function):
                 return loss.sum() if ctx.sum_only else loss
             sub = _SubCtx(ctx, (3, 4, 5, 6))
             return (None, None, None) + _reference_grads(sub, fn, (x, t, weight, pos_weight), grad_out) + (None,)
+        if ctx.scale is not None:
+            # The gradient was scaled in forward by the grad_output a plain loss.backward()
+            # sends (1/N for 'mean', exactly as autograd computes it): nothing left to do.
+            # Any other grad_output (loss * 2, a GradScaler): recompute unscaled, then scale.
+            if grad_out.numel() == 1 and grad_out.item() == ctx.scale.item():
+                return None, None, None, grad, None, None, None, None
+            grad = ctx.forward(x, t, weight, pos_weight, keep, True, None)[1]
         return None, None, None, grad.mul_(grad_out), None, None, None, None
 
 
@@ -247,12 +268,12 @@ def _reference_grads(ctx, fn, inputs, grad_out):
     return tuple(result)
 
 
-def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only):
+def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only, grad_scale=None):
     if not _needs_graph(x, t, weight, pos_weight):
         forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
         with torch.no_grad():
             return forward(x, t, weight, pos_weight, keep, sum_only)[0]
-    return _FusedElementwise.apply(impl, kind, sum_only, x, t, weight, pos_weight, keep)
+    return _FusedElementwise.apply(impl, kind, (sum_only, grad_scale), x, t, weight, pos_weight, keep)
 
 
 # --------------------------------------------------------------------- cross-entropy
@@ -324,14 +345,16 @@ def _ce_args(x, target, index_target, weight, keep, label_smoothing):
     return None, y, c, smooth, den
 
 
-def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None):
-    """(loss (M,), grad (M, C) or None). ``grad_out`` may be ``x`` itself (in-place mode)."""
+def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None,
+                scale=None):
+    """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place)."""
     M, C = x.shape
-    cpp = _cpp() if q is None and smooth is None and M > 0 and C > 0 and _cpp_ok(x) else None
+    cpp = _cpp() if q is None and M > 0 and C > 0 and _cpp_ok(x) else None
     if cpp is not None:
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
-        loss = cpp.ce_index(x, y.long().contiguous(), c.contiguous().to(x.dtype), grad_out if want_grad else None)
+        loss = cpp.ce_index(x, y.long().contiguous(), c.contiguous().to(x.dtype), grad_out if want_grad else None,
+                            scale, smooth)
         return loss, grad_out
     loss = torch.empty(M, dtype=x.dtype, device=x.device)
     if want_grad and grad_out is None:
@@ -342,7 +365,7 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
                           None if c is None else c[sl], smooth, want_grad)
         loss[sl] = lo
         if want_grad:
-            grad_out[sl] = g
+            grad_out[sl] = g if scale is None else g * scale
     return loss, grad_out
 
 
@@ -354,12 +377,13 @@ def _ce_mask(loss, keep, smooth):
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, impl, x, q, y, c, smooth, keep):
-        loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True)
+    def forward(ctx, impl, scale, x, q, y, c, smooth, keep):
+        scale = scale if impl.prescale else None
+        loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)
         if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
             loss = torch.where(keep, loss, _zero(loss))
             grad.masked_fill_(~keep.unsqueeze(1), 0.0)
-        ctx.grad = grad
+        ctx.grad, ctx.scale, ctx.impl = grad, scale, impl
         ctx.save_for_backward(x, q, y, c, smooth, keep)
         return loss
 
@@ -367,22 +391,48 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, q, y, c, smooth, keep = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
-        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[2:6]):
+        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[3:7]):
             def fn(x_, q_, c_, s_):
                 loss = reference._CrossEntropy.apply(x_, q_, y, c_, s_)
                 return _ce_mask(loss, keep, s_)
-            gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (1, 2, 4, 5)), fn, (x, q, c, smooth), grad_out)
-            return None, gx, gq, None, gc, gs, None
-        return None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
+            gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (2, 3, 5, 6)), fn, (x, q, c, smooth), grad_out)
+            return None, None, gx, gq, None, gc, gs, None
+        if ctx.scale is not None:
+            if _is_expected(grad_out, ctx.scale):   # pre-scaled in forward: nothing left to do
+                return None, None, grad, None, None, None, None, None
+            grad = ctx.impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True)[1]
+            if smooth is not None and keep is not None:
+                grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+        return None, None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
 
 
-def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing):
+def _is_expected(grad_out: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Is every entry of grad_out exactly ``scale`` (what a plain backward() sends)? CPU only."""
+    if grad_out.numel() == 0:
+        return True
+    if grad_out.dim() and grad_out.stride(0) == 0 and grad_out.numel() == grad_out.shape[0]:
+        return grad_out[0].item() == scale.item()   # expanded scalar: one read
+    return bool((grad_out == scale).all())
+
+
+def ce_grad_scale(reduction: str, den: Optional[torch.Tensor], M: int, like: torch.Tensor):
+    """The per-row grad_output a plain backward() sends through functional._reduction."""
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    if reduction == "sum":
+        return one
+    if reduction == "mean" and M:
+        return one / (M if den is None else den.sum())
+    return None
+
+
+def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
     q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x, q, c, smooth):
         with torch.no_grad():
             loss, _ = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=False)
             return _ce_mask(loss, keep, smooth), den
-    return _FusedCrossEntropy.apply(impl, x, q, y, c, smooth, keep), den
+    scale = ce_grad_scale(reduction, den, x.shape[0], x) if impl.prescale and reduction else None
+    return _FusedCrossEntropy.apply(impl, scale, x, q, y, c, smooth, keep), den
 
 
 # ---------------------------------------------------------- in-place cross-entropy
@@ -401,7 +451,10 @@ class _WriteGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, buf, y, c, smooth, keep, holder):
         x = buf.view(y.shape[0], -1)   # buf is x or the identical-layout tensor x views
-        loss, _ = impl.ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x)
+        scale = holder.pop() if impl.prescale else None
+        holder.clear()
+        loss, _ = impl.ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x, scale=scale)
+        holder.append(scale)
         if smooth is not None and keep is not None:
             loss = torch.where(keep, loss, _zero(loss))
             x.masked_fill_(~keep.unsqueeze(1), 0.0)
@@ -422,7 +475,8 @@ class _LossFromGradient(torch.autograd.Function):
     def forward(ctx, g, holder):
         ctx.save_for_backward(g)
         ctx.used = False
-        return holder[0]
+        ctx.scale = holder[0]
+        return holder[1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -434,11 +488,16 @@ class _LossFromGradient(torch.autograd.Function):
                 "consumed; use inplace_backward=False to backpropagate more than once.")
         ctx.used = True
         (g,) = ctx.saved_tensors
+        if ctx.scale is not None:
+            if _is_expected(grad_out, ctx.scale):    # pre-scaled in forward
+                return g, None
+            # The logits are gone, so no recomputation: rescale (relative error ~2 ulp).
+            grad_out = grad_out / ctx.scale
         g.view(grad_out.shape[0], -1).mul_(grad_out.unsqueeze(1))
         return g, None
 
 
-def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing):
+def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
     """Cross-entropy whose gradient is written into the logits buffer ``x``.
 
     For LM heads whose logits are dead after the loss: no second (M, C) buffer. Only for
@@ -453,7 +512,7 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
              "Use inplace_backward=False for probability targets.")
     q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x):
-        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing)
+        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
     root = x if x._base is None else x._base
     if root.is_leaf and root.requires_grad:
         fail(func, "logits computed by the graph (e.g. the output of a Linear) with inplace_backward=True",
@@ -470,7 +529,7 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
     if base is not None and x.is_contiguous() and base.is_contiguous() and base.numel() == x.numel() \
             and base.storage_offset() == x.storage_offset() and base.dtype == x.dtype:
         buf = base
-    holder: list = []
+    holder: list = [ce_grad_scale(reduction, den, x.shape[0], x) if reduction else None]
     g = _WriteGradient.apply(impl, buf, y, c, smooth, keep, holder)
     return _LossFromGradient.apply(g, holder), den
 
@@ -484,31 +543,48 @@ class Kernels:
     -> (loss (M,), grad (M, C) or None)`` where ``grad_out`` may be ``x`` (in-place).
     """
 
-    def __init__(self, bcewl_forward, bce_forward, ce_forward):
+    def __init__(self, bcewl_forward, bce_forward, ce_forward, prescale: bool = False):
         self.bcewl_forward, self.bce_forward, self.ce_forward = bcewl_forward, bce_forward, ce_forward
+        # prescale: the BCE forwards honour ``scale`` (multiply the gradient in the same
+        # pass), and reading grad_output with .item() in backward costs no device sync.
+        self.prescale = prescale
 
 
 def make_ops(impl: Kernels) -> dict:
     """The backend ops (same contracts as :mod:`~crossent.backends.reference`) for ``impl``."""
 
-    def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False):
-        """Per-element BCE-with-logits, fused loss + gradient; ``sum_only=True`` returns the
-        0-dim sum instead (the functional layer asks for it when the reduction is not
-        'none'), so the only full-size buffer written is the gradient."""
-        return _elementwise_op(impl, "logits", x, t, weight, pos_weight, keep, sum_only)
+    def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False,
+                                         grad_scale=None):
+        """Per-element BCE-with-logits, fused loss + gradient.
 
-    def binary_cross_entropy(p, t, weight, pos_weight, keep, *, sum_only: bool = False):
-        """Per-element BCE on probabilities, fused loss + gradient (``sum_only`` as above)."""
-        return _elementwise_op(impl, "probs", p, t, weight, pos_weight, keep, sum_only)
+        ``sum_only=True`` returns the 0-dim sum instead (the functional layer asks for it
+        when the reduction is not 'none'), so the only full-size buffer written is the
+        gradient. ``grad_scale`` (a 0-dim tensor, e.g. ``1/N`` for 'mean') is the
+        grad_output that a plain ``backward()`` will send: the gradient is multiplied by it
+        in the same pass, and backward has nothing left to do when it arrives (any other
+        grad_output is still handled exactly).
+        """
+        return _elementwise_op(impl, "logits", x, t, weight, pos_weight, keep, sum_only, grad_scale)
 
-    def cross_entropy(x, target, index_target, weight, keep, label_smoothing):
-        """Per-row cross-entropy (contract of ``reference.cross_entropy``), fused."""
-        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing)
+    def binary_cross_entropy(p, t, weight, pos_weight, keep, *, sum_only: bool = False, grad_scale=None):
+        """Per-element BCE on probabilities, fused loss + gradient (options as above)."""
+        return _elementwise_op(impl, "probs", p, t, weight, pos_weight, keep, sum_only, grad_scale)
 
-    def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing):
+    def cross_entropy(x, target, index_target, weight, keep, label_smoothing, *, reduction=None):
+        """Per-row cross-entropy (contract of ``reference.cross_entropy``), fused.
+
+        ``reduction`` (optional) tells which grad_output a plain ``backward()`` will send
+        (see :func:`ce_grad_scale`): the gradient is pre-scaled by it in the same pass.
+        """
+        return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
+
+    def cross_entropy_inplace(x, target, index_target, weight, keep, label_smoothing, *, reduction=None):
         """Cross-entropy whose gradient is written into the logits buffer (see
         ``crossent.functional.cross_entropy(inplace_backward=True)``)."""
-        return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing)
+        return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
+
+    cross_entropy.accepts_reduction = True
+    cross_entropy_inplace.accepts_reduction = True
 
     binary_cross_entropy_with_logits.supports_sum_only = True
     binary_cross_entropy.supports_sum_only = True
@@ -520,7 +596,7 @@ def make_ops(impl: Kernels) -> dict:
     }
 
 
-CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward)
+CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward, prescale=True)
 OPS = make_ops(CPU)
 binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]

@@ -105,7 +105,8 @@ static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
 /* loss: per-element losses, or NULL to return their sum. pw: NULL, or L weights cycled. */
 /* kind 0: BCE with logits (bce8), kind 1: BCE on probabilities (bcep8). */
 double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
-                    float *grad, int64_t n, int nthreads) {
+                    float *grad, float scale, int64_t n, int nthreads) {
+  const V vscale = vset(scale);
   const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
   double total = 0.0;
   #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
@@ -135,6 +136,7 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
         xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
       }
       if (kind == 0) bce8(xv, tv, pv, &lo, &gr); else bcep8(xv, tv, pv, &lo, &gr);
+      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
       if (m == W) {
         _mm256_storeu_ps(grad + i, gr);
         if (loss) _mm256_storeu_ps(loss + i, lo);
@@ -157,14 +159,21 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
    s = sum_{j != k} e_j, loss = c (log1p(s) - z_y) (0 if c == 0),
    grad_j = c e_j/(1+s) - c [j == y];  grad_k = c [k != y] - c s/(1+s).
    grad may be NULL (loss only) or alias x (in-place mode: x_y is read first). */
-void crossent_ce_index(const float *x, const int64_t *y, const float *c, float *loss, float *grad,
-                       int64_t M, int64_t C, int nthreads) {
-  #pragma omp parallel for num_threads(nthreads) schedule(static)
+int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
+                          float *grad, float scale, int64_t M, int64_t C, int nthreads) {
+  int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
+  /* label smoothing: a_j = c [j == y] + sm_j, so A = c + S and
+     loss = c (log1p(s) - z_y) + S log1p(s) + sum_j sm_j (-z_j)   (terms with sm_j == 0 dropped) */
+  double S = 0.0;
+  if (sm) for (int64_t j = 0; j < C; ++j) S += sm[j];
+  const float Sf = (float)S;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
   for (int64_t r = 0; r < M; ++r) {
     const float *xr = x + r * C;
     float *gr = grad ? grad + r * C : 0;
     const int64_t yr = y[r];
     const float cr = c[r];
+    if (yr < 0 || yr >= C) { ++bad; loss[r] = NAN; continue; }
     V vm = vset(-INFINITY), vnan = vzero();
     int64_t j = 0;
     for (; j + W <= C; j += W) {
@@ -184,14 +193,18 @@ void crossent_ce_index(const float *x, const int64_t *y, const float *c, float *
     }
     const float zy = (xr[yr] == m) ? 0.f : xr[yr] - m;
     int64_t k = -1, ties = 0;
-    double s_total = 0.0;
+    double s_total = 0.0, T = 0.0;
     const V vmax = vset(m), one = vset(1.f);
-    V acc = vzero();
+    V acc = vzero(), tacc = vzero();
     int flush = 0;
     for (j = 0; j + W <= C; j += W) {
       V xv = _mm256_loadu_ps(xr + j);
       V eq = _mm256_cmp_ps(xv, vmax, _CMP_EQ_OQ);
       int bits = _mm256_movemask_ps(eq);
+      if (sm) {   /* sm_j * (m - x_j), 0 where x_j == m or sm_j == 0 */
+        V negz = _mm256_blendv_ps(_mm256_sub_ps(vmax, xv), vzero(), eq);
+        tacc = _mm256_add_ps(tacc, vtimes(_mm256_loadu_ps(sm + j), negz));
+      }
       V e = Sleef_expf8_u10(_mm256_sub_ps(xv, vmax));
       if (bits) {
         e = _mm256_blendv_ps(e, one, eq);
@@ -202,25 +215,47 @@ void crossent_ce_index(const float *x, const int64_t *y, const float *c, float *
         acc = _mm256_add_ps(acc, e);
       }
       if (gr) _mm256_storeu_ps(gr + j, e);
-      if (++flush == 32) { s_total += hsum(acc); acc = vzero(); flush = 0; }
+      if (++flush == 32) { s_total += hsum(acc); acc = vzero(); T += hsum(tacc); tacc = vzero(); flush = 0; }
     }
     s_total += hsum(acc);
+    T += hsum(tacc);
     for (; j < C; ++j) {
       float e;
       if (xr[j] == m) { e = 1.f; ++ties; if (k < 0) k = j; }
-      else { e = expf(xr[j] - m); s_total += e; }
+      else {
+        e = expf(xr[j] - m); s_total += e;
+        if (sm && sm[j] != 0.f) T += sm[j] * (m - xr[j]);
+      }
       if (gr) gr[j] = e;
     }
     const float s = (float)(s_total + (double)(ties - 1));
-    loss[r] = (cr == 0.f) ? 0.f : cr * (log1pf(s) - zy);
+    const float lse = log1pf(s);
+    float lr = (cr == 0.f) ? 0.f : cr * (lse - zy);
+    if (sm) lr += (Sf == 0.f ? 0.f : Sf * lse) + (float)T;
+    loss[r] = lr;
     if (!gr) continue;
+    /* scale: the grad_output a plain backward() will send, applied last (as backward would) */
     const float inv = 1.f / (1.f + s);
-    const V sc = vset(cr * inv);
-    for (j = 0; j + W <= C; j += W) _mm256_storeu_ps(gr + j, _mm256_mul_ps(sc, _mm256_loadu_ps(gr + j)));
-    for (; j < C; ++j) gr[j] = cr * inv * gr[j];
-    gr[yr] -= cr;
-    gr[k] = ((k == yr) ? 0.f : cr) - cr * (s * inv);
+    const float ey = gr[yr];
+    const float A = cr + Sf;
+    const V sc = vset(A * inv), vs = vset(scale);
+    if (sm) {
+      for (j = 0; j + W <= C; j += W)
+        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_sub_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(gr + j)),
+                                                                  _mm256_loadu_ps(sm + j))));
+      for (; j < C; ++j) gr[j] = scale * (A * inv * gr[j] - sm[j]);
+    } else {
+      for (j = 0; j + W <= C; j += W)
+        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_mul_ps(sc, _mm256_loadu_ps(gr + j))));
+      for (; j < C; ++j) gr[j] = scale * (A * inv * gr[j]);
+    }
+    const float sm_y = sm ? sm[yr] : 0.f;
+    gr[yr] = scale * (A * inv * ey - sm_y - cr);
+    /* arg-max entry: (A - a_k) - A s/(1+s), A - a_k = c [k != y] + (S - sm_k) in double */
+    const float a_rest = ((k == yr) ? 0.f : cr) + (sm ? (float)(S - (double)sm[k]) : 0.f);
+    gr[k] = scale * (a_rest - A * (s * inv));
   }
+  return bad;
 }
 """
 
@@ -274,10 +309,10 @@ def _build() -> ctypes.CDLL:
             os.replace(out, so)  # atomic: concurrent builders are harmless
     lib = ctypes.CDLL(str(so))
     P, I64 = ctypes.c_void_p, ctypes.c_int64
-    lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, I64, ctypes.c_int]
+    lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_bce.restype = ctypes.c_double
-    lib.crossent_ce_index.argtypes = [P, P, P, P, P, I64, I64, ctypes.c_int]
-    lib.crossent_ce_index.restype = None
+    lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index.restype = ctypes.c_int64
     return lib
 
 
@@ -311,26 +346,36 @@ class _Kernels:
     """Tensor-level wrappers; callers guarantee float32, contiguous, CPU."""
 
     @staticmethod
-    def bcewl(x, t, pw, L, want_loss):
-        return _Kernels._bce(0, x, t, pw, L, want_loss)
+    def bcewl(x, t, pw, L, want_loss, scale=None):
+        return _Kernels._bce(0, x, t, pw, L, want_loss, scale)
 
     @staticmethod
-    def bce_probs(p, t, pw, L, want_loss):
-        return _Kernels._bce(1, p, t, pw, L, want_loss)
+    def bce_probs(p, t, pw, L, want_loss, scale=None):
+        return _Kernels._bce(1, p, t, pw, L, want_loss, scale)
 
     @staticmethod
-    def _bce(kind, x, t, pw, L, want_loss):
+    def _bce(kind, x, t, pw, L, want_loss, scale=None):
         grad = torch.empty_like(x)
         loss = torch.empty_like(x) if want_loss else None
-        total = _lib.crossent_bce(kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), x.numel(),
-                                  _threads(x.numel()))
+        s = 1.0 if scale is None else float(scale)   # a float32 value: exact as a C float
+        total = _lib.crossent_bce(kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), s,
+                                  x.numel(), _threads(x.numel()))
         if not want_loss:
             loss = torch.tensor(total, dtype=x.dtype)
         return loss, grad
 
     @staticmethod
-    def ce_index(x, y, c, grad):
+    def ce_index(x, y, c, grad, scale=None, smooth=None):
         M, C = x.shape
         loss = torch.empty(M, dtype=x.dtype)
-        _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(loss), _ptr(grad), M, C, _threads(M * C))
+        s = 1.0 if scale is None else float(scale)
+        sm = None if smooth is None else smooth.to(torch.float32).contiguous()
+        bad = _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), s, M, C,
+                                     _threads(M * C))
+        if bad:
+            from .._validation import fail
+
+            lo, hi = int(y.min()), int(y.max())
+            fail("cross_entropy", f"class indices in [0, {C})", f"{bad} target(s) outside it (min {lo}, max {hi})",
+                 "Targets must index the class dimension (validate=False skipped the friendlier check).")
         return loss

@@ -213,7 +213,23 @@ def multilabel(size, device):
 @register_preset("lm-head", "LM-head cross-entropy 8192x32000 and 4096x128256, with the in-place mode")
 def lm_head(size, device):
     shapes = _pick(size, [(16, 100)], [(1024, 32000), (256, 128256)], [(8192, 32000), (4096, 128256)])
-    return [_ce_case(f"ce {M}x{C}", M, C, inplace=True) for M, C in shapes]
+    cases = [_ce_case(f"ce {M}x{C}", M, C, inplace=True) for M, C in shapes]
+    liger = _liger_cross_entropy(device)
+    for case in cases:
+        if liger is not None:   # overwrites the logits with the gradient, like crossent inplace
+            case.variants["liger-kernel"] = lambda d: liger(d["x"], d["y"])
+    return cases
+
+
+def _liger_cross_entropy(device):
+    """Liger Kernel's cross-entropy on CUDA when `liger-kernel` is installed, else None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerCrossEntropyLoss()
 
 
 @register_preset("validation", "cost of validate=True (value checks) against validate=False")

@@ -43,8 +43,7 @@ def add_arguments(parser) -> None:
 
 
 def _rerun_with_thp(args, value: str, out: Path | None) -> int:
-    argv = [a for a in sys.argv[1:]]
-    # Rebuild the command from args rather than trusting sys.argv (tests call main(argv)).
+    # Rebuild the command from args rather than from sys.argv (tests call main(argv)).
     cmd = [sys.executable, "-m", "crossent", "bench", "--thp", "inherit"]
     for p in args.preset or []:
         cmd += ["--preset", p]
@@ -58,7 +57,6 @@ def _rerun_with_thp(args, value: str, out: Path | None) -> int:
             cmd += ["--" + opt, str(getattr(args, opt))]
     if out is not None:
         cmd += ["--out", str(out)]
-    del argv
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1" if value == "on" else "0")
     return subprocess.call(cmd, env=env)
 

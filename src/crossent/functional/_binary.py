@@ -63,11 +63,17 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
 
 def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, backend):
     """Per-element losses, or their 0-dim sum when the backend offers it and the reduction
-    does not need the elements (fused backends then skip a full-size loss buffer); the
+    does not need the elements (fused backends then skip a full-size loss buffer, and may
+    pre-scale the gradient by the grad_output a plain ``backward()`` sends); the
     denominator of ``mean`` is unchanged."""
     fn = dispatch(op, x, backend)
     if reduction != "none" and getattr(fn, "supports_sum_only", False):
-        total = fn(x, t, weight, pos_weight, keep, sum_only=True)
+        hint = None
+        if denominator is None and x.numel():
+            # the grad_output loss.backward() will send, computed as autograd computes it
+            one = torch.ones((), dtype=x.dtype, device=x.device)
+            hint = one / x.numel() if reduction == "mean" else one
+        total = fn(x, t, weight, pos_weight, keep, sum_only=True, grad_scale=hint)
         return total, (x.numel() if denominator is None else denominator)
     return fn(x, t, weight, pos_weight, keep), denominator
 

@@ -105,8 +105,11 @@ def cross_entropy(
         t = target.to(cdt).movedim(class_dim, -1).reshape(-1, C)
     w = None if weight is None else weight.to(cdt)
     op = "cross_entropy_inplace" if inplace_backward else "cross_entropy"
+    fn = dispatch(op, x, backend)
+    # Fused backends may pre-scale the gradient by what a plain backward() sends.
+    kw = {"reduction": reduction} if getattr(fn, "accepts_reduction", False) else {}
     with no_autocast(x.device):
-        loss, den = dispatch(op, x, backend)(x, t, index_target, w, keep, label_smoothing)
+        loss, den = fn(x, t, index_target, w, keep, label_smoothing, **kw)
     loss = loss.reshape(out_shape)
     denominator = None if den is None else den.sum()
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)

@@ -47,7 +47,7 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _elementwise(kernel_name):
-    def forward(x, t, weight, pos_weight, keep, sum_only=False):
+    def forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):   # scale: see Kernels.prescale
         if x.dtype == torch.float64:
             chunk = chunked._bcewl_chunk if kernel_name == "bce_logits_kernel" else chunked._bce_chunk
             return chunked._elementwise_forward(chunk, x, t, weight, pos_weight, keep, sum_only)
@@ -85,7 +85,8 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None):
+def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, scale=None):
+    # scale is ignored: KERNELS.prescale is False (reading grad_output would sync the GPU)
     if x.dtype == torch.float64:
         return chunked._ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out)
     k = _kernels()

@@ -162,9 +162,10 @@ def ce_kernel(x_ptr, q_ptr, y_ptr, c_ptr, sm_ptr, keep_ptr, loss_ptr, grad_ptr, 
         y = -1
     else:
         y = tl.load(y_ptr + row)
+        y_ok = (y >= 0) & (y < C)        # never read out of bounds: a bad target gives NaN
         cy = tl.load(c_ptr + row).to(tl.float32)
         A = cy + A_smooth
-        xy = tl.load(xr + y).to(tl.float32)
+        xy = tl.load(xr + y, mask=y_ok, other=float("nan")).to(tl.float32)
         zy = tl.where(xy == m, 0.0, xy - m)
 
     # ---- pass 2: gradient, and the loss parts that need the final m
