@@ -155,7 +155,7 @@ def test_ce_index_targets_match_torch(backend, C, reduction):
     y[::5] = -100
     w = torch.rand(C, generator=g) + 0.1
     for kw in ({}, {"weight": w}, {"label_smoothing": 0.2}, {"weight": w, "label_smoothing": 0.05}):
-        ours = crossent.cross_entropy(x, y, reduction=reduction, backend=backend, **kw)
+        ours = crossent.cross_entropy(x, y, reduction=reduction, backend=backend, validate=False, **kw)  # C=1 warns otherwise
         ref = F.cross_entropy(x, y, reduction=reduction, **kw)
         _close(ours, ref)
         _close(_grad(ours.sum(), x)[0], _grad(ref.sum(), x)[0])

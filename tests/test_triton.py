@@ -66,7 +66,7 @@ def test_ce_index_targets_match_torch_small(backend, C, reduction):
     y[2] = -100
     w = torch.rand(C, generator=g) + 0.1
     for kw in ({}, {"weight": w}, {"label_smoothing": 0.2}, {"weight": w, "label_smoothing": 0.05}):
-        ours = crossent.cross_entropy(x, y, reduction=reduction, backend=backend, **kw)
+        ours = crossent.cross_entropy(x, y, reduction=reduction, backend=backend, validate=False, **kw)  # C=1 warns otherwise
         ref = F.cross_entropy(x, y, reduction=reduction, **kw)
         torch.testing.assert_close(ours, ref, rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0],
