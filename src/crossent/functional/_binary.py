@@ -117,6 +117,9 @@ def binary_cross_entropy(
     >>> p = torch.tensor([0.8, 0.3, 0.6])
     >>> round(crossent.binary_cross_entropy(p, torch.tensor([1., 0., 1.])).item(), 4)
     0.3635
+    >>> probs = torch.sigmoid(torch.tensor([0.2, -1.0, 3.0, 0.5]))
+    >>> round(crossent.binary_cross_entropy(probs, torch.tensor([1., 0., 1., 0.])).item(), 4)
+    0.4835
     """
     func = "binary_cross_entropy"
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
