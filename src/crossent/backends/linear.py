@@ -652,9 +652,36 @@ class BCETarget:
 
 def _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad):
     """Per-element loss (reference.py's exact softplus form) and, optionally, its gradient
-    ``w [(1 - t) sigmoid(x) - p t sigmoid(-x)]`` (zero where ignored)."""
+    ``w [(1 - t) sigmoid(x) - p t sigmoid(-x)]`` (zero where ignored).
+
+    Hard 0/1 targets (sparse ids, or a dense block that holds only 0 and 1) take a shorter
+    route with the same values: with ``s = -x`` where t = 1 and ``x`` where t = 0, the
+    loss is ``c softplus(s)`` and the gradient ``+-c sigmoid(s)`` (c = w, times p where
+    t = 1): one softplus and one sigmoid instead of two of each.
+    """
     t, keep = tgt.block(r0, r1, c0, c1, dtype)
     w, pw = tgt.wblock(r0, r1, c0, c1, dtype)
+    hard = tgt.eps == 0 and (tgt.sparse_t is not None or bool(((t == 0) | (t == 1)).all()))
+    if hard:
+        pos = t == 1
+        s = torch.where(pos, -L, L)
+        loss = reference._softplus(s)
+        coef = None
+        if pw is not None:
+            coef = torch.where(pos, pw, torch.ones((), dtype=dtype, device=L.device))
+        if w is not None:
+            coef = w if coef is None else coef * w
+        if keep is not None:
+            kf = keep.to(dtype)
+            coef = kf if coef is None else coef * kf
+        g = None
+        if want_grad:
+            one = torch.ones((), dtype=dtype, device=L.device)
+            c = one if coef is None else coef
+            g = torch.sigmoid(s).mul_(torch.where(pos, -c, c))  # d/dx softplus(-x) = -sigmoid(-x)
+        if coef is not None:
+            loss = reference._times(coef, loss)
+        return loss, g
     loss = reference.binary_cross_entropy_with_logits(L, t, w, pw, keep)
     g = None
     if want_grad:
