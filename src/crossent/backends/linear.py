@@ -623,6 +623,7 @@ class BCETarget:
         self.dense_t, self.sparse_t, self.L = dense, sparse, L
         self.weight, self.pos_weight = weight, pos_weight
         self.ignore_index, self.eps = ignore_index, eps
+        self.hard = sparse is not None or _all_zero_one(dense, ignore_index)
 
     def block(self, r0, r1, c0, c1, dtype):
         """(t, keep) for the block; t already smoothed and zeroed where ignored."""
@@ -650,6 +651,22 @@ class BCETarget:
         return w, pw
 
 
+def _all_zero_one(t: torch.Tensor, ignore_index) -> bool:
+    """Every entry is 0 or 1 (ignore_index entries aside): three reductions, no temporaries.
+
+    For targets in [0, 1] (the value checks guarantee it), sum(t) == count_nonzero(t)
+    exactly when every non-zero entry is 1; min >= 0 and max <= 1 make that airtight.
+    """
+    if t.numel() == 0:
+        return True
+    if ignore_index is not None or t.dtype == torch.bool:
+        return t.dtype == torch.bool or bool(((t == 0) | (t == 1) | (t == ignore_index)).all())
+    lo, hi = torch.aminmax(t)
+    if not (float(lo) >= 0 and float(hi) <= 1):
+        return False
+    return float(t.sum(dtype=torch.float64)) == float(torch.count_nonzero(t))
+
+
 def _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad):
     """Per-element loss (reference.py's exact softplus form) and, optionally, its gradient
     ``w [(1 - t) sigmoid(x) - p t sigmoid(-x)]`` (zero where ignored).
@@ -661,26 +678,26 @@ def _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad):
     """
     t, keep = tgt.block(r0, r1, c0, c1, dtype)
     w, pw = tgt.wblock(r0, r1, c0, c1, dtype)
-    hard = tgt.eps == 0 and (tgt.sparse_t is not None or bool(((t == 0) | (t == 1)).all()))
+    hard = tgt.eps == 0 and tgt.hard
     if hard:
-        pos = t == 1
-        s = torch.where(pos, -L, L)
+        sgn = torch.add(1.0, t, alpha=-2.0)        # +1 where t = 0, -1 where t = 1
+        s = L.mul_(sgn)                            # (L is scratch) s = x, or -x where t = 1
         loss = reference._softplus(s)
         coef = None
         if pw is not None:
-            coef = torch.where(pos, pw, torch.ones((), dtype=dtype, device=L.device))
+            coef = (pw - 1).mul_(t).add_(1)        # p where t = 1, else 1
         if w is not None:
-            coef = w if coef is None else coef * w
+            coef = w if coef is None else coef.mul_(w)
         if keep is not None:
             kf = keep.to(dtype)
-            coef = kf if coef is None else coef * kf
+            coef = kf if coef is None else coef.mul_(kf)
         g = None
         if want_grad:
-            one = torch.ones((), dtype=dtype, device=L.device)
-            c = one if coef is None else coef
-            g = torch.sigmoid(s).mul_(torch.where(pos, -c, c))  # d/dx softplus(-x) = -sigmoid(-x)
+            g = torch.sigmoid(s).mul_(sgn)         # d/dx softplus(-x) = -sigmoid(-x)
+            if coef is not None:
+                g.mul_(coef)
         if coef is not None:
-            loss = reference._times(coef, loss)
+            loss = reference._times(coef, loss)    # 0 * inf = 0: a zero-weight term is absent
         return loss, g
     loss = reference.binary_cross_entropy_with_logits(L, t, w, pw, keep)
     g = None
