@@ -667,7 +667,10 @@ def _all_zero_one(t: torch.Tensor, ignore_index) -> bool:
     lo, hi = torch.aminmax(t)
     if not (float(lo) >= 0 and float(hi) <= 1):
         return False
-    return float(t.sum(dtype=torch.float64)) == float(torch.count_nonzero(t))
+    # float64 sums of row blocks (a float64 sum of the whole target would cast all of it).
+    rows = max(1, (1 << 20) // max(1, t.shape[-1]))
+    total = sum(float(b.sum(dtype=torch.float64)) for b in t.split(rows))
+    return total == float(torch.count_nonzero(t))
 
 
 def _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad):
