@@ -47,8 +47,9 @@ from ._registry import Backend, _BACKENDS, register
 # overhead of a 4096 x 2048 -> 128256 float32 head at ~1/40 of eager's 5 GiB while the
 # row blocks stay long enough (87 rows there) for efficient matrix products.
 DEFAULT_BUDGET = int(os.environ.get("CROSSENT_LINEAR_BUDGET", 128 * 2**20))
-# Rows a class block is sized for when C is too large for all classes at once.
-_MIN_ROWS = 128
+# Fewest rows a block may have before the classes are split too (two passes): 32 rows of
+# all classes must fit the budget (at 128 MiB in float32: C up to 349525 in one pass).
+_MIN_ROWS = 32
 # (R, Cc) buffers alive at once in a block: logits/gradient, exp work, target/weights.
 _BLOCK_BUFFERS = 3
 
@@ -73,22 +74,29 @@ def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[
                 rows: Optional[int] = None, classes: Optional[int] = None) -> ChunkPlan:
     """Block sizes from a memory budget (bytes of scratch per call).
 
-    ``Cc = C`` when ``min(N, 128)`` rows of all classes fit (then cross-entropy needs a
-    single pass); otherwise ``Cc`` is what fits with 128 rows. ``R`` then fills the
-    budget: ``R * Cc * 3 * 4`` bytes (8 for float64), plus ``2 * Cc * H * 4`` for the
-    float32 weight block and its gradient accumulator when the input is fp16/bf16.
+    ``Cc = C`` when ``min(N, 32)`` rows of all classes fit (then cross-entropy needs a
+    single pass); otherwise ``Cc`` is what fits with 32 rows. ``R`` then fills the
+    budget: ``R * Cc * 3 * 4`` bytes (8 for float64). fp16/bf16 inputs give half the
+    budget to the float32 weight block and its gradient accumulator (``2 * Cc * H * 4``
+    bytes, which sets ``Cc``) and half to the logits blocks.
     """
     budget = DEFAULT_BUDGET if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
     low = dtype in (torch.float16, torch.bfloat16)
     per_logit = _BLOCK_BUFFERS * esize
     per_class_extra = 2 * H * 4 if low else 0
+    logit_budget = budget
+    if low:
+        # Half the budget for the float32 weight block + its gradient, half for the logits.
+        logit_budget = budget // 2
+        if classes is None:
+            classes = (budget - logit_budget) // per_class_extra
     if classes is None:
         r0 = max(1, min(N, _MIN_ROWS))
-        classes = budget // (r0 * per_logit + per_class_extra)
+        classes = logit_budget // (r0 * per_logit)
     classes = int(max(1, min(C, classes)))
     if rows is None:
-        rows = (budget - per_class_extra * classes) // (classes * per_logit)
+        rows = logit_budget // (classes * per_logit)
     rows = int(max(1, min(max(N, 1), rows)))
     return ChunkPlan(rows=rows, classes=classes, budget=budget)
 
