@@ -47,8 +47,9 @@ from ._registry import Backend, _BACKENDS, register
 # overhead of a 4096 x 2048 -> 128256 float32 head at ~1/40 of eager's 5 GiB while the
 # row blocks stay long enough (87 rows there) for efficient matrix products.
 DEFAULT_BUDGET = int(os.environ.get("CROSSENT_LINEAR_BUDGET", 128 * 2**20))
-# Rows a class block is sized for when C is too large for all classes at once.
-_MIN_ROWS = 128
+# Fewest rows a block may have before the classes are split too (two passes): 32 rows of
+# all classes must fit the budget (at 128 MiB in float32: C up to 349525 in one pass).
+_MIN_ROWS = 32
 # (R, Cc) buffers alive at once in a block: logits/gradient, exp work, target/weights.
 _BLOCK_BUFFERS = 3
 
@@ -73,22 +74,29 @@ def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[
                 rows: Optional[int] = None, classes: Optional[int] = None) -> ChunkPlan:
     """Block sizes from a memory budget (bytes of scratch per call).
 
-    ``Cc = C`` when ``min(N, 128)`` rows of all classes fit (then cross-entropy needs a
-    single pass); otherwise ``Cc`` is what fits with 128 rows. ``R`` then fills the
-    budget: ``R * Cc * 3 * 4`` bytes (8 for float64), plus ``2 * Cc * H * 4`` for the
-    float32 weight block and its gradient accumulator when the input is fp16/bf16.
+    ``Cc = C`` when ``min(N, 32)`` rows of all classes fit (then cross-entropy needs a
+    single pass); otherwise ``Cc`` is what fits with 32 rows. ``R`` then fills the
+    budget: ``R * Cc * 3 * 4`` bytes (8 for float64). fp16/bf16 inputs give half the
+    budget to the float32 weight block and its gradient accumulator (``2 * Cc * H * 4``
+    bytes, which sets ``Cc``) and half to the logits blocks.
     """
     budget = DEFAULT_BUDGET if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
     low = dtype in (torch.float16, torch.bfloat16)
     per_logit = _BLOCK_BUFFERS * esize
     per_class_extra = 2 * H * 4 if low else 0
+    logit_budget = budget
+    if low:
+        # Half the budget for the float32 weight block + its gradient, half for the logits.
+        logit_budget = budget // 2
+        if classes is None:
+            classes = (budget - logit_budget) // per_class_extra
     if classes is None:
         r0 = max(1, min(N, _MIN_ROWS))
-        classes = budget // (r0 * per_logit + per_class_extra)
+        classes = logit_budget // (r0 * per_logit)
     classes = int(max(1, min(C, classes)))
     if rows is None:
-        rows = (budget - per_class_extra * classes) // (classes * per_logit)
+        rows = logit_budget // (classes * per_logit)
     rows = int(max(1, min(max(N, 1), rows)))
     return ChunkPlan(rows=rows, classes=classes, budget=budget)
 
@@ -623,6 +631,7 @@ class BCETarget:
         self.dense_t, self.sparse_t, self.L = dense, sparse, L
         self.weight, self.pos_weight = weight, pos_weight
         self.ignore_index, self.eps = ignore_index, eps
+        self.hard = sparse is not None or _all_zero_one(dense, ignore_index)
 
     def block(self, r0, r1, c0, c1, dtype):
         """(t, keep) for the block; t already smoothed and zeroed where ignored."""
@@ -650,11 +659,60 @@ class BCETarget:
         return w, pw
 
 
+def _all_zero_one(t: torch.Tensor, ignore_index) -> bool:
+    """Every entry is 0 or 1 (ignore_index entries aside): three reductions, no temporaries.
+
+    For targets in [0, 1] (the value checks guarantee it), sum(t) == count_nonzero(t)
+    exactly when every non-zero entry is 1; min >= 0 and max <= 1 make that airtight.
+    """
+    if t.numel() == 0:
+        return True
+    if t.dtype == torch.bool:
+        return True
+    if ignore_index is not None:  # row blocks: the masks stay small
+        rows = max(1, (1 << 20) // max(1, t.shape[-1]))
+        return all(bool(((b == 0) | (b == 1) | (b == ignore_index)).all()) for b in t.split(rows))
+    lo, hi = torch.aminmax(t)
+    if not (float(lo) >= 0 and float(hi) <= 1):
+        return False
+    # float64 sums of row blocks (a float64 sum of the whole target would cast all of it).
+    rows = max(1, (1 << 20) // max(1, t.shape[-1]))
+    total = sum(float(b.sum(dtype=torch.float64)) for b in t.split(rows))
+    return total == float(torch.count_nonzero(t))
+
+
 def _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad):
     """Per-element loss (reference.py's exact softplus form) and, optionally, its gradient
-    ``w [(1 - t) sigmoid(x) - p t sigmoid(-x)]`` (zero where ignored)."""
+    ``w [(1 - t) sigmoid(x) - p t sigmoid(-x)]`` (zero where ignored).
+
+    Hard 0/1 targets (sparse ids, or a dense block that holds only 0 and 1) take a shorter
+    route with the same values: with ``s = -x`` where t = 1 and ``x`` where t = 0, the
+    loss is ``c softplus(s)`` and the gradient ``+-c sigmoid(s)`` (c = w, times p where
+    t = 1): one softplus and one sigmoid instead of two of each.
+    """
     t, keep = tgt.block(r0, r1, c0, c1, dtype)
     w, pw = tgt.wblock(r0, r1, c0, c1, dtype)
+    hard = tgt.eps == 0 and tgt.hard
+    if hard:
+        sgn = torch.add(1.0, t, alpha=-2.0)        # +1 where t = 0, -1 where t = 1
+        s = L.mul_(sgn)                            # (L is scratch) s = x, or -x where t = 1
+        loss = reference._softplus(s)
+        coef = None
+        if pw is not None:
+            coef = (pw - 1).mul_(t).add_(1)        # p where t = 1, else 1
+        if w is not None:
+            coef = w if coef is None else coef.mul_(w)
+        if keep is not None:
+            kf = keep.to(dtype)
+            coef = kf if coef is None else coef.mul_(kf)
+        g = None
+        if want_grad:
+            g = torch.sigmoid(s).mul_(sgn)         # d/dx softplus(-x) = -sigmoid(-x)
+            if coef is not None:
+                g.mul_(coef)
+        if coef is not None:
+            loss = reference._times(coef, loss)    # 0 * inf = 0: a zero-weight term is absent
+        return loss, g
     loss = reference.binary_cross_entropy_with_logits(L, t, w, pw, keep)
     g = None
     if want_grad:

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +267,40 @@ def run(presets=PRESET_NAMES, size="smoke", repeats=5, compile=True, memory=True
     return rows
 
 
+def accuracy(N=256, H=128, C=8000, class_chunk=1000, log=print):
+    """Max error (relative to the largest entry) of loss, grad_input, grad_weight against a
+    float64 truth on the same rounded inputs: crossent vs eager, fp32 and bf16."""
+    import crossent
+
+    f64 = torch.float64
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for kw in ({}, {"label_smoothing": 0.1}):
+            g = torch.Generator().manual_seed(0)
+            x = (torch.randn(N, H, generator=g) * 0.5).to(dtype)
+            W = (torch.randn(C, H, generator=g) * 0.5).to(dtype)
+            y = torch.randint(0, C, (N,), generator=g)
+
+            def grads(fn, dt):
+                xs, Ws = x.to(dt).requires_grad_(), W.to(dt).requires_grad_()
+                loss = fn(xs, Ws)
+                return [loss.detach()] + list(torch.autograd.grad(loss, (xs, Ws)))
+
+            def eager(a, b):
+                return F.cross_entropy(F.linear(a, b), y, **kw)
+
+            truth, ref = grads(eager, f64), grads(eager, dtype)
+            ours = grads(lambda a, b: crossent.linear_cross_entropy(a, b, y, class_chunk_size=class_chunk, **kw), dtype)
+            row = {"dtype": str(dtype)[6:], **kw}
+            for name, o, e, t in zip(("loss", "grad_input", "grad_weight"), ours, ref, truth):
+                scale = float(t.abs().max())
+                row[name] = (float((o.to(f64) - t).abs().max()) / scale, float((e.to(f64) - t).abs().max()) / scale)
+            rows.append(row)
+            log("  ".join(f"{k}: {v[0]:.1e} (eager {v[1]:.1e})" if isinstance(v, tuple) else f"{k}={v}"
+                          for k, v in row.items()))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m crossent.bench.linear", description=__doc__.splitlines()[0])
     p.add_argument("--preset", action="append", choices=PRESET_NAMES)
@@ -277,8 +311,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--case", help="only cases whose name contains this, e.g. 'float32'")
     p.add_argument("--variant", action="append", help="only these variants (repeatable)")
+    p.add_argument("--accuracy", action="store_true", help="print the error table against float64 and exit")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.accuracy:
+        accuracy()
+        return 0
     if a.child:
         kind, size, index, variant = a.child
         print(_child(kind, size, int(index), variant))

@@ -130,7 +130,8 @@ def linear_cross_entropy(
     ``(B, T, H)``: classes last, targets ``(B, T)`` or probabilities ``(B, T, C)``; loss
     ``(B, T)`` for ``'none'``), ``validate``, ``return_parts``, ``return_lse`` (also return
     the per-row :math:`\log\sum_j e^{z_j}`, detached, shaped like the unreduced loss:
-    ``(loss, lse)``), ``backend`` (``'chunked'``; ``'reference'`` stores the full logits),
+    ``(loss, lse)``), ``backend`` (None chooses: ``'triton'`` on CUDA, ``'chunked'`` on CPU,
+    ``'torch-chunked'`` anywhere; ``'reference'`` stores the full logits),
     ``chunk_size``, ``class_chunk_size``, ``memory_budget``.
 
     >>> import torch, crossent
