@@ -19,7 +19,8 @@ cancellation-free ones, only evaluated differently):
   else (probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64)
   runs the same math as chunked torch ops. Both give the same numbers to a few ulp.
 * **Backward reuses the buffer.** The first backward scales the saved gradient in place
-  and hands it on, so forward+backward allocates one gradient buffer in total (and, with
+  and hands it on (and drops its own reference, so no later backward can observe the
+  change), so forward+backward allocates one gradient buffer in total (and, with
   ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
   ``sum_only``).
 * **Pre-scaled gradient.** When the functional layer says which reduction follows, the
@@ -35,14 +36,21 @@ cancellation-free ones, only evaluated differently):
 The autograd plumbing is written once, :func:`make_ops`, over a small table of forward
 kernels (:class:`Kernels`); the Triton backend reuses it with its own kernels.
 
-Gradients other than w.r.t. the input (target, weight, pos_weight), higher-order
-gradients and a second backward through the same graph (``retain_graph=True``) are served
-by the reference formulas: the Function keeps references to its inputs (no copies), and
-its backward re-derives through :mod:`~crossent.backends.reference` when
-``create_graph=True`` is requested (inside a backward, grad mode is on exactly then), when
-another input needs a gradient, or when the gradient buffer was already handed on. So
-double backward works with the automatic backend choice, nothing to configure; it simply
-costs what the reference costs.
+**Backward is reentrant.** A second backward through the same graph
+(``retain_graph=True``, gradcheck) finds the buffer handed on and recomputes the gradient
+from the saved inputs with the *same* kernel (pre-scaled or not, exactly as the first
+call), so it returns bit-for-bit what the first backward returned.
+
+Gradients other than w.r.t. the input (target, weight, pos_weight) and higher-order
+gradients are served by the reference formulas: the Function keeps references to its
+inputs (no copies), and its backward re-derives through
+:mod:`~crossent.backends.reference` when ``create_graph=True`` is requested (inside a
+backward, grad mode is on exactly then) or when another input needs a gradient. So double
+backward works with the automatic backend choice, nothing to configure; it simply costs
+what the reference costs.
+
+The backend ``chunked-torch`` is this backend with the compiled kernel never used
+(:data:`TORCH_OPS`), selectable by name or with ``CROSSENT_BACKEND=chunked-torch``.
 
 The opt-in in-place cross-entropy (``inplace_backward=True``) writes the gradient into the
 logits buffer and tells autograd with ``ctx.mark_dirty``; see :func:`cross_entropy_inplace`.
@@ -201,11 +209,12 @@ class _FusedElementwise(torch.autograd.Function):
     """Shared autograd shell of the fused BCE ops.
 
     forward(kind, sum_only, x, t, weight, pos_weight, keep) computes the loss (per element,
-    or its sum when ``sum_only``) and keeps the unscaled gradient on ``ctx``. The first
-    backward scales that buffer in place by ``grad_output`` and hands it on (no new
-    buffer). Anything else -- a second backward (``retain_graph=True``), ``create_graph``,
-    gradients w.r.t. target / weight / pos_weight -- is computed from the saved inputs by
-    the reference formulas, so every case is right and only the common one is special.
+    or its sum when ``sum_only``) and keeps the gradient on ``ctx``. The first backward
+    scales that buffer in place by ``grad_output`` (or returns it as is when it was
+    pre-scaled by exactly that value) and hands it on (no new buffer). A second backward
+    (``retain_graph=True``) recomputes it with the same kernel: bit-for-bit the same
+    result (reentrant). ``create_graph`` and gradients w.r.t. target / weight /
+    pos_weight are computed from the saved inputs by the reference formulas.
     """
 
     @staticmethod
