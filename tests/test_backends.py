@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crossent
-from crossent.backends import BackendUnavailableError, chunked, chunked_cpp, dispatch
+from crossent.backends import BackendUnavailableError, chunked, chunked_cpp, dispatch, reference
 
 BACKENDS = ["reference", "chunked", "chunked-torch"]
 TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -254,16 +254,28 @@ def test_target_and_weight_gradients_match_torch(backend):
         _close(a, b, torch.float64)
 
 
-def test_backward_twice_with_retain_graph_gives_the_same_gradient(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_twice_with_retain_graph_gives_the_same_gradient(backend, dtype, reduction):
+    """Backward is reentrant: a second backward through the same graph (retain_graph, as
+    gradcheck does) returns bit-for-bit the first one's gradient, whatever grad_output."""
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(9, 6, generator=g, requires_grad=True)
+    x = torch.randn(9, 6, generator=g, dtype=dtype, requires_grad=True)
     y = torch.randint(0, 6, (9,), generator=g)
-    t = torch.rand(9, 6, generator=g)
-    for loss in (crossent.cross_entropy(x, y, backend=backend),
-                 crossent.binary_cross_entropy_with_logits(x, t, backend=backend)):
-        (a,) = torch.autograd.grad(loss, x, retain_graph=True)
-        (b,) = torch.autograd.grad(loss, x)
-        _close(a, b)
+    y[2] = -100
+    t = torch.rand(9, 6, generator=g, dtype=dtype)
+    p = torch.rand(9, 6, generator=g, dtype=dtype).requires_grad_()
+    cases = [(crossent.cross_entropy(x, y, reduction=reduction, backend=backend), x),
+             (crossent.cross_entropy(x, y, reduction=reduction, label_smoothing=0.2, backend=backend), x),
+             (crossent.cross_entropy(x, t.softmax(1), reduction=reduction, backend=backend), x),
+             (crossent.binary_cross_entropy_with_logits(x, t, reduction=reduction, backend=backend), x),
+             (crossent.binary_cross_entropy(p, t, reduction=reduction, backend=backend), p)]
+    for loss, inp in cases:
+        for go in (torch.ones_like(loss), torch.full_like(loss, 3.0)):
+            (a,) = torch.autograd.grad(loss, inp, go, retain_graph=True)
+            (b,) = torch.autograd.grad(loss, inp, go, retain_graph=True)
+            (c,) = torch.autograd.grad(loss, inp, go, retain_graph=True)
+            assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -369,7 +381,8 @@ def test_inplace_is_off_by_default_and_inert_without_autograd():
 
 
 # --------------------------------------------------------------- registry
-def test_automatic_choice_and_explicit_failures():
+def test_automatic_choice_and_explicit_failures(monkeypatch):
+    monkeypatch.delenv("CROSSENT_BACKEND", raising=False)
     x = torch.randn(3, 4)
     assert dispatch("cross_entropy", x) is chunked.cross_entropy
     assert dispatch("cross_entropy_inplace", x) is chunked.cross_entropy_inplace
@@ -383,6 +396,44 @@ def test_automatic_choice_and_explicit_failures():
     with pytest.raises(BackendUnavailableError, match="backend 'reference' cannot run cross_entropy_inplace"):
         crossent.cross_entropy(x.requires_grad_() * 1, torch.tensor([0, 1, 2]), backend="reference",
                                inplace_backward=True)
+
+
+def test_crossent_backend_environment_variable(monkeypatch):
+    """CROSSENT_BACKEND makes backend=None/'auto' behave as if that backend were named;
+    ops it does not implement at all keep the automatic choice; backend= still wins."""
+    x = torch.randn(3, 4)
+    monkeypatch.setenv("CROSSENT_BACKEND", "reference")
+    assert dispatch("cross_entropy", x) is dispatch("cross_entropy", x, "auto") is reference.cross_entropy
+    assert dispatch("binary_cross_entropy", x) is reference.binary_cross_entropy
+    assert dispatch("cross_entropy", x, "chunked") is chunked.cross_entropy
+    # reference has no in-place mode: the automatic choice (chunked) serves it
+    assert dispatch("cross_entropy_inplace", x) is chunked.cross_entropy_inplace
+    monkeypatch.setenv("CROSSENT_BACKEND", "chunked-torch")
+    assert dispatch("cross_entropy", x) is chunked.TORCH_OPS["cross_entropy"]
+    meta = torch.empty(3, 4, device="meta")
+    with pytest.raises(BackendUnavailableError, match="backend 'chunked-torch' cannot run cross_entropy on meta"):
+        dispatch("cross_entropy", meta)
+    monkeypatch.setenv("CROSSENT_BACKEND", "nope")
+    with pytest.raises(ValueError, match=r"CROSSENT_BACKEND: expected one of .*'nope'.*Unset it"):
+        dispatch("cross_entropy", x)
+    monkeypatch.setenv("CROSSENT_BACKEND", "auto")
+    assert dispatch("cross_entropy", x) is chunked.cross_entropy
+
+
+def test_chunked_torch_backend_never_uses_the_compiled_kernel(monkeypatch):
+    def boom():
+        raise AssertionError("compiled kernel used")
+    monkeypatch.setattr(chunked, "_cpp", boom)
+    x = torch.randn(5, 7, requires_grad=True)
+    y = torch.randint(0, 7, (5,))
+    t = torch.rand(5, 7)
+    for ours, ref in ((crossent.cross_entropy(x, y, backend="chunked-torch"), F.cross_entropy(x, y)),
+                      (crossent.binary_cross_entropy_with_logits(x, t, backend="chunked-torch"),
+                       F.binary_cross_entropy_with_logits(x, t)),
+                      (crossent.binary_cross_entropy(x.sigmoid(), t, backend="chunked-torch"),
+                       F.binary_cross_entropy(x.sigmoid(), t))):
+        _close(ours, ref)
+        _close(_grad(ours, x)[0], _grad(ref, x)[0])
 
 
 def test_compiled_kernel_can_be_switched_off(monkeypatch):
@@ -463,9 +514,8 @@ def test_fused_cpu_kernels_agree_with_reference_on_any_logits(rows, data):
     y = torch.tensor([data.draw(st.integers(0, 10)) for _ in rows])
     t = torch.tensor([[data.draw(st.sampled_from([0.0, 1.0, 0.3]))
                        for _ in range(11)] for _ in rows])
-    # positive weights: with w_y = 0 and an infinite -log p_y the reference gives 0 * inf = NaN,
-    # the fused kernels drop the zero-weight term (0), as reference._times does elsewhere
-    w = torch.tensor([data.draw(st.sampled_from([0.5, 2.0])) for _ in range(11)])
+    # a weight of 0 with an infinite -log p_y gives 0 on both sides (the term is absent)
+    w = torch.tensor([data.draw(st.sampled_from([0.0, 0.5, 2.0])) for _ in range(11)])
     for fn in (lambda a, b: crossent.cross_entropy(a, y, reduction="none", backend=b),
                lambda a, b: crossent.cross_entropy(a, y, weight=w, label_smoothing=0.1, reduction="none",
                                                    backend=b),

@@ -5,6 +5,9 @@ Registered here, highest priority first in the automatic choice:
 * ``triton`` (priority 20): fused Triton kernels, CUDA tensors only, needs ``triton``.
 * ``chunked`` (priority 10): fused CPU kernels (compiled C++ when available, else chunked
   torch ops), CPU tensors only. Also the only CPU backend of ``cross_entropy_inplace``.
+* ``chunked-torch`` (priority 1): ``chunked`` without the compiled kernel (its chunked
+  torch-ops fallback), CPU only; never the automatic choice on CPU (``chunked`` wins), it is
+  there to be named (``backend="chunked-torch"`` or ``CROSSENT_BACKEND=chunked-torch``).
 * ``reference`` (priority 0): plain torch, any device, any order of derivative.
 
 Double backward (``create_graph=True``) works with every backend: the fused backends
@@ -34,6 +37,13 @@ register(Backend(
     name="chunked",
     priority=10,
     ops=dict(chunked.OPS),
+    unavailable=_cpu_only,
+))
+
+register(Backend(
+    name="chunked-torch",
+    priority=1,
+    ops=dict(chunked.TORCH_OPS),
     unavailable=_cpu_only,
 ))
 

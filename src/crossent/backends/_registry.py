@@ -5,12 +5,23 @@ the op on the input's device; what cannot run is skipped silently. An explicitly
 backend that cannot run raises :class:`BackendUnavailableError` naming the reason and the
 alternatives (the Liger Kernel habit). Every backend returns the same unreduced losses;
 none of them decides what ``mean`` means.
+
+The environment variable ``CROSSENT_BACKEND`` (e.g. ``reference``, ``chunked``,
+``chunked-torch``) overrides the automatic choice: a call with ``backend=None`` or
+``"auto"`` then behaves exactly as if that backend had been named (an unknown name is an
+error, a backend that cannot run on the device raises :class:`BackendUnavailableError`).
+The one exception: an op that backend does not implement at all (e.g. the fused linear
+ops of ``reference``/``chunked-torch``, ``cross_entropy_inplace`` of ``reference``)
+silently keeps the automatic choice. ``CROSSENT_BACKEND=auto`` or unset: automatic.
+An explicit ``backend=`` argument always wins over the variable.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
+
+import os
 
 import torch
 
@@ -42,7 +53,20 @@ def available_backends() -> List[str]:
 
 
 def dispatch(op: str, like: torch.Tensor, backend: Optional[str] = None) -> Callable:
-    """Return the implementation of ``op`` for tensors like ``like``."""
+    """Return the implementation of ``op`` for tensors like ``like``.
+
+    ``backend`` None/``"auto"``: ``$CROSSENT_BACKEND`` when set (see the module docstring),
+    else the highest-priority backend that implements ``op`` and can run on the device.
+    """
+    if backend is None or backend == "auto":
+        forced = os.environ.get("CROSSENT_BACKEND", "").strip()
+        if forced and forced != "auto":
+            b = _BACKENDS.get(forced)
+            if b is None:
+                fail("CROSSENT_BACKEND", f"one of {['auto'] + available_backends()}", repr(forced),
+                     "Unset it (or set it to 'auto') for the automatic choice.")
+            if op in b.ops:
+                return dispatch(op, like, forced)
     if backend is None or backend == "auto":
         for name in available_backends():
             b = _BACKENDS[name]

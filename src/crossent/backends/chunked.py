@@ -19,7 +19,8 @@ cancellation-free ones, only evaluated differently):
   else (probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64)
   runs the same math as chunked torch ops. Both give the same numbers to a few ulp.
 * **Backward reuses the buffer.** The first backward scales the saved gradient in place
-  and hands it on, so forward+backward allocates one gradient buffer in total (and, with
+  and hands it on (and drops its own reference, so no later backward can observe the
+  change), so forward+backward allocates one gradient buffer in total (and, with
   ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
   ``sum_only``).
 * **Pre-scaled gradient.** When the functional layer says which reduction follows, the
@@ -35,14 +36,21 @@ cancellation-free ones, only evaluated differently):
 The autograd plumbing is written once, :func:`make_ops`, over a small table of forward
 kernels (:class:`Kernels`); the Triton backend reuses it with its own kernels.
 
-Gradients other than w.r.t. the input (target, weight, pos_weight), higher-order
-gradients and a second backward through the same graph (``retain_graph=True``) are served
-by the reference formulas: the Function keeps references to its inputs (no copies), and
-its backward re-derives through :mod:`~crossent.backends.reference` when
-``create_graph=True`` is requested (inside a backward, grad mode is on exactly then), when
-another input needs a gradient, or when the gradient buffer was already handed on. So
-double backward works with the automatic backend choice, nothing to configure; it simply
-costs what the reference costs.
+**Backward is reentrant.** A second backward through the same graph
+(``retain_graph=True``, gradcheck) finds the buffer handed on and recomputes the gradient
+from the saved inputs with the *same* kernel (pre-scaled or not, exactly as the first
+call), so it returns bit-for-bit what the first backward returned.
+
+Gradients other than w.r.t. the input (target, weight, pos_weight) and higher-order
+gradients are served by the reference formulas: the Function keeps references to its
+inputs (no copies), and its backward re-derives through
+:mod:`~crossent.backends.reference` when ``create_graph=True`` is requested (inside a
+backward, grad mode is on exactly then) or when another input needs a gradient. So double
+backward works with the automatic backend choice, nothing to configure; it simply costs
+what the reference costs.
+
+The backend ``chunked-torch`` is this backend with the compiled kernel never used
+(:data:`TORCH_OPS`), selectable by name or with ``CROSSENT_BACKEND=chunked-torch``.
 
 The opt-in in-place cross-entropy (``inplace_backward=True``) writes the gradient into the
 logits buffer and tells autograd with ``ctx.mark_dirty``; see :func:`cross_entropy_inplace`.
@@ -123,9 +131,13 @@ def _bce_chunk(p, t, pos, w, keep):
     log_p = torch.clamp(torch.log(p), min=-100)
     log_1mp = torch.clamp(torch.log1p(-p), min=-100)
     pt = t if pos is None else pos * t
-    one_m_t = 1 - t
-    loss = -(pt * log_p + one_m_t * log_1mp)
-    grad = (one_m_t * p - pt * (1 - p)) / torch.clamp(p * (1 - p), min=1e-12)
+    loss = -(pt * log_p + (1 - t) * log_1mp)
+    # reference._BinaryCrossEntropy.backward: (p - t) - (p_w - 1) t (1 - p) over
+    # max(p (1 - p), EPS), EPS torch's float32 constant (also for float64).
+    num = p - t
+    if pos is not None:
+        num = num - (pos - 1) * t * (1 - p)
+    grad = num / torch.clamp(p * (1 - p), min=reference._TORCH_BCE_EPS)
     if w is not None:
         loss = loss * w
         grad = grad * w
@@ -178,16 +190,16 @@ def _cycled_pos_weight(x, pos_weight):
     return pos_weight.expand(x.shape).contiguous(), x.numel()
 
 
-def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
+def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
     """(loss or its sum, grad * scale) for the whole tensor: compiled kernel or chunked torch ops."""
-    cpp = _cpp() if _cpp_ok(x, t) and weight is None and keep is None else None
+    cpp = _cpp() if use_cpp and _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
         return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
     return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
 
 
-def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None):
-    cpp = _cpp() if _cpp_ok(p, t) and weight is None and keep is None else None
+def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
+    cpp = _cpp() if use_cpp and _cpp_ok(p, t) and weight is None and keep is None else None
     if cpp is not None:
         return cpp.bce_probs(p, t, *_cycled_pos_weight(p, pos_weight), not sum_only, scale)
     return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only, scale)
@@ -197,11 +209,12 @@ class _FusedElementwise(torch.autograd.Function):
     """Shared autograd shell of the fused BCE ops.
 
     forward(kind, sum_only, x, t, weight, pos_weight, keep) computes the loss (per element,
-    or its sum when ``sum_only``) and keeps the unscaled gradient on ``ctx``. The first
-    backward scales that buffer in place by ``grad_output`` and hands it on (no new
-    buffer). Anything else -- a second backward (``retain_graph=True``), ``create_graph``,
-    gradients w.r.t. target / weight / pos_weight -- is computed from the saved inputs by
-    the reference formulas, so every case is right and only the common one is special.
+    or its sum when ``sum_only``) and keeps the gradient on ``ctx``. The first backward
+    scales that buffer in place by ``grad_output`` (or returns it as is when it was
+    pre-scaled by exactly that value) and hands it on (no new buffer). A second backward
+    (``retain_graph=True``) recomputes it with the same kernel: bit-for-bit the same
+    result (reentrant). ``create_graph`` and gradients w.r.t. target / weight /
+    pos_weight are computed from the saved inputs by the reference formulas.
     """
 
     @staticmethod
@@ -219,7 +232,7 @@ class _FusedElementwise(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, t, weight, pos_weight, keep = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
-        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[4:7]):
+        if torch.is_grad_enabled() or any(ctx.needs_input_grad[4:7]):
             ref = (reference.binary_cross_entropy_with_logits if ctx.kind == "logits"
                    else reference.binary_cross_entropy)
 
@@ -228,13 +241,19 @@ class _FusedElementwise(torch.autograd.Function):
                 return loss.sum() if ctx.sum_only else loss
             sub = _SubCtx(ctx, (3, 4, 5, 6))
             return (None, None, None) + _reference_grads(sub, fn, (x, t, weight, pos_weight), grad_out) + (None,)
-        if ctx.scale is not None:
+        def recompute(scale):
+            # The same kernel on the same inputs: bit-for-bit what forward computed, so a
+            # second backward (retain_graph=True) returns exactly what the first did.
+            return ctx.forward(x, t, weight, pos_weight, keep, True, scale)[1]
+
+        if ctx.scale is not None and grad_out.numel() == 1 and grad_out.item() == ctx.scale.item():
             # The gradient was scaled in forward by the grad_output a plain loss.backward()
             # sends (1/N for 'mean', exactly as autograd computes it): nothing left to do.
-            # Any other grad_output (loss * 2, a GradScaler): recompute unscaled, then scale.
-            if grad_out.numel() == 1 and grad_out.item() == ctx.scale.item():
-                return None, None, None, grad, None, None, None, None
-            grad = ctx.forward(x, t, weight, pos_weight, keep, True, None)[1]
+            return None, None, None, grad if grad is not None else recompute(ctx.scale), None, None, None, None
+        if grad is None or ctx.scale is not None:
+            # Buffer already handed on, or pre-scaled by another value (loss * 2, a
+            # GradScaler): recompute unscaled, then scale.
+            grad = recompute(None)
         return None, None, None, grad.mul_(grad_out), None, None, None, None
 
 
@@ -278,49 +297,34 @@ def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only, grad_s
 
 # --------------------------------------------------------------------- cross-entropy
 def _ce_chunk(x, q, y, c, smooth, want_grad: bool):
-    r"""Loss (rows,) and gradient (rows, C) of one chunk of rows; see reference._CrossEntropy.
+    r"""Loss (rows,) and gradient (rows, C) of one chunk of rows: reference._CrossEntropy.
 
-    With m the row max at index k, z = x - m (0 where x == m), e = exp(z) with e_k = 0,
-    s = sum(e): -log p_j = log1p(s) - z_j, p_j = e_j / (1 + s) (p_k = 1 / (1 + s)), and
-    the gradient A p - a with its arg-max entry evaluated as (A - a_k) - A s / (1 + s).
+    With m the row max at index k, z = x - m (0 where x == m), e = exp(z) (e_k = 1),
+    s = sum_{j != k} e_j: -log p_j = log1p(s) - z_j, p_j = e_j / (1 + s), and the
+    gradient A p - a with its arg-max entry evaluated as (A - a_k) - A s / (1 + s) when
+    the arg-max dominates (s < 1), else as A p_k - a_k -- the reference's very ops, so
+    the two backends agree to the bit on the torch path.
     """
     m, k = x.max(dim=1, keepdim=True)
     z = torch.where(x == m, _zero(x), x - m)
-    e = torch.exp(z).scatter_(1, k, 0.0)
-    s = e.sum(dim=1, keepdim=True)
-    lse = torch.log1p(s)
+    e = torch.exp(z)
+    s = e.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+    nlp = torch.log1p(s) - z
     if q is not None:                       # dense coefficients (probability targets)
-        nlp = lse - z
         loss = _times(q, nlp).sum(dim=1)
-        if not want_grad:
-            return loss, None
-        A = q.sum(dim=1, keepdim=True)
-        inv = 1.0 / (1.0 + s)
-        g = (A * inv) * e - q
-        a_rest = q.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
-        g.scatter_(1, k, a_rest - A * (s * inv))
-        return loss, g
-    yy = y.unsqueeze(1)
-    cc = c.unsqueeze(1)
-    nlp_y = lse - z.gather(1, yy)
-    loss = _times(cc, nlp_y).squeeze(1)
-    A = cc
-    if smooth is not None:
-        sm = smooth.unsqueeze(0)
-        loss = loss + _times(sm.expand_as(z), lse - z).sum(dim=1)
-        A = cc + smooth.sum()
+    else:
+        yy = y.unsqueeze(1)
+        loss = _times(c.unsqueeze(1), nlp.gather(1, yy)).squeeze(1)
+        if smooth is not None:
+            loss = loss + _times(smooth.expand_as(nlp), nlp).sum(dim=1)
     if not want_grad:
         return loss, None
-    inv = 1.0 / (1.0 + s)
-    g = (A * inv) * e
-    if smooth is not None:
-        g = g - sm
-    g.scatter_add_(1, yy, -cc)
-    # arg-max entry: (A - a_k) - A * s/(1+s), with A - a_k summed without cancellation.
-    a_rest = torch.where(k == yy, _zero(cc), cc)
-    if smooth is not None:
-        a_rest = a_rest + (smooth.sum() - smooth[k])
-    g.scatter_(1, k, a_rest - A * (s * inv))
+    a = reference._dense_coef(x, q, y, c, smooth)
+    A = a.sum(dim=1, keepdim=True)
+    g = A * (e / (1 + s)) - a
+    a_rest = a.scatter(1, k, 0.0).sum(dim=1, keepdim=True)  # A - a_k without cancellation
+    g_k = torch.where(s < 1, a_rest - A * (s / (1 + s)), g.gather(1, k))
+    g.scatter_(1, k, g_k)
     return loss, g
 
 
@@ -346,10 +350,10 @@ def _ce_args(x, target, index_target, weight, keep, label_smoothing):
 
 
 def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None,
-                scale=None):
+                scale=None, use_cpp: bool = True):
     """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place)."""
     M, C = x.shape
-    cpp = _cpp() if q is None and M > 0 and C > 0 and _cpp_ok(x) else None
+    cpp = _cpp() if use_cpp and q is None and M > 0 and C > 0 and _cpp_ok(x) else None
     if cpp is not None:
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
@@ -391,18 +395,23 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, q, y, c, smooth, keep = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
-        if grad is None or torch.is_grad_enabled() or any(ctx.needs_input_grad[3:7]):
+        if torch.is_grad_enabled() or any(ctx.needs_input_grad[3:7]):
             def fn(x_, q_, c_, s_):
                 loss = reference._CrossEntropy.apply(x_, q_, y, c_, s_)
                 return _ce_mask(loss, keep, s_)
             gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (2, 3, 5, 6)), fn, (x, q, c, smooth), grad_out)
             return None, None, gx, gq, None, gc, gs, None
-        if ctx.scale is not None:
-            if _is_expected(grad_out, ctx.scale):   # pre-scaled in forward: nothing left to do
-                return None, None, grad, None, None, None, None, None
-            grad = ctx.impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True)[1]
+        def recompute(scale):
+            # Same kernel, same inputs: bit-for-bit what forward computed (reentrant).
+            g = ctx.impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)[1]
             if smooth is not None and keep is not None:
-                grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+                g.masked_fill_(~keep.unsqueeze(1), 0.0)
+            return g
+
+        if ctx.scale is not None and _is_expected(grad_out, ctx.scale):   # pre-scaled in forward
+            return None, None, grad if grad is not None else recompute(ctx.scale), None, None, None, None, None
+        if grad is None or ctx.scale is not None:
+            grad = recompute(None)
         return None, None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
 
 
@@ -602,3 +611,21 @@ binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
 cross_entropy = OPS["cross_entropy"]
 cross_entropy_inplace = OPS["cross_entropy_inplace"]
+
+
+def _bcewl_forward_torch(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
+    return _bcewl_forward(x, t, weight, pos_weight, keep, sum_only, scale, use_cpp=False)
+
+
+def _bce_forward_torch(p, t, weight, pos_weight, keep, sum_only=False, scale=None):
+    return _bce_forward(p, t, weight, pos_weight, keep, sum_only, scale, use_cpp=False)
+
+
+def _ce_forward_torch(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, scale=None):
+    return _ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out, scale, use_cpp=False)
+
+
+# Backend "chunked-torch": the same fused autograd with the compiled kernel never used
+# (the chunked torch-ops fallback), selectable by name, e.g. CROSSENT_BACKEND=chunked-torch.
+CPU_TORCH = Kernels(_bcewl_forward_torch, _bce_forward_torch, _ce_forward_torch, prescale=True)
+TORCH_OPS = make_ops(CPU_TORCH)

@@ -87,7 +87,8 @@ static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
 
 /* BCE on probabilities, torch's clamp and torch's gradient (reference._BinaryCrossEntropy):
    loss = -(p t max(log q, -100) + (1-t) max(log1p(-q), -100))
-   grad = ((1-t) q - p t (1-q)) / max(q (1-q), 1e-12)          (q the probability) */
+   grad = ((q - t) - (pw - 1) t (1-q)) / max(q (1-q), 1e-12f)   (q the probability, p = pw t;
+   1e-12f is torch's float32 EPSILON; pw = 1 without pos_weight makes the second term 0) */
 static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
   const V one = vset(1.f), lo = vset(-100.f);
   V log_q = _mm256_max_ps(lo, Sleef_logf8_u10(q));
@@ -96,8 +97,9 @@ static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
   V omt = _mm256_sub_ps(one, t);
   V omq = _mm256_sub_ps(one, q);
   *loss = vneg(_mm256_add_ps(_mm256_mul_ps(p, log_q), _mm256_mul_ps(omt, log_1mq)));
-  *grad = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(omt, q), _mm256_mul_ps(p, omq)),
-                        _mm256_max_ps(vset(1e-12f), _mm256_mul_ps(q, omq)));
+  V num = _mm256_sub_ps(_mm256_sub_ps(q, t),
+                        _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(pw, one), t), omq));
+  *grad = _mm256_div_ps(num, _mm256_max_ps(vset(1e-12f), _mm256_mul_ps(q, omq)));
 }
 
 #define BLOCK 16384
@@ -157,7 +159,9 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
 /* Cross-entropy, class-index targets, one row at a time (reference formulas):
    m = max x, k = first arg-max, z = x - m (0 where x == m), e = exp(z) (1 for ties),
    s = sum_{j != k} e_j, loss = c (log1p(s) - z_y) (0 if c == 0),
-   grad_j = c e_j/(1+s) - c [j == y];  grad_k = c [k != y] - c s/(1+s).
+   grad_j = A (e_j/(1+s)) - a_j  (a_j = c [j == y] + sm_j, A = c + S);
+   at the arg-max, when it dominates (s < 1): grad_k = (A - a_k) - A (s/(1+s)), else the
+   general form (reference._CrossEntropy.backward).
    grad may be NULL (loss only) or alias x (in-place mode: x_y is read first). */
 int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
                           float *grad, float scale, int64_t M, int64_t C, int nthreads) {
@@ -235,25 +239,32 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
     loss[r] = lr;
     if (!gr) continue;
     /* scale: the grad_output a plain backward() will send, applied last (as backward would) */
-    const float inv = 1.f / (1.f + s);
+    /* p_j = e_j / (1+s): one rounding (a reciprocal then a product would be two) */
+    const float den = 1.f + s;
     const float ey = gr[yr];
     const float A = cr + Sf;
-    const V sc = vset(A * inv), vs = vset(scale);
+    const V vA = vset(A), vden = vset(den), vs = vset(scale);
     if (sm) {
       for (j = 0; j + W <= C; j += W)
-        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_sub_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(gr + j)),
-                                                                  _mm256_loadu_ps(sm + j))));
-      for (; j < C; ++j) gr[j] = scale * (A * inv * gr[j] - sm[j]);
+        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_sub_ps(
+            _mm256_mul_ps(vA, _mm256_div_ps(_mm256_loadu_ps(gr + j), vden)), _mm256_loadu_ps(sm + j))));
+      for (; j < C; ++j) gr[j] = scale * (A * (gr[j] / den) - sm[j]);
     } else {
       for (j = 0; j + W <= C; j += W)
-        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_mul_ps(sc, _mm256_loadu_ps(gr + j))));
-      for (; j < C; ++j) gr[j] = scale * (A * inv * gr[j]);
+        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_mul_ps(vA, _mm256_div_ps(_mm256_loadu_ps(gr + j), vden))));
+      for (; j < C; ++j) gr[j] = scale * (A * (gr[j] / den));
     }
     const float sm_y = sm ? sm[yr] : 0.f;
-    gr[yr] = scale * (A * inv * ey - sm_y - cr);
-    /* arg-max entry: (A - a_k) - A s/(1+s), A - a_k = c [k != y] + (S - sm_k) in double */
-    const float a_rest = ((k == yr) ? 0.f : cr) + (sm ? (float)(S - (double)sm[k]) : 0.f);
-    gr[k] = scale * (a_rest - A * (s * inv));
+    gr[yr] = scale * (A * (ey / den) - (sm_y + cr));
+    /* arg-max entry k (e_k = 1): when it dominates (s < 1), (A - a_k) - A s/(1+s) with
+       A - a_k = c [k != y] + (S - sm_k) in double; else A p_k - a_k as everywhere */
+    if (s < 1.f) {
+      const float a_rest = ((k == yr) ? 0.f : cr) + (sm ? (float)(S - (double)sm[k]) : 0.f);
+      gr[k] = scale * (a_rest - A * (s / den));
+    } else {
+      const float a_k = (sm ? sm[k] : 0.f) + ((k == yr) ? cr : 0.f);
+      gr[k] = scale * (A * (1.f / den) - a_k);
+    }
   }
   return bad;
 }

@@ -209,7 +209,7 @@ def _dense_coef(x, q, y, c, smooth):
 def _ce_value(nlp, q, y, c, smooth):
     if q is not None:
         return _times(q, nlp).sum(dim=1)
-    loss = c * nlp.gather(1, y.unsqueeze(1)).squeeze(1)
+    loss = _times(c, nlp.gather(1, y.unsqueeze(1)).squeeze(1))   # weight 0 with -log p = inf: 0
     if smooth is not None:
         loss = loss + _times(smooth.expand_as(nlp), nlp).sum(dim=1)
     return loss
