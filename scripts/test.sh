@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The README's test command: set up (idempotent), then run the whole suite.
+# The README's test command: set up (idempotent), then run the whole suite, then run the
+# drop-in and exactness suites again on every CPU backend (the automatic choice on CPU is
+# `chunked`; `reference` and `chunked-torch` must give the same answers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+for backend in reference chunked-torch; do
+  echo "== drop-in and exactness suites with CROSSENT_BACKEND=$backend"
+  CROSSENT_BACKEND=$backend .venv/bin/python -m pytest \
+    tests/test_exact.py tests/test_parity.py tests/test_properties.py tests/test_extensions.py "$@"
+done
