@@ -328,27 +328,6 @@ def _ce_chunk(x, q, y, c, smooth, want_grad: bool):
     return loss, g
 
 
-def _ce_args(x, target, index_target, weight, keep, label_smoothing):
-    """The reference's canonicalisation: (q, y, c, smooth, den)."""
-    C = x.shape[1]
-    eps = label_smoothing
-    if not index_target:
-        q = target if eps == 0 else target * (1 - eps) + eps / C
-        if weight is not None:
-            q = q * weight
-        return q, None, None, None, None
-    y = target if keep is None else torch.where(keep, target, torch.zeros_like(target))
-    w_y = None if weight is None else weight.gather(0, y)
-    den = torch.ones_like(y, dtype=x.dtype) if w_y is None else w_y
-    if keep is not None:
-        den = torch.where(keep, den, _zero(den))
-    c = den * (1 - eps) if eps else den
-    smooth = None
-    if eps:
-        smooth = torch.full((C,), eps / C, dtype=x.dtype, device=x.device) if weight is None else weight * (eps / C)
-    return None, y, c, smooth, den
-
-
 def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None,
                 scale=None, use_cpp: bool = True):
     """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place)."""
@@ -435,7 +414,7 @@ def ce_grad_scale(reduction: str, den: Optional[torch.Tensor], M: int, like: tor
 
 
 def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
-    q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
+    q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x, q, c, smooth):
         with torch.no_grad():
             loss, _ = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=False)
@@ -519,7 +498,7 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
     if not index_target:
         fail(func, "class-index targets with inplace_backward=True", "class-probability targets",
              "Use inplace_backward=False for probability targets.")
-    q, y, c, smooth, den = _ce_args(x, target, index_target, weight, keep, label_smoothing)
+    q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x):
         return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
     root = x if x._base is None else x._base

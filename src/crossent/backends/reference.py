@@ -215,6 +215,33 @@ def _ce_value(nlp, q, y, c, smooth):
     return loss
 
 
+def ce_coefficients(x, target, index_target, weight, keep, label_smoothing):
+    """Cross-entropy options as the coefficients of :class:`_CrossEntropy`: ``(q, y, c, smooth, den)``.
+
+    Probability targets: ``q = w * ((1 - eps) target + eps / C)`` and the rest None.
+    Class indices: ``y`` (ignored rows pointed at class 0), ``c = (1 - eps) w_y`` (0 when
+    ignored), ``smooth = eps w / C`` (or None) and ``den`` the per-row ``mean`` denominator
+    weight. Shared by every backend so that they agree on what the options mean.
+    """
+    C = x.shape[1]
+    eps = label_smoothing
+    if not index_target:
+        q = target if eps == 0 else target * (1 - eps) + eps / C
+        if weight is not None:
+            q = q * weight
+        return q, None, None, None, None
+    y = target if keep is None else torch.where(keep, target, torch.zeros_like(target))
+    w_y = None if weight is None else weight.gather(0, y)
+    den = torch.ones_like(y, dtype=x.dtype) if w_y is None else w_y
+    if keep is not None:
+        den = torch.where(keep, den, torch.zeros((), dtype=den.dtype, device=den.device))
+    c = den * (1 - eps) if eps else den
+    smooth = None
+    if eps:
+        smooth = torch.full((C,), eps / C, dtype=x.dtype, device=x.device) if weight is None else weight * (eps / C)
+    return None, y, c, smooth, den
+
+
 def cross_entropy(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -233,23 +260,10 @@ def cross_entropy(
         ``(loss, denominator)``: per-row losses (M,) and the per-row denominator weights
         (M,) for ``mean``, or None meaning one per row.
     """
-    C = x.shape[1]
-    eps = label_smoothing
-    if not index_target:
-        q = target if eps == 0 else target * (1 - eps) + eps / C
-        if weight is not None:
-            q = q * weight
+    q, y, c, smooth, den = ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
+    if q is not None:
         return _CrossEntropy.apply(x, q, None, None, None), None
-    y = target if keep is None else torch.where(keep, target, torch.zeros_like(target))
-    w_y = None if weight is None else weight.gather(0, y)
-    den = torch.ones_like(y, dtype=x.dtype) if w_y is None else w_y
-    if keep is not None:
-        den = torch.where(keep, den, torch.zeros((), dtype=den.dtype, device=den.device))
-    c = den * (1 - eps) if eps else den
-    smooth = None
-    if eps:
-        smooth = torch.full((C,), eps / C, dtype=x.dtype, device=x.device) if weight is None else weight * (eps / C)
     loss = _CrossEntropy.apply(x, None, y, c, smooth)
-    if eps and keep is not None:
+    if label_smoothing and keep is not None:
         loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     return loss, den
