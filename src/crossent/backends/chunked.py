@@ -99,6 +99,17 @@ def _needs_graph(*tensors) -> bool:
 
 
 # --------------------------------------------------------------------- BCE with logits
+def _weight_and_mask(loss, grad, w, keep):
+    """Apply per-element weights and the ignore_index mask to a chunk's loss and gradient."""
+    if w is not None:
+        loss = loss * w
+        grad = grad * w
+    if keep is not None:
+        loss = torch.where(keep, loss, _zero(loss))
+        grad = torch.where(keep, grad, _zero(grad))
+    return loss, grad
+
+
 def _bcewl_chunk(x, t, pos, w, keep):
     """Loss and d loss / dx of one chunk (pure torch), reference formulas.
 
@@ -117,13 +128,7 @@ def _bcewl_chunk(x, t, pos, w, keep):
     p = t if pos is None else pos * t
     loss = _times(p, sp_neg) + _times(one_m_t, sp_pos)
     grad = one_m_t * sig - p * sig_neg
-    if w is not None:
-        loss = loss * w
-        grad = grad * w
-    if keep is not None:
-        loss = torch.where(keep, loss, _zero(loss))
-        grad = torch.where(keep, grad, _zero(grad))
-    return loss, grad
+    return _weight_and_mask(loss, grad, w, keep)
 
 
 def _bce_chunk(p, t, pos, w, keep):
@@ -138,13 +143,7 @@ def _bce_chunk(p, t, pos, w, keep):
     if pos is not None:
         num = num - (pos - 1) * t * (1 - p)
     grad = num / torch.clamp(p * (1 - p), min=reference._TORCH_BCE_EPS)
-    if w is not None:
-        loss = loss * w
-        grad = grad * w
-    if keep is not None:
-        loss = torch.where(keep, loss, _zero(loss))
-        grad = torch.where(keep, grad, _zero(grad))
-    return loss, grad
+    return _weight_and_mask(loss, grad, w, keep)
 
 
 def _chunks(n: int, rows: int):

@@ -42,6 +42,7 @@ import torch
 
 from . import reference
 from ._registry import Backend, _BACKENDS, register
+from .triton import unavailable_reason as triton_unavailable_reason
 
 # Default per-call scratch budget (bytes) for the chunked kernels. 128 MiB keeps the
 # overhead of a 4096 x 2048 -> 128256 float32 head at ~1/40 of eager's 5 GiB while the
@@ -840,16 +841,6 @@ def _add_ops(name: str, priority: int, ops: dict, unavailable=None) -> None:
         b.ops.update(ops)
 
 
-def _triton_unavailable(device):
-    if device.type != "cuda":
-        return f"it runs on CUDA tensors only (got a {device.type} tensor)"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (pip install 'crossent[triton]')"
-    return None
-
-
 def _triton_linear_op(name):
     def call(*args):
         from .triton import linear as triton_linear  # imports triton: only when used
@@ -865,4 +856,4 @@ _OPS_TRITON = {op: _triton_linear_op(fn.__name__) for op, fn in _OPS_CHUNKED.ite
 _add_ops("reference", 0, _OPS_REFERENCE)
 _add_ops("torch-chunked", 5, _OPS_CHUNKED)
 _add_ops("chunked", 10, _OPS_CHUNKED)
-_add_ops("triton", 20, _OPS_TRITON, unavailable=_triton_unavailable)
+_add_ops("triton", 20, _OPS_TRITON, unavailable=triton_unavailable_reason)
