@@ -398,6 +398,25 @@ def test_automatic_choice_and_explicit_failures(monkeypatch):
                                inplace_backward=True)
 
 
+def test_chunked_torch_runs_loss_ops_on_cpu_and_linear_ops_anywhere(monkeypatch):
+    """One backend name, two device rules: the chunked loss ops need CPU, the fused linear
+    ops are plain torch and run on any device (the CUDA fallback without Triton)."""
+    monkeypatch.delenv("CROSSENT_BACKEND", raising=False)
+    from crossent.backends import linear
+
+    meta = torch.empty(3, 4, device="meta")
+    assert dispatch("linear_cross_entropy", meta, "chunked-torch") is linear.linear_cross_entropy_chunked
+    assert dispatch("linear_cross_entropy", meta) is linear.linear_cross_entropy_chunked  # beats unfused reference
+    with pytest.raises(BackendUnavailableError, match=r"backend 'chunked-torch' cannot run cross_entropy on meta: "
+                                                      r"it runs on CPU tensors only.*Usable here: \['reference'\]"):
+        dispatch("cross_entropy", meta, "chunked-torch")
+    with pytest.raises(BackendUnavailableError, match=r"backend 'chunked' cannot run linear_cross_entropy on meta"
+                                                      r".*Usable here: \['chunked-torch', 'reference'\]"):
+        dispatch("linear_cross_entropy", meta, "chunked")
+    with pytest.raises(ValueError, match=r"backend: expected one of .*'torch-chunked'"):
+        dispatch("linear_cross_entropy", meta, "torch-chunked")
+
+
 def test_crossent_backend_environment_variable(monkeypatch):
     """CROSSENT_BACKEND makes backend=None/'auto' behave as if that backend were named;
     ops it does not implement at all keep the automatic choice; backend= still wins."""

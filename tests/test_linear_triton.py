@@ -85,7 +85,7 @@ def test_triton_probability_targets_and_bf16_fall_back_to_same_results():
     xb, Wb = x.detach().bfloat16().requires_grad_(), W.detach().bfloat16().requires_grad_()
     y = torch.randint(0, 9, (6,), generator=g)
     a = crossent.linear_cross_entropy(xb, Wb, y, backend="triton")
-    r = crossent.linear_cross_entropy(xb, Wb, y, backend="torch-chunked")
+    r = crossent.linear_cross_entropy(xb, Wb, y, backend="chunked-torch")
     assert a.dtype == torch.bfloat16 and torch.equal(a, r)
 
 

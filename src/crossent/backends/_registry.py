@@ -39,6 +39,15 @@ class Backend:
     ops: Dict[str, Callable] = field(default_factory=dict)
     # Returns None when usable for this device, else the reason why not.
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+    # Per-op exceptions to ``unavailable`` (e.g. chunked-torch: loss ops CPU only, the fused
+    # linear ops on any device).
+    op_unavailable: Dict[str, Callable[[torch.device], Optional[str]]] = field(default_factory=dict)
+
+    def reason(self, op: str, device: torch.device) -> Optional[str]:
+        """None when this backend can run ``op`` on ``device``, else why not."""
+        if op not in self.ops:
+            return f"it does not implement {op!r}"
+        return self.op_unavailable.get(op, self.unavailable)(device)
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -70,17 +79,16 @@ def dispatch(op: str, like: torch.Tensor, backend: Optional[str] = None) -> Call
     if backend is None or backend == "auto":
         for name in available_backends():
             b = _BACKENDS[name]
-            if op in b.ops and b.unavailable(like.device) is None:
+            if b.reason(op, like.device) is None:
                 return b.ops[op]
         raise BackendUnavailableError(f"no backend implements {op!r} on {like.device}")  # reference covers all
     b = _BACKENDS.get(backend)
     if b is None:
         fail("backend", f"one of {['auto'] + available_backends()}", repr(backend),
              "Leave backend=None for the automatic choice.")
-    reason = b.unavailable(like.device) if op in b.ops else f"it does not implement {op!r}"
+    reason = b.reason(op, like.device)
     if reason is not None:
-        usable = [n for n in available_backends()
-                  if op in _BACKENDS[n].ops and _BACKENDS[n].unavailable(like.device) is None]
+        usable = [n for n in available_backends() if _BACKENDS[n].reason(op, like.device) is None]
         raise BackendUnavailableError(
             f"backend {backend!r} cannot run {op} on {like.device}: {reason}. "
             f"Usable here: {usable}; backend=None chooses automatically.")

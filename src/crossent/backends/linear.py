@@ -1,7 +1,7 @@
 r"""Fused linear + loss in plain PyTorch, chunked: the ``(N, C)`` logits never exist.
 
-Two ops, registered on the ``torch-chunked`` backend (any device), added to ``chunked``
-(the CPU backend) and, unfused (full logits), to ``reference``:
+Two ops, registered on the ``chunked`` (CPU) and ``chunked-torch`` (any device: these
+are plain torch ops) backends and, unfused (full logits), on ``reference``:
 
 * ``linear_cross_entropy(x, W, b, spec, plan, grad_scale, precompute)``
 * ``linear_binary_cross_entropy_with_logits(x, W, b, spec, plan, grad_scale, precompute)``
@@ -44,17 +44,21 @@ from . import reference
 from ._registry import Backend, _BACKENDS, register
 from .triton import unavailable_reason as triton_unavailable_reason
 
-# Default per-call scratch budget (bytes) for the chunked kernels. 128 MiB keeps the
-# overhead of a 4096 x 2048 -> 128256 float32 head at ~1/40 of eager's 5 GiB while the
-# row blocks stay long enough (87 rows there) for efficient matrix products.
-DEFAULT_BUDGET = int(os.environ.get("CROSSENT_LINEAR_BUDGET", 128 * 2**20))
+# Default per-call scratch budget (bytes) for the chunked kernels. 256 MiB gives a
+# 4096 x 2048 -> 128256 float32 head row blocks of 418 rows (one pass, about 1/19 of
+# eager's 5 GiB of overhead): on CPU the matrix products of a block lose speed quickly
+# below ~400 rows (measured: 87-row blocks cost 2.0x, 256 rows 1.5x, 384-512 rows 1.15x
+# the time of one whole-batch product; see docs/linear.md).
+DEFAULT_BUDGET = int(os.environ.get("CROSSENT_LINEAR_BUDGET", 256 * 2**20))
 # Fewest rows a block may have before the classes are split too (two passes): 32 rows of
-# all classes must fit the budget (at 128 MiB in float32: C up to 349525 in one pass).
+# all classes must fit the budget.
 _MIN_ROWS = 32
-# (R, Cc) buffers alive at once in a block: logits/gradient, exp work, target/weights.
-_BLOCK_BUFFERS = 3
-
-
+# Block-sized (R, Cc) buffers alive at once, per kind of target. Class indices: the logits
+# block is turned into exp, then into the gradient, in place (1), plus a bool mask where a
+# row's max is infinite (1/4 of a float32 buffer). Probability targets and BCE: the logits
+# block, the target/weight blocks read from the caller's tensors, and work buffers (3).
+BUFFERS_INDEX = 1.25
+BUFFERS_DENSE = 3.0
 @dataclass(frozen=True)
 class ChunkPlan:
     rows: int      # R: rows per block
@@ -72,19 +76,22 @@ class ChunkPlan:
 
 
 def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[int] = None,
-                rows: Optional[int] = None, classes: Optional[int] = None) -> ChunkPlan:
+                rows: Optional[int] = None, classes: Optional[int] = None,
+                buffers: float = BUFFERS_DENSE) -> ChunkPlan:
     """Block sizes from a memory budget (bytes of scratch per call).
 
     ``Cc = C`` when ``min(N, 32)`` rows of all classes fit (then cross-entropy needs a
     single pass); otherwise ``Cc`` is what fits with 32 rows. ``R`` then fills the
-    budget: ``R * Cc * 3 * 4`` bytes (8 for float64). fp16/bf16 inputs give half the
+    budget: ``R * Cc * buffers * 4`` bytes (8 for float64; ``buffers``: how many
+    block-sized buffers the op keeps alive, :data:`BUFFERS_INDEX` or
+    :data:`BUFFERS_DENSE`). fp16/bf16 inputs give half the
     budget to the float32 weight block and its gradient accumulator (``2 * Cc * H * 4``
     bytes, which sets ``Cc``) and half to the logits blocks.
     """
     budget = DEFAULT_BUDGET if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
     low = dtype in (torch.float16, torch.bfloat16)
-    per_logit = _BLOCK_BUFFERS * esize
+    per_logit = buffers * esize
     per_class_extra = 2 * H * 4 if low else 0
     logit_budget = budget
     if low:
@@ -94,10 +101,10 @@ def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[
             classes = (budget - logit_budget) // per_class_extra
     if classes is None:
         r0 = max(1, min(N, _MIN_ROWS))
-        classes = logit_budget // (r0 * per_logit)
+        classes = int(logit_budget // (r0 * per_logit))
     classes = int(max(1, min(C, classes)))
     if rows is None:
-        rows = logit_budget // (classes * per_logit)
+        rows = int(logit_budget // (classes * per_logit))
     rows = int(max(1, min(max(N, 1), rows)))
     return ChunkPlan(rows=rows, classes=classes, budget=budget)
 
@@ -308,7 +315,7 @@ def _ce_block_grad(e, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype):
             cs = tgt.c[r0:r1].to(dtype) * sc
             g[rows, y[rows] - c0] -= cs[rows]
         if tgt.smooth is not None:
-            g.sub_((tgt.srow[r0:r1] * sc).unsqueeze(1) * tgt.smooth[c0:c1])
+            g.addr_(tgt.srow[r0:r1] * sc, tgt.smooth[c0:c1], alpha=-1)   # in place: no block temporary
     else:
         a = tgt.dense(r0, r1, c0, c1, dtype)
         g.sub_(a.mul_(sc.unsqueeze(1) if sc.dim() else sc))
@@ -831,14 +838,17 @@ _OPS_REFERENCE = {
 }
 
 
-def _add_ops(name: str, priority: int, ops: dict, unavailable=None) -> None:
-    """Add ops to backend ``name`` (created if no other module registered it)."""
+def _add_ops(name: str, priority: int, ops: dict, unavailable=None, any_device=False) -> None:
+    """Add ops to backend ``name`` (created if no other module registered it);
+    ``any_device``: these ops run on every device, whatever the backend's other ops need."""
     b = _BACKENDS.get(name)
     if b is None:
         kwargs = {} if unavailable is None else {"unavailable": unavailable}
-        register(Backend(name=name, priority=priority, ops=dict(ops), **kwargs))
-    else:
-        b.ops.update(ops)
+        b = Backend(name=name, priority=priority, ops={}, **kwargs)
+        register(b)
+    b.ops.update(ops)
+    if any_device:
+        b.op_unavailable.update({op: (lambda device: None) for op in ops})
 
 
 def _triton_linear_op(name):
@@ -851,9 +861,9 @@ def _triton_linear_op(name):
 
 _OPS_TRITON = {op: _triton_linear_op(fn.__name__) for op, fn in _OPS_CHUNKED.items()}
 
-# "torch-chunked": these plain-torch kernels on any device (the CUDA fallback without
-# Triton). They are also added to "chunked" (the CPU backend) and, unfused, to "reference".
+# "chunked-torch" runs these plain-torch kernels on any device (the CUDA fallback without
+# Triton: it outranks the unfused "reference"); "chunked" (the CPU backend) has them too.
 _add_ops("reference", 0, _OPS_REFERENCE)
-_add_ops("torch-chunked", 5, _OPS_CHUNKED)
+_add_ops("chunked-torch", 1, _OPS_CHUNKED, any_device=True)
 _add_ops("chunked", 10, _OPS_CHUNKED)
 _add_ops("triton", 20, _OPS_TRITON, unavailable=triton_unavailable_reason)

@@ -17,7 +17,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import dispatch
-from ..backends.linear import BCETarget, ce_targets, plan_chunks
+from ..backends.linear import BUFFERS_DENSE, BUFFERS_INDEX, BCETarget, ce_targets, plan_chunks
 from ._reduction import compute_dtype, reduce_loss
 
 _INT = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -58,7 +58,7 @@ def _check_linear(func: str, input, linear_weight, linear_bias, *, allow_kdim: b
     return H, C, out_features
 
 
-def _plan(func, N, C, H, dtype, chunk_size, class_chunk_size, memory_budget, options):
+def _plan(func, N, C, H, dtype, chunk_size, class_chunk_size, memory_budget, options, buffers):
     if chunk_size is None and options is not None and getattr(options, "batch_chunk_size", None):
         chunk_size = options.batch_chunk_size
     for name, v in (("chunk_size", chunk_size), ("class_chunk_size", class_chunk_size),
@@ -66,7 +66,8 @@ def _plan(func, N, C, H, dtype, chunk_size, class_chunk_size, memory_budget, opt
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             V.fail(func, f"`{name}` to be a positive int or None", repr(v),
                    "Leave it None to size blocks from the memory budget.")
-    return plan_chunks(N, C, H, dtype, budget=memory_budget, rows=chunk_size, classes=class_chunk_size)
+    return plan_chunks(N, C, H, dtype, budget=memory_budget, rows=chunk_size, classes=class_chunk_size,
+                       buffers=buffers)
 
 
 def _no_target_grad(func, **tensors):
@@ -119,7 +120,7 @@ def linear_cross_entropy(
     used (as ``chunk_size``): crossent is always chunked.
 
     The rows are processed in blocks of ``chunk_size`` rows by ``class_chunk_size`` classes,
-    sized by default from ``memory_budget`` bytes (128 MiB, or ``CROSSENT_LINEAR_BUDGET``;
+    sized by default from ``memory_budget`` bytes (256 MiB, or ``CROSSENT_LINEAR_BUDGET``;
     see :func:`crossent.backends.linear.plan_chunks`). The gradients w.r.t. ``input``,
     ``linear_weight`` and ``linear_bias`` are computed during the forward pass (accumulated
     in float32 for fp16/bf16) and scaled by the incoming gradient in backward; with
@@ -131,7 +132,7 @@ def linear_cross_entropy(
     ``(B, T)`` for ``'none'``), ``validate``, ``return_parts``, ``return_lse`` (also return
     the per-row :math:`\log\sum_j e^{z_j}`, detached, shaped like the unreduced loss:
     ``(loss, lse)``), ``backend`` (None chooses: ``'triton'`` on CUDA, ``'chunked'`` on CPU,
-    ``'torch-chunked'`` anywhere; ``'reference'`` stores the full logits),
+    ``'chunked-torch'`` anywhere; ``'reference'`` stores the full logits),
     ``chunk_size``, ``class_chunk_size``, ``memory_budget``.
 
     >>> import torch, crossent
@@ -211,7 +212,8 @@ def linear_cross_entropy(
         grad_scale = 1 / (denominator if denominator is not None else torch.tensor(float(N * D), dtype=cdt))
     else:
         grad_scale = torch.ones((), dtype=cdt)
-    plan = _plan(func, N, C, H, input.dtype, chunk_size, class_chunk_size, memory_budget, options)
+    plan = _plan(func, N, C, H, input.dtype, chunk_size, class_chunk_size, memory_budget, options,
+                 BUFFERS_INDEX if index_target else BUFFERS_DENSE)
     loss, lse = dispatch("linear_cross_entropy", x, backend)(x, W3, b2, tgts, plan, grad_scale, precompute)
     loss = loss.reshape(out_shape)
     result = reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
@@ -347,7 +349,7 @@ def linear_binary_cross_entropy_with_logits(
                           torch.zeros((), dtype=torch.long, device=input.device)).to(cdt)
     per_element = reduction == "none"
     grad_scale = 1 / denominator if reduction == "mean" else torch.ones((), dtype=cdt)
-    plan = _plan(func, N, L, H, input.dtype, chunk_size, class_chunk_size, memory_budget, None)
+    plan = _plan(func, N, L, H, input.dtype, chunk_size, class_chunk_size, memory_budget, None, BUFFERS_DENSE)
     W3 = linear_weight.unsqueeze(0)
     b2 = None if linear_bias is None else linear_bias.unsqueeze(0)
     loss = dispatch("linear_binary_cross_entropy_with_logits", x, backend)(
