@@ -548,3 +548,23 @@ def test_fused_cpu_kernels_agree_with_reference_on_any_logits(rows, data):
             assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
             fin = torch.isfinite(ref)
             torch.testing.assert_close(ours[fin], ref[fin], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(chunked_cpp.get() is None, reason="compiled CPU kernel unavailable here")
+def test_compiled_log1p_on_unit_interval_is_within_one_ulp():
+    """The kernel's own log1p for e = exp(-|x|) in [0, 1] (softplus), against float64 on
+    2^22 floats spread over every binade of (0, 1] (every 2^8-th bit pattern), the ends,
+    and a denser sweep of [0.25, 1] where the series converges slowest."""
+    import numpy as np
+
+    bits = np.arange(1, 0x3F800000 + 1, 256, dtype=np.uint32)
+    e = np.concatenate([bits.view(np.float32), np.float32([0.0, 1.0, np.finfo(np.float32).tiny, 1e-45]),
+                        np.linspace(0.25, 1.0, 1 << 20, dtype=np.float32)])
+    e = np.concatenate([e, np.zeros((-len(e)) % 8, np.float32)])
+    out = np.empty_like(e)
+    chunked_cpp._lib.crossent_log1p01(e.ctypes.data, out.ctypes.data, len(e))
+    truth = np.log1p(e.astype(np.float64))
+    ulp = np.spacing(truth.astype(np.float32)).astype(np.float64)
+    err = np.abs(out.astype(np.float64) - truth) / np.where(truth > 0, ulp, 1.0)
+    assert out[e == 0].max() == 0.0
+    assert err.max() <= 1.0, (err.max(), e[err.argmax()])

@@ -3,8 +3,9 @@ r"""Optional compiled CPU kernels for the fused backend (C, AVX2 intrinsics, Ope
 A small C file (below) is compiled on first use with the system C compiler into
 ``~/.cache/crossent/kernels/`` (or ``$CROSSENT_CACHE_DIR``) and loaded with :mod:`ctypes`.
 It includes no torch headers, so the build takes about a second; it links against
-``libtorch_cpu`` only for Sleef's vectorised ``expf`` / ``log1pf`` (1-ulp accuracy, the
-very functions torch's own vectorised CPU kernels use). The kernel is used only when all of
+``libtorch_cpu`` only for Sleef's vectorised ``expf`` / ``logf`` / ``log1pf`` (1-ulp accuracy,
+the very functions torch's own vectorised CPU kernels use). softplus's ``log1p(e)``, e in
+[0, 1], has its own 1-ulp form (``log1p01``), twice as fast as the general ``log1pf``. The kernel is used only when all of
 these hold, otherwise the chunked torch path of :mod:`crossent.backends.chunked` runs (same
 formulas, same results to a few ulp):
 
@@ -64,6 +65,35 @@ static inline double hsum(V a) {
   double s = 0.0; for (int j = 0; j < W; ++j) s += t[j]; return s;
 }
 
+/* log1p(e) for e in [0, 1] (e = exp(-|x|) in softplus), within 1 ulp like Sleef's log1pf
+   and about twice as fast (checked against float64 for every float in (0, 1]: test_backends).
+   log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3]: 2 s + s (2/3 s^2 + 2/5 s^4 + ... +
+   2/15 s^14) (the next term is below 1e-9 relative). s is rounded twice (d = 2 + e, then
+   e / d); both errors are recovered exactly, d_err = (2 - d) + e and r = e - s d (an FMA),
+   and folded in as s_true - s = (r - s d_err) / d, where 12 bits of 1/d suffice. */
+static inline V log1p01(V e) {
+  const V two = vset(2.f);
+  V d = _mm256_add_ps(two, e);
+  V s = _mm256_div_ps(e, d);
+  V z = _mm256_mul_ps(s, s);
+  V p = vset(2.f / 15);
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 13));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 11));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 9));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 7));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 5));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 3));
+  p = _mm256_mul_ps(p, z);
+  V d_err = _mm256_add_ps(_mm256_sub_ps(two, d), e);
+  V r = _mm256_fnmadd_ps(s, d, e);
+  V c = _mm256_mul_ps(_mm256_fnmadd_ps(s, d_err, r), _mm256_rcp_ps(d));
+  return _mm256_add_ps(_mm256_add_ps(s, s), _mm256_fmadd_ps(p, s, _mm256_add_ps(c, c)));
+}
+
+void crossent_log1p01(const float *e, float *out, int64_t n) {   /* for the tests */
+  for (int64_t i = 0; i + W <= n; i += W) _mm256_storeu_ps(out + i, log1p01(_mm256_loadu_ps(e + i)));
+}
+
 /* BCE with logits, reference formulas, e = exp(-|x|):
    loss = p t softplus(-x) + (1-t) softplus(x),  softplus(+-x) = max(+-x, 0) + log1p(e)
    grad = (1-t) sigmoid(x) - p t sigmoid(-x),     sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e) */
@@ -71,7 +101,7 @@ static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
   const V one = vset(1.f);
   V ax = _mm256_andnot_ps(vset(-0.0f), x);
   V e = Sleef_expf8_u10(vneg(ax));
-  V l1 = Sleef_log1pf8_u10(e);
+  V l1 = log1p01(e);
   V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
   V er = _mm256_mul_ps(e, r);
   V neg = _mm256_cmp_ps(x, vzero(), _CMP_LT_OQ);
@@ -324,6 +354,8 @@ def _build() -> ctypes.CDLL:
     lib.crossent_bce.restype = ctypes.c_double
     lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
     lib.crossent_ce_index.restype = ctypes.c_int64
+    lib.crossent_log1p01.argtypes = [P, P, I64]
+    lib.crossent_log1p01.restype = None
     return lib
 
 
