@@ -329,7 +329,16 @@ def _ce_chunk(x, q, y, c, smooth, want_grad: bool):
 
 def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None,
                 scale=None, use_cpp: bool = True):
-    """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place)."""
+    """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place).
+
+    ``x`` may also be (N, C, S) (see :func:`_spatial_ok`): loss (N*S,), grad (N, C, S).
+    """
+    if x.dim() == 3:   # only when _spatial_ok said so: the compiled lane kernel, no copy
+        if want_grad and grad_out is None:
+            grad_out = torch.empty_like(x)
+        loss = _cpp().ce_index_ncs(x, y.long().contiguous(), c.contiguous().to(x.dtype),
+                                   grad_out if want_grad else None, scale, smooth)
+        return loss, grad_out
     M, C = x.shape
     cpp = _cpp() if use_cpp and q is None and M > 0 and C > 0 and _cpp_ok(x) else None
     if cpp is not None:
@@ -351,6 +360,23 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
     return loss, grad_out
 
 
+def _class_bcast(v, grad):
+    """Per-position (M,) values broadcast over the class dim of ``grad`` ((M, C) or (N, C, S))."""
+    if grad.dim() == 3:
+        return v.view(grad.shape[0], 1, grad.shape[2])
+    return v.unsqueeze(1)
+
+
+def _spatial_ok(impl, x, q) -> bool:
+    """Can (N, C, S) logits go to the compiled lane kernel as they are (no layout copy)?
+
+    Class-index targets, the CPU kernel table (not chunked-torch, not Triton), float32,
+    contiguous, non-empty, kernel built. Everything else is flattened to rows first.
+    """
+    return (getattr(impl, "spatial", False) and q is None and x.numel() > 0 and _cpp_ok(x)
+            and _cpp() is not None)
+
+
 def _ce_mask(loss, keep, smooth):
     if smooth is not None and keep is not None:
         loss = torch.where(keep, loss, _zero(loss))
@@ -364,7 +390,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)
         if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
             loss = torch.where(keep, loss, _zero(loss))
-            grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+            grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
         ctx.grad, ctx.scale, ctx.impl = grad, scale, impl
         ctx.save_for_backward(x, q, y, c, smooth, keep)
         return loss
@@ -375,6 +401,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if torch.is_grad_enabled() or any(ctx.needs_input_grad[3:7]):
             def fn(x_, q_, c_, s_):
+                if x_.dim() == 3:   # (N, C, S) logits: the reference takes rows
+                    x_ = x_.movedim(1, -1).reshape(-1, x_.shape[1])
                 loss = reference._CrossEntropy.apply(x_, q_, y, c_, s_)
                 return _ce_mask(loss, keep, s_)
             gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (2, 3, 5, 6)), fn, (x, q, c, smooth), grad_out)
@@ -383,14 +411,14 @@ class _FusedCrossEntropy(torch.autograd.Function):
             # Same kernel, same inputs: bit-for-bit what forward computed (reentrant).
             g = ctx.impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)[1]
             if smooth is not None and keep is not None:
-                g.masked_fill_(~keep.unsqueeze(1), 0.0)
+                g.masked_fill_(~_class_bcast(keep, g), 0.0)
             return g
 
         if ctx.scale is not None and _is_expected(grad_out, ctx.scale):   # pre-scaled in forward
             return None, None, grad if grad is not None else recompute(ctx.scale), None, None, None, None, None
         if grad is None or ctx.scale is not None:
             grad = recompute(None)
-        return None, None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
+        return None, None, grad.mul_(_class_bcast(grad_out, grad)), None, None, None, None, None
 
 
 def _is_expected(grad_out: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -414,11 +442,16 @@ def ce_grad_scale(reduction: str, den: Optional[torch.Tensor], M: int, like: tor
 
 def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
     q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
+    if x.dim() == 3 and not _spatial_ok(impl, x, q):
+        # (N, C, S) logits the lane kernel cannot take: rows of C classes (a copy, unless
+        # the input is channels-last), exactly what the functional layer used to pass.
+        x = x.movedim(1, -1).reshape(-1, x.shape[1])
     if not _needs_graph(x, q, c, smooth):
         with torch.no_grad():
             loss, _ = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=False)
             return _ce_mask(loss, keep, smooth), den
-    scale = ce_grad_scale(reduction, den, x.shape[0], x) if impl.prescale and reduction else None
+    M = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]
+    scale = ce_grad_scale(reduction, den, M, x) if impl.prescale and reduction else None
     return _FusedCrossEntropy.apply(impl, scale, x, q, y, c, smooth, keep), den
 
 
@@ -530,11 +563,14 @@ class Kernels:
     -> (loss (M,), grad (M, C) or None)`` where ``grad_out`` may be ``x`` (in-place).
     """
 
-    def __init__(self, bcewl_forward, bce_forward, ce_forward, prescale: bool = False):
+    def __init__(self, bcewl_forward, bce_forward, ce_forward, prescale: bool = False, spatial: bool = False):
         self.bcewl_forward, self.bce_forward, self.ce_forward = bcewl_forward, bce_forward, ce_forward
         # prescale: the BCE forwards honour ``scale`` (multiply the gradient in the same
         # pass), and reading grad_output with .item() in backward costs no device sync.
         self.prescale = prescale
+        # spatial: ce_forward also takes (N, C, S) logits with class-index targets when
+        # _spatial_ok (the compiled lane kernel); other impls always get rows.
+        self.spatial = spatial
 
 
 def make_ops(impl: Kernels) -> dict:
@@ -572,6 +608,9 @@ def make_ops(impl: Kernels) -> dict:
 
     cross_entropy.accepts_reduction = True
     cross_entropy_inplace.accepts_reduction = True
+    # cross_entropy also takes K-dim logits as (N, C, S) (class-index targets (N*S,)): the
+    # functional layer then skips its move-classes-last copy; the op makes it only if needed.
+    cross_entropy.accepts_spatial = True
 
     binary_cross_entropy_with_logits.supports_sum_only = True
     binary_cross_entropy.supports_sum_only = True
@@ -583,7 +622,7 @@ def make_ops(impl: Kernels) -> dict:
     }
 
 
-CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward, prescale=True)
+CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward, prescale=True, spatial=True)
 OPS = make_ops(CPU)
 binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]

@@ -95,7 +95,13 @@ def cross_entropy(
         if weight is not None and weight.is_floating_point():
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
     cdt = compute_dtype(out_dtype)
-    x = input.to(cdt).movedim(class_dim, -1).reshape(-1, C)
+    op = "cross_entropy_inplace" if inplace_backward else "cross_entropy"
+    fn = dispatch(op, input, backend)
+    if index_target and input.dim() > 2 and getattr(fn, "accepts_spatial", False):
+        # (N, C, S) (a view of contiguous input): the backend picks the layout, no copy here
+        x = input.to(cdt).flatten(2)
+    else:
+        x = input.to(cdt).movedim(class_dim, -1).reshape(-1, C)
     out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
     keep = None
     if index_target:
@@ -104,8 +110,6 @@ def cross_entropy(
     else:
         t = target.to(cdt).movedim(class_dim, -1).reshape(-1, C)
     w = None if weight is None else weight.to(cdt)
-    op = "cross_entropy_inplace" if inplace_backward else "cross_entropy"
-    fn = dispatch(op, x, backend)
     # Fused backends may pre-scale the gradient by what a plain backward() sends.
     kw = {"reduction": reduction} if getattr(fn, "accepts_reduction", False) else {}
     with no_autocast(x.device):
