@@ -43,6 +43,8 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 typedef __m256 V;
 extern V Sleef_expf8_u10(V);
@@ -301,24 +303,26 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
 
 /* Cross-entropy, class-index targets, (N, C, S) layout (S = d1 ... dK, contiguous): the
    formulas of crossent_ce_index, one lane per spatial position. 8 consecutive positions
-   p..p+7 of image n are one vector; the class loop j = 0..C-1 loads x[n, j, p:p+8]
-   (contiguous), so no transpose to rows and no scalar tail for small C. Per lane: m (max),
+   of image n are one vector and the class loop j = 0..C-1 runs over x[n, j, p:p+8], so
+   there is no transpose to rows and no scalar tail for small C. Per lane: m (max),
    k (FIRST arg-max), ties (e = 1 for each), s = sum_{j != k} e_j + (ties - 1), NaN lanes
-   give NaN loss and gradient, and the gradient is written in place in (N, C, S).
-   Per-lane sums (s and the smoothing term T) are accumulated in float64 (two __m256d
-   per 8 lanes): a lane sums C terms, one per class, so float32 partial sums would carry
+   give NaN loss and gradient; the gradient is written in the (N, C, S) layout.
+
+   Tiles: the C rows of a position tile (T positions, T = 64 for C <= 64 down to 8) are
+   first copied into a small per-thread buffer and the three class passes (max; exp and
+   sums; gradient) run on it, then the gradient tile is copied out row by row. Read in
+   place, the C rows of one position lie S floats apart: with S a multiple of 1024 (a
+   64 x 64 or 128 x 128 image) they all map to the same L1 and L2 cache set, which thrashes
+   for C > 8 and made three passes cost three trips to L3. The tile touches each cache
+   line of x and of the gradient once. Tail tiles (S not a multiple of T) are padded with
+   0 logits, class 0 and weight 0 in the lanes past the end, which are never written out.
+
+   Per-lane sums (s and the smoothing term T) are accumulated in float64 (two __m256d per
+   8 lanes): a lane sums C terms, one per class, and float32 partial sums would carry
    about C/2 ulp for large C; the conversion and two adds cost a few instructions against
-   ~20 for expf8, and the sum is then as good as or better than the row kernel's (8-lane
-   float32 blocks of 32 terms, then float64) for any C.
-   Remainder positions (S not a multiple of 8) use masked loads and stores: lanes past the
-   image end read as 0 (never touching memory) and are never written.
-   y and c: (N, S) like the loss; c the per-position class weight (0 where ignored). */
-static inline V vload_m(const float *p, __m256i mask, int tail) {
-  return tail ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
-}
-static inline void vstore_m(float *p, __m256i mask, int tail, V v) {
-  if (tail) _mm256_maskstore_ps(p, mask, v); else _mm256_storeu_ps(p, v);
-}
+   ~20 for expf8, and the sum is then as good as the row kernel's (8-lane float32 blocks
+   of 32 terms, then float64) or better, for any C.
+   y and c are (N, S) like the loss; c the per-position class weight (0 where ignored). */
 /* per-lane float64 accumulation: lo holds lanes 0-3, hi lanes 4-7 */
 static inline void dacc(__m256d *lo, __m256d *hi, V v) {
   *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
@@ -328,7 +332,101 @@ static inline V dtof(__m256d lo, __m256d hi) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1);
 }
 
-/* positions per OpenMP task: 32 vectors of one image (tasks = N x ceil(S / SBLOCK)) */
+/* One vector of 8 lanes; xb: C rows of the tile buffer (stride T), holding x on entry and
+   the gradient (or e_j when !want_grad) on return. yb, cb: 8 targets (in [0, C)) and
+   weights; lossb: 8 losses out; bad lanes (bm = -1) give NaN loss. Only the class loops
+   are vector code; what concerns one class per lane (x_y, e_y, the gradient entries at
+   y and at the arg-max k) is read and written per lane, in the order the row kernel
+   writes them (the general form, then y, then k). */
+static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, const float *cb,
+                            const int32_t *bm, const float *sm, double Ssm, float scale, int want_grad,
+                            float *lossb) {
+  const V one = vset(1.f), Sv = vset((float)Ssm);
+  const float Sf = (float)Ssm;
+  const __m256i ione = _mm256_set1_epi32(1);
+  const V cr = _mm256_loadu_ps(cb);
+  /* pass 1: max, FIRST arg-max (a lane's index moves only on a strictly greater value;
+     all -inf: k = 0), NaN lanes */
+  V vm = vset(-INFINITY), vnan = vzero();
+  __m256i vk = _mm256_setzero_si256(), vj = _mm256_setzero_si256();
+  for (int64_t j = 0; j < C; ++j) {
+    V xv = _mm256_loadu_ps(xb + j * T);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+    vk = _mm256_blendv_epi8(vk, vj, _mm256_castps_si256(_mm256_cmp_ps(xv, vm, _CMP_GT_OQ)));
+    vm = _mm256_max_ps(vm, xv);   /* NaN lanes get a meaningless m and k: NaN results below */
+    vj = _mm256_add_epi32(vj, ione);
+  }
+  float xyb[W];
+  for (int q = 0; q < W; ++q) xyb[q] = xb[yb[q] * T + q];
+  /* pass 2: e = exp(x - m) (1 for ties), ties, s = sum_{j != ties} e_j, smoothing T */
+  __m256i vties = _mm256_setzero_si256();
+  __m256d slo = _mm256_setzero_pd(), shi = slo, tlo = slo, thi = slo;
+  for (int64_t j = 0; j < C; ++j) {
+    V xv = _mm256_loadu_ps(xb + j * T);
+    V eq = _mm256_cmp_ps(xv, vm, _CMP_EQ_OQ);
+    V e = _mm256_blendv_ps(Sleef_expf8_u10(_mm256_sub_ps(xv, vm)), one, eq);
+    vties = _mm256_sub_epi32(vties, _mm256_castps_si256(eq));
+    dacc(&slo, &shi, _mm256_andnot_ps(eq, e));   /* a NaN lane's NaN entry makes s NaN */
+    if (sm && sm[j] != 0.f)   /* sm_j * (m - x_j), 0 where x_j == m (a zero sm_j: no term) */
+      dacc(&tlo, &thi, _mm256_mul_ps(vset(sm[j]), _mm256_andnot_ps(eq, _mm256_sub_ps(vm, xv))));
+    _mm256_storeu_ps(xb + j * T, e);
+  }
+  const __m256i tm1 = _mm256_sub_epi32(vties, ione);
+  slo = _mm256_add_pd(slo, _mm256_cvtepi32_pd(_mm256_castsi256_si128(tm1)));
+  shi = _mm256_add_pd(shi, _mm256_cvtepi32_pd(_mm256_extracti128_si256(tm1, 1)));
+  const V s = dtof(slo, shi);
+  const V lse = Sleef_log1pf8_u10(s);
+  const V xy = _mm256_loadu_ps(xyb);
+  const V zy = _mm256_andnot_ps(_mm256_cmp_ps(xy, vm, _CMP_EQ_OQ), _mm256_sub_ps(xy, vm));
+  V lr = vtimes(cr, _mm256_sub_ps(lse, zy));
+  if (sm) lr = _mm256_add_ps(lr, _mm256_add_ps(Sf == 0.f ? vzero() : _mm256_mul_ps(Sv, lse), dtof(tlo, thi)));
+  const V bad = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)bm));
+  _mm256_storeu_ps(lossb, _mm256_blendv_ps(lr, vset(NAN), _mm256_or_ps(vnan, bad)));
+  if (!want_grad) return;
+  /* pass 3: grad_j = scale (A (e_j/(1+s)) - sm_j), A = c + S; then at y
+     scale (A (e_y/(1+s)) - (sm_y + c)), then at the arg-max k when s < 1
+     scale (a_rest - A (s/(1+s))), a_rest = c [k != y] + (S - sm_k) (in float64), as the
+     row kernel. A NaN lane has s = NaN: every entry NaN, and no arg-max form. */
+  float eyb[W];
+  for (int q = 0; q < W; ++q) eyb[q] = xb[yb[q] * T + q];
+  const V den = _mm256_add_ps(one, s);
+  const V A = _mm256_add_ps(cr, Sv);
+  const V vs = vset(scale);
+  if (sm) {
+    for (int64_t j = 0; j < C; ++j) {
+      V g = _mm256_sub_ps(_mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(xb + j * T), den)), vset(sm[j]));
+      _mm256_storeu_ps(xb + j * T, scale == 1.f ? g : _mm256_mul_ps(vs, g));
+    }
+  } else {
+    for (int64_t j = 0; j < C; ++j) {
+      V g = _mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(xb + j * T), den));
+      _mm256_storeu_ps(xb + j * T, scale == 1.f ? g : _mm256_mul_ps(vs, g));
+    }
+  }
+  /* the y and k entries as vectors (same operations, so the same roundings, as one lane
+     at a time), then stored lane by lane */
+  int32_t kb[W];
+  float smyb[W], rb[W], gyb[W], gkb[W];
+  _mm256_storeu_si256((__m256i *)kb, vk);
+  const __m256i vy = _mm256_loadu_si256((const __m256i *)yb);
+  V a_rest = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(vk, vy)), cr);
+  V sm_y = vzero();
+  if (sm) {
+    for (int q = 0; q < W; ++q) { smyb[q] = sm[yb[q]]; rb[q] = (float)(Ssm - (double)sm[kb[q]]); }
+    sm_y = _mm256_loadu_ps(smyb);
+    a_rest = _mm256_add_ps(a_rest, _mm256_loadu_ps(rb));
+  }
+  _mm256_storeu_ps(gyb, _mm256_mul_ps(vs, _mm256_sub_ps(_mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(eyb), den)),
+                                                        _mm256_add_ps(sm_y, cr))));
+  _mm256_storeu_ps(gkb, _mm256_mul_ps(vs, _mm256_sub_ps(a_rest, _mm256_mul_ps(A, _mm256_div_ps(s, den)))));
+  const int dominant = _mm256_movemask_ps(_mm256_cmp_ps(s, one, _CMP_LT_OQ));
+  for (int q = 0; q < W; ++q) {
+    xb[yb[q] * T + q] = gyb[q];
+    if (dominant & (1 << q)) xb[kb[q] * T + q] = gkb[q];
+  }
+}
+
+/* positions per OpenMP task: (tasks = N x ceil(S / SBLOCK)), a multiple of every T */
 #define SBLOCK 256
 
 int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
@@ -336,99 +434,69 @@ int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, 
   int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
   double Ssm = 0.0;
   if (sm) for (int64_t j = 0; j < C; ++j) Ssm += sm[j];
-  const float Sf = (float)Ssm;
+  /* tile width: the tile buffer (C x T floats) stays within 16 KiB of L1 up to C = 512 */
+  const int64_t T = C <= 64 ? 64 : C <= 128 ? 32 : C <= 256 ? 16 : 8;
   const int64_t nb = (S + SBLOCK - 1) / SBLOCK;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
-  for (int64_t task = 0; task < N * nb; ++task) {
-    const int64_t n = task / nb, b = task % nb;
-    const int64_t s0 = b * SBLOCK, s1 = (s0 + SBLOCK < S) ? s0 + SBLOCK : S;
-    const float *xn = x + n * C * S;
-    float *gn = grad ? grad + n * C * S : 0;
-    const V one = vset(1.f), vs = vset(scale), vnanv = vset(NAN), vSf = vset(Sf);
-    const __m256i izero = _mm256_setzero_si256();
-    for (int64_t p = s0; p < s1; p += W) {
-      const int lanes = (s1 - p < W) ? (int)(s1 - p) : W;
-      const int tail = lanes < W;
-      int32_t yb[W], lm[W], bm[W];
-      for (int q = 0; q < W; ++q) {
-        int64_t yq = 0;
-        lm[q] = q < lanes ? -1 : 0;
-        bm[q] = 0;
-        if (q < lanes) {
-          yq = y[n * S + p + q];
-          if (yq < 0 || yq >= C) { ++bad; bm[q] = -1; yq = 0; }
+  int failed = 0;
+  #pragma omp parallel num_threads(nthreads) reduction(+:bad) reduction(|:failed)
+  {
+    float *buf = (float *)malloc((size_t)(C * T) * sizeof(float));
+    if (!buf) failed = 1;
+    #pragma omp for schedule(static)
+    for (int64_t task = 0; task < N * nb; ++task) {
+      if (!buf) continue;
+      const int64_t n = task / nb, b = task % nb;
+      const int64_t s1 = (b * SBLOCK + SBLOCK < S) ? b * SBLOCK + SBLOCK : S;
+      const float *xn = x + n * C * S;
+      float *gn = grad ? grad + n * C * S : 0;
+      for (int64_t p0 = b * SBLOCK; p0 < s1; p0 += T) {
+        const int64_t cnt = (s1 - p0 < T) ? s1 - p0 : T;
+        for (int64_t j = 0; j < C; ++j) {
+          memcpy(buf + j * T, xn + j * S + p0, (size_t)cnt * sizeof(float));
+          for (int64_t q = cnt; q < T; ++q) buf[j * T + q] = 0.f;
         }
-        yb[q] = (int32_t)yq;
-      }
-      const __m256i mask = _mm256_loadu_si256((const __m256i *)lm);
-      const __m256i vy = _mm256_loadu_si256((const __m256i *)yb);
-      const V vbad = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)bm));
-      const V cr = vload_m(c + n * S + p, mask, tail);   /* 0 in lanes past the end */
-      /* pass 1: max, NaN lanes, x_y */
-      V vm = vset(-INFINITY), vnan = vzero(), xy = vzero();
-      for (int64_t j = 0; j < C; ++j) {
-        V xv = vload_m(xn + j * S + p, mask, tail);
-        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
-        vm = _mm256_max_ps(vm, xv);   /* NaN lanes get a meaningless m: overwritten below */
-        V isy = _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, _mm256_set1_epi32((int32_t)j)));
-        xy = _mm256_blendv_ps(xy, xv, isy);
-      }
-      /* pass 2: e = exp(x - m) (1 for ties), first arg-max k, ties, s, smoothing T */
-      __m256i vk = _mm256_set1_epi32(-1), vties = izero;
-      __m256d slo = _mm256_setzero_pd(), shi = slo, tlo = slo, thi = slo;
-      for (int64_t j = 0; j < C; ++j) {
-        V xv = vload_m(xn + j * S + p, mask, tail);
-        V eq = _mm256_cmp_ps(xv, vm, _CMP_EQ_OQ);
-        __m256i eqi = _mm256_castps_si256(eq);
-        V e = _mm256_blendv_ps(Sleef_expf8_u10(_mm256_sub_ps(xv, vm)), one, eq);
-        vties = _mm256_sub_epi32(vties, eqi);
-        __m256i first = _mm256_and_si256(eqi, _mm256_cmpgt_epi32(izero, vk));
-        vk = _mm256_blendv_epi8(vk, _mm256_set1_epi32((int32_t)j), first);
-        dacc(&slo, &shi, _mm256_andnot_ps(eq, e));
-        if (sm && sm[j] != 0.f)   /* sm_j * (m - x_j), 0 where x_j == m */
-          dacc(&tlo, &thi, _mm256_mul_ps(vset(sm[j]), _mm256_andnot_ps(eq, _mm256_sub_ps(vm, xv))));
-        if (gn) vstore_m(gn + j * S + p, mask, tail, e);
-      }
-      __m256i tm1 = _mm256_sub_epi32(vties, _mm256_set1_epi32(1));
-      slo = _mm256_add_pd(slo, _mm256_cvtepi32_pd(_mm256_castsi256_si128(tm1)));
-      shi = _mm256_add_pd(shi, _mm256_cvtepi32_pd(_mm256_extracti128_si256(tm1, 1)));
-      const V s = dtof(slo, shi);
-      const V lse = Sleef_log1pf8_u10(s);
-      const V zy = _mm256_andnot_ps(_mm256_cmp_ps(xy, vm, _CMP_EQ_OQ), _mm256_sub_ps(xy, vm));
-      V lr = vtimes(cr, _mm256_sub_ps(lse, zy));
-      if (sm) lr = _mm256_add_ps(lr, _mm256_add_ps(Sf == 0.f ? vzero() : _mm256_mul_ps(vSf, lse), dtof(tlo, thi)));
-      const V nanl = _mm256_or_ps(vnan, vbad);
-      vstore_m(loss + n * S + p, mask, tail, _mm256_blendv_ps(lr, vnanv, nanl));
-      if (!gn) continue;
-      /* pass 3: grad_j = scale (A (e_j/(1+s)) - a_j), a_j = sm_j + c [j == y], A = c + S;
-         at the arg-max k when s < 1: scale (a_rest - A (s/(1+s))),
-         a_rest = c [k != y] + (S - sm_k) (sm_k in float64, as the row kernel) */
-      const V den = _mm256_add_ps(one, s);
-      const V A = _mm256_add_ps(cr, vSf);
-      V a_rest = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(vk, vy)), cr);
-      if (sm) {
-        int32_t kb[W]; float rb[W];
-        _mm256_storeu_si256((__m256i *)kb, vk);
-        for (int q = 0; q < W; ++q) rb[q] = (float)(Ssm - (double)sm[kb[q] < 0 ? 0 : kb[q]]);
-        a_rest = _mm256_add_ps(a_rest, _mm256_loadu_ps(rb));
-      }
-      const V gk = _mm256_mul_ps(vs, _mm256_sub_ps(a_rest, _mm256_mul_ps(A, _mm256_div_ps(s, den))));
-      const V dominant = _mm256_cmp_ps(s, one, _CMP_LT_OQ);
-      for (int64_t j = 0; j < C; ++j) {
-        const __m256i vj = _mm256_set1_epi32((int32_t)j);
-        V e = vload_m(gn + j * S + p, mask, tail);
-        V isy = _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj));
-        V a;
-        if (sm) { V smj = vset(sm[j]); a = _mm256_blendv_ps(smj, _mm256_add_ps(smj, cr), isy); }
-        else a = _mm256_and_ps(isy, cr);
-        V g = _mm256_mul_ps(vs, _mm256_sub_ps(_mm256_mul_ps(A, _mm256_div_ps(e, den)), a));
-        V isk = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(vk, vj)), dominant);
-        g = _mm256_blendv_ps(g, gk, isk);
-        vstore_m(gn + j * S + p, mask, tail, _mm256_blendv_ps(g, vnanv, vnan));
+        for (int64_t v = 0; v < cnt; v += W) {
+          int32_t yb[W], bm[W];
+          float cb[W], lb[W];
+          const int64_t lanes = (cnt - v < W) ? cnt - v : W;
+          const int64_t i0 = n * S + p0 + v;
+          int scalar = lanes < W;
+          if (!scalar) {   /* 8 int64 targets in [0, C) -> 8 int32 (else the lane-by-lane loop) */
+            const __m256i y0 = _mm256_loadu_si256((const __m256i *)(y + i0));
+            const __m256i y1 = _mm256_loadu_si256((const __m256i *)(y + i0 + 4));
+            const __m256i z = _mm256_setzero_si256(), hi = _mm256_set1_epi64x(C - 1);
+            const __m256i out = _mm256_or_si256(
+                _mm256_or_si256(_mm256_cmpgt_epi64(z, y0), _mm256_cmpgt_epi64(y0, hi)),
+                _mm256_or_si256(_mm256_cmpgt_epi64(z, y1), _mm256_cmpgt_epi64(y1, hi)));
+            if (_mm256_testz_si256(out, out)) {
+              const __m256 lo32 = _mm256_shuffle_ps(_mm256_castsi256_ps(y0), _mm256_castsi256_ps(y1),
+                                                    _MM_SHUFFLE(2, 0, 2, 0));
+              _mm256_storeu_si256((__m256i *)yb, _mm256_permute4x64_epi64(_mm256_castps_si256(lo32),
+                                                                            _MM_SHUFFLE(3, 1, 2, 0)));
+              _mm256_storeu_si256((__m256i *)bm, _mm256_setzero_si256());
+              _mm256_storeu_ps(cb, _mm256_loadu_ps(c + i0));
+            } else scalar = 1;
+          }
+          if (scalar) for (int q = 0; q < W; ++q) {
+            int64_t yq = 0;
+            bm[q] = 0; cb[q] = 0.f;
+            if (q < lanes) {
+              const int64_t i = n * S + p0 + v + q;
+              yq = y[i]; cb[q] = c[i];
+              if (yq < 0 || yq >= C) { ++bad; bm[q] = -1; yq = 0; }
+            }
+            yb[q] = (int32_t)yq;
+          }
+          ce_lanes(buf + v, T, C, yb, cb, bm, sm, Ssm, scale, gn != 0, lb);
+          memcpy(loss + n * S + p0 + v, lb, (size_t)lanes * sizeof(float));
+        }
+        if (gn)
+          for (int64_t j = 0; j < C; ++j) memcpy(gn + j * S + p0, buf + j * T, (size_t)cnt * sizeof(float));
       }
     }
+    free(buf);
   }
-  return bad;
+  return failed ? -1 : bad;
 }
 """
 
@@ -571,6 +639,8 @@ class _Kernels:
         sm = None if smooth is None else smooth.to(torch.float32).contiguous()
         bad = _lib.crossent_ce_index_ncs(_ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), s,
                                          N, C, S, _threads(N * C * S))
+        if bad < 0:
+            raise MemoryError(f"cross_entropy: the compiled kernel could not allocate its {C} x 64 float tile")
         if bad:
             _bad_targets(y, C, bad)
         return loss
