@@ -568,3 +568,266 @@ def test_compiled_log1p_on_unit_interval_is_within_one_ulp():
     err = np.abs(out.astype(np.float64) - truth) / np.where(truth > 0, ulp, 1.0)
     assert out[e == 0].max() == 0.0
     assert err.max() <= 1.0, (err.max(), e[err.argmax()])
+
+
+# ------------------------------------------- K-dimensional cross-entropy: the lane kernel
+# (N, C, d1..dK) float32 contiguous logits with class-index targets go to the compiled
+# kernel that vectorises across spatial positions (chunked_cpp.crossent_ce_index_ncs),
+# without moving the classes last. Same formulas as the row kernel; checked here against
+# torch and against the float64 reference (ulps of the truth, or of the gradient's
+# condition-aware scale |A p_j| + |a_j|, as tests/extremes.py measures).
+needs_kernel = pytest.mark.skipif(chunked_cpp.get() is None, reason="compiled CPU kernel unavailable here")
+
+KDIM_SPATIAL = [(13,), (3, 5), (2, 3, 3), (9, 11), (17, 19)]   # S = 13, 15, 18, 99, 323: never a multiple of 8
+
+
+def _ulps(ours, truth, scale=None):
+    """Error in ulps of the truth (or of ``scale``), over the normal range of float32 as
+    tests/extremes.py measures it (a subnormal result has fewer bits: checked apart)."""
+    import numpy as np
+    from extremes import ulp_error
+
+    ref = (truth if scale is None else scale).detach().numpy()
+    err = ulp_error(ours.detach().numpy(), truth.detach().numpy(), torch.float32,
+                    None if scale is None else ref)
+    a = np.abs(ref)
+    return np.where((a == 0) | (a >= np.finfo(np.float32).tiny), err, 0.0)
+
+
+def _ulp_bound(x):
+    """Allowed ulps per gradient entry and per loss: 8 (conftest.ULP['ce']) plus the
+    float32 conditioning of e_j = exp(x_j - m): ``x_j - m`` is rounded (0.5 ulp of |z|,
+    z = x_j - m), which moves e_j by up to |z| 2^-24 relative, i.e. up to |z| ulps. torch and
+    the row kernel have the same term; it is 0 at the margins of the extremes tests
+    (0 - m is exact)."""
+    xd = x.detach().double()
+    z = (xd - xd.amax(1, keepdim=True)).abs().nan_to_num(0.0, posinf=0.0)
+    return 8 + z.numpy(), 8 + z.amax(1).numpy()
+
+
+def _kdim_truth(x, y, weight=None, ignore_index=-100, label_smoothing=0.0):
+    """float64 reference per position (reduction 'none'), its gradient, and the gradient's
+    condition-aware scale A p_j + a_j (a_j = c [j == y] + eps w_j / C, A = sum_j a_j)."""
+    xd = x.detach().double().requires_grad_()
+    wd = None if weight is None else weight.double()
+    loss = crossent.cross_entropy(xd, y, weight=wd, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                  reduction="none", backend="reference", validate=False)
+    (grad,) = torch.autograd.grad(loss.sum(), xd)
+    C = x.shape[1]
+    w = torch.ones(C, dtype=torch.float64) if wd is None else wd
+    keep = y != ignore_index
+    yk = torch.where(keep, y, 0)
+    c = torch.where(keep, (1 - label_smoothing) * w[yk], 0.0)                  # (N, d...)
+    a = F.one_hot(yk, C).movedim(-1, 1).double() * c.unsqueeze(1)
+    a = a + (label_smoothing * w / C).view(1, C, *([1] * (x.dim() - 2))) * (keep.unsqueeze(1) if label_smoothing else 1)
+    A = a.sum(1, keepdim=True)
+    scale = A * torch.softmax(xd.detach(), 1) + a
+    return loss.detach(), grad, scale
+
+
+def _spy_kernels(monkeypatch):
+    """Count calls of the lane kernel; the row kernel raises (it must not run)."""
+    calls = []
+    K = chunked_cpp._Kernels
+    lane = K.ce_index_ncs
+
+    def row(*a, **k):
+        raise AssertionError("the row kernel ran for K-dim logits")
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return lane(*a, **k)
+    monkeypatch.setattr(K, "ce_index", staticmethod(row))
+    monkeypatch.setattr(K, "ce_index_ncs", staticmethod(spy))
+    return calls
+
+
+@needs_kernel
+def test_kdim_cross_entropy_runs_the_lane_kernel_without_a_layout_copy(monkeypatch):
+    calls = _spy_kernels(monkeypatch)
+    x = torch.randn(2, 5, 3, 7, requires_grad=True)
+    y = torch.randint(0, 5, (2, 3, 7))
+    loss = crossent.cross_entropy(x, y)
+    (grad,) = _grad(loss, x)
+    assert calls == [(2, 5, 21)]                      # (N, C, S): the classes stay in dim 1
+    ref = F.cross_entropy(x, y)
+    _close(loss, ref)
+    _close(grad, _grad(ref, x)[0])
+    with torch.no_grad():                             # loss only (grad NULL in the kernel)
+        _close(crossent.cross_entropy(x, y, reduction="none"), F.cross_entropy(x, y, reduction="none"))
+    assert len(calls) == 2
+
+
+@needs_kernel
+def test_kdim_cases_the_lane_kernel_does_not_take_keep_the_row_path(monkeypatch):
+    """float64, non-contiguous logits (channels-last, a slice), probability targets and the
+    in-place mode go to rows of classes as before: same values as torch."""
+    lane_calls = []
+    monkeypatch.setattr(chunked_cpp._Kernels, "ce_index_ncs",
+                        staticmethod(lambda *a, **k: lane_calls.append(1)))
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(3, 6, 5, 4, generator=g)
+    y = torch.randint(0, 6, (3, 5, 4), generator=g)
+    q = torch.softmax(torch.randn(3, 6, 5, 4, generator=g), 1)
+    wide = torch.randn(3, 6, 5, 8, generator=g)
+    for leaf, view, t in ((base.double(), lambda v: v, y),
+                          (base.to(memory_format=torch.channels_last), lambda v: v, y),
+                          (wide, lambda v: v[..., ::2], y), (base, lambda v: v, q)):
+        leaf = leaf.clone().requires_grad_()
+        assert view(leaf).dtype == torch.float64 or not view(leaf).is_contiguous() or t is q
+        ours = crossent.cross_entropy(view(leaf), t, reduction="sum")
+        ref = F.cross_entropy(view(leaf), t, reduction="sum")
+        _close(ours, ref, leaf.dtype)
+        _close(_grad(ours, leaf)[0], _grad(ref, leaf)[0], leaf.dtype)
+    h = base.clone().requires_grad_()
+    ours = crossent.cross_entropy(h * 1.0, y, inplace_backward=True)
+    ref = F.cross_entropy(h * 1.0, y)
+    _close(ours, ref)
+    _close(_grad(ours, h)[0], _grad(ref, h)[0])
+    assert lane_calls == []
+
+
+@needs_kernel
+@pytest.mark.parametrize("spatial", KDIM_SPATIAL)
+@pytest.mark.parametrize("C", [1, 2, 3, 21, 40])
+def test_kdim_lane_kernel_matches_torch_and_float64_reference(monkeypatch, spatial, C):
+    calls = _spy_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(C * 100 + len(spatial))
+    N = 2
+    x = (torch.randn(N, C, *spatial, generator=g) * 4).requires_grad_()
+    y = torch.randint(0, C, (N, *spatial), generator=g)
+    y.view(-1)[::7] = -100
+    w = torch.rand(C, generator=g) + 0.1
+    options = ({}, {"weight": w}, {"label_smoothing": 0.2}, {"weight": w, "label_smoothing": 0.05},
+               {"ignore_index": 1 % C, "label_smoothing": 0.1})
+    y_default = y
+    for kw in options:
+        # a non-default ignore_index: the ignored positions carry it
+        y = y_default if "ignore_index" not in kw else torch.where(y_default == -100, kw["ignore_index"], y_default)
+        truth, gtruth, gscale = _kdim_truth(x, y, **kw)
+        for reduction in ("none", "sum", "mean"):
+            ours = crossent.cross_entropy(x, y, reduction=reduction, validate=False, **kw)
+            ref = F.cross_entropy(x, y, reduction=reduction, **kw)
+            _close(ours, ref, equal_nan=True)   # C = 1 with ignore_index 0: all ignored, mean 0/0
+            # a grad_output other than the one a plain backward() sends
+            go = torch.rand(ours.shape, generator=g) + 0.5 if reduction == "none" else torch.tensor(0.37)
+            (gx,) = torch.autograd.grad(ours, x, go)
+            _close(gx, torch.autograd.grad(ref, x, go)[0], equal_nan=True)
+            if reduction == "none":   # per position, in ulps of the float64 truth
+                gbound, lbound = _ulp_bound(x)
+                assert (_ulps(ours, truth) <= lbound).all(), kw
+                gt = gtruth * go.double().unsqueeze(1)
+                assert (_ulps(gx, gt, gscale * go.double().unsqueeze(1)) <= gbound).all(), kw
+    # 'none': one call; 'sum'/'mean' pre-scale the gradient for a plain backward(), so the
+    # grad_output 0.37 makes backward recompute it unscaled with the same kernel: two calls
+    assert len(calls) == len(options) * (1 + 2 + 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("C", [3, 21, 300])
+def test_kdim_extremes_ties_infinities_nan_and_wide_margins(monkeypatch, C):
+    """Per position: ties (first arg-max), +-inf logits (finite limits), an all -inf
+    position (log C), a NaN (NaN loss and gradient at that position only), wide margins
+    (tiny losses keep their relative precision)."""
+    calls = _spy_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(2, C, 4, 5, generator=g)
+    y = torch.randint(0, C, (2, 4, 5), generator=g)
+    x[0, :, 0, 0] = 3.0                                      # all tied
+    x[0, 0, 0, 1] = x[0, C - 1, 0, 1] = 7.0; y[0, 0, 1] = C - 1   # two tied maxima, target the second
+    x[0, 1 % C, 0, 2] = math.inf                             # one +inf
+    x[0, 0, 0, 3] = x[0, C - 1, 0, 3] = math.inf             # two +inf
+    x[0, :, 0, 4] = -math.inf                                # all -inf: log C
+    x[0, C // 2, 1, 0] = -math.inf                           # one -inf
+    x[1, C // 2, 2, 1] = math.nan
+    for i, margin in enumerate((20.0, 40.0, 80.0, 100.0)):    # exp(-margin): losses down to 1e-44
+        x[1, :, 3, i] = 0.0
+        x[1, 0, 3, i] = margin
+        y[1, 3, i] = 0
+    xr = x.clone().requires_grad_()
+    for kw in ({}, {"label_smoothing": 0.1, "weight": torch.rand(C, generator=g) + 0.1}):
+        loss = crossent.cross_entropy(xr, y, reduction="none", validate=False, **kw)
+        (gx,) = _grad(loss.sum(), xr)
+        truth, gtruth, gscale = _kdim_truth(x, y, **kw)
+        nan_pos = torch.zeros(2, 4, 5, dtype=torch.bool)
+        nan_pos[1, 2, 1] = True
+        assert torch.equal(loss.isnan(), nan_pos)
+        assert torch.equal(gx.isnan(), nan_pos.unsqueeze(1).expand_as(gx))
+        assert torch.equal(torch.isfinite(loss), torch.isfinite(truth))
+        gbound, lbound = _ulp_bound(x)
+        assert (_ulps(loss, truth) <= lbound).all(), kw
+        fin = ~nan_pos.unsqueeze(1).expand_as(gx)
+        assert (_ulps(gx[fin], gtruth[fin], gscale[fin]) <= gbound[fin.numpy()]).all(), kw
+        # margins 20, 40, 80 (exact z: 8 ulps flat); at 100 the loss is subnormal (few bits)
+        margins = (slice(1, 2), slice(None), slice(3, 4), slice(0, 3))
+        assert _ulps(loss[1, 3, :3], truth[1, 3, :3]).max() <= 8
+        assert _ulps(gx[margins], gtruth[margins], gscale[margins]).max() <= 8
+        if not kw:
+            assert loss[1, 3, 3].item() == pytest.approx(truth[1, 3, 3].item(), rel=1e-2)   # subnormal, not 0
+            assert loss[0, 0, 4].item() == pytest.approx(math.log(C), rel=1e-6)
+        ref = F.cross_entropy(xr, y, reduction="none", **kw)  # torch agrees where it is finite
+        ok = torch.isfinite(ref)
+        _close(loss[ok], ref[ok])
+    assert calls
+
+
+@needs_kernel
+def test_kdim_empty_inputs_and_out_of_range_targets(monkeypatch):
+    for shape in ((0, 4, 3, 5), (2, 4, 0), (2, 4, 3, 0)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = torch.zeros((shape[0],) + shape[2:], dtype=torch.long)
+        ours = crossent.cross_entropy(x, y, reduction="sum")
+        assert ours.item() == 0
+        assert torch.isnan(crossent.cross_entropy(x, y))
+        assert _grad(ours, x)[0].shape == x.shape
+    calls = _spy_kernels(monkeypatch)
+    x = torch.randn(2, 4, 3, 5, requires_grad=True)
+    for bad in (4, -1, 1 << 40):
+        y = torch.randint(0, 4, (2, 3, 5))
+        y[1, 2, 3] = bad
+        with pytest.raises(ValueError, match=r"class indices in \[0, 4\).*1 target\(s\) outside it"):
+            crossent.cross_entropy(x, y, validate=False)
+    assert len(calls) == 3
+
+
+@needs_kernel
+def test_kdim_lane_kernel_accumulates_many_classes_accurately(monkeypatch):
+    """A lane sums C terms; float64 accumulation keeps the loss within a few ulp for any C."""
+    calls = _spy_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(40)
+    x = (torch.randn(1, 5000, 3, 3, generator=g) * 2).requires_grad_()
+    y = torch.randint(0, 5000, (1, 3, 3), generator=g)
+    loss = crossent.cross_entropy(x, y, reduction="none")
+    truth, gtruth, gscale = _kdim_truth(x, y)
+    gbound, lbound = _ulp_bound(x)
+    assert (_ulps(loss, truth) <= lbound).all()
+    assert (_ulps(_grad(loss.sum(), x)[0], gtruth, gscale) <= gbound).all()
+    assert calls
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(0, 3), C=st.integers(1, 12), spatial=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       smooth=st.sampled_from([0.0, 0.1]), weighted=st.booleans(), data=st.data())
+def test_kdim_lane_kernel_agrees_with_reference_on_random_shapes(N, C, spatial, smooth, weighted, data):
+    """Property: on random (N, C, d1..dK) shapes and logits (+-inf, ties, big values), the
+    automatic backend (the lane kernel) gives the reference's values and gradients, finite
+    exactly where the reference is."""
+    shape = (N, C, *spatial)
+    n = math.prod(shape)
+    x = torch.tensor(data.draw(st.lists(_LOGIT, min_size=n, max_size=n)), dtype=torch.float32).view(shape)
+    y = torch.tensor(data.draw(st.lists(st.integers(0, C - 1), min_size=n // C, max_size=n // C)),
+                     dtype=torch.long).view((N, *spatial))
+    if y.numel():
+        y.view(-1)[0] = -100
+    w = torch.rand(C) + 0.1 if weighted else None
+    outs = []
+    for b in ("chunked", "reference"):
+        xr = x.clone().requires_grad_()
+        loss = crossent.cross_entropy(xr, y, weight=w, label_smoothing=smooth, reduction="none", backend=b,
+                                      validate=False)
+        outs.append((loss.detach(), _grad(loss.sum(), xr)[0]))
+    for ours, ref in zip(*outs):
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+        fin = torch.isfinite(ref)
+        torch.testing.assert_close(ours[fin], ref[fin], rtol=1e-5, atol=1e-6)
