@@ -335,8 +335,11 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
     if cpp is not None:
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
-        loss = cpp.ce_index(x, y.long().contiguous(), c.contiguous().to(x.dtype), grad_out if want_grad else None,
-                            scale, smooth)
+        if y.dtype != torch.int64 or not y.is_contiguous():
+            y = y.long().contiguous()
+        if c.dtype != x.dtype or not c.is_contiguous():
+            c = c.contiguous().to(x.dtype)
+        loss = cpp.ce_index(x, y, c, grad_out if want_grad else None, scale, smooth)
         return loss, grad_out
     loss = torch.empty(M, dtype=x.dtype, device=x.device)
     if want_grad and grad_out is None:
@@ -366,6 +369,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             loss = torch.where(keep, loss, _zero(loss))
             grad.masked_fill_(~keep.unsqueeze(1), 0.0)
         ctx.grad, ctx.scale, ctx.impl = grad, scale, impl
+        ctx.scale_value = None if scale is None else scale.item()   # read once (CPU: no sync)
         ctx.save_for_backward(x, q, y, c, smooth, keep)
         return loss
 
@@ -386,29 +390,34 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 g.masked_fill_(~keep.unsqueeze(1), 0.0)
             return g
 
-        if ctx.scale is not None and _is_expected(grad_out, ctx.scale):   # pre-scaled in forward
+        if ctx.scale is not None and _is_expected(grad_out, ctx.scale_value):   # pre-scaled in forward
             return None, None, grad if grad is not None else recompute(ctx.scale), None, None, None, None, None
         if grad is None or ctx.scale is not None:
             grad = recompute(None)
         return None, None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
 
 
-def _is_expected(grad_out: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Is every entry of grad_out exactly ``scale`` (what a plain backward() sends)? CPU only."""
+def _is_expected(grad_out: torch.Tensor, scale) -> bool:
+    """Is every entry of grad_out exactly ``scale`` (what a plain backward() sends)? CPU only.
+
+    ``scale``: a 0-dim tensor or its value as a Python float (read once in forward)."""
     if grad_out.numel() == 0:
         return True
     if grad_out.dim() and grad_out.stride(0) == 0 and grad_out.numel() == grad_out.shape[0]:
-        return grad_out[0].item() == scale.item()   # expanded scalar: one read
+        value = scale if isinstance(scale, float) else scale.item()
+        return grad_out[0].item() == value   # expanded scalar: one read
     return bool((grad_out == scale).all())
 
 
 def ce_grad_scale(reduction: str, den: Optional[torch.Tensor], M: int, like: torch.Tensor):
-    """The per-row grad_output a plain backward() sends through functional._reduction."""
+    """The per-row grad_output a plain backward() sends through functional._reduction.
+
+    ``den``: the per-row ``mean`` weights (M,), their 0-dim total, or None (one per row)."""
     one = torch.ones((), dtype=like.dtype, device=like.device)
     if reduction == "sum":
         return one
     if reduction == "mean" and M:
-        return one / (M if den is None else den.sum())
+        return one / (M if den is None else den if den.dim() == 0 else den.sum())
     return None
 
 
@@ -418,7 +427,11 @@ def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing,
         with torch.no_grad():
             loss, _ = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=False)
             return _ce_mask(loss, keep, smooth), den
-    scale = ce_grad_scale(reduction, den, x.shape[0], x) if impl.prescale and reduction else None
+    scale = None
+    if impl.prescale and reduction:
+        if den is not None and reduction == "mean":
+            den = den.sum()   # summed once: the scale and the functional layer's denominator
+        scale = ce_grad_scale(reduction, den, x.shape[0], x)
     return _FusedCrossEntropy.apply(impl, scale, x, q, y, c, smooth, keep), den
 
 

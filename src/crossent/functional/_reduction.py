@@ -104,15 +104,22 @@ def reduce_loss(
     else:
         # A zero denominator (every element ignored, or kept weights summing to 0) gives
         # nan like torch, with a zero gradient (torch: zero when all are ignored) instead
-        # of 0 * inf = nan flowing back. No device sync: a select, not a branch.
+        # of 0 * inf = nan flowing back.
         if isinstance(denominator, torch.Tensor):
-            denominator = denominator.to(loss.dtype)
+            if denominator.dtype != loss.dtype:
+                denominator = denominator.to(loss.dtype)
         else:  # a Python number from a backend
             denominator = torch.tensor(float(denominator), dtype=loss.dtype, device=loss.device)
-        empty = denominator == 0
-        safe = torch.where(empty, torch.ones_like(denominator), denominator)
-        out = torch.where(empty, torch.full_like(safe, float("nan")), loss.sum() / safe)
-    out = out.to(out_dtype)
+        if denominator.device.type == "cpu" and float(denominator) != 0:
+            # Reading a CPU number costs no device sync: skip the selects (same value and
+            # gradient as the branch below, which never reads the denominator).
+            out = loss.sum() / denominator
+        else:
+            empty = denominator == 0
+            safe = torch.where(empty, torch.ones_like(denominator), denominator)
+            out = torch.where(empty, torch.full_like(safe, float("nan")), loss.sum() / safe)
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
     if not return_parts:
         return out
     with torch.no_grad():
