@@ -95,10 +95,11 @@ def reduce_loss(
         out_dtype: the dtype of the result (the input's dtype, like torch).
         return_parts: also return the detached float64 numerator and denominator.
     """
+    # A backend's 0-dim total is its own sum (no extra node: small inputs pay per op).
     if reduction == "none":
         out = loss
     elif reduction == "sum":
-        out = loss.sum()
+        out = loss if loss.dim() == 0 else loss.sum()
     elif denominator is None:
         out = loss.sum() / loss.numel()  # empty: 0 / 0 = nan, like torch
     else:
@@ -108,12 +109,14 @@ def reduce_loss(
         if isinstance(denominator, torch.Tensor):
             if denominator.dtype != loss.dtype:
                 denominator = denominator.to(loss.dtype)
+            # Reading a CPU number costs no device sync; elsewhere the select below
+            # decides without reading it.
+            nonzero = denominator.device.type == "cpu" and float(denominator) != 0
         else:  # a Python number from a backend
+            nonzero = float(denominator) != 0
             denominator = torch.tensor(float(denominator), dtype=loss.dtype, device=loss.device)
-        if denominator.device.type == "cpu" and float(denominator) != 0:
-            # Reading a CPU number costs no device sync: skip the selects (same value and
-            # gradient as the branch below, which never reads the denominator).
-            out = loss.sum() / denominator
+        if nonzero:   # same value and gradient as the selects, two ops fewer
+            out = (loss if loss.dim() == 0 else loss.sum()) / denominator
         else:
             empty = denominator == 0
             safe = torch.where(empty, torch.ones_like(denominator), denominator)
@@ -162,7 +165,8 @@ def autocast_inputs(*tensors):
     arguments are cast to float32 and the loss comes back in float32 (``F.binary_cross_entropy``
     on CUDA raises instead; crossent follows the float32 policy there too). Returns the
     tensors, cast where autocast is active on their device; non-tensors pass through."""
-    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    first = tensors[0] if isinstance(tensors[0], torch.Tensor) else next(
+        (t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None or not _autocast_enabled(first.device.type):
         return tensors
     return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
