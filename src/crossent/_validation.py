@@ -672,7 +672,7 @@ def _sample_rows(x: torch.Tensor, class_dim: int, k: int) -> torch.Tensor:
     if x.dim() == 1:
         return x[None]
     if x.dim() == 2:
-        return x[:k]
+        return x[:k] if x.shape[0] > k else x
     y = x[:1]
     budget = k
     for d in range(2, y.dim()):

@@ -413,11 +413,14 @@ def ce_grad_scale(reduction: str, den: Optional[torch.Tensor], M: int, like: tor
     """The per-row grad_output a plain backward() sends through functional._reduction.
 
     ``den``: the per-row ``mean`` weights (M,), their 0-dim total, or None (one per row)."""
+    if reduction == "mean" and M and den is not None:
+        # 1 / total: the same IEEE division autograd's DivBackward does (grad 1 / den)
+        return torch.reciprocal(den if den.dim() == 0 else den.sum())
     one = torch.ones((), dtype=like.dtype, device=like.device)
     if reduction == "sum":
         return one
     if reduction == "mean" and M:
-        return one / (M if den is None else den if den.dim() == 0 else den.sum())
+        return one / M
     return None
 
 

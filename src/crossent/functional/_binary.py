@@ -48,9 +48,9 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
         keep = target != ignore_index
     if V.validation_enabled(validate):
         V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
-    cdt = compute_dtype(torch.promote_types(input.dtype, target.dtype))
-    x = input.to(cdt)
-    t = target.to(cdt)
+    cdt = compute_dtype(input.dtype if input.dtype == target.dtype else torch.promote_types(input.dtype, target.dtype))
+    x = input if input.dtype == cdt else input.to(cdt)
+    t = target if target.dtype == cdt else target.to(cdt)
     if keep is not None:
         t = torch.where(keep, t, torch.zeros((), dtype=cdt, device=t.device))
     if label_smoothing:

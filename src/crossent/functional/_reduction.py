@@ -112,9 +112,12 @@ def reduce_loss(
             # Reading a CPU number costs no device sync; elsewhere the select below
             # decides without reading it.
             nonzero = denominator.device.type == "cpu" and float(denominator) != 0
-        else:  # a Python number from a backend
-            nonzero = float(denominator) != 0
-            denominator = torch.tensor(float(denominator), dtype=loss.dtype, device=loss.device)
+        else:  # a Python number from a backend: divided by as a scalar (same bits as a
+            # 0-dim tensor of it), made a tensor only for the selects
+            denominator = float(denominator)
+            nonzero = denominator != 0
+            if not nonzero:
+                denominator = torch.tensor(denominator, dtype=loss.dtype, device=loss.device)
         if nonzero:   # same value and gradient as the selects, two ops fewer
             out = (loss if loss.dim() == 0 else loss.sum()) / denominator
         else:
