@@ -214,6 +214,8 @@ def check_reduction(func: str, reduction) -> str:
 
 
 def check_label_smoothing(func: str, label_smoothing) -> float:
+    if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
+        return label_smoothing   # the usual case, decided without the ABC checks below
     if isinstance(label_smoothing, torch.Tensor) and label_smoothing.numel() == 1:
         label_smoothing = float(label_smoothing)
     if not isinstance(label_smoothing, Number) or isinstance(label_smoothing, (bool, complex)):
@@ -234,6 +236,8 @@ def check_ignore_index(func: str, ignore_index) -> Optional[int]:
     ``ignore_index=0`` would silently drop every negative example."""
     if ignore_index is None:
         return None
+    if type(ignore_index) is int and (ignore_index > 1 or ignore_index < 0 or func not in _BINARY_FUNCS):
+        return ignore_index   # the usual case, decided without the ABC checks below
     if isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1:
         ignore_index = ignore_index.item()
     if (isinstance(ignore_index, bool) or not isinstance(ignore_index, Number)
