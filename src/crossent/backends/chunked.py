@@ -82,11 +82,17 @@ def _times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(coef == 0, _zero(value), coef * value)
 
 
+_chunked_cpp = None   # imported on first use (ctypes, subprocess), then kept: no import per call
+
+
 def _cpp():
     """The compiled kernel module, or None (not built / no compiler / disabled)."""
-    from . import chunked_cpp
+    global _chunked_cpp
+    if _chunked_cpp is None:
+        from . import chunked_cpp as module
 
-    return chunked_cpp.get()
+        _chunked_cpp = module
+    return _chunked_cpp.get()
 
 
 def _cpp_ok(*tensors) -> bool:
