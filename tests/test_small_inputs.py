@@ -51,9 +51,9 @@ def _classifier(M=64, C=10, seed=0):
 
 # ------------------------------------------------------------------ torch calls per loss
 # Budgets: forward + backward of one call, counted on the automatic CPU backend (before
-# this work: cross-entropy 36 ops without value checks and 60 with them; BCE-with-logits
-# 22 and 32). Torch eager needs 8 and 7. A change that adds ops on this path must say why.
-@pytest.mark.parametrize("validate, budget", [(False, 20), (True, 28)])
+# this work: cross-entropy 36 ops without value checks and 60 with them, now 13 and 21; BCE-with-logits
+# 22 and 32, now 11 and 19). Torch eager needs 8 and 7. A change that adds ops on this path must say why.
+@pytest.mark.parametrize("validate, budget", [(False, 14), (True, 22)])
 def test_cross_entropy_small_call_stays_within_its_op_budget(validate, budget):
     x, y = _classifier()
     ops = _ops(lambda: crossent.cross_entropy(x, y, validate=validate).backward())
@@ -217,3 +217,54 @@ def test_small_calls_match_torch_values_and_gradients():
     torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(torch.autograd.grad(ours, z)[0], torch.autograd.grad(ref, z)[0],
                                rtol=2e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ plain-rows kernel path
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_plain_rows_path_is_bitwise_the_general_path(monkeypatch, reduction):
+    """No weights, no smoothing, nothing ignored: the compiled kernel runs with all-ones
+    coefficients and a host-computed scale. Same bits as the general path (forced here by
+    switching the shortcut off), for the loss, the gradient, a second backward
+    (retain_graph), a scaled backward (loss * 3) and double backward."""
+    if chunked._cpp() is None:
+        pytest.skip("compiled CPU kernel unavailable")
+    x, y = _classifier(M=300, C=37, seed=6)
+    taken = []
+    real = chunked._plain_rows
+    monkeypatch.setattr(chunked, "_plain_rows", lambda *a: taken.append(real(*a)) or taken[-1])
+
+    def run():
+        loss = crossent.cross_entropy(x, y, reduction=reduction, validate=False)
+        (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (g3,) = torch.autograd.grad(loss * 3, x, retain_graph=True)
+        (gg,) = torch.autograd.grad(loss, x, create_graph=True)
+        (h,) = torch.autograd.grad(gg.square().sum(), x)
+        return loss.detach(), g1, g2, g3, h
+
+    fast = run()
+    assert taken == [True]
+    monkeypatch.setattr(chunked, "_plain_rows", lambda *a: False)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_plain_rows_path_is_not_taken_when_an_option_needs_coefficients():
+    if chunked._cpp() is None:
+        pytest.skip("compiled CPU kernel unavailable")
+    x, y = _classifier(M=8, C=5, seed=7)
+    keep = torch.ones(8, dtype=torch.bool)
+    ok = lambda **kw: chunked._plain_rows(**{**dict(impl=chunked.CPU, x=x, target=y, index_target=True, weight=None,
+                                                    keep=keep, label_smoothing=0.0, reduction="mean"), **kw})
+    assert ok()
+    assert not ok(reduction="none")
+    assert not ok(weight=torch.ones(5))
+    assert not ok(label_smoothing=0.1)
+    assert not ok(keep=torch.tensor([True] * 7 + [False]))
+    assert not ok(x=x.detach())                       # no gradient wanted: the loss-only kernel
+    assert not ok(x=x.double().detach().requires_grad_())
+    assert not ok(impl=chunked.CPU_TORCH)
+    # an out-of-range class index still fails (the kernel counts it; validation off)
+    with pytest.raises(crossent.CrossentValueError, match="outside it"):
+        crossent.cross_entropy(x, torch.tensor([0, 1, 2, 3, 4, 5, 0, 1]), validate=False)
