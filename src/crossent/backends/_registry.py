@@ -21,7 +21,7 @@ call (one dictionary lookup, about a microsecond), so changing it at run time ta
 effect on the next call; a backend's ``unavailable(device)`` is asked on every call too
 (so it may depend on state that changes). Which backend is fastest for small inputs
 needs no rule of its own: on CPU the compiled ``chunked`` kernel is already the fastest
-at every size measured (64 x 10 up to LM heads), so the automatic choice is size-blind.
+at every size measured (4 x 3 up to LM heads), so the automatic choice is size-blind.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def reduce_loss(
                 denominator = denominator.to(loss.dtype)
             # Reading a CPU number costs no device sync; elsewhere the select below
             # decides without reading it.
-            nonzero = denominator.device.type == "cpu" and float(denominator) != 0
+            nonzero = denominator.device.type == "cpu" and denominator.item() != 0   # item: no grad warning
         else:  # a Python number from a backend: divided by as a scalar (same bits as a
             # 0-dim tensor of it), made a tensor only for the selects
             denominator = float(denominator)
