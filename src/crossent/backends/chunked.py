@@ -58,12 +58,12 @@ logits buffer and tells autograd with ``ctx.mark_dirty``; see :func:`cross_entro
 
 from __future__ import annotations
 
-import struct
 from typing import Optional, Tuple
 
 import torch
 
 from . import reference
+from ..functional._reduction import mean_grad_scale
 
 # 2**16 float32 elements = 256 KiB per intermediate: a chunk's few temporaries stay in L2/L3
 # while per-op overhead (~5-10 us per torch call) stays small against the work per chunk.
@@ -252,7 +252,7 @@ class _FusedElementwise(torch.autograd.Function):
             # second backward (retain_graph=True) returns exactly what the first did.
             return ctx.forward(x, t, weight, pos_weight, keep, True, scale)[1]
 
-        if ctx.scale is not None and grad_out.numel() == 1 and grad_out.item() == ctx.scale.item():
+        if ctx.scale is not None and grad_out.numel() == 1 and grad_out.item() == _value(ctx.scale):
             # The gradient was scaled in forward by the grad_output a plain loss.backward()
             # sends (1/N for 'mean', exactly as autograd computes it): nothing left to do.
             return None, None, None, grad if grad is not None else recompute(ctx.scale), None, None, None, None
@@ -376,8 +376,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             loss = torch.where(keep, loss, _zero(loss))
             grad.masked_fill_(~keep.unsqueeze(1), 0.0)
         ctx.grad, ctx.scale, ctx.impl = grad, scale, impl
-        # read once (CPU: no sync); a Python float already is the value
-        ctx.scale_value = scale if scale is None or isinstance(scale, float) else scale.item()
+        ctx.scale_value = None if scale is None else _value(scale)   # read once (CPU: no sync)
         ctx.save_for_backward(x, q, y, c, smooth, keep)
         return loss
 
@@ -408,6 +407,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return None, None, grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
 
 
+def _value(scale) -> float:
+    """A gradient scale as a Python float: fused ops get it as a 0-dim tensor or, when the
+    functional layer computed it on the host (``mean_grad_scale``), as a float."""
+    return scale if isinstance(scale, float) else scale.item()
+
+
 def _is_expected(grad_out: torch.Tensor, scale) -> bool:
     """Is every entry of grad_out exactly ``scale`` (what a plain backward() sends)? CPU only.
 
@@ -415,8 +420,7 @@ def _is_expected(grad_out: torch.Tensor, scale) -> bool:
     if grad_out.numel() == 0:
         return True
     if grad_out.dim() and grad_out.stride(0) == 0 and grad_out.numel() == grad_out.shape[0]:
-        value = scale if isinstance(scale, float) else scale.item()
-        return grad_out[0].item() == value   # expanded scalar: one read
+        return grad_out[0].item() == _value(scale)   # expanded scalar: one read
     return bool((grad_out == scale).all())
 
 
@@ -435,11 +439,6 @@ def ce_grad_scale(reduction: str, den: Optional[torch.Tensor], M: int, like: tor
     return None
 
 
-def _f32(value: float) -> float:
-    """``value`` rounded to the nearest float32, as a Python float."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
 def _plain_rows(impl, x, target, index_target, weight, keep, label_smoothing, reduction) -> bool:
     """The small-input fast path of the compiled kernel: class indices without weights or
     smoothing, none of them ignore_index, float32 rows, gradient wanted with a known
@@ -455,10 +454,7 @@ def _plain_rows(impl, x, target, index_target, weight, keep, label_smoothing, re
 
 def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
     if _plain_rows(impl, x, target, index_target, weight, keep, label_smoothing, reduction):
-        # 1/M exactly as autograd computes it (float32: 1 and M are float32 values, so the
-        # double division rounded once more is the float32 division); float64 stays exact.
-        scale = 1.0 if reduction == "sum" else (
-            _f32(1.0 / x.shape[0]) if x.dtype == torch.float32 else 1.0 / x.shape[0])
+        scale = 1.0 if reduction == "sum" else mean_grad_scale(x.shape[0], x.dtype)
         return _FusedCrossEntropy.apply(impl, scale, x, None, target, None, None, None), None
     q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x, q, c, smooth):
@@ -597,7 +593,7 @@ def make_ops(impl: Kernels) -> dict:
 
         ``sum_only=True`` returns the 0-dim sum instead (the functional layer asks for it
         when the reduction is not 'none'), so the only full-size buffer written is the
-        gradient. ``grad_scale`` (a 0-dim tensor, e.g. ``1/N`` for 'mean') is the
+        gradient. ``grad_scale`` (a 0-dim tensor or a float, e.g. ``1/N`` for 'mean') is the
         grad_output that a plain ``backward()`` will send: the gradient is multiplied by it
         in the same pass, and backward has nothing left to do when it arrives (any other
         grad_output is still handled exactly).

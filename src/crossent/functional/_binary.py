@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import dispatch
-from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
+from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
 
 
 def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
@@ -71,8 +71,7 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
         hint = None
         if denominator is None and x.numel():
             # the grad_output loss.backward() will send, computed as autograd computes it
-            one = torch.ones((), dtype=x.dtype, device=x.device)
-            hint = one / x.numel() if reduction == "mean" else one
+            hint = mean_grad_scale(x.numel(), x.dtype) if reduction == "mean" else 1.0
         total = fn(x, t, weight, pos_weight, keep, sum_only=True, grad_scale=hint)
         return total, (x.numel() if denominator is None else denominator)
     return fn(x, t, weight, pos_weight, keep), denominator
