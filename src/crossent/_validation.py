@@ -18,7 +18,12 @@ probabilities / softmax" heuristics read at most :data:`_ROWS_TO_INSPECT` rows a
 :data:`_ELEMENTS_TO_INSPECT` numbers, and the small results
 of one call are fetched to the host together: **one device synchronisation per loss
 call** on GPU. Work beyond that (``nonzero``, the position of the first bad element)
-happens only on the failure path. Measured numbers: ``benchmarks/validation_cost.py``.
+happens only on the failure path. On CPU, where reading a number costs no
+synchronisation, a check reads its range statistic first and skips what that makes
+unnecessary (the ignore_index mask when no target equals it; the row sums of the
+softmax heuristic when the inputs have both signs, as raw logits do), because small
+inputs pay per torch call (``docs/performance.md``, small inputs). Measured numbers:
+``benchmarks/validation_cost.py``.
 
 On GPU, an out-of-range class index is therefore reported by this module before any
 kernel indexes with it: the checks use only comparisons and reductions, never
@@ -171,13 +176,21 @@ def reset_warnings() -> None:
     _WARNED.clear()
 
 
-def _fetch(values: List[torch.Tensor]) -> List[float]:
-    """Bring a few 0-dim statistics to the host in ONE transfer (one GPU sync)."""
+def _fetch(values: List[Union[torch.Tensor, float]]) -> List[float]:
+    """Bring a few 0-dim statistics to the host in ONE transfer (one GPU sync).
+
+    Python numbers pass through: on CPU a stats function may read a number early (no
+    sync to save) and skip the statistics it makes unnecessary."""
     if not values:
         return []
-    if all(v.device.type == "cpu" for v in values):
+    if all(not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in values):
         return [float(v) for v in values]  # no transfer to save on CPU; skip the stack
     return torch.stack([v.detach().to(torch.float64).reshape(()) for v in values]).tolist()
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """Reading ``t``'s numbers costs no device synchronisation (CPU tensors)."""
+    return t.device.type == "cpu"
 
 
 def _grad_fn_name(t: torch.Tensor) -> str:
@@ -201,6 +214,8 @@ def check_reduction(func: str, reduction) -> str:
 
 
 def check_label_smoothing(func: str, label_smoothing) -> float:
+    if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
+        return label_smoothing   # the usual case, decided without the ABC checks below
     if isinstance(label_smoothing, torch.Tensor) and label_smoothing.numel() == 1:
         label_smoothing = float(label_smoothing)
     if not isinstance(label_smoothing, Number) or isinstance(label_smoothing, (bool, complex)):
@@ -221,6 +236,8 @@ def check_ignore_index(func: str, ignore_index) -> Optional[int]:
     ``ignore_index=0`` would silently drop every negative example."""
     if ignore_index is None:
         return None
+    if type(ignore_index) is int and (ignore_index > 1 or ignore_index < 0 or func not in _BINARY_FUNCS):
+        return ignore_index   # the usual case, decided without the ABC checks below
     if isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1:
         ignore_index = ignore_index.item()
     if (isinstance(ignore_index, bool) or not isinstance(ignore_index, Number)
@@ -406,7 +423,7 @@ def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
         stats += list(torch.aminmax(x))
         names += ["xmin", "xmax"]
     elif inspect_logits:
-        xs = x.reshape(-1)[:_ELEMENTS_TO_INSPECT] if x.is_contiguous() else x
+        xs = x.reshape(-1)[:_ELEMENTS_TO_INSPECT] if x.is_contiguous() and x.numel() > _ELEMENTS_TO_INSPECT else x
         stats += list(torch.aminmax(xs))
         names += ["xmin", "xmax"]
     s = dict(zip(names, _fetch(stats)))  # the one synchronisation
@@ -542,8 +559,16 @@ def _sum_tol(dtype: torch.dtype, C: int) -> float:
 # Each value check is split into stats (0-dim tensors, no sync) and a judgement on the
 # fetched numbers, so that one loss call synchronises once, whatever it checks.
 def _index_stats(target: torch.Tensor, ignore_index: Optional[int]):
-    flat = target.detach().reshape(-1)
+    flat = target.detach()
+    if flat.dim() != 1:
+        flat = flat.reshape(-1)
     if ignore_index is not None:
+        if _on_host(flat):
+            # CPU: read the raw range first (no sync to save). When ignore_index lies
+            # outside it, no target equals it and masking would change nothing.
+            tmin, tmax = (int(v) for v in torch.aminmax(flat))
+            if not tmin <= ignore_index <= tmax:
+                return [tmin, tmax]
         flat = torch.where(flat == ignore_index, 0, flat)
     return list(torch.aminmax(flat))
 
@@ -651,7 +676,7 @@ def _sample_rows(x: torch.Tensor, class_dim: int, k: int) -> torch.Tensor:
     if x.dim() == 1:
         return x[None]
     if x.dim() == 2:
-        return x[:k]
+        return x[:k] if x.shape[0] > k else x
     y = x[:1]
     budget = k
     for d in range(2, y.dim()):
@@ -672,6 +697,13 @@ def _softmax_stats(input: torch.Tensor, class_dim: int):
     if xs.dtype in _LOW_PRECISION:
         xs = xs.float()
     xmin, xmax = torch.aminmax(xs)
+    if _on_host(xs):
+        # CPU: read the range first (no sync to save). Entries of both signs (the usual
+        # raw logits) rule out softmax (>= 0) and log_softmax (<= 0) output: the row
+        # sums are then never judged, so they are not computed (inf: "not close to 1").
+        xmin, xmax = float(xmin), float(xmax)
+        if xmin < 0 < xmax:
+            return [xmin, xmax, math.inf, math.inf]
     sum_dev = (xs.sum(1) - 1).abs().amax()  # softmax rows sum to 1
     exp_dev = (xs.exp().sum(1) - 1).abs().amax()  # log_softmax rows: exp sums to 1
     return [xmin, xmax, sum_dev, exp_dev]

@@ -194,7 +194,8 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
    grad_j = A (e_j/(1+s)) - a_j  (a_j = c [j == y] + sm_j, A = c + S);
    at the arg-max, when it dominates (s < 1): grad_k = (A - a_k) - A (s/(1+s)), else the
    general form (reference._CrossEntropy.backward).
-   grad may be NULL (loss only) or alias x (in-place mode: x_y is read first). */
+   grad may be NULL (loss only) or alias x (in-place mode: x_y is read first).
+   c may be NULL: every c_r = 1 (no class weights, no smoothing, nothing ignored). */
 int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
                           float *grad, float scale, int64_t M, int64_t C, int nthreads) {
   int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
@@ -208,7 +209,7 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
     const float *xr = x + r * C;
     float *gr = grad ? grad + r * C : 0;
     const int64_t yr = y[r];
-    const float cr = c[r];
+    const float cr = c ? c[r] : 1.f;   /* c NULL: every row has coefficient 1 */
     if (yr < 0 || yr >= C) { ++bad; loss[r] = NAN; continue; }
     V vm = vset(-INFINITY), vnan = vzero();
     int64_t j = 0;

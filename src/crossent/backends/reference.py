@@ -230,11 +230,14 @@ def ce_coefficients(x, target, index_target, weight, keep, label_smoothing):
         if weight is not None:
             q = q * weight
         return q, None, None, None, None
-    y = target if keep is None else torch.where(keep, target, torch.zeros_like(target))
-    w_y = None if weight is None else weight.gather(0, y)
-    den = torch.ones_like(y, dtype=x.dtype) if w_y is None else w_y
-    if keep is not None:
-        den = torch.where(keep, den, torch.zeros((), dtype=den.dtype, device=den.device))
+    # Few torch calls: small inputs pay per call (docs/performance.md, small inputs).
+    y = target if keep is None else torch.where(keep, target, 0)
+    if weight is None:
+        den = torch.ones_like(y, dtype=x.dtype) if keep is None else keep.to(x.dtype)
+    else:
+        den = weight.gather(0, y)
+        if keep is not None:
+            den = torch.where(keep, den, 0.0)
     c = den * (1 - eps) if eps else den
     smooth = None
     if eps:
@@ -258,7 +261,8 @@ def cross_entropy(
         weight: (C,) class weights or None.
     Returns:
         ``(loss, denominator)``: per-row losses (M,) and the per-row denominator weights
-        (M,) for ``mean``, or None meaning one per row.
+        (M,) for ``mean``, or None meaning one per row. (A fused backend that needed their
+        total may return that 0-dim total instead; the functional layer sums either way.)
     """
     q, y, c, smooth, den = ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if q is not None:

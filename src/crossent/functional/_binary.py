@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import dispatch
-from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
+from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
 
 
 def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
@@ -48,9 +48,9 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
         keep = target != ignore_index
     if V.validation_enabled(validate):
         V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
-    cdt = compute_dtype(torch.promote_types(input.dtype, target.dtype))
-    x = input.to(cdt)
-    t = target.to(cdt)
+    cdt = compute_dtype(input.dtype if input.dtype == target.dtype else torch.promote_types(input.dtype, target.dtype))
+    x = input if input.dtype == cdt else input.to(cdt)
+    t = target if target.dtype == cdt else target.to(cdt)
     if keep is not None:
         t = torch.where(keep, t, torch.zeros((), dtype=cdt, device=t.device))
     if label_smoothing:
@@ -71,8 +71,7 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
         hint = None
         if denominator is None and x.numel():
             # the grad_output loss.backward() will send, computed as autograd computes it
-            one = torch.ones((), dtype=x.dtype, device=x.device)
-            hint = one / x.numel() if reduction == "mean" else one
+            hint = mean_grad_scale(x.numel(), x.dtype) if reduction == "mean" else 1.0
         total = fn(x, t, weight, pos_weight, keep, sum_only=True, grad_scale=hint)
         return total, (x.numel() if denominator is None else denominator)
     return fn(x, t, weight, pos_weight, keep), denominator

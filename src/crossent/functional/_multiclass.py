@@ -11,6 +11,16 @@ from ..backends import dispatch
 from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
 
 
+def _rows(t: torch.Tensor, dtype: torch.dtype, class_dim: int, C: int) -> torch.Tensor:
+    """``t`` in ``dtype`` as rows of C classes (M, C); no op at all for (N, C) in ``dtype``
+    (small inputs pay per torch call)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if t.dim() == 2 and class_dim == 1:
+        return t
+    return t.movedim(class_dim, -1).reshape(-1, C)
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -99,21 +109,23 @@ def cross_entropy(
     fn = dispatch(op, input, backend)
     if index_target and input.dim() > 2 and getattr(fn, "accepts_spatial", False):
         # (N, C, S) (a view of contiguous input): the backend picks the layout, no copy here
-        x = input.to(cdt).flatten(2)
+        x = (input if input.dtype == cdt else input.to(cdt)).flatten(2)
     else:
-        x = input.to(cdt).movedim(class_dim, -1).reshape(-1, C)
+        x = _rows(input, cdt, class_dim, C)
     out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
     keep = None
     if index_target:
-        t = target.reshape(-1)
+        t = target.reshape(-1) if target.dim() != 1 else target
         keep = t != ignore_index
     else:
-        t = target.to(cdt).movedim(class_dim, -1).reshape(-1, C)
-    w = None if weight is None else weight.to(cdt)
+        t = _rows(target, cdt, class_dim, C)
+    w = weight if weight is None or weight.dtype == cdt else weight.to(cdt)
     # Fused backends may pre-scale the gradient by what a plain backward() sends.
     kw = {"reduction": reduction} if getattr(fn, "accepts_reduction", False) else {}
     with no_autocast(x.device):
         loss, den = fn(x, t, index_target, w, keep, label_smoothing, **kw)
-    loss = loss.reshape(out_shape)
-    denominator = None if den is None else den.sum()
+    if loss.shape != out_shape:
+        loss = loss.reshape(out_shape)
+    # Backends return per-row denominator weights, or their 0-dim total when they needed it.
+    denominator = None if den is None else den if den.dim() == 0 else den.sum()
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)

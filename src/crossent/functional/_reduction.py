@@ -26,6 +26,7 @@ exact (``crossent.tracking.LossMeter`` adds them up; never a mean of batch means
 from __future__ import annotations
 
 import contextlib
+import struct
 import warnings
 from typing import NamedTuple, Optional, Union
 
@@ -95,24 +96,37 @@ def reduce_loss(
         out_dtype: the dtype of the result (the input's dtype, like torch).
         return_parts: also return the detached float64 numerator and denominator.
     """
+    # A backend's 0-dim total is its own sum (no extra node: small inputs pay per op).
     if reduction == "none":
         out = loss
     elif reduction == "sum":
-        out = loss.sum()
+        out = loss if loss.dim() == 0 else loss.sum()
     elif denominator is None:
         out = loss.sum() / loss.numel()  # empty: 0 / 0 = nan, like torch
     else:
         # A zero denominator (every element ignored, or kept weights summing to 0) gives
         # nan like torch, with a zero gradient (torch: zero when all are ignored) instead
-        # of 0 * inf = nan flowing back. No device sync: a select, not a branch.
+        # of 0 * inf = nan flowing back.
         if isinstance(denominator, torch.Tensor):
-            denominator = denominator.to(loss.dtype)
-        else:  # a Python number from a backend
-            denominator = torch.tensor(float(denominator), dtype=loss.dtype, device=loss.device)
-        empty = denominator == 0
-        safe = torch.where(empty, torch.ones_like(denominator), denominator)
-        out = torch.where(empty, torch.full_like(safe, float("nan")), loss.sum() / safe)
-    out = out.to(out_dtype)
+            if denominator.dtype != loss.dtype:
+                denominator = denominator.to(loss.dtype)
+            # Reading a CPU number costs no device sync; elsewhere the select below
+            # decides without reading it.
+            nonzero = denominator.device.type == "cpu" and denominator.item() != 0   # item: no grad warning
+        else:  # a Python number from a backend: divided by as a scalar (same bits as a
+            # 0-dim tensor of it), made a tensor only for the selects
+            denominator = float(denominator)
+            nonzero = denominator != 0
+            if not nonzero:
+                denominator = torch.tensor(denominator, dtype=loss.dtype, device=loss.device)
+        if nonzero:   # same value and gradient as the selects, two ops fewer
+            out = (loss if loss.dim() == 0 else loss.sum()) / denominator
+        else:
+            empty = denominator == 0
+            safe = torch.where(empty, torch.ones_like(denominator), denominator)
+            out = torch.where(empty, torch.full_like(safe, float("nan")), loss.sum() / safe)
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
     if not return_parts:
         return out
     with torch.no_grad():
@@ -124,6 +138,23 @@ def reduce_loss(
         else:
             den = torch.tensor(float(denominator), dtype=torch.float64, device=loss.device)
     return LossParts(out, total, den)
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to the nearest float32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def mean_grad_scale(n: int, dtype: torch.dtype) -> float:
+    """The grad_output a plain ``loss.backward()`` sends to each of ``n`` elements through
+    ``mean`` = ``sum / n`` (no other denominator), as autograd computes it: ``1 / n`` in
+    ``dtype`` (float32 or float64). Computed on the host, no torch call: in float32, 1 and
+    float32(n) are float32 values, and their quotient computed in double then rounded to
+    float32 is the float32 quotient (double has more than 2 x 24 + 2 bits). Fused backends
+    pre-scale their gradient by it; backward checks the value it really receives."""
+    if dtype == torch.float64:
+        return 1.0 / n
+    return _f32(1.0 / _f32(float(n)))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -155,7 +186,8 @@ def autocast_inputs(*tensors):
     arguments are cast to float32 and the loss comes back in float32 (``F.binary_cross_entropy``
     on CUDA raises instead; crossent follows the float32 policy there too). Returns the
     tensors, cast where autocast is active on their device; non-tensors pass through."""
-    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    first = tensors[0] if isinstance(tensors[0], torch.Tensor) else next(
+        (t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None or not _autocast_enabled(first.device.type):
         return tensors
     return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
