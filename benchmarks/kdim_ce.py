@@ -40,6 +40,19 @@ def _export_before(rev: str) -> str:
     return tmp
 
 
+def _rows_only(fn):
+    """``fn`` with the (N, C, S) lane kernel switched off: the row path of before."""
+    from crossent.backends import chunked
+
+    def run():
+        saved, chunked._spatial_ok = chunked._spatial_ok, lambda *a: False
+        try:
+            fn()
+        finally:
+            chunked._spatial_ok = saved
+    return run
+
+
 def _measure(fns, repeats: int, inner: int):
     for f in fns.values():
         for _ in range(3):
@@ -61,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--inner", type=int, default=3)
+    p.add_argument("--rows", action="store_true",
+                   help="also time this tree with the lane kernel off (classes moved last, row kernel)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     libs = {}
@@ -73,7 +88,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, forward + backward, fp32, "
           f"mean reduction; median of {args.repeats} x {args.inner} calls, ms per call; "
           f"ratio = torch eager / variant\n")
-    variants = list(libs)
+    variants = list(libs) + (["crossent rows"] if args.rows else [])
     print("| input (N, C, H, W) | torch eager | " + " | ".join(f"{v} | ratio" for v in variants) + " |")
     print("|---|---|" + "---|---|" * len(variants))
     g = torch.Generator().manual_seed(0)
@@ -88,6 +103,8 @@ def main(argv=None) -> int:
             return run
         fns = {"torch eager": call(TF.cross_entropy)}
         fns.update({tag: call(lib.cross_entropy) for tag, lib in libs.items()})
+        if args.rows:
+            fns["crossent rows"] = _rows_only(call(crossent.cross_entropy))
         m = _measure(fns, args.repeats, args.inner)
         t = m["torch eager"]
         cells = [f"{t:.2f}"] + [f"{m[v]:.2f} | {t / m[v]:.2f}x" for v in variants]

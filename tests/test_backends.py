@@ -849,3 +849,37 @@ def test_kdim_lane_kernel_agrees_with_reference_on_random_shapes(N, C, spatial, 
         assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
         fin = torch.isfinite(ref)
         torch.testing.assert_close(ours[fin], ref[fin], rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kdim_plain_path_is_bitwise_the_general_path(monkeypatch, reduction):
+    """No weights, no smoothing, nothing ignored: the lane kernel runs with c NULL (all 1)
+    and a host-computed 1/(N*S). Same bits as the general path with its coefficients, for
+    the loss, two backwards (retain_graph), a scaled backward and double backward."""
+    calls = _spy_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 7, 5, 9, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (3, 5, 9), generator=g)
+    taken = []
+    real = chunked._plain_rows
+    monkeypatch.setattr(chunked, "_plain_rows", lambda *a: taken.append(real(*a)) or taken[-1])
+
+    def run():
+        loss = crossent.cross_entropy(x, y, reduction=reduction, validate=False)
+        (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (g3,) = torch.autograd.grad(loss * 3, x, retain_graph=True)
+        (gg,) = torch.autograd.grad(loss, x, create_graph=True)
+        (h,) = torch.autograd.grad(gg.square().sum(), x)
+        return loss.detach(), g1, g2, g3, h
+
+    fast = run()
+    assert taken == [True] and calls
+    monkeypatch.setattr(chunked, "_plain_rows", lambda *a: False)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+    ref = F.cross_entropy(x, y, reduction=reduction)
+    _close(fast[0], ref.detach())
+    _close(fast[1], _grad(ref, x)[0])

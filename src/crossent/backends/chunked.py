@@ -343,8 +343,11 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
     if x.dim() == 3:   # only when _spatial_ok said so: the compiled lane kernel, no copy
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
-        loss = _cpp().ce_index_ncs(x, y.long().contiguous(), c.contiguous().to(x.dtype),
-                                   grad_out if want_grad else None, scale, smooth)
+        if y.dtype != torch.int64 or not y.is_contiguous():
+            y = y.long().contiguous()
+        if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):   # None: all 1
+            c = c.contiguous().to(x.dtype)
+        loss = _cpp().ce_index_ncs(x, y, c, grad_out if want_grad else None, scale, smooth)
         return loss, grad_out
     M, C = x.shape
     cpp = _cpp() if use_cpp and q is None and M > 0 and C > 0 and _cpp_ok(x) else None
@@ -412,7 +415,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if torch.is_grad_enabled() or any(ctx.needs_input_grad[3:7]):
             if q is None and c is None:   # the all-ones coefficients of _plain_rows
-                c = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+                c = torch.ones(y.shape[0], dtype=x.dtype, device=x.device)   # rows or (N, C, S) positions
 
             def fn(x_, q_, c_, s_):
                 if x_.dim() == 3:   # (N, C, S) logits: the reference takes rows
@@ -475,16 +478,20 @@ def _plain_rows(impl, x, target, index_target, weight, keep, label_smoothing, re
     'mean' scale is ``1/M`` computed on the host (``mean_grad_scale``): the general path's
     where, cast, sum, reciprocal and scale read are skipped, ``keep.all()`` is added (net
     four torch calls fewer; about a tenth of a 64 x 10 forward + backward, measured).
-    Batches with ignored targets pay that ``all()`` and take the general path."""
+    Batches with ignored targets pay that ``all()`` and take the general path.
+    (N, C, S) logits the lane kernel takes (:func:`_spatial_ok`) qualify too, M = N * S.
+    """
+    M = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2] if x.dim() == 3 else 0
     return (impl is CPU and reduction in ("mean", "sum") and index_target and weight is None
-            and not label_smoothing and keep is not None and x.dim() == 2 and 0 < x.shape[0] <= (1 << 24)
+            and not label_smoothing and keep is not None and 0 < M <= (1 << 24)
             and x.shape[1] > 0 and _needs_graph(x) and _cpp_ok(x) and target.dtype == torch.int64
-            and target.is_contiguous() and _cpp() is not None and bool(keep.all()))
+            and target.is_contiguous() and _cpp() is not None and (x.dim() == 2 or _spatial_ok(impl, x, None))
+            and bool(keep.all()))
 
 
 def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
     if _plain_rows(impl, x, target, index_target, weight, keep, label_smoothing, reduction):
-        scale = 1.0 if reduction == "sum" else mean_grad_scale(x.shape[0], x.dtype)
+        scale = 1.0 if reduction == "sum" else mean_grad_scale(target.shape[0], x.dtype)
         return _FusedCrossEntropy.apply(impl, scale, x, None, target, None, None, None), None
     q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if x.dim() == 3 and not _spatial_ok(impl, x, q):

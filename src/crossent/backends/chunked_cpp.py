@@ -323,7 +323,8 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
    about C/2 ulp for large C; the conversion and two adds cost a few instructions against
    ~20 for expf8, and the sum is then as good as the row kernel's (8-lane float32 blocks
    of 32 terms, then float64) or better, for any C.
-   y and c are (N, S) like the loss; c the per-position class weight (0 where ignored). */
+   y and c are (N, S) like the loss; c the per-position class weight (0 where ignored), or
+   NULL: every c = 1 (no class weights, no smoothing, nothing ignored). */
 /* per-lane float64 accumulation: lo holds lanes 0-3, hi lanes 4-7 */
 static inline void dacc(__m256d *lo, __m256d *hi, V v) {
   *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
@@ -475,7 +476,7 @@ int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, 
               _mm256_storeu_si256((__m256i *)yb, _mm256_permute4x64_epi64(_mm256_castps_si256(lo32),
                                                                             _MM_SHUFFLE(3, 1, 2, 0)));
               _mm256_storeu_si256((__m256i *)bm, _mm256_setzero_si256());
-              _mm256_storeu_ps(cb, _mm256_loadu_ps(c + i0));
+              _mm256_storeu_ps(cb, c ? _mm256_loadu_ps(c + i0) : vset(1.f));
             } else scalar = 1;
           }
           if (scalar) for (int q = 0; q < W; ++q) {
@@ -483,7 +484,7 @@ int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, 
             bm[q] = 0; cb[q] = 0.f;
             if (q < lanes) {
               const int64_t i = n * S + p0 + v + q;
-              yq = y[i]; cb[q] = c[i];
+              yq = y[i]; cb[q] = c ? c[i] : 1.f;
               if (yq < 0 || yq >= C) { ++bad; bm[q] = -1; yq = 0; }
             }
             yb[q] = (int32_t)yq;
