@@ -18,6 +18,15 @@ cancellation-free ones, only evaluated differently):
   contiguous -- a small C kernel (:mod:`crossent.backends.chunked_cpp`) runs; everything
   else (probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64)
   runs the same math as chunked torch ops. Both give the same numbers to a few ulp.
+* **K-dimensional logits without a layout copy.** (N, C, d1, ..., dK) float32 contiguous
+  logits with class-index targets (with or without weights, ``ignore_index``, label
+  smoothing) reach ``cross_entropy`` as an (N, C, S) view and run the compiled lane kernel
+  (``crossent_ce_index_ncs``: 8 spatial positions per vector, classes looped), which writes
+  the gradient in the (N, C, S) layout: no move-classes-last copy of the logits and none of
+  the gradient. Everything else (float64, non-contiguous or channels-last logits,
+  probability targets, ``chunked-torch``, Triton) is flattened to rows of classes inside
+  the op, as the functional layer did before; the in-place mode keeps its row path (it
+  overwrites the rows it is given).
 * **Backward reuses the buffer.** The first backward scales the saved gradient in place
   and hands it on (and drops its own reference, so no later backward can observe the
   change), so forward+backward allocates one gradient buffer in total (and, with

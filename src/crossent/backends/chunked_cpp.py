@@ -342,31 +342,45 @@ static inline V dtof(__m256d lo, __m256d hi) {
    writes them (the general form, then y, then k). */
 static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, const float *cb,
                             const int32_t *bm, const float *sm, double Ssm, float scale, int want_grad,
-                            float *lossb) {
+                            float *lossb, const int small) {
+  /* small (C <= 16): x_y, e_y and the y / k gradient entries are selected with a compare
+     and a blend per class (a few instructions per class); otherwise read and written lane
+     by lane (16 scalar accesses per vector, whatever C). */
   const V one = vset(1.f), Sv = vset((float)Ssm);
   const float Sf = (float)Ssm;
   const __m256i ione = _mm256_set1_epi32(1);
+  const __m256i vy = _mm256_loadu_si256((const __m256i *)yb);
   const V cr = _mm256_loadu_ps(cb);
   /* pass 1: max, FIRST arg-max (a lane's index moves only on a strictly greater value;
      all -inf: k = 0), NaN lanes */
-  V vm = vset(-INFINITY), vnan = vzero();
+  V vm = vset(-INFINITY), vnan = vzero(), xy = vzero();
   __m256i vk = _mm256_setzero_si256(), vj = _mm256_setzero_si256();
   for (int64_t j = 0; j < C; ++j) {
     V xv = _mm256_loadu_ps(xb + j * T);
     vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
     vk = _mm256_blendv_epi8(vk, vj, _mm256_castps_si256(_mm256_cmp_ps(xv, vm, _CMP_GT_OQ)));
     vm = _mm256_max_ps(vm, xv);   /* NaN lanes get a meaningless m and k: NaN results below */
+    if (small) xy = _mm256_blendv_ps(xy, xv, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj)));
     vj = _mm256_add_epi32(vj, ione);
   }
-  float xyb[W];
-  for (int q = 0; q < W; ++q) xyb[q] = xb[yb[q] * T + q];
+  if (!small) {
+    float xyb[W];
+    for (int q = 0; q < W; ++q) xyb[q] = xb[yb[q] * T + q];
+    xy = _mm256_loadu_ps(xyb);
+  }
   /* pass 2: e = exp(x - m) (1 for ties), ties, s = sum_{j != ties} e_j, smoothing T */
   __m256i vties = _mm256_setzero_si256();
   __m256d slo = _mm256_setzero_pd(), shi = slo, tlo = slo, thi = slo;
+  V ey = vzero();
+  vj = _mm256_setzero_si256();
   for (int64_t j = 0; j < C; ++j) {
     V xv = _mm256_loadu_ps(xb + j * T);
     V eq = _mm256_cmp_ps(xv, vm, _CMP_EQ_OQ);
     V e = _mm256_blendv_ps(Sleef_expf8_u10(_mm256_sub_ps(xv, vm)), one, eq);
+    if (small) {
+      ey = _mm256_blendv_ps(ey, e, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj)));
+      vj = _mm256_add_epi32(vj, ione);
+    }
     vties = _mm256_sub_epi32(vties, _mm256_castps_si256(eq));
     dacc(&slo, &shi, _mm256_andnot_ps(eq, e));   /* a NaN lane's NaN entry makes s NaN */
     if (sm && sm[j] != 0.f)   /* sm_j * (m - x_j), 0 where x_j == m (a zero sm_j: no term) */
@@ -378,7 +392,6 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
   shi = _mm256_add_pd(shi, _mm256_cvtepi32_pd(_mm256_extracti128_si256(tm1, 1)));
   const V s = dtof(slo, shi);
   const V lse = Sleef_log1pf8_u10(s);
-  const V xy = _mm256_loadu_ps(xyb);
   const V zy = _mm256_andnot_ps(_mm256_cmp_ps(xy, vm, _CMP_EQ_OQ), _mm256_sub_ps(xy, vm));
   V lr = vtimes(cr, _mm256_sub_ps(lse, zy));
   if (sm) lr = _mm256_add_ps(lr, _mm256_add_ps(Sf == 0.f ? vzero() : _mm256_mul_ps(Sv, lse), dtof(tlo, thi)));
@@ -389,11 +402,42 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
      scale (A (e_y/(1+s)) - (sm_y + c)), then at the arg-max k when s < 1
      scale (a_rest - A (s/(1+s))), a_rest = c [k != y] + (S - sm_k) (in float64), as the
      row kernel. A NaN lane has s = NaN: every entry NaN, and no arg-max form. */
-  float eyb[W];
-  for (int q = 0; q < W; ++q) eyb[q] = xb[yb[q] * T + q];
+  if (!small) {
+    float eyb[W];
+    for (int q = 0; q < W; ++q) eyb[q] = xb[yb[q] * T + q];
+    ey = _mm256_loadu_ps(eyb);
+  }
   const V den = _mm256_add_ps(one, s);
   const V A = _mm256_add_ps(cr, Sv);
   const V vs = vset(scale);
+  /* the y and k entries as vectors (same operations, so the same roundings, as one lane
+     at a time) */
+  int32_t kb[W];
+  float smyb[W], rb[W], gyb[W], gkb[W];
+  _mm256_storeu_si256((__m256i *)kb, vk);
+  V a_rest = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(vk, vy)), cr);
+  V sm_y = vzero();
+  if (sm) {
+    for (int q = 0; q < W; ++q) { smyb[q] = sm[yb[q]]; rb[q] = (float)(Ssm - (double)sm[kb[q]]); }
+    sm_y = _mm256_loadu_ps(smyb);
+    a_rest = _mm256_add_ps(a_rest, _mm256_loadu_ps(rb));
+  }
+  const V gy = _mm256_mul_ps(vs, _mm256_sub_ps(_mm256_mul_ps(A, _mm256_div_ps(ey, den)), _mm256_add_ps(sm_y, cr)));
+  const V gk = _mm256_mul_ps(vs, _mm256_sub_ps(a_rest, _mm256_mul_ps(A, _mm256_div_ps(s, den))));
+  const V dom = _mm256_cmp_ps(s, one, _CMP_LT_OQ);
+  if (small) {   /* general form, then y, then k (when s < 1), per class by blends */
+    vj = _mm256_setzero_si256();
+    for (int64_t j = 0; j < C; ++j) {
+      V g = _mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(xb + j * T), den));
+      if (sm) g = _mm256_sub_ps(g, vset(sm[j]));
+      if (scale != 1.f) g = _mm256_mul_ps(vs, g);
+      g = _mm256_blendv_ps(g, gy, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj)));
+      g = _mm256_blendv_ps(g, gk, _mm256_and_ps(dom, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vk, vj))));
+      _mm256_storeu_ps(xb + j * T, g);
+      vj = _mm256_add_epi32(vj, ione);
+    }
+    return;
+  }
   if (sm) {
     for (int64_t j = 0; j < C; ++j) {
       V g = _mm256_sub_ps(_mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(xb + j * T), den)), vset(sm[j]));
@@ -405,23 +449,10 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
       _mm256_storeu_ps(xb + j * T, scale == 1.f ? g : _mm256_mul_ps(vs, g));
     }
   }
-  /* the y and k entries as vectors (same operations, so the same roundings, as one lane
-     at a time), then stored lane by lane */
-  int32_t kb[W];
-  float smyb[W], rb[W], gyb[W], gkb[W];
-  _mm256_storeu_si256((__m256i *)kb, vk);
-  const __m256i vy = _mm256_loadu_si256((const __m256i *)yb);
-  V a_rest = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(vk, vy)), cr);
-  V sm_y = vzero();
-  if (sm) {
-    for (int q = 0; q < W; ++q) { smyb[q] = sm[yb[q]]; rb[q] = (float)(Ssm - (double)sm[kb[q]]); }
-    sm_y = _mm256_loadu_ps(smyb);
-    a_rest = _mm256_add_ps(a_rest, _mm256_loadu_ps(rb));
-  }
-  _mm256_storeu_ps(gyb, _mm256_mul_ps(vs, _mm256_sub_ps(_mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(eyb), den)),
-                                                        _mm256_add_ps(sm_y, cr))));
-  _mm256_storeu_ps(gkb, _mm256_mul_ps(vs, _mm256_sub_ps(a_rest, _mm256_mul_ps(A, _mm256_div_ps(s, den)))));
-  const int dominant = _mm256_movemask_ps(_mm256_cmp_ps(s, one, _CMP_LT_OQ));
+  /* ... then the y and k entries stored lane by lane */
+  _mm256_storeu_ps(gyb, gy);
+  _mm256_storeu_ps(gkb, gk);
+  const int dominant = _mm256_movemask_ps(dom);
   for (int q = 0; q < W; ++q) {
     xb[yb[q] * T + q] = gyb[q];
     if (dominant & (1 << q)) xb[kb[q] * T + q] = gkb[q];
@@ -489,7 +520,7 @@ int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, 
             }
             yb[q] = (int32_t)yq;
           }
-          ce_lanes(buf + v, T, C, yb, cb, bm, sm, Ssm, scale, gn != 0, lb);
+          ce_lanes(buf + v, T, C, yb, cb, bm, sm, Ssm, scale, gn != 0, lb, C <= 16);
           memcpy(loss + n * S + p0 + v, lb, (size_t)lanes * sizeof(float));
         }
         if (gn)
