@@ -19,9 +19,14 @@ targets of issue 5 (BCE 1.2x, CE 1.3x torch.compile) were not reachable that way
 evaluates exactly the formulas of :mod:`crossent.backends.reference` in one read of the
 inputs and one write of the gradient (and of the loss, unless only its sum is wanted).
 
+Two cross-entropy kernels: ``crossent_ce_index`` for rows of classes (M, C), and
+``crossent_ce_index_ncs`` for K-dimensional logits (N, C, S) as they lie in memory, one
+AVX2 lane per spatial position (no transpose of the logits or of the gradient; see its
+comment for the tiling).
+
 Precision: float32 lanes; sums (the softmax denominator of a row, the BCE total) are
 accumulated 8 lanes x at most 32 terms in float32, then in float64 -- about 1e-7 relative
-even for a 128k-class row. Threads: OpenMP, ``torch.get_num_threads()`` of them; ctypes
+even for a 128k-class row. The (N, C, S) kernel sums each lane's C terms in float64. Threads: OpenMP, ``torch.get_num_threads()`` of them; ctypes
 releases the GIL during the call.
 """
 
