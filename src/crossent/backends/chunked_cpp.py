@@ -645,6 +645,13 @@ class _Kernels:
         return _Kernels._bce(1, p, t, pw, L, want_loss, scale)
 
     @staticmethod
+    def bcewl_into(x, t, pw, L, loss, grad):
+        """Per-element BCE-with-logits losses into ``loss`` (may be ``x`` itself: each
+        vector is read before it is written) and gradients into ``grad``."""
+        _lib.crossent_bce(0, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), 1.0, x.numel(),
+                          _threads(x.numel()))
+
+    @staticmethod
     def _bce(kind, x, t, pw, L, want_loss, scale=None):
         grad = torch.empty_like(x)
         loss = torch.empty_like(x) if want_loss else None

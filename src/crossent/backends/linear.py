@@ -362,6 +362,35 @@ class TorchBlocks:
 TORCH_BLOCKS = TorchBlocks()
 
 
+class CpuKernelBlocks(TorchBlocks):
+    """:class:`TorchBlocks` with the usual BCE block (float32 on CPU, labels 0/1 or soft,
+    no per-element weight, no ``ignore_index``, no smoothing, ``pos_weight`` per label) in
+    the compiled kernel of :mod:`.chunked_cpp`: loss and gradient in one pass, the losses
+    written over the logits block (no block temporaries besides the gradient). Anything
+    else, or no compiled kernel, takes the torch-ops block."""
+
+    @staticmethod
+    def bce(L, tgt, r0, r1, c0, c1, dtype, want_grad):
+        from . import chunked_cpp
+
+        kernel = chunked_cpp.get() if (L.dtype == torch.float32 and L.device.type == "cpu"
+                                       and L.is_contiguous()) else None
+        pw = tgt.pos_weight
+        if pw is not None:
+            pw = pw[r0:r1, c0:c1]
+            pw = pw[0].to(torch.float32).contiguous() if pw.stride(0) == 0 else None
+        if (kernel is None or tgt.weight is not None or tgt.ignore_index is not None or tgt.eps
+                or (tgt.pos_weight is not None and pw is None)):
+            return _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad)
+        t, _ = tgt.block(r0, r1, c0, c1, dtype)
+        g = torch.empty_like(L)
+        kernel.bcewl_into(L, t.contiguous(), pw, c1 - c0, L, g)
+        return L, (g if want_grad else None)
+
+
+CPU_KERNEL_BLOCKS = CpuKernelBlocks()
+
+
 class _Operands:
     """Inputs in the compute dtype, weights cast block by block (fp16/bf16 -> float32)."""
 
@@ -861,9 +890,21 @@ def _triton_linear_op(name):
 
 _OPS_TRITON = {op: _triton_linear_op(fn.__name__) for op, fn in _OPS_CHUNKED.items()}
 
+
+def _with_blocks(fn, blocks):
+    def call(x, W, b, tgts, plan, *rest):
+        if plan.blocks is None:
+            plan = ChunkPlan(rows=plan.rows, classes=plan.classes, budget=plan.budget, blocks=blocks)
+        return fn(x, W, b, tgts, plan, *rest)
+    call.__name__ = fn.__name__
+    return call
+
+
+_OPS_CPU = {op: _with_blocks(fn, CPU_KERNEL_BLOCKS) for op, fn in _OPS_CHUNKED.items()}
+
 # "chunked-torch" runs these plain-torch kernels on any device (the CUDA fallback without
 # Triton: it outranks the unfused "reference"); "chunked" (the CPU backend) has them too.
 _add_ops("reference", 0, _OPS_REFERENCE)
 _add_ops("chunked-torch", 1, _OPS_CHUNKED, any_device=True)
-_add_ops("chunked", 10, _OPS_CHUNKED)
+_add_ops("chunked", 10, _OPS_CPU)
 _add_ops("triton", 20, _OPS_TRITON, unavailable=triton_unavailable_reason)
