@@ -349,17 +349,13 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
 
     ``x`` may also be (N, C, S) (see :func:`_spatial_ok`): loss (N*S,), grad (N, C, S).
     """
-    if x.dim() == 3:   # only when _spatial_ok said so: the compiled lane kernel, no copy
-        if want_grad and grad_out is None:
-            grad_out = torch.empty_like(x)
-        if y.dtype != torch.int64 or not y.is_contiguous():
-            y = y.long().contiguous()
-        if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):   # None: all 1
-            c = c.contiguous().to(x.dtype)
-        loss = _cpp().ce_index_ncs(x, y, c, grad_out if want_grad else None, scale, smooth)
-        return loss, grad_out
-    M, C = x.shape
-    cpp = _cpp() if use_cpp and q is None and M > 0 and C > 0 and _cpp_ok(x) else None
+    spatial = x.dim() == 3   # only when _spatial_ok said so: the compiled lane kernel, no copy
+    if spatial:
+        M, C = x.shape[0] * x.shape[2], x.shape[1]
+        cpp = _cpp()
+    else:
+        M, C = x.shape
+        cpp = _cpp() if use_cpp and q is None and M > 0 and C > 0 and _cpp_ok(x) else None
     if cpp is not None:
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
@@ -367,7 +363,8 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
             y = y.long().contiguous()
         if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):   # None: all 1
             c = c.contiguous().to(x.dtype)
-        loss = cpp.ce_index(x, y, c, grad_out if want_grad else None, scale, smooth)
+        kernel = cpp.ce_index_ncs if spatial else cpp.ce_index
+        loss = kernel(x, y, c, grad_out if want_grad else None, scale, smooth)
         return loss, grad_out
     loss = torch.empty(M, dtype=x.dtype, device=x.device)
     if want_grad and grad_out is None:
