@@ -15,29 +15,15 @@ Ratio = torch eager time / variant time (> 1: faster than eager).
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 import torch
 import torch.nn.functional as TF
 
 import crossent
+from _before_after import export_before, measure
 
 SHAPES = [(8, 21, 128, 128), (32, 3, 64, 64), (4, 150, 64, 64)]
-
-
-def _export_before(rev: str) -> str:
-    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    tmp = tempfile.mkdtemp(prefix="crossent_before_")
-    archive = subprocess.run(["git", "-C", root, "archive", rev, "src/crossent"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-    os.rename(os.path.join(tmp, "src", "crossent"), os.path.join(tmp, "crossent_before"))
-    return tmp
 
 
 def _rows_only(fn):
@@ -53,21 +39,6 @@ def _rows_only(fn):
     return run
 
 
-def _measure(fns, repeats: int, inner: int):
-    for f in fns.values():
-        for _ in range(3):
-            f()
-    keys = list(fns)
-    samples = {k: [] for k in keys}
-    for r in range(repeats):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fns[k]()
-            samples[k].append((time.perf_counter() - t0) / inner * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", metavar="REV", help="also time crossent as of this git revision")
@@ -80,7 +51,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     libs = {}
     if args.before:
-        sys.path.insert(0, _export_before(args.before))
+        sys.path.insert(0, export_before(args.before))
         import crossent_before  # noqa: E402
 
         libs[f"crossent {args.before}"] = crossent_before
@@ -105,7 +76,7 @@ def main(argv=None) -> int:
         fns.update({tag: call(lib.cross_entropy) for tag, lib in libs.items()})
         if args.rows:
             fns["crossent rows"] = _rows_only(call(crossent.cross_entropy))
-        m = _measure(fns, args.repeats, args.inner)
+        m = measure(fns, args.repeats, args.inner)
         t = m["torch eager"]
         cells = [f"{t:.2f}"] + [f"{m[v]:.2f} | {t / m[v]:.2f}x" for v in variants]
         print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)

@@ -23,28 +23,14 @@ is not counted, so the numbers stay comparable on a busy machine.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as TF
 
 import crossent
-
-
-def _export_before(rev: str) -> str:
-    """``src/crossent`` at ``rev`` as package ``crossent_before`` in a temporary directory."""
-    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    tmp = tempfile.mkdtemp(prefix="crossent_before_")
-    archive = subprocess.run(["git", "-C", root, "archive", rev, "src/crossent"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-    os.rename(os.path.join(tmp, "src", "crossent"), os.path.join(tmp, "crossent_before"))
-    return tmp
+from _before_after import export_before, measure
 
 
 def _cases(libs):
@@ -95,21 +81,6 @@ def _cases(libs):
     return out
 
 
-def _measure(fns, repeats: int, inner: int, clock=time.perf_counter):
-    for f in fns.values():
-        for _ in range(max(10, inner)):
-            f()
-    keys = list(fns)
-    samples = {k: [] for k in keys}
-    for r in range(repeats):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t0 = clock()
-            for _ in range(inner):
-                fns[k]()
-            samples[k].append((clock() - t0) / inner * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", metavar="REV", help="also time crossent as of this git revision")
@@ -126,7 +97,7 @@ def main(argv=None) -> int:
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     libs = {}
     if args.before:
-        sys.path.insert(0, _export_before(args.before))
+        sys.path.insert(0, export_before(args.before))
         import crossent_before  # noqa: E402
 
         libs[f"crossent {args.before}"] = crossent_before
@@ -139,7 +110,7 @@ def main(argv=None) -> int:
     print("| case | torch eager | " + " | ".join(f"{v} | ratio" for v in variants) + " |")
     print("|---|---|" + "---|---|" * len(variants))
     for name, fns in cases:
-        m = _measure(fns, args.repeats, args.inner, clock)
+        m = measure(fns, args.repeats, args.inner, clock, warmup=max(10, args.inner))
         t = m["torch eager"]
         cells = [f"{t:.3f}"] + [f"{m[v]:.3f} | {t / m[v]:.2f}x" for v in variants]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

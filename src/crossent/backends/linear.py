@@ -33,6 +33,7 @@ gradient (``reduction='none'``, a second backward) recomputes them chunk by chun
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -894,7 +895,7 @@ _OPS_TRITON = {op: _triton_linear_op(fn.__name__) for op, fn in _OPS_CHUNKED.ite
 def _with_blocks(fn, blocks):
     def call(x, W, b, tgts, plan, *rest):
         if plan.blocks is None:
-            plan = ChunkPlan(rows=plan.rows, classes=plan.classes, budget=plan.budget, blocks=blocks)
+            plan = dataclasses.replace(plan, blocks=blocks)
         return fn(x, W, b, tgts, plan, *rest)
     call.__name__ = fn.__name__
     return call
