@@ -29,6 +29,26 @@ def _times(c, v):
 
 
 @triton.jit
+def _weigh_and_store(loss, grad, offs, mask, pid, w_ptr, keep_ptr, loss_ptr, grad_ptr,
+                     HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr, SUM_ONLY: tl.constexpr):
+    """The BCE kernels' common tail: per-element weight, ignore mask (0 loss and gradient),
+    store the gradient and the losses (or this block's sum)."""
+    if HAS_W:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        loss = loss * w
+        grad = grad * w
+    if HAS_KEEP:
+        k = tl.load(keep_ptr + offs, mask=mask, other=0)
+        loss = tl.where(k != 0, loss, 0.0)
+        grad = tl.where(k != 0, grad, 0.0)
+    tl.store(grad_ptr + offs, grad, mask=mask)
+    if SUM_ONLY:
+        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    else:
+        tl.store(loss_ptr + offs, loss, mask=mask)
+
+
+@triton.jit
 def bce_logits_kernel(x_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr, n, L,
                       HAS_PW: tl.constexpr, HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr,
                       SUM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
@@ -54,19 +74,7 @@ def bce_logits_kernel(x_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr,
     omt = 1.0 - t
     loss = _times(p, sp_neg) + _times(omt, sp_pos)
     grad = omt * sig - p * sig_neg
-    if HAS_W:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        loss = loss * w
-        grad = grad * w
-    if HAS_KEEP:
-        k = tl.load(keep_ptr + offs, mask=mask, other=0)
-        loss = tl.where(k != 0, loss, 0.0)
-        grad = tl.where(k != 0, grad, 0.0)
-    tl.store(grad_ptr + offs, grad, mask=mask)
-    if SUM_ONLY:
-        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
-    else:
-        tl.store(loss_ptr + offs, loss, mask=mask)
+    _weigh_and_store(loss, grad, offs, mask, pid, w_ptr, keep_ptr, loss_ptr, grad_ptr, HAS_W, HAS_KEEP, SUM_ONLY)
 
 
 @triton.jit
@@ -90,19 +98,7 @@ def bce_probs_kernel(p_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr, 
     omt = 1.0 - t
     loss = -(pt * log_p + omt * log_1mp)
     grad = (omt * p - pt * (1.0 - p)) / tl.maximum(p * (1.0 - p), 1e-12)
-    if HAS_W:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        loss = loss * w
-        grad = grad * w
-    if HAS_KEEP:
-        k = tl.load(keep_ptr + offs, mask=mask, other=0)
-        loss = tl.where(k != 0, loss, 0.0)
-        grad = tl.where(k != 0, grad, 0.0)
-    tl.store(grad_ptr + offs, grad, mask=mask)
-    if SUM_ONLY:
-        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
-    else:
-        tl.store(loss_ptr + offs, loss, mask=mask)
+    _weigh_and_store(loss, grad, offs, mask, pid, w_ptr, keep_ptr, loss_ptr, grad_ptr, HAS_W, HAS_KEEP, SUM_ONLY)
 
 
 @triton.jit
