@@ -543,29 +543,36 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_lse):
-        _no_double_backward("linear_cross_entropy")
-        with torch.no_grad():
-            return LinearCrossEntropyFunction._backward(ctx, g_loss)
-
-    @staticmethod
-    def _backward(ctx, g_loss):
-        x, W, b = ctx.saved_tensors
-        pre, ctx.pre = ctx.pre, None
         if g_loss is None:
             return (None,) * 7
+
+        def recompute(ops, grads):
+            x, W = ops.x, ops.W
+            N, C = x.shape[0], W.shape[1]
+            buf = torch.empty(min(ctx.plan.rows, N) * min(ctx.plan.classes, C), dtype=ctx.cdt, device=x.device)
+            for p in range(W.shape[0]):
+                _ce_grad_pass(ops, p, ctx.tgts[p], ctx.stats[p], ctx.plan, grads, buf, g_loss[:, p].to(ctx.cdt))
+        return _linear_backward(ctx, "linear_cross_entropy", g_loss, recompute, 4)
+
+
+def _linear_backward(ctx, func, g_loss, recompute, n_other_inputs):
+    """Backward of both fused linear Functions: the gradients computed in forward, rescaled
+    by the ratio of the incoming gradient to ``ctx.scale`` (exactly 1 for ``sum`` /
+    ``mean``) when it is uniform; otherwise ``recompute(ops, grads)`` accumulates them
+    chunk by chunk. Returns (grad_x, grad_W, grad_b) and None for the other inputs."""
+    _no_double_backward(func)
+    with torch.no_grad():
+        x, W, b = ctx.saved_tensors
+        pre, ctx.pre = ctx.pre, None
         if pre is not None and _uniform(g_loss):
-            out = _rescale(pre, g_loss.reshape(-1)[:1].to(ctx.cdt) / ctx.scale)  # ratio 1 for sum / mean
+            out = _rescale(pre, g_loss.reshape(-1)[:1].to(ctx.cdt) / ctx.scale)
         else:
             ops = _Operands(x, W, b, ctx.cdt)
             needs = ctx.needs_input_grad[:3]
             grads = _GradAcc(ops, (needs[0], needs[1], needs[2] and b is not None))
-            N, C = x.shape[0], W.shape[1]
-            buf = torch.empty(min(ctx.plan.rows, N) * min(ctx.plan.classes, C), dtype=ctx.cdt, device=x.device)
-            for p in range(W.shape[0]):
-                _ce_grad_pass(ops, p, ctx.tgts[p], ctx.stats[p], ctx.plan, grads, buf,
-                              g_loss[:, p].to(ctx.cdt))
-            out = list(grads.results(x.dtype, None if b is None else b.dtype))
-        return out[0], out[1], out[2], None, None, None, None
+            recompute(ops, grads)
+            out = grads.results(x.dtype, None if b is None else b.dtype)
+    return (out[0], out[1], out[2]) + (None,) * n_other_inputs
 
 
 def _no_double_backward(func):
@@ -820,23 +827,9 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss):
-        _no_double_backward("linear_binary_cross_entropy_with_logits")
-        with torch.no_grad():
-            return LinearBCEWithLogitsFunction._backward(ctx, g_loss)
-
-    @staticmethod
-    def _backward(ctx, g_loss):
-        x, W, b = ctx.saved_tensors
-        pre, ctx.pre = ctx.pre, None
-        if pre is not None and _uniform(g_loss):
-            out = _rescale(pre, g_loss.reshape(-1)[:1].to(ctx.cdt) / ctx.scale)
-        else:
-            ops = _Operands(x, W, b, ctx.cdt)
-            needs = ctx.needs_input_grad[:3]
-            grads = _GradAcc(ops, (needs[0], needs[1], needs[2] and b is not None))
+        def recompute(ops, grads):
             _bce_pass(ops, ctx.tgt, ctx.plan, grads, g_loss.to(ctx.cdt), g_loss.dim() == 2, None)
-            out = list(grads.results(x.dtype, None if b is None else b.dtype))
-        return out[0], out[1], out[2], None, None, None, None, None
+        return _linear_backward(ctx, "linear_binary_cross_entropy_with_logits", g_loss, recompute, 5)
 
 
 def linear_bce_with_logits_chunked(x, W, b, tgt, plan, grad_scale, precompute, per_element):
