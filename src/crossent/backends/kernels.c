@@ -1,0 +1,492 @@
+/* crossent's CPU kernels (C99, AVX2 + FMA, OpenMP); built and loaded by chunked_cpp.py. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef __m256 V;
+extern V Sleef_expf8_u10(V);
+extern V Sleef_log1pf8_u10(V);
+extern V Sleef_logf8_u10(V);
+
+#define W 8
+
+static inline V vzero(void) { return _mm256_setzero_ps(); }
+static inline V vset(float a) { return _mm256_set1_ps(a); }
+static inline V vneg(V a) { return _mm256_xor_ps(a, vset(-0.0f)); }
+/* max(0, a), NaN propagating (maxps returns its second operand when one is NaN) */
+static inline V vrelu(V a) { return _mm256_max_ps(vzero(), a); }
+/* c * v, with 0 where c == 0 (a term with zero weight is absent, even if v is inf) */
+static inline V vtimes(V c, V v) {
+  return _mm256_blendv_ps(_mm256_mul_ps(c, v), vzero(), _mm256_cmp_ps(c, vzero(), _CMP_EQ_OQ));
+}
+static inline double hsum(V a) {
+  float t[W]; _mm256_storeu_ps(t, a);
+  double s = 0.0; for (int j = 0; j < W; ++j) s += t[j]; return s;
+}
+
+/* log1p(e) for e in [0, 1] (e = exp(-|x|) in softplus), within 1 ulp like Sleef's log1pf
+   and about twice as fast (checked against float64 for every float in (0, 1]: test_backends).
+   log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3]: 2 s + s (2/3 s^2 + 2/5 s^4 + ... +
+   2/15 s^14) (the next term is below 1e-9 relative). s is rounded twice (d = 2 + e, then
+   e / d); both errors are recovered exactly, d_err = (2 - d) + e and r = e - s d (an FMA),
+   and folded in as s_true - s = (r - s d_err) / d, where 12 bits of 1/d suffice. */
+static inline V log1p01(V e) {
+  const V two = vset(2.f);
+  V d = _mm256_add_ps(two, e);
+  V s = _mm256_div_ps(e, d);
+  V z = _mm256_mul_ps(s, s);
+  V p = vset(2.f / 15);
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 13));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 11));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 9));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 7));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 5));
+  p = _mm256_fmadd_ps(p, z, vset(2.f / 3));
+  p = _mm256_mul_ps(p, z);
+  V d_err = _mm256_add_ps(_mm256_sub_ps(two, d), e);
+  V r = _mm256_fnmadd_ps(s, d, e);
+  V c = _mm256_mul_ps(_mm256_fnmadd_ps(s, d_err, r), _mm256_rcp_ps(d));
+  return _mm256_add_ps(_mm256_add_ps(s, s), _mm256_fmadd_ps(p, s, _mm256_add_ps(c, c)));
+}
+
+void crossent_log1p01(const float *e, float *out, int64_t n) {   /* for the tests */
+  for (int64_t i = 0; i + W <= n; i += W) _mm256_storeu_ps(out + i, log1p01(_mm256_loadu_ps(e + i)));
+}
+
+/* BCE with logits, reference formulas, e = exp(-|x|):
+   loss = p t softplus(-x) + (1-t) softplus(x),  softplus(+-x) = max(+-x, 0) + log1p(e)
+   grad = (1-t) sigmoid(x) - p t sigmoid(-x),     sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e) */
+static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
+  const V one = vset(1.f);
+  V ax = _mm256_andnot_ps(vset(-0.0f), x);
+  V e = Sleef_expf8_u10(vneg(ax));
+  V l1 = log1p01(e);
+  V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+  V er = _mm256_mul_ps(e, r);
+  V neg = _mm256_cmp_ps(x, vzero(), _CMP_LT_OQ);
+  V sp_pos = _mm256_add_ps(vrelu(x), l1);
+  V sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
+  V sig = _mm256_blendv_ps(r, er, neg);
+  V sig_neg = _mm256_blendv_ps(er, r, neg);
+  V p = _mm256_mul_ps(pw, t);
+  V omt = _mm256_sub_ps(one, t);
+  *loss = _mm256_add_ps(vtimes(p, sp_neg), vtimes(omt, sp_pos));
+  *grad = _mm256_sub_ps(_mm256_mul_ps(omt, sig), _mm256_mul_ps(p, sig_neg));
+}
+
+/* BCE on probabilities, torch's clamp and torch's gradient (reference._BinaryCrossEntropy):
+   loss = -(p t max(log q, -100) + (1-t) max(log1p(-q), -100))
+   grad = ((q - t) - (pw - 1) t (1-q)) / max(q (1-q), 1e-12f)   (q the probability, p = pw t;
+   1e-12f is torch's float32 EPSILON; pw = 1 without pos_weight makes the second term 0) */
+static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
+  const V one = vset(1.f), lo = vset(-100.f);
+  V log_q = _mm256_max_ps(lo, Sleef_logf8_u10(q));
+  V log_1mq = _mm256_max_ps(lo, Sleef_log1pf8_u10(vneg(q)));
+  V p = _mm256_mul_ps(pw, t);
+  V omt = _mm256_sub_ps(one, t);
+  V omq = _mm256_sub_ps(one, q);
+  *loss = vneg(_mm256_add_ps(_mm256_mul_ps(p, log_q), _mm256_mul_ps(omt, log_1mq)));
+  V num = _mm256_sub_ps(_mm256_sub_ps(q, t),
+                        _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(pw, one), t), omq));
+  *grad = _mm256_div_ps(num, _mm256_max_ps(vset(1e-12f), _mm256_mul_ps(q, omq)));
+}
+
+#define BLOCK 16384
+
+/* loss: per-element losses, or NULL to return their sum. pw: NULL, or L weights cycled. */
+/* kind 0: BCE with logits (bce8), kind 1: BCE on probabilities (bcep8). */
+double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
+                    float *grad, float scale, int64_t n, int nthreads) {
+  const V vscale = vset(scale);
+  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
+  double total = 0.0;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;
+    float pwb[W], xb[W], tb[W], lb[W], gb[W];
+    V acc = vzero();
+    double s = 0.0;
+    int flush = 0;
+    int64_t i = begin;
+    int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
+    for (; i < end; i += W) {
+      const int64_t m = (end - i < W) ? end - i : W;
+      V xv, tv, pv = vset(1.f), lo, gr;
+      if (m == W) {
+        xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
+        if (pw) {
+          if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
+          else {
+            for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
+            pv = _mm256_loadu_ps(pwb);
+          }
+        }
+      } else {
+        for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
+        for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
+        xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
+      }
+      if (kind == 0) bce8(xv, tv, pv, &lo, &gr); else bcep8(xv, tv, pv, &lo, &gr);
+      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
+      if (m == W) {
+        _mm256_storeu_ps(grad + i, gr);
+        if (loss) _mm256_storeu_ps(loss + i, lo);
+        else {
+          acc = _mm256_add_ps(acc, lo);
+          if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
+        }
+      } else {
+        _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
+        for (int64_t j = 0; j < m; ++j) { grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
+      }
+    }
+    total += s + hsum(acc);
+  }
+  return total;
+}
+
+/* Cross-entropy, class-index targets, one row at a time (reference formulas):
+   m = max x, k = first arg-max, z = x - m (0 where x == m), e = exp(z) (1 for ties),
+   s = sum_{j != k} e_j, loss = c (log1p(s) - z_y) (0 if c == 0),
+   grad_j = A (e_j/(1+s)) - a_j  (a_j = c [j == y] + sm_j, A = c + S);
+   at the arg-max, when it dominates (s < 1): grad_k = (A - a_k) - A (s/(1+s)), else the
+   general form (reference._CrossEntropy.backward).
+   grad may be NULL (loss only) or alias x (in-place mode: x_y is read first).
+   c may be NULL: every c_r = 1 (no class weights, no smoothing, nothing ignored). */
+int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
+                          float *grad, float scale, int64_t M, int64_t C, int nthreads) {
+  int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
+  /* label smoothing: a_j = c [j == y] + sm_j, so A = c + S and
+     loss = c (log1p(s) - z_y) + S log1p(s) + sum_j sm_j (-z_j)   (terms with sm_j == 0 dropped) */
+  double S = 0.0;
+  if (sm) for (int64_t j = 0; j < C; ++j) S += sm[j];
+  const float Sf = (float)S;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
+  for (int64_t r = 0; r < M; ++r) {
+    const float *xr = x + r * C;
+    float *gr = grad ? grad + r * C : 0;
+    const int64_t yr = y[r];
+    const float cr = c ? c[r] : 1.f;   /* c NULL: every row has coefficient 1 */
+    if (yr < 0 || yr >= C) { ++bad; loss[r] = NAN; continue; }
+    V vm = vset(-INFINITY), vnan = vzero();
+    int64_t j = 0;
+    for (; j + W <= C; j += W) {
+      V xv = _mm256_loadu_ps(xr + j);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+      vm = _mm256_max_ps(vm, xv);
+    }
+    float tmp[W]; _mm256_storeu_ps(tmp, vm);
+    float m = -INFINITY;
+    for (int q = 0; q < W; ++q) m = tmp[q] > m ? tmp[q] : m;
+    int has_nan = _mm256_movemask_ps(vnan) != 0;
+    for (; j < C; ++j) { if (xr[j] != xr[j]) has_nan = 1; else if (xr[j] > m) m = xr[j]; }
+    if (has_nan) {
+      loss[r] = NAN;
+      if (gr) for (int64_t q = 0; q < C; ++q) gr[q] = NAN;
+      continue;
+    }
+    const float zy = (xr[yr] == m) ? 0.f : xr[yr] - m;
+    int64_t k = -1, ties = 0;
+    double s_total = 0.0, T = 0.0;
+    const V vmax = vset(m), one = vset(1.f);
+    V acc = vzero(), tacc = vzero();
+    int flush = 0;
+    for (j = 0; j + W <= C; j += W) {
+      V xv = _mm256_loadu_ps(xr + j);
+      V eq = _mm256_cmp_ps(xv, vmax, _CMP_EQ_OQ);
+      int bits = _mm256_movemask_ps(eq);
+      if (sm) {   /* sm_j * (m - x_j), 0 where x_j == m or sm_j == 0 */
+        V negz = _mm256_blendv_ps(_mm256_sub_ps(vmax, xv), vzero(), eq);
+        tacc = _mm256_add_ps(tacc, vtimes(_mm256_loadu_ps(sm + j), negz));
+      }
+      V e = Sleef_expf8_u10(_mm256_sub_ps(xv, vmax));
+      if (bits) {
+        e = _mm256_blendv_ps(e, one, eq);
+        ties += __builtin_popcount(bits);
+        if (k < 0) k = j + __builtin_ctz(bits);
+        acc = _mm256_add_ps(acc, _mm256_blendv_ps(e, vzero(), eq));
+      } else {
+        acc = _mm256_add_ps(acc, e);
+      }
+      if (gr) _mm256_storeu_ps(gr + j, e);
+      if (++flush == 32) { s_total += hsum(acc); acc = vzero(); T += hsum(tacc); tacc = vzero(); flush = 0; }
+    }
+    s_total += hsum(acc);
+    T += hsum(tacc);
+    for (; j < C; ++j) {
+      float e;
+      if (xr[j] == m) { e = 1.f; ++ties; if (k < 0) k = j; }
+      else {
+        e = expf(xr[j] - m); s_total += e;
+        if (sm && sm[j] != 0.f) T += sm[j] * (m - xr[j]);
+      }
+      if (gr) gr[j] = e;
+    }
+    const float s = (float)(s_total + (double)(ties - 1));
+    const float lse = log1pf(s);
+    float lr = (cr == 0.f) ? 0.f : cr * (lse - zy);
+    if (sm) lr += (Sf == 0.f ? 0.f : Sf * lse) + (float)T;
+    loss[r] = lr;
+    if (!gr) continue;
+    /* scale: the grad_output a plain backward() will send, applied last (as backward would) */
+    /* p_j = e_j / (1+s): one rounding (a reciprocal then a product would be two) */
+    const float den = 1.f + s;
+    const float ey = gr[yr];
+    const float A = cr + Sf;
+    const V vA = vset(A), vden = vset(den), vs = vset(scale);
+    if (sm) {
+      for (j = 0; j + W <= C; j += W)
+        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_sub_ps(
+            _mm256_mul_ps(vA, _mm256_div_ps(_mm256_loadu_ps(gr + j), vden)), _mm256_loadu_ps(sm + j))));
+      for (; j < C; ++j) gr[j] = scale * (A * (gr[j] / den) - sm[j]);
+    } else {
+      for (j = 0; j + W <= C; j += W)
+        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_mul_ps(vA, _mm256_div_ps(_mm256_loadu_ps(gr + j), vden))));
+      for (; j < C; ++j) gr[j] = scale * (A * (gr[j] / den));
+    }
+    const float sm_y = sm ? sm[yr] : 0.f;
+    gr[yr] = scale * (A * (ey / den) - (sm_y + cr));
+    /* arg-max entry k (e_k = 1): when it dominates (s < 1), (A - a_k) - A s/(1+s) with
+       A - a_k = c [k != y] + (S - sm_k) in double; else A p_k - a_k as everywhere */
+    if (s < 1.f) {
+      const float a_rest = ((k == yr) ? 0.f : cr) + (sm ? (float)(S - (double)sm[k]) : 0.f);
+      gr[k] = scale * (a_rest - A * (s / den));
+    } else {
+      const float a_k = (sm ? sm[k] : 0.f) + ((k == yr) ? cr : 0.f);
+      gr[k] = scale * (A * (1.f / den) - a_k);
+    }
+  }
+  return bad;
+}
+
+/* Cross-entropy, class-index targets, (N, C, S) layout (S = d1 ... dK, contiguous): the
+   formulas of crossent_ce_index, one lane per spatial position. 8 consecutive positions
+   of image n are one vector and the class loop j = 0..C-1 runs over x[n, j, p:p+8], so
+   there is no transpose to rows and no scalar tail for small C. Per lane: m (max),
+   k (FIRST arg-max), ties (e = 1 for each), s = sum_{j != k} e_j + (ties - 1), NaN lanes
+   give NaN loss and gradient; the gradient is written in the (N, C, S) layout.
+
+   Tiles: the C rows of a position tile (T positions, T = 64 for C <= 64 down to 8) are
+   first copied into a small per-thread buffer and the three class passes (max; exp and
+   sums; gradient) run on it, then the gradient tile is copied out row by row. Read in
+   place, the C rows of one position lie S floats apart: with S a multiple of 1024 (a
+   64 x 64 or 128 x 128 image) they all map to the same L1 and L2 cache set, which thrashes
+   for C > 8 and made three passes cost three trips to L3. The tile touches each cache
+   line of x and of the gradient once. Tail tiles (S not a multiple of T) are padded with
+   0 logits, class 0 and weight 0 in the lanes past the end, which are never written out.
+
+   Per-lane sums (s and the smoothing term T) are accumulated in float64 (two __m256d per
+   8 lanes): a lane sums C terms, one per class, and float32 partial sums would carry
+   about C/2 ulp for large C; the conversion and two adds cost a few instructions against
+   ~20 for expf8, and the sum is then as good as the row kernel's (8-lane float32 blocks
+   of 32 terms, then float64) or better, for any C.
+   y and c are (N, S) like the loss; c the per-position class weight (0 where ignored), or
+   NULL: every c = 1 (no class weights, no smoothing, nothing ignored). */
+/* per-lane float64 accumulation: lo holds lanes 0-3, hi lanes 4-7 */
+static inline void dacc(__m256d *lo, __m256d *hi, V v) {
+  *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  *hi = _mm256_add_pd(*hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+static inline V dtof(__m256d lo, __m256d hi) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1);
+}
+
+/* One vector of 8 lanes; xb: C rows of the tile buffer (stride T), holding x on entry and
+   the gradient (or e_j when !want_grad) on return. yb, cb: 8 targets (in [0, C)) and
+   weights; lossb: 8 losses out; bad lanes (bm = -1) give NaN loss. Only the class loops
+   are vector code; what concerns one class per lane (x_y, e_y, the gradient entries at
+   y and at the arg-max k) is read and written per lane, in the order the row kernel
+   writes them (the general form, then y, then k). */
+static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, const float *cb,
+                            const int32_t *bm, const float *sm, double Ssm, float scale, int want_grad,
+                            float *lossb, const int small) {
+  /* small (C <= 16): x_y, e_y and the y / k gradient entries are selected with a compare
+     and a blend per class (a few instructions per class); otherwise read and written lane
+     by lane (16 scalar accesses per vector, whatever C). */
+  const V one = vset(1.f), Sv = vset((float)Ssm);
+  const float Sf = (float)Ssm;
+  const __m256i ione = _mm256_set1_epi32(1);
+  const __m256i vy = _mm256_loadu_si256((const __m256i *)yb);
+  const V cr = _mm256_loadu_ps(cb);
+  /* pass 1: max, FIRST arg-max (a lane's index moves only on a strictly greater value;
+     all -inf: k = 0), NaN lanes */
+  V vm = vset(-INFINITY), vnan = vzero(), xy = vzero();
+  __m256i vk = _mm256_setzero_si256(), vj = _mm256_setzero_si256();
+  for (int64_t j = 0; j < C; ++j) {
+    V xv = _mm256_loadu_ps(xb + j * T);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+    vk = _mm256_blendv_epi8(vk, vj, _mm256_castps_si256(_mm256_cmp_ps(xv, vm, _CMP_GT_OQ)));
+    vm = _mm256_max_ps(vm, xv);   /* NaN lanes get a meaningless m and k: NaN results below */
+    if (small) xy = _mm256_blendv_ps(xy, xv, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj)));
+    vj = _mm256_add_epi32(vj, ione);
+  }
+  if (!small) {
+    float xyb[W];
+    for (int q = 0; q < W; ++q) xyb[q] = xb[yb[q] * T + q];
+    xy = _mm256_loadu_ps(xyb);
+  }
+  /* pass 2: e = exp(x - m) (1 for ties), ties, s = sum_{j != ties} e_j, smoothing T */
+  __m256i vties = _mm256_setzero_si256();
+  __m256d slo = _mm256_setzero_pd(), shi = slo, tlo = slo, thi = slo;
+  V ey = vzero();
+  vj = _mm256_setzero_si256();
+  for (int64_t j = 0; j < C; ++j) {
+    V xv = _mm256_loadu_ps(xb + j * T);
+    V eq = _mm256_cmp_ps(xv, vm, _CMP_EQ_OQ);
+    V e = _mm256_blendv_ps(Sleef_expf8_u10(_mm256_sub_ps(xv, vm)), one, eq);
+    if (small) {
+      ey = _mm256_blendv_ps(ey, e, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj)));
+      vj = _mm256_add_epi32(vj, ione);
+    }
+    vties = _mm256_sub_epi32(vties, _mm256_castps_si256(eq));
+    dacc(&slo, &shi, _mm256_andnot_ps(eq, e));   /* a NaN lane's NaN entry makes s NaN */
+    if (sm && sm[j] != 0.f)   /* sm_j * (m - x_j), 0 where x_j == m (a zero sm_j: no term) */
+      dacc(&tlo, &thi, _mm256_mul_ps(vset(sm[j]), _mm256_andnot_ps(eq, _mm256_sub_ps(vm, xv))));
+    _mm256_storeu_ps(xb + j * T, e);
+  }
+  const __m256i tm1 = _mm256_sub_epi32(vties, ione);
+  slo = _mm256_add_pd(slo, _mm256_cvtepi32_pd(_mm256_castsi256_si128(tm1)));
+  shi = _mm256_add_pd(shi, _mm256_cvtepi32_pd(_mm256_extracti128_si256(tm1, 1)));
+  const V s = dtof(slo, shi);
+  const V lse = Sleef_log1pf8_u10(s);
+  const V zy = _mm256_andnot_ps(_mm256_cmp_ps(xy, vm, _CMP_EQ_OQ), _mm256_sub_ps(xy, vm));
+  V lr = vtimes(cr, _mm256_sub_ps(lse, zy));
+  if (sm) lr = _mm256_add_ps(lr, _mm256_add_ps(Sf == 0.f ? vzero() : _mm256_mul_ps(Sv, lse), dtof(tlo, thi)));
+  const V bad = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)bm));
+  _mm256_storeu_ps(lossb, _mm256_blendv_ps(lr, vset(NAN), _mm256_or_ps(vnan, bad)));
+  if (!want_grad) return;
+  /* pass 3: grad_j = scale (A (e_j/(1+s)) - sm_j), A = c + S; then at y
+     scale (A (e_y/(1+s)) - (sm_y + c)), then at the arg-max k when s < 1
+     scale (a_rest - A (s/(1+s))), a_rest = c [k != y] + (S - sm_k) (in float64), as the
+     row kernel. A NaN lane has s = NaN: every entry NaN, and no arg-max form. */
+  if (!small) {
+    float eyb[W];
+    for (int q = 0; q < W; ++q) eyb[q] = xb[yb[q] * T + q];
+    ey = _mm256_loadu_ps(eyb);
+  }
+  const V den = _mm256_add_ps(one, s);
+  const V A = _mm256_add_ps(cr, Sv);
+  const V vs = vset(scale);
+  /* the y and k entries as vectors (same operations, so the same roundings, as one lane
+     at a time) */
+  int32_t kb[W];
+  float smyb[W], rb[W], gyb[W], gkb[W];
+  _mm256_storeu_si256((__m256i *)kb, vk);
+  V a_rest = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(vk, vy)), cr);
+  V sm_y = vzero();
+  if (sm) {
+    for (int q = 0; q < W; ++q) { smyb[q] = sm[yb[q]]; rb[q] = (float)(Ssm - (double)sm[kb[q]]); }
+    sm_y = _mm256_loadu_ps(smyb);
+    a_rest = _mm256_add_ps(a_rest, _mm256_loadu_ps(rb));
+  }
+  const V gy = _mm256_mul_ps(vs, _mm256_sub_ps(_mm256_mul_ps(A, _mm256_div_ps(ey, den)), _mm256_add_ps(sm_y, cr)));
+  const V gk = _mm256_mul_ps(vs, _mm256_sub_ps(a_rest, _mm256_mul_ps(A, _mm256_div_ps(s, den))));
+  const V dom = _mm256_cmp_ps(s, one, _CMP_LT_OQ);
+  if (small) {   /* general form, then y, then k (when s < 1), per class by blends */
+    vj = _mm256_setzero_si256();
+    for (int64_t j = 0; j < C; ++j) {
+      V g = _mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(xb + j * T), den));
+      if (sm) g = _mm256_sub_ps(g, vset(sm[j]));
+      if (scale != 1.f) g = _mm256_mul_ps(vs, g);
+      g = _mm256_blendv_ps(g, gy, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj)));
+      g = _mm256_blendv_ps(g, gk, _mm256_and_ps(dom, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vk, vj))));
+      _mm256_storeu_ps(xb + j * T, g);
+      vj = _mm256_add_epi32(vj, ione);
+    }
+    return;
+  }
+  if (sm) {
+    for (int64_t j = 0; j < C; ++j) {
+      V g = _mm256_sub_ps(_mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(xb + j * T), den)), vset(sm[j]));
+      _mm256_storeu_ps(xb + j * T, scale == 1.f ? g : _mm256_mul_ps(vs, g));
+    }
+  } else {
+    for (int64_t j = 0; j < C; ++j) {
+      V g = _mm256_mul_ps(A, _mm256_div_ps(_mm256_loadu_ps(xb + j * T), den));
+      _mm256_storeu_ps(xb + j * T, scale == 1.f ? g : _mm256_mul_ps(vs, g));
+    }
+  }
+  /* ... then the y and k entries stored lane by lane */
+  _mm256_storeu_ps(gyb, gy);
+  _mm256_storeu_ps(gkb, gk);
+  const int dominant = _mm256_movemask_ps(dom);
+  for (int q = 0; q < W; ++q) {
+    xb[yb[q] * T + q] = gyb[q];
+    if (dominant & (1 << q)) xb[kb[q] * T + q] = gkb[q];
+  }
+}
+
+/* positions per OpenMP task: (tasks = N x ceil(S / SBLOCK)), a multiple of every T */
+#define SBLOCK 256
+
+int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
+                              float *grad, float scale, int64_t N, int64_t C, int64_t S, int nthreads) {
+  int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
+  double Ssm = 0.0;
+  if (sm) for (int64_t j = 0; j < C; ++j) Ssm += sm[j];
+  /* tile width: the tile buffer (C x T floats) stays within 16 KiB of L1 up to C = 512 */
+  const int64_t T = C <= 64 ? 64 : C <= 128 ? 32 : C <= 256 ? 16 : 8;
+  const int64_t nb = (S + SBLOCK - 1) / SBLOCK;
+  int failed = 0;
+  #pragma omp parallel num_threads(nthreads) reduction(+:bad) reduction(|:failed)
+  {
+    float *buf = (float *)malloc((size_t)(C * T) * sizeof(float));
+    if (!buf) failed = 1;
+    #pragma omp for schedule(static)
+    for (int64_t task = 0; task < N * nb; ++task) {
+      if (!buf) continue;
+      const int64_t n = task / nb, b = task % nb;
+      const int64_t s1 = (b * SBLOCK + SBLOCK < S) ? b * SBLOCK + SBLOCK : S;
+      const float *xn = x + n * C * S;
+      float *gn = grad ? grad + n * C * S : 0;
+      for (int64_t p0 = b * SBLOCK; p0 < s1; p0 += T) {
+        const int64_t cnt = (s1 - p0 < T) ? s1 - p0 : T;
+        for (int64_t j = 0; j < C; ++j) {
+          memcpy(buf + j * T, xn + j * S + p0, (size_t)cnt * sizeof(float));
+          for (int64_t q = cnt; q < T; ++q) buf[j * T + q] = 0.f;
+        }
+        for (int64_t v = 0; v < cnt; v += W) {
+          int32_t yb[W], bm[W];
+          float cb[W], lb[W];
+          const int64_t lanes = (cnt - v < W) ? cnt - v : W;
+          const int64_t i0 = n * S + p0 + v;
+          int scalar = lanes < W;
+          if (!scalar) {   /* 8 int64 targets in [0, C) -> 8 int32 (else the lane-by-lane loop) */
+            const __m256i y0 = _mm256_loadu_si256((const __m256i *)(y + i0));
+            const __m256i y1 = _mm256_loadu_si256((const __m256i *)(y + i0 + 4));
+            const __m256i z = _mm256_setzero_si256(), hi = _mm256_set1_epi64x(C - 1);
+            const __m256i out = _mm256_or_si256(
+                _mm256_or_si256(_mm256_cmpgt_epi64(z, y0), _mm256_cmpgt_epi64(y0, hi)),
+                _mm256_or_si256(_mm256_cmpgt_epi64(z, y1), _mm256_cmpgt_epi64(y1, hi)));
+            if (_mm256_testz_si256(out, out)) {
+              const __m256 lo32 = _mm256_shuffle_ps(_mm256_castsi256_ps(y0), _mm256_castsi256_ps(y1),
+                                                    _MM_SHUFFLE(2, 0, 2, 0));
+              _mm256_storeu_si256((__m256i *)yb, _mm256_permute4x64_epi64(_mm256_castps_si256(lo32),
+                                                                            _MM_SHUFFLE(3, 1, 2, 0)));
+              _mm256_storeu_si256((__m256i *)bm, _mm256_setzero_si256());
+              _mm256_storeu_ps(cb, c ? _mm256_loadu_ps(c + i0) : vset(1.f));
+            } else scalar = 1;
+          }
+          if (scalar) for (int q = 0; q < W; ++q) {
+            int64_t yq = 0;
+            bm[q] = 0; cb[q] = 0.f;
+            if (q < lanes) {
+              const int64_t i = n * S + p0 + v + q;
+              yq = y[i]; cb[q] = c ? c[i] : 1.f;
+              if (yq < 0 || yq >= C) { ++bad; bm[q] = -1; yq = 0; }
+            }
+            yb[q] = (int32_t)yq;
+          }
+          ce_lanes(buf + v, T, C, yb, cb, bm, sm, Ssm, scale, gn != 0, lb, C <= 16);
+          memcpy(loss + n * S + p0 + v, lb, (size_t)lanes * sizeof(float));
+        }
+        if (gn)
+          for (int64_t j = 0; j < C; ++j) memcpy(gn + j * S + p0, buf + j * T, (size_t)cnt * sizeof(float));
+      }
+    }
+    free(buf);
+  }
+  return failed ? -1 : bad;
+}
