@@ -288,6 +288,10 @@ def check_weight_values_nonnegative(func: str, name: str, value: Optional[torch.
     and for huge tensors, so that it never synchronises or costs real time)."""
     if value is None or value.numel() == 0 or value.numel() > 1_000_000 or value.device.type != "cpu":
         return
+    from ._capture import capturing
+
+    if capturing(value):   # a module built inside a compiled function: no host read
+        return
     bad = ~(value >= 0)
     if bool(bad.any()):
         idx = int(bad.flatten().nonzero()[0])
@@ -773,5 +777,59 @@ def check_multiclass_values(func: str, input: torch.Tensor, target: torch.Tensor
             _prob_judge(func, target, class_dim, *values[:n_t])
     _softmax_judge(func, input, class_dim, values[n_t:])
 
+
+
+# ------------------------------------------------------------------- under capture
+def _capture_note() -> str:
+    return ("(This check ran as a device-side assertion inside a compiled, exported or traced "
+            "graph; call the loss eagerly to see the position and value.)")
+
+
+def assert_multiclass_values(func: str, target: torch.Tensor, index_target: bool, C: int,
+                             ignore_index: Optional[int]) -> None:
+    """The raising value checks of cross-entropy as ``torch._assert_async``: no host read,
+    no graph break; the compiled graph raises ``RuntimeError`` with this message at run
+    time. The warning heuristics need host values and are skipped while capturing."""
+    from ._capture import transforming
+
+    if transforming():   # no vmap rule for _assert_async: torch.func runs without value checks
+        return
+    t = target.detach()
+    if index_target:
+        ok = (t >= 0) & (t < C)
+        if ignore_index is not None:
+            ok = ok | (t == ignore_index)
+        what = f"class indices in [0, {C - 1}] (C={C})" + (
+            f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+        torch._assert_async(ok.all(), f"{func}: expected {what}, but got a target outside that range. "
+                            f"Labels start at 1? subtract 1; a padding value? pass it as ignore_index. "
+                            + _capture_note())
+    else:
+        torch._assert_async(((t >= 0) & torch.isfinite(t)).all(),
+                            f"{func}: expected finite, non-negative class-probability targets, but got a "
+                            f"negative, NaN or infinite entry. " + _capture_note())
+
+
+def assert_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
+                         keep: Optional[torch.Tensor], *, probabilities_in: bool) -> None:
+    """The raising value checks of the BCE losses as ``torch._assert_async`` (see
+    :func:`assert_multiclass_values`)."""
+    from ._capture import transforming
+
+    if transforming():
+        return
+    t = target.detach()
+    ok = (t >= 0) & (t <= 1)
+    if keep is not None:
+        ok = ok | ~keep
+    torch._assert_async(ok.all(), f"{func}: expected `target` values in [0, 1], but got one outside it. "
+                        "Integer labels above 1 mean several classes: use CrossEntropyLoss; a "
+                        "missing-label marker? pass ignore_index. " + _capture_note())
+    if probabilities_in:
+        x = input.detach()
+        torch._assert_async(((x >= 0) & (x <= 1)).all(),
+                            f"{func}: expected `input` to hold probabilities in [0, 1], but got a value "
+                            "outside it (or NaN). Raw logits? use binary_cross_entropy_with_logits. "
+                            + _capture_note())
 
 Tensorish = Union[torch.Tensor, Number, Sequence[Number], None]

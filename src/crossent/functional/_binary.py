@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ..backends import dispatch
+from .._capture import capturing
+from ..backends import dispatch, ops, resolve_captured
 from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
 
 
@@ -47,7 +48,10 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     if ignore_index is not None:
         keep = target != ignore_index
     if V.validation_enabled(validate):
-        V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
+        if capturing(input):   # device-side assertions: no host read, no graph break
+            V.assert_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
+        else:
+            V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
     cdt = compute_dtype(input.dtype if input.dtype == target.dtype else torch.promote_types(input.dtype, target.dtype))
     x = input if input.dtype == cdt else input.to(cdt)
     t = target if target.dtype == cdt else target.to(cdt)
@@ -65,7 +69,11 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
     """Per-element losses, or their 0-dim sum when the backend offers it and the reduction
     does not need the elements (fused backends then skip a full-size loss buffer, and may
     pre-scale the gradient by the grad_output a plain ``backward()`` sends); the
-    denominator of ``mean`` is unchanged."""
+    denominator of ``mean`` is unchanged. A captured call runs the registered op."""
+    if capturing(x):
+        name = resolve_captured(op, x.device, backend)
+        return ops.binary_cross_entropy(x, t, weight, pos_weight, keep, logits=op.endswith("logits"),
+                                        backend=name), denominator
     fn = dispatch(op, x, backend)
     if reduction != "none" and getattr(fn, "supports_sum_only", False):
         hint = None
@@ -128,7 +136,8 @@ def binary_cross_entropy(
     with no_autocast(p.device):
         loss, denominator = _run_backend("binary_cross_entropy", p, t, weight, pos_weight, keep, denominator,
                                          reduction, backend)
-    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
+    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts,
+                       capture=capturing(input))
 
 
 def binary_cross_entropy_with_logits(
@@ -179,4 +188,5 @@ def binary_cross_entropy_with_logits(
     # in the promoted dtype (at least float32) and returns torch's dtype. Integer and bool
     # targets (an extension) give the input's dtype.
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
+                       capture=capturing(input))
