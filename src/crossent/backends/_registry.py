@@ -106,17 +106,3 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str
 def dispatch(op: str, like: torch.Tensor, backend: Optional[str] = None) -> Callable:
     """Return the implementation of ``op`` for tensors like ``like`` (see :func:`resolve`)."""
     return _BACKENDS[resolve(op, like.device, backend)].ops[op]
-
-
-@torch.compiler.assume_constant_result
-def _resolve_constant(op: str, device_type: str, backend: Optional[str]) -> str:
-    return resolve(op, torch.device(device_type), backend)
-
-
-def resolve_captured(op: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """:func:`resolve` for a captured call: evaluated once while tracing, its answer a constant
-    of the graph (``torch.compiler.assume_constant_result``; no guard on the environment).
-    Errors are raised while tracing, like eager ones."""
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return _resolve_constant(op, device.type, backend)
-    return resolve(op, device, backend)

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from .._capture import capturing
-from ..backends import dispatch, ops, resolve_captured
+from ..backends import dispatch, ops, resolve
 from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
 
 
@@ -71,7 +71,7 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
     pre-scale the gradient by the grad_output a plain ``backward()`` sends); the
     denominator of ``mean`` is unchanged. A captured call runs the registered op."""
     if capturing(x):
-        name = resolve_captured(op, x.device, backend)
+        name = resolve(op, x.device, backend)
         return ops.binary_cross_entropy(x, t, weight, pos_weight, keep, logits=op.endswith("logits"),
                                         backend=name), denominator
     fn = dispatch(op, x, backend)

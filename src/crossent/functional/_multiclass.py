@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from .._capture import capturing
-from ..backends import dispatch, ops, resolve_captured
+from ..backends import dispatch, ops, resolve
 from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
 
 
@@ -114,7 +114,7 @@ def cross_entropy(
     if capture:
         # Registered ops (crossent::cross_entropy_fused); inplace_backward has no effect here:
         # the compiler owns the buffers.
-        name = resolve_captured("cross_entropy", input.device, backend)
+        name = resolve("cross_entropy", input.device, backend)
         if index_target and input.dim() > 2:
             x = (input if input.dtype == cdt else input.to(cdt)).flatten(2)
         else:
