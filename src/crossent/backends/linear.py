@@ -522,6 +522,18 @@ class _GradAcc:
         return gx, self.gW, gb
 
 
+def ce_forward_with_grads(x, W, b, tgts, plan, needs, scale):
+    """One blocked pass: per-row loss and lse (N, D), the row statistics, and -- when
+    ``needs`` (grad of x, W, b wanted) is given -- the gradients of ``scale * sum(loss)``
+    w.r.t. (x, W, b) (None where not wanted)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ops = _Operands(x, W, b, cdt)
+    grads = _GradAcc(ops, needs) if needs is not None else None
+    loss, lse, stats = _ce_forward_pass(ops, tgts, plan, grads, scale)
+    pre = grads.results(x.dtype, None if b is None else b.dtype) if grads is not None else None
+    return loss, lse, stats, pre
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper: gradients from the forward pass, scaled in backward."""
 
@@ -529,14 +541,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, W, b, tgts, plan, grad_scale, precompute):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         needs = (x.requires_grad, W.requires_grad, b is not None and b.requires_grad)
-        ops = _Operands(x, W, b, cdt)
         want = precompute and any(needs)  # (grad mode is off in here: decided by the caller)
         scale = _usable_scale(grad_scale, cdt) if want else None
-        grads = _GradAcc(ops, needs) if want else None
-        loss, lse, stats = _ce_forward_pass(ops, tgts, plan, grads, scale)
+        loss, lse, stats, pre = ce_forward_with_grads(x, W, b, tgts, plan, needs if want else None, scale)
         ctx.save_for_backward(x, W, b)
         ctx.tgts, ctx.plan, ctx.stats, ctx.cdt = tgts, plan, stats, cdt
-        ctx.pre = grads.results(x.dtype, None if b is None else b.dtype) if want else None
+        ctx.pre = pre
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
         return loss, lse

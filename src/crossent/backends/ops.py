@@ -159,3 +159,61 @@ def cross_entropy(x, target, index_target: bool, weight, keep, label_smoothing: 
         keep = None   # rows with keep False have c = 0: already no loss and no gradient
     loss, _ = cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend)
     return loss, den
+
+
+# ------------------------------------------------------------ fused linear + CE
+@torch.library.custom_op("crossent::linear_cross_entropy_fused", mutates_args=())
+def linear_cross_entropy_fused(x: Tensor, W: Tensor, b: Optional[Tensor], target: Tensor,
+                               weight: Optional[Tensor], keep: Optional[Tensor], index: bool, eps: float,
+                               rows: Optional[int], classes: Optional[int], budget: Optional[int],
+                               backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(total, lse, grad_x, grad_W, grad_b)`` of ``sum(loss)`` for the fused linear + CE:
+    ``x`` (N, H), ``W`` (D, C, H), ``b`` (D, C) or None, ``target`` (N, D) class indices or
+    (N, C, D) probabilities (see ``linear.ce_targets``); ``grad_b`` is empty without a bias."""
+    from . import linear
+
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    D, C, H = W.shape
+    tgts, _ = linear.ce_targets(target, index, weight, keep, eps, C, cdt)
+    plan = linear.plan_chunks(x.shape[0], C, H, x.dtype, budget=budget, rows=rows, classes=classes,
+                              buffers=linear.BUFFERS_INDEX if index else linear.BUFFERS_DENSE)
+    if backend == "chunked" and x.device.type == "cpu":
+        plan = linear.dataclasses.replace(plan, blocks=linear.CPU_KERNEL_BLOCKS)
+    needs = (True, True, b is not None)
+    loss, lse, _, (gx, gW, gb) = linear.ce_forward_with_grads(
+        x, W, b, tgts, plan, needs, torch.ones((), dtype=cdt, device=x.device))
+    total = loss.sum()
+    return (total, lse.contiguous(), gx.contiguous(), gW.contiguous(),
+            gb.contiguous() if gb is not None else x.new_empty((0,)))
+
+
+@linear_cross_entropy_fused.register_fake
+def _(x, W, b, target, weight, keep, index, eps, rows, classes, budget, backend):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    N, D = x.shape[0], W.shape[0]
+    return (x.new_empty((), dtype=cdt), x.new_empty((N, D), dtype=cdt), x.new_empty(x.shape),
+            W.new_empty(W.shape), b.new_empty(b.shape) if b is not None else x.new_empty((0,)))
+
+
+def _linear_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*output[2:])
+
+
+def _linear_backward(ctx, g_total, g_lse, g_gx, g_gW, g_gb):
+    gx, gW, gb = ctx.saved_tensors
+    g = g_total.to(gx.dtype)
+    return (gx * g, gW * g.to(gW.dtype), gb * g.to(gb.dtype) if ctx.has_bias else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_fused.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def linear_cross_entropy(x, W, b, t, index, weight, keep, eps, *, reduction, plan_args, backend):
+    """A captured fused linear + CE with ``reduction`` 'mean' or 'sum':
+    ``(total, lse)``; the caller divides ``total`` by the ``mean`` denominator."""
+    total, lse, _, _, _ = linear_cross_entropy_fused(x.contiguous(), W, b, t, weight, keep, index, float(eps),
+                                                     *plan_args, backend)
+    return total, lse

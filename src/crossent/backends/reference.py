@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._capture import transforming
+
 
 def _softplus(z: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(z)) with full relative precision for every z.
@@ -79,7 +81,7 @@ class _BinaryCrossEntropy(torch.autograd.Function):
     double backward works.
     """
 
-    generate_vmap_rule = True   # with setup_context and jvp: works under torch.func
+    generate_vmap_rule = True   # with setup_context: works under torch.func
 
     @staticmethod
     def forward(p, t, pos_weight):
@@ -114,6 +116,12 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         grad_t = grad * d_t if ctx.needs_input_grad[1] else None
         return grad_p, grad_t, None
 
+
+
+class _BinaryCrossEntropyForward(_BinaryCrossEntropy):
+    """:class:`_BinaryCrossEntropy` with a forward-mode rule, for ``torch.func`` transforms
+    (Dynamo cannot trace an autograd Function that defines ``jvp``, so it is a subclass)."""
+
     @staticmethod
     def jvp(ctx, p_t, t_t, pw_t):
         p, t, pos_weight = ctx.saved_tensors
@@ -142,7 +150,7 @@ def binary_cross_entropy(
     """Per-element BCE on probabilities (see :class:`_BinaryCrossEntropy`)."""
     if pos_weight is not None:
         pos_weight = pos_weight.expand_as(p)
-    loss = _BinaryCrossEntropy.apply(p, t, pos_weight)
+    loss = (_BinaryCrossEntropyForward if transforming() else _BinaryCrossEntropy).apply(p, t, pos_weight)
     if weight is not None:
         loss = loss * weight
     if keep is not None:
@@ -192,7 +200,7 @@ class _CrossEntropy(torch.autograd.Function):
     differentiable ops, so double backward works.
     """
 
-    generate_vmap_rule = True   # with setup_context and jvp: works under torch.func
+    generate_vmap_rule = True   # with setup_context: works under torch.func
 
     @staticmethod
     def forward(x, q, y, c, smooth):
@@ -215,20 +223,6 @@ class _CrossEntropy(torch.autograd.Function):
         g_k = torch.where(s < 1, a_rest - A * (s / (1 + s)), g.gather(1, k))
         return g.scatter(1, k, g_k)
 
-    @staticmethod
-    def jvp(ctx, x_t, q_t, y_t, c_t, smooth_t):
-        x, q, y, c, smooth = ctx.saved_tensors
-        nlp, s, k, e = _neg_log_softmax(x)
-        out = torch.zeros_like(nlp[:, 0])
-        if x_t is not None:
-            out = out + (_CrossEntropy._grad_x(x, q, y, c, smooth, s, k, e) * x_t).sum(dim=1)
-        if q_t is not None:
-            out = out + (q_t * nlp).sum(dim=1)
-        if c_t is not None:
-            out = out + c_t * nlp.gather(1, y.unsqueeze(1)).squeeze(1)
-        if smooth_t is not None:
-            out = out + (smooth_t * nlp).sum(dim=1)
-        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -244,6 +238,25 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_smooth = (grad.unsqueeze(1) * nlp).sum(0)
         return grad_x, grad_q, None, grad_c, grad_smooth
+
+
+class _CrossEntropyForward(_CrossEntropy):
+    """:class:`_CrossEntropy` with a forward-mode rule, for ``torch.func`` transforms."""
+
+    @staticmethod
+    def jvp(ctx, x_t, q_t, y_t, c_t, smooth_t):
+        x, q, y, c, smooth = ctx.saved_tensors
+        nlp, s, k, e = _neg_log_softmax(x)
+        out = torch.zeros_like(nlp[:, 0])
+        if x_t is not None:
+            out = out + (_CrossEntropy._grad_x(x, q, y, c, smooth, s, k, e) * x_t).sum(dim=1)
+        if q_t is not None:
+            out = out + (q_t * nlp).sum(dim=1)
+        if c_t is not None:
+            out = out + c_t * nlp.gather(1, y.unsqueeze(1)).squeeze(1)
+        if smooth_t is not None:
+            out = out + (smooth_t * nlp).sum(dim=1)
+        return out
 
 
 def _dense_coef(x, q, y, c, smooth):
@@ -312,9 +325,10 @@ def cross_entropy(
         total may return that 0-dim total instead; the functional layer sums either way.)
     """
     q, y, c, smooth, den = ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
+    fn = _CrossEntropyForward if transforming() else _CrossEntropy
     if q is not None:
-        return _CrossEntropy.apply(x, q, None, None, None), None
-    loss = _CrossEntropy.apply(x, None, y, c, smooth)
+        return fn.apply(x, q, None, None, None), None
+    loss = fn.apply(x, None, y, c, smooth)
     if label_smoothing and keep is not None:
         loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     return loss, den
