@@ -187,7 +187,7 @@ def test_a_truncated_library_is_rebuilt_not_loaded(built, tmp_path):
     assert _library(cache).stat().st_size > 1000
 
 
-def test_a_group_writable_library_file_is_refused(tmp_path):
+def test_library_file_checks(tmp_path):
     kdir = tmp_path / "kernels"
     kdir.mkdir(mode=0o700)
     data = b"\x7fELF not really"
@@ -203,6 +203,11 @@ def test_a_group_writable_library_file_is_refused(tmp_path):
     path, problem = chunked_cpp._verified(manifest, kdir, "k")
     assert path is None and "writable by group or others" in problem
     os.chmod(so, 0o700)
+    if os.geteuid() == 0:   # a file another user planted, e.g. uid nobody
+        os.chown(so, 65534, 65534)
+        path, problem = chunked_cpp._verified(manifest, kdir, "k")
+        assert path is None and "owned by uid 65534" in problem
+        os.chown(so, 0, 0)
     manifest.unlink()
     manifest.symlink_to(tmp_path / "elsewhere")
     path, problem = chunked_cpp._verified(manifest, kdir, "k")
