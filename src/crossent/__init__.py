@@ -16,6 +16,7 @@ from ._validation import CrossentIndexError
 from ._validation import CrossentTypeError
 from ._validation import CrossentValueError
 from ._validation import CrossentWarning
+from ._validation import KernelCacheWarning
 from .backends import BackendUnavailableError
 from .functional import LossParts
 from .functional import binary_cross_entropy
@@ -30,6 +31,7 @@ __all__ = [
     "CrossentTypeError",
     "CrossentValueError",
     "CrossentWarning",
+    "KernelCacheWarning",
     "LossParts",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",

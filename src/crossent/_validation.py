@@ -62,11 +62,14 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from ._env import env_flag
+
 __all__ = [
     "CrossentWarning",
     "CrossentValueError",
     "CrossentTypeError",
     "CrossentIndexError",
+    "KernelCacheWarning",
     "validation_enabled",
 ]
 
@@ -98,6 +101,11 @@ class CrossentWarning(UserWarning):
     """
 
 
+class KernelCacheWarning(CrossentWarning):
+    """A cached compiled kernel, or its directory, was refused (unsafe or damaged) and is
+    not loaded; the kernel is rebuilt elsewhere (see :mod:`crossent.backends.chunked_cpp`)."""
+
+
 class CrossentValueError(ValueError):
     """A value or shape that would give a wrong loss."""
 
@@ -119,7 +127,7 @@ def validation_enabled(validate: Optional[bool] = None) -> bool:
     """
     if validate is not None:
         return bool(validate)
-    return os.environ.get("CROSSENT_VALIDATE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("CROSSENT_VALIDATE")
 
 
 def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError):

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .._env import env_bytes
 from . import reference
 from ._registry import Backend, _BACKENDS, register
 from .triton import unavailable_reason as triton_unavailable_reason
@@ -49,8 +49,17 @@ from .triton import unavailable_reason as triton_unavailable_reason
 # 4096 x 2048 -> 128256 float32 head row blocks of 418 rows (one pass, about 1/19 of
 # eager's 5 GiB of overhead): on CPU the matrix products of a block lose speed quickly
 # below ~400 rows (measured: 87-row blocks cost 2.0x, 256 rows 1.5x, 384-512 rows 1.15x
-# the time of one whole-batch product; see docs/linear.md).
-DEFAULT_BUDGET = int(os.environ.get("CROSSENT_LINEAR_BUDGET", 256 * 2**20))
+# the time of one whole-batch product; see docs/linear.md). ``CROSSENT_LINEAR_BUDGET``
+# (bytes, or with a K/M/G/KiB/MiB/GiB suffix) overrides it: read by :func:`default_budget`
+# when a call uses the default, so a bad value fails that call, never ``import crossent``.
+DEFAULT_BUDGET = 256 * 2**20
+
+
+def default_budget() -> int:
+    """``$CROSSENT_LINEAR_BUDGET`` parsed by :func:`crossent._env.env_bytes`, else :data:`DEFAULT_BUDGET`."""
+    return env_bytes("CROSSENT_LINEAR_BUDGET", DEFAULT_BUDGET)
+
+
 # Fewest rows a block may have before the classes are split too (two passes): 32 rows of
 # all classes must fit the budget.
 _MIN_ROWS = 32
@@ -89,7 +98,7 @@ def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[
     budget to the float32 weight block and its gradient accumulator (``2 * Cc * H * 4``
     bytes, which sets ``Cc``) and half to the logits blocks.
     """
-    budget = DEFAULT_BUDGET if budget is None else int(budget)
+    budget = default_budget() if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
     low = dtype in (torch.float16, torch.bfloat16)
     per_logit = buffers * esize
