@@ -340,3 +340,14 @@ def test_patch_is_process_wide():
         done.wait(10)
     th.join()
     assert seen and seen[0] > 0
+
+
+def test_modules_pickle_across_the_patch():
+    """The classes stay torch's: a module saved inside the patch loads and runs outside."""
+    import pickle
+
+    with crossent.patch():
+        blob = pickle.dumps(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    m = pickle.loads(blob)
+    assert type(m) is torch.nn.CrossEntropyLoss and m.label_smoothing == 0.1
+    torch.testing.assert_close(m(*CONFIDENT), ORIGINAL_FUNCTIONS["cross_entropy"](*CONFIDENT, label_smoothing=0.1))
