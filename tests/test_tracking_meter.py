@@ -318,3 +318,64 @@ def test_any_split_into_batches_gives_the_whole_dataset_loss(cuts, seed, smoothi
         assert math.isnan(meter.compute())
     else:
         _close(meter.compute(), ref)
+
+
+# --------------------------------------------------------------------------- invalid batches and states
+@pytest.mark.parametrize("den", [-3.0, math.nan, math.inf, torch.tensor(-1.0)])
+def test_a_bad_denominator_is_refused(den):
+    meter = LossMeter()
+    meter.update(2.0, 4.0)
+    with pytest.raises(ValueError, match=r"LossMeter.update: expected a finite `denominator` >= 0.*but got"):
+        meter.update(1.0, den)
+    assert meter.state_dict() == {"total": 2.0, "denominator": 4.0, "updates": 1}  # not added
+
+
+def test_update_one_minus_three_is_refused():
+    with pytest.raises(ValueError, match=r"`denominator` >= 0 .*but got -3.0"):
+        LossMeter().update(1.0, -3.0)
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"total": math.nan, "denominator": 2.0, "updates": 1}, r"a finite `total`, but got nan.*reset\(\)"),
+    ({"total": math.inf, "denominator": 2.0, "updates": 1}, r"a finite `total`, but got inf"),
+    ({"total": 1.0, "denominator": -2.0, "updates": 1}, r"a finite `denominator` >= 0.*but got -2.0"),
+    ({"total": 1.0, "denominator": math.nan, "updates": 1}, r"a finite `denominator` >= 0.*but got nan"),
+])
+def test_load_state_dict_refuses_invalid_states(state, match):
+    meter = LossMeter()
+    with pytest.raises(ValueError, match=r"LossMeter.load_state_dict: expected " + match):
+        meter.load_state_dict(state)
+    assert meter.updates == 0
+
+
+def test_a_nan_batch_warns_once():
+    reset_warnings()
+    meter = LossMeter()
+    x = torch.randn(8, 3)
+    y = torch.randint(0, 3, (8,))
+    meter(cnn.CrossEntropyLoss(), x, y)
+    x[2, 1] = math.nan
+    with pytest.warns(crossent.CrossentWarning, match=r"LossMeter.update: the total of batch 2 is nan.*isfinite"):
+        for _ in range(3):
+            meter(cnn.CrossEntropyLoss(), x, y)
+    assert math.isnan(meter.compute())
+
+
+def test_device_batches_are_checked_at_compute(monkeypatch):
+    """Off the CPU, update keeps two flags on the device (no sync); compute reads them."""
+    meter = LossMeter()
+    from crossent.tracking import meter as meter_module
+
+    monkeypatch.setattr(meter_module, "_on_host", lambda t: False)
+    meter.update(torch.tensor(math.nan), torch.tensor(2.0))
+    reset_warnings()
+    with pytest.warns(crossent.CrossentWarning, match=r"LossMeter.compute: 1 batch\(es\) had a NaN or infinite total"):
+        assert math.isnan(meter.compute())
+    meter.update(torch.tensor(1.0), torch.tensor(-2.0))
+    with pytest.raises(ValueError, match=r"LossMeter.compute: expected finite denominators >= 0 in every "
+                                         r"batch, but got 1 batch\(es\) with a negative"):
+        meter.compute()
+    meter.reset()
+    meter.update(torch.tensor(1.0), torch.tensor(2.0))
+    assert meter.compute() == 0.5
+
