@@ -69,7 +69,9 @@ def test_cross_entropy_ignore_index_with_a_fully_ignored_batch(gen):
     y[torch.rand(N, generator=gen) < 0.3] = -100
     y[16:32] = -100  # a batch with nothing to count: adds 0 / 0 to the sums
     w = torch.tensor([1.0, 2.0, 0.5, 4.0], dtype=torch.float64)
-    meter = _meter_over(cnn.CrossEntropyLoss(weight=w), x, y)
+    reset_warnings()
+    with pytest.warns(crossent.CrossentWarning, match=r"all 16 targets equal ignore_index"):
+        meter = _meter_over(cnn.CrossEntropyLoss(weight=w), x, y)
     _close(meter.compute(), TF.cross_entropy(x, y, weight=w).item())
     assert meter.denominator == pytest.approx(w[y[y != -100]].sum().item(), rel=1e-15)
 
@@ -278,9 +280,11 @@ def test_compute_without_updates_warns_and_is_nan():
         assert math.isnan(LossMeter().compute())
 
 
-def test_everything_ignored_is_nan_like_torch_without_warning():
+def test_everything_ignored_is_nan_like_torch_and_the_batch_warns():
+    reset_warnings()
     meter = LossMeter()
-    meter(cnn.CrossEntropyLoss(), torch.randn(4, 3), torch.full((4,), -100))
+    with pytest.warns(crossent.CrossentWarning, match=r"all 4 targets equal ignore_index=-100"):
+        meter(cnn.CrossEntropyLoss(), torch.randn(4, 3), torch.full((4,), -100))
     assert math.isnan(meter.compute())
     assert math.isnan(TF.cross_entropy(torch.randn(4, 3), torch.full((4,), -100)).item())
 
@@ -296,6 +300,7 @@ def test_float32_losses_are_summed_in_float64(gen):
     assert abs(meter.compute() - ref) <= 1e-6 * ref
 
 
+@pytest.mark.filterwarnings("ignore:.*targets equal ignore_index:crossent.CrossentWarning")
 @settings(max_examples=30, deadline=None)
 @given(cuts=st.lists(st.integers(1, 59), max_size=8, unique=True),
        seed=st.integers(0, 2**31 - 1), smoothing=st.sampled_from([0.0, 0.1]),
