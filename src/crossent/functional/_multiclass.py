@@ -99,7 +99,8 @@ def cross_entropy(
         if capture:   # device-side assertions: no host read, no graph break
             V.assert_multiclass_values(func, target, index_target, C, ignore_index)
         else:         # value tier: one pass, one sync, before any kernel
-            V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim)
+            V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim,
+                                      reduction=reduction)
 
     # Canonical layout: rows of C logits. Output dtype as torch: the input's for class
     # indices; for probability targets the promotion of input, target and weight (torch's
