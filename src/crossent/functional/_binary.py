@@ -13,7 +13,7 @@ from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_redu
 
 
 def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-             size_average, reduce, *, probabilities_in, validate):
+             size_average, reduce, *, probabilities_in, validate, capture):
     """Validate and canonicalise once: returns what the backend needs."""
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)
@@ -48,7 +48,7 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     if ignore_index is not None:
         keep = target != ignore_index
     if V.validation_enabled(validate):
-        if capturing(input):   # device-side assertions: no host read, no graph break
+        if capture:   # device-side assertions: no host read, no graph break
             V.assert_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
         else:
             V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
@@ -65,12 +65,12 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     return reduction, x, t, weight, pos_weight, keep, denominator
 
 
-def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, backend):
+def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, backend, capture):
     """Per-element losses, or their 0-dim sum when the backend offers it and the reduction
     does not need the elements (fused backends then skip a full-size loss buffer, and may
     pre-scale the gradient by the grad_output a plain ``backward()`` sends); the
     denominator of ``mean`` is unchanged. A captured call runs the registered op."""
-    if capturing(x):
+    if capture:
         name = resolve(op, x.device, backend)
         return ops.binary_cross_entropy(x, t, weight, pos_weight, keep, logits=op.endswith("logits"),
                                         backend=name), denominator
@@ -130,14 +130,15 @@ def binary_cross_entropy(
     """
     func = "binary_cross_entropy"
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
+    capture = capturing(input)
     reduction, p, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-        size_average, reduce, probabilities_in=True, validate=validate)
+        size_average, reduce, probabilities_in=True, validate=validate, capture=capture)
     with no_autocast(p.device):
         loss, denominator = _run_backend("binary_cross_entropy", p, t, weight, pos_weight, keep, denominator,
-                                         reduction, backend)
+                                         reduction, backend, capture)
     return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts,
-                       capture=capturing(input))
+                       capture=capture)
 
 
 def binary_cross_entropy_with_logits(
@@ -177,16 +178,17 @@ def binary_cross_entropy_with_logits(
     """
     func = "binary_cross_entropy_with_logits"
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
+    capture = capturing(input)
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-        size_average, reduce, probabilities_in=False, validate=validate)
+        size_average, reduce, probabilities_in=False, validate=validate, capture=capture)
     with no_autocast(x.device):
         loss, denominator = _run_backend("binary_cross_entropy_with_logits", x, t, weight, pos_weight, keep,
-                                         denominator, reduction, backend)
+                                         denominator, reduction, backend, capture)
     # torch's result has the dtype of a floating target (its kernel works in place on
     # ``1 - target``: float32 input with a float16 target gives float16); crossent computes
     # in the promoted dtype (at least float32) and returns torch's dtype. Integer and bool
     # targets (an extension) give the input's dtype.
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
-                       capture=capturing(input))
+                       capture=capture)
