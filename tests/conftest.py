@@ -8,7 +8,14 @@ transposed, sliced, expanded) so that non-contiguous and stride-0 tensors are ex
 
 from __future__ import annotations
 
-import warnings
+import os
+
+# The Triton tests run the kernels through Triton's interpreter (no GPU). Triton reads the
+# variable once, when it is first imported, and torch._dynamo / export import it early:
+# set it before any test module imports torch.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import warnings  # noqa: E402
 from typing import Dict, Optional, Sequence, Tuple
 
 import pytest
