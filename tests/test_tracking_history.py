@@ -157,3 +157,146 @@ def test_new_files_get_the_umask_mode_and_replaced_files_keep_theirs(tmp_path):
     os.chmod(path, 0o640)
     _history().save_csv(path)
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+# --------------------------------------------------------------------------- non-finite values
+def _strict_json(text):
+    """What JavaScript's JSON.parse and jq accept: no bare NaN / Infinity."""
+    def refuse(name):
+        raise ValueError(f"bare {name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_and_inf_are_valid_json_strings_and_load_back_as_floats(tmp_path):
+    h = _history()
+    h.log(epoch=4, train_loss=-math.inf, val_loss=0.5)
+    data = _strict_json(h.to_json())
+    assert data["records"][2]["train_loss"] == "NaN" and data["records"][2]["val_loss"] == "Infinity"
+    assert data["records"][3]["train_loss"] == "-Infinity"
+    back = History.load_json(h.save_json(tmp_path / "h.json"))
+    assert math.isnan(back[2]["train_loss"]) and back[2]["val_loss"] == math.inf
+    assert back[3]["train_loss"] == -math.inf and back[1] == h[1]
+
+
+def test_older_files_with_bare_nan_still_load(tmp_path):
+    (tmp_path / "h.json").write_text('{"columns": ["loss"], "records": [{"loss": NaN}, {"loss": -Infinity}]}')
+    back = History.load_json(tmp_path / "h.json")
+    assert math.isnan(back[0]["loss"]) and back[1]["loss"] == -math.inf
+
+
+@pytest.mark.parametrize("word", ["NaN", "Infinity", "-Infinity"])
+def test_the_strings_that_stand_for_nonfinite_floats_are_refused_as_values(word):
+    with pytest.raises(ValueError, match=rf"History.log: expected `model` to be a number or a string "
+                                         rf"other than .* but got '{word}'"):
+        History().log(model=word)
+
+
+# --------------------------------------------------------------------------- bad files
+@pytest.mark.parametrize("content, match", [
+    ('{"columns": ["epoch"], "records": [{"epoch": 1}, {"ep', r"valid JSON.*truncated\?"),
+    ('{"records": [{"epoch": 1}, [1, 2]]}', r"every record to be a JSON object.*record 1 = \[1, 2\]"),
+    ('{"records": [{"epoch": 1, "loss": [0.5]}]}', r"scalar values.*record 0, key 'loss' = \[0.5\]"),
+    ('{"records": [{"epoch": {"a": 1}}]}', r"scalar values.*record 0, key 'epoch'"),
+    ('{"records": {"epoch": 1}}', r"a JSON object with a 'records' list"),
+    ("", r"valid JSON.*truncated\?"),
+])
+def test_bad_files_name_the_file_and_what_is_wrong(tmp_path, content, match):
+    path = tmp_path / "history.json"
+    path.write_text(content)
+    with pytest.raises(history_module.HistoryFileError, match=match) as info:
+        History.load_json(path)
+    assert str(path) in str(info.value) and info.value.path == str(path)
+    assert isinstance(info.value, ValueError)
+    assert info.value.__suppress_context__ or info.value.__context__ is None  # no JSONDecodeError chain
+
+
+def test_a_binary_file_names_the_file(tmp_path):
+    path = tmp_path / "history.json"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match=rf"UTF-8 JSON text in {path}"):
+        History.load_json(path)
+
+
+def test_writing_into_a_missing_folder_names_the_users_path(tmp_path):
+    target = tmp_path / "no" / "such" / "h.csv"
+    with pytest.raises(FileNotFoundError) as info:
+        _history().save_csv(target)
+    assert info.value.filename == str(target) and "does not exist" in str(info.value)
+    assert ".tmp" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- one source of truth
+def test_load_rewrites_a_csv_that_lags_the_json(tmp_path):
+    h = _history()
+    h.save(tmp_path)
+    h.log(epoch=4, train_loss=0.2, val_loss=0.3)
+    h.save_json(tmp_path / "history.json")  # a save killed after the JSON rename
+    crossent._validation.reset_warnings()
+    with pytest.warns(crossent.CrossentWarning, match=r"history.csv did not match .*history.json.*rewrote"):
+        back = History.load(tmp_path)
+    assert len(back) == 4
+    assert (tmp_path / "history.csv").read_text() == h.to_csv()
+
+
+def test_load_of_agreeing_files_is_silent(tmp_path, recwarn):
+    _history().save(tmp_path)
+    assert len(History.load(tmp_path)) == 3
+    assert not [w for w in recwarn if issubclass(w.category, crossent.CrossentWarning)]
+
+
+def _csv_records(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_sigkill_during_repeated_saves_never_leaves_disagreeing_files(tmp_path):
+    """25 children save a growing history in a loop and are SIGKILLed at random times.
+
+    After each kill: the JSON is whole; the CSV on disk is the same save or exactly one save
+    behind (never a mix); History.load makes them agree. The children are forked from this
+    process (torch is already imported), so each run costs milliseconds, not an interpreter.
+    """
+    import random
+    import signal
+    import time
+
+    rng = random.Random(0)
+    behind = 0
+    for run in range(25):
+        d = tmp_path / f"r{run}"
+        History([{"epoch": 0, "loss": 1.0}]).save(d)
+        pid = os.fork()
+        if pid == 0:  # child: save forever
+            try:
+                h = History.load_json(d / "history.json")
+                for e in range(1, 10**6):
+                    h.log(epoch=e, loss=1.0 / e if e % 7 else math.nan)
+                    h.save(d)
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.002, 0.08))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        saved = _strict_json((d / "history.json").read_text())["records"]
+        rows = _csv_records(d / "history.csv")
+        assert len(rows) in (len(saved), len(saved) - 1), run
+        assert [int(r["epoch"]) for r in rows] == [r["epoch"] for r in saved[:len(rows)]]
+        behind += len(rows) != len(saved)
+        with pytest.warns() if len(rows) != len(saved) else _no_warning():
+            back = History.load(d)
+        assert [r["epoch"] for r in back] == [r["epoch"] for r in saved]
+        assert [int(r["epoch"]) for r in _csv_records(d / "history.csv")] == [r["epoch"] for r in saved]
+        crossent._validation.reset_warnings()
+    print(f"{behind} of 25 kills left the CSV one save behind")
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error", crossent.CrossentWarning)
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)

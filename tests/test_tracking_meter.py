@@ -69,7 +69,9 @@ def test_cross_entropy_ignore_index_with_a_fully_ignored_batch(gen):
     y[torch.rand(N, generator=gen) < 0.3] = -100
     y[16:32] = -100  # a batch with nothing to count: adds 0 / 0 to the sums
     w = torch.tensor([1.0, 2.0, 0.5, 4.0], dtype=torch.float64)
-    meter = _meter_over(cnn.CrossEntropyLoss(weight=w), x, y)
+    reset_warnings()
+    with pytest.warns(crossent.CrossentWarning, match=r"all 16 targets equal ignore_index"):
+        meter = _meter_over(cnn.CrossEntropyLoss(weight=w), x, y)
     _close(meter.compute(), TF.cross_entropy(x, y, weight=w).item())
     assert meter.denominator == pytest.approx(w[y[y != -100]].sum().item(), rel=1e-15)
 
@@ -278,9 +280,11 @@ def test_compute_without_updates_warns_and_is_nan():
         assert math.isnan(LossMeter().compute())
 
 
-def test_everything_ignored_is_nan_like_torch_without_warning():
+def test_everything_ignored_is_nan_like_torch_and_the_batch_warns():
+    reset_warnings()
     meter = LossMeter()
-    meter(cnn.CrossEntropyLoss(), torch.randn(4, 3), torch.full((4,), -100))
+    with pytest.warns(crossent.CrossentWarning, match=r"all 4 targets equal ignore_index=-100"):
+        meter(cnn.CrossEntropyLoss(), torch.randn(4, 3), torch.full((4,), -100))
     assert math.isnan(meter.compute())
     assert math.isnan(TF.cross_entropy(torch.randn(4, 3), torch.full((4,), -100)).item())
 
@@ -296,6 +300,7 @@ def test_float32_losses_are_summed_in_float64(gen):
     assert abs(meter.compute() - ref) <= 1e-6 * ref
 
 
+@pytest.mark.filterwarnings("ignore:.*targets equal ignore_index:crossent.CrossentWarning")
 @settings(max_examples=30, deadline=None)
 @given(cuts=st.lists(st.integers(1, 59), max_size=8, unique=True),
        seed=st.integers(0, 2**31 - 1), smoothing=st.sampled_from([0.0, 0.1]),
@@ -318,3 +323,64 @@ def test_any_split_into_batches_gives_the_whole_dataset_loss(cuts, seed, smoothi
         assert math.isnan(meter.compute())
     else:
         _close(meter.compute(), ref)
+
+
+# --------------------------------------------------------------------------- invalid batches and states
+@pytest.mark.parametrize("den", [-3.0, math.nan, math.inf, torch.tensor(-1.0)])
+def test_a_bad_denominator_is_refused(den):
+    meter = LossMeter()
+    meter.update(2.0, 4.0)
+    with pytest.raises(ValueError, match=r"LossMeter.update: expected a finite `denominator` >= 0.*but got"):
+        meter.update(1.0, den)
+    assert meter.state_dict() == {"total": 2.0, "denominator": 4.0, "updates": 1}  # not added
+
+
+def test_update_one_minus_three_is_refused():
+    with pytest.raises(ValueError, match=r"`denominator` >= 0 .*but got -3.0"):
+        LossMeter().update(1.0, -3.0)
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"total": math.nan, "denominator": 2.0, "updates": 1}, r"a finite `total`, but got nan.*reset\(\)"),
+    ({"total": math.inf, "denominator": 2.0, "updates": 1}, r"a finite `total`, but got inf"),
+    ({"total": 1.0, "denominator": -2.0, "updates": 1}, r"a finite `denominator` >= 0.*but got -2.0"),
+    ({"total": 1.0, "denominator": math.nan, "updates": 1}, r"a finite `denominator` >= 0.*but got nan"),
+])
+def test_load_state_dict_refuses_invalid_states(state, match):
+    meter = LossMeter()
+    with pytest.raises(ValueError, match=r"LossMeter.load_state_dict: expected " + match):
+        meter.load_state_dict(state)
+    assert meter.updates == 0
+
+
+def test_a_nan_batch_warns_once():
+    reset_warnings()
+    meter = LossMeter()
+    x = torch.randn(8, 3)
+    y = torch.randint(0, 3, (8,))
+    meter(cnn.CrossEntropyLoss(), x, y)
+    x[2, 1] = math.nan
+    with pytest.warns(crossent.CrossentWarning, match=r"LossMeter.update: the total of batch 2 is nan.*isfinite"):
+        for _ in range(3):
+            meter(cnn.CrossEntropyLoss(), x, y)
+    assert math.isnan(meter.compute())
+
+
+def test_device_batches_are_checked_at_compute(monkeypatch):
+    """Off the CPU, update keeps two flags on the device (no sync); compute reads them."""
+    meter = LossMeter()
+    from crossent.tracking import meter as meter_module
+
+    monkeypatch.setattr(meter_module, "_on_host", lambda t: False)
+    meter.update(torch.tensor(math.nan), torch.tensor(2.0))
+    reset_warnings()
+    with pytest.warns(crossent.CrossentWarning, match=r"LossMeter.compute: 1 batch\(es\) had a NaN or infinite total"):
+        assert math.isnan(meter.compute())
+    meter.update(torch.tensor(1.0), torch.tensor(-2.0))
+    with pytest.raises(ValueError, match=r"LossMeter.compute: expected finite denominators >= 0 in every "
+                                         r"batch, but got 1 batch\(es\) with a negative"):
+        meter.compute()
+    meter.reset()
+    meter.update(torch.tensor(1.0), torch.tensor(2.0))
+    assert meter.compute() == 0.5
+

@@ -75,3 +75,11 @@ def test_importing_crossent_does_not_import_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_missing_folder_is_reported_with_the_users_path(tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "no" / "such" / "dir" / "c.png"
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        plot_history(_history(), target)
+    assert info.value.filename == str(target) and ".tmp" not in str(info.value)

@@ -4,6 +4,9 @@ Change one import line::
 
     import crossent.nn as nn              # was: import torch.nn as nn
     import crossent.functional as F       # was: import torch.nn.functional as F
+
+For code you do not own, ``with crossent.patch(): ...`` routes torch's own loss functions
+and classes through crossent (see :func:`crossent.patch`).
 """
 
 __version__ = "0.1.0"
@@ -12,10 +15,13 @@ from . import functional
 from . import nn
 from . import probabilities
 from . import tracking
+from ._patch import patch
+from ._patch import unpatch
 from ._validation import CrossentIndexError
 from ._validation import CrossentTypeError
 from ._validation import CrossentValueError
 from ._validation import CrossentWarning
+from ._validation import KernelCacheWarning
 from .backends import BackendUnavailableError
 from .functional import LossParts
 from .functional import binary_cross_entropy
@@ -30,6 +36,7 @@ __all__ = [
     "CrossentTypeError",
     "CrossentValueError",
     "CrossentWarning",
+    "KernelCacheWarning",
     "LossParts",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
@@ -38,6 +45,8 @@ __all__ = [
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
     "nn",
+    "patch",
     "probabilities",
     "tracking",
+    "unpatch",
 ]

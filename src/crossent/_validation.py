@@ -46,14 +46,17 @@ Decisions where the issue is silent (each has a test in ``tests/test_guardrails*
   and its gradient are identically 0), an input whose autograd history shows it just
   came out of ``sigmoid`` / ``softmax`` / ``log_softmax`` (any batch size), negative
   weights (at construction).
+  Also: every target ignored under ``reduction='mean'`` (nan, like torch), and sequence
+  logits ``(B, T, V)`` with ``T == V`` (the shapes are then valid for ``(N, C, d1)``; no
+  warning when the input came out of a transpose, permute or convolution).
 * Not detectable, documented: probabilities in a tiny batch without autograd history
-  (the tutorial's 4 values: see :func:`check_binary_values`), sequence logits
-  ``(B, T, V)`` with ``T == V`` (the shapes are then valid for ``(N, C, d1)``).
+  (the tutorial's 4 values: see :func:`check_binary_values`).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import warnings
@@ -62,11 +65,14 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from ._env import env_flag
+
 __all__ = [
     "CrossentWarning",
     "CrossentValueError",
     "CrossentTypeError",
     "CrossentIndexError",
+    "KernelCacheWarning",
     "validation_enabled",
 ]
 
@@ -89,6 +95,7 @@ _BINARY_FUNCS = ("binary_cross_entropy", "binary_cross_entropy_with_logits", "BC
                  "BCEWithLogitsLoss")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class CrossentWarning(UserWarning):
@@ -96,6 +103,11 @@ class CrossentWarning(UserWarning):
 
     Filter it like any warning: ``warnings.filterwarnings("ignore", category=CrossentWarning)``.
     """
+
+
+class KernelCacheWarning(CrossentWarning):
+    """A cached compiled kernel, or its directory, was refused (unsafe or damaged) and is
+    not loaded; the kernel is rebuilt elsewhere (see :mod:`crossent.backends.chunked_cpp`)."""
 
 
 class CrossentValueError(ValueError):
@@ -119,7 +131,7 @@ def validation_enabled(validate: Optional[bool] = None) -> bool:
     """
     if validate is not None:
         return bool(validate)
-    return os.environ.get("CROSSENT_VALIDATE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("CROSSENT_VALIDATE")
 
 
 def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError):
@@ -230,23 +242,35 @@ def check_label_smoothing(func: str, label_smoothing) -> float:
 
 
 def check_ignore_index(func: str, ignore_index) -> Optional[int]:
-    """``ignore_index`` must be an integer (None is allowed: the BCE losses' default).
+    """``ignore_index`` must be an int64 integer (None is allowed: the BCE losses' default).
 
+    Like torch: Python and NumPy integers and integer 0-dim tensors are accepted; a float
+    is a ``TypeError`` even when integral (``-100.0``), as in ``F.cross_entropy``. Outside
+    the int64 range it is a ``ValueError`` (torch: a bare "Overflow when unpacking long").
     For the BCE losses (an extension) 0 and 1 are refused: they are labels, so
     ``ignore_index=0`` would silently drop every negative example."""
     if ignore_index is None:
         return None
-    if type(ignore_index) is int and (ignore_index > 1 or ignore_index < 0 or func not in _BINARY_FUNCS):
+    if (type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX
+            and (ignore_index > 1 or ignore_index < 0 or func not in _BINARY_FUNCS)):
         return ignore_index   # the usual case, decided without the ABC checks below
-    if isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1:
+    if (isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1
+            and not (ignore_index.is_floating_point() or ignore_index.is_complex()
+                     or ignore_index.dtype == torch.bool)):
         ignore_index = ignore_index.item()
-    if (isinstance(ignore_index, bool) or not isinstance(ignore_index, Number)
-            or isinstance(ignore_index, complex) or not math.isfinite(ignore_index)
-            or int(ignore_index) != ignore_index):
-        fail(func, "`ignore_index` to be an integer", repr(ignore_index),
-             "Pass the integer label that marks elements to skip, e.g. ignore_index=-100.",
-             CrossentTypeError)
-    ignore_index = int(ignore_index)
+    if (isinstance(ignore_index, (bool, torch.Tensor))
+            or not hasattr(type(ignore_index), "__index__")):
+        fix = "Pass the integer label that marks elements to skip, e.g. ignore_index=-100."
+        if isinstance(ignore_index, Number) and not isinstance(ignore_index, bool):
+            fix = ("It must be an int, not a float (torch raises TypeError here too)"
+                   + (f": pass ignore_index={int(ignore_index)}." if isinstance(ignore_index, float)
+                      and math.isfinite(ignore_index) and int(ignore_index) == ignore_index
+                      else ", e.g. ignore_index=-100."))
+        fail(func, "`ignore_index` to be an integer", repr(ignore_index), fix, CrossentTypeError)
+    ignore_index = operator.index(ignore_index)
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        fail(func, "`ignore_index` in the int64 range [-2**63, 2**63 - 1]", repr(ignore_index),
+             "Targets are int64, so no target can equal it; use a value such as -100.")
     if func in _BINARY_FUNCS and ignore_index in (0, 1):
         fail(func, "`ignore_index` different from the labels 0 and 1", f"ignore_index={ignore_index}",
              f"ignore_index={ignore_index} would drop every {'negative' if ignore_index == 0 else 'positive'} "
@@ -287,6 +311,10 @@ def check_weight_values_nonnegative(func: str, name: str, value: Optional[torch.
     Weights are C numbers, not data, so this runs at construction only (skipped on GPU
     and for huge tensors, so that it never synchronises or costs real time)."""
     if value is None or value.numel() == 0 or value.numel() > 1_000_000 or value.device.type != "cpu":
+        return
+    from ._capture import capturing
+
+    if capturing(value):   # a module built inside a compiled function: no host read
         return
     bad = ~(value >= 0)
     if bool(bad.any()):
@@ -513,6 +541,10 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
     fix = ""
     if input.dim() >= 2 and tsh == (ish[0], 1):
         fix = "Targets of shape (N, 1) hold one class per row: use `target.squeeze(1)`."
+    elif input.dim() >= 3 and tsh == (ish[0], 1) + ish[2:]:
+        fix = (f"A mask of shape {shape_str(tsh)} holds one class per position: use "
+               f"`target.squeeze(1){'.long()' if target.is_floating_point() else ''}` "
+               f"(shape {shape_str(index_shape)}).")
     elif input.dim() == 3 and tsh == ish[:2]:
         fix = (f"For sequences the class dimension is dim 1: input (B, T, V) = {shape_str(ish)} "
                f"needs `input.transpose(1, 2)` (or flatten: `input.reshape(-1, {ish[2]})` "
@@ -753,27 +785,143 @@ def check_logits_not_probabilities(func: str, input: torch.Tensor, class_dim: in
     _softmax_judge(func, input, class_dim, _fetch(_softmax_stats(input, class_dim)))
 
 
+_CLASS_DIM_MOVED = ("TransposeBackward0", "PermuteBackward0", "ConvolutionBackward0")
+
+
+def _warn_ambiguous_class_dim(func: str, input: torch.Tensor, target: torch.Tensor) -> None:
+    """(B, T, V) logits with T == V and a (B, T) target pass the (N, C, d1) shape check with
+    the wrong class dimension. Warn unless the input shows that dim 1 was made the class
+    dimension on purpose: its autograd node (a transpose, permute or convolution), or,
+    without autograd, the strides of a transposed view."""
+    if input.dim() != 3 or input.shape[1] != input.shape[2] or target.dim() != 2:
+        return
+    if _grad_fn_name(input) in _CLASS_DIM_MOVED or (input.stride(1) == 1 and input.stride(2) != 1):
+        return
+    B, T, V = input.shape
+    warn_once("ambiguous-class-dim",
+              f"{func}: the input has shape {shape_str(input.shape)} with target {shape_str(target.shape)}: "
+              f"dims 1 and 2 both have size {T}, so the class dimension is ambiguous, and like torch "
+              "crossent takes dim 1 as the classes ((N, C, d1) layout). If these are (B, T, V) "
+              "logits with the classes last (e.g. straight from nn.Linear), the loss is wrong: "
+              f"pass `logits.transpose(1, 2)`, or `logits.view(-1, {V})` with `target.view(-1)`. If "
+              "dim 1 really holds the classes, pass validate=False or filter this warning.")
+
+
+def _all_ignored_stats(target: torch.Tensor, ignore_index: Optional[int], reduction: Optional[str]):
+    """Off the CPU: whether any target is kept, fetched with the other statistics (no second
+    sync). On the CPU nothing: :func:`_warn_all_ignored` decides from the index range."""
+    if reduction != "mean" or ignore_index is None or target.numel() == 0 or _on_host(target):
+        return []
+    return [(target.detach() != ignore_index).any()]
+
+
+def _warn_all_ignored(func: str, target: torch.Tensor, ignore_index: Optional[int],
+                      reduction: Optional[str], tmin, tmax, kept=None) -> None:
+    """Warn when every target equals ignore_index under reduction='mean' (0 / 0 = nan)."""
+    if reduction != "mean" or ignore_index is None or target.numel() == 0:
+        return
+    if kept is None:
+        # CPU: with every target ignored the (masked) index range is a single value, so
+        # the exact test runs only when tmin == tmax (reading costs no sync here).
+        if tmin != tmax:
+            return
+        kept = bool((target != ignore_index).any())
+    if kept:
+        return
+    warn_once("all-ignored",
+              f"{func}: all {target.numel()} targets equal ignore_index={ignore_index}, so "
+              "reduction='mean' is 0/0 = nan (as in torch), and so is every gradient. For batches "
+              "that may be fully masked (LLM micro-batches, padding), use reduction='sum' with your "
+              "own normaliser (e.g. num_items_in_batch over the whole step), or return_parts=True "
+              "and backpropagate parts.total / that normaliser (a LossMeter counts such a batch "
+              "as 0/0 and skips it).")
+
+
 def check_multiclass_values(func: str, input: torch.Tensor, target: torch.Tensor, index_target: bool,
-                            C: int, ignore_index: Optional[int], class_dim: int) -> None:
+                            C: int, ignore_index: Optional[int], class_dim: int,
+                            reduction: Optional[str] = None) -> None:
     """The whole value tier of cross-entropy with ONE host synchronisation.
 
     Class indices: one ``aminmax`` over the targets (ignore_index masked out), so an
     index outside [0, C) is reported before any kernel indexes with it (no device-side
     assert on GPU). Probabilities: see :func:`check_probability_target`. Input: see
-    :func:`check_logits_not_probabilities`."""
+    :func:`check_logits_not_probabilities`. With ``reduction='mean'``, a warning when every
+    target is ignored (from the same statistics: :func:`_warn_all_ignored`); and a warning
+    when (B, T, V) logits with T == V make the class dimension ambiguous."""
     _warn_single_class(func, C, input)
+    if index_target:
+        _warn_ambiguous_class_dim(func, input, target)
     stats = []
     if target.numel():
         stats += _index_stats(target, ignore_index) if index_target else _prob_stats(target, class_dim)
     n_t = len(stats)
+    kept = _all_ignored_stats(target, ignore_index, reduction) if index_target else []
+    stats += kept
     stats += _softmax_stats(input, class_dim)
     values = _fetch(stats)
+    if kept:
+        kept = [values.pop(n_t)]
     if n_t:
         if index_target:
             _index_judge(func, target, C, ignore_index, *values[:n_t])
+            _warn_all_ignored(func, target, ignore_index, reduction, *values[:2], *kept)
         else:
             _prob_judge(func, target, class_dim, *values[:n_t])
     _softmax_judge(func, input, class_dim, values[n_t:])
 
+
+
+# ------------------------------------------------------------------- under capture
+def _capture_note() -> str:
+    return ("(This check ran as a device-side assertion inside a compiled, exported or traced "
+            "graph; call the loss eagerly to see the position and value.)")
+
+
+def assert_multiclass_values(func: str, target: torch.Tensor, index_target: bool, C: int,
+                             ignore_index: Optional[int]) -> None:
+    """The raising value checks of cross-entropy as ``torch._assert_async``: no host read,
+    no graph break; the compiled graph raises ``RuntimeError`` with this message at run
+    time. The warning heuristics need host values and are skipped while capturing."""
+    from ._capture import transforming
+
+    if transforming():   # no vmap rule for _assert_async: torch.func runs without value checks
+        return
+    t = target.detach()
+    if index_target:
+        ok = (t >= 0) & (t < C)
+        if ignore_index is not None:
+            ok = ok | (t == ignore_index)
+        what = f"class indices in [0, {C - 1}] (C={C})" + (
+            f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+        torch._assert_async(ok.all(), f"{func}: expected {what}, but got a target outside that range. "
+                            f"Labels start at 1? subtract 1; a padding value? pass it as ignore_index. "
+                            + _capture_note())
+    else:
+        torch._assert_async(((t >= 0) & torch.isfinite(t)).all(),
+                            f"{func}: expected finite, non-negative class-probability targets, but got a "
+                            f"negative, NaN or infinite entry. " + _capture_note())
+
+
+def assert_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
+                         keep: Optional[torch.Tensor], *, probabilities_in: bool) -> None:
+    """The raising value checks of the BCE losses as ``torch._assert_async`` (see
+    :func:`assert_multiclass_values`)."""
+    from ._capture import transforming
+
+    if transforming():
+        return
+    t = target.detach()
+    ok = (t >= 0) & (t <= 1)
+    if keep is not None:
+        ok = ok | ~keep
+    torch._assert_async(ok.all(), f"{func}: expected `target` values in [0, 1], but got one outside it. "
+                        "Integer labels above 1 mean several classes: use CrossEntropyLoss; a "
+                        "missing-label marker? pass ignore_index. " + _capture_note())
+    if probabilities_in:
+        x = input.detach()
+        torch._assert_async(((x >= 0) & (x <= 1)).all(),
+                            f"{func}: expected `input` to hold probabilities in [0, 1], but got a value "
+                            "outside it (or NaN). Raw logits? use binary_cross_entropy_with_logits. "
+                            + _capture_note())
 
 Tensorish = Union[torch.Tensor, Number, Sequence[Number], None]

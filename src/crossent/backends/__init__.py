@@ -18,7 +18,7 @@ re-derive through the reference formulas when it is asked for.
 
 from . import chunked, reference
 from . import triton as triton_backend
-from ._registry import Backend, BackendUnavailableError, available_backends, dispatch, register
+from ._registry import (Backend, BackendUnavailableError, available_backends, dispatch, register, resolve)
 
 
 def _cpu_only(device):
@@ -56,5 +56,6 @@ register(Backend(
     unavailable=triton_backend.unavailable_reason,
 ))
 
-__all__ = ["Backend", "BackendUnavailableError", "available_backends", "dispatch", "register"]
+__all__ = ["Backend", "BackendUnavailableError", "available_backends", "dispatch", "register", "resolve"]
 from . import linear as _linear  # noqa: E402,F401  (fused linear + loss ops: chunked, reference)
+from . import ops  # noqa: E402,F401  (the crossent:: torch.library ops, used under capture)

@@ -71,8 +71,8 @@ def available_backends() -> List[str]:
     return list(_ORDER)
 
 
-def dispatch(op: str, like: torch.Tensor, backend: Optional[str] = None) -> Callable:
-    """Return the implementation of ``op`` for tensors like ``like``.
+def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The name of the backend that runs ``op`` on ``device``.
 
     ``backend`` None/``"auto"``: ``$CROSSENT_BACKEND`` when set (see the module docstring),
     else the highest-priority backend that implements ``op`` and can run on the device.
@@ -85,21 +85,24 @@ def dispatch(op: str, like: torch.Tensor, backend: Optional[str] = None) -> Call
                 fail("CROSSENT_BACKEND", f"one of {['auto'] + available_backends()}", repr(forced),
                      "Unset it (or set it to 'auto') for the automatic choice.")
             if op in b.ops:
-                return dispatch(op, like, forced)
-    if backend is None or backend == "auto":
+                return resolve(op, device, forced)
         for name in _ORDER:
-            b = _BACKENDS[name]
-            if b.reason(op, like.device) is None:
-                return b.ops[op]
-        raise BackendUnavailableError(f"no backend implements {op!r} on {like.device}")  # reference covers all
+            if _BACKENDS[name].reason(op, device) is None:
+                return name
+        raise BackendUnavailableError(f"no backend implements {op!r} on {device}")  # reference covers all
     b = _BACKENDS.get(backend)
     if b is None:
         fail("backend", f"one of {['auto'] + available_backends()}", repr(backend),
              "Leave backend=None for the automatic choice.")
-    reason = b.reason(op, like.device)
+    reason = b.reason(op, device)
     if reason is not None:
-        usable = [n for n in available_backends() if _BACKENDS[n].reason(op, like.device) is None]
+        usable = [n for n in available_backends() if _BACKENDS[n].reason(op, device) is None]
         raise BackendUnavailableError(
-            f"backend {backend!r} cannot run {op} on {like.device}: {reason}. "
+            f"backend {backend!r} cannot run {op} on {device}: {reason}. "
             f"Usable here: {usable}; backend=None chooses automatically.")
-    return b.ops[op]
+    return backend
+
+
+def dispatch(op: str, like: torch.Tensor, backend: Optional[str] = None) -> Callable:
+    """Return the implementation of ``op`` for tensors like ``like`` (see :func:`resolve`)."""
+    return _BACKENDS[resolve(op, like.device, backend)].ops[op]

@@ -406,14 +406,28 @@ def _ce_mask(loss, keep, smooth):
     return loss
 
 
+def fused_ce_forward(impl, x, q, y, c, smooth, keep, scale=None):
+    """Loss (M,) and gradient (shaped like ``x``, times ``scale``) of per-row cross-entropy with
+    coefficients (q, y, c, smooth) (see ``reference.ce_coefficients``), rows with
+    ``keep`` False zeroed when smoothing gives them terms. ``x`` (M, C) or (N, C, S) (then
+    (N, C, S) logits the lane kernel cannot take are computed as rows and the gradient is
+    returned in the (N, C, S) layout)."""
+    if x.dim() == 3 and not _spatial_ok(impl, x, q):
+        N, C, S = x.shape
+        loss, g = fused_ce_forward(impl, x.movedim(1, -1).reshape(-1, C), q, y, c, smooth, keep, scale)
+        return loss, g.view(N, S, C).movedim(-1, 1).contiguous()
+    loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)
+    if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
+        loss = torch.where(keep, loss, _zero(loss))
+        grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
+    return loss, grad
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, scale, x, q, y, c, smooth, keep):
         scale = scale if impl.prescale else None
-        loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)
-        if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
-            loss = torch.where(keep, loss, _zero(loss))
-            grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
+        loss, grad = fused_ce_forward(impl, x, q, y, c, smooth, keep, scale)
         ctx.grad, ctx.scale, ctx.impl = grad, scale, impl
         ctx.scale_value = None if scale is None else _value(scale)   # read once (CPU: no sync)
         ctx.save_for_backward(x, q, y, c, smooth, keep)

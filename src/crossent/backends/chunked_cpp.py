@@ -1,7 +1,7 @@
 r"""Optional compiled CPU kernels for the fused backend (C, AVX2 intrinsics, OpenMP).
 
-The C file ``kernels.c`` (next to this module) is compiled on first use with the system C compiler into
-``~/.cache/crossent/kernels/`` (or ``$CROSSENT_CACHE_DIR``) and loaded with :mod:`ctypes`.
+The C file ``kernels.c`` (next to this module) is compiled on first use with the system C
+compiler into a private cache directory (below) and loaded with :mod:`ctypes`.
 It includes no torch headers, so the build takes about a second; it links against
 ``libtorch_cpu`` only for Sleef's vectorised ``expf`` / ``logf`` / ``log1pf`` (1-ulp accuracy,
 the very functions torch's own vectorised CPU kernels use). softplus's ``log1p(e)``, e in
@@ -9,9 +9,12 @@ the very functions torch's own vectorised CPU kernels use). softplus's ``log1p(e
 these hold, otherwise the chunked torch path of :mod:`crossent.backends.chunked` runs (same
 formulas, same results to a few ulp):
 
-* ``CROSSENT_CPU_KERNEL`` is not ``0`` (``=0`` disables it);
-* torch reports AVX2 (or better) for this CPU, and a C compiler is found (``$CC`` or ``cc``);
-* the build succeeds (a failure is remembered; ``crossent env`` shows the reason);
+* ``CROSSENT_CPU_KERNEL`` is not ``0``, ``false``, ``no`` or ``off`` (any case; read on every
+  call, like the other ``CROSSENT_*`` switches);
+* torch reports AVX2 (or better) for this CPU, and a C compiler is found (``$CC``, else ``cc``,
+  ``gcc`` or ``clang`` on ``PATH``);
+* the build succeeds (a failure is remembered; :func:`disabled_reason` and ``crossent env``
+  show the reason);
 * the tensors are float32, contiguous, on CPU (float64 and odd layouts use the torch path).
 
 Why a compiled kernel: with torch ops every formula step is a pass over memory, and the
@@ -28,73 +31,423 @@ Precision: float32 lanes; sums (the softmax denominator of a row, the BCE total)
 accumulated 8 lanes x at most 32 terms in float32, then in float64 -- about 1e-7 relative
 even for a 128k-class row. The (N, C, S) kernel sums each lane's C terms in float64. Threads: OpenMP, ``torch.get_num_threads()`` of them; ctypes
 releases the GIL during the call.
+
+**The build cache.** The kernel is built at run time, not at install time: the wheel stays pure
+Python, the library is linked against the torch that is actually imported (its Sleef), and a
+machine without a compiler loses speed, not the install. A library that is ``dlopen``-ed runs
+its constructors with the rights of the process, so the cache is guarded like code:
+
+* *Where.* ``$CROSSENT_CACHE_DIR/kernels`` when the variable is set (the home directory is
+  then never looked up), else ``~/.cache/crossent/kernels``. When no home directory is known or
+  the directory cannot be created (a container with an arbitrary UID and no ``HOME``, a
+  read-only home), the kernel is built into a private ``tempfile.mkdtemp()`` directory for this
+  process, removed at exit; ``crossent env`` says so.
+* *Who can write it.* Missing directories are created 0700. The cache directory and its
+  ``kernels/`` must be owned by this user and writable by nobody else; every directory above
+  them must belong to this user or root and be writable by nobody else unless it is sticky
+  (``/tmp``). A directory that fails is refused with a :class:`crossent.KernelCacheWarning`
+  naming it and the fix, and the private temporary directory is used instead.
+* *What is loaded.* Each build records the SHA-256 of the library it produced in the manifest
+  ``crossent_cpu_<key>.sha256`` (0600) and names the library after that digest,
+  ``crossent_cpu_<key>-<digest[:16]>.so`` (0700); ``<key>`` hashes the source, the compiler
+  command, the flags and the torch version. Before ``dlopen`` the manifest and the library must
+  be regular files owned by this user, writable by nobody else, and the library's SHA-256 must
+  equal the manifest's. Anything else -- a truncated or corrupted library (which would crash
+  the process with SIGBUS or SIGILL), a file crossent did not build -- is never loaded: a
+  KernelCacheWarning names the path once, and a fresh library is built and checked the same way.
+  The digest detects damage and planted files without a matching manifest; the ownership and
+  mode checks keep other users out (a process of the same user can do anything anyway). Because
+  the library is renamed into place before the manifest names it, an interrupted build leaves
+  either the old valid pair or no manifest: never a false alarm.
+* *How it is built.* The compiler command is ``$CC`` split with :mod:`shlex` (``CC="ccache
+  gcc"`` works); an explicit ``CC`` that is not found disables the kernel with that reason
+  rather than silently using another compiler. It runs in its own process group with a timeout
+  of ``CROSSENT_BUILD_TIMEOUT`` seconds (default 120; on expiry the whole group is killed and
+  the reason recorded), in a fresh ``build-*`` directory inside the cache. The library and the
+  manifest are ``fsync``-ed before their atomic renames, then the directory is. Build
+  directories older than :data:`_STALE_BUILD_S` (left by a killed build) are removed by the next
+  build. Processes take ``fcntl.flock`` on ``kernels/.lock`` around check, build and load
+  (waiting at most the build timeout plus a minute); threads of one process share one lock, so a
+  thread that calls while another builds waits for the same outcome: every thread of a process
+  runs the same code.
+
+What costs something is decided once per process: the CPU capability, the compiler lookup,
+the cache directory and the build itself.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
+import functools
 import hashlib
 import os
+import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import threading
+import time
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
+
+from .._env import env_flag
+from .._validation import KernelCacheWarning
 
 _SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c99"]
 
+#: Seconds the compiler may run (``CROSSENT_BUILD_TIMEOUT`` overrides); a normal build takes 1-2 s.
+BUILD_TIMEOUT_S = 120.0
+#: A ``build-*`` directory older than this is the debris of a killed build and is removed.
+_STALE_BUILD_S = 600.0
+
 _lock = threading.Lock()
 _lib = None
 _error: Optional[str] = None
 _tried = False
+_path: Optional[Path] = None          # the library that was loaded
+_cache_note: Optional[str] = None     # why the private temporary directory is used, if it is
 
 
-def _torch_lib_dir() -> str:
-    return str(Path(torch.__file__).parent / "lib")
+@functools.lru_cache(maxsize=None)
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        return "unknown"
 
 
-def _compiler() -> Optional[str]:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+@functools.lru_cache(maxsize=None)
+def _compiler() -> Tuple[Optional[Tuple[str, ...]], Optional[str]]:
+    """(compiler command, None) or (None, why there is none); looked up once per process."""
+    raw = os.environ.get("CC", "").strip()
+    if raw:
+        try:
+            argv = shlex.split(raw)
+        except ValueError as exc:
+            return None, f"CC={raw!r} is not a valid command line ({exc}); fix CC or unset it"
+        exe = shutil.which(argv[0])
+        if exe is None:
+            return None, (f"CC={raw!r}: {argv[0]!r} is not an executable file or on PATH; "
+                          "fix CC, or unset it to use cc, gcc or clang")
+        return (exe, *argv[1:]), None
+    for name in ("cc", "gcc", "clang"):
+        exe = shutil.which(name)
+        if exe is not None:
+            return (exe,), None
+    return None, "no C compiler found (install gcc, or set CC)"
 
 
 def disabled_reason() -> Optional[str]:
     """Why the compiled kernel cannot be used here, or None."""
-    if os.environ.get("CROSSENT_CPU_KERNEL", "1") == "0":
-        return "disabled by CROSSENT_CPU_KERNEL=0"
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - very old torch
-        cap = "unknown"
+    if not env_flag("CROSSENT_CPU_KERNEL"):
+        return f"disabled by CROSSENT_CPU_KERNEL={os.environ['CROSSENT_CPU_KERNEL'].strip()}"
+    cap = _cpu_capability()
     if cap not in ("AVX2", "AVX512"):
         return f"the CPU capability is {cap}, the kernel needs AVX2"
-    if _compiler() is None:
-        return "no C compiler found (set CC or install gcc)"
-    return _error
+    why = _compiler()[1]
+    return why if why is not None else _error
 
 
-def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    key = hashlib.sha256("\n".join([_SOURCE, cc, *_FLAGS, torch.__version__]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("CROSSENT_CACHE_DIR", Path.home() / ".cache" / "crossent")) / "kernels"
-    cache.mkdir(parents=True, exist_ok=True)
-    so = cache / f"crossent_cpu_{key}.so"
-    if not so.exists():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src = Path(tmp) / "kernel.c"
-            src.write_text(_SOURCE)
-            out = Path(tmp) / so.name
-            libdir = _torch_lib_dir()
-            cmd = [cc, *_FLAGS, str(src), "-o", str(out), f"-L{libdir}", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)}\n{proc.stderr[-2000:]}")
-            os.replace(out, so)  # atomic: concurrent builders are harmless
-    lib = ctypes.CDLL(str(so))
+def get():
+    """The kernel module (building it on the first call), or None when unavailable.
+
+    A thread that calls while another thread builds waits for that build and gets its result.
+    """
+    if not env_flag("CROSSENT_CPU_KERNEL"):
+        return None
+    if _lib is not None:
+        return _Kernels
+    if _tried:
+        return None
+    with _lock:
+        notes = _first_use() if not _tried else []
+    for note in notes:   # outside the lock: a warning turned into an error must not block others
+        warnings.warn(note, KernelCacheWarning, stacklevel=2)
+    return _Kernels if _lib is not None else None
+
+
+def kernel_path() -> Optional[Path]:
+    """The library that was loaded, or None."""
+    return _path
+
+
+def cache_note() -> Optional[str]:
+    """Why the kernel lives in a private temporary directory for this process, or None."""
+    return _cache_note
+
+
+def _first_use() -> List[str]:
+    """Build or load the library once (under ``_lock``); returns the warnings to show."""
+    global _lib, _error, _tried, _path
+    notes: List[str] = []
+    try:
+        if disabled_reason() is None:
+            kdir = _kernel_dir(notes)
+            _lib, _path = _build(kdir, _compiler()[0], notes)
+    except Exception as exc:  # compiler error or timeout, missing Sleef symbols, no usable directory...
+        _error = f"build failed: {type(exc).__name__}: {exc}"[:2000]
+    _tried = True
+    return notes
+
+
+# --------------------------------------------------------------------------- the cache directory
+class _Unsafe(Exception):
+    """A directory or file that others could have written: never load from it."""
+
+
+def _kernel_dir(notes: List[str]) -> Path:
+    """The ``kernels`` directory, created and checked; decided once per process."""
+    global _cache_note
+    explicit = os.environ.get("CROSSENT_CACHE_DIR", "").strip()
+    try:
+        root = Path(explicit) if explicit else Path.home() / ".cache" / "crossent"
+    except Exception as exc:   # no HOME and no passwd entry for this UID (Path.home raises)
+        _cache_note = f"no home directory ({exc}); set CROSSENT_CACHE_DIR to keep the kernel between runs"
+        return _private_dir()
+    kdir = Path(os.path.abspath(root)) / "kernels"
+    try:
+        _make_private_dirs(kdir, ours=2)
+        return kdir
+    except _Unsafe as exc:
+        name = "CROSSENT_CACHE_DIR" if explicit else "the default cache directory"
+        notes.append(f"crossent: not using {kdir} for the compiled CPU kernel ({name}): {exc}. "
+                     f"The kernel is built into a private temporary directory for this process instead. "
+                     f"Fix the directory's owner or mode, or set CROSSENT_CACHE_DIR to a directory only you "
+                     f"can write.")
+        _cache_note = f"{kdir} refused: {exc}"
+    except OSError as exc:
+        if explicit:
+            notes.append(f"crossent: cannot create {kdir} (CROSSENT_CACHE_DIR) for the compiled CPU kernel: "
+                         f"{exc}. The kernel is built into a private temporary directory for this process "
+                         f"instead.")
+        _cache_note = f"cannot create {kdir}: {exc.strerror or exc}"
+    return _private_dir()
+
+
+def _private_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="crossent-kernels-"))
+    atexit.register(shutil.rmtree, path, True)
+    _make_private_dirs(path, ours=1)   # check it like any other (TMPDIR could be anywhere)
+    return path
+
+
+def _make_private_dirs(path: Path, ours: int) -> None:
+    """Create the missing directories of ``path`` 0700, then check every component of its
+    real path: the last ``ours`` must be this user's and writable by nobody else, the ones
+    above must belong to this user or root and be writable by nobody else unless sticky."""
+    missing = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(p, 0o700)
+    real = Path(os.path.realpath(path))
+    uid = os.geteuid()
+    for i, p in enumerate([real, *real.parents]):
+        st = os.stat(p)
+        writable = st.st_mode & 0o022
+        if not stat.S_ISDIR(st.st_mode):
+            raise _Unsafe(f"{p} is not a directory")
+        if i < ours:
+            if st.st_uid != uid:
+                raise _Unsafe(f"{p} belongs to uid {st.st_uid}, not to this user (uid {uid})")
+            if writable:
+                raise _Unsafe(f"{p} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+        else:
+            if st.st_uid not in (uid, 0):
+                raise _Unsafe(f"its parent {p} belongs to uid {st.st_uid}, neither this user nor root")
+            if writable and not st.st_mode & stat.S_ISVTX:
+                raise _Unsafe(f"its parent {p} is writable by group or others and not sticky "
+                              f"(mode {stat.S_IMODE(st.st_mode):o})")
+
+
+# --------------------------------------------------------------------------- build and load
+def _build(kdir: Path, cc: Tuple[str, ...], notes: List[str]) -> Tuple[ctypes.CDLL, Path]:
+    libdir = str(Path(torch.__file__).parent / "lib")
+    key = hashlib.sha256("\n".join([_SOURCE, *cc, *_FLAGS, torch.__version__]).encode()).hexdigest()[:16]
+    manifest = kdir / f"crossent_cpu_{key}.sha256"
+    timeout = _build_timeout()
+    with _flock(kdir / ".lock", timeout + 60):
+        so, problem = _verified(manifest, kdir, key)
+        if so is None:
+            if problem is not None:
+                notes.append(f"crossent: refusing to load the cached CPU kernel {problem}; it is not loaded and "
+                             f"a fresh one is built (a truncated or corrupted file, or one crossent did not "
+                             f"build).")
+            _remove_stale_builds(kdir)
+            cmd = [*cc, *_FLAGS, "kernels.c", "-o", "kernel.so", f"-L{libdir}", "-ltorch_cpu",
+                   f"-Wl,-rpath,{libdir}"]
+            _compile(kdir, key, manifest, cmd, timeout)
+            so, problem = _verified(manifest, kdir, key)
+            if so is None:
+                raise RuntimeError(f"the freshly built kernel failed its check: {problem}")
+        lib = ctypes.CDLL(str(so))
+    _declare(lib)
+    return lib, so
+
+
+def _build_timeout() -> float:
+    raw = os.environ.get("CROSSENT_BUILD_TIMEOUT", "").strip()
+    if not raw:
+        return BUILD_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"CROSSENT_BUILD_TIMEOUT: expected a positive number of seconds, but got {raw!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _flock(path: Path, wait: float):
+    """An exclusive ``flock`` on ``path``, waited for at most ``wait`` seconds. Where the file
+    system has no locks the atomic renames alone keep concurrent builders harmless."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process held {path} for more than {wait:g} s") from None
+                time.sleep(0.05)
+            except OSError:  # pragma: no cover - no locking here
+                break
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def _read_private(path: Path) -> bytes:
+    """The bytes of ``path``, a regular file of this user that nobody else can write; else _Unsafe."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Unsafe(f"{path}: not a regular file")
+        if st.st_uid != os.geteuid():
+            raise _Unsafe(f"{path}: owned by uid {st.st_uid}, not by this user")
+        if st.st_mode & 0o022:
+            raise _Unsafe(f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _verified(manifest: Path, kdir: Path, key: str) -> Tuple[Optional[Path], Optional[str]]:
+    """(library, None) when the manifest and the library it names pass every check;
+    (None, None) when there is nothing to load; (None, what is wrong) otherwise."""
+    try:
+        digest = _read_private(manifest).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None, None
+    except (_Unsafe, OSError) as exc:
+        return None, f"manifest {exc}"
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return None, f"manifest {manifest}: not a SHA-256 digest"
+    so = kdir / f"crossent_cpu_{key}-{digest[:16]}.so"
+    try:
+        data = _read_private(so)
+    except FileNotFoundError:
+        return None, None
+    except (_Unsafe, OSError) as exc:
+        return None, str(exc)
+    if hashlib.sha256(data).hexdigest() != digest:
+        return None, f"{so}: its SHA-256 differs from the one recorded in {manifest.name} when it was built"
+    return so, None
+
+
+def _remove_stale_builds(kdir: Path) -> None:
+    now = time.time()
+    for p in kdir.glob("build-*"):
+        with contextlib.suppress(OSError):
+            if now - p.lstat().st_mtime > _STALE_BUILD_S:
+                shutil.rmtree(p)
+
+
+def _compile(kdir: Path, key: str, manifest: Path, cmd: List[str], timeout: float) -> None:
+    """Run ``cmd`` in a fresh build directory; put the library, then its manifest, in place."""
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=kdir))
+    try:
+        (tmp / "kernels.c").write_text(_SOURCE)
+        _run(cmd, tmp, timeout)
+        out = tmp / "kernel.so"
+        os.chmod(out, 0o700)
+        data = _fsynced(out)
+        digest = hashlib.sha256(data).hexdigest()
+        so = kdir / f"crossent_cpu_{key}-{digest[:16]}.so"
+        os.replace(out, so)
+        fd = os.open(tmp / "manifest", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp / "manifest", manifest)
+        _fsync_dir(kdir)
+        for old in kdir.glob(f"crossent_cpu_{key}-*.so"):   # superseded or refused copies
+            if old != so:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(cmd: List[str], cwd: Path, timeout: float) -> None:
+    """The compiler in its own process group: on timeout the whole group (wrappers, cc1) dies."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=5)
+        raise TimeoutError(f"the compiler did not finish within {timeout:g} s (CROSSENT_BUILD_TIMEOUT): "
+                           f"{shlex.join(cmd)}") from None
+    if proc.returncode != 0:
+        text = out.decode(errors="replace")
+        raise RuntimeError(f"{shlex.join(cmd)} exited with status {proc.returncode}\n{text[-1500:]}")
+
+
+def _fsynced(path: Path) -> bytes:
+    with open(path, "rb+") as f:
+        data = f.read()
+        os.fsync(f.fileno())
+    return data
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_bce.restype = ctypes.c_double
@@ -104,24 +457,6 @@ def _build() -> ctypes.CDLL:
     lib.crossent_ce_index_ncs.restype = ctypes.c_int64
     lib.crossent_log1p01.argtypes = [P, P, I64]
     lib.crossent_log1p01.restype = None
-    return lib
-
-
-def get():
-    """The kernel module (building it on the first call), or None when unavailable."""
-    global _lib, _error, _tried
-    if _lib is not None:
-        return _Kernels
-    if _tried or disabled_reason() is not None:
-        return None
-    with _lock:
-        if not _tried:
-            _tried = True
-            try:
-                _lib = _build()
-            except Exception as exc:  # compiler error, missing Sleef symbols, ...
-                _error = f"build failed: {type(exc).__name__}: {exc}"[:500]
-    return _Kernels if _lib is not None else None
 
 
 def _threads(work: int) -> int:

@@ -43,12 +43,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .._env import env_bytes
 from . import reference
 from ._registry import Backend, _BACKENDS, register
 from .triton import unavailable_reason as triton_unavailable_reason
@@ -57,8 +57,17 @@ from .triton import unavailable_reason as triton_unavailable_reason
 # 4096 x 2048 -> 128256 float32 head row blocks of 418 rows (one pass, about 1/19 of
 # eager's 5 GiB of overhead): on CPU the matrix products of a block lose speed quickly
 # below ~400 rows (measured: 87-row blocks cost 2.0x, 256 rows 1.5x, 384-512 rows 1.15x
-# the time of one whole-batch product; see docs/linear.md).
-DEFAULT_BUDGET = int(os.environ.get("CROSSENT_LINEAR_BUDGET", 256 * 2**20))
+# the time of one whole-batch product; see docs/linear.md). ``CROSSENT_LINEAR_BUDGET``
+# (bytes, or with a K/M/G/KiB/MiB/GiB suffix) overrides it: read by :func:`default_budget`
+# when a call uses the default, so a bad value fails that call, never ``import crossent``.
+DEFAULT_BUDGET = 256 * 2**20
+
+
+def default_budget() -> int:
+    """``$CROSSENT_LINEAR_BUDGET`` parsed by :func:`crossent._env.env_bytes`, else :data:`DEFAULT_BUDGET`."""
+    return env_bytes("CROSSENT_LINEAR_BUDGET", DEFAULT_BUDGET)
+
+
 # Fewest rows a block may have before the classes are split too (two passes): 32 rows of
 # all classes must fit the budget.
 _MIN_ROWS = 32
@@ -97,7 +106,7 @@ def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[
     budget to the float32 weight block and its gradient accumulator (``2 * Cc * H * 4``
     bytes, which sets ``Cc``) and half to the logits blocks.
     """
-    budget = DEFAULT_BUDGET if budget is None else int(budget)
+    budget = default_budget() if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
     low = dtype in (torch.float16, torch.bfloat16)
     per_logit = buffers * esize
@@ -569,6 +578,19 @@ class _GradAcc:
         return gx, self.gW, gb
 
 
+def ce_forward_with_grads(x, W, b, tgts, plan, needs, scale, ignored=None):
+    """One blocked pass: per-row loss and lse (N, D), the row statistics, and -- when
+    ``needs`` (grad of x, W, b wanted) is given -- the gradients of ``scale * sum(loss)``
+    w.r.t. (x, W, b) (None where not wanted). ``ignored``: what :class:`_Operands` reads as
+    zeros (default: the hidden rows whose targets are all ignored, :func:`_ce_ignored`)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ops = _Operands(x, W, b, cdt, (_ce_ignored(tgts), None) if ignored is None else ignored)
+    grads = _GradAcc(ops, needs) if needs is not None else None
+    loss, lse, stats = _ce_forward_pass(ops, tgts, plan, grads, scale)
+    pre = grads.results(x.dtype, None if b is None else b.dtype) if grads is not None else None
+    return loss, lse, stats, pre
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper: gradients from the forward pass, scaled in backward."""
 
@@ -577,14 +599,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         needs = (x.requires_grad, W.requires_grad, b is not None and b.requires_grad)
         ignored = (_ce_ignored(tgts), None)
-        ops = _Operands(x, W, b, cdt, ignored)
         want = precompute and any(needs)  # (grad mode is off in here: decided by the caller)
         scale = _usable_scale(grad_scale, cdt) if want else None
-        grads = _GradAcc(ops, needs) if want else None
-        loss, lse, stats = _ce_forward_pass(ops, tgts, plan, grads, scale)
+        loss, lse, stats, pre = ce_forward_with_grads(x, W, b, tgts, plan, needs if want else None, scale, ignored)
         ctx.save_for_backward(x, W, b)
         ctx.tgts, ctx.plan, ctx.stats, ctx.cdt, ctx.ignored = tgts, plan, stats, cdt, ignored
-        ctx.pre = grads.results(x.dtype, None if b is None else b.dtype) if want else None
+        ctx.pre = pre
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
         return loss, lse

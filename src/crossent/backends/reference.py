@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._capture import transforming
+
 
 def _softplus(z: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(z)) with full relative precision for every z.
@@ -101,28 +103,56 @@ class _BinaryCrossEntropy(torch.autograd.Function):
     double backward works.
     """
 
+    generate_vmap_rule = True   # with setup_context: works under torch.func
+
     @staticmethod
-    def forward(ctx, p, t, pos_weight):
-        ctx.save_for_backward(p, t, pos_weight)
+    def forward(p, t, pos_weight):
         return _bce_value(p, t, pos_weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def _partials(p, t, pos_weight):
+        """(d loss / d p, d loss / d t, d loss / d pos_weight or None) per element."""
+        # (1-t) p - p_w t (1-p), written as (p - t) - (p_w - 1) t (1-p): ``p - t`` is
+        # torch's numerator and is exact when p is close to t (no cancellation).
+        num = p - t
+        if pos_weight is not None:
+            num = num - (pos_weight - 1) * t * (1 - p)
+        d_p = num / torch.clamp(p * (1 - p), min=_TORCH_BCE_EPS)
+        # torch's target gradient: the unclamped log(1-p) - log(p) (+-inf at p = 0, 1),
+        # consistent with its unclamped input gradient; log1p keeps p near 0 exact.
+        pw = 1 if pos_weight is None else pos_weight
+        d_t = torch.log1p(-p) - pw * torch.log(p)
+        d_pw = None if pos_weight is None else -t * torch.clamp(torch.log(p), min=-100)
+        return d_p, d_t, d_pw
 
     @staticmethod
     def backward(ctx, grad):
         p, t, pos_weight = ctx.saved_tensors
-        grad_p = grad_t = None
-        if ctx.needs_input_grad[0]:
-            # (1-t) p - p_w t (1-p), written as (p - t) - (p_w - 1) t (1-p): ``p - t`` is
-            # torch's numerator and is exact when p is close to t (no cancellation).
-            num = p - t
-            if pos_weight is not None:
-                num = num - (pos_weight - 1) * t * (1 - p)
-            grad_p = grad * num / torch.clamp(p * (1 - p), min=_TORCH_BCE_EPS)
-        if ctx.needs_input_grad[1]:
-            # torch's target gradient: the unclamped log(1-p) - log(p) (+-inf at p = 0, 1),
-            # consistent with its unclamped input gradient; log1p keeps p near 0 exact.
-            pw = 1 if pos_weight is None else pos_weight
-            grad_t = grad * (torch.log1p(-p) - pw * torch.log(p))
+        d_p, d_t, _ = _BinaryCrossEntropy._partials(p, t, pos_weight)
+        grad_p = grad * d_p if ctx.needs_input_grad[0] else None
+        grad_t = grad * d_t if ctx.needs_input_grad[1] else None
         return grad_p, grad_t, None
+
+
+
+class _BinaryCrossEntropyForward(_BinaryCrossEntropy):
+    """:class:`_BinaryCrossEntropy` with a forward-mode rule, for ``torch.func`` transforms
+    (Dynamo cannot trace an autograd Function that defines ``jvp``, so it is a subclass)."""
+
+    @staticmethod
+    def jvp(ctx, p_t, t_t, pw_t):
+        p, t, pos_weight = ctx.saved_tensors
+        d_p, d_t, d_pw = _BinaryCrossEntropy._partials(p, t, pos_weight)
+        out = torch.zeros_like(p)
+        for d, tangent in ((d_p, p_t), (d_t, t_t), (d_pw, pw_t)):
+            if d is not None and tangent is not None:
+                out = out + d * tangent
+        return out
 
 
 def _bce_value(p, t, pos_weight):
@@ -144,7 +174,7 @@ def binary_cross_entropy(
     p = sanitise_ignored(p, keep, 0.5)
     if pos_weight is not None:
         pos_weight = pos_weight.expand_as(p)
-    loss = _BinaryCrossEntropy.apply(p, t, pos_weight)
+    loss = (_BinaryCrossEntropyForward if transforming() else _BinaryCrossEntropy).apply(p, t, pos_weight)
     if weight is not None:
         loss = loss * weight
     if keep is not None:
@@ -194,26 +224,37 @@ class _CrossEntropy(torch.autograd.Function):
     differentiable ops, so double backward works.
     """
 
+    generate_vmap_rule = True   # with setup_context: works under torch.func
+
     @staticmethod
-    def forward(ctx, x, q, y, c, smooth):
-        ctx.save_for_backward(x, q, y, c, smooth)
+    def forward(x, q, y, c, smooth):
         nlp = _neg_log_softmax(x)[0]
         return _ce_value(nlp, q, y, c, smooth)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def _grad_x(x, q, y, c, smooth, s, k, e):
+        """d loss_i / d x_ij = A_i p_ij - a_ij, the arg-max entry without cancellation."""
+        a = _dense_coef(x, q, y, c, smooth)
+        A = a.sum(dim=1, keepdim=True)
+        p = e / (1 + s)
+        g = A * p - a
+        a_rest = a.scatter(1, k, 0.0).sum(dim=1, keepdim=True)  # A - a_k without cancellation
+        g_k = torch.where(s < 1, a_rest - A * (s / (1 + s)), g.gather(1, k))
+        return g.scatter(1, k, g_k)
+
 
     @staticmethod
     def backward(ctx, grad):
         x, q, y, c, smooth = ctx.saved_tensors
         grad_x = grad_q = grad_c = grad_smooth = None
         nlp, s, k, e = _neg_log_softmax(x)
-        a = _dense_coef(x, q, y, c, smooth)
         if ctx.needs_input_grad[0]:
-            A = a.sum(dim=1, keepdim=True)
-            p = e / (1 + s)
-            g = A * p - a
-            a_rest = a.scatter(1, k, 0.0).sum(dim=1, keepdim=True)  # A - a_k without cancellation
-            g_k = torch.where(s < 1, a_rest - A * (s / (1 + s)), g.gather(1, k))
-            g = g.scatter(1, k, g_k)
-            grad_x = grad.unsqueeze(1) * g
+            grad_x = grad.unsqueeze(1) * _CrossEntropy._grad_x(x, q, y, c, smooth, s, k, e)
         if ctx.needs_input_grad[1]:
             grad_q = grad.unsqueeze(1) * nlp
         if ctx.needs_input_grad[3]:
@@ -221,6 +262,25 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_smooth = (grad.unsqueeze(1) * nlp).sum(0)
         return grad_x, grad_q, None, grad_c, grad_smooth
+
+
+class _CrossEntropyForward(_CrossEntropy):
+    """:class:`_CrossEntropy` with a forward-mode rule, for ``torch.func`` transforms."""
+
+    @staticmethod
+    def jvp(ctx, x_t, q_t, y_t, c_t, smooth_t):
+        x, q, y, c, smooth = ctx.saved_tensors
+        nlp, s, k, e = _neg_log_softmax(x)
+        out = torch.zeros_like(nlp[:, 0])
+        if x_t is not None:
+            out = out + (_CrossEntropy._grad_x(x, q, y, c, smooth, s, k, e) * x_t).sum(dim=1)
+        if q_t is not None:
+            out = out + (q_t * nlp).sum(dim=1)
+        if c_t is not None:
+            out = out + c_t * nlp.gather(1, y.unsqueeze(1)).squeeze(1)
+        if smooth_t is not None:
+            out = out + (smooth_t * nlp).sum(dim=1)
+        return out
 
 
 def _dense_coef(x, q, y, c, smooth):
@@ -303,9 +363,10 @@ def cross_entropy(
     if index_target:
         x = sanitise_ignored(x, keep)
     q, y, c, smooth, den = ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
+    fn = _CrossEntropyForward if transforming() else _CrossEntropy
     if q is not None:
-        return _CrossEntropy.apply(x, q, None, None, None), None
-    loss = _CrossEntropy.apply(x, None, y, c, smooth)
+        return fn.apply(x, q, None, None, None), None
+    loss = fn.apply(x, None, y, c, smooth)
     if label_smoothing and keep is not None:
         loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     return loss, den

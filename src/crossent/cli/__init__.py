@@ -2,6 +2,8 @@
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``;
 they are imported only when chosen, so ``crossent env`` never imports matplotlib or triton.
+A user mistake found by ``run`` (a :class:`~crossent.cli._checks.UsageError`, checked before
+any work) prints one line, ``crossent <command>: error: <message>``, and returns 2.
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    from ._checks import UsageError
+
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UsageError as exc:
+        print(f"crossent {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,10 @@ Examples::
     crossent bench --thp both --out results/   # run twice: THP_MEM_ALLOC_ENABLE=0 and =1
 
 Writes ``bench.md`` and ``bench.csv`` to ``--out`` (and prints the Markdown). With
-``--thp both`` the two runs go to ``OUT/thp-off`` and ``OUT/thp-on``. See
+``--thp both`` the two runs go to ``OUT/thp-off`` and ``OUT/thp-on``. A folder that already
+holds ``bench.md`` or ``bench.csv`` is refused unless ``--force`` (results are regenerated in
+place on purpose, e.g. ``results/loss/thp-off``, never by accident). Options, devices and
+``--out`` are checked before anything runs: a mistake is one line and exit status 2. See
 :mod:`crossent.bench` for how times, memory and machine limits are measured.
 """
 
@@ -39,7 +42,36 @@ def add_arguments(parser) -> None:
     parser.add_argument("--thp", choices=["inherit", "on", "off", "both"], default="inherit",
                         help="THP_MEM_ALLOC_ENABLE for the run (read by torch at start-up, so on/off/both "
                              "re-run the benchmark in child processes); inherit = as in the environment")
-    parser.add_argument("--out", default=None, help="directory for bench.md and bench.csv")
+    parser.add_argument("--out", default=None,
+                        help="directory for bench.md and bench.csv (created if missing); one that "
+                             "already holds them is refused unless --force")
+    parser.add_argument("--force", action="store_true",
+                        help="replace bench.md and bench.csv already in --out")
+
+
+OUTPUTS = ("bench.md", "bench.csv")
+
+
+def _check(args, out: Path | None) -> None:
+    """Every argument that can be wrong, before any work (see crossent.cli._checks)."""
+    from crossent.bench import PRESETS, load_plugins
+
+    from ._checks import UsageError, at_least, check_device, probe_writable, refuse_overwrite
+
+    at_least("--repeats", args.repeats)
+    at_least("--threads", args.threads)
+    load_plugins()
+    unknown = [p for p in args.preset or [] if p not in PRESETS]
+    if unknown:
+        raise UsageError(f"expected --preset among {', '.join(PRESETS)}, but got "
+                         f"{', '.join(map(repr, unknown))}. `crossent bench --list` describes them.")
+    check_device("--device", args.device, allowed=("cpu", "cuda"))
+    if out is not None:
+        dirs = [out / f"thp-{v}" for v in ("off", "on")] if args.thp == "both" else [out]
+        for d in dirs:
+            refuse_overwrite(str(d), OUTPUTS, args.force)
+        for d in dirs:
+            probe_writable(str(d))
 
 
 def _rerun_with_thp(args, value: str, out: Path | None) -> int:
@@ -49,7 +81,7 @@ def _rerun_with_thp(args, value: str, out: Path | None) -> int:
         cmd += ["--preset", p]
     for m in args.mode or []:
         cmd += ["--mode", m]
-    for flag in ("smoke", "no_compile", "compile", "no_memory"):
+    for flag in ("smoke", "no_compile", "compile", "no_memory", "force"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     for opt in ("size", "repeats", "device", "threads"):
@@ -70,6 +102,7 @@ def run(args) -> int:
             print(f"{name:14s} {text}")
         return 0
     out = Path(args.out) if args.out else None
+    _check(args, out)
     if args.thp != "inherit":
         values = ["off", "on"] if args.thp == "both" else [args.thp]
         rc = 0
@@ -83,10 +116,10 @@ def run(args) -> int:
 
     from crossent.bench import report, run as run_bench
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     size = args.size or ("smoke" if args.smoke else "full")
-    repeats = args.repeats or (3 if args.smoke else 7)
+    repeats = args.repeats if args.repeats is not None else (3 if args.smoke else 7)
     compile_ = (not args.no_compile) and (args.compile or not args.smoke)
     memory = not args.no_memory and not args.smoke
     results, prov, limits = run_bench(

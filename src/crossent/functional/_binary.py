@@ -7,12 +7,13 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ..backends import dispatch
+from .._capture import capturing
+from ..backends import dispatch, ops, resolve
 from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
 
 
 def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-             size_average, reduce, *, probabilities_in, validate):
+             size_average, reduce, *, probabilities_in, validate, capture):
     """Validate and canonicalise once: returns what the backend needs."""
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)
@@ -47,7 +48,10 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     if ignore_index is not None:
         keep = target != ignore_index
     if V.validation_enabled(validate):
-        V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
+        if capture:   # device-side assertions: no host read, no graph break
+            V.assert_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
+        else:
+            V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
     cdt = compute_dtype(input.dtype if input.dtype == target.dtype else torch.promote_types(input.dtype, target.dtype))
     x = input if input.dtype == cdt else input.to(cdt)
     t = target if target.dtype == cdt else target.to(cdt)
@@ -61,11 +65,15 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     return reduction, x, t, weight, pos_weight, keep, denominator
 
 
-def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, backend):
+def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, backend, capture):
     """Per-element losses, or their 0-dim sum when the backend offers it and the reduction
     does not need the elements (fused backends then skip a full-size loss buffer, and may
     pre-scale the gradient by the grad_output a plain ``backward()`` sends); the
-    denominator of ``mean`` is unchanged."""
+    denominator of ``mean`` is unchanged. A captured call runs the registered op."""
+    if capture:
+        name = resolve(op, x.device, backend)
+        return ops.binary_cross_entropy(x, t, weight, pos_weight, keep, logits=op.endswith("logits"),
+                                        backend=name), denominator
     fn = dispatch(op, x, backend)
     if reduction != "none" and getattr(fn, "supports_sum_only", False):
         hint = None
@@ -122,13 +130,15 @@ def binary_cross_entropy(
     """
     func = "binary_cross_entropy"
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
+    capture = capturing(input)
     reduction, p, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-        size_average, reduce, probabilities_in=True, validate=validate)
+        size_average, reduce, probabilities_in=True, validate=validate, capture=capture)
     with no_autocast(p.device):
         loss, denominator = _run_backend("binary_cross_entropy", p, t, weight, pos_weight, keep, denominator,
-                                         reduction, backend)
-    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
+                                         reduction, backend, capture)
+    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts,
+                       capture=capture)
 
 
 def binary_cross_entropy_with_logits(
@@ -168,15 +178,17 @@ def binary_cross_entropy_with_logits(
     """
     func = "binary_cross_entropy_with_logits"
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
+    capture = capturing(input)
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
         func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-        size_average, reduce, probabilities_in=False, validate=validate)
+        size_average, reduce, probabilities_in=False, validate=validate, capture=capture)
     with no_autocast(x.device):
         loss, denominator = _run_backend("binary_cross_entropy_with_logits", x, t, weight, pos_weight, keep,
-                                         denominator, reduction, backend)
+                                         denominator, reduction, backend, capture)
     # torch's result has the dtype of a floating target (its kernel works in place on
     # ``1 - target``: float32 input with a float16 target gives float16); crossent computes
     # in the promoted dtype (at least float32) and returns torch's dtype. Integer and bool
     # targets (an extension) give the input's dtype.
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
+                       capture=capture)

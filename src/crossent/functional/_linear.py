@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ..backends import dispatch
+from .._capture import capturing
+from ..backends import dispatch, ops, resolve
 from ..backends.linear import BUFFERS_DENSE, BUFFERS_INDEX, BCETarget, ce_targets, plan_chunks
 from ._reduction import compute_dtype, reduce_loss
 
@@ -187,8 +188,11 @@ def linear_cross_entropy(
     V.check_class_weight(func, weight, C)
     V.check_same_device(func, input, target=target, weight=weight)
     _no_target_grad(func, target=target, weight=weight)
+    capture = capturing(input)
     if V.validation_enabled(validate):
-        if index_target:
+        if capture:
+            V.assert_multiclass_values(func, target, index_target, C, ignore_index)
+        elif index_target:
             V.check_class_indices(func, target, C, ignore_index)
         else:
             V.check_probability_target(func, target, class_dim)
@@ -205,18 +209,39 @@ def linear_cross_entropy(
         t = target.reshape(N, C, D)   # (C,), (N, C), (N, C, d1..dK) and (*, C) alike
         keep = None
     w = None if weight is None else weight.to(cdt)
+    if capture:
+        # A registered op (crossent::linear_cross_entropy_fused) for 'mean' and 'sum'; the
+        # per-row losses of reduction='none' come from the unfused formulas, which the
+        # tracer captures op by op (and the compiler may fuse).
+        name = resolve("linear_cross_entropy", x.device, backend)
+        if reduction != "none" and name != "reference":
+            _plan(func, 1, C, H, input.dtype, chunk_size, class_chunk_size, memory_budget, options, 1.0)  # checks
+            total, lse = ops.linear_cross_entropy(
+                x, W3, b2, t, index_target, w, keep, label_smoothing, reduction=reduction, backend=name,
+                plan_args=(chunk_size, class_chunk_size, memory_budget))
+            denominator = None
+            if reduction == "mean":
+                denominator = (ce_targets(t, index_target, w, keep, label_smoothing, C, cdt)[1].sum()
+                               if index_target else torch.scalar_tensor(N * D, dtype=cdt, device=x.device))
+            result = reduce_loss(total, denominator, reduction, out_dtype=input.dtype,
+                                 return_parts=return_parts, capture=True)
+            return (result, lse.detach().reshape(out_shape)) if return_lse else result
     tgts, den = ce_targets(t, index_target, w, keep, label_smoothing, C, cdt)
     denominator = den.sum() if index_target else None
     precompute = reduction != "none"
     if reduction == "mean":
-        grad_scale = 1 / (denominator if denominator is not None else torch.tensor(float(N * D), dtype=cdt))
+        grad_scale = 1 / (denominator if denominator is not None else torch.scalar_tensor(N * D, dtype=cdt))
     else:
         grad_scale = torch.ones((), dtype=cdt)
     plan = _plan(func, N, C, H, input.dtype, chunk_size, class_chunk_size, memory_budget, options,
                  BUFFERS_INDEX if index_target else BUFFERS_DENSE)
-    loss, lse = dispatch("linear_cross_entropy", x, backend)(x, W3, b2, tgts, plan, grad_scale, precompute)
+    op = dispatch("linear_cross_entropy", x, backend)
+    if capture:   # reduction='none' (or backend='reference'): the unfused formulas
+        op = dispatch("linear_cross_entropy", x, "reference")
+    loss, lse = op(x, W3, b2, tgts, plan, grad_scale, precompute)
     loss = loss.reshape(out_shape)
-    result = reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts)
+    result = reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts,
+                         capture=capture)
     if return_lse:
         return result, lse.detach().reshape(out_shape)
     return result

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
-from ..backends import dispatch
+from .._capture import capturing
+from ..backends import dispatch, ops, resolve
 from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
 
 
@@ -93,8 +94,13 @@ def cross_entropy(
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     V.check_class_weight(func, weight, C)
     V.check_same_device(func, input, target=target, weight=weight)
-    if V.validation_enabled(validate):  # value tier: one pass, one sync, before any kernel
-        V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim)
+    capture = capturing(input)
+    if V.validation_enabled(validate):
+        if capture:   # device-side assertions: no host read, no graph break
+            V.assert_multiclass_values(func, target, index_target, C, ignore_index)
+        else:         # value tier: one pass, one sync, before any kernel
+            V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim,
+                                      reduction=reduction)
 
     # Canonical layout: rows of C logits. Output dtype as torch: the input's for class
     # indices; for probability targets the promotion of input, target and weight (torch's
@@ -105,6 +111,27 @@ def cross_entropy(
         if weight is not None and weight.is_floating_point():
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
     cdt = compute_dtype(out_dtype)
+    out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    if capture:
+        # Registered ops (crossent::cross_entropy_fused); inplace_backward has no effect here:
+        # the compiler owns the buffers.
+        name = resolve("cross_entropy", input.device, backend)
+        if index_target and input.dim() > 2:
+            x = (input if input.dtype == cdt else input.to(cdt)).flatten(2)
+        else:
+            x = _rows(input, cdt, class_dim, C)
+        keep = None
+        if index_target:
+            t = target.reshape(-1)
+            keep = t != ignore_index
+        else:
+            t = _rows(target, cdt, class_dim, C)
+        w = weight if weight is None or weight.dtype == cdt else weight.to(cdt)
+        with no_autocast(x.device):
+            loss, den = ops.cross_entropy(x, t, index_target, w, keep, label_smoothing, backend=name)
+        denominator = None if den is None else den.sum()
+        return reduce_loss(loss.reshape(out_shape), denominator, reduction, out_dtype=out_dtype,
+                           return_parts=return_parts, capture=True)
     op = "cross_entropy_inplace" if inplace_backward else "cross_entropy"
     fn = dispatch(op, input, backend)
     if index_target and input.dim() > 2 and getattr(fn, "accepts_spatial", False):
@@ -112,7 +139,6 @@ def cross_entropy(
         x = (input if input.dtype == cdt else input.to(cdt)).flatten(2)
     else:
         x = _rows(input, cdt, class_dim, C)
-    out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
     keep = None
     if index_target:
         t = target.reshape(-1) if target.dim() != 1 else target

@@ -94,6 +94,7 @@ def reduce_loss(
     *,
     out_dtype: torch.dtype,
     return_parts: bool = False,
+    capture: bool = False,
 ):
     """Apply ``reduction`` to per-element ``loss`` (already multiplied by its weights).
 
@@ -104,6 +105,8 @@ def reduce_loss(
         reduction: 'none' | 'mean' | 'sum'.
         out_dtype: the dtype of the result (the input's dtype, like torch).
         return_parts: also return the detached float64 numerator and denominator.
+        capture: the call is being captured (:mod:`crossent._capture`): the denominator is
+            never read on the host (the zero test is a select in the graph).
     """
     # A backend's 0-dim total is its own sum (no extra node: small inputs pay per op).
     if reduction == "none":
@@ -121,7 +124,8 @@ def reduce_loss(
                 denominator = denominator.to(loss.dtype)
             # Reading a CPU number costs no device sync; elsewhere the select below
             # decides without reading it.
-            nonzero = denominator.device.type == "cpu" and denominator.item() != 0   # item: no grad warning
+            nonzero = (not capture and denominator.device.type == "cpu"
+                       and denominator.item() != 0)   # item: no grad warning
         else:  # a Python number from a backend: divided by as a scalar (same bits as a
             # 0-dim tensor of it), made a tensor only for the selects
             denominator = float(denominator)
@@ -141,7 +145,7 @@ def reduce_loss(
     with torch.no_grad():
         total = loss.detach().sum(dtype=torch.float64)
         if denominator is None:
-            den = torch.tensor(float(loss.numel()), dtype=torch.float64, device=loss.device)
+            den = torch.scalar_tensor(loss.numel(), dtype=torch.float64, device=loss.device)
         elif isinstance(denominator, torch.Tensor):
             den = denominator.detach().to(torch.float64)
         else:

@@ -16,6 +16,7 @@ import torch
 
 from .. import _validation as V
 from .. import functional as F
+from ._loss import _not_scriptable
 
 _TorchLCE = getattr(torch.nn, "LinearCrossEntropyLoss", None)
 
@@ -109,6 +110,8 @@ class LinearCrossEntropyLoss(_Base):
         self.class_chunk_size = class_chunk_size
         self.memory_budget = memory_budget
 
+    __prepare_scriptable__ = _not_scriptable
+
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False,
                 return_lse: bool = False):
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
@@ -153,6 +156,8 @@ class LinearBCEWithLogitsLoss(torch.nn.Module):
         self.target_format = target_format
         self.validate, self.backend = validate, backend
         self.chunk_size, self.class_chunk_size, self.memory_budget = chunk_size, class_chunk_size, memory_budget
+
+    __prepare_scriptable__ = _not_scriptable
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.linear_binary_cross_entropy_with_logits(

@@ -29,6 +29,17 @@ _SHARED_KWARGS = """
 """
 
 
+def _not_scriptable(self):
+    """``torch.jit.script`` calls this first: refuse with the alternatives instead of
+    TorchScript's parse error on the keyword-only arguments."""
+    name = type(self).__name__
+    raise V.CrossentTypeError(
+        f"torch.jit.script: crossent.nn.{name} cannot be compiled to TorchScript (its checks and "
+        f"backend choice are Python). Use torch.compile, torch.export or torch.jit.trace, which "
+        f"record crossent's registered ops (torch.ops.crossent.*), or torch.nn.{name} where "
+        "TorchScript itself is required.")
+
+
 class BCELoss(torch.nn.BCELoss):
     r"""Binary cross-entropy between target and input probabilities.
 
@@ -67,6 +78,8 @@ class BCELoss(torch.nn.BCELoss):
         self.ignore_index = V.check_ignore_index(name, ignore_index)
         self.validate = validate
         self.backend = backend
+
+    __prepare_scriptable__ = _not_scriptable
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.binary_cross_entropy(
@@ -124,6 +137,8 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         self.validate = validate
         self.backend = backend
 
+    __prepare_scriptable__ = _not_scriptable
+
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.binary_cross_entropy_with_logits(
             input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight,
@@ -179,6 +194,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.validate = validate
         self.backend = backend
         self.inplace_backward = bool(inplace_backward)  # see crossent.functional.cross_entropy
+
+    __prepare_scriptable__ = _not_scriptable
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.cross_entropy(

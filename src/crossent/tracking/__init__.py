@@ -11,6 +11,7 @@ Importing this package imports neither matplotlib nor tqdm.
 """
 
 from .history import History
+from .history import HistoryFileError
 from .history import atomic_write_bytes
 from .history import atomic_write_text
 from .meter import LossMeter
@@ -20,6 +21,7 @@ from .plot import save_figure
 
 __all__ = [
     "History",
+    "HistoryFileError",
     "LossMeter",
     "atomic_write_bytes",
     "atomic_write_text",

@@ -15,6 +15,16 @@ directory (``.history.csv.<random>.tmp``), is flushed and ``fsync``-ed, and then
 a run killed mid-save) sees either the old complete file or the new complete file, never a
 prefix. A process killed between the write and the rename can leave its hidden ``.tmp``
 file behind (nothing can delete it); the target file is untouched.
+
+One source of truth: :meth:`History.save` writes ``history.json`` first and then
+``history.csv`` derived from the same records. A kill between the two renames leaves a CSV
+one save behind the JSON (never a mix); :meth:`History.load` reads the JSON and rewrites a
+CSV that does not match it, so after any kill the two agree again at the next load.
+
+Non-finite floats are valid JSON: NaN, +inf and -inf are stored as the strings ``"NaN"``,
+``"Infinity"`` and ``"-Infinity"`` (the spellings JavaScript's ``Number()`` and Python's
+``float()`` read back), and loading turns those three strings back into floats. So that
+the rule is unambiguous, :meth:`History.log` refuses them as string values.
 """
 
 from __future__ import annotations
@@ -31,9 +41,23 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 from .. import _validation as V
 
-__all__ = ["History", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["History", "HistoryFileError", "atomic_write_bytes", "atomic_write_text"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# JSON spelling of the non-finite floats (JSON itself has none).
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class HistoryFileError(V.CrossentValueError):
+    """A history file that cannot be read back (truncated, hand-edited, wrong types).
+
+    The message names the file and what is wrong; ``path`` holds the file's path.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -44,7 +68,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _create_temp(directory, os.path.basename(path))
+    try:
+        fd, tmp = _create_temp(directory, os.path.basename(path))
+    except OSError as exc:  # name the user's path, not the hidden temporary file
+        why = exc.strerror or str(exc)
+        if isinstance(exc, FileNotFoundError):
+            why += f" (the folder {directory} does not exist; create it first)"
+        raise type(exc)(exc.errno, why, path) from None
     try:
         try:  # keep the mode of the file we replace
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
@@ -102,6 +132,10 @@ def _plain(func: str, key: str, value):
     """Records hold JSON scalars: tensors and numpy numbers become Python numbers."""
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
         value = value.item()
+    if isinstance(value, str) and value in _NONFINITE:
+        V.fail(func, f"`{key}` to be a number or a string other than 'NaN', 'Infinity', '-Infinity'",
+               repr(value), "Those strings stand for non-finite floats in history.json; log "
+               "float('nan') / float('inf') for a non-finite number, or another string.")
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, Number) and not isinstance(value, complex):
@@ -119,8 +153,8 @@ class History:
     Columns are the union of the records' keys, in order of first appearance; a record
     without a key leaves that CSV cell empty (``null`` in JSON). Floats are written with
     ``repr`` (shortest exact round trip), so a saved loss reads back bit-identical;
-    NaN/inf are written as ``nan``/``inf`` in CSV and ``NaN``/``Infinity`` in JSON (as
-    Python's json module and JavaScript read them).
+    NaN/inf are written as ``nan``/``inf``/``-inf`` in CSV and as the strings ``"NaN"``,
+    ``"Infinity"``/``"-Infinity"`` in JSON (valid JSON; :meth:`load_json` restores floats).
     """
 
     def __init__(self, records: Optional[Iterable[Dict[str, Any]]] = None) -> None:
@@ -166,7 +200,8 @@ class History:
         return buf.getvalue()
 
     def to_json(self) -> str:
-        return json.dumps({"columns": self.columns, "records": self.records}, indent=1) + "\n"
+        records = [{k: _json_value(v) for k, v in r.items()} for r in self.records]
+        return json.dumps({"columns": self.columns, "records": records}, indent=1, allow_nan=False) + "\n"
 
     # ------------------------------------------------------------------ files
     def save_csv(self, path: PathLike) -> str:
@@ -180,24 +215,93 @@ class History:
         return os.fspath(path)
 
     def save(self, directory: PathLike, stem: str = "history") -> List[str]:
-        """Write ``{stem}.csv`` and ``{stem}.json`` into ``directory`` (created if needed)."""
+        """Write ``{stem}.json`` and then ``{stem}.csv`` into ``directory`` (created if needed).
+
+        The JSON is the source of truth and is written first; the CSV is derived from the
+        same records. Returns ``[csv_path, json_path]``.
+        """
         os.makedirs(directory, exist_ok=True)
-        return [self.save_csv(os.path.join(directory, stem + ".csv")),
-                self.save_json(os.path.join(directory, stem + ".json"))]
+        json_path = self.save_json(os.path.join(directory, stem + ".json"))
+        return [self.save_csv(os.path.join(directory, stem + ".csv")), json_path]
+
+    @classmethod
+    def load(cls, directory: PathLike, stem: str = "history") -> "History":
+        """Read what :meth:`save` wrote, from the JSON, and bring the CSV in line with it.
+
+        A run killed between the two renames of a save leaves ``{stem}.csv`` one save
+        behind; it is rewritten (atomically) from the JSON, with a one-time
+        :class:`~crossent.CrossentWarning`. Errors name the file (:class:`HistoryFileError`).
+        """
+        json_path = os.path.join(os.fspath(directory), stem + ".json")
+        csv_path = os.path.join(os.fspath(directory), stem + ".csv")
+        history = cls.load_json(json_path)
+        text = history.to_csv()
+        try:
+            with open(csv_path, encoding="utf-8", newline="") as f:
+                same = f.read() == text
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if not same:
+            try:
+                atomic_write_text(csv_path, text)
+                what = f"rewrote {csv_path} from it"
+            except OSError as exc:
+                what = f"could not rewrite {csv_path} ({exc.strerror or exc}); read the JSON"
+            V.warn_once("history-reconciled",
+                        f"History.load: {csv_path} did not match {json_path} (a save was "
+                        f"interrupted, or the CSV was edited); the JSON is the source of truth: {what}.")
+        return history
 
     @classmethod
     def load_json(cls, path: PathLike) -> "History":
-        """Read what :meth:`save_json` wrote (to resume a run)."""
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        """Read what :meth:`save_json` wrote (to resume a run).
+
+        Raises:
+            HistoryFileError: (a ``ValueError``) naming the file and what is wrong with it:
+                not JSON (e.g. truncated), not a history, or a value that is not a scalar.
+        """
+        path = os.fspath(path)
+        func = "History.load_json"
+
+        def bad(what: str, found: str, fix: str = "") -> HistoryFileError:
+            msg = f"{func}: expected {what} in {path}, but got {found}."
+            return HistoryFileError(msg + (f" {fix}" if fix else ""), path)
+
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise bad("UTF-8 JSON text", f"undecodable bytes at offset {exc.start}",
+                      "Is this the right file?") from None
+        except json.JSONDecodeError as exc:
+            end = "" if raw.rstrip().endswith(b"}") else " (the file does not end with '}': truncated?)"
+            raise bad("valid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}{end}",
+                      "Restore the file from a backup (the CSV next to it holds the same records, "
+                      "up to one save behind).") from None
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-            V.fail("History.load_json", "a JSON object with a 'records' list (written by History.save_json)",
-                   f"{type(data).__name__}" + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""),
-                   "Pass a file written by History.save_json.")
-        return cls(data["records"])
+            raise bad("a JSON object with a 'records' list (written by History.save_json)",
+                      f"{type(data).__name__}" + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""),
+                      "Pass a file written by History.save_json.")
+        records = []
+        for i, r in enumerate(data["records"]):
+            if not isinstance(r, dict):
+                raise bad("every record to be a JSON object", f"record {i} = {r!r:.80}")
+            for k, v in r.items():
+                if v is not None and not isinstance(v, (bool, int, float, str)):
+                    raise bad("scalar values (number, string, bool or null)",
+                              f"record {i}, key {k!r} = {json.dumps(v)[:80]}")
+            records.append({k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in r.items()})
+        return cls(records)
 
     def __repr__(self) -> str:
         return f"History({len(self.records)} records, columns={self.columns})"
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def _csv_cell(value) -> str:

@@ -59,6 +59,12 @@ class LossMeter:
     :class:`~crossent.CrossentWarning`. The running sums stay on the device of the losses,
     so ``update`` never synchronises a GPU; :meth:`compute` does, once.
 
+    Each batch is checked: a negative, NaN or infinite denominator is an error (a
+    :class:`~crossent.CrossentValueError`), and a NaN or infinite total gets a one-time
+    :class:`~crossent.CrossentWarning` (the epoch average becomes NaN with it). Numbers and
+    CPU tensors are checked in ``update``; for tensors on an accelerator the check is two
+    flags summed on the device and read by :meth:`compute` with its one synchronisation.
+
     Args:
         sync (bool): with ``torch.distributed`` initialised, :meth:`compute` all-reduces the
             sums over the process group (every rank must call it). Default ``True``.
@@ -80,6 +86,8 @@ class LossMeter:
         """Forget everything added (start of an epoch)."""
         self._total: Optional[torch.Tensor] = None
         self._denominator: Optional[torch.Tensor] = None
+        # device-side counts of (bad denominators, non-finite totals), read by compute()
+        self._flags: Optional[torch.Tensor] = None
         self.updates = 0
 
     @property
@@ -112,12 +120,20 @@ class LossMeter:
             if isinstance(v, bool) or not isinstance(v, Number):
                 V.fail(func, f"`{name}` to be a number", type(v).__name__,
                        "Pass what LossMeter.state_dict() returned.", V.CrossentTypeError)
+        if not math.isfinite(float(total)):
+            V.fail(func, "a finite `total`", repr(float(total)),
+                   "A NaN or infinite total means a NaN/inf batch was added before the state was "
+                   "saved: that epoch's average is lost. Start the epoch again (reset()).")
+        if not (math.isfinite(float(den)) and float(den) >= 0):
+            V.fail(func, "a finite `denominator` >= 0 (a count of elements or a sum of weights)",
+                   repr(float(den)), "Pass what LossMeter.state_dict() returned.")
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
             V.fail(func, "`updates` to be a non-negative int", repr(updates),
                    "Pass what LossMeter.state_dict() returned.", V.CrossentTypeError)
         device = self._total.device if self._total is not None else torch.device("cpu")
         self._total = torch.tensor(float(total), dtype=torch.float64, device=device)
         self._denominator = torch.tensor(float(den), dtype=torch.float64, device=device)
+        self._flags = None
         self.updates = updates
 
     # ------------------------------------------------------------------ adding
@@ -151,10 +167,27 @@ class LossMeter:
         if self._total is None:
             self._total = torch.zeros((), dtype=torch.float64, device=t.device)
             self._denominator = torch.zeros((), dtype=torch.float64, device=t.device)
+        t, d = t.to(self._total.device), d.to(self._total.device)
+        self._check_batch(func, t, d)
         # add_ on our own accumulators: never aliases (or modifies) the caller's tensors.
-        self._total.add_(t.to(self._total.device))
-        self._denominator.add_(d.to(self._denominator.device))
+        self._total.add_(t)
+        self._denominator.add_(d)
         self.updates += 1
+
+    def _check_batch(self, func: str, t: torch.Tensor, d: torch.Tensor) -> None:
+        """Refuse a bad denominator, warn on a non-finite total: now on the CPU (reading is
+        free), at :meth:`compute` elsewhere (two flags summed on the device: no sync here)."""
+        if not _on_host(t):
+            flags = torch.stack([~(torch.isfinite(d) & (d >= 0)), ~torch.isfinite(t)]).to(torch.float64)
+            self._flags = flags if self._flags is None else self._flags + flags
+            return
+        tv, dv = float(t), float(d)
+        if not (math.isfinite(dv) and dv >= 0):
+            V.fail(func, "a finite `denominator` >= 0 (a count of elements or a sum of weights)",
+                   repr(dv), "The denominator is what the batch's mean divides by; pass the "
+                   "LossParts of return_parts=True, or `(loss_sum, number_of_elements)`.")
+        if not math.isfinite(tv):
+            _warn_nonfinite(func, f"the total of batch {self.updates + 1} is {tv}")
 
     def __call__(self, criterion, input, target, **kwargs):
         """Compute ``criterion(input, target, return_parts=True, **kwargs)``, add it, return the loss.
@@ -212,7 +245,8 @@ class LossMeter:
         Args:
             sync: override the constructor's ``sync`` for this call. When it is on and
                 ``torch.distributed`` is initialised, this is a collective: every rank of
-                the group must call it (one ``all_reduce`` of three float64 numbers).
+                the group must call it (one ``all_reduce`` of five float64 numbers: the sums, the
+                batch count and the two check flags).
 
         Returns:
             a Python float; ``nan`` when the denominator is 0 (nothing added, or every
@@ -220,7 +254,14 @@ class LossMeter:
             (on any rank) also warns once, since it usually means a missing ``update``.
             The running sums are not changed: more batches can be added afterwards.
         """
-        total, den, updates = self._reduced(self.sync if sync is None else sync)
+        total, den, updates, bad_den, bad_total = self._reduced(self.sync if sync is None else sync)
+        if bad_den:
+            V.fail("LossMeter.compute", "finite denominators >= 0 in every batch",
+                   f"{int(bad_den)} batch(es) with a negative, NaN or infinite denominator",
+                   "The denominator is what a batch's mean divides by; pass the LossParts of "
+                   "return_parts=True, or `(loss_sum, number_of_elements)`.")
+        if bad_total:
+            _warn_nonfinite("LossMeter.compute", f"{int(bad_total)} batch(es) had a NaN or infinite total")
         if updates == 0:
             V.warn_once("meter-empty",
                         "LossMeter.compute: no batch was added since the last reset(), so the "
@@ -232,16 +273,31 @@ class LossMeter:
 
     def _reduced(self, sync: bool):
         if self._total is None:
-            local = torch.zeros(3, dtype=torch.float64)
+            local = torch.zeros(5, dtype=torch.float64)
         else:
-            local = torch.stack([self._total, self._denominator,
-                                 torch.tensor(float(self.updates), dtype=torch.float64,
-                                              device=self._total.device)])
+            dev = self._total.device
+            flags = self._flags if self._flags is not None else torch.zeros(2, dtype=torch.float64, device=dev)
+            local = torch.cat([torch.stack([self._total, self._denominator,
+                                            torch.tensor(float(self.updates), dtype=torch.float64, device=dev)]),
+                               flags])
         if sync and distributed_ready():
             local = all_reduce_sum(local, self.process_group)
-        total, den, updates = (float(v) for v in local.cpu())
-        return total, den, int(updates)
+        total, den, updates, bad_den, bad_total = (float(v) for v in local.cpu())
+        return total, den, int(updates), bad_den, bad_total
 
     def __repr__(self) -> str:
         return (f"LossMeter(total={self.total!r}, denominator={self.denominator!r}, "
                 f"updates={self.updates})")
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """Reading ``t`` costs no device synchronisation."""
+    return t.device.type == "cpu"
+
+
+def _warn_nonfinite(func: str, what: str) -> None:
+    V.warn_once("meter-nonfinite",
+                f"{func}: {what}, so the average is nan or inf from here on. Usual causes: a "
+                "NaN/inf in the inputs or logits, a diverged model (learning rate too high), "
+                "or log(0) in a hand-written loss; `torch.isfinite(logits).all()` per batch "
+                "or torch.autograd.set_detect_anomaly(True) finds the batch.")

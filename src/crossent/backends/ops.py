@@ -1,0 +1,219 @@
+r"""crossent's fused kernels as registered PyTorch ops (namespace ``crossent``).
+
+Used whenever a loss call is captured (:mod:`crossent._capture`): ``torch.compile``,
+``torch.export``, ``torch.jit.trace``, fake tensors, CUDA-graph capture. Each op computes
+the per-element loss **and** its gradient in one pass (the kernels of
+:mod:`crossent.backends.chunked` -- the compiled C kernel on CPU -- or of the Triton
+backend on CUDA) and has
+
+* a fake implementation (shapes only), so tracers never run a kernel on fake data;
+* an autograd formula (``register_autograd``): the saved gradient times ``grad_output``;
+* a batching rule (``register_vmap``): the batch dimension is folded into the rows.
+
+The ops are:
+
+``crossent::bce_fused(x, t, weight, pos_weight, keep, logits, backend) -> (loss, grad)``
+    Per-element BCE-with-logits (``logits=True``) or BCE on probabilities; ``weight`` and
+    ``pos_weight`` broadcast to ``x``; ``keep`` (bool, shape of ``x``) False drops an element.
+``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> (loss, grad)``
+    Per-row cross-entropy of ``x`` (M, C) or (N, C, S) with the coefficients of
+    ``reference.ce_coefficients``: dense ``q`` (M, C), or class indices ``y`` (M,) with row
+    coefficients ``c`` (M,) and class smoothing terms ``smooth`` (C,).
+
+``backend`` names the kernels (``chunked``: the C kernel where it applies, ``chunked-torch``:
+the same formulas in torch ops on any device, ``triton``: CUDA); the choice is made before
+the op (:func:`crossent.backends.resolve`), a constant of the captured graph.
+
+Gradients w.r.t. targets, weights or smoothing coefficients, and higher derivatives, are
+not what these ops are for: the Python entry points below send such calls (and every call
+under ``torch.func`` transforms, and ``backend='reference'``) to the plain-torch reference
+formulas, which the tracer captures op by op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _capture
+from . import chunked, reference
+
+
+def _kernels(backend: str, device: torch.device):
+    """The forward-kernel table (``chunked.Kernels``) computing an op for ``backend``."""
+    if backend == "triton" and device.type == "cuda":
+        from .triton import KERNELS
+
+        return KERNELS
+    if backend == "chunked" and device.type == "cpu":
+        return chunked.CPU
+    return chunked.CPU_TORCH   # the same formulas in torch ops: any device
+
+
+def _rows_of(x: Tensor) -> int:
+    return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]
+
+
+# ------------------------------------------------------------------------- BCE
+@torch.library.custom_op("crossent::bce_fused", mutates_args=())
+def bce_fused(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
+              keep: Optional[Tensor], logits: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    impl = _kernels(backend, x.device)
+    forward = impl.bcewl_forward if logits else impl.bce_forward
+    loss, grad = forward(x, t, weight, pos_weight, keep, False, None)
+    return loss.contiguous(), grad.contiguous()
+
+
+@bce_fused.register_fake
+def _(x, t, weight, pos_weight, keep, logits, backend):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+def _save_grad(ctx, inputs, output):
+    ctx.x_dim = inputs[0].dim()
+    ctx.save_for_backward(output[1])
+
+
+def _bce_backward(ctx, g_loss, g_grad):
+    (grad,) = ctx.saved_tensors
+    return grad * g_loss, None, None, None, None, None, None
+
+
+bce_fused.register_autograd(_bce_backward, setup_context=_save_grad)
+
+
+@bce_fused.register_vmap
+def _(info, in_dims, x, t, weight, pos_weight, keep, logits, backend):
+    # Elementwise: move every batched operand's batch dim to the front, broadcast the rest.
+    B = info.batch_size
+
+    def front(v, d):
+        if v is None:
+            return None
+        return v.movedim(d, 0) if d is not None else v.expand(B, *v.shape)
+
+    xs = front(x, in_dims[0])
+    args = [front(v, d) for v, d in zip((t, weight, pos_weight, keep), in_dims[1:5])]
+    args = [None if v is None else v.expand(xs.shape) for v in args]
+    return bce_fused(xs.contiguous(), *[None if v is None else v.contiguous() for v in args],
+                     logits, backend), (0, 0)
+
+
+# ------------------------------------------------------------------ cross-entropy
+@torch.library.custom_op("crossent::cross_entropy_fused", mutates_args=())
+def cross_entropy_fused(x: Tensor, q: Optional[Tensor], y: Optional[Tensor], c: Optional[Tensor],
+                        smooth: Optional[Tensor], keep: Optional[Tensor],
+                        backend: str) -> Tuple[Tensor, Tensor]:
+    impl = _kernels(backend, x.device)
+    loss, grad = chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep)
+    return loss.contiguous(), grad.contiguous()
+
+
+@cross_entropy_fused.register_fake
+def _(x, q, y, c, smooth, keep, backend):
+    return x.new_empty((_rows_of(x),)), x.new_empty(x.shape)
+
+
+def _ce_backward(ctx, g_loss, g_grad):
+    (grad,) = ctx.saved_tensors
+    g = g_loss.unsqueeze(1) if ctx.x_dim == 2 else g_loss.view(grad.shape[0], 1, grad.shape[2])
+    return grad * g, None, None, None, None, None, None
+
+
+cross_entropy_fused.register_autograd(_ce_backward, setup_context=_save_grad)
+
+
+# --------------------------------------------------------------- entry points
+def _wants_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def binary_cross_entropy(x, t, weight, pos_weight, keep, *, logits: bool, backend: str) -> Tensor:
+    """Per-element BCE (``logits``) or BCE on probabilities of a captured call (canonical
+    arguments as in :mod:`.reference`)."""
+    if backend == "reference" or _capture.transforming() or _wants_graph(t, weight, pos_weight):
+        ref = reference.binary_cross_entropy_with_logits if logits else reference.binary_cross_entropy
+        return ref(x, t, weight, pos_weight, keep)
+    t = t.expand(x.shape)
+    keep = None if keep is None else keep.expand(x.shape).contiguous()
+    loss, _ = bce_fused(x.contiguous(), t.contiguous(), weight, pos_weight, keep, logits, backend)
+    return loss
+
+
+def cross_entropy(x, target, index_target: bool, weight, keep, label_smoothing: float, *,
+                  backend: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-row cross-entropy of a captured call: ``(loss, per-row mean weights or None)``.
+
+    ``x``: rows (M, C), or (N, C, S) for class-index targets (then ``target`` is (N*S,))."""
+    if backend == "reference" or _capture.transforming() or _wants_graph(weight) \
+            or (not index_target and _wants_graph(target)):
+        if x.dim() == 3:
+            x = x.movedim(1, -1).reshape(-1, x.shape[1])
+        return reference.cross_entropy(x, target, index_target, weight, keep, label_smoothing)
+    q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
+    if y is not None:
+        y = y.contiguous()
+    # keep is passed also without smoothing: c = 0 alone would leave NaN logits of an
+    # ignored row to the torch and Triton paths (the C kernel skips rows with c = -0.0)
+    loss, _ = cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend)
+    return loss, den
+
+
+# ------------------------------------------------------------ fused linear + CE
+@torch.library.custom_op("crossent::linear_cross_entropy_fused", mutates_args=())
+def linear_cross_entropy_fused(x: Tensor, W: Tensor, b: Optional[Tensor], target: Tensor,
+                               weight: Optional[Tensor], keep: Optional[Tensor], index: bool, eps: float,
+                               rows: Optional[int], classes: Optional[int], budget: Optional[int],
+                               backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(total, lse, grad_x, grad_W, grad_b)`` of ``sum(loss)`` for the fused linear + CE:
+    ``x`` (N, H), ``W`` (D, C, H), ``b`` (D, C) or None, ``target`` (N, D) class indices or
+    (N, C, D) probabilities (see ``linear.ce_targets``); ``grad_b`` is empty without a bias."""
+    from . import linear
+
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    D, C, H = W.shape
+    tgts, _ = linear.ce_targets(target, index, weight, keep, eps, C, cdt)
+    plan = linear.plan_chunks(x.shape[0], C, H, x.dtype, budget=budget, rows=rows, classes=classes,
+                              buffers=linear.BUFFERS_INDEX if index else linear.BUFFERS_DENSE)
+    if backend == "chunked" and x.device.type == "cpu":
+        plan = linear.dataclasses.replace(plan, blocks=linear.CPU_KERNEL_BLOCKS)
+    needs = (True, True, b is not None)
+    loss, lse, _, (gx, gW, gb) = linear.ce_forward_with_grads(
+        x, W, b, tgts, plan, needs, torch.ones((), dtype=cdt, device=x.device))
+    total = loss.sum()
+    return (total, lse.contiguous(), gx.contiguous(), gW.contiguous(),
+            gb.contiguous() if gb is not None else x.new_empty((0,)))
+
+
+@linear_cross_entropy_fused.register_fake
+def _(x, W, b, target, weight, keep, index, eps, rows, classes, budget, backend):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    N, D = x.shape[0], W.shape[0]
+    return (x.new_empty((), dtype=cdt), x.new_empty((N, D), dtype=cdt), x.new_empty(x.shape),
+            W.new_empty(W.shape), b.new_empty(b.shape) if b is not None else x.new_empty((0,)))
+
+
+def _linear_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*output[2:])
+
+
+def _linear_backward(ctx, g_total, g_lse, g_gx, g_gW, g_gb):
+    gx, gW, gb = ctx.saved_tensors
+    g = g_total.to(gx.dtype)
+    return (gx * g, gW * g.to(gW.dtype), gb * g.to(gb.dtype) if ctx.has_bias else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_fused.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def linear_cross_entropy(x, W, b, t, index, weight, keep, eps, *, reduction, plan_args, backend):
+    """A captured fused linear + CE with ``reduction`` 'mean' or 'sum':
+    ``(total, lse)``; the caller divides ``total`` by the ``mean`` denominator."""
+    total, lse, _, _, _ = linear_cross_entropy_fused(x.contiguous(), W, b, t, weight, keep, index, float(eps),
+                                                     *plan_args, backend)
+    return total, lse

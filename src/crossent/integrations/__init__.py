@@ -1,0 +1,2 @@
+"""Recipes for libraries whose training loops crossent plugs into (nothing imported here
+imports those libraries: they are used through the objects you pass)."""
