@@ -741,8 +741,8 @@ def test_kdim_lane_kernel_matches_torch_and_float64_reference(monkeypatch, spati
 @pytest.mark.parametrize("C", [3, 21, 300])
 def test_kdim_extremes_ties_infinities_nan_and_wide_margins(monkeypatch, C):
     """Per position: ties (first arg-max), +-inf logits (finite limits), an all -inf
-    position (log C), a NaN (NaN loss and gradient at that position only), wide margins
-    (tiny losses keep their relative precision)."""
+    position (log C), a NaN (NaN loss and gradient at that position only; at an ignored
+    position: 0 and 0), wide margins (tiny losses keep their relative precision)."""
     calls = _spy_kernels(monkeypatch)
     g = torch.Generator().manual_seed(C)
     x = torch.randn(2, C, 4, 5, generator=g)
@@ -754,7 +754,7 @@ def test_kdim_extremes_ties_infinities_nan_and_wide_margins(monkeypatch, C):
     x[0, :, 0, 4] = -math.inf                                # all -inf: log C
     x[0, C // 2, 1, 0] = -math.inf                           # one -inf
     x[1, C // 2, 2, 1] = math.nan
-    x[1, 0, 2, 2] = math.nan; y[1, 2, 2] = -100                # ignored, still NaN (as the row kernel)
+    x[1, 0, 2, 2] = math.nan; y[1, 2, 2] = -100                # ignored: 0 loss, 0 gradient
     for i, margin in enumerate((20.0, 40.0, 80.0, 100.0)):    # exp(-margin): losses down to 1e-44
         x[1, :, 3, i] = 0.0
         x[1, 0, 3, i] = margin
@@ -766,15 +766,17 @@ def test_kdim_extremes_ties_infinities_nan_and_wide_margins(monkeypatch, C):
         truth, gtruth, gscale = _kdim_truth(x, y, **kw)
         nan_pos = torch.zeros(2, 4, 5, dtype=torch.bool)
         nan_pos[1, 2, 1] = True
-        # an ignored NaN position: NaN like every backend's formulas; with label smoothing
-        # ignored positions are masked to 0 afterwards (reference and fused alike)
-        nan_pos[1, 2, 2] = "label_smoothing" not in kw
+        # an ignored NaN position: exactly 0 loss and gradient, with or without smoothing
+        # (the rule in functional._reduction; torch's gradient there is NaN)
+        ignored = torch.zeros(2, 4, 5, dtype=torch.bool)
+        ignored[1, 2, 2] = True
+        assert loss[1, 2, 2].item() == 0 and torch.equal(gx[1, :, 2, 2], torch.zeros(C))
         assert torch.equal(loss.isnan(), nan_pos)
         assert torch.equal(gx.isnan(), nan_pos.unsqueeze(1).expand_as(gx))
         assert torch.equal(torch.isfinite(loss), torch.isfinite(truth))
         gbound, lbound = _ulp_bound(x)
         assert (_ulps(loss, truth) <= lbound).all(), kw
-        fin = ~nan_pos.unsqueeze(1).expand_as(gx)
+        fin = ~(nan_pos | ignored).unsqueeze(1).expand_as(gx)
         assert (_ulps(gx[fin], gtruth[fin], gscale[fin]) <= gbound[fin.numpy()]).all(), kw
         # margins 20, 40, 80 (exact z: 8 ulps flat); at 100 the loss is subnormal (few bits)
         margins = (slice(1, 2), slice(None), slice(3, 4), slice(0, 3))

@@ -448,6 +448,8 @@ def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
     x = input.detach()
     inspect_logits = (not probabilities_in) and x.numel() >= _MIN_ELEMENTS_TO_TELL
     if probabilities_in and x.numel():
+        if keep is not None:   # an ignored element's value is never used (0 loss, 0 gradient)
+            x = torch.where(keep, x, 0.5)
         stats += list(torch.aminmax(x))
         names += ["xmin", "xmax"]
     elif inspect_logits:
@@ -457,7 +459,7 @@ def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
     s = dict(zip(names, _fetch(stats)))  # the one synchronisation
 
     if probabilities_in and "xmin" in s and not (s["xmin"] >= 0.0 and s["xmax"] <= 1.0):
-        xd = input.detach()
+        xd = x
         if math.isnan(s["xmin"]) or math.isnan(s["xmax"]):
             pos, _ = _first_bad(xd, torch.isnan(xd))
             found = f"NaN at position {_where(xd.shape, pos)}"

@@ -348,6 +348,9 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
     """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place).
 
     ``x`` may also be (N, C, S) (see :func:`_spatial_ok`): loss (N*S,), grad (N, C, S).
+    Ignored rows (``keep`` False) give a zero gradient row whatever their logits hold: the
+    compiled kernel skips them (their ``c`` is -0.0), the torch path replaces their logits
+    by 0 first (their loss is then 0 too, unless label smoothing adds terms the caller masks).
     """
     spatial = x.dim() == 3   # only when _spatial_ok said so: the compiled lane kernel, no copy
     if spatial:
@@ -371,7 +374,8 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
         grad_out = torch.empty_like(x)
     for i, j in _chunks(M, _rows_per_chunk(C)):
         sl = slice(i, j)
-        lo, g = _ce_chunk(x[sl], None if q is None else q[sl], None if y is None else y[sl],
+        xs = x[sl] if keep is None else reference.sanitise_ignored(x[sl], keep[sl])
+        lo, g = _ce_chunk(xs, None if q is None else q[sl], None if y is None else y[sl],
                           None if c is None else c[sl], smooth, want_grad)
         loss[sl] = lo
         if want_grad:
@@ -440,6 +444,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             def fn(x_, q_, c_, s_):
                 if x_.dim() == 3:   # (N, C, S) logits: the reference takes rows
                     x_ = x_.movedim(1, -1).reshape(-1, x_.shape[1])
+                x_ = reference.sanitise_ignored(x_, keep)
                 loss = reference._CrossEntropy.apply(x_, q_, y, c_, s_)
                 return _ce_mask(loss, keep, s_)
             gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (2, 3, 5, 6)), fn, (x, q, c, smooth), grad_out)

@@ -154,7 +154,10 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
    at the arg-max, when it dominates (s < 1): grad_k = (A - a_k) - A (s/(1+s)), else the
    general form (reference._CrossEntropy.backward).
    grad may be NULL (loss only) or alias x (in-place mode: x_y is read first).
-   c may be NULL: every c_r = 1 (no class weights, no smoothing, nothing ignored). */
+   c may be NULL: every c_r = 1 (no class weights, no smoothing, nothing ignored).
+   Ignored rows (ignore_index) come with c_r = -0.0, a value a kept row never has
+   (reference.ce_coefficients): they get loss 0 and a zero gradient row whatever their
+   logits hold (NaN, +-inf), without reading them. */
 int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
                           float *grad, float scale, int64_t M, int64_t C, int nthreads) {
   int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
@@ -169,6 +172,11 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
     float *gr = grad ? grad + r * C : 0;
     const int64_t yr = y[r];
     const float cr = c ? c[r] : 1.f;   /* c NULL: every row has coefficient 1 */
+    if (cr == 0.f && signbit(cr)) {    /* ignored row */
+      loss[r] = 0.f;
+      if (gr) memset(gr, 0, (size_t)C * sizeof(float));
+      continue;
+    }
     if (yr < 0 || yr >= C) { ++bad; loss[r] = NAN; continue; }
     V vm = vset(-INFINITY), vnan = vzero();
     int64_t j = 0;
@@ -282,8 +290,9 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
    about C/2 ulp for large C; the conversion and two adds cost a few instructions against
    ~20 for expf8, and the sum is then as good as the row kernel's (8-lane float32 blocks
    of 32 terms, then float64) or better, for any C.
-   y and c are (N, S) like the loss; c the per-position class weight (0 where ignored), or
-   NULL: every c = 1 (no class weights, no smoothing, nothing ignored). */
+   y and c are (N, S) like the loss; c the per-position class weight, -0.0 where ignored
+   (as in crossent_ce_index: such lanes get loss 0 and a zero gradient whatever their
+   logits hold), or NULL: every c = 1 (no class weights, no smoothing, nothing ignored). */
 /* per-lane float64 accumulation: lo holds lanes 0-3, hi lanes 4-7 */
 static inline void dacc(__m256d *lo, __m256d *hi, V v) {
   *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
@@ -293,9 +302,16 @@ static inline V dtof(__m256d lo, __m256d hi) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1);
 }
 
+/* Zero the gradient entries of the lanes in mask ign (C rows of the tile buffer, stride T). */
+static inline void zero_lanes(float *xb, int64_t T, int64_t C, V ign) {
+  for (int64_t j = 0; j < C; ++j) _mm256_storeu_ps(xb + j * T, _mm256_andnot_ps(ign, _mm256_loadu_ps(xb + j * T)));
+}
+
 /* One vector of 8 lanes; xb: C rows of the tile buffer (stride T), holding x on entry and
    the gradient (or e_j when !want_grad) on return. yb, cb: 8 targets (in [0, C)) and
-   weights; lossb: 8 losses out; bad lanes (bm = -1) give NaN loss. Only the class loops
+   weights; lossb: 8 losses out; bad lanes (bm = -1) give NaN loss, ignored lanes (weight
+   -0.0) loss 0 and a zero gradient (a vector with no ignored lane pays one compare and a
+   branch; one with only ignored lanes skips the work). Only the class loops
    are vector code; what concerns one class per lane (x_y, e_y, the gradient entries at
    y and at the arg-max k) is read and written per lane, in the order the row kernel
    writes them (the general form, then y, then k). */
@@ -310,6 +326,13 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
   const __m256i ione = _mm256_set1_epi32(1);
   const __m256i vy = _mm256_loadu_si256((const __m256i *)yb);
   const V cr = _mm256_loadu_ps(cb);
+  const V ign = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_castps_si256(cr), _mm256_set1_epi32(INT32_MIN)));
+  const int ignored = _mm256_movemask_ps(ign);
+  if (ignored == 0xFF) {
+    _mm256_storeu_ps(lossb, vzero());
+    if (want_grad) zero_lanes(xb, T, C, ign);
+    return;
+  }
   /* pass 1: max, FIRST arg-max (a lane's index moves only on a strictly greater value;
      all -inf: k = 0), NaN lanes */
   V vm = vset(-INFINITY), vnan = vzero(), xy = vzero();
@@ -355,7 +378,7 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
   V lr = vtimes(cr, _mm256_sub_ps(lse, zy));
   if (sm) lr = _mm256_add_ps(lr, _mm256_add_ps(Sf == 0.f ? vzero() : _mm256_mul_ps(Sv, lse), dtof(tlo, thi)));
   const V bad = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)bm));
-  _mm256_storeu_ps(lossb, _mm256_blendv_ps(lr, vset(NAN), _mm256_or_ps(vnan, bad)));
+  _mm256_storeu_ps(lossb, _mm256_andnot_ps(ign, _mm256_blendv_ps(lr, vset(NAN), _mm256_or_ps(vnan, bad))));
   if (!want_grad) return;
   /* pass 3: grad_j = scale (A (e_j/(1+s)) - sm_j), A = c + S; then at y
      scale (A (e_y/(1+s)) - (sm_y + c)), then at the arg-max k when s < 1
@@ -395,6 +418,7 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
       _mm256_storeu_ps(xb + j * T, g);
       vj = _mm256_add_epi32(vj, ione);
     }
+    if (ignored) zero_lanes(xb, T, C, ign);
     return;
   }
   if (sm) {
@@ -416,6 +440,7 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
     xb[yb[q] * T + q] = gyb[q];
     if (dominant & (1 << q)) xb[kb[q] * T + q] = gkb[q];
   }
+  if (ignored) zero_lanes(xb, T, C, ign);
 }
 
 /* positions per OpenMP task: (tasks = N x ceil(S / SBLOCK)), a multiple of every T */

@@ -29,6 +29,14 @@ Gradients are computed in the forward pass for ``grad_scale`` (1 for ``sum``,
 ``1/denominator`` for ``mean``) and scaled in backward by the ratio of the incoming
 gradient to ``grad_scale`` (exactly 1 in ordinary training). A non-uniform incoming
 gradient (``reduction='none'``, a second backward) recomputes them chunk by chunk.
+
+Ignored targets: a hidden row whose targets are all ignored (cross-entropy: its row;
+BCE: every label of the row) and, for BCE, a weight row (and bias) whose label is ignored
+in every row take no part in any kept loss. When such rows hold NaN or +-inf they are
+read as zeros, so they get exactly zero
+gradient and do not turn the other rows' weight gradients into NaN through ``0 * nan``
+in the matrix products (torch's eager ``F.linear`` + loss does); see :func:`_ce_ignored`,
+:func:`_bce_ignored` and :class:`_Operands`.
 """
 
 from __future__ import annotations
@@ -401,13 +409,52 @@ class CpuKernelBlocks(TorchBlocks):
 CPU_KERNEL_BLOCKS = CpuKernelBlocks()
 
 
-class _Operands:
-    """Inputs in the compute dtype, weights cast block by block (fp16/bf16 -> float32)."""
+def _bce_ignored(tgt) -> tuple:
+    """(rows, labels): bool vectors of the hidden rows and weight rows of a BCE head whose
+    targets are all ignore_index, or (None, None). One pass over the targets in blocks."""
+    if tgt.ignore_index is None or tgt.dense_t is None or tgt.dense_t.numel() == 0:
+        return None, None
+    t = tgt.dense_t
+    rows = max(1, (1 << 20) // max(1, t.shape[-1]))
+    kept_rows, kept_labels = [], torch.zeros(t.shape[1], dtype=torch.bool, device=t.device)
+    for block in t.split(rows):
+        k = block != tgt.ignore_index
+        kept_rows.append(k.any(1))
+        kept_labels |= k.any(0)
+    return ~torch.cat(kept_rows), ~kept_labels
 
-    def __init__(self, x, W, b, cdt):
+
+def _zero_nonfinite_rows(t: torch.Tensor, rows: Optional[torch.Tensor], owned: bool) -> torch.Tensor:
+    """``t`` with the rows marked in ``rows`` (dim 0) set to 0 when any of them holds NaN
+    or +-inf; ``t`` itself when none does (the usual case: one small read, no copy).
+    ``owned``: ``t`` is a private copy that may be changed in place."""
+    if rows is None:
+        return t
+    idx = rows.nonzero().squeeze(1)
+    if idx.numel() == 0 or bool(torch.isfinite(t.index_select(0, idx)).all()):
+        return t
+    t = t if owned else t.clone()
+    t.index_fill_(0, idx, 0.0)
+    return t
+
+
+class _Operands:
+    """Inputs in the compute dtype, weights cast block by block (fp16/bf16 -> float32).
+
+    ``ignored``: (rows, labels) from :func:`_ce_ignored` / :func:`_bce_ignored`: hidden rows
+    and weight rows (with their bias) whose targets are all ignored are read as zeros
+    when they hold NaN or +-inf (a copy of that tensor, made only then)."""
+
+    def __init__(self, x, W, b, cdt, ignored=(None, None)):
         self.cdt = cdt
         self.low = x.dtype != cdt
         self.x = x.to(cdt) if self.low else x           # (N, H): input-sized copy for fp16/bf16
+        rows, labels = ignored
+        self.x = _zero_nonfinite_rows(self.x, rows, owned=self.low)
+        if labels is not None:   # BCE: one position, W (1, L, H), b (1, L)
+            W = _zero_nonfinite_rows(W[0], labels, owned=False).unsqueeze(0)
+            if b is not None:
+                b = _zero_nonfinite_rows(b[0], labels, owned=False).unsqueeze(0)
         self.W, self.b = W, b
 
     def wblock(self, p, c0, c1):
@@ -531,12 +578,13 @@ class _GradAcc:
         return gx, self.gW, gb
 
 
-def ce_forward_with_grads(x, W, b, tgts, plan, needs, scale):
+def ce_forward_with_grads(x, W, b, tgts, plan, needs, scale, ignored=None):
     """One blocked pass: per-row loss and lse (N, D), the row statistics, and -- when
     ``needs`` (grad of x, W, b wanted) is given -- the gradients of ``scale * sum(loss)``
-    w.r.t. (x, W, b) (None where not wanted)."""
+    w.r.t. (x, W, b) (None where not wanted). ``ignored``: what :class:`_Operands` reads as
+    zeros (default: the hidden rows whose targets are all ignored, :func:`_ce_ignored`)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ops = _Operands(x, W, b, cdt)
+    ops = _Operands(x, W, b, cdt, (_ce_ignored(tgts), None) if ignored is None else ignored)
     grads = _GradAcc(ops, needs) if needs is not None else None
     loss, lse, stats = _ce_forward_pass(ops, tgts, plan, grads, scale)
     pre = grads.results(x.dtype, None if b is None else b.dtype) if grads is not None else None
@@ -550,11 +598,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, W, b, tgts, plan, grad_scale, precompute):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         needs = (x.requires_grad, W.requires_grad, b is not None and b.requires_grad)
+        ignored = (_ce_ignored(tgts), None)
         want = precompute and any(needs)  # (grad mode is off in here: decided by the caller)
         scale = _usable_scale(grad_scale, cdt) if want else None
-        loss, lse, stats, pre = ce_forward_with_grads(x, W, b, tgts, plan, needs if want else None, scale)
+        loss, lse, stats, pre = ce_forward_with_grads(x, W, b, tgts, plan, needs if want else None, scale, ignored)
         ctx.save_for_backward(x, W, b)
-        ctx.tgts, ctx.plan, ctx.stats, ctx.cdt = tgts, plan, stats, cdt
+        ctx.tgts, ctx.plan, ctx.stats, ctx.cdt, ctx.ignored = tgts, plan, stats, cdt, ignored
         ctx.pre = pre
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
@@ -586,7 +635,7 @@ def _linear_backward(ctx, func, g_loss, recompute, n_other_inputs):
         if pre is not None and _uniform(g_loss):
             out = _rescale(pre, g_loss.reshape(-1)[:1].to(ctx.cdt) / ctx.scale)
         else:
-            ops = _Operands(x, W, b, ctx.cdt)
+            ops = _Operands(x, W, b, ctx.cdt, ctx.ignored)
             needs = ctx.needs_input_grad[:3]
             grads = _GradAcc(ops, (needs[0], needs[1], needs[2] and b is not None))
             recompute(ops, grads)
@@ -624,6 +673,22 @@ def _uniform(g: torch.Tensor) -> bool:
     return g.numel() > 0 and all(st == 0 or n == 1 for st, n in zip(g.stride(), g.shape))
 
 
+def _ce_ignored(tgts) -> Optional[torch.Tensor]:
+    """Hidden rows whose targets are ignored at every position (class indices), or None."""
+    keeps = [getattr(tg, "keep", None) for tg in tgts]
+    if not keeps or any(k is None for k in keeps):
+        return None
+    return ~torch.stack(keeps, 1).any(1)
+
+
+def _where_rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The unfused paths' :func:`_zero_nonfinite_rows`, differentiable (``torch.where``:
+    exactly zero gradient for the rows replaced)."""
+    if rows is None or not bool(rows.any()) or bool(torch.isfinite(t[rows]).all()):
+        return t
+    return torch.where(rows.view((-1,) + (1,) * (t.dim() - 1)), torch.zeros((), dtype=t.dtype, device=t.device), t)
+
+
 def linear_cross_entropy_chunked(x, W, b, tgts, plan, grad_scale, precompute):
     """Per-row losses and log-sum-exp (N, D); see the module docstring."""
     precompute = precompute and torch.is_grad_enabled()
@@ -636,6 +701,7 @@ def linear_cross_entropy_unfused(x, W, b, tgts, plan, grad_scale, precompute):
     Allocates the (N, C) logits of every position: for tests and comparisons only.
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = _where_rows(x, _ce_ignored(tgts))
     losses, lses = [], []
     for p, tgt in enumerate(tgts):
         logits = torch.nn.functional.linear(x, W[p], None if b is None else b[p]).to(cdt)
@@ -756,6 +822,8 @@ def _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad):
     """
     t, keep = tgt.block(r0, r1, c0, c1, dtype)
     w, pw = tgt.wblock(r0, r1, c0, c1, dtype)
+    if keep is not None:
+        L.masked_fill_(~keep, 0.0)   # (L is scratch) ignored logits: 0 loss, 0 gradient, whatever they were
     hard = tgt.eps == 0 and tgt.hard
     if hard:
         sgn = torch.add(1.0, t, alpha=-2.0)        # +1 where t = 0, -1 where t = 1
@@ -829,7 +897,8 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, x, W, b, tgt, plan, grad_scale, precompute, per_element):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         needs = (x.requires_grad, W.requires_grad, b is not None and b.requires_grad)
-        ops = _Operands(x, W, b, cdt)
+        ignored = _bce_ignored(tgt)
+        ops = _Operands(x, W, b, cdt, ignored)
         want = precompute and any(needs)  # (grad mode is off in here: decided by the caller)
         scale = _usable_scale(grad_scale, cdt) if want else None
         grads = _GradAcc(ops, needs) if want else None
@@ -840,7 +909,7 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
             loss = torch.zeros(N, dtype=cdt, device=x.device)
         _bce_pass(ops, tgt, plan, grads, scale, per_element, loss)
         ctx.save_for_backward(x, W, b)
-        ctx.tgt, ctx.plan, ctx.cdt, ctx.scale = tgt, plan, cdt, scale
+        ctx.tgt, ctx.plan, ctx.cdt, ctx.scale, ctx.ignored = tgt, plan, cdt, scale, ignored
         ctx.pre = grads.results(x.dtype, None if b is None else b.dtype) if want else None
         return loss
 
@@ -861,7 +930,10 @@ def linear_bce_with_logits_unfused(x, W, b, tgt, plan, grad_scale, precompute, p
     """Reference semantics as plain code: full (N, L) logits and targets, then
     ``reference.binary_cross_entropy_with_logits``. For tests and comparisons only."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    logits = torch.nn.functional.linear(x, W[0], None if b is None else b[0]).to(cdt)
+    rows, labels = _bce_ignored(tgt)
+    x, W0 = _where_rows(x, rows), _where_rows(W[0], labels)
+    b0 = None if b is None else _where_rows(b[0], labels)
+    logits = torch.nn.functional.linear(x, W0, b0).to(cdt)
     N, L_ = logits.shape
     t, keep = tgt.block(0, N, 0, L_, cdt)
     w, pw = tgt.wblock(0, N, 0, L_, cdt)

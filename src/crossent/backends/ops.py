@@ -155,8 +155,8 @@ def cross_entropy(x, target, index_target: bool, weight, keep, label_smoothing: 
     q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if y is not None:
         y = y.contiguous()
-    if smooth is None:
-        keep = None   # rows with keep False have c = 0: already no loss and no gradient
+    # keep is passed also without smoothing: c = 0 alone would leave NaN logits of an
+    # ignored row to the torch and Triton paths (the C kernel skips rows with c = -0.0)
     loss, _ = cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend)
     return loss, den
 

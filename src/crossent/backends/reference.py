@@ -7,6 +7,11 @@ dtype, with ``ignore_index`` already turned into a boolean ``keep`` mask) and re
 Gradients come from autograd over these formulas (so second derivatives and target
 gradients exist), except where an explicit backward is needed for exactness or for
 torch's documented gradient (see each function).
+
+Ignored elements (``keep`` False) are replaced by a harmless finite value *before* the
+formulas (:func:`sanitise_ignored`), not only masked after them: masking alone leaves
+``0 * nan`` in the backward of a NaN logit, so its gradient (and that of the class
+weights) would be NaN. The rule is in :mod:`crossent.functional._reduction`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,21 @@ def _softplus(z: torch.Tensor) -> torch.Tensor:
     and its backward is exp(z) / (1 + exp(z)), exact in both tails.
     """
     return F.softplus(z, beta=1.0, threshold=40.0 if z.dtype == torch.float64 else 20.0)
+
+
+def sanitise_ignored(x: torch.Tensor, keep: Optional[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+    """``x`` with the ignored elements (``keep`` False) replaced by ``fill``.
+
+    ``keep`` has ``x``'s shape (elementwise losses) or one entry per row of ``x`` (M, C)
+    (cross-entropy with class indices). Through ``torch.where`` the ignored elements get a
+    gradient of exactly 0 whatever their value, and the formulas never see NaN or +-inf
+    there, so nothing downstream (class-weight or target gradients) meets ``0 * nan``.
+    """
+    if keep is None:
+        return x
+    if keep.dim() < x.dim():
+        keep = keep.unsqueeze(1)
+    return torch.where(keep, x, fill)
 
 
 def _times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -52,8 +72,10 @@ def binary_cross_entropy_with_logits(
 
     Algebraically equal to torch's ``(1-t) x + (1 + (p-1) t) softplus(-x)``, but a sum of
     two non-negative terms (for t in [0, 1], p >= 0): no cancellation, so a loss of 2e-9
-    keeps all its digits, and x = +-inf gives the finite limit instead of NaN.
+    keeps all its digits, and x = +-inf gives the finite limit instead of NaN. Ignored
+    elements give 0 loss and 0 gradient whatever ``x`` holds there.
     """
+    x = sanitise_ignored(x, keep)
     pos = t if pos_weight is None else pos_weight * t
     loss = _times(pos, _softplus(-x)) + _times(1 - t, _softplus(x))
     if weight is not None:
@@ -147,7 +169,9 @@ def binary_cross_entropy(
     pos_weight: Optional[torch.Tensor],
     keep: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """Per-element BCE on probabilities (see :class:`_BinaryCrossEntropy`)."""
+    """Per-element BCE on probabilities (see :class:`_BinaryCrossEntropy`); ignored
+    elements give 0 loss and 0 gradient whatever ``p`` holds there."""
+    p = sanitise_ignored(p, keep, 0.5)
     if pos_weight is not None:
         pos_weight = pos_weight.expand_as(p)
     loss = (_BinaryCrossEntropyForward if transforming() else _BinaryCrossEntropy).apply(p, t, pos_weight)
@@ -282,6 +306,11 @@ def ce_coefficients(x, target, index_target, weight, keep, label_smoothing):
     Class indices: ``y`` (ignored rows pointed at class 0), ``c = (1 - eps) w_y`` (0 when
     ignored), ``smooth = eps w / C`` (or None) and ``den`` the per-row ``mean`` denominator
     weight. Shared by every backend so that they agree on what the options mean.
+
+    An ignored row's ``den`` and ``c`` are ``-0.0`` and a kept row's never are (a class
+    weight of -0.0 is read as +0.0): the compiled CPU kernels (``kernels.c``) take no
+    ``keep`` mask and recognise ignored rows by that sign, to give them 0 loss and 0
+    gradient whatever their logits hold. Everywhere else -0.0 is simply 0.
     """
     C = x.shape[1]
     eps = label_smoothing
@@ -293,11 +322,16 @@ def ce_coefficients(x, target, index_target, weight, keep, label_smoothing):
     # Few torch calls: small inputs pay per call (docs/performance.md, small inputs).
     y = target if keep is None else torch.where(keep, target, 0)
     if weight is None:
-        den = torch.ones_like(y, dtype=x.dtype) if keep is None else keep.to(x.dtype)
+        if keep is None:
+            den = torch.ones_like(y, dtype=x.dtype)
+        else:
+            den = torch.where(keep, 1.0, -0.0)
+            if den.dtype != x.dtype:
+                den = den.to(x.dtype)
     else:
-        den = weight.gather(0, y)
+        den = weight.gather(0, y) + 0.0   # + 0.0: a kept row's weight is never -0.0
         if keep is not None:
-            den = torch.where(keep, den, 0.0)
+            den = torch.where(keep, den, -0.0)
     c = den * (1 - eps) if eps else den
     smooth = None
     if eps:
@@ -323,7 +357,11 @@ def cross_entropy(
         ``(loss, denominator)``: per-row losses (M,) and the per-row denominator weights
         (M,) for ``mean``, or None meaning one per row. (A fused backend that needed their
         total may return that 0-dim total instead; the functional layer sums either way.)
+
+    Ignored rows give 0 loss and 0 gradient whatever their logits hold (NaN, +-inf).
     """
+    if index_target:
+        x = sanitise_ignored(x, keep)
     q, y, c, smooth, den = ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     fn = _CrossEntropyForward if transforming() else _CrossEntropy
     if q is not None:

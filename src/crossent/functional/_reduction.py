@@ -19,6 +19,15 @@ The loss decides ``d_i``, matching torch exactly:
 An empty batch, or one where every element is ignored, has ``mean = 0 / 0 = nan``, like torch;
 the gradient of such a ``mean`` is zero (as torch's when every target is ignored).
 
+**Ignored elements are absent, whatever their value.** An element or row equal to
+``ignore_index`` has ``l_i = 0`` and ``d_i = 0`` exactly, and contributes exactly zero to
+every gradient (input, target, ``weight``, ``pos_weight``, class ``weight``) on every
+backend, whatever the input holds there: NaN, +-inf, a probability outside [0, 1]. So
+``l_i`` is never ``0 * nan``: backends replace ignored inputs before their formulas (or
+skip them), rather than multiplying the result by 0. Where torch is finite the values
+equal torch's; torch's own gradient for an ignored NaN row is NaN (it then poisons the
+layer below), ours is 0 -- a deliberate difference (``docs/exactness.md``).
+
 :class:`LossParts` exposes the numerator and denominator so that epoch averages can be
 exact (``crossent.tracking.LossMeter`` adds them up; never a mean of batch means).
 """

@@ -105,12 +105,13 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, scale=
         return loss, grad_out
     block_c = min(CE_BLOCK_C_MAX, 1 << max(0, (C - 1).bit_length()))
     dummy = x
+    kp = None if keep is None else keep.contiguous().view(torch.uint8)   # ignored rows: 0 loss, 0 gradient
     k.ce_kernel[(M,)](
         x, q.contiguous() if q is not None else dummy, y.long() if y is not None else dummy,
         c.float() if c is not None else dummy, smooth.float().contiguous() if smooth is not None else dummy,
-        dummy, loss, grad_out if want_grad else dummy, C, x.stride(0),
+        kp if kp is not None else dummy, loss, grad_out if want_grad else dummy, C, x.stride(0),
         grad_out.stride(0) if want_grad else 0,
-        DENSE=q is not None, HAS_SMOOTH=smooth is not None, HAS_KEEP=False, WANT_GRAD=want_grad,
+        DENSE=q is not None, HAS_SMOOTH=smooth is not None, HAS_KEEP=kp is not None, WANT_GRAD=want_grad,
         BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4)
     return loss.to(x.dtype), grad_out
 

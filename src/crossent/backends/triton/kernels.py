@@ -14,6 +14,10 @@ Sizes:
   with a new max rescales the running sum by exp(m_old - m_new) and adds the old arg-max
   as one more term); pass 2 re-reads the row and writes the gradient (and the
   smoothing / probability-target parts of the loss, which need the final m).
+
+Ignored elements and rows (``HAS_KEEP``) get loss 0 and gradient 0 whatever their logits
+hold: the result is selected with ``tl.where`` (never multiplied by 0), and a NaN in an
+ignored row does not turn its loss or gradient into NaN.
 """
 
 from __future__ import annotations
@@ -189,15 +193,15 @@ def ce_kernel(x_ptr, q_ptr, y_ptr, c_ptr, sm_ptr, keep_ptr, loss_ptr, grad_ptr, 
             tl.store(gr + cols, g, mask=msk)
     if not DENSE:
         loss += tl.where(cy == 0.0, 0.0, cy * (lse - zy))
+    loss = tl.where((nan_count > 0) & (keep != 0), float("nan"), loss)
     loss = tl.where(keep != 0, loss, 0.0)
-    loss = tl.where(nan_count > 0, float("nan"), loss)
     tl.store(loss_ptr + row, loss)
     if WANT_GRAD:
         # arg-max entry: (A - a_k) - A s/(1+s), with A - a_k summed without cancellation
         gk = a_rest - A * (s * inv)
         gk = tl.where(keep != 0, gk, 0.0)
         tl.store(gr + k, gk, mask=k >= 0)
-        if nan_count > 0:
+        if (nan_count > 0) & (keep != 0):
             for start in range(0, C, BLOCK_C):
                 cols = start + cols0
                 tl.store(gr + cols, float("nan"), mask=cols < C)
