@@ -333,3 +333,45 @@ def test_fake_tensors_run_the_fake_kernels():
         loss = crossent.cross_entropy(x, y, label_smoothing=0.1)
         loss.backward()
         assert x.grad.shape == (8, C)
+
+
+# ------------------------------------------------------------------ fused linear ops
+_IDS = torch.tensor([[0, 2, -1]] * N)
+LINEAR_CASES = {
+    "linear_ce": lambda h, Wt, y, s: crossent.linear_cross_entropy(h, Wt, y),
+    "linear_ce_smoothing_sum": lambda h, Wt, y, s: crossent.linear_cross_entropy(
+        h, Wt, y.clamp(min=0), label_smoothing=0.1, weight=W, ignore_index=2, reduction="sum"),
+    "linear_ce_none": lambda h, Wt, y, s: crossent.linear_cross_entropy(h, Wt, y, reduction="none").square().sum(),
+    "linear_ce_probabilities": lambda h, Wt, y, s: crossent.linear_cross_entropy(h, Wt, s.softmax(1)),
+    "linear_bce_dense": lambda h, Wt, y, s: crossent.linear_binary_cross_entropy_with_logits(h, Wt, s, pos_weight=PW),
+    "linear_bce_sparse": lambda h, Wt, y, s: crossent.linear_binary_cross_entropy_with_logits(h, Wt, _IDS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_CASES))
+def test_compiled_fused_linear_losses_are_one_graph_equal_to_eager(name):
+    f = LINEAR_CASES[name]
+    x, y, s = _data()
+    torch.manual_seed(3)
+    h = x.clone().requires_grad_()
+    Wt = torch.randn(C, H, requires_grad=True)
+    explained = torch._dynamo.explain(f)(h, Wt, y, s)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(h, Wt, y, s)
+    want = f(h, Wt, y, s)
+    assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (h, Wt)), torch.autograd.grad(want, (h, Wt))):
+        assert_close(a, b)
+
+
+def test_opcheck_linear_cross_entropy_op():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 4, generator=g, requires_grad=True)
+    Wt = torch.randn(1, 7, 4, generator=g, requires_grad=True)
+    b = torch.randn(1, 7, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (6, 1), generator=g)
+    for backend in ("chunked", "chunked-torch"):
+        torch.library.opcheck(ops.linear_cross_entropy_fused,
+                              (h, Wt, b, y, None, y != 3, True, 0.1, None, None, None, backend))
+        torch.library.opcheck(ops.linear_cross_entropy_fused,
+                              (h, Wt, None, y, torch.rand(7, generator=g), None, True, 0.0, 2, 3, None, backend))

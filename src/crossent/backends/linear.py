@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 
 from .._env import env_bytes
+from .. import _capture
 from . import reference
 from ._registry import Backend, _BACKENDS, register
 from .triton import unavailable_reason as triton_unavailable_reason
@@ -684,8 +685,10 @@ def _ce_ignored(tgts) -> Optional[torch.Tensor]:
 def _where_rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     """The unfused paths' :func:`_zero_nonfinite_rows`, differentiable (``torch.where``:
     exactly zero gradient for the rows replaced)."""
-    if rows is None or not bool(rows.any()) or bool(torch.isfinite(t[rows]).all()):
+    if rows is None:
         return t
+    if not _capture.capturing(t) and (not bool(rows.any()) or bool(torch.isfinite(t[rows]).all())):
+        return t   # eager shortcut (host reads); captured graphs always take the select
     return torch.where(rows.view((-1,) + (1,) * (t.dim() - 1)), torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 

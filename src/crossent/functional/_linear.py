@@ -353,6 +353,19 @@ def linear_binary_cross_entropy_with_logits(
     sparse = target_format == "sparse"
     x = input.reshape(-1, H)
     tflat = target.reshape(N, -1)
+    if capturing(input):
+        # Captured: the logits, then the registered BCE-with-logits op (its checks become
+        # device-side assertions); sparse ids become the dense 0/1 target first.
+        if sparse:
+            ids = torch.where(tflat < 0, L, tflat.long())
+            tflat = torch.zeros(N, L + 1, dtype=input.dtype, device=input.device).scatter(1, ids, 1.0)[:, :L]
+        from ._binary import binary_cross_entropy_with_logits
+
+        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+        return binary_cross_entropy_with_logits(
+            logits.reshape(logits_shape), tflat.reshape(logits_shape), weight, reduction=reduction,
+            pos_weight=pos_weight, label_smoothing=label_smoothing, ignore_index=ignore_index,
+            validate=validate, return_parts=return_parts, backend=backend)
     if V.validation_enabled(validate):
         if sparse:
             _check_sparse_ids(func, tflat, L)
