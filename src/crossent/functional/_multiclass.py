@@ -116,25 +116,11 @@ def cross_entropy(
         # Registered ops (crossent::cross_entropy_fused); inplace_backward has no effect here:
         # the compiler owns the buffers.
         name = resolve("cross_entropy", input.device, backend)
-        if index_target and input.dim() > 2:
-            x = (input if input.dtype == cdt else input.to(cdt)).flatten(2)
-        else:
-            x = _rows(input, cdt, class_dim, C)
-        keep = None
-        if index_target:
-            t = target.reshape(-1)
-            keep = t != ignore_index
-        else:
-            t = _rows(target, cdt, class_dim, C)
-        w = weight if weight is None or weight.dtype == cdt else weight.to(cdt)
-        with no_autocast(x.device):
-            loss, den = ops.cross_entropy(x, t, index_target, w, keep, label_smoothing, backend=name)
-        denominator = None if den is None else den.sum()
-        return reduce_loss(loss.reshape(out_shape), denominator, reduction, out_dtype=out_dtype,
-                           return_parts=return_parts, capture=True)
-    op = "cross_entropy_inplace" if inplace_backward else "cross_entropy"
-    fn = dispatch(op, input, backend)
-    if index_target and input.dim() > 2 and getattr(fn, "accepts_spatial", False):
+        spatial = True
+    else:
+        fn = dispatch("cross_entropy_inplace" if inplace_backward else "cross_entropy", input, backend)
+        spatial = getattr(fn, "accepts_spatial", False)
+    if index_target and input.dim() > 2 and spatial:
         # (N, C, S) (a view of contiguous input): the backend picks the layout, no copy here
         x = (input if input.dtype == cdt else input.to(cdt)).flatten(2)
     else:
@@ -146,12 +132,16 @@ def cross_entropy(
     else:
         t = _rows(target, cdt, class_dim, C)
     w = weight if weight is None or weight.dtype == cdt else weight.to(cdt)
-    # Fused backends may pre-scale the gradient by what a plain backward() sends.
-    kw = {"reduction": reduction} if getattr(fn, "accepts_reduction", False) else {}
     with no_autocast(x.device):
-        loss, den = fn(x, t, index_target, w, keep, label_smoothing, **kw)
+        if capture:
+            loss, den = ops.cross_entropy(x, t, index_target, w, keep, label_smoothing, backend=name)
+        else:
+            # Fused backends may pre-scale the gradient by what a plain backward() sends.
+            kw = {"reduction": reduction} if getattr(fn, "accepts_reduction", False) else {}
+            loss, den = fn(x, t, index_target, w, keep, label_smoothing, **kw)
     if loss.shape != out_shape:
         loss = loss.reshape(out_shape)
     # Backends return per-row denominator weights, or their 0-dim total when they needed it.
     denominator = None if den is None else den if den.dim() == 0 else den.sum()
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
+                       capture=capture)
