@@ -211,9 +211,10 @@ def _linear_backward(ctx, g_total, g_lse, g_gx, g_gW, g_gb):
 linear_cross_entropy_fused.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def linear_cross_entropy(x, W, b, t, index, weight, keep, eps, *, reduction, plan_args, backend):
-    """A captured fused linear + CE with ``reduction`` 'mean' or 'sum':
-    ``(total, lse)``; the caller divides ``total`` by the ``mean`` denominator."""
+def linear_cross_entropy(x, W, b, t, index, weight, keep, eps, block_args, *, backend):
+    """A captured fused linear + CE whose reduction is 'mean' or 'sum': ``(total, lse)``;
+    the caller divides ``total`` by the ``mean`` denominator. ``block_args``: (rows,
+    classes, budget) for ``linear.plan_chunks``, each None for the default."""
     total, lse, _, _, _ = linear_cross_entropy_fused(x.contiguous(), W, b, t, weight, keep, index, float(eps),
-                                                     *plan_args, backend)
+                                                     *block_args, backend)
     return total, lse

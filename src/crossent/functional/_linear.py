@@ -59,7 +59,9 @@ def _check_linear(func: str, input, linear_weight, linear_bias, *, allow_kdim: b
     return H, C, out_features
 
 
-def _plan(func, N, C, H, dtype, chunk_size, class_chunk_size, memory_budget, options, buffers):
+def _block_args(func, chunk_size, class_chunk_size, memory_budget, options):
+    """``(rows, classes, budget)`` for :func:`plan_chunks`, checked (``options.batch_chunk_size``
+    is torch's spelling of ``chunk_size``)."""
     if chunk_size is None and options is not None and getattr(options, "batch_chunk_size", None):
         chunk_size = options.batch_chunk_size
     for name, v in (("chunk_size", chunk_size), ("class_chunk_size", class_chunk_size),
@@ -67,8 +69,12 @@ def _plan(func, N, C, H, dtype, chunk_size, class_chunk_size, memory_budget, opt
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             V.fail(func, f"`{name}` to be a positive int or None", repr(v),
                    "Leave it None to size blocks from the memory budget.")
-    return plan_chunks(N, C, H, dtype, budget=memory_budget, rows=chunk_size, classes=class_chunk_size,
-                       buffers=buffers)
+    return chunk_size, class_chunk_size, memory_budget
+
+
+def _plan(N, C, H, dtype, block_args, buffers):
+    rows, classes, budget = block_args
+    return plan_chunks(N, C, H, dtype, budget=budget, rows=rows, classes=classes, buffers=buffers)
 
 
 def _no_target_grad(func, **tensors):
@@ -209,32 +215,28 @@ def linear_cross_entropy(
         t = target.reshape(N, C, D)   # (C,), (N, C), (N, C, d1..dK) and (*, C) alike
         keep = None
     w = None if weight is None else weight.to(cdt)
+    block_args = _block_args(func, chunk_size, class_chunk_size, memory_budget, options)
+    tgts, den = ce_targets(t, index_target, w, keep, label_smoothing, C, cdt)
+    denominator = den.sum() if index_target else None
     if capture:
         # A registered op (crossent::linear_cross_entropy_fused) for 'mean' and 'sum'; the
-        # per-row losses of reduction='none' come from the unfused formulas, which the
+        # per-row losses of reduction='none' come from the unfused formulas below, which the
         # tracer captures op by op (and the compiler may fuse).
         name = resolve("linear_cross_entropy", x.device, backend)
         if reduction != "none" and name != "reference":
-            _plan(func, 1, C, H, input.dtype, chunk_size, class_chunk_size, memory_budget, options, 1.0)  # checks
-            total, lse = ops.linear_cross_entropy(
-                x, W3, b2, t, index_target, w, keep, label_smoothing, reduction=reduction, backend=name,
-                plan_args=(chunk_size, class_chunk_size, memory_budget))
-            denominator = None
-            if reduction == "mean":
-                denominator = (ce_targets(t, index_target, w, keep, label_smoothing, C, cdt)[1].sum()
-                               if index_target else torch.scalar_tensor(N * D, dtype=cdt, device=x.device))
+            total, lse = ops.linear_cross_entropy(x, W3, b2, t, index_target, w, keep, label_smoothing,
+                                                  block_args, backend=name)
+            if reduction == "mean" and denominator is None:   # probabilities: one per position
+                denominator = torch.scalar_tensor(N * D, dtype=cdt, device=x.device)
             result = reduce_loss(total, denominator, reduction, out_dtype=input.dtype,
                                  return_parts=return_parts, capture=True)
             return (result, lse.detach().reshape(out_shape)) if return_lse else result
-    tgts, den = ce_targets(t, index_target, w, keep, label_smoothing, C, cdt)
-    denominator = den.sum() if index_target else None
     precompute = reduction != "none"
     if reduction == "mean":
         grad_scale = 1 / (denominator if denominator is not None else torch.scalar_tensor(N * D, dtype=cdt))
     else:
         grad_scale = torch.ones((), dtype=cdt)
-    plan = _plan(func, N, C, H, input.dtype, chunk_size, class_chunk_size, memory_budget, options,
-                 BUFFERS_INDEX if index_target else BUFFERS_DENSE)
+    plan = _plan(N, C, H, input.dtype, block_args, BUFFERS_INDEX if index_target else BUFFERS_DENSE)
     op = dispatch("linear_cross_entropy", x, backend)
     if capture:   # reduction='none' (or backend='reference'): the unfused formulas
         op = dispatch("linear_cross_entropy", x, "reference")
@@ -387,7 +389,8 @@ def linear_binary_cross_entropy_with_logits(
                           torch.zeros((), dtype=torch.long, device=input.device)).to(cdt)
     per_element = reduction == "none"
     grad_scale = 1 / denominator if reduction == "mean" else torch.ones((), dtype=cdt)
-    plan = _plan(func, N, L, H, input.dtype, chunk_size, class_chunk_size, memory_budget, None, BUFFERS_DENSE)
+    plan = _plan(N, L, H, input.dtype, _block_args(func, chunk_size, class_chunk_size, memory_budget, None),
+                 BUFFERS_DENSE)
     W3 = linear_weight.unsqueeze(0)
     b2 = None if linear_bias is None else linear_bias.unsqueeze(0)
     loss = dispatch("linear_binary_cross_entropy_with_logits", x, backend)(
