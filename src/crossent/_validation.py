@@ -830,7 +830,7 @@ def _warn_all_ignored(func: str, target: torch.Tensor, ignore_index: Optional[in
         return
     warn_once("all-ignored",
               f"{func}: all {target.numel()} targets equal ignore_index={ignore_index}, so "
-              "reduction='mean' is 0/0 = nan (as in torch), and so is every gradient. For batches "
+              "reduction='mean' is 0/0 = nan (as in torch; the gradient is zero). For batches "
               "that may be fully masked (LLM micro-batches, padding), use reduction='sum' with your "
               "own normaliser (e.g. num_items_in_batch over the whole step), or return_parts=True "
               "and backpropagate parts.total / that normaliser (a LossMeter counts such a batch "
