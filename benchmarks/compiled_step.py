@@ -20,44 +20,10 @@ import statistics
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as TF
 
 import crossent
-
-
-class Block(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.heads = heads
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = TF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
-        x = x + self.proj(y)
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, loss, vocab, d, layers, heads, block):
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(block, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.loss = loss
-
-    def forward(self, idx, targets):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for b in self.blocks:
-            x = b(x)
-        logits = self.head(self.ln(x))
-        return self.loss(logits.view(-1, logits.size(-1)), targets.view(-1))
+from crossent.bench.gpt import GPT
 
 
 MODELS = {   # name: (GPT arguments, batch, tokens per sequence)
@@ -78,7 +44,7 @@ def _step_fn(name, loss_name):
     tgt = torch.randint(0, args["vocab"], (B, T), generator=g)
 
     def step():
-        loss = fwd(idx, tgt)
+        _, loss = fwd(idx, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -104,6 +104,18 @@ def _bce_case(seed, shape=(6, 5), n_bad=4):
     return x, t, ignored
 
 
+def _compare_linear(loss, expected, ours, theirs, backend):
+    """Loss and the gradients w.r.t. (input, linear_weight, linear_bias) under a non-uniform
+    grad_output equal torch's; returns ours."""
+    assert_close(loss.detach(), expected.detach(), msg=f"{backend} loss")
+    gw = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    got = torch.autograd.grad((loss * gw).sum(), list(ours))
+    want = torch.autograd.grad((expected * gw).sum(), list(theirs))
+    for name, a, bb in zip(["input", "linear_weight", "linear_bias"], got, want):
+        assert_close(a, bb, msg=f"{backend} d/d{name}", atol=1e-5)
+    return got
+
+
 @pytest.mark.parametrize("bad", list(BAD))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("opts", ["plain", "weighted", "smoothed"])
@@ -338,12 +350,7 @@ def test_linear_cross_entropy_ignored_hidden_rows(backend, bad, reduction, opts)
     ex, eW, eb = _leaf(x), _leaf(W), _leaf(b)
     logits = F.linear(torch.where(ignored[:, None], 0.0, ex), eW, eb)
     expected = F.cross_entropy(logits, y, weight=w, reduction=reduction, label_smoothing=eps)
-    assert_close(loss.detach(), expected.detach(), msg=f"{backend} loss")
-    gw = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
-    got = torch.autograd.grad((loss * gw).sum(), [xl, Wl, bl])
-    want = torch.autograd.grad((expected * gw).sum(), [ex, eW, eb])
-    for name, a, bb in zip(["input", "linear_weight", "linear_bias"], got, want):
-        assert_close(a, bb, msg=f"{backend} d/d{name}", atol=1e-5)
+    got = _compare_linear(loss, expected, (xl, Wl, bl), (ex, eW, eb), backend)
     _assert_zero_where(got[0], ignored, f"{backend} d/dinput")
 
 
@@ -385,12 +392,7 @@ def test_linear_bce_ignored_rows_and_labels(backend, bad, reduction, opts):
     w_ok = keep.float() if w is None else keep.float() * w
     per = F.binary_cross_entropy_with_logits(logits, t_ok, weight=w_ok, pos_weight=pw, reduction="none")
     expected = _reduce(per, keep.float(), reduction)
-    assert_close(loss.detach(), expected.detach(), msg=f"{backend} loss")
-    gw = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
-    got = torch.autograd.grad((loss * gw).sum(), [xl, Wl, bl])
-    want = torch.autograd.grad((expected * gw).sum(), [ex, eW, eb])
-    for name, a, bb in zip(["input", "linear_weight", "linear_bias"], got, want):
-        assert_close(a, bb, msg=f"{backend} d/d{name}", atol=1e-5)
+    got = _compare_linear(loss, expected, (xl, Wl, bl), (ex, eW, eb), backend)
     _assert_zero_where(got[0], dead_row, f"{backend} d/dinput")
     _assert_zero_where(got[1], dead_label, f"{backend} d/dlinear_weight")
     _assert_zero_where(got[2], dead_label, f"{backend} d/dlinear_bias")

@@ -6,53 +6,19 @@ of a few training steps compiled and eagerly, and the Inductor full-graph checks
 individual losses (compiled vs eager, values and gradients).
 """
 
+import functools
 import json
 import sys
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as TF
 
 import crossent
-
-
-class Block(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.heads = heads
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = TF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
-        x = x + self.proj(y)
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab=128, d=64, layers=2, heads=4, block=32):
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(block, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx, targets):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for b in self.blocks:
-            x = b(x)
-        logits = self.head(self.ln(x))
-        loss = crossent.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+from crossent.bench.gpt import GPT
 
 
 def train(compiled: bool, steps: int = 4):
     torch.manual_seed(0)
-    model = GPT()
+    model = GPT(functools.partial(crossent.cross_entropy, ignore_index=-1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fwd = torch.compile(model, fullgraph=True) if compiled else model
     g = torch.Generator().manual_seed(1)
