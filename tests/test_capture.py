@@ -208,12 +208,37 @@ def _opcheck_samples():
         yield ops.cross_entropy_fused, (x, t.softmax(1), None, None, None, None, backend)
         x3 = torch.randn(2, 4, 3, generator=g, requires_grad=True)
         yield ops.cross_entropy_fused, (x3, None, torch.randint(0, 4, (6,), generator=g), c, None, None, backend)
+        for g_loss in (torch.full((6,), 0.25), torch.rand(6, generator=g)):   # uniform and per-row
+            yield ops.cross_entropy_fused_backward, (g_loss, x.detach(), None, y, c, None, None, backend)
 
 
-@pytest.mark.parametrize("i", range(14))
+@pytest.mark.parametrize("i", range(18))
 def test_opcheck(i):
     op, args = list(_opcheck_samples())[i]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "chunked-torch"])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_ce_op_backward_recomputes_the_gradient_times_grad_loss(backend, uniform):
+    # The forward saves only its inputs (no (M, C) gradient lives until backward); the
+    # backward equals the reference gradient of sum(g * loss), uniform g (mean, sum) or not.
+    # float32: the C kernel (backend 'chunked'); the reference in float64.
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 5, generator=gen) * 4).requires_grad_()
+    y = torch.randint(0, 5, (9,), generator=gen)
+    c = torch.rand(9, generator=gen)
+    g = torch.full((9,), 0.3) if uniform else torch.rand(9, generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = ops.cross_entropy_fused(x, None, y, c, None, None, backend)
+    assert {t.data_ptr() for t in saved} <= {x.data_ptr(), y.data_ptr(), c.data_ptr()}
+    (grad,) = torch.autograd.grad(loss, x, g)
+    z = x.detach().double().requires_grad_()
+    ref = c.double() * (torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0])
+    (want,) = torch.autograd.grad(ref, z, g.double())
+    assert_close(loss, ref.detach(), dtype=torch.float32)
+    assert_close(grad, want, dtype=torch.float32)
 
 
 def test_op_vmap_rule_matches_a_loop():

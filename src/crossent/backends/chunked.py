@@ -406,21 +406,23 @@ def _ce_mask(loss, keep, smooth):
     return loss
 
 
-def fused_ce_forward(impl, x, q, y, c, smooth, keep, scale=None):
-    """Loss (M,) and gradient (shaped like ``x``, times ``scale``) of per-row cross-entropy with
-    coefficients (q, y, c, smooth) (see ``reference.ce_coefficients``), rows with
-    ``keep`` False zeroed when smoothing gives them terms. ``x`` (M, C) or (N, C, S) (then
-    (N, C, S) logits the lane kernel cannot take are computed as rows and the gradient is
-    returned in the (N, C, S) layout)."""
+def fused_ce_forward(impl, x, q, y, c, smooth, keep, scale=None, want_grad=True):
+    """Loss (M,) and gradient (shaped like ``x``, times ``scale``; None unless ``want_grad``)
+    of per-row cross-entropy with coefficients (q, y, c, smooth) (see
+    ``reference.ce_coefficients``), rows with ``keep`` False zeroed when smoothing gives
+    them terms. ``x`` (M, C) or (N, C, S) (then (N, C, S) logits the lane kernel cannot
+    take are computed as rows and the gradient is returned in the (N, C, S) layout)."""
     if x.dim() == 3 and not _spatial_ok(impl, x, q):
         N, C, S = x.shape
-        loss, g = fused_ce_forward(impl, x.movedim(1, -1).reshape(-1, C), q, y, c, smooth, keep, scale)
-        return loss, g.view(N, S, C).movedim(-1, 1).contiguous()
-    loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)
+        loss, g = fused_ce_forward(impl, x.movedim(1, -1).reshape(-1, C), q, y, c, smooth, keep, scale,
+                                   want_grad)
+        return loss, None if g is None else g.view(N, S, C).movedim(-1, 1).contiguous()
+    loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=want_grad, scale=scale)
     if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
         loss = torch.where(keep, loss, _zero(loss))
-        grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
-    return loss, grad
+        if want_grad:
+            grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
+    return loss, grad if want_grad else None
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
