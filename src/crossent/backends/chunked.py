@@ -465,6 +465,38 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return None, None, grad.mul_(_class_bcast(grad_out, grad)), None, None, None, None, None
 
 
+class _FusedCrossEntropyReduced(torch.autograd.Function):
+    """:class:`_FusedCrossEntropy` with its ``sum`` (``rows`` None) or ``mean`` (``sum / rows``)
+    taken inside: one autograd node instead of three on the small-input path. Values and
+    gradients are bit for bit those of the per-row Function followed by ``sum`` and ``/ rows``:
+    the same reductions run, and backward hands the per-row Function exactly the grad_output
+    that ``SumBackward`` and ``DivBackward`` would (``g / rows`` expanded), so its pre-scaled
+    gradient is used under the same test. The inputs keep the per-row Function's positions
+    (its backward indexes ``needs_input_grad``)."""
+
+    @staticmethod
+    def forward(ctx, impl, scale, x, q, y, c, smooth, keep, rows):
+        loss = _FusedCrossEntropy.forward(ctx, impl, scale, x, q, y, c, smooth, keep)
+        ctx.rows, ctx.M = rows, loss.shape[0]
+        total = loss.sum()
+        return total if rows is None else total / rows
+
+    @staticmethod
+    def backward(ctx, g):
+        go = (g if ctx.rows is None else g / ctx.rows).expand(ctx.M)
+        return _FusedCrossEntropy.backward(ctx, go) + (None,)
+
+
+def plain_cross_entropy(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The reduced loss of the small-input path (:func:`_plain_rows` holds, and no target
+    equals ignore_index): float32 (M, C) rows on the compiled kernel, int64 (M,) targets,
+    ``reduction`` 'mean' or 'sum'. The same values and gradients as the general path."""
+    M = x.shape[0]
+    scale = 1.0 if reduction == "sum" else mean_grad_scale(M, x.dtype)
+    return _FusedCrossEntropyReduced.apply(CPU, scale, x, None, y, None, None, None,
+                                           None if reduction == "sum" else M)
+
+
 def _value(scale) -> float:
     """A gradient scale as a Python float: fused ops get it as a 0-dim tensor or, when the
     functional layer computed it on the host (``mean_grad_scale``), as a float."""
