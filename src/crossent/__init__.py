@@ -24,11 +24,16 @@ from ._validation import CrossentWarning
 from ._validation import KernelCacheWarning
 from .backends import BackendUnavailableError
 from .functional import LossParts
+from .functional import asymmetric_loss
 from .functional import binary_cross_entropy
 from .functional import binary_cross_entropy_with_logits
 from .functional import cross_entropy
 from .functional import linear_binary_cross_entropy_with_logits
 from .functional import linear_cross_entropy
+from .functional import poly1_binary_cross_entropy_with_logits
+from .functional import poly1_cross_entropy
+from .functional import sigmoid_focal_loss
+from .functional import softmax_focal_loss
 
 __all__ = [
     "BackendUnavailableError",
@@ -38,6 +43,7 @@ __all__ = [
     "CrossentWarning",
     "KernelCacheWarning",
     "LossParts",
+    "asymmetric_loss",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
@@ -46,7 +52,11 @@ __all__ = [
     "linear_cross_entropy",
     "nn",
     "patch",
+    "poly1_binary_cross_entropy_with_logits",
+    "poly1_cross_entropy",
     "probabilities",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
     "tracking",
     "unpatch",
 ]
