@@ -96,6 +96,7 @@ class SoftmaxFocalLoss(torch.nn.Module):
     >>> criterion = crossent.nn.SoftmaxFocalLoss(gamma=2.0)
     >>> round(criterion(torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([0])).item(), 4)
     0.0111
+
     {shared}"""
 
     def __init__(self, gamma: float = 2.0, weight=None, ignore_index: int = -100, reduction: str = "mean",
@@ -131,6 +132,7 @@ class Poly1CrossEntropyLoss(torch.nn.Module):
     >>> criterion = crossent.nn.Poly1CrossEntropyLoss(epsilon=1.0)
     >>> round(criterion(torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([0])).item(), 4)
     0.4557
+
     {shared}"""
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
@@ -167,6 +169,7 @@ class Poly1BCEWithLogitsLoss(torch.nn.Module):
     >>> criterion = crossent.nn.Poly1BCEWithLogitsLoss(pos_weight=[3.0])
     >>> round(criterion(torch.tensor([0.5]), torch.tensor([1.0])).item(), 4)
     1.7998
+
     {shared}"""
 
     def __init__(self, weight=None, size_average=None, reduce=None, reduction: str = "mean", pos_weight=None, *,
