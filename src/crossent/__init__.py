@@ -11,6 +11,7 @@ and classes through crossent (see :func:`crossent.patch`).
 
 __version__ = "0.1.0"
 
+from . import class_weights
 from . import functional
 from . import nn
 from . import probabilities
@@ -46,6 +47,7 @@ __all__ = [
     "asymmetric_loss",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
+    "class_weights",
     "cross_entropy",
     "functional",
     "linear_binary_cross_entropy_with_logits",
