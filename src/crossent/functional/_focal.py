@@ -63,6 +63,10 @@ def check_alpha(func: str, alpha) -> float:
 # --------------------------------------------------------------------------- binary family
 def _binary_family(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
                    validate, return_parts, backend, *, alpha, gamma, epsilon):
+    if gamma == 0 and epsilon == 0:
+        # The base loss by construction (0 ** 0 = 1, derivative 0): alpha_t is one more weight.
+        return _bce_times_alpha(func, input, target, weight, pos_weight, ignore_index, label_smoothing,
+                                reduction, validate, return_parts, backend, alpha)
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
     capture = capturing(input)
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare_binary(
@@ -75,6 +79,25 @@ def _binary_family(func, input, target, weight, pos_weight, ignore_index, label_
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
                        capture=capture)
+
+
+def _bce_times_alpha(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
+                     validate, return_parts, backend, alpha):
+    """gamma = 0: :func:`binary_cross_entropy_with_logits` with ``weight * alpha_t``."""
+    from ._binary import binary_cross_entropy_with_logits
+
+    if alpha >= 0:
+        t = target if isinstance(target, torch.Tensor) and target.is_floating_point() else None
+        if t is None and isinstance(target, torch.Tensor):
+            t = target.to(input.dtype if input.is_floating_point() else torch.float32)
+        if isinstance(t, torch.Tensor):
+            if label_smoothing:
+                t = t * (1 - label_smoothing) + label_smoothing / 2
+            a = alpha * t + (1 - alpha) * (1 - t)
+            weight = a if weight is None else V.as_weight_tensor(func, "weight", weight, like=input) * a
+    return binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight,
+                                            label_smoothing=label_smoothing, ignore_index=ignore_index,
+                                            validate=validate, return_parts=return_parts, backend=backend)
 
 
 def sigmoid_focal_loss(
@@ -179,6 +202,12 @@ def _softmax_family(func, input, target, weight, ignore_index, reduction, label_
                     return_parts, backend, *, kind, param):
     """The canonicalisation of :func:`crossent.cross_entropy` (rows of classes), then the
     focal / Poly-1 op and the shared reduction (``mean``: cross-entropy's denominator)."""
+    if param == 0:   # gamma = 0 / epsilon = 0: cross-entropy itself
+        from ._multiclass import cross_entropy
+
+        return cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, validate=validate, return_parts=return_parts,
+                             backend=backend)
     input, target, weight = autocast_inputs(input, target, weight)
     V.check_floating_input(func, input)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
