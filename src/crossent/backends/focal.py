@@ -113,6 +113,16 @@ def binary_focal_reference(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_w
     return loss
 
 
+def _power(m: Tensor, gamma: float, log_m) -> Tensor:
+    """m ** gamma: ``pow`` where m is a normal number (relative error gamma x that of m, a few
+    ulp), ``exp(gamma * log m)`` where m is subnormal or 0 (``log_m()`` computes log m
+    directly; m^gamma may still be representable for gamma < 1)."""
+    tiny = torch.finfo(m.dtype).tiny
+    direct = torch.pow(m, gamma)
+    small = m < tiny
+    return torch.where(small, torch.exp(gamma * log_m()), direct)
+
+
 def _binary_chunk(alpha: float, gamma: float, epsilon: float):
     """The chunk function of :func:`chunked._elementwise_forward` for these options."""
 
@@ -120,27 +130,28 @@ def _binary_chunk(alpha: float, gamma: float, epsilon: float):
         if keep is not None:
             x = torch.where(keep, x, _zero(x))
         sp_pos, sp_neg = _softplus(x), _softplus(-x)
-        s, u = torch.exp(-sp_neg), torch.exp(-sp_pos)      # sigmoid(x), sigmoid(-x): both exact
+        s, u = torch.sigmoid(x), torch.sigmoid(-x)         # both to an ulp, never 1 - sigmoid
         p = t if pos is None else pos * t
         one_m_t = 1 - t
         ce = _times(p, sp_neg) + _times(one_m_t, sp_pos)
         grad = one_m_t * s - p * u
         if gamma != 0 or epsilon != 0:
-            log_m = _log_m(t, sp_pos, sp_neg)
+            m = t * u + one_m_t * s                         # 1 - p_t: non-negative terms
             sign = 1 - 2 * t
         if gamma != 0:
-            mg = torch.exp(gamma * log_m)
-            # r = s u / m <= 1; at x = +-inf with a matching hard target r is 0/0 -> its factor ce m^g is 0
-            r = torch.exp(torch.clamp(-(sp_pos + sp_neg) - log_m, max=0.0)).nan_to_num(0.0)
+            mg = _power(m, gamma, lambda: _log_m(t, sp_pos, sp_neg))
+            # r = s u / m <= 1: s for t = 1 (m = u), u for t = 0; m >= min(t, 1-t) / 2 otherwise
+            soft = (s * u) / torch.clamp(m, min=torch.finfo(m.dtype).tiny)
+            r = torch.where(t >= 1, s, torch.where(t <= 0, u, soft))
             grad = mg * (grad + gamma * _times(ce, r) * sign)
-            loss = ce * mg
+            loss = _times(mg, ce)
         else:
             loss = ce
         a = _alpha_factor(t, alpha)
         if a is not None:
             loss, grad = a * loss, a * grad
         if epsilon != 0:
-            loss = loss + epsilon * torch.exp(log_m)
+            loss = loss + epsilon * m
             grad = grad + epsilon * (s * u) * sign
         return chunked._weight_and_mask(loss, grad, w, keep)
 
@@ -247,7 +258,7 @@ def _phi_and_slope(n: Tensor, kind: str, param: float) -> Tuple[Tensor, Tensor]:
         return n + param * -torch.expm1(-n), 1 + param * p
     if param == 0:
         return n, torch.ones_like(n)
-    mg = torch.exp(param * _log1mexp(n))
+    mg = _power(-torch.expm1(-n), param, lambda: _log1mexp(n))      # (1 - p)^gamma
     ratio = torch.where(n == 0, torch.ones_like(n), n / torch.expm1(n))     # n / expm1(n) -> 1 at n = 0
     return _times(mg, n), mg * (1 + param * ratio)
 
