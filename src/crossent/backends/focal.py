@@ -168,6 +168,11 @@ def binary_focal_forward(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_wei
 
         if triton_focal.supports(x, t, weight, pos_weight, keep):
             return triton_focal.binary_focal_forward(x, t, weight, pos_weight, keep, alpha, gamma, epsilon)
+    if backend == "chunked" and weight is None and keep is None and float(2 * gamma).is_integer() and gamma <= 10 \
+            and chunked._cpp_ok(x, t) and (pos_weight is None or chunked._cpp_ok(pos_weight)):
+        cpp = chunked._cpp()
+        if cpp is not None:
+            return cpp.focal(x, t, *chunked._cycled_pos_weight(x, pos_weight), alpha, int(2 * gamma), epsilon)
     return chunked._elementwise_forward(_binary_chunk(alpha, gamma, epsilon), x, t, weight, pos_weight, keep,
                                         sum_only=False)
 
