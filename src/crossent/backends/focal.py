@@ -161,13 +161,13 @@ def _binary_chunk(alpha: float, gamma: float, epsilon: float):
 def binary_focal_forward(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
                          keep: Optional[Tensor], alpha: float, gamma: float, epsilon: float,
                          backend: str = "chunked") -> Tuple[Tensor, Tensor]:
-    """(per-element loss, d loss / dx) in one chunked pass (``backend`` 'triton' on CUDA runs
-    the Triton kernel)."""
-    if backend == "triton" and x.device.type == "cuda":
+    """(per-element loss, d loss / dx) in one pass: the Triton kernel (``backend='triton'``,
+    float32/fp16/bf16), the compiled CPU kernel (``'chunked'``, float32 contiguous, no
+    ``weight`` / ``keep``, gamma a multiple of 1/2 up to 10), else chunked torch ops."""
+    if backend == "triton" and x.dtype != torch.float64:    # the registry checked CUDA and triton
         from .triton import focal as triton_focal
 
-        if triton_focal.supports(x, t, weight, pos_weight, keep):
-            return triton_focal.binary_focal_forward(x, t, weight, pos_weight, keep, alpha, gamma, epsilon)
+        return triton_focal.binary_focal_forward(x, t, weight, pos_weight, keep, alpha, gamma, epsilon)
     if backend == "chunked" and weight is None and keep is None and float(2 * gamma).is_integer() and gamma <= 10 \
             and chunked._cpp_ok(x, t) and (pos_weight is None or chunked._cpp_ok(pos_weight)):
         cpp = chunked._cpp()
@@ -313,7 +313,7 @@ def _softmax_chunk(x, q, y, c, smooth, kind, param):
 def softmax_focal_forward(x: Tensor, q, y, c, smooth, keep, kind: str, param: float,
                           backend: str = "chunked") -> Tuple[Tensor, Tensor]:
     """(per-row loss (M,), gradient (M, C)) in one pass over chunks of rows."""
-    if backend == "triton" and x.device.type == "cuda":
+    if backend == "triton" and x.dtype != torch.float64:
         from .triton import focal as triton_focal
 
         return triton_focal.softmax_focal_forward(x, q, y, c, smooth, keep, kind, param)
