@@ -296,6 +296,8 @@ def softmax_focal_reference(x: Tensor, q, y, c, smooth, keep, kind: str, param: 
 
 
 def _softmax_chunk(x, q, y, c, smooth, kind, param):
+    if q is None and smooth is None:
+        return _softmax_chunk_index(x, y, c, kind, param)
     n, e, s, k = _neg_log_softmax(x)
     phi, slope = _phi_and_slope(n, kind, param)
     a = reference._dense_coef(x, q, y, c, smooth)
@@ -307,6 +309,28 @@ def _softmax_chunk(x, q, y, c, smooth, kind, param):
     rest = ab.scatter(1, k, 0.0).sum(dim=1, keepdim=True)       # sum_{c != k} a_c phi'_c
     g_k = rest * p.gather(1, k) - ab.gather(1, k) * (s / (1 + s))
     g.scatter_(1, k, g_k)
+    return loss, g
+
+
+def _softmax_chunk_index(x, y, c, kind, param):
+    """Class indices without smoothing: only the target's term, a_y = c, so phi and phi' are
+    needed at one class per row; gradient c phi'_y (p - e_y), its target entry
+    -c phi'_y s / (1 + s) when the target is the arg-max (no cancellation), else
+    c phi'_y (p_y - 1) with p_y <= 1/2."""
+    m, k = x.max(dim=1, keepdim=True)
+    z = torch.where(x == m, _zero(x), x - m)
+    e = torch.exp(z)
+    s = e.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+    yy = y.unsqueeze(1)
+    n_y = torch.log1p(s) - z.gather(1, yy)
+    phi, slope = _phi_and_slope(n_y, kind, param)
+    cc = c.unsqueeze(1).to(x.dtype)
+    loss = _times(cc, phi).squeeze(1)
+    ab = _times(cc, slope)
+    inv = 1 / (1 + s)
+    g = e * (ab * inv)
+    g_y = torch.where(yy == k, -ab * (s * inv), ab * (e.gather(1, yy) * inv - 1))
+    g.scatter_(1, yy, g_y)
     return loss, g
 
 
