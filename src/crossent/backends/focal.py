@@ -10,12 +10,13 @@ registered ops ``crossent::binary_focal_fused`` and ``crossent::softmax_focal_fu
 
 the loss is :math:`\ell = w\,[A(t)\,\mathrm{ce}\,m^\gamma + \epsilon\,m]` (focal:
 :math:`\epsilon = 0`, :math:`A = \alpha t + (1-\alpha)(1-t)` or 1; Poly-1: :math:`A = 1`,
-:math:`\gamma = 0`). ``m`` is a sum of non-negative terms, never ``1 - sigmoid``: it is
-evaluated in log space, :math:`\log m = \mathrm{logaddexp}(\log t - \mathrm{softplus}(x),
-\log(1-t) - \mathrm{softplus}(-x))`, which for a hard target is exactly
-:math:`\log\sigma(-z)` with the signed logit :math:`z = x(2t-1)`, so
-:math:`m^\gamma = e^{\gamma\log m}` keeps full relative precision where ``m`` itself
-underflows. The gradient is
+:math:`\gamma = 0`). ``m`` is a sum of non-negative terms, never ``1 - sigmoid``; for a
+hard target it is exactly :math:`\sigma(-z)` with the signed logit :math:`z = x(2t-1)`.
+:math:`m^\gamma` is ``pow(m, gamma)`` where ``m`` is a normal number (its relative error is
+gamma times that of ``m``: a few ulp) and :math:`e^{\gamma\log m}` where ``m`` underflows,
+with :math:`\log m = \mathrm{logaddexp}(\log t - \mathrm{softplus}(x), \log(1-t) -
+\mathrm{softplus}(-x))` taken directly (:math:`-\mathrm{softplus}(z)` for a hard target), so
+:math:`m^\gamma` keeps its precision for gamma < 1 where ``m`` itself is 0. The gradient is
 
 .. math::
     \partial_x \ell = w\,\bigl[A\,m^\gamma\,(\mathrm{ce}' + \gamma\,\mathrm{ce}\,r\,(1-2t))
@@ -39,10 +40,9 @@ cross-entropy evaluates it (no cancellation), a row's loss is
 and :math:`\partial \varphi(n_c) / \partial x_j = \varphi'(n_c)\,(p_j - \delta_{cj})` with
 :math:`\varphi'_{\text{focal}} = (1-p)^\gamma\,(1 + \gamma\,n / \mathrm{expm1}(n))`,
 :math:`\varphi'_{\text{poly}} = 1 + \epsilon\,p`. :math:`1 - p_c = -\mathrm{expm1}(-n_c)`
-is exact where ``p_c`` is close to 1 (no ``1 - softmax``), and
+is exact where ``p_c`` is close to 1 (no ``1 - softmax``); where it underflows,
 :math:`\log(1-p_c)` is :math:`\log(-\mathrm{expm1}(-n))` below ``log 2`` and
-:math:`\mathrm{log1p}(-e^{-n})` above (Maechler's log1mexp), so the focal factor keeps its
-relative precision at both ends. The gradient's arg-max entry is formed as
+:math:`\mathrm{log1p}(-e^{-n})` above (Maechler's log1mexp), as for the binary family. The gradient's arg-max entry is formed as
 :math:`p_k \sum_{c \ne k} a_c \varphi'_c - a_k \varphi'_k\,(1 - p_k)` with
 :math:`1 - p_k = s / (1 + s)` from the softmax sum, again without cancellation.
 

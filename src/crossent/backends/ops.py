@@ -20,6 +20,9 @@ The ops are:
     ``reference.ce_coefficients``: dense ``q`` (M, C), or class indices ``y`` (M,) with row
     coefficients ``c`` (M,) and class smoothing terms ``smooth`` (C,).
 
+``crossent::binary_focal_fused`` and ``crossent::softmax_focal_fused`` (focal and Poly-1
+losses) are registered the same way in :mod:`crossent.backends.focal`.
+
 ``backend`` names the kernels (``chunked``: the C kernel where it applies, ``chunked-torch``:
 the same formulas in torch ops on any device, ``triton``: CUDA); the choice is made before
 the op (:func:`crossent.backends.resolve`), a constant of the captured graph.
