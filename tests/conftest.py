@@ -49,6 +49,9 @@ ULP = {
     # (1 - p_t)^gamma times the base loss: pow amplifies the few-ulp error of 1 - p_t by
     # gamma (<= 5 here), plus the base loss's and the product's roundings
     "focal": 16,
+    # the reference backend's gradient is autograd through that composition (pow, sigmoid,
+    # softplus, logaddexp): each backward step rounds once more
+    "focal_reference_grad": 32,
 }
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -57,11 +57,12 @@ def _vg(fn, x, t):
     return out.detach().double().numpy(), g.double().numpy()
 
 
-def measure_sigmoid_focal(dtype: torch.dtype, t: float, gamma: float, alpha: float = 0.25) -> Measured:
+def measure_sigmoid_focal(dtype: torch.dtype, t: float, gamma: float, alpha: float = 0.25,
+                          backend=None) -> Measured:
     x = logit_grid(dtype)
     tt = torch.full_like(x, t)
     truth = np.array([sigmoid_focal_truth(float(v), float(tt[0]), alpha, gamma) for v in x.double()])
-    ours, gours = _vg(lambda x, t: crossent.sigmoid_focal_loss(x, t, alpha, gamma), x, tt)
+    ours, gours = _vg(lambda x, t: crossent.sigmoid_focal_loss(x, t, alpha, gamma, backend=backend), x, tt)
     theirs, gtheirs = _vg(lambda x, t: torchvision_sigmoid_focal_loss(x, t, alpha, gamma), x, tt)
     hard = t in (0.0, 1.0)
     return Measured(f"sigmoid_focal t={t} gamma={gamma}", dtype, truth[:, 0], ours, theirs, truth[:, 1], gours,
@@ -86,7 +87,7 @@ def softmax_focal_truth(row: tuple, y: int, gamma: float):
     return float(mg * n), [float(v) for v in grad], [float(abs(v)) for v in grad]
 
 
-def measure_softmax_focal(dtype: torch.dtype, gamma: float, target_is_max: bool) -> Measured:
+def measure_softmax_focal(dtype: torch.dtype, gamma: float, target_is_max: bool, backend=None) -> Measured:
     """Rows [x, 0, 0] for x over the logit grid, target class 0 (the winner for x > 0) or 1."""
     xs = logit_grid(dtype)
     rows = torch.stack([xs, torch.zeros_like(xs), torch.zeros_like(xs)], 1)
@@ -99,7 +100,8 @@ def measure_softmax_focal(dtype: torch.dtype, gamma: float, target_is_max: bool)
         p = torch.softmax(x, 1).gather(1, y[:, None]).squeeze(1)
         return (1 - p) ** gamma * TF.cross_entropy(x, y, reduction="none")
 
-    ours, gours = _vg(lambda x, y: crossent.softmax_focal_loss(x, y, gamma, reduction="none"), rows, y)
+    ours, gours = _vg(lambda x, y: crossent.softmax_focal_loss(x, y, gamma, reduction="none", backend=backend),
+                      rows, y)
     theirs, gtheirs = _vg(composition, rows, y)
     return Measured(f"softmax_focal y={'max' if target_is_max else 'other'} gamma={gamma}", dtype, truth, ours,
                     theirs, gtruth, gours.reshape(-1), gtheirs.reshape(-1))

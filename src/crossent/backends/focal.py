@@ -89,6 +89,35 @@ def _log_m(t: Tensor, sp_pos: Tensor, sp_neg: Tensor) -> Tensor:
     return torch.where(t <= 0, b, torch.where(t >= 1, a, torch.logaddexp(a, b)))
 
 
+class _Sigmoid(torch.autograd.Function):
+    """sigmoid with the derivative sigmoid(x) sigmoid(-x) (torch's s (1 - s) cancels where s is
+    close to 1), itself differentiable, forward-mode and vmap included."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (_sigmoid(x) * _sigmoid(-x))
+
+    @staticmethod
+    def jvp(ctx, x_t):
+        (x,) = ctx.saved_tensors
+        return x_t * (_sigmoid(x) * _sigmoid(-x))
+
+
+def _sigmoid(x: Tensor) -> Tensor:
+    return _Sigmoid.apply(x)
+
+
 # ---------------------------------------------------------------------------- binary family
 def binary_focal_reference(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
                            keep: Optional[Tensor], alpha: float, gamma: float, epsilon: float) -> Tensor:
@@ -98,14 +127,19 @@ def binary_focal_reference(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_w
     p = t if pos_weight is None else pos_weight * t
     loss = _times(p, sp_neg) + _times(1 - t, sp_pos)
     if gamma != 0 or epsilon != 0:
-        log_m = _log_m(t, sp_pos, sp_neg)
+        m = t * _sigmoid(-x) + (1 - t) * _sigmoid(x)
     if gamma != 0:
-        loss = loss * torch.exp(gamma * log_m)
+        # pow where m is normal, exp(gamma log m) below; each branch sees safe values only,
+        # so neither derivative meets 0 ** (gamma - 1) = inf
+        small = m < torch.finfo(m.dtype).tiny
+        direct = torch.pow(torch.where(small, torch.ones_like(m), m), gamma)
+        tiny = torch.exp(gamma * _log_m(t, sp_pos, sp_neg))
+        loss = _times(torch.where(small, tiny, direct), loss)
     a = _alpha_factor(t, alpha)
     if a is not None:
         loss = a * loss
     if epsilon != 0:
-        loss = loss + epsilon * torch.exp(log_m)
+        loss = loss + epsilon * m
     if weight is not None:
         loss = loss * weight
     if keep is not None:
@@ -247,13 +281,54 @@ def _log1mexp(n: Tensor) -> Tensor:
     return torch.where(n < LOG2, torch.log(-torch.expm1(-n)), torch.log1p(-torch.exp(-n)))
 
 
-def _phi(n: Tensor, kind: str, param: float) -> Tensor:
-    """phi(n) of the module docstring, differentiable."""
+def _slope(n: Tensor, kind: str, param: float) -> Tensor:
+    """phi'(n) in differentiable torch ops whose branches see safe values only (so the
+    second derivative is finite wherever the first is)."""
     if kind == "poly":
-        return n + param * -torch.expm1(-n)
-    if param == 0:
+        return 1 + param * torch.exp(-n)
+    om = -torch.expm1(-n)
+    small = om < torch.finfo(n.dtype).tiny
+    one = torch.ones_like(n)
+    direct = torch.pow(torch.where(small, one, om), param)
+    below = torch.exp(param * _log1mexp(torch.where(small & (n > 0), n, one)))
+    mg = torch.where(n == 0, torch.zeros_like(n) if param > 0 else one, torch.where(small, below, direct))
+    nz = torch.where(n == 0, one, n)
+    ratio = torch.where(n == 0, one, nz / torch.expm1(nz))
+    return mg * (1 + param * ratio)
+
+
+class _Phi(torch.autograd.Function):
+    """phi(n) with the exact first derivative phi'(n) (:func:`_phi_and_slope`); its backward
+    is differentiable (:func:`_slope`), so higher derivatives flow; forward-mode and vmap too."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(n, kind, param):
+        return _phi_and_slope(n, kind, param)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        n, ctx.kind, ctx.param = inputs
+        ctx.save_for_backward(n)
+        ctx.set_materialize_grads(True)
+
+    @staticmethod
+    def backward(ctx, g):
+        (n,) = ctx.saved_tensors
+        return g * _slope(n, ctx.kind, ctx.param), None, None
+
+    @staticmethod
+    def jvp(ctx, n_t, kind_t, param_t):
+        (n,) = ctx.saved_tensors
+        return n_t * _slope(n, ctx.kind, ctx.param)
+
+
+def _phi(n: Tensor, kind: str, param: float) -> Tensor:
+    """phi(n) of the module docstring, differentiable to any order."""
+    if kind == "focal" and param == 0:
         return n
-    return torch.exp(param * _log1mexp(n)) * n
+    return _Phi.apply(n, kind, param)
 
 
 def _phi_and_slope(n: Tensor, kind: str, param: float) -> Tuple[Tensor, Tensor]:
@@ -281,8 +356,11 @@ def softmax_focal_reference(x: Tensor, q, y, c, smooth, keep, kind: str, param: 
     """Per-row loss sum_c a_c phi(-log p_c) in differentiable torch ops (rows (M, C))."""
     x = reference.sanitise_ignored(x, keep)
     k = x.detach().argmax(dim=1, keepdim=True)
-    m = x.gather(1, k)             # differentiable: the k-th term is 1 + ... below, not exp(x_k - m)
-    z = x - m
+    m = x.gather(1, k)             # differentiable: x_k reaches -log p only through s
+    at_k = torch.zeros_like(x, dtype=torch.bool).scatter_(1, k, True)
+    # z_k = 0 as a constant (not x_k - x_k): its two gradient paths would cancel in autograd
+    # and lose the arg-max's tiny gradient -s/(1+s) (float32 rows like [31, 0, 0])
+    z = torch.where(at_k, torch.zeros((), dtype=x.dtype, device=x.device), x - m)
     e = torch.exp(z)
     s = e.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
     n = torch.log1p(s) - z
