@@ -102,6 +102,7 @@ class _Sigmoid(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def backward(ctx, g):
@@ -311,6 +312,7 @@ class _Phi(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         n, ctx.kind, ctx.param = inputs
         ctx.save_for_backward(n)
+        ctx.save_for_forward(n)
         ctx.set_materialize_grads(True)
 
     @staticmethod
