@@ -544,3 +544,33 @@ def test_cpu_kernel_float32_matches_float64_composition(gamma, opts, pos_weight)
     want.sum().backward()
     assert_close(loss, want.float())
     assert_close(grad, xr.grad.float())
+
+
+@pytest.mark.parametrize("loss", ("focal", "poly1"))
+@pytest.mark.parametrize("weight", (False, True))
+def test_softmax_cpu_kernel_path_float32_with_ignored_rows(loss, weight):
+    """float32 class indices without smoothing run the compiled cross-entropy kernel twice
+    (n_y, then the gradient with row weights c phi'(n_y)); ignored NaN rows stay absent."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 7, generator=g) * 4
+    x[5, 2] = 40.0
+    y = torch.randint(0, 7, (40,), generator=g)
+    y[5] = 2
+    y[[3, 11]] = -100
+    x[3] = float("nan")
+    w = torch.rand(7, generator=g) + 0.5 if weight else None
+    xa = x.clone().requires_grad_()
+    if loss == "focal":
+        got = crossent.softmax_focal_loss(xa, y, 2.0, w, backend="chunked")
+        ck = dict(gamma=2.0)
+    else:
+        got = crossent.poly1_cross_entropy(xa, y, w, epsilon=1.0, backend="chunked")
+        ck = dict(epsilon=1.0)
+    xc = torch.where(torch.isnan(x), 0.0, x).double().requires_grad_()
+    per, den = softmax_composition(xc, y, weight=None if w is None else w.double(), **ck)
+    want = per.sum() / den
+    assert_close(got, want.float())
+    got.backward()
+    want.backward()
+    assert_close(xa.grad, (xc.grad * ~torch.isnan(x)).float())
+    assert (xa.grad[3] == 0).all()

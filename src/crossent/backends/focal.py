@@ -66,6 +66,11 @@ from .reference import _softplus, _times
 
 LOG2 = math.log(2.0)
 
+# Rows of the softmax family per chunk: 2**20 elements (4 MiB per float32 temporary). Its
+# chunk runs about twenty torch ops; at the base kernels' 2**16 a 32k-class row would be
+# two rows per chunk and the per-op overhead (and each op's thread barrier) would dominate.
+SOFTMAX_CHUNK_ELEMENTS = 1 << 20
+
 
 def _zero(like: Tensor) -> Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device)
@@ -414,6 +419,22 @@ def _softmax_chunk_index(x, y, c, kind, param):
     return loss, g
 
 
+def _softmax_index_cpp(cpp, x, y, c, kind, param):
+    """Class indices without smoothing on the compiled cross-entropy kernel, twice: a row's
+    loss is c phi(n_y) and its gradient c phi'(n_y) (p - e_y), the cross-entropy gradient
+    with the row weight c phi'(n_y). Pass 1 reads the exact n_y = -log p_y (row weight 1, no
+    gradient), pass 2 writes the gradient with the new row weights. Ignored rows keep their
+    -0.0 weight (reference.ce_coefficients) in both passes: loss 0, gradient 0, logits unread."""
+    y = y.long().contiguous()
+    c = c.contiguous().to(x.dtype)
+    ones = torch.where(torch.signbit(c), -0.0, 1.0).to(x.dtype)
+    n_y = cpp.ce_index(x, y, ones, None)
+    phi, slope = _phi_and_slope(n_y, kind, param)
+    grad = torch.empty_like(x)
+    cpp.ce_index(x, y, (c * slope).contiguous(), grad)
+    return _times(c, phi), grad
+
+
 def softmax_focal_forward(x: Tensor, q, y, c, smooth, keep, kind: str, param: float,
                           backend: str = "chunked") -> Tuple[Tensor, Tensor]:
     """(per-row loss (M,), gradient (M, C)) in one pass over chunks of rows."""
@@ -422,9 +443,12 @@ def softmax_focal_forward(x: Tensor, q, y, c, smooth, keep, kind: str, param: fl
 
         return triton_focal.softmax_focal_forward(x, q, y, c, smooth, keep, kind, param)
     M, C = x.shape
+    if backend == "chunked" and q is None and smooth is None and M > 0 and C > 0 and chunked._cpp_ok(x) \
+            and x.dim() == 2 and chunked._cpp() is not None:
+        return _softmax_index_cpp(chunked._cpp(), x, y, c, kind, param)
     loss = torch.empty(M, dtype=x.dtype, device=x.device)
     grad = torch.empty_like(x)
-    for i, j in chunked._chunks(M, chunked._rows_per_chunk(C)):
+    for i, j in chunked._chunks(M, max(1, SOFTMAX_CHUNK_ELEMENTS // max(1, C))):
         sl = slice(i, j)
         xs = x[sl] if keep is None else reference.sanitise_ignored(x[sl], keep[sl])
         lo, g = _softmax_chunk(xs, None if q is None else q[sl], None if y is None else y[sl],
