@@ -574,3 +574,31 @@ def test_softmax_cpu_kernel_path_float32_with_ignored_rows(loss, weight):
     want.backward()
     assert_close(xa.grad, (xc.grad * ~torch.isnan(x)).float())
     assert (xa.grad[3] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize("pos_weight", (False, True))
+def test_cpu_kernel_sum_only_path_any_grad_output(reduction, pos_weight):
+    """float32 'mean' / 'sum' on the CPU kernel: sum only, gradient pre-scaled; any other
+    grad_output (loss * 3), a second backward (retain_graph) and double backward still right."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(33, 9, generator=g) * 5
+    t = (torch.rand(33, 9, generator=g) > 0.7).float()
+    pw = torch.rand(9, generator=g) + 0.5 if pos_weight else None
+    xr = x.double().requires_grad_()
+    per = binary_composition(xr, t.double(), alpha=0.25, gamma=2.0, pos_weight=None if pw is None else pw.double())
+    want = per.mean() if reduction == "mean" else per.sum()
+    (gw,) = torch.autograd.grad(want, xr, create_graph=True)
+    (hw,) = torch.autograd.grad(gw.sum(), xr)
+    xa = x.clone().requires_grad_()
+    got = crossent.sigmoid_focal_loss(xa, t, reduction=reduction, pos_weight=pw)
+    assert_close(got, want.float())
+    (g1,) = torch.autograd.grad(got, xa, retain_graph=True)
+    assert_close(g1, gw.detach().float())
+    (g2,) = torch.autograd.grad(got, xa, retain_graph=True)
+    assert torch.equal(g1, g2)
+    (g3,) = torch.autograd.grad(got * 3, xa, retain_graph=True)
+    assert_close(g3, 3 * gw.detach().float())
+    (gc,) = torch.autograd.grad(got, xa, create_graph=True)
+    (h,) = torch.autograd.grad(gc.sum(), xa)
+    assert_close(h, hw.float())

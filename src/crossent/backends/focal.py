@@ -208,13 +208,57 @@ def binary_focal_forward(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_wei
         from .triton import focal as triton_focal
 
         return triton_focal.binary_focal_forward(x, t, weight, pos_weight, keep, alpha, gamma, epsilon)
-    if backend == "chunked" and weight is None and keep is None and float(2 * gamma).is_integer() and gamma <= 10 \
-            and chunked._cpp_ok(x, t) and (pos_weight is None or chunked._cpp_ok(pos_weight)):
-        cpp = chunked._cpp()
-        if cpp is not None:
-            return cpp.focal(x, t, *chunked._cycled_pos_weight(x, pos_weight), alpha, int(2 * gamma), epsilon)
+    if backend == "chunked" and cpu_kernel_applies(x, t, weight, pos_weight, keep, gamma):
+        return chunked._cpp().focal(x, t, *chunked._cycled_pos_weight(x, pos_weight), alpha, int(2 * gamma),
+                                    epsilon)
     return chunked._elementwise_forward(_binary_chunk(alpha, gamma, epsilon), x, t, weight, pos_weight, keep,
                                         sum_only=False)
+
+
+def cpu_kernel_applies(x, t, weight, pos_weight, keep, gamma: float) -> bool:
+    """The compiled CPU kernel computes this call (see :func:`binary_focal_forward`)."""
+    return (weight is None and keep is None and float(2 * gamma).is_integer() and gamma <= 10
+            and chunked._cpp_ok(x, t) and (pos_weight is None or chunked._cpp_ok(pos_weight))
+            and chunked._cpp() is not None)
+
+
+class _FocalSum(torch.autograd.Function):
+    """Eager 'mean' / 'sum' on the compiled CPU kernel: the forward returns the 0-dim sum (no
+    per-element loss buffer) and a gradient already multiplied by the grad_output a plain
+    ``backward()`` sends (``scale``); backward hands that buffer on when it receives exactly
+    ``scale`` (one CPU scalar read), else recomputes and scales. ``create_graph`` re-derives
+    through the reference composition (as the fused BCE ops do)."""
+
+    @staticmethod
+    def forward(ctx, x, t, pos_weight, alpha, gamma, epsilon, scale):
+        pw, L = chunked._cycled_pos_weight(x, pos_weight)
+        total, grad = chunked._cpp().focal(x, t, pw, L, alpha, int(2 * gamma), epsilon, True, scale)
+        ctx.grad, ctx.opts, ctx.scale = grad, (alpha, gamma, epsilon), scale
+        ctx.save_for_backward(x, t, pos_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, t, pos_weight = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        alpha, gamma, epsilon = ctx.opts
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                loss = binary_focal_reference(x, t, None, pos_weight, None, alpha, gamma, epsilon).sum()
+                (g,) = torch.autograd.grad(loss, x, grad_out, create_graph=True)
+            return g, None, None, None, None, None, None
+        if grad is not None and grad_out.numel() == 1 and grad_out.item() == ctx.scale:
+            return grad, None, None, None, None, None, None
+        pw, L = chunked._cycled_pos_weight(x, pos_weight)
+        _, grad = chunked._cpp().focal(x, t, pw, L, alpha, int(2 * gamma), epsilon, True, None)
+        return grad.mul_(grad_out), None, None, None, None, None, None
+
+
+def binary_focal_sum(x, t, pos_weight, *, alpha: float, gamma: float, epsilon: float, scale: float) -> Tensor:
+    """The 0-dim sum of the per-element losses on the compiled CPU kernel (eager only; see
+    :class:`_FocalSum`). The caller checked :func:`cpu_kernel_applies`."""
+    t = t.expand(x.shape).contiguous()
+    return _FocalSum.apply(x.contiguous(), t, pos_weight, float(alpha), float(gamma), float(epsilon), float(scale))
 
 
 @torch.library.custom_op("crossent::binary_focal_fused", mutates_args=())

@@ -572,13 +572,20 @@ static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *
   *loss = lo; *grad = g;
 }
 
-void crossent_focal(const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
-                    float alpha, int half2, float eps, int64_t n, int nthreads) {
+/* loss: per-element losses, or NULL to return their sum (as crossent_bce); grad is
+   multiplied by scale (the grad_output a plain backward() of 'mean' / 'sum' will send). */
+double crossent_focal(const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
+                      float alpha, int half2, float eps, float scale, int64_t n, int nthreads) {
   const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  const V vscale = vset(scale);
+  double total = 0.0;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;
     float pwb[W], xb[W], tb[W], lb[W], gb[W];
+    V acc = vzero();
+    double s = 0.0;
+    int flush = 0;
     int64_t col = pw ? begin % L : 0;
     for (int64_t i = begin; i < end; i += W) {
       const int64_t m = (end - i < W) ? end - i : W;
@@ -598,13 +605,20 @@ void crossent_focal(const float *x, const float *t, const float *pw, int64_t L, 
         xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
       }
       focal8(xv, tv, pv, alpha, half2, eps, &lo, &gr);
+      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
       if (m == W) {
         _mm256_storeu_ps(grad + i, gr);
-        _mm256_storeu_ps(loss + i, lo);
+        if (loss) _mm256_storeu_ps(loss + i, lo);
+        else {
+          acc = _mm256_add_ps(acc, lo);
+          if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
+        }
       } else {
         _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
-        for (int64_t j = 0; j < m; ++j) { grad[i + j] = gb[j]; loss[i + j] = lb[j]; }
+        for (int64_t j = 0; j < m; ++j) { grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
       }
     }
+    total += s + hsum(acc);
   }
+  return total;
 }

@@ -17,7 +17,7 @@ from .._capture import capturing
 from ..backends import focal, resolve
 from ._binary import _prepare as _prepare_binary
 from ._multiclass import _rows
-from ._reduction import autocast_inputs, compute_dtype, legacy_reduction, no_autocast, reduce_loss
+from ._reduction import autocast_inputs, compute_dtype, legacy_reduction, mean_grad_scale, no_autocast, reduce_loss
 
 
 def _check_nonnegative(func: str, name: str, value, fix: str) -> float:
@@ -74,8 +74,16 @@ def _binary_family(func, input, target, weight, pos_weight, ignore_index, label_
         None, None, probabilities_in=False, validate=validate, capture=capture)
     name = resolve("binary_cross_entropy_with_logits", x.device, backend)
     with no_autocast(x.device):
-        loss = focal.binary_focal(x, t, weight, pos_weight, keep, alpha=alpha, gamma=gamma, epsilon=epsilon,
-                                  backend=name)
+        if (reduction != "none" and not capture and name == "chunked" and x.numel()
+                and not focal._wants_graph(t, weight, pos_weight)
+                and focal.cpu_kernel_applies(x, t.expand(x.shape), weight, pos_weight, keep, gamma)):
+            # the 0-dim sum, the gradient pre-scaled by what backward() will send
+            scale = mean_grad_scale(x.numel(), x.dtype) if reduction == "mean" else 1.0
+            loss = focal.binary_focal_sum(x, t, pos_weight, alpha=alpha, gamma=gamma, epsilon=epsilon, scale=scale)
+            denominator = x.numel()
+        else:
+            loss = focal.binary_focal(x, t, weight, pos_weight, keep, alpha=alpha, gamma=gamma, epsilon=epsilon,
+                                      backend=name)
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
     return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
                        capture=capture)
