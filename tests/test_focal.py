@@ -602,3 +602,29 @@ def test_cpu_kernel_sum_only_path_any_grad_output(reduction, pos_weight):
     (gc,) = torch.autograd.grad(got, xa, create_graph=True)
     (h,) = torch.autograd.grad(gc.sum(), xa)
     assert_close(h, hw.float())
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+def test_softmax_prescaled_path_any_grad_output(reduction):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(21, 6, generator=g) * 3
+    y = torch.randint(0, 6, (21,), generator=g)
+    y[4] = -100
+    w = torch.rand(6, generator=g) + 0.5
+    xr = x.double().requires_grad_()
+    per, den = softmax_composition(xr, y, gamma=2.0, weight=w.double())
+    want = per.sum() / den if reduction == "mean" else per.sum()
+    (gw,) = torch.autograd.grad(want, xr, create_graph=True)
+    (hw,) = torch.autograd.grad(gw.sum(), xr)
+    xa = x.clone().requires_grad_()
+    got = crossent.softmax_focal_loss(xa, y, 2.0, w, reduction=reduction)
+    assert_close(got, want.float())
+    (g1,) = torch.autograd.grad(got, xa, retain_graph=True)
+    assert_close(g1, gw.detach().float())
+    (g2,) = torch.autograd.grad(got, xa, retain_graph=True)
+    assert torch.equal(g1, g2)
+    (g3,) = torch.autograd.grad(got * 3, xa, retain_graph=True)
+    assert_close(g3, 3 * gw.detach().float())
+    (gc,) = torch.autograd.grad(got, xa, create_graph=True)
+    (h,) = torch.autograd.grad(gc.sum(), xa)
+    assert_close(h, hw.float())

@@ -463,7 +463,7 @@ def _softmax_chunk_index(x, y, c, kind, param):
     return loss, g
 
 
-def _softmax_index_cpp(cpp, x, y, c, kind, param):
+def _softmax_index_cpp(cpp, x, y, c, kind, param, scale=None):
     """Class indices without smoothing on the compiled cross-entropy kernel, twice: a row's
     loss is c phi(n_y) and its gradient c phi'(n_y) (p - e_y), the cross-entropy gradient
     with the row weight c phi'(n_y). Pass 1 reads the exact n_y = -log p_y (row weight 1, no
@@ -475,8 +475,37 @@ def _softmax_index_cpp(cpp, x, y, c, kind, param):
     n_y = cpp.ce_index(x, y, ones, None)
     phi, slope = _phi_and_slope(n_y, kind, param)
     grad = torch.empty_like(x)
-    cpp.ce_index(x, y, (c * slope).contiguous(), grad)
+    cpp.ce_index(x, y, (c * slope).contiguous(), grad, scale)
     return _times(c, phi), grad
+
+
+class _SoftmaxIndexPrescaled(torch.autograd.Function):
+    """Eager 'mean' / 'sum' of :func:`_softmax_index_cpp`: the gradient is written already
+    multiplied by the grad_output a plain ``backward()`` sends (``scale``, as the fused
+    cross-entropy does), handed on when exactly that arrives, recomputed and scaled for any
+    other; ``create_graph`` re-derives through the reference composition."""
+
+    @staticmethod
+    def forward(ctx, x, y, c, kind, param, scale):
+        loss, grad = _softmax_index_cpp(chunked._cpp(), x, y, c, kind, param, chunked._value(scale))
+        ctx.grad, ctx.opts, ctx.scale = grad, (kind, param), scale
+        ctx.save_for_backward(x, y, c)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, y, c = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        kind, param = ctx.opts
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                loss = softmax_focal_reference(x, None, y, c, None, None, kind, param)
+                (g,) = torch.autograd.grad(loss, x, grad_out, create_graph=True)
+            return g, None, None, None, None, None
+        if grad is not None and chunked._is_expected(grad_out, ctx.scale):
+            return grad, None, None, None, None, None
+        _, grad = _softmax_index_cpp(chunked._cpp(), x, y, c, kind, param)
+        return grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
 
 
 def softmax_focal_forward(x: Tensor, q, y, c, smooth, keep, kind: str, param: float,
@@ -535,16 +564,21 @@ softmax_focal_fused.register_autograd(_softmax_backward, setup_context=_saver(6)
 
 
 def softmax_focal(x, target, index_target: bool, weight, keep, label_smoothing: float, *, kind: str,
-                  param: float, backend: str) -> Tuple[Tensor, Optional[Tensor]]:
+                  param: float, backend: str, prescale_for: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-row softmax focal / Poly-1 loss of rows ``x`` (M, C): ``(loss, per-row mean
     denominator weights or None)``; the registered op, or the reference composition (as
-    :func:`binary_focal` chooses)."""
+    :func:`binary_focal` chooses). ``prescale_for`` ('mean' / 'sum', eager calls only): the
+    reduction that follows, so the CPU kernel path may pre-scale its gradient."""
     from .._capture import transforming
 
     q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if backend == "reference" or transforming() or _wants_graph(weight) \
             or (not index_target and _wants_graph(target)):
         return _softmax_reference_masked(x, q, y, c, smooth, keep, kind, param), den
+    if prescale_for in ("mean", "sum") and backend == "chunked" and q is None and smooth is None \
+            and x.dim() == 2 and x.shape[0] and x.shape[1] and chunked._cpp_ok(x) and chunked._cpp() is not None:
+        scale = chunked.ce_grad_scale(prescale_for, den, x.shape[0], x)
+        return _SoftmaxIndexPrescaled.apply(x, y, c, kind, float(param), scale), den
     loss, _ = softmax_focal_fused(x.contiguous(), q, None if y is None else y.contiguous(), c, smooth, keep,
                                   kind, float(param), backend)
     return loss, den

@@ -254,7 +254,7 @@ def _softmax_family(func, input, target, weight, ignore_index, reduction, label_
     name = resolve("cross_entropy", x.device, backend)
     with no_autocast(x.device):
         loss, den = focal.softmax_focal(x, t, index_target, w, keep, label_smoothing, kind=kind, param=param,
-                                        backend=name)
+                                        backend=name, prescale_for=None if capture else reduction)
     if loss.shape != out_shape:
         loss = loss.reshape(out_shape)
     denominator = None if den is None else den.sum()
