@@ -4,8 +4,6 @@ gradcheck, gamma = 0 / epsilon = 0 as the base losses, guardrails, modules, retu
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -13,7 +11,7 @@ import torch.nn.functional as TF
 import crossent
 from crossent import CrossentTypeError, CrossentValueError
 
-from conftest import LOW_PRECISION, TOL, assert_close
+from conftest import assert_close
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 BACKENDS = ("reference", "chunked", "chunked-torch")

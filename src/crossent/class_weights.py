@@ -32,7 +32,7 @@ from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
 
-from ._validation import CrossentTypeError, CrossentValueError, fail
+from ._validation import CrossentTypeError, fail
 
 __all__ = ["LabelCounts", "count_labels", "effective_number", "inverse_frequency", "pos_weight_from_counts"]
 
