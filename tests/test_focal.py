@@ -383,6 +383,16 @@ def test_asymmetric_equals_the_reference_where_it_is_accurate(clip, gammas):
     assert_close(xa.grad, xb.grad)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_asymmetric_dtypes(dtype):
+    x, t = _data()
+    xd = x.to(dtype)
+    got = crossent.asymmetric_loss(xd, t.to(dtype), reduction="none")
+    assert got.dtype == dtype
+    want = asl_reference(xd.double(), t.double())      # accurate for these moderate logits
+    assert_close(got.double(), want.to(dtype).double(), dtype)
+
+
 def test_asymmetric_zero_gammas_no_clip_is_bce():
     x, t = _data(soft=True)
     assert_close(crossent.asymmetric_loss(x, t, 0.0, 0.0, None),
@@ -404,7 +414,7 @@ def test_asymmetric_is_finite_and_exact_for_huge_logits():
 
 # ------------------------------------------------------------------------- properties
 def test_focal_is_below_bce_and_decreasing_in_gamma():
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import given, settings, strategies as st
 
     @settings(max_examples=60, deadline=None)
@@ -418,7 +428,6 @@ def test_focal_is_below_bce_and_decreasing_in_gamma():
         assert (f_hi <= f_lo * (1 + 1e-12)).all() and (f_lo <= bce * (1 + 1e-12)).all()
         assert (f_hi >= 0).all()
 
-    del hypothesis
     prop()
 
 
