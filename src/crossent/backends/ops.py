@@ -23,6 +23,9 @@ a kernel on fake data, and an autograd formula (``register_autograd``).
     and makes one pass over the logits in each (the layout Inductor gives torch's own
     cross-entropy).
 
+``crossent::binary_focal_fused`` and ``crossent::softmax_focal_fused`` (focal and Poly-1
+losses) are registered the same way in :mod:`crossent.backends.focal`.
+
 ``backend`` names the kernels (``chunked``: the C kernel where it applies, ``chunked-torch``:
 the same formulas in torch ops on any device, ``triton``: CUDA); the choice is made before
 the op (:func:`crossent.backends.resolve`), a constant of the captured graph.
