@@ -27,8 +27,8 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
     """The most common eager call, in few Python steps, or None for the general path.
 
     Plain means: an eager CPU call (nothing captured, no autocast) on float32 (N, C) logits
-    (C >= 2, contiguous) that need a gradient, int64 (N,) class indices all in [0, C) (so
-    none is ignore_index), no weights or smoothing, reduction 'mean' or 'sum', and the
+    (C >= 2, contiguous) that need a gradient, int64 (N,) class indices all in [0, C) with
+    ignore_index outside it (so none is ignored), no weights or smoothing, reduction 'mean' or 'sum', and the
     compiled kernel chosen. Then every check of the general path passes except the
     softmax heuristic, which runs here too, and the kernel computes exactly what the
     general path would (:func:`crossent.backends.chunked.plain_cross_entropy`). Anything
@@ -44,8 +44,10 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
             or torch._C._are_functorch_transforms_active() or _autocast_enabled("cpu")
             or resolve("cross_entropy", input.device) != "chunked" or chunked._cpp() is None):
         return None
+    if 0 <= ignore_index < C:   # a class index may be ignored: the general path masks it
+        return None
     tmin, tmax = torch.aminmax(target)
-    if int(tmin) < 0 or int(tmax) >= C:
+    if int(tmin) < 0 or int(tmax) >= C:   # ignored (ignore_index < 0 or >= C) or out of range
         return None
     if V.validation_enabled(validate):
         V.check_logits_not_probabilities("cross_entropy", input, 1)
