@@ -218,3 +218,75 @@ def linear_cross_entropy(x, W, b, t, index, weight, keep, eps, block_args, *, ba
     total, lse, _, _, _ = linear_cross_entropy_fused(x.contiguous(), W, b, t, weight, keep, index, float(eps),
                                                      *block_args, backend)
     return total, lse
+
+
+# --------------------------------------------------------------- LM-head statistics
+@torch.library.custom_op("crossent::lm_head_forward", mutates_args=())
+def lm_head_forward(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
+                    sigma: Optional[Tensor], temperature: float, softcap: float,
+                    rows: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row ``(nll, sm, lse, ent, correct)`` of :mod:`.lm_head` plus the saved
+    ``(m, log1p(S'), B/(1+S'))``: ``x`` logits (N, C) (``W`` None) or hidden states (N, H)
+    of ``W`` (C, H); row blocks of ``rows`` rows; ``softcap`` 0 means none."""
+    from . import lm_head
+
+    (nll, sm, lse, ent, correct), (m, lp1, _, BA) = lm_head.forward_rows(
+        x, W, b, y, keep, sigma, temperature, softcap, rows)
+    return nll, sm, lse, ent, correct, m, lp1, BA
+
+
+@lm_head_forward.register_fake
+def _(x, W, b, y, keep, sigma, temperature, softcap, rows):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    N = x.shape[0]
+    f = [x.new_empty((N,), dtype=cdt) for _ in range(7)]
+    return f[0], f[1], f[2], f[3], x.new_empty((N,), dtype=torch.bool), f[4], f[5], f[6]
+
+
+@torch.library.custom_op("crossent::lm_head_backward", mutates_args=())
+def lm_head_backward(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
+                     sigma: Optional[Tensor], temperature: float, softcap: float, rows: int,
+                     m: Tensor, lp1: Tensor, nll: Tensor, BA: Tensor, g_nll: Optional[Tensor],
+                     g_sm: Optional[Tensor], g_lse: Optional[Tensor], g_ent: Optional[Tensor],
+                     need_x: bool, need_W: bool, need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_W, grad_b)`` of ``crossent::lm_head_forward`` (empty where not needed)."""
+    from . import lm_head
+
+    return lm_head.backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA,
+                                 g_nll, g_sm, g_lse, g_ent, need_x, need_W, need_b)
+
+
+@lm_head_backward.register_fake
+def _(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent,
+      need_x, need_W, need_b):
+    return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+            W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),
+            b.new_empty(b.shape) if (need_b and b is not None) else x.new_empty((0,)))
+
+
+def _lm_head_setup(ctx, inputs, output):
+    x, W, b, y, keep, sigma, temperature, softcap, rows = inputs
+    ctx.mark_non_differentiable(*output[4:])
+    ctx.args = (temperature, softcap, rows)
+    ctx.needs = (x.requires_grad, W is not None and W.requires_grad, b is not None and b.requires_grad)
+    ctx.has = (W is not None, b is not None, sigma is not None)
+    ctx.save_for_backward(x, W, b, y, keep, sigma, output[5], output[6], output[0], output[7])
+
+
+def _lm_head_backward(ctx, g_nll, g_sm, g_lse, g_ent, *_):
+    x, W, b, y, keep, sigma, m, lp1, nll, BA = ctx.saved_tensors
+    need_x, need_W, need_b = ctx.needs
+    gx, gW, gb = lm_head_backward(x, W, b, y, keep, sigma, *ctx.args, m, lp1, nll, BA,
+                                  g_nll, g_sm, g_lse, g_ent, need_x, need_W, need_b)
+    return (gx if need_x else None, gW if need_W else None, gb if need_b else None,
+            None, None, None, None, None, None)
+
+
+lm_head_forward.register_autograd(_lm_head_backward, setup_context=_lm_head_setup)
+
+
+def lm_head(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: int):
+    """``(nll, sm, lse, ent, correct)`` per row through ``crossent::lm_head_forward``."""
+    out = lm_head_forward(x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma,
+                          temperature, softcap, rows)
+    return out[:5]
