@@ -29,6 +29,8 @@ from .functional import binary_cross_entropy_with_logits
 from .functional import cross_entropy
 from .functional import linear_binary_cross_entropy_with_logits
 from .functional import linear_cross_entropy
+from .functional import linear_token_logprobs
+from .functional import token_logprobs
 
 __all__ = [
     "BackendUnavailableError",
@@ -44,9 +46,11 @@ __all__ = [
     "functional",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
+    "linear_token_logprobs",
     "nn",
     "patch",
     "probabilities",
+    "token_logprobs",
     "tracking",
     "unpatch",
 ]

@@ -268,3 +268,19 @@ def lm_head_chunked(x, W, b, y, keep, sigma, temperature, softcap, rows):
 
     return ops.lm_head(x, W, b, y, keep, sigma, float(temperature), float(softcap or 0.0), int(rows))
 
+
+
+# ----------------------------------------------------------------------- registration
+# Declared capability: ``reference`` (full logits, autograd) and ``chunked-torch`` (the
+# registered row-block op, plain torch ops, any device) implement ``lm_head``. The C
+# kernel of ``chunked`` and the Triton kernels do not compute these options, so the
+# automatic choice skips them and an explicit ``backend='chunked'`` or ``'triton'``
+# raises BackendUnavailableError naming the backends that can.
+def _register() -> None:
+    from .linear import _add_ops
+
+    _add_ops("reference", 0, {"lm_head": lm_head_unfused})
+    _add_ops("chunked-torch", 1, {"lm_head": lm_head_chunked}, any_device=True)
+
+
+_register()

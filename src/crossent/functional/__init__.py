@@ -12,6 +12,8 @@ import torch.nn.functional as _torch_functional
 from ._binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from ._linear import linear_binary_cross_entropy_with_logits
 from ._linear import linear_cross_entropy
+from ._lm_head import linear_token_logprobs
+from ._lm_head import token_logprobs
 from ._multiclass import cross_entropy
 from ._reduction import LossParts
 
@@ -22,6 +24,8 @@ __all__ = [
     "cross_entropy",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
+    "linear_token_logprobs",
+    "token_logprobs",
 ]
 
 
