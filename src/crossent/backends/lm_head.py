@@ -238,6 +238,8 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, n
 def lm_head_unfused(x, W, b, y, keep, sigma, temperature, softcap, rows=None):
     """The same outputs from the full logits, differentiated by autograd (reference)."""
     cdt = compute_dtype(x.dtype)
+    # ignored rows are read as zeros (a select): exactly zero gradient, never 0 * nan
+    x = torch.where(keep.unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     L = x.to(cdt) if W is None else torch.nn.functional.linear(x, W, b).to(cdt)
     z = softcap * torch.tanh(L / softcap) / temperature if softcap else L / temperature
     ys = _safe_y(y, keep)
