@@ -446,3 +446,25 @@ def test_every_option_combination_runs_once():
             want = ref_ce(x, y, weight=w, eps=0.1, **_refkw(opts, tw[:6]))[0]
             assert_close(got, want, msg=str(combo))
     assert TOL[torch.float64]["rtol"] <= 1e-10
+
+
+# ----------------------------------------------------------------------- nn modules
+def test_modules_pass_the_options_and_keep_torchs_state_dict():
+    x, y, tw, w = _data(dtype=torch.float64)
+    mod = crossent.nn.CrossEntropyLoss(w, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, temperature=0.8)
+    got, lse, hits = mod(x, y, token_weight=tw, return_lse=True, return_accuracy=True)
+    want = crossent.cross_entropy(x, y, w, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, temperature=0.8,
+                                  token_weight=tw, return_lse=True, return_accuracy=True)
+    assert_close(got, want[0])
+    assert_close(lse, want[1])
+    assert hits.item() == want[2].item()
+    assert set(mod.state_dict()) == set(torch.nn.CrossEntropyLoss(w).state_dict())
+    head = crossent.nn.LinearCrossEntropyLoss(4, C, bias=True, dtype=torch.float64, softcap=2.0, z_loss=1e-3)
+    h, _, _, yl = _linear_data()
+    got = head(h, yl, token_weight=tw[:1].expand(10).contiguous())
+    want = crossent.cross_entropy(head.linear(h), yl, softcap=2.0, z_loss=1e-3, token_weight=tw[:1].expand(10))
+    assert_close(got, want)
+    with pytest.raises(crossent.CrossentValueError, match=r"CrossEntropyLoss: expected `temperature` finite and > 0"):
+        crossent.nn.CrossEntropyLoss(temperature=0.0)
+    with pytest.raises(crossent.CrossentValueError, match=r"LinearCrossEntropyLoss: expected `z_loss` finite"):
+        crossent.nn.LinearCrossEntropyLoss(4, C, z_loss=float("nan"))
