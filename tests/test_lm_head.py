@@ -468,3 +468,33 @@ def test_modules_pass_the_options_and_keep_torchs_state_dict():
         crossent.nn.CrossEntropyLoss(temperature=0.0)
     with pytest.raises(crossent.CrossentValueError, match=r"LinearCrossEntropyLoss: expected `z_loss` finite"):
         crossent.nn.LinearCrossEntropyLoss(4, C, z_loss=float("nan"))
+
+
+# ----------------------------------------------------------------------- buffers and -inf
+@pytest.mark.parametrize("s", (None, 3.0))
+def test_the_callers_logits_are_left_untouched(s):
+    x, y, tw, _ = _data()
+    before = x.clone()
+    xi = x.requires_grad_()
+    lp, ent = crossent.token_logprobs(xi, y, softcap=s, temperature=0.8, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    crossent.cross_entropy(xi, y, z_loss=1e-3, token_weight=tw).backward()
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_minus_inf_logits(backend):
+    """-inf logits (a masked vocabulary) have p = 0: finite log-probs, entropy and gradients."""
+    x, y, _, _ = _data(dtype=torch.float64)
+    x[:, 5:] = -math.inf
+    y = torch.where(y >= 5, 1, y)
+    xi = x.clone().requires_grad_()
+    lp, ent = crossent.token_logprobs(xi, y, return_entropy=True, backend=backend)
+    (lp.sum() + ent.sum()).backward()
+    finite = x[:, :5].clone().requires_grad_()
+    want_lp, want_ent = ref_logprobs(finite, y)
+    (want_lp.sum() + want_ent.sum()).backward()
+    assert_close(lp, want_lp)
+    assert_close(ent, want_ent)
+    assert_close(xi.grad[:, :5], finite.grad)
+    assert (xi.grad[:, 5:] == 0).all()

@@ -17,7 +17,8 @@ import crossent.nn as CNN
 from conftest import TOL
 
 CROSSENT_LOSSES = {"binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy",
-                   "linear_cross_entropy", "linear_binary_cross_entropy_with_logits", "LossParts"}
+                   "linear_cross_entropy", "linear_binary_cross_entropy_with_logits", "LossParts",
+                   "token_logprobs", "linear_token_logprobs"}
 CROSSENT_CLASSES = {"BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss",
                     "LinearBCEWithLogitsLoss"}
 

@@ -57,16 +57,13 @@ from torch import Tensor
 from .._env import env_bytes
 
 DEFAULT_BUDGET = 256 * 2**20
-# (R, C) buffers alive at once in the backward block (raw logits, transformed logits,
-# -log p, gradient), in the compute dtype.
-BUFFERS = 4
 
 
 def plan_rows(N: int, C: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
     """Rows per block: ``budget // (C * BUFFERS * itemsize)`` (at least 1, at most N).
 
     ``budget``: bytes of scratch (None: ``$CROSSENT_LINEAR_BUDGET`` or 256 MiB). A
-    4096 x 2048 -> 128256 float32 head gets 130-row blocks."""
+    4096 x 2048 -> 128256 float32 head gets 174-row blocks."""
     budget = env_bytes("CROSSENT_LINEAR_BUDGET", DEFAULT_BUDGET) if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
     return int(max(1, min(max(N, 1), budget // max(1, C * BUFFERS * esize))))
@@ -76,79 +73,100 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def transform(L: Tensor, temperature: float, softcap: float) -> Tensor:
-    """``softcap * tanh(L / softcap) / temperature`` (``softcap`` 0: no cap); a new tensor."""
+def transform_(L: Tensor, temperature: float, softcap: float) -> Tensor:
+    """``softcap * tanh(L / softcap) / temperature`` (``softcap`` 0: no cap), in place on
+    the scratch block ``L``."""
     if softcap:
-        return torch.tanh(L / softcap).mul_(softcap / temperature)
-    return L / temperature if temperature != 1.0 else L.clone()
-
-
-def transform_grad(L: Tensor, temperature: float, softcap: float):
-    """dz/dx of :func:`transform` as a tensor (softcap: ``sech^2(L/s)/T``), or a float."""
-    if softcap:
-        # sech^2 = 1 / cosh^2 keeps relative precision where 1 - tanh^2 would cancel;
-        # cosh overflows to inf far out, giving the exact limit 0.
-        return torch.cosh(L / softcap).square_().reciprocal_().div_(temperature)
-    return 1.0 / temperature
+        return L.div_(softcap).tanh_().mul_(softcap / temperature)
+    return L.div_(temperature) if temperature != 1.0 else L
 
 
 # ----------------------------------------------------------------------- block kernels
-def _block_stats(z: Tensor, y: Tensor, sigma: Optional[Tensor]):
-    """Per-row statistics of a block of transformed logits ``z`` (R, C); see module docs.
+# Each block is a few (R, C) buffers in the compute dtype, rewritten in place: forward 2
+# (``m - z`` and ``e^{z - m}``), backward 3 (the raw logits, kept for the softcap's
+# derivative; ``m - z``; ``p``, which becomes the gradient).
+BUFFERS = 3
 
-    Returns (m, lp1, nll, BA, sm, correct)."""
+
+def _block_stats(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: float, softcap: float):
+    """Per-row statistics of one block of raw logits ``L`` (R, C; scratch, overwritten).
+
+    Returns (m, lp1, nll, BA, sm, correct); see the module docstring."""
+    z = transform_(L, temperature, softcap)
     k = z.argmax(1, keepdim=True)
     m = z.gather(1, k)
-    d0 = torch.sub(m, z)                      # m - z_j >= 0
-    e = torch.exp(-d0)
+    finite = bool(torch.isfinite(z).all())    # a host read inside the op's body, not in a graph
+    d0 = z.neg_().add_(m)                     # m - z_j >= 0
+    e = torch.neg(d0).exp_()
     e.scatter_(1, k, 0.0)                     # S' sums the others: log1p keeps tiny sums
     s = e.sum(1)
     lp1 = torch.log1p(s)
     nll = d0.gather(1, y.unsqueeze(1)).squeeze(1) + lp1
-    # B = sum_j e_j (m - z_j): a -inf logit has e_j = 0 and contributes 0 (not 0 * inf)
-    B = torch.where(e > 0, e * d0, torch.zeros((), dtype=z.dtype, device=z.device)).sum(1)
-    BA = B / (1 + s)
     sm = None
     if sigma is not None:
         sm = d0 @ sigma + sigma.sum() * lp1
+    # B = sum_j e_j (m - z_j); a -inf logit has e_j = 0 and contributes 0 (not 0 * inf)
+    zero_e = None if finite else e == 0
+    B = e.mul_(d0)
+    if zero_e is not None:
+        B.masked_fill_(zero_e, 0.0)
+    BA = B.sum(1) / (1 + s)
     return m.squeeze(1), lp1, nll, BA, sm, k.squeeze(1) == y
 
 
-def _block_grad(z: Tensor, y: Tensor, sigma: Optional[Tensor], m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent):
-    """d/dz of ``g_nll*nll + g_sm*sm + g_lse*lse + g_ent*ent`` for a block (R, C)."""
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    d0 = torch.sub(m.unsqueeze(1), z)         # m - z_j
-    p = torch.exp(-(d0 + lp1.unsqueeze(1)))
+def _block_grad(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: float, softcap: float,
+                m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent) -> Tensor:
+    """d/dx of ``g_nll*nll + g_sm*sm + g_lse*lse + g_ent*ent`` for one block of raw logits
+    ``L`` (R, C; scratch, overwritten); see the module docstring for the formula."""
+    z = torch.div(L, softcap) if softcap else L
+    if softcap:
+        z.tanh_().mul_(softcap / temperature)
+    elif temperature != 1.0:
+        z.div_(temperature)
+    finite = bool(torch.isfinite(z).all())
+    d0 = z.neg_().add_(m.unsqueeze(1))        # m - z_j
+    yy = y.unsqueeze(1)
+    d0_y = d0.gather(1, yy).squeeze(1)
+    p = torch.add(d0, lp1.unsqueeze(1)).neg_().exp_()
     coef = g_nll + g_lse
     if sigma is not None:
         coef = coef + g_sm * sigma.sum()
-    dz = p * coef.unsqueeze(1)
     if g_ent is not None:
-        ent = torch.where(p > 0, p * (d0 - BA.unsqueeze(1)), zero)
-        dz.add_(ent * g_ent.unsqueeze(1))
+        ent = d0.sub_(BA.unsqueeze(1)).mul_(p)   # p_j ((m - z_j) - B/(1+S'))
+        if not finite:
+            ent.masked_fill_(p == 0, 0.0)        # p_j = 0 at a -inf logit: 0, not 0 * inf
+        dz = p.mul_(coef.unsqueeze(1)).addcmul_(ent, g_ent.unsqueeze(1))
+    else:
+        dz = p.mul_(coef.unsqueeze(1))
+    del d0, z
     if sigma is not None:
-        dz.sub_(g_sm.unsqueeze(1) * sigma)
+        dz.addr_(g_sm, sigma, alpha=-1.0)
     # the target column: p_y (coef - g_nll) + g_nll (p_y - 1), with p_y - 1 = expm1(-nll)
-    yy = y.unsqueeze(1)
     p_y = torch.exp(-nll)
     col = p_y * (coef - g_nll) + g_nll * torch.expm1(-nll)
     if g_ent is not None:
-        d0_y = d0.gather(1, yy).squeeze(1)
-        col = col + g_ent * torch.where(p_y > 0, p_y * (d0_y - BA), zero)
+        col = col + g_ent * torch.where(p_y > 0, p_y * (d0_y - BA), torch.zeros((), dtype=p_y.dtype,
+                                                                                  device=p_y.device))
     if sigma is not None:
         col = col - g_sm * sigma[y]
     dz.scatter_(1, yy, col.unsqueeze(1))
+    # through the transform: dz/dx = sech^2(x/s) / T, as 1 / cosh^2 (keeps relative
+    # precision where 1 - tanh^2 would cancel; cosh overflows to inf far out: the limit 0)
+    if softcap:
+        dz.mul_(L.div_(softcap).cosh_().square_().reciprocal_())
+    if temperature != 1.0:
+        dz.div_(temperature)
     return dz
 
 
 def _logits(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], r0: int, r1: int, cdt) -> Tensor:
+    """A fresh (scratch) block of raw logits in the compute dtype (never the caller's)."""
     if W is None:
-        return x[r0:r1].to(cdt)
+        return x[r0:r1].to(cdt, copy=True)
     xr = x[r0:r1].to(cdt)
-    Wc = W if W.dtype == cdt else W.to(cdt)
     if b is None:
-        return xr @ Wc.t()
-    return torch.addmm(b.to(cdt), xr, Wc.t())
+        return xr @ W.t()
+    return torch.addmm(b.to(cdt), xr, W.t())
 
 
 def _safe_y(y: Tensor, keep: Tensor) -> Tensor:
@@ -162,26 +180,24 @@ def forward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows):
     N = x.shape[0]
     y = _safe_y(y, keep)
     sig = None if sigma is None else sigma.to(cdt)
-    outs = [torch.empty(N, dtype=cdt, device=x.device) for _ in range(6)]
-    m_, lp1_, nll_, BA_, sm_, lse_ = outs
+    m_, lp1_, nll_, BA_, sm_ = (torch.zeros(N, dtype=cdt, device=x.device) for _ in range(5))
     correct = torch.empty(N, dtype=torch.bool, device=x.device)
     if W is not None and W.dtype != cdt:     # fp16/bf16: one float32 copy of the weight
         W = W.to(cdt)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        z = transform(_logits(x, W, b, r0, r1, cdt), temperature, softcap)
-        m, lp1, nll, BA, sm, ok = _block_stats(z, y[r0:r1], sig)
+        m, lp1, nll, BA, sm, ok = _block_stats(_logits(x, W, b, r0, r1, cdt), y[r0:r1], sig, temperature,
+                                               softcap)
         m_[r0:r1], lp1_[r0:r1], nll_[r0:r1], BA_[r0:r1] = m, lp1, nll, BA
-        sm_[r0:r1] = 0.0 if sm is None else sm
+        if sm is not None:
+            sm_[r0:r1] = sm
         correct[r0:r1] = ok
-        lse_[r0:r1] = m + lp1
-        del z
     zero = torch.zeros((), dtype=cdt, device=x.device)
     nll_ = torch.where(keep, nll_, zero)
     sm_ = torch.where(keep, sm_, zero)
     ent = torch.where(keep, BA_ + lp1_, zero)
-    lse_ = torch.where(keep, lse_, zero)
-    return (nll_, sm_, lse_, ent, correct & keep), (m_, lp1_, nll_, BA_)
+    lse = torch.where(keep, m_ + lp1_, zero)
+    return (nll_, sm_, lse, ent, correct & keep), (m_, lp1_, nll_, BA_)
 
 
 def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA,
@@ -193,14 +209,13 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, n
     sig = None if sigma is None else sigma.to(cdt)
     zero = torch.zeros((), dtype=cdt, device=x.device)
 
-    def up(g):
-        return None if g is None else torch.where(keep, g.to(cdt), zero)
+    def up(g, always=False):
+        if g is None:
+            return torch.zeros(N, dtype=cdt, device=x.device) if always else None
+        return torch.where(keep, g.to(cdt), zero)
 
-    g_nll = up(g_nll) if g_nll is not None else torch.zeros(N, dtype=cdt, device=x.device)
-    g_sm, g_lse, g_ent = up(g_sm), up(g_lse), up(g_ent)
-    g_lse = torch.zeros(N, dtype=cdt, device=x.device) if g_lse is None else g_lse
-    if sig is not None and g_sm is None:
-        g_sm = torch.zeros(N, dtype=cdt, device=x.device)
+    g_nll, g_lse, g_ent = up(g_nll, True), up(g_lse, True), up(g_ent)
+    g_sm = up(g_sm, True) if sig is not None else None
     Wc = None if W is None else (W if W.dtype == cdt else W.to(cdt))
     gx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
     gW = torch.zeros(Wc.shape, dtype=cdt, device=x.device) if (need_W and W is not None) else None
@@ -208,24 +223,22 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, n
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         sl = slice(r0, r1)
-        L = _logits(x, Wc, b, r0, r1, cdt)
-        z = transform(L, temperature, softcap)
-        dz = _block_grad(z, y[sl], sig, m[sl], lp1[sl], nll[sl], BA[sl], g_nll[sl],
-                         None if g_sm is None else g_sm[sl], g_lse[sl], None if g_ent is None else g_ent[sl])
-        del z
-        dx = dz.mul_(transform_grad(L, temperature, softcap))
-        del L
-        # rows whose gradient is zero (ignored) may hold non-finite hidden states: a select,
+        dx = _block_grad(_logits(x, Wc, b, r0, r1, cdt), y[sl], sig, temperature, softcap, m[sl], lp1[sl],
+                         nll[sl], BA[sl], g_nll[sl], None if g_sm is None else g_sm[sl], g_lse[sl],
+                         None if g_ent is None else g_ent[sl])
+        # rows whose gradient is zero (ignored) may hold non-finite hidden states: a fill,
         # never 0 * nan in the products
-        kr = keep[sl].unsqueeze(1)
-        dx = torch.where(kr, dx, zero)
+        dropped = ~keep[sl].unsqueeze(1)
+        dx.masked_fill_(dropped, 0.0)
         if W is None:
             gx[sl] = dx
             continue
         if gx is not None:
             gx[sl] = dx @ Wc
         if gW is not None:
-            h = torch.where(kr, x[sl].to(cdt), zero)
+            h = x[sl].to(cdt)
+            if not bool(keep[sl].all()):
+                h = h.masked_fill(dropped, 0.0)
             gW.addmm_(dx.t(), h)
         if gb is not None:
             gb.add_(dx.sum(0))

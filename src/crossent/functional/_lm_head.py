@@ -190,7 +190,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: to
     Same formulas, values and gradients (w.r.t. ``hidden``, ``weight`` and ``bias``) as
     ``token_logprobs(F.linear(hidden, weight, bias), target, ...)``, computed in row blocks
     of ``chunk_size`` rows by all V classes (default: sized from ``memory_budget`` bytes,
-    256 MiB or ``$CROSSENT_LINEAR_BUDGET``; 130 rows for V = 128256 in float32). The
+    256 MiB or ``$CROSSENT_LINEAR_BUDGET``; 174 rows for V = 128256 in float32). The
     forward keeps four numbers per row; the backward recomputes each block's logits (one
     more matrix product), so no ``(N, V)`` tensor exists in either pass.
 
