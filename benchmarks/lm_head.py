@@ -12,7 +12,7 @@ the gradients the call leaves, ``grad_hidden`` and ``grad_weight``) of:
 * ``bare_products``: the three matrix products of the fused CE (``h W^T``, ``G W``,
   ``G^T h``) on the whole batch, nothing else.
 
-    PYTHONPATH=src python benchmarks/lm_head.py --shape 512x1024x32000 --repeats 3
+    PYTHONPATH=src python benchmarks/lm_head.py --shape 2048x256x32000 --repeats 3
     PYTHONPATH=src python benchmarks/lm_head.py --shape 4096x2048x128256 --repeats 3   # the issue's size
     PYTHONPATH=src python benchmarks/lm_head.py --exactness    # README exactness rows (mpmath)
 """
@@ -43,9 +43,12 @@ def _inputs(N, H, V, seed=0):
     return h, W, y
 
 
+BUDGET = None   # memory_budget of the crossent variants (bytes; None: the default 256 MiB)
+
+
 def _step(name, h, W, y):
     if name == "token_logprobs":
-        lp, ent = crossent.linear_token_logprobs(h, W, y, return_entropy=True)
+        lp, ent = crossent.linear_token_logprobs(h, W, y, return_entropy=True, memory_budget=BUDGET)
         (lp.sum() + 0.01 * ent.sum()).backward()
     elif name == "unfused":
         lp_all = torch.log_softmax(TF.linear(h, W), -1)
@@ -53,9 +56,10 @@ def _step(name, h, W, y):
         ent = -(lp_all.exp() * lp_all).sum(-1)
         (lp.sum() + 0.01 * ent.sum()).backward()
     elif name == "fused_ce":
-        crossent.linear_cross_entropy(h, W, y).backward()
+        crossent.linear_cross_entropy(h, W, y, memory_budget=BUDGET).backward()
     elif name == "fused_ce_options":
-        crossent.linear_cross_entropy(h, W, y, z_loss=1e-4, softcap=30.0, temperature=0.9).backward()
+        crossent.linear_cross_entropy(h, W, y, z_loss=1e-4, softcap=30.0, temperature=0.9,
+                                      memory_budget=BUDGET).backward()
     elif name == "bare_products":
         with torch.no_grad():
             L = h @ W.t()
@@ -90,7 +94,8 @@ def _memory_child(name, N, H, V):
 
 def _memory(name, N, H, V):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, __file__, "--memory-child", name, "--shape", f"{N}x{H}x{V}"],
+    budget = [] if BUDGET is None else ["--budget", str(BUDGET)]
+    proc = subprocess.run([sys.executable, __file__, "--memory-child", name, "--shape", f"{N}x{H}x{V}", *budget],
                           env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -144,13 +149,18 @@ def _exactness():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="512x1024x32000", help="N x H x V")
+    ap.add_argument("--shape", default="2048x256x32000", help="N x H x V")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--exactness", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="memory_budget (bytes) of the crossent variants; scale it with N * V to model "
+                         "a larger head's ratio (the default 256 MiB is 1/20 of 4096 x 128256's logits)")
     args = ap.parse_args(argv)
+    global BUDGET
+    BUDGET = args.budget
     if args.exactness:
         _exactness()
         return 0
@@ -158,7 +168,8 @@ def main(argv=None):
     if args.memory_child:
         _memory_child(args.memory_child, N, H, V)
         return 0
-    print(f"# {N} x {H} -> {V} float32, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"# {N} x {H} -> {V} float32, budget {BUDGET or 'default'}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
     print("| variant | time (median) | peak extra memory | beyond grads |")
     print("|---|---|---|---|")
     for name in args.variants.split(","):

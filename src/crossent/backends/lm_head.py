@@ -88,72 +88,86 @@ def transform_(L: Tensor, temperature: float, softcap: float) -> Tensor:
 BUFFERS = 3
 
 
+def _all_finite(z: Tensor) -> bool:
+    """No inf/nan in ``z``: one reduction, no mask buffer (a sum that overflows only sends
+    the block to the exact masked path). A host read inside the op's body, never in a graph."""
+    return bool(torch.isfinite(z.sum()))
+
+
 def _block_stats(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: float, softcap: float):
     """Per-row statistics of one block of raw logits ``L`` (R, C; scratch, overwritten).
 
-    Returns (m, lp1, nll, BA, sm, correct); see the module docstring."""
+    Works on ``t = z - m <= 0`` (so ``m - z_j = -t_j``). Returns (m, lp1, nll, BA, sm,
+    correct); see the module docstring."""
     z = transform_(L, temperature, softcap)
     k = z.argmax(1, keepdim=True)
     m = z.gather(1, k)
-    finite = bool(torch.isfinite(z).all())    # a host read inside the op's body, not in a graph
-    d0 = z.neg_().add_(m)                     # m - z_j >= 0
-    e = torch.neg(d0).exp_()
+    finite = _all_finite(z)
+    t = z.sub_(m)                             # z_j - m <= 0
+    e = torch.exp(t)
     e.scatter_(1, k, 0.0)                     # S' sums the others: log1p keeps tiny sums
     s = e.sum(1)
     lp1 = torch.log1p(s)
-    nll = d0.gather(1, y.unsqueeze(1)).squeeze(1) + lp1
+    nll = lp1 - t.gather(1, y.unsqueeze(1)).squeeze(1)
     sm = None
     if sigma is not None:
-        sm = d0 @ sigma + sigma.sum() * lp1
-    # B = sum_j e_j (m - z_j); a -inf logit has e_j = 0 and contributes 0 (not 0 * inf)
-    zero_e = None if finite else e == 0
-    B = e.mul_(d0)
-    if zero_e is not None:
-        B.masked_fill_(zero_e, 0.0)
-    BA = B.sum(1) / (1 + s)
+        sm = sigma.sum() * lp1 - t @ sigma
+    # B = sum_j e_j (m - z_j) as a batched dot product (no (R, C) temporary); a -inf logit
+    # has e_j = 0 and contributes 0, not 0 * inf (the masked path)
+    if finite:
+        B = -torch.bmm(e.unsqueeze(1), t.unsqueeze(2)).view(-1)
+    else:
+        zero_e = e == 0
+        B = -e.mul_(t).masked_fill_(zero_e, 0.0).sum(1)
+    BA = B / (1 + s)
     return m.squeeze(1), lp1, nll, BA, sm, k.squeeze(1) == y
 
 
 def _block_grad(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: float, softcap: float,
                 m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent) -> Tensor:
     """d/dx of ``g_nll*nll + g_sm*sm + g_lse*lse + g_ent*ent`` for one block of raw logits
-    ``L`` (R, C; scratch, overwritten); see the module docstring for the formula."""
+    ``L`` (R, C; scratch, overwritten); see the module docstring for the formula.
+
+    With ``t = z - m``: ``p_j = exp(t_j - log1p(S'))`` and the entropy term
+    ``p_j ((m - z_j) - B/(1+S')) = -p_j (t_j + B/(1+S'))``, so per row
+    ``dz_j = p_j (a + b t_j)`` with ``a = coef - g_ent B/(1+S')``, ``b = -g_ent``."""
     z = torch.div(L, softcap) if softcap else L
     if softcap:
         z.tanh_().mul_(softcap / temperature)
     elif temperature != 1.0:
         z.div_(temperature)
-    finite = bool(torch.isfinite(z).all())
-    d0 = z.neg_().add_(m.unsqueeze(1))        # m - z_j
+    finite = _all_finite(z)
+    t = z.sub_(m.unsqueeze(1))                # z_j - m
     yy = y.unsqueeze(1)
-    d0_y = d0.gather(1, yy).squeeze(1)
-    p = torch.add(d0, lp1.unsqueeze(1)).neg_().exp_()
+    t_y = t.gather(1, yy).squeeze(1)
+    p = torch.sub(t, lp1.unsqueeze(1)).exp_()
     coef = g_nll + g_lse
     if sigma is not None:
         coef = coef + g_sm * sigma.sum()
     if g_ent is not None:
-        ent = d0.sub_(BA.unsqueeze(1)).mul_(p)   # p_j ((m - z_j) - B/(1+S'))
-        if not finite:
-            ent.masked_fill_(p == 0, 0.0)        # p_j = 0 at a -inf logit: 0, not 0 * inf
-        dz = p.mul_(coef.unsqueeze(1)).addcmul_(ent, g_ent.unsqueeze(1))
+        a = coef - g_ent * BA
+        zero_p = None if finite else p == 0
+        dz = p.mul_(t.mul_(-g_ent.unsqueeze(1)).add_(a.unsqueeze(1)))
+        if zero_p is not None:
+            dz.masked_fill_(zero_p, 0.0)      # p_j = 0 at a -inf logit: 0, not 0 * inf
     else:
         dz = p.mul_(coef.unsqueeze(1))
-    del d0, z
+    del t, z
     if sigma is not None:
         dz.addr_(g_sm, sigma, alpha=-1.0)
     # the target column: p_y (coef - g_nll) + g_nll (p_y - 1), with p_y - 1 = expm1(-nll)
     p_y = torch.exp(-nll)
     col = p_y * (coef - g_nll) + g_nll * torch.expm1(-nll)
     if g_ent is not None:
-        col = col + g_ent * torch.where(p_y > 0, p_y * (d0_y - BA), torch.zeros((), dtype=p_y.dtype,
-                                                                                  device=p_y.device))
+        col = col - g_ent * torch.where(p_y > 0, p_y * (t_y + BA), torch.zeros((), dtype=p_y.dtype,
+                                                                                device=p_y.device))
     if sigma is not None:
         col = col - g_sm * sigma[y]
     dz.scatter_(1, yy, col.unsqueeze(1))
     # through the transform: dz/dx = sech^2(x/s) / T, as 1 / cosh^2 (keeps relative
     # precision where 1 - tanh^2 would cancel; cosh overflows to inf far out: the limit 0)
     if softcap:
-        dz.mul_(L.div_(softcap).cosh_().square_().reciprocal_())
+        dz.div_(L.div_(softcap).cosh_().square_())
     if temperature != 1.0:
         dz.div_(temperature)
     return dz
@@ -229,7 +243,9 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, n
         # rows whose gradient is zero (ignored) may hold non-finite hidden states: a fill,
         # never 0 * nan in the products
         dropped = ~keep[sl].unsqueeze(1)
-        dx.masked_fill_(dropped, 0.0)
+        partial = not bool(keep[sl].all())
+        if partial:
+            dx.masked_fill_(dropped, 0.0)
         if W is None:
             gx[sl] = dx
             continue
@@ -237,7 +253,7 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, n
             gx[sl] = dx @ Wc
         if gW is not None:
             h = x[sl].to(cdt)
-            if not bool(keep[sl].all()):
+            if partial:
                 h = h.masked_fill(dropped, 0.0)
             gW.addmm_(dx.t(), h)
         if gb is not None:
