@@ -126,3 +126,17 @@ def test_opcheck_lm_head_op():
     logits = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     for args in ((x, W, b, y, keep, sigma, 0.8, 2.0, 4), (logits, None, None, y, keep, None, 1.0, 0.0, 2)):
         torch.library.opcheck(ops.lm_head_forward, args)
+
+
+def test_torch_func_grad_runs_the_reference_formulas():
+    x, y, tw = _data()
+    z = torch.nn.Linear(H, C)(x).detach()
+
+    def loss(z):
+        lp, ent = crossent.token_logprobs(z, y, softcap=3.0, return_entropy=True)
+        return crossent.cross_entropy(z, y, z_loss=1e-2, token_weight=tw) + lp.sum() - 0.1 * ent.sum()
+
+    got = torch.func.grad(loss)(z)
+    zz = z.clone().requires_grad_()
+    loss(zz).backward()
+    assert_close(got, zz.grad)

@@ -19,6 +19,10 @@ The ops are:
     Per-row cross-entropy of ``x`` (M, C) or (N, C, S) with the coefficients of
     ``reference.ce_coefficients``: dense ``q`` (M, C), or class indices ``y`` (M,) with row
     coefficients ``c`` (M,) and class smoothing terms ``smooth`` (C,).
+``crossent::lm_head_forward(x, W, b, y, keep, sigma, temperature, softcap, rows) -> (nll, sm, lse, ent, correct, m, lp1, BA)``
+    Per-row LM-head statistics of softcapped, tempered logits (:mod:`.lm_head`), ``x``
+    logits (N, C) or hidden states (N, H) of ``W`` (C, H); its backward is the op
+    ``crossent::lm_head_backward`` (recomputes each row block's logits).
 
 ``backend`` names the kernels (``chunked``: the C kernel where it applies, ``chunked-torch``:
 the same formulas in torch ops on any device, ``triton``: CUDA); the choice is made before
