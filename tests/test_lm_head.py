@@ -498,3 +498,26 @@ def test_masked_vocabulary_minus_inf_logits(backend):
     assert_close(ent, want_ent)
     assert_close(xi.grad[:, :5], finite.grad)
     assert (xi.grad[:, 5:] == 0).all()
+
+
+# ----------------------------------------------------------------------- hypothesis
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.lists(st.floats(-60, 60), min_size=4, max_size=4), min_size=1, max_size=5),
+       T=st.floats(0.2, 5.0), s=st.one_of(st.none(), st.floats(0.5, 50.0)))
+def test_logprobs_normalise_and_entropy_is_bounded(rows, T, s):
+    """For every row: sum_y exp(log p_y) = 1, log p_y <= 0, 0 <= H <= log C, and H equals
+    -sum_y p_y log p_y built from the returned log-probs."""
+    x = torch.tensor(rows, dtype=torch.float64)
+    M = x.shape[0]
+    lps = torch.stack([crossent.token_logprobs(x, torch.full((M,), j), temperature=T, softcap=s)
+                       for j in range(4)], 1)
+    _, ent = crossent.token_logprobs(x, torch.zeros(M, dtype=torch.long), temperature=T, softcap=s,
+                                     return_entropy=True)
+    assert (lps <= 0).all()
+    assert_close(lps.exp().sum(1), torch.ones(M, dtype=torch.float64))
+    assert (ent >= 0).all() and (ent <= math.log(4) + 1e-12).all()
+    assert_close(ent, -(lps.exp() * lps).sum(1), atol=1e-12)
