@@ -140,3 +140,16 @@ def test_torch_func_grad_runs_the_reference_formulas():
     zz = z.clone().requires_grad_()
     loss(zz).backward()
     assert_close(got, zz.grad)
+
+
+def test_opcheck_lm_head_loss_op():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 4, 2, -100, 1, 3])
+    keep = y != -100
+    sigma = torch.full((5,), 0.02, dtype=torch.float64)
+    c = torch.rand(6, generator=g, dtype=torch.float64)
+    torch.library.opcheck(ops.lm_head_loss_fused, (x, W, b, y, keep, sigma, c, c * 0.5, c * 1e-2, 0.8, 2.0, 4,
+                                                   True, True, True))

@@ -214,6 +214,42 @@ def forward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows):
     return (nll_, sm_, lse, ent, correct & keep), (m_, lp1_, nll_, BA_)
 
 
+def _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx):
+    """Row blocks: ``block_dx(sl, L)`` turns the block's raw logits ``L`` (scratch) into
+    d/dlogits; accumulated into ``(grad_x, grad_W, grad_b)`` (empty where not needed)."""
+    N = x.shape[0]
+    Wc = None if W is None else (W if W.dtype == cdt else W.to(cdt))
+    gx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
+    gW = torch.zeros(Wc.shape, dtype=cdt, device=x.device) if (need_W and W is not None) else None
+    gb = torch.zeros(Wc.shape[0], dtype=cdt, device=x.device) if (need_b and b is not None) else None
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        sl = slice(r0, r1)
+        dx = block_dx(sl, _logits(x, Wc, b, r0, r1, cdt))
+        # rows whose gradient is zero (ignored) may hold non-finite hidden states: a fill,
+        # never 0 * nan in the products
+        dropped = ~keep[sl].unsqueeze(1)
+        partial = not bool(keep[sl].all())
+        if partial:
+            dx.masked_fill_(dropped, 0.0)
+        if W is None:
+            if gx is not None:
+                gx[sl] = dx
+            continue
+        if gx is not None:
+            gx[sl] = dx @ Wc
+        if gW is not None:
+            h = x[sl].to(cdt)
+            if partial:
+                h = h.masked_fill(dropped, 0.0)
+            gW.addmm_(dx.t(), h)
+        if gb is not None:
+            gb.add_(dx.sum(0))
+    return (gx.to(x.dtype) if gx is not None else x.new_empty((0,)),
+            gW.to(W.dtype) if gW is not None else x.new_empty((0,)),
+            gb.to(b.dtype) if gb is not None else x.new_empty((0,)))
+
+
 def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA,
                   g_nll, g_sm, g_lse, g_ent, need_x: bool, need_W: bool, need_b: bool):
     """``(grad_x, grad_W, grad_b)`` of the upstream-weighted outputs, block by block."""
@@ -230,37 +266,48 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, n
 
     g_nll, g_lse, g_ent = up(g_nll, True), up(g_lse, True), up(g_ent)
     g_sm = up(g_sm, True) if sig is not None else None
-    Wc = None if W is None else (W if W.dtype == cdt else W.to(cdt))
-    gx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
-    gW = torch.zeros(Wc.shape, dtype=cdt, device=x.device) if (need_W and W is not None) else None
-    gb = torch.zeros(Wc.shape[0], dtype=cdt, device=x.device) if (need_b and b is not None) else None
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        sl = slice(r0, r1)
-        dx = _block_grad(_logits(x, Wc, b, r0, r1, cdt), y[sl], sig, temperature, softcap, m[sl], lp1[sl],
-                         nll[sl], BA[sl], g_nll[sl], None if g_sm is None else g_sm[sl], g_lse[sl],
-                         None if g_ent is None else g_ent[sl])
-        # rows whose gradient is zero (ignored) may hold non-finite hidden states: a fill,
-        # never 0 * nan in the products
-        dropped = ~keep[sl].unsqueeze(1)
-        partial = not bool(keep[sl].all())
-        if partial:
-            dx.masked_fill_(dropped, 0.0)
-        if W is None:
-            gx[sl] = dx
-            continue
-        if gx is not None:
-            gx[sl] = dx @ Wc
-        if gW is not None:
-            h = x[sl].to(cdt)
-            if partial:
-                h = h.masked_fill(dropped, 0.0)
-            gW.addmm_(dx.t(), h)
-        if gb is not None:
-            gb.add_(dx.sum(0))
-    return (gx.to(x.dtype) if gx is not None else x.new_empty((0,)),
-            gW.to(W.dtype) if gW is not None else x.new_empty((0,)),
-            gb.to(b.dtype) if gb is not None else x.new_empty((0,)))
+
+    def block_dx(sl, L):
+        return _block_grad(L, y[sl], sig, temperature, softcap, m[sl], lp1[sl], nll[sl], BA[sl], g_nll[sl],
+                           None if g_sm is None else g_sm[sl], g_lse[sl], None if g_ent is None else g_ent[sl])
+
+    return _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx)
+
+
+def loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b):
+    """One pass for a summed loss ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2``:
+    ``(total, lse, correct, grad_x, grad_W, grad_b)`` with the gradients of ``total``
+    computed block by block in the same pass (the per-row upstream of each statistic is
+    known once its row's lse is: ``c_nll``, ``c_sm``, ``2 c_z lse``), so the fused linear
+    version costs the three matrix products of the plain fused CE. Each block keeps a copy
+    of its logits for the gradient (one more (R, C) buffer than the forward op)."""
+    cdt = compute_dtype(x.dtype)
+    N = x.shape[0]
+    y = _safe_y(y, keep)
+    sig = None if sigma is None else sigma.to(cdt)
+    zero = torch.zeros((), dtype=cdt, device=x.device)
+    c_nll, c_sm, c_z = (torch.where(keep, c.to(cdt), zero) for c in (c_nll, c_sm, c_z))
+    total = torch.zeros((), dtype=cdt, device=x.device)
+    lse_ = torch.zeros(N, dtype=cdt, device=x.device)
+    correct = torch.zeros(N, dtype=torch.bool, device=x.device)
+
+    def block_dx(sl, L):
+        nonlocal total
+        m, lp1, nll, BA, sm, ok = _block_stats(L.clone(), y[sl], sig, temperature, softcap)
+        kp = keep[sl]
+        lse = torch.where(kp, m + lp1, zero)
+        nll = torch.where(kp, nll, zero)
+        loss = c_nll[sl] * nll + c_z[sl] * lse.square()
+        if sm is not None:
+            loss = loss + c_sm[sl] * torch.where(kp, sm, zero)
+        total = total + loss.sum()
+        lse_[sl] = lse
+        correct[sl] = ok & kp
+        return _block_grad(L, y[sl], sig, temperature, softcap, m, lp1, nll, BA, c_nll[sl],
+                           c_sm[sl] if sig is not None else None, 2 * c_z[sl] * lse, None)
+
+    gx, gW, gb = _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx)
+    return total, lse_, correct, gx, gW, gb
 
 
 # ----------------------------------------------------------------------- reference
@@ -298,6 +345,20 @@ def lm_head_chunked(x, W, b, y, keep, sigma, temperature, softcap, rows):
     from . import ops
 
     return ops.lm_head(x, W, b, y, keep, sigma, float(temperature), float(softcap or 0.0), int(rows))
+
+
+def lm_head_loss_chunked(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows):
+    """The summed loss with gradients in the same pass (``crossent::lm_head_loss_fused``):
+    ``(total, lse, correct)``."""
+    from . import ops
+
+    return ops.lm_head_loss(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, float(temperature),
+                            float(softcap or 0.0), int(rows))
+
+
+# The summed-loss variant of a backend's ``lm_head`` (declared, not probed): the
+# functional layer uses it for 'mean' and 'sum' when nothing but the inputs needs a gradient.
+lm_head_chunked.fused_loss = lm_head_loss_chunked
 
 
 

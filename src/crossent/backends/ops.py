@@ -294,3 +294,55 @@ def lm_head(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: i
     out = lm_head_forward(x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma,
                           temperature, softcap, rows)
     return out[:5]
+
+
+@torch.library.custom_op("crossent::lm_head_loss_fused", mutates_args=())
+def lm_head_loss_fused(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
+                       sigma: Optional[Tensor], c_nll: Tensor, c_sm: Tensor, c_z: Tensor, temperature: float,
+                       softcap: float, rows: int, need_x: bool, need_W: bool,
+                       need_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(total, lse, correct, grad_x, grad_W, grad_b)`` of the summed LM-head loss
+    ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2`` (:func:`.lm_head.loss_rows`): the
+    gradients are computed in the forward pass and scaled by the incoming gradient."""
+    from . import lm_head
+
+    return lm_head.loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows,
+                             need_x, need_W, need_b)
+
+
+@lm_head_loss_fused.register_fake
+def _(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    N = x.shape[0]
+    return (x.new_empty((), dtype=cdt), x.new_empty((N,), dtype=cdt), x.new_empty((N,), dtype=torch.bool),
+            x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+            W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),
+            b.new_empty(b.shape) if (need_b and b is not None) else x.new_empty((0,)))
+
+
+def _lm_loss_setup(ctx, inputs, output):
+    ctx.needs = inputs[12:15]
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(*output[3:])
+
+
+def _lm_loss_backward(ctx, g_total, *_):
+    gx, gW, gb = ctx.saved_tensors
+    need_x, need_W, need_b = ctx.needs
+    return (gx * g_total.to(gx.dtype) if need_x else None, gW * g_total.to(gW.dtype) if need_W else None,
+            gb * g_total.to(gb.dtype) if need_b else None) + (None,) * 12
+
+
+lm_head_loss_fused.register_autograd(_lm_loss_backward, setup_context=_lm_loss_setup)
+
+
+def lm_head_loss(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature: float, softcap: float, rows: int):
+    """``(total, lse, correct)`` through ``crossent::lm_head_loss_fused``; gradients are
+    computed (in the same pass) for the inputs that require them."""
+    def need(t):
+        return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+    total, lse, correct, _, _, _ = lm_head_loss_fused(
+        x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma, c_nll, c_sm, c_z, temperature, softcap,
+        rows, need(x), need(W), need(b))
+    return total, lse, correct

@@ -65,23 +65,34 @@ def lm_cross_entropy(func, x, W, b, y, keep, *, C, weight, label_smoothing, redu
     sigma = None
     if eps:
         sigma = (torch.full((C,), eps / C, dtype=cdt, device=x.device) if w is None else w * (eps / C))
-    nll, sm, lse, _, correct = lm_stats(x, W, b, y, keep, sigma, temperature, softcap, rows, backend)
     zero = torch.zeros((), dtype=cdt, device=x.device)
     if w is None:
         dw = keep.to(cdt)
     else:
         dw = torch.where(keep, w.gather(0, torch.where(keep, y, 0).long()), zero)
-    loss = nll * ((1 - eps) * dw)
-    if eps:
-        loss = loss + sm
-    if z_loss:
-        loss = loss + (z_loss * dw) * lse.square()
-    den = dw
-    if token_weight is not None:
-        tw = token_weight.reshape(-1).to(cdt)
-        loss = loss * tw
-        den = den * tw
-    loss = loss.reshape(out_shape)
+    tw = None if token_weight is None else token_weight.reshape(-1).to(cdt)
+    den = dw if tw is None else dw * tw
+    fn = dispatch("lm_head", x, "reference" if transforming() else backend)
+    fused = getattr(fn, "fused_loss", None)
+    if fused is not None and reduction != "none" and not any(
+            t is not None and t.requires_grad for t in (token_weight, weight)):
+        # 'mean' / 'sum' of a loss whose coefficients need no gradient: one pass computes
+        # the total and its gradients (the plain fused CE's three matrix products)
+        c_nll = den * (1 - eps)
+        c_sm = keep.to(cdt) if tw is None else torch.where(keep, tw, zero)
+        total, lse, correct = fused(x, W, b, y, keep, sigma, c_nll, c_sm, den * z_loss, temperature, softcap,
+                                    rows)
+        loss = total
+    else:
+        nll, sm, lse, _, correct = fn(x, W, b, y, keep, sigma, temperature, softcap, rows)
+        loss = nll * ((1 - eps) * dw)
+        if eps:
+            loss = loss + sm
+        if z_loss:
+            loss = loss + (z_loss * dw) * lse.square()
+        if tw is not None:
+            loss = loss * tw
+        loss = loss.reshape(out_shape)
     capture = capturing(x)
     result = reduce_loss(loss, den.sum(), reduction, out_dtype=out_dtype, return_parts=return_parts,
                          capture=capture)
