@@ -31,10 +31,6 @@ def _data(n=N, seed=1):
     return x, y, tw
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 # name -> step(model, x, y, tw) returning a scalar that depends on every output
 CASES = {
     "ce_z_loss": lambda m, x, y, tw: crossent.cross_entropy(m(x), y, z_loss=1e-2),

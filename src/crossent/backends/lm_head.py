@@ -43,13 +43,18 @@ Implementations:
   ``(N, C)`` for the linear version. Forward keeps per row ``m``, ``log(1 + S')``, ``nll``
   and ``B/(1+S')``; backward recomputes each block's logits (one more matrix product).
   Plain torch ops: any device (registered on ``chunked-torch``).
+* ``lm_head_loss_chunked`` (``lm_head_chunked.fused_loss``): the registered op
+  ``crossent::lm_head_loss_fused`` for a summed loss
+  :math:`\sum_i c^{nll}_i nll_i + c^{sm}_i sm_i + c^{z}_i lse_i^2`: its per-row upstream is
+  known once the row's lse is, so the gradients are computed in the same pass (no
+  recomputation: the plain fused CE's three matrix products).
 * ``lm_head_unfused``: the same formulas on the full logits, differentiated by autograd
   (``reference``; also what ``torch.func`` transforms run).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
