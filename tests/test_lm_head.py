@@ -363,11 +363,21 @@ def test_log_probs_and_gradient_of_confident_tokens_mpmath(dtype, margin):
     assert _rel(x.grad[0, 1], -p[1]) <= 8 * eps
 
 
-def test_softcap_gradient_far_out_is_the_exact_limit():
+@pytest.mark.parametrize("fn", ("token_logprobs", "cross_entropy"))
+def test_softcap_gradient_far_out_keeps_relative_precision(fn):
+    """d/dx of softcap * tanh(x / softcap) at x / softcap = 200 is sech^2(200) ~ 1e-173:
+    evaluated as 1 / cosh^2 (1 - tanh^2 would give 0)."""
     x = torch.tensor([[400.0, 0.0, -3.0]], dtype=torch.float64, requires_grad=True)
-    crossent.token_logprobs(x, torch.tensor([1]), softcap=2.0).sum().backward()
-    truth = -float(_mp_row([2 * math.tanh(v / 2) for v in (400.0, 0.0, -3.0)])[1][0]) / math.cosh(200.0) ** 2
-    assert abs(x.grad[0, 0].item() - truth) <= 1e-300 or _rel(x.grad[0, 0], truth) < 1e-12
+    if fn == "token_logprobs":
+        crossent.token_logprobs(x, torch.tensor([1]), softcap=2.0).sum().backward()
+        sign = -1.0     # d log p_1 / d z_0 = -p_0
+    else:
+        crossent.cross_entropy(x, torch.tensor([1]), softcap=2.0).backward()
+        sign = 1.0      # d(-log p_1) / d z_0 = p_0
+    p0 = _mp_row([2 * math.tanh(v / 2) for v in (400.0, 0.0, -3.0)])[1][0]
+    truth = sign * p0 / mpmath.cosh(200) ** 2
+    assert 0 < abs(float(truth)) < 1e-170
+    assert _rel(x.grad[0, 0], truth) < 1e-13
 
 
 # ----------------------------------------------------------------------- properties
@@ -521,3 +531,25 @@ def test_logprobs_normalise_and_entropy_is_bounded(rows, T, s):
     assert_close(lps.exp().sum(1), torch.ones(M, dtype=torch.float64))
     assert (ent >= 0).all() and (ent <= math.log(4) + 1e-12).all()
     assert_close(ent, -(lps.exp() * lps).sum(1), atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_loss_with_minus_inf_logits_and_confident_gradient(reduction):
+    """The one-pass loss op ('mean') and the two-pass composition ('none') on a masked
+    vocabulary (no soft cap: it would map -inf to -softcap); the gradient of a confident
+    token keeps its relative precision."""
+    x, y, tw, _ = _data(dtype=torch.float64)
+    x[:, 5:] = -math.inf
+    y = torch.where(y >= 5, 1, y)
+    xi = x.clone().requires_grad_()
+    crossent.cross_entropy(xi, y, z_loss=1e-2, temperature=0.7, token_weight=tw, reduction=reduction,
+                           label_smoothing=0.0).sum().backward()
+    finite = x[:, :5].clone().requires_grad_()
+    ref_ce(finite, y, z_loss=1e-2, T=0.7, tw=tw, reduction=reduction)[0].sum().backward()
+    assert_close(xi.grad[:, :5], finite.grad)
+    assert (xi.grad[:, 5:] == 0).all()
+    z = torch.tensor([[20.0, 0.0, 0.0]], dtype=torch.float32, requires_grad=True)
+    crossent.cross_entropy(z, torch.tensor([0]), temperature=1.0, reduction=reduction,
+                           token_weight=torch.ones(1)).sum().backward()
+    truth = _one_minus_p([20.0, 0.0, 0.0], 0)
+    assert _rel(-z.grad[0, 0], truth) <= 8 * torch.finfo(torch.float32).eps

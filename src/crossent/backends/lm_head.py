@@ -279,13 +279,55 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, n
     return _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx)
 
 
+def _block_loss_grad(L: Tensor, y: Tensor, keep: Tensor, sigma: Optional[Tensor], temperature: float,
+                     softcap: float, c_nll, c_sm, c_z):
+    """Loss terms and d loss/dx of one block of raw logits ``L`` (R, C; scratch) in one
+    sweep: ``(loss, lse, correct, dx)``. ``p_j = e^{t_j} / (1 + S')`` reuses the forward's
+    exponentials (``p_k = 1 / (1 + S')``), so no exponential or transform is recomputed."""
+    zero = torch.zeros((), dtype=L.dtype, device=L.device)
+    cosh2 = torch.div(L, softcap).cosh_().square_() if softcap else None   # dz/dx = 1 / (T cosh^2)
+    z = transform_(L, temperature, softcap)
+    k = z.argmax(1, keepdim=True)
+    m = z.gather(1, k)
+    t = z.sub_(m)                             # z_j - m <= 0
+    e = torch.exp(t)
+    e.scatter_(1, k, 0.0)
+    s = e.sum(1)
+    lp1 = torch.log1p(s)
+    nll = torch.where(keep, lp1 - t.gather(1, y.unsqueeze(1)).squeeze(1), zero)
+    lse = torch.where(keep, m.squeeze(1) + lp1, zero)
+    loss = c_nll * nll + c_z * lse.square()
+    coef = c_nll + 2 * c_z * lse
+    if sigma is not None:
+        sm = torch.where(keep, sigma.sum() * lp1 - t @ sigma, zero)
+        loss = loss + c_sm * sm
+        coef = coef + c_sm * sigma.sum()
+    del t, z
+    scale = coef / (1 + s)
+    dz = e.mul_(scale.unsqueeze(1))           # p_j coef for j != k
+    dz.scatter_(1, k, scale.unsqueeze(1))     # p_k = 1 / (1 + S')
+    if sigma is not None:
+        dz.addr_(c_sm, sigma, alpha=-1.0)
+    # the target column: p_y (coef - c_nll) + c_nll (p_y - 1), with p_y - 1 = expm1(-nll)
+    p_y = torch.exp(-nll)
+    col = p_y * (coef - c_nll) + c_nll * torch.expm1(-nll)
+    if sigma is not None:
+        col = col - c_sm * sigma[y]
+    dz.scatter_(1, y.unsqueeze(1), col.unsqueeze(1))
+    if cosh2 is not None:
+        dz.div_(cosh2)                        # cosh^2 = inf far out: the exact limit 0
+    if temperature != 1.0:
+        dz.div_(temperature)
+    return loss, lse, k.squeeze(1) == y, dz
+
+
 def loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b):
     """One pass for a summed loss ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2``:
     ``(total, lse, correct, grad_x, grad_W, grad_b)`` with the gradients of ``total``
     computed block by block in the same pass (the per-row upstream of each statistic is
     known once its row's lse is: ``c_nll``, ``c_sm``, ``2 c_z lse``), so the fused linear
-    version costs the three matrix products of the plain fused CE. Each block keeps a copy
-    of its logits for the gradient (one more (R, C) buffer than the forward op)."""
+    version costs the three matrix products of the plain fused CE. Blocks hold 2 (R, C)
+    buffers, 3 with a soft cap (its derivative)."""
     cdt = compute_dtype(x.dtype)
     N = x.shape[0]
     y = _safe_y(y, keep)
@@ -298,18 +340,12 @@ def loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, r
 
     def block_dx(sl, L):
         nonlocal total
-        m, lp1, nll, BA, sm, ok = _block_stats(L.clone(), y[sl], sig, temperature, softcap)
-        kp = keep[sl]
-        lse = torch.where(kp, m + lp1, zero)
-        nll = torch.where(kp, nll, zero)
-        loss = c_nll[sl] * nll + c_z[sl] * lse.square()
-        if sm is not None:
-            loss = loss + c_sm[sl] * torch.where(kp, sm, zero)
+        loss, lse, ok, dz = _block_loss_grad(L, y[sl], keep[sl], sig, temperature, softcap, c_nll[sl], c_sm[sl],
+                                             c_z[sl])
         total = total + loss.sum()
         lse_[sl] = lse
-        correct[sl] = ok & kp
-        return _block_grad(L, y[sl], sig, temperature, softcap, m, lp1, nll, BA, c_nll[sl],
-                           c_sm[sl] if sig is not None else None, 2 * c_z[sl] * lse, None)
+        correct[sl] = ok & keep[sl]
+        return dz
 
     gx, gW, gb = _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx)
     return total, lse_, correct, gx, gW, gb
