@@ -11,6 +11,7 @@ and classes through crossent (see :func:`crossent.patch`).
 
 __version__ = "0.1.0"
 
+from . import class_weights
 from . import functional
 from . import nn
 from . import probabilities
@@ -24,12 +25,17 @@ from ._validation import CrossentWarning
 from ._validation import KernelCacheWarning
 from .backends import BackendUnavailableError
 from .functional import LossParts
+from .functional import asymmetric_loss
 from .functional import binary_cross_entropy
 from .functional import binary_cross_entropy_with_logits
 from .functional import cross_entropy
 from .functional import linear_binary_cross_entropy_with_logits
 from .functional import linear_cross_entropy
 from .functional import linear_token_logprobs
+from .functional import poly1_binary_cross_entropy_with_logits
+from .functional import poly1_cross_entropy
+from .functional import sigmoid_focal_loss
+from .functional import softmax_focal_loss
 from .functional import token_logprobs
 
 __all__ = [
@@ -40,8 +46,10 @@ __all__ = [
     "CrossentWarning",
     "KernelCacheWarning",
     "LossParts",
+    "asymmetric_loss",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
+    "class_weights",
     "cross_entropy",
     "functional",
     "linear_binary_cross_entropy_with_logits",
@@ -49,7 +57,11 @@ __all__ = [
     "linear_token_logprobs",
     "nn",
     "patch",
+    "poly1_binary_cross_entropy_with_logits",
+    "poly1_cross_entropy",
     "probabilities",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
     "token_logprobs",
     "tracking",
     "unpatch",
