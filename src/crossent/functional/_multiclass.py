@@ -29,8 +29,8 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
 
     Plain means: an eager CPU call (nothing captured, no autocast) on float32 (N, C) logits
     (C >= 2, contiguous) that need a gradient, int64 (N,) class indices all in [0, C) with
-    ignore_index outside it (so none is ignored), no weights or smoothing, reduction 'mean' or 'sum', and the
-    compiled kernel chosen. Then every check of the general path passes except the
+    ignore_index outside it (so none is ignored), no weights or smoothing, reduction 'mean'
+    or 'sum', and the compiled kernel chosen. Then every check of the general path passes except the
     softmax heuristic, which runs here too, and the kernel computes exactly what the
     general path would (:func:`crossent.backends.chunked.plain_cross_entropy`). Anything
     else, including every error, takes the general path."""
