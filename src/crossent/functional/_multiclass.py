@@ -78,6 +78,13 @@ def cross_entropy(
     0.3974
     """
     func = "cross_entropy"
+    if type(input).__name__ == "DTensor":   # sharded on the classes: crossent.distributed
+        from ..distributed._dtensor import cross_entropy as dtensor_cross_entropy
+
+        return dtensor_cross_entropy(input, target, weight, ignore_index,
+                                     legacy_reduction(func, size_average, reduce, reduction), label_smoothing,
+                                     validate=validate, return_parts=return_parts, backend=backend,
+                                     inplace_backward=inplace_backward)
     input, target, weight = autocast_inputs(input, target, weight)
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)
