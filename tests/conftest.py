@@ -46,6 +46,9 @@ ULP = {
     "bce": 4,               # log / log1p of a representable probability
     "ce": 8,                # log1p of a sum over C terms (pairwise summation error ~ log2 C ulp)
     "ce_large_c": 32,       # C = 50 000: the sum over classes dominates
+    # crossent.distributed vs one process, in ulp of each tensor's largest entry: the sums
+    # over the vocabulary run per shard, then over the ranks (another order, a few ulp)
+    "vocab_parallel": 8,
 }
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
