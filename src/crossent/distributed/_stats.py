@@ -69,8 +69,9 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def shifted(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``z - m`` with exactly 0 where ``z == m`` (a +inf logit is its own max: 0, not NaN)."""
-    return torch.where(z == m, _zero(z), z - m)
+    """``z - m`` (a new buffer) with exactly 0 where ``z == m`` (a +inf logit is its own
+    max: 0, not NaN)."""
+    return (z - m).masked_fill_(z == m, 0.0)
 
 
 def local_stats(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, wl: Optional[torch.Tensor],
@@ -79,19 +80,20 @@ def local_stats(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, wl: Opti
 
     ``yl``: the target's local index (any valid index where not ``owned``), ``owned``:
     the target lies in this shard (and the row is kept), ``wl``: local class weights,
-    ``smooth``: local :math:`\\sigma_j` or None."""
+    ``smooth``: local :math:`\\sigma_j` or None. One ``(rows, V_r)`` work buffer (plus a
+    bool mask): the shifted logits become their exponentials in place."""
     m, k = z.max(dim=1, keepdim=True)
     zz = shifted(z, m)
-    e = torch.exp(zz)
-    s = e.scatter(1, k, 0.0).sum(dim=1)
-    o = owned.to(z.dtype)
     t = torch.where(owned, -zz.gather(1, yl.unsqueeze(1)).squeeze(1), _zero(z))
-    cols = [m.squeeze(1), s, t, o]
+    o = owned.to(z.dtype)
+    cols = [m.squeeze(1), None, t, o]
     if layout.weighted:
         cols.append(torch.where(owned, wl.gather(0, yl), _zero(z)))
     if layout.smoothing:
-        cols.append((smooth * -zz).sum(dim=1))
+        cols.append(-(zz @ smooth))                  # sum_j sigma_j (m - z_j), a matrix-vector product
         cols.append(smooth.sum().expand(z.shape[0]))
+    e = zz.exp_().scatter_(1, k, 0.0)               # e^{z - m}, the arg-max left out
+    cols[1] = e.sum(dim=1)
     return torch.stack(cols, dim=1)
 
 
@@ -144,18 +146,21 @@ def local_grad(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, smooth: O
     :math:`A_i p_{ij} - a_{ij}` with :math:`a_{ij} = \sigma_j + c_i [j = y_i]`; at the global
     arg-max, on its rank, when it dominates (:math:`S' < 1`) the entry is evaluated as
     :math:`(A_i - a_{ik}) - A_i S'/(1 + S')` with :math:`A_i - a_{ik}` summed from the
-    other coefficients (as the single-process backward does): no cancellation in ``p - 1``."""
+    other coefficients (as the single-process backward does): no cancellation in ``p - 1``.
+    One ``(rows, V_r)`` buffer, updated in place."""
     M = r.M.unsqueeze(1)
     S = r.S.unsqueeze(1)
     A = r.A.unsqueeze(1)
-    e = torch.exp(shifted(z, M))
-    p = e / (1 + S)
-    a = torch.zeros_like(z) if smooth is None else smooth.expand_as(z).clone()
-    a = a.scatter_add(1, yl.unsqueeze(1), torch.where(owned, r.c, torch.zeros_like(r.c)).unsqueeze(1))
-    grad = A * p - a
+    c_here = torch.where(owned, r.c, torch.zeros_like(r.c))
+    grad = shifted(z, M).exp_().div_(1 + S).mul_(A)            # A p
+    if smooth is not None:
+        grad.sub_(smooth)
+    grad.scatter_add_(1, yl.unsqueeze(1), -c_here.unsqueeze(1))
     _, k = z.max(dim=1, keepdim=True)
-    a_rest = a.scatter(1, k, 0.0).sum(dim=1, keepdim=True) + r.rest_other.unsqueeze(1)
-    g_k = torch.where(r.mine.unsqueeze(1) & (S < 1), a_rest - A * (S / (1 + S)), grad.gather(1, k))
-    grad = grad.scatter(1, k, g_k)
-    scale = torch.where(keep, g, torch.zeros_like(g)).unsqueeze(1)
-    return grad * scale
+    k1 = k.squeeze(1)
+    a_rest = torch.where(owned & (yl != k1), r.c, torch.zeros_like(r.c)) + r.rest_other
+    if smooth is not None:
+        a_rest = a_rest + (smooth.sum() - smooth.gather(0, k1))
+    g_k = torch.where(r.mine.unsqueeze(1) & (S < 1), a_rest.unsqueeze(1) - A * (S / (1 + S)), grad.gather(1, k))
+    grad.scatter_(1, k, g_k)
+    return grad.mul_(torch.where(keep, g, torch.zeros_like(g)).unsqueeze(1))

@@ -192,7 +192,7 @@ class _LinearCE(torch.autograd.Function):
             rb = type(r)(*(v[sl] for v in r))
             gz = local_grad(z, tg.yl[sl], tg.owned[sl], tg.smooth, tg.keep[sl], rb, g_loss[sl].to(cdt))
             xb = _block_rows(x, tg.keep, r0, R, cdt)
-            gW = gW.addmm(gz.t(), xb)
+            gW.addmm_(gz.t(), xb)
             gx[sl] = gz @ Wc
             if gb is not None:
                 gb = gb + gz.sum(dim=0)
