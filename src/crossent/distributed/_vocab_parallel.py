@@ -144,11 +144,15 @@ class _LogitsCE(torch.autograd.Function):
         return local_grad(z, tg.yl, tg.owned, tg.smooth, tg.keep, ctx.r, g_loss), None, None
 
 
-def _row_blocks(N: int, Vr: int, H: int, cdt: torch.dtype, chunk_size: Optional[int],
+def _row_blocks(N: int, Vr: int, world: int, cdt: torch.dtype, chunk_size: Optional[int],
                 memory_budget: Optional[int]) -> int:
+    """Rows per block: ``chunk_size``, or what fits ``memory_budget`` bytes in
+    ``_BLOCK_BUFFERS`` (rows, V_r) buffers. The default budget is the single-process one
+    divided by the ranks: a rank holds 1/P of the classes, so its blocks keep the row count
+    (the speed of the matrix products) of one process while its scratch is 1/P of it."""
     if chunk_size is not None:
         return max(1, chunk_size)
-    budget = default_budget() if memory_budget is None else memory_budget
+    budget = default_budget() // world if memory_budget is None else memory_budget
     esize = 8 if cdt == torch.float64 else 4
     return max(1, min(max(N, 1), budget // (_BLOCK_BUFFERS * esize * Vr)))
 
@@ -359,8 +363,9 @@ def vocab_parallel_linear_cross_entropy(
         z_{ij} = h_i \cdot W_j + b_j \ (j \text{ in the shard}), \qquad
         \ell_i \text{ as in } :func:`vocab_parallel_cross_entropy`
 
-    in blocks of ``chunk_size`` rows (default: as many as fit ``memory_budget``, 256 MiB or
-    ``CROSSENT_LINEAR_BUDGET``, for 3 blocks of ``(rows, V_r)``): neither ``(N, V)`` nor
+    in blocks of ``chunk_size`` rows (default: as many as fit 3 buffers of ``(rows, V_r)`` in
+    ``memory_budget`` bytes, by default the single-process budget -- 256 MiB or
+    ``CROSSENT_LINEAR_BUDGET`` -- divided by the number of ranks): neither ``(N, V)`` nor
     ``(N, V_r)`` is ever stored. Backward recomputes each block, returns the local weight's
     (and bias's) gradient and the full ``hidden`` gradient: one ``all_reduce`` of the
     ``(N, H)`` partial sums, like a column-parallel linear layer.
@@ -427,14 +432,8 @@ def vocab_parallel_linear_cross_entropy(
     keep = y != ignore_index
     w = None if weight is None else weight.to(cdt)
     tg = _Targets(y, keep, sh, Vr, w, eps, cdt)
-    R = _row_blocks(N, Vr, H, cdt, chunk_size, memory_budget)
+    R = _row_blocks(N, Vr, sh.world, cdt, chunk_size, memory_budget)
     loss, den = _LinearCE.apply(x, local_weight, bias, tg, sh, R)
     loss = loss.reshape(lead)
     return reduce_loss(loss, den.sum(), reduction, out_dtype=hidden.dtype, return_parts=return_parts,
                        capture=capture)
-
-
-def rows_per_block(N: int, Vr: int, dtype: torch.dtype, memory_budget: Optional[int] = None) -> int:
-    """Rows per block :func:`vocab_parallel_linear_cross_entropy` uses for N rows and a V_r shard."""
-    return _row_blocks(N, Vr, 0, compute_dtype(dtype), None, memory_budget)
-
