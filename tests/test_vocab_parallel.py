@@ -276,3 +276,14 @@ def test_guardrails(one_rank):
         vpl(h, W, y, chunk_size=0)
     with pytest.raises(CrossentValueError, match="`weight` that does not require grad"):
         vpl(h, W, y, weight=w.clone().requires_grad_())
+
+
+def test_docstring_examples():
+    """The examples create (and destroy) a one-rank group: run them in a fresh interpreter."""
+    code = ("import doctest, importlib, sys\n"
+            "m = importlib.import_module('crossent.distributed._vocab_parallel')\n"
+            "r = doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE)\n"
+            "sys.exit(0 if r.failed == 0 and r.attempted > 10 else 1)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, MASTER_ADDR="127.0.0.1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -294,16 +294,18 @@ def vocab_parallel_cross_entropy(
         The loss (shape of ``target`` for ``reduction='none'``), the same on every rank;
         a :class:`crossent.LossParts` with ``return_parts=True``.
 
-    Example (two ranks, ``torchrun --nproc-per-node 2``; each passes its half)::
+    With two ranks, rank ``r`` passes ``logits[:, 2 * r:2 * r + 2]`` and ``vocab_start=2 * r``;
+    the runnable example uses a one-rank group, where the shard is the whole vocabulary:
 
-        >>> import torch, torch.distributed as dist                     # doctest: +SKIP
-        >>> from crossent.distributed import vocab_parallel_cross_entropy
-        >>> dist.init_process_group("gloo")
-        >>> logits = torch.tensor([[2.0, 0.5, -1.0, 0.3], [0.1, 1.2, 0.3, 0.0]])
-        >>> r = dist.get_rank()
-        >>> loss = vocab_parallel_cross_entropy(logits[:, 2 * r:2 * r + 2], torch.tensor([0, 3]))
-        >>> round(loss.item(), 4)   # crossent.cross_entropy(logits, torch.tensor([0, 3]))
-        1.0764
+    >>> import torch, torch.distributed as dist, crossent
+    >>> from crossent.distributed import vocab_parallel_cross_entropy
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> logits = torch.tensor([[2.0, 0.5, -1.0, 0.3], [0.1, 1.2, 0.3, 0.0]])
+    >>> y = torch.tensor([0, 3])
+    >>> loss = vocab_parallel_cross_entropy(logits, y, vocab_start=0, vocab_size=4)
+    >>> round(loss.item(), 4), round(crossent.cross_entropy(logits, y).item(), 4)
+    (1.1443, 1.1443)
+    >>> dist.destroy_process_group()
     """
     func = "vocab_parallel_cross_entropy"
     V.check_floating_input(func, local_logits)
@@ -373,17 +375,19 @@ def vocab_parallel_linear_cross_entropy(
     Communication: forward one ``all_gather`` of ``(N, 4..7)`` per-token statistics;
     backward one ``all_reduce`` of ``(N, H)``.
 
-    Example (two ranks, each with half of a 4-class head)::
+    With two ranks, rank ``r`` passes ``W[2 * r:2 * r + 2]`` and ``vocab_start=2 * r``; the
+    runnable example uses a one-rank group:
 
-        >>> import torch, torch.distributed as dist                     # doctest: +SKIP
-        >>> from crossent.distributed import vocab_parallel_linear_cross_entropy
-        >>> dist.init_process_group("gloo")
-        >>> h = torch.tensor([[1.0, -0.5], [0.2, 0.3]])
-        >>> W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0], [0.5, 0.5]])
-        >>> r = dist.get_rank()
-        >>> loss = vocab_parallel_linear_cross_entropy(h, W[2 * r:2 * r + 2], torch.tensor([0, 2]))
-        >>> round(loss.item(), 4)   # crossent.linear_cross_entropy(h, W, torch.tensor([0, 2]))
-        0.9861
+    >>> import torch, torch.distributed as dist, crossent
+    >>> from crossent.distributed import vocab_parallel_linear_cross_entropy
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> h = torch.tensor([[1.0, -0.5], [0.2, 0.3]])
+    >>> W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0], [0.5, 0.5]])
+    >>> y = torch.tensor([0, 2])
+    >>> loss = vocab_parallel_linear_cross_entropy(h, W, y, vocab_start=0, vocab_size=4)
+    >>> round(loss.item(), 4), round(crossent.linear_cross_entropy(h, W, y).item(), 4)
+    (0.9031, 0.9031)
+    >>> dist.destroy_process_group()
     """
     func = "vocab_parallel_linear_cross_entropy"
     V.check_floating_input(func, hidden)
