@@ -56,9 +56,14 @@ class _Bytes(torch.utils._python_dispatch.TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.__name__.split(".")[0]
         if func.namespace in ("_c10d_functional", "c10d") and name != "wait_tensor" and not name.startswith("_"):
+            from torch.utils._pytree import tree_leaves
+
+            def nbytes(tree):
+                return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
             self.ops.append(name)
-            self.sent += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
-            self.received += out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+            self.sent += nbytes(args)
+            self.received += nbytes(out)
         return out
 
 

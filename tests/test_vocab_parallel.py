@@ -191,9 +191,9 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
 
 #: Documented in docs/distributed.md: collectives per call.
 DOCUMENTED = {
-    "logits": dict(forward=["all_gather_into_tensor"], backward=[]),
-    "logits_nolayout": dict(forward=["all_gather_into_tensor", "all_gather_into_tensor"], backward=[]),
-    "linear": dict(forward=["all_gather_into_tensor"], backward=["all_reduce"]),
+    "logits": dict(forward=["all_gather"], backward=[]),
+    "logits_nolayout": dict(forward=["all_gather", "all_gather"], backward=[]),
+    "linear": dict(forward=["all_gather"], backward=["all_reduce"]),
 }
 
 

@@ -135,6 +135,20 @@ def run_dtensor(rank, P, save):
         save[f"replicated,{dt}"] = dict(loss=loss.full_tensor().detach(), grad=xr.grad.full_tensor())
 
 
+def collective_kind(func) -> str:
+    """'all_gather' / 'all_reduce' / ... for a communicating c10d op (functional or in-place
+    ``c10d::allreduce_``), '' for everything else (wait_tensor and the autograd wrapper
+    move no data)."""
+    name = func.__name__.split(".")[0]
+    if func.namespace not in ("_c10d_functional", "c10d") or name == "wait_tensor" or name.startswith("_"):
+        return ""
+    flat = name.replace("_", "")
+    for kind in ("allgather", "allreduce", "reducescatter", "alltoall", "broadcast"):
+        if flat.startswith(kind):
+            return kind.replace("all", "all_", 1) if kind.startswith("all") else kind
+    return name
+
+
 def run_count(rank, P, save):
     """Collectives per forward and backward, counted on the c10d ops the dispatcher sees."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -147,10 +161,9 @@ def run_count(rank, P, save):
             self.ops = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            # the communicating ops of c10d; wait_tensor and the autograd wrapper move no data
-            name = func.__name__.split(".")[0]
-            if func.namespace in ("_c10d_functional", "c10d") and name != "wait_tensor" and not name.startswith("_"):
-                self.ops.append(name)
+            kind = collective_kind(func)
+            if kind:
+                self.ops.append(kind)
             return func(*args, **(kwargs or {}))
 
     lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]

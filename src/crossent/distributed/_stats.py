@@ -68,22 +68,27 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device)
 
 
-def shifted(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``z - m`` (a new buffer) with exactly 0 where ``z == m`` (a +inf logit is its own
-    max: 0, not NaN)."""
-    return (z - m).masked_fill_(z == m, 0.0)
+def shifted(z: torch.Tensor, m: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``z - m`` for the row maxima ``m`` (rows, 1), exactly 0 where ``z == m``: a finite
+    difference of equal numbers is 0 already; rows whose max is infinite get 0 where the
+    difference is ``inf - inf`` (a +inf logit is its own max: the finite limit, not NaN).
+    ``inplace``: overwrite ``z`` (a work buffer of the caller's) instead of a new buffer;
+    either way the only other scratch is one bool mask."""
+    zz = z.sub_(m) if inplace else z - m
+    return zz.masked_fill_(torch.isnan(zz).logical_and_(torch.isinf(m)), 0.0)
 
 
 def local_stats(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, wl: Optional[torch.Tensor],
-                smooth: Optional[torch.Tensor], layout: Layout) -> torch.Tensor:
+                smooth: Optional[torch.Tensor], layout: Layout, inplace: bool = False) -> torch.Tensor:
     """The ``(rows, K)`` statistics of local logits ``z`` (rows, V_r); see the module doc.
 
     ``yl``: the target's local index (any valid index where not ``owned``), ``owned``:
     the target lies in this shard (and the row is kept), ``wl``: local class weights,
-    ``smooth``: local :math:`\\sigma_j` or None. One ``(rows, V_r)`` work buffer (plus a
-    bool mask): the shifted logits become their exponentials in place."""
+    ``smooth``: local :math:`\\sigma_j` or None. One ``(rows, V_r)`` work buffer (``z``
+    itself with ``inplace``) and a bool mask: the shifted logits become their exponentials
+    in place."""
     m, k = z.max(dim=1, keepdim=True)
-    zz = shifted(z, m)
+    zz = shifted(z, m, inplace)
     t = torch.where(owned, -zz.gather(1, yl.unsqueeze(1)).squeeze(1), _zero(z))
     o = owned.to(z.dtype)
     cols = [m.squeeze(1), None, t, o]
@@ -140,23 +145,23 @@ def combine(G: torch.Tensor, keep: torch.Tensor, eps: float, layout: Layout, ran
 
 
 def local_grad(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, smooth: Optional[torch.Tensor],
-               keep: torch.Tensor, r: Combined, g: torch.Tensor) -> torch.Tensor:
+               keep: torch.Tensor, r: Combined, g: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     r"""``g_i * d loss_i / d z_ij`` for local logits ``z`` (rows of ``r``'s rows).
 
     :math:`A_i p_{ij} - a_{ij}` with :math:`a_{ij} = \sigma_j + c_i [j = y_i]`; at the global
     arg-max, on its rank, when it dominates (:math:`S' < 1`) the entry is evaluated as
     :math:`(A_i - a_{ik}) - A_i S'/(1 + S')` with :math:`A_i - a_{ik}` summed from the
     other coefficients (as the single-process backward does): no cancellation in ``p - 1``.
-    One ``(rows, V_r)`` buffer, updated in place."""
+    One ``(rows, V_r)`` buffer (``z`` itself with ``inplace``), updated in place."""
     M = r.M.unsqueeze(1)
     S = r.S.unsqueeze(1)
     A = r.A.unsqueeze(1)
     c_here = torch.where(owned, r.c, torch.zeros_like(r.c))
-    grad = shifted(z, M).exp_().div_(1 + S).mul_(A)            # A p
+    _, k = z.max(dim=1, keepdim=True)
+    grad = shifted(z, M, inplace).exp_().div_(1 + S).mul_(A)            # A p
     if smooth is not None:
         grad.sub_(smooth)
     grad.scatter_add_(1, yl.unsqueeze(1), -c_here.unsqueeze(1))
-    _, k = z.max(dim=1, keepdim=True)
     k1 = k.squeeze(1)
     a_rest = torch.where(owned & (yl != k1), r.c, torch.zeros_like(r.c)) + r.rest_other
     if smooth is not None:

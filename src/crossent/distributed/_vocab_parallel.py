@@ -35,8 +35,9 @@ from ..functional._reduction import compute_dtype, reduce_loss
 from ._stats import Layout, Shard, combine, local_grad, local_stats
 
 # (rows, V_r) blocks of the fused linear head: this many block-sized buffers are alive at
-# once (logits, exp / gradient, coefficients), sized from the linear budget.
-_BLOCK_BUFFERS = 3
+# once (the logits block, turned into exp and then into the gradient in place, plus a bool
+# mask), as for the single-process head (``backends.linear.BUFFERS_INDEX``).
+_BLOCK_BUFFERS = 1.25
 
 
 # ------------------------------------------------------------------------ layout
@@ -99,10 +100,18 @@ def exchange(stats: torch.Tensor, sh: Shard) -> torch.Tensor:
 
 
 def all_reduce_sum(t: torch.Tensor, sh: Shard) -> torch.Tensor:
+    """Sum of ``t`` over the ranks. Eager: in place (``dist.all_reduce``), so the hidden
+    gradient needs no second ``(N, H)`` buffer; captured: the functional collective (the
+    compiler owns the buffers)."""
     dev = t.device
-    if str(dist.get_backend(sh.group)).lower() != "nccl" and dev.type != "cpu":
+    on_host = str(dist.get_backend(sh.group)).lower() != "nccl" and dev.type != "cpu"
+    if on_host:
         t = t.cpu()
-    return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", sh.group)).to(dev)
+    if torch.compiler.is_compiling():
+        t = funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", sh.group))
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=sh.group)
+    return t.to(dev) if on_host else t
 
 
 # ------------------------------------------------------------- autograd Functions
@@ -154,7 +163,7 @@ def _row_blocks(N: int, Vr: int, world: int, cdt: torch.dtype, chunk_size: Optio
         return max(1, chunk_size)
     budget = default_budget() // world if memory_budget is None else memory_budget
     esize = 8 if cdt == torch.float64 else 4
-    return max(1, min(max(N, 1), budget // (_BLOCK_BUFFERS * esize * Vr)))
+    return max(1, min(max(N, 1), int(budget // (_BLOCK_BUFFERS * esize * Vr))))
 
 
 class _LinearCE(torch.autograd.Function):
@@ -171,7 +180,8 @@ class _LinearCE(torch.autograd.Function):
         stats = []
         for r0 in range(0, N, R):
             z = _block_logits(x, Wc, bc, tg.keep, r0, R, cdt)
-            stats.append(local_stats(z, tg.yl[r0:r0 + R], tg.owned[r0:r0 + R], tg.wl, tg.smooth, tg.layout))
+            stats.append(local_stats(z, tg.yl[r0:r0 + R], tg.owned[r0:r0 + R], tg.wl, tg.smooth, tg.layout,
+                                     inplace=True))
         S = torch.cat(stats) if stats else x.new_empty((0, tg.layout.K), dtype=cdt)
         r = combine(exchange(S, sh), tg.keep, tg.eps, tg.layout, sh.rank)
         ctx.save_for_backward(x, W, b)
@@ -194,13 +204,14 @@ class _LinearCE(torch.autograd.Function):
             sl = slice(r0, r0 + R)
             z = _block_logits(x, Wc, bc, tg.keep, r0, R, cdt)
             rb = type(r)(*(v[sl] for v in r))
-            gz = local_grad(z, tg.yl[sl], tg.owned[sl], tg.smooth, tg.keep[sl], rb, g_loss[sl].to(cdt))
+            gz = local_grad(z, tg.yl[sl], tg.owned[sl], tg.smooth, tg.keep[sl], rb, g_loss[sl].to(cdt),
+                            inplace=True)
             xb = _block_rows(x, tg.keep, r0, R, cdt)
             gW.addmm_(gz.t(), xb)
             gx[sl] = gz @ Wc
             if gb is not None:
                 gb = gb + gz.sum(dim=0)
-        gx = all_reduce_sum(gx, sh)
+        gx = all_reduce_sum(gx, sh)   # the column-parallel sum over the ranks' partial products
         return (gx.to(x.dtype), gW.to(W.dtype), None if gb is None else gb.to(b.dtype), None, None, None)
 
 
@@ -365,7 +376,7 @@ def vocab_parallel_linear_cross_entropy(
         z_{ij} = h_i \cdot W_j + b_j \ (j \text{ in the shard}), \qquad
         \ell_i \text{ as in } :func:`vocab_parallel_cross_entropy`
 
-    in blocks of ``chunk_size`` rows (default: as many as fit 3 buffers of ``(rows, V_r)`` in
+    in blocks of ``chunk_size`` rows (default: as many as fit 1.25 buffers of ``(rows, V_r)`` in
     ``memory_budget`` bytes, by default the single-process budget -- 256 MiB or
     ``CROSSENT_LINEAR_BUDGET`` -- divided by the number of ranks): neither ``(N, V)`` nor
     ``(N, V_r)`` is ever stored. Backward recomputes each block, returns the local weight's
