@@ -140,3 +140,21 @@ def test_gradcheck_float64_on_a_split():
             return go * grad
 
     torch.autograd.gradcheck(Sharded.apply, (x.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infinite_and_nan_logits_as_one_process(dtype):
+    """+inf on one shard gives the finite limit (as one process), an all -inf shard takes no
+    mass, a NaN logit anywhere in a row makes that row's loss and gradient NaN."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[inf, 0.0, 1.0, -2.0], [0.5, -inf, -inf, 1.0], [0.0, 1.0, nan, 2.0]], dtype=dtype)
+    y = torch.tensor([0, 3, 1])
+    loss, _, grad = _sharded(x, y, None, 0.0, [0, 1, 3, 4], torch.ones(3, dtype=dtype))
+    xr = x.clone().requires_grad_()
+    ref = crossent.cross_entropy(xr, y, reduction="none", validate=False)
+    ref.sum().backward()
+    assert torch.equal(loss[:2], ref.detach()[:2]) or (loss[:2] - ref.detach()[:2]).abs().max() <= 1e-6
+    assert torch.isfinite(loss[:2]).all() and torch.isfinite(grad[:2]).all()
+    assert torch.equal(torch.isnan(grad[:2]), torch.isnan(xr.grad[:2]))
+    assert (grad[:2] - xr.grad[:2]).abs().max() <= ULP["vocab_parallel"] * torch.finfo(dtype).eps
+    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()

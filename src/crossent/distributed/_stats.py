@@ -70,12 +70,13 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
 
 def shifted(z: torch.Tensor, m: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``z - m`` for the row maxima ``m`` (rows, 1), exactly 0 where ``z == m``: a finite
-    difference of equal numbers is 0 already; rows whose max is infinite get 0 where the
-    difference is ``inf - inf`` (a +inf logit is its own max: the finite limit, not NaN).
-    ``inplace``: overwrite ``z`` (a work buffer of the caller's) instead of a new buffer;
-    either way the only other scratch is one bool mask."""
+    difference of equal numbers is 0 already, and ``inf - inf`` (a row whose max is
+    infinite) is set to 0 (a +inf logit is its own max: the finite limit, not NaN).
+    Setting every NaN to 0 is safe: a NaN logit makes its row's max NaN (``max``
+    propagates NaN), and the max carries the NaN into the loss and the gradient.
+    ``inplace``: overwrite ``z`` (a work buffer of the caller's); no other scratch."""
     zz = z.sub_(m) if inplace else z - m
-    return zz.masked_fill_(torch.isnan(zz).logical_and_(torch.isinf(m)), 0.0)
+    return zz.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
 
 
 def local_stats(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, wl: Optional[torch.Tensor],
@@ -85,8 +86,7 @@ def local_stats(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, wl: Opti
     ``yl``: the target's local index (any valid index where not ``owned``), ``owned``:
     the target lies in this shard (and the row is kept), ``wl``: local class weights,
     ``smooth``: local :math:`\\sigma_j` or None. One ``(rows, V_r)`` work buffer (``z``
-    itself with ``inplace``) and a bool mask: the shifted logits become their exponentials
-    in place."""
+    itself with ``inplace``): the shifted logits become their exponentials in place."""
     m, k = z.max(dim=1, keepdim=True)
     zz = shifted(z, m, inplace)
     t = torch.where(owned, -zz.gather(1, yl.unsqueeze(1)).squeeze(1), _zero(z))
@@ -124,7 +124,7 @@ def combine(G: torch.Tensor, keep: torch.Tensor, eps: float, layout: Layout, ran
     gap = torch.where(m == M, torch.zeros_like(m), M - m)     # >= 0; 0 for a shared +inf max
     S = torch.where(is_owner, s, (1 + s) * torch.exp(-gap)).sum(dim=0)
     L1 = torch.log1p(S)
-    T = (o * (gap + t)).sum(dim=0)
+    T = torch.where(o > 0, gap + t, torch.zeros_like(t)).sum(dim=0)   # not 0 * inf: a shard's max may be -inf
     if layout.weighted:
         den = G[..., 4].sum(dim=0) + 0.0
     else:

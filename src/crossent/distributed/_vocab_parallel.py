@@ -34,9 +34,10 @@ from ..backends.linear import default_budget
 from ..functional._reduction import compute_dtype, reduce_loss
 from ._stats import Layout, Shard, combine, local_grad, local_stats
 
-# (rows, V_r) blocks of the fused linear head: this many block-sized buffers are alive at
-# once (the logits block, turned into exp and then into the gradient in place, plus a bool
-# mask), as for the single-process head (``backends.linear.BUFFERS_INDEX``).
+# (rows, V_r) blocks of the fused linear head: one block-sized buffer is alive at a time
+# (the logits block, turned into exp and then into the gradient in place); sized with the
+# single-process head's allowance (``backends.linear.BUFFERS_INDEX``) for the matrix
+# products' own scratch.
 _BLOCK_BUFFERS = 1.25
 
 
