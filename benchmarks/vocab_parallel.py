@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -140,8 +141,9 @@ def _free_port() -> int:
 
 
 def _run(a, variant, nproc=1):
+    out = tempfile.mkdtemp(prefix="vocab_parallel_")
     args = [f"--N={a.N}", f"--H={a.H}", f"--V={a.V}", f"--repeats={a.repeats}", f"--threads={a.threads}",
-            f"--worker={variant}"]
+            f"--worker={variant}", f"--out={out}"]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", CROSSENT_LINEAR_BUDGET=str(a.budget),
                OMP_NUM_THREADS=str(a.threads))
     if variant == "vocab-parallel":
@@ -152,7 +154,11 @@ def _run(a, variant, nproc=1):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
-    return [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    rows = []
+    for name in sorted(os.listdir(out)):   # one JSON file per rank (their stdout interleaves)
+        with open(os.path.join(out, name)) as f:
+            rows.append(json.load(f))
+    return rows
 
 
 def _mib(b):
@@ -171,10 +177,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         a.variant = a.worker
-        print("RESULT " + json.dumps(_worker(a)), flush=True)
+        res = _worker(a)
+        with open(os.path.join(a.out, f"rank{res['rank']}.json"), "w") as f:
+            json.dump(res, f)
         return 0
     rows = []
     variants = [("single", 1)] + ([] if a.no_eager else [("eager", 1)]) + [("vocab-parallel", a.nproc)]

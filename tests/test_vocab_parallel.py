@@ -171,6 +171,9 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
         hr, Wr, br = (t.clone().requires_grad_() for t in (h, W, b))
         ref_l = crossent.linear_cross_entropy(hr, Wr, y, linear_bias=br, reduction="sum")
         ref_l.backward()
+        hh, Wh = h.clone().requires_grad_(), W.clone().requires_grad_()
+        ref_h = crossent.cross_entropy(hh @ Wh.t(), y, label_smoothing=0.1)
+        ref_h.backward()
         xp = x.clone().requires_grad_()
         plain = crossent.cross_entropy(xp, y)
         plain.backward()
@@ -185,6 +188,11 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
             assert_ulp(got["loss"], ref_l.detach(), f"dtensor linear {dt} rank {r}")
             for name, g in (("grad_h", hr.grad), ("grad_W", Wr.grad), ("grad_b", br.grad)):
                 assert_ulp(got[name], g, f"dtensor linear {name} {dt} rank {r}")
+            got = res[f"head_logits,{dt}"]   # ColwiseParallel(use_local_output=False) logits
+            assert got["placements"] in ("(Shard(dim=1),)", "(Shard(dim=-1),)")
+            assert_ulp(got["loss"], ref_h.detach(), f"head logits {dt} rank {r}")
+            assert_ulp(got["grad_h"], hh.grad, f"head logits grad_h {dt} rank {r}")
+            assert_ulp(got["grad_W"], Wh.grad, f"head logits grad_W {dt} rank {r}")
             got = res[f"replicated,{dt}"]   # the single-process path: same bits
             assert torch.equal(got["loss"], plain.detach()) and torch.equal(got["grad"], xp.grad)
 

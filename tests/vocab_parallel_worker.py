@@ -129,6 +129,17 @@ def run_dtensor(rank, P, save):
         save[f"linear,{dt}"] = dict(loss=loss.full_tensor().detach(), grad_h=hl.grad,
                                     grad_W=lm.weight.grad.full_tensor(), grad_b=lm.bias.grad.full_tensor(),
                                     wplacements=str(lm.weight.placements))
+        # the logits a ColwiseParallel head returns as a DTensor (Shard(-1) of (N, V))
+        head = torch.nn.Linear(H, V, bias=False, dtype=DTYPES[dt])
+        with torch.no_grad():
+            head.weight.copy_(W)
+        parallelize_module(head, mesh, ColwiseParallel(use_local_output=False))
+        hl = h.clone().requires_grad_()
+        logits = head(hl)
+        loss = crossent.cross_entropy(logits, y, label_smoothing=0.1)
+        loss.backward()
+        save[f"head_logits,{dt}"] = dict(loss=loss.full_tensor().detach(), grad_h=hl.grad,
+                                         grad_W=head.weight.grad.full_tensor(), placements=str(logits.placements))
         xr = distribute_tensor(x, mesh, [Replicate()]).detach().requires_grad_()
         loss = crossent.cross_entropy(xr, y)
         loss.backward()

@@ -183,6 +183,7 @@ class _LinearCE(torch.autograd.Function):
             z = _block_logits(x, Wc, bc, tg.keep, r0, R, cdt)
             stats.append(local_stats(z, tg.yl[r0:r0 + R], tg.owned[r0:r0 + R], tg.wl, tg.smooth, tg.layout,
                                      inplace=True))
+            del z   # free the block before the next one is allocated: one block alive at a time
         S = torch.cat(stats) if stats else x.new_empty((0, tg.layout.K), dtype=cdt)
         r = combine(exchange(S, sh), tg.keep, tg.eps, tg.layout, sh.rank)
         ctx.save_for_backward(x, W, b)
@@ -211,7 +212,8 @@ class _LinearCE(torch.autograd.Function):
             gW.addmm_(gz.t(), xb)
             gx[sl] = gz @ Wc
             if gb is not None:
-                gb = gb + gz.sum(dim=0)
+                gb.add_(gz.sum(dim=0))
+            del z, gz   # one block alive at a time
         gx = all_reduce_sum(gx, sh)   # the column-parallel sum over the ranks' partial products
         return (gx.to(x.dtype), gW.to(W.dtype), None if gb is None else gb.to(b.dtype), None, None, None)
 
