@@ -1,4 +1,4 @@
-r"""Per-token statistics of a vocabulary shard, their one exchange, and the local gradient.
+r"""Per-token statistics of a vocabulary shard, how the ranks' statistics combine, and the local gradient.
 
 Every rank ``r`` holds the logits :math:`z_{ij}` of the classes ``[start_r, start_r + V_r)``
 and computes, per row ``i`` (in the compute dtype, float32 or float64):
@@ -54,7 +54,8 @@ class Shard(NamedTuple):
 
 
 class Layout(NamedTuple):
-    """Column positions of the packed statistics (``None``: not sent)."""
+    """Which optional columns the packed statistics carry (``w``: class weights; ``d``,
+    ``W``: label smoothing); ``K`` is their number."""
 
     weighted: bool
     smoothing: bool
