@@ -133,6 +133,14 @@ def test_parity_with_one_process_uneven_shards(P, tmp_path):
     for r, res in enumerate(results):
         assert_ulp(res["kdim"]["loss"], loss.detach(), f"kdim rank {r}")
         assert_ulp(res["kdim"]["grad"], xk.grad[:, bounds[r]:bounds[r + 1]], f"kdim grad rank {r}")
+    # (B, T, H) hidden states
+    _, y, _, h, W, _, _ = wk.data(torch.float64)
+    h3 = h.reshape(3, 3, wk.H).clone().requires_grad_()
+    loss = crossent.linear_cross_entropy(h3, W, y.reshape(3, 3), reduction="none")
+    loss.sum().backward()
+    for r, res in enumerate(results):
+        assert_ulp(res["btH"]["loss"], loss.detach(), f"(B, T, H) rank {r}")
+        assert_ulp(res["btH"]["grad_h"], h3.grad, f"(B, T, H) grad rank {r}")
     # the meter's exact parts: equal to one process metering the same batches
     x, y, w = wk.data(torch.float64)[:3]
     ref_meter = crossent.tracking.LossMeter(sync=False)

@@ -93,6 +93,12 @@ def run_parity(rank, P, save):
     loss = vocab_parallel_cross_entropy(xk, yk, reduction="none")
     loss.sum().backward()
     save["kdim"] = dict(loss=loss.detach(), grad=xk.grad)
+    # (B, T, H) hidden states and (B, T) targets
+    _, y, _, h, W, b, _ = data(torch.float64)
+    h3 = h.reshape(3, 3, H).clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(h3, W[lo:hi], y.reshape(3, 3), reduction="none")
+    loss.sum().backward()
+    save["btH"] = dict(loss=loss.detach(), grad_h=h3.grad)
     # the meter adds the exact parts of every batch: two batches of each rank's copy
     from crossent.tracking import LossMeter
 
