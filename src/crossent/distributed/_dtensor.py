@@ -45,9 +45,11 @@ def _shard_dim(func: str, name: str, t, dim: int) -> Optional[int]:
         elif not isinstance(p, Replicate):
             V.fail(func, f"`{name}` sharded on dimension {dim % t.dim()} (the vocabulary) over one mesh "
                    "dimension and replicated over the others", f"placements {tuple(t.placements)}",
-                   "Redistribute it (`t.redistribute(mesh, [Shard(dim)])`); a batch sharded over data "
-                   "parallelism is a separate loss per data-parallel rank: call the loss on the local "
-                   "batch and all-reduce LossParts (crossent.tracking).")
+                   "Logits (B, T, V) sharded on the last dimension (ColwiseParallel's output): pass "
+                   "`logits.flatten(0, -2)` and `target.flatten()`. Otherwise redistribute it "
+                   "(`t.redistribute(mesh, [Shard(dim)])`); a batch sharded over data parallelism is a "
+                   "separate loss per data-parallel rank: call the loss on the local batch and add up "
+                   "LossParts (crossent.tracking).")
     return found
 
 
