@@ -201,6 +201,9 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
             assert_ulp(got["loss"], ref_h.detach(), f"head logits {dt} rank {r}")
             assert_ulp(got["grad_h"], hh.grad, f"head logits grad_h {dt} rank {r}")
             assert_ulp(got["grad_W"], Wh.grad, f"head logits grad_W {dt} rank {r}")
+            got = res[f"btv,{dt}"]   # (B, T, V) logits: flattened they work, unflattened the error says so
+            assert "flatten(0, -2)" in got["error"] and "placements" in got["error"]
+            assert_ulp(got["loss"], crossent.cross_entropy(h @ W.t(), y), f"(B, T, V) {dt} rank {r}")
             got = res[f"replicated,{dt}"]   # the single-process path: same bits
             assert torch.equal(got["loss"], plain.detach()) and torch.equal(got["grad"], xp.grad)
 

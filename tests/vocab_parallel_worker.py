@@ -144,6 +144,14 @@ def run_dtensor(rank, P, save):
         logits = head(hl)
         loss = crossent.cross_entropy(logits, y, label_smoothing=0.1)
         loss.backward()
+        logits3 = head(h.reshape(3, 3, H))   # (B, T, V): Shard(2)
+        try:
+            crossent.cross_entropy(logits3, y.reshape(3, 3))
+            msg = ""
+        except crossent.CrossentValueError as e:
+            msg = str(e)
+        flat = crossent.cross_entropy(logits3.flatten(0, -2), y)
+        save[f"btv,{dt}"] = dict(error=msg, loss=flat.full_tensor().detach())
         save[f"head_logits,{dt}"] = dict(loss=loss.full_tensor().detach(), grad_h=hl.grad,
                                          grad_W=head.weight.grad.full_tensor(), placements=str(logits.placements))
         xr = distribute_tensor(x, mesh, [Replicate()]).detach().requires_grad_()
