@@ -306,3 +306,40 @@ def test_docstring_examples():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, MASTER_ADDR="127.0.0.1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_layout_guardrails(one_rank):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from crossent.distributed import vocab_parallel_cross_entropy as vp
+    from crossent import CrossentValueError
+
+    x, y = wk.data(torch.float32)[:2]
+    with pytest.raises(CrossentValueError, match="`vocab_start` to be a non-negative int.*'0'"):
+        vp(x, y, vocab_start="0", vocab_size=11)
+    with pytest.raises(CrossentValueError, match="`vocab_size` to be a non-negative int"):
+        vp(x, y, vocab_start=0, vocab_size=-1)
+    with FakeTensorMode():   # a captured call cannot read the other ranks' sizes
+        fx, fy = torch.empty(9, 11), torch.zeros(9, dtype=torch.long)
+        with pytest.raises(CrossentValueError, match="while the call is captured.*pass vocab_start="):
+            vp(fx, fy)
+
+
+def test_dtensor_guardrails(one_rank):
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from crossent import CrossentValueError
+
+    mesh = init_device_mesh("cpu", (1,))
+    x, y, w, h, W, b, u = wk.data(torch.float32)
+    xd = distribute_tensor(x, mesh, [Shard(1)])
+    with pytest.raises(CrossentValueError, match="no `backend` with logits sharded on the vocabulary"):
+        crossent.cross_entropy(xd, y, backend="reference")
+    with pytest.raises(CrossentValueError, match="`target` replicated.*placements"):
+        crossent.cross_entropy(xd, distribute_tensor(y, mesh, [Shard(0)]))
+    Wd = distribute_tensor(W, mesh, [Shard(0)])
+    with pytest.raises(CrossentValueError, match="no `return_lse` with a linear weight sharded"):
+        crossent.linear_cross_entropy(h, Wd, y, return_lse=True)
+    # on one rank the sharded path is the whole vocabulary: equal to the plain call
+    assert_ulp(crossent.cross_entropy(xd, y, weight=w).full_tensor(), crossent.cross_entropy(x, y, weight=w))
+    assert_ulp(crossent.linear_cross_entropy(h, Wd, y).full_tensor(), crossent.linear_cross_entropy(h, W, y))
