@@ -149,6 +149,9 @@ def test_parity_with_one_process_uneven_shards(P, tmp_path):
         ref_meter.update(parts.total, parts.denominator)
     for res in results:
         assert abs(res["meter"] - ref_meter.compute()) <= 8 * 2.0 ** -52 * abs(ref_meter.compute())
+    dp = crossent.cross_entropy(x, y, weight=w, label_smoothing=0.1).item()
+    for res in results:   # each rank its own rows, synced over the world: the whole batch's mean
+        assert abs(res["meter_dp"] - dp) <= 8 * 2.0 ** -52 * abs(dp)
     _confident_row(results, bounds)
 
 

@@ -108,6 +108,17 @@ def run_parity(rank, P, save):
         parts = vocab_parallel_cross_entropy(x[sl, lo:hi], y[sl], weight=w[lo:hi], return_parts=True)
         meter.update(parts.total, parts.denominator)
     save["meter"] = meter.compute()
+    # data parallelism over the world, the vocabulary "sharded" over a one-rank group per rank
+    # (group=): each rank meters its own rows; the meter's sync adds the exact parts
+    import torch.distributed as dist
+
+    groups = [dist.new_group([r]) for r in range(P)]   # every rank creates every group
+    rows = [slice(r * N // P, (r + 1) * N // P) for r in range(P)][rank]
+    synced = LossMeter()
+    parts = vocab_parallel_cross_entropy(x[rows], y[rows], weight=w, label_smoothing=0.1, return_parts=True,
+                                         group=groups[rank])
+    synced.update(parts.total, parts.denominator)
+    save["meter_dp"] = synced.compute()
 
 
 def run_dtensor(rank, P, save):
