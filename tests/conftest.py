@@ -46,6 +46,12 @@ ULP = {
     "bce": 4,               # log / log1p of a representable probability
     "ce": 8,                # log1p of a sum over C terms (pairwise summation error ~ log2 C ulp)
     "ce_large_c": 32,       # C = 50 000: the sum over classes dominates
+    # (1 - p_t)^gamma times the base loss: pow amplifies the few-ulp error of 1 - p_t by
+    # gamma (<= 5 here), plus the base loss's and the product's roundings
+    "focal": 16,
+    # the reference backend's gradient is autograd through that composition (pow, sigmoid,
+    # softplus, logaddexp): each backward step rounds once more
+    "focal_reference_grad": 32,
     # crossent.distributed vs one process, in ulp of each tensor's largest entry: the sums
     # over the vocabulary run per shard, then over the ranks (another order, a few ulp)
     "vocab_parallel": 8,

@@ -208,12 +208,37 @@ def _opcheck_samples():
         yield ops.cross_entropy_fused, (x, t.softmax(1), None, None, None, None, backend)
         x3 = torch.randn(2, 4, 3, generator=g, requires_grad=True)
         yield ops.cross_entropy_fused, (x3, None, torch.randint(0, 4, (6,), generator=g), c, None, None, backend)
+        for g_loss in (torch.full((6,), 0.25), torch.rand(6, generator=g)):   # uniform and per-row
+            yield ops.cross_entropy_fused_backward, (g_loss, x.detach(), None, y, c, None, None, backend)
 
 
-@pytest.mark.parametrize("i", range(14))
+@pytest.mark.parametrize("i", range(18))
 def test_opcheck(i):
     op, args = list(_opcheck_samples())[i]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "chunked-torch"])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_ce_op_backward_recomputes_the_gradient_times_grad_loss(backend, uniform):
+    # The forward saves only its inputs (no (M, C) gradient lives until backward); the
+    # backward equals the reference gradient of sum(g * loss), uniform g (mean, sum) or not.
+    # float32: the C kernel (backend 'chunked'); the reference in float64.
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 5, generator=gen) * 4).requires_grad_()
+    y = torch.randint(0, 5, (9,), generator=gen)
+    c = torch.rand(9, generator=gen)
+    g = torch.full((9,), 0.3) if uniform else torch.rand(9, generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = ops.cross_entropy_fused(x, None, y, c, None, None, backend)
+    assert {t.data_ptr() for t in saved} <= {x.data_ptr(), y.data_ptr(), c.data_ptr()}
+    (grad,) = torch.autograd.grad(loss, x, g)
+    z = x.detach().double().requires_grad_()
+    ref = c.double() * (torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0])
+    (want,) = torch.autograd.grad(ref, z, g.double())
+    assert_close(loss, ref.detach(), dtype=torch.float32)
+    assert_close(grad, want, dtype=torch.float32)
 
 
 def test_op_vmap_rule_matches_a_loop():
@@ -375,3 +400,60 @@ def test_opcheck_linear_cross_entropy_op():
                               (h, Wt, b, y, None, y != 3, True, 0.1, None, None, None, backend))
         torch.library.opcheck(ops.linear_cross_entropy_fused,
                               (h, Wt, None, y, torch.rand(7, generator=g), None, True, 0.0, 2, 3, None, backend))
+
+
+# ------------------------------------------------------------------------ CUDA graphs
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
+@pytest.mark.parametrize("name", ["ce", "ce_weight_smoothing", "bce_logits_pos_weight", "linear_ce"])
+def test_cuda_graph_replays_a_training_step(name):
+    """A whole training step (forward, backward, SGD update) captured in a CUDA graph and
+    replayed on new data in the captured buffers: no host sync breaks the capture, and each
+    replay updates the model exactly as the same eager step with torch's loss does."""
+    dev = torch.device("cuda")
+    step_losses = {
+        "ce": (lambda m, x, y, s: crossent.cross_entropy(m(x), y), lambda m, x, y, s: TF.cross_entropy(m(x), y)),
+        "ce_weight_smoothing": (
+            lambda m, x, y, s: crossent.cross_entropy(m(x), y, weight=W.to(dev), label_smoothing=0.1),
+            lambda m, x, y, s: TF.cross_entropy(m(x), y, weight=W.to(dev), label_smoothing=0.1)),
+        "bce_logits_pos_weight": (
+            lambda m, x, y, s: crossent.binary_cross_entropy_with_logits(m(x), s, pos_weight=PW.to(dev)),
+            lambda m, x, y, s: TF.binary_cross_entropy_with_logits(m(x), s, pos_weight=PW.to(dev))),
+        "linear_ce": (lambda m, x, y, s: crossent.linear_cross_entropy(x, m.weight, y, bias=m.bias),
+                      lambda m, x, y, s: TF.cross_entropy(m(x), y)),
+    }
+    ours, theirs = step_losses[name]
+    model, ref = _model().to(dev), _model().to(dev)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
+    batches = [tuple(t.to(dev) for t in _data(seed=s)) for s in range(6)]
+    static = [t.clone() for t in batches[0]]
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = ours(model, *static)
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up (kernel builds, allocator) outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), model.parameters()):
+            p.copy_(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for batch in batches[1:]:
+        for buf, t in zip(static, batch):
+            buf.copy_(t)
+        graph.replay()
+        ref_opt.zero_grad()
+        want = theirs(ref, *batch)
+        want.backward()
+        ref_opt.step()
+        assert_close(static_loss, want.detach())
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert_close(p, q)

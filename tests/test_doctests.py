@@ -10,6 +10,10 @@ MODULES = [
     "crossent.functional._binary",
     "crossent.functional._multiclass",
     "crossent.nn._loss",
+    "crossent.functional._focal",
+    "crossent.functional._asymmetric",
+    "crossent.nn._focal",
+    "crossent.class_weights",
 ]
 
 

@@ -46,7 +46,8 @@ def _leave_torch_as_found():
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Every (op, backend) crossent's functional layer dispatches."""
+    """Every (op, backend) crossent's functional layer dispatches (or resolves, on the plain
+    eager cross-entropy call, which skips ``dispatch``)."""
     seen = []
 
     def recording(dispatch):
@@ -56,6 +57,7 @@ def calls(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(_multiclass, "dispatch", recording(_multiclass.dispatch))
+    monkeypatch.setattr(_multiclass, "resolve", recording(_multiclass.resolve))   # the plain eager call
     monkeypatch.setattr(_binary, "dispatch", recording(_binary.dispatch))
     return seen
 

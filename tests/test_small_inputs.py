@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import crossent
 from crossent import _validation as V
 from crossent.backends import Backend, _registry, chunked, dispatch, reference
+from crossent.functional import _multiclass
 from crossent.functional._reduction import reduce_loss
 
 
@@ -227,20 +228,22 @@ def test_small_calls_match_torch_values_and_gradients():
 
 
 # ------------------------------------------------------------------ plain-rows kernel path
+@pytest.mark.parametrize("validate", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_plain_rows_path_is_bitwise_the_general_path(monkeypatch, reduction):
-    """No weights, no smoothing, nothing ignored: the compiled kernel runs with all-ones
-    coefficients and a host-computed scale. Same bits as the general path (forced here by
-    switching the shortcut off), for the loss, the gradient, a second backward
-    (retain_graph), a scaled backward (loss * 3) and double backward."""
+def test_plain_call_is_bitwise_the_general_path(monkeypatch, reduction, validate):
+    """The plain eager call (``_multiclass._plain_call``: float32 rows, int64 targets all in
+    range, no weights, smoothing or options) gives the same bits as the general path (forced
+    here by switching the shortcut off) for the loss, the gradient, a second backward
+    (retain_graph), a scaled backward (loss * 3) and double backward; the general path's
+    own shortcut (``chunked._plain_rows``) is checked the same way."""
     _needs_kernel()
     x, y = _classifier(M=300, C=37, seed=6)
     taken = []
-    real = chunked._plain_rows
-    monkeypatch.setattr(chunked, "_plain_rows", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = chunked.plain_cross_entropy
+    monkeypatch.setattr(chunked, "plain_cross_entropy", lambda *a: taken.append(True) or real(*a))
 
     def run():
-        loss = crossent.cross_entropy(x, y, reduction=reduction, validate=False)
+        loss = crossent.cross_entropy(x, y, reduction=reduction, validate=validate)
         (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
         (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
         (g3,) = torch.autograd.grad(loss * 3, x, retain_graph=True)
@@ -250,10 +253,33 @@ def test_plain_rows_path_is_bitwise_the_general_path(monkeypatch, reduction):
 
     fast = run()
     assert taken == [True]
+    monkeypatch.setattr(_multiclass, "_plain_call", lambda *a: None)
+    general = run()
     monkeypatch.setattr(chunked, "_plain_rows", lambda *a: False)
     slow = run()
-    for a, b in zip(fast, slow):
-        assert torch.equal(a, b)
+    assert len(taken) == 1
+    for a, b, c in zip(fast, general, slow):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_plain_call_declines_what_it_does_not_cover():
+    _needs_kernel()
+    x, y = _classifier(M=8, C=5, seed=7)
+    plain = lambda x=x, y=y, ignore_index=-100, reduction="mean": _multiclass._plain_call(
+        x, y, ignore_index, reduction, False)
+    assert plain() is not None
+    assert plain(reduction="none") is None
+    assert plain(y=torch.tensor([0, 1, 2, 3, 4, -100, 0, 1])) is None        # an ignored target
+    assert plain(y=torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])) is None           # out of range: the error path
+    assert plain(y=y.int()) is None
+    assert plain(x=x.detach()) is None                                      # no gradient wanted
+    assert plain(x=x.double().detach().requires_grad_()) is None
+    assert plain(x=x.detach().t().contiguous().t().requires_grad_()) is None   # not contiguous
+    assert plain(x=torch.nn.Parameter(x.detach())) is None                  # a subclass: general path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain() is None
+    with pytest.raises(crossent.CrossentValueError, match="outside it"):
+        crossent.cross_entropy(x, torch.tensor([0, 1, 2, 3, 4, 5, 0, 1]), validate=False)
 
 
 def test_plain_rows_path_is_not_taken_when_an_option_needs_coefficients():

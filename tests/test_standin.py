@@ -17,9 +17,12 @@ import crossent.nn as CNN
 from conftest import TOL
 
 CROSSENT_LOSSES = {"binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy",
-                   "linear_cross_entropy", "linear_binary_cross_entropy_with_logits", "LossParts"}
+                   "linear_cross_entropy", "linear_binary_cross_entropy_with_logits", "LossParts",
+                   "sigmoid_focal_loss", "softmax_focal_loss", "poly1_cross_entropy",
+                   "poly1_binary_cross_entropy_with_logits", "asymmetric_loss"}
 CROSSENT_CLASSES = {"BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss",
-                    "LinearBCEWithLogitsLoss"}
+                    "LinearBCEWithLogitsLoss", "SigmoidFocalLoss", "SoftmaxFocalLoss", "Poly1CrossEntropyLoss",
+                    "Poly1BCEWithLogitsLoss", "AsymmetricLoss"}
 
 
 def test_functional_resolves_every_other_name_to_torch():

@@ -11,6 +11,7 @@ and classes through crossent (see :func:`crossent.patch`).
 
 __version__ = "0.1.0"
 
+from . import class_weights
 from . import functional
 from . import nn
 from . import probabilities
@@ -24,11 +25,16 @@ from ._validation import CrossentWarning
 from ._validation import KernelCacheWarning
 from .backends import BackendUnavailableError
 from .functional import LossParts
+from .functional import asymmetric_loss
 from .functional import binary_cross_entropy
 from .functional import binary_cross_entropy_with_logits
 from .functional import cross_entropy
 from .functional import linear_binary_cross_entropy_with_logits
 from .functional import linear_cross_entropy
+from .functional import poly1_binary_cross_entropy_with_logits
+from .functional import poly1_cross_entropy
+from .functional import sigmoid_focal_loss
+from .functional import softmax_focal_loss
 
 __all__ = [
     "BackendUnavailableError",
@@ -38,15 +44,21 @@ __all__ = [
     "CrossentWarning",
     "KernelCacheWarning",
     "LossParts",
+    "asymmetric_loss",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
+    "class_weights",
     "cross_entropy",
     "functional",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
     "nn",
     "patch",
+    "poly1_binary_cross_entropy_with_logits",
+    "poly1_cross_entropy",
     "probabilities",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
     "tracking",
     "unpatch",
 ]

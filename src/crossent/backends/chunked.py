@@ -406,21 +406,23 @@ def _ce_mask(loss, keep, smooth):
     return loss
 
 
-def fused_ce_forward(impl, x, q, y, c, smooth, keep, scale=None):
-    """Loss (M,) and gradient (shaped like ``x``, times ``scale``) of per-row cross-entropy with
-    coefficients (q, y, c, smooth) (see ``reference.ce_coefficients``), rows with
-    ``keep`` False zeroed when smoothing gives them terms. ``x`` (M, C) or (N, C, S) (then
-    (N, C, S) logits the lane kernel cannot take are computed as rows and the gradient is
-    returned in the (N, C, S) layout)."""
+def fused_ce_forward(impl, x, q, y, c, smooth, keep, scale=None, want_grad=True):
+    """Loss (M,) and gradient (shaped like ``x``, times ``scale``; None unless ``want_grad``)
+    of per-row cross-entropy with coefficients (q, y, c, smooth) (see
+    ``reference.ce_coefficients``), rows with ``keep`` False zeroed when smoothing gives
+    them terms. ``x`` (M, C) or (N, C, S) (then (N, C, S) logits the lane kernel cannot
+    take are computed as rows and the gradient is returned in the (N, C, S) layout)."""
     if x.dim() == 3 and not _spatial_ok(impl, x, q):
         N, C, S = x.shape
-        loss, g = fused_ce_forward(impl, x.movedim(1, -1).reshape(-1, C), q, y, c, smooth, keep, scale)
-        return loss, g.view(N, S, C).movedim(-1, 1).contiguous()
-    loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)
+        loss, g = fused_ce_forward(impl, x.movedim(1, -1).reshape(-1, C), q, y, c, smooth, keep, scale,
+                                   want_grad)
+        return loss, None if g is None else g.view(N, S, C).movedim(-1, 1).contiguous()
+    loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=want_grad, scale=scale)
     if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
         loss = torch.where(keep, loss, _zero(loss))
-        grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
-    return loss, grad
+        if want_grad:
+            grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
+    return loss, grad if want_grad else None
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -461,6 +463,38 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if grad is None or ctx.scale is not None:
             grad = recompute(None)
         return None, None, grad.mul_(_class_bcast(grad_out, grad)), None, None, None, None, None
+
+
+class _FusedCrossEntropyReduced(torch.autograd.Function):
+    """:class:`_FusedCrossEntropy` with its ``sum`` (``rows`` None) or ``mean`` (``sum / rows``)
+    taken inside: one autograd node instead of three on the small-input path. Values and
+    gradients are bit for bit those of the per-row Function followed by ``sum`` and ``/ rows``:
+    the same reductions run, and backward hands the per-row Function exactly the grad_output
+    that ``SumBackward`` and ``DivBackward`` would (``g / rows`` expanded), so its pre-scaled
+    gradient is used under the same test. The inputs keep the per-row Function's positions
+    (its backward indexes ``needs_input_grad``)."""
+
+    @staticmethod
+    def forward(ctx, impl, scale, x, q, y, c, smooth, keep, rows):
+        loss = _FusedCrossEntropy.forward(ctx, impl, scale, x, q, y, c, smooth, keep)
+        ctx.rows, ctx.M = rows, loss.shape[0]
+        total = loss.sum()
+        return total if rows is None else total / rows
+
+    @staticmethod
+    def backward(ctx, g):
+        go = (g if ctx.rows is None else g / ctx.rows).expand(ctx.M)
+        return _FusedCrossEntropy.backward(ctx, go) + (None,)
+
+
+def plain_cross_entropy(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The reduced loss of the small-input path (:func:`_plain_rows` holds, and no target
+    equals ignore_index): float32 (M, C) rows on the compiled kernel, int64 (M,) targets,
+    ``reduction`` 'mean' or 'sum'. The same values and gradients as the general path."""
+    M = x.shape[0]
+    scale = 1.0 if reduction == "sum" else mean_grad_scale(M, x.dtype)
+    return _FusedCrossEntropyReduced.apply(CPU, scale, x, None, y, None, None, None,
+                                           None if reduction == "sum" else M)
 
 
 def _value(scale) -> float:

@@ -455,6 +455,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crossent_ce_index.restype = ctypes.c_int64
     lib.crossent_ce_index_ncs.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, I64, ctypes.c_int]
     lib.crossent_ce_index_ncs.restype = ctypes.c_int64
+    lib.crossent_focal.argtypes = [P, P, P, I64, P, P, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                                   ctypes.c_float, I64, ctypes.c_int]
+    lib.crossent_focal.restype = ctypes.c_double
     lib.crossent_log1p01.argtypes = [P, P, I64]
     lib.crossent_log1p01.restype = None
 
@@ -532,3 +535,16 @@ class _Kernels:
         if bad:
             _bad_targets(y, C, bad)
         return loss
+
+    @staticmethod
+    def focal(x, t, pw, L, alpha: float, half2: int, eps: float, sum_only: bool = False, scale=None):
+        """Sigmoid focal / Poly-1 loss (per element, or its 0-dim sum when ``sum_only``) and
+        gradient times ``scale`` (``crossent_focal``); gamma = half2 / 2."""
+        grad = torch.empty_like(x)
+        loss = None if sum_only else torch.empty_like(x)
+        s = 1.0 if scale is None else float(scale)   # a float32 value: exact as a C float
+        total = _lib.crossent_focal(_ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), float(alpha),
+                                    int(half2), float(eps), s, x.numel(), _threads(x.numel()))
+        if sum_only:
+            loss = torch.tensor(total, dtype=x.dtype)
+        return loss, grad

@@ -515,3 +515,110 @@ int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, 
   }
   return failed ? -1 : bad;
 }
+
+/* Sigmoid focal / Poly-1 BCE with logits (crossent.backends.focal), e = exp(-|x|):
+   ce = p t softplus(-x) + (1-t) softplus(x),  m = 1 - p_t = t sigmoid(-x) + (1-t) sigmoid(x),
+   loss = a ce m^gamma + eps m,  a = alpha t + (1-alpha)(1-t) (1 when alpha < 0),
+   grad = a m^gamma (ce' + gamma ce r (1-2t)) + eps s u (1-2t),  ce' = (1-t) s - p t u,
+   r = s u / m: s for t = 1, u for t = 0, the quotient for soft targets (m >= min(t, 1-t) / 2).
+   m^gamma for gamma = k/2 (k = half2 <= 20): k/2 products and one sqrt, so its error is a
+   few ulp (no exp(gamma log m), whose error grows with |gamma log m|); the caller sends
+   other gammas to the torch path. */
+static inline V vpow_half(V m, int half2) {
+  V r = vset(1.f);
+  for (int j = 0; j < half2 / 2; ++j) r = _mm256_mul_ps(r, m);
+  if (half2 & 1) r = _mm256_mul_ps(r, _mm256_sqrt_ps(m));
+  return r;
+}
+
+static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *loss, V *grad) {
+  const V one = vset(1.f);
+  V ax = _mm256_andnot_ps(vset(-0.0f), x);
+  V e = Sleef_expf8_u10(vneg(ax));
+  V l1 = log1p01(e);
+  V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+  V er = _mm256_mul_ps(e, r);
+  V neg = _mm256_cmp_ps(x, vzero(), _CMP_LT_OQ);
+  V sp_pos = _mm256_add_ps(vrelu(x), l1);
+  V sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
+  V s = _mm256_blendv_ps(r, er, neg);
+  V u = _mm256_blendv_ps(er, r, neg);
+  V p = _mm256_mul_ps(pw, t);
+  V omt = _mm256_sub_ps(one, t);
+  V ce = _mm256_add_ps(vtimes(p, sp_neg), vtimes(omt, sp_pos));
+  V g = _mm256_sub_ps(_mm256_mul_ps(omt, s), _mm256_mul_ps(p, u));
+  V m = _mm256_add_ps(_mm256_mul_ps(t, u), _mm256_mul_ps(omt, s));
+  V sign = _mm256_sub_ps(one, _mm256_add_ps(t, t));
+  V lo = ce;
+  if (half2) {
+    V mg = vpow_half(m, half2);
+    V su = _mm256_mul_ps(s, u);
+    V rr = _mm256_div_ps(su, _mm256_max_ps(m, vset(1.17549435e-38f)));
+    rr = _mm256_blendv_ps(rr, s, _mm256_cmp_ps(t, one, _CMP_GE_OQ));
+    rr = _mm256_blendv_ps(rr, u, _mm256_cmp_ps(t, vzero(), _CMP_LE_OQ));
+    V focus = _mm256_mul_ps(vset(0.5f * (float)half2), _mm256_mul_ps(vtimes(ce, rr), sign));
+    g = _mm256_mul_ps(mg, _mm256_add_ps(g, focus));
+    lo = vtimes(mg, ce);
+  }
+  if (alpha >= 0.f) {
+    V a = _mm256_add_ps(_mm256_mul_ps(vset(alpha), t), _mm256_mul_ps(vset(1.f - alpha), omt));
+    lo = _mm256_mul_ps(a, lo);
+    g = _mm256_mul_ps(a, g);
+  }
+  if (eps != 0.f) {
+    lo = _mm256_fmadd_ps(vset(eps), m, lo);
+    g = _mm256_fmadd_ps(vset(eps), _mm256_mul_ps(_mm256_mul_ps(s, u), sign), g);
+  }
+  *loss = lo; *grad = g;
+}
+
+/* loss: per-element losses, or NULL to return their sum (as crossent_bce); grad is
+   multiplied by scale (the grad_output a plain backward() of 'mean' / 'sum' will send). */
+double crossent_focal(const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
+                      float alpha, int half2, float eps, float scale, int64_t n, int nthreads) {
+  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
+  const V vscale = vset(scale);
+  double total = 0.0;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;
+    float pwb[W], xb[W], tb[W], lb[W], gb[W];
+    V acc = vzero();
+    double s = 0.0;
+    int flush = 0;
+    int64_t col = pw ? begin % L : 0;
+    for (int64_t i = begin; i < end; i += W) {
+      const int64_t m = (end - i < W) ? end - i : W;
+      V xv, tv, pv = vset(1.f), lo, gr;
+      if (m == W) {
+        xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
+        if (pw) {
+          if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
+          else {
+            for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
+            pv = _mm256_loadu_ps(pwb);
+          }
+        }
+      } else {
+        for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
+        for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
+        xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
+      }
+      focal8(xv, tv, pv, alpha, half2, eps, &lo, &gr);
+      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
+      if (m == W) {
+        _mm256_storeu_ps(grad + i, gr);
+        if (loss) _mm256_storeu_ps(loss + i, lo);
+        else {
+          acc = _mm256_add_ps(acc, lo);
+          if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
+        }
+      } else {
+        _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
+        for (int64_t j = 0; j < m; ++j) { grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
+      }
+    }
+    total += s + hsum(acc);
+  }
+  return total;
+}

@@ -1,24 +1,30 @@
 r"""crossent's fused kernels as registered PyTorch ops (namespace ``crossent``).
 
 Used whenever a loss call is captured (:mod:`crossent._capture`): ``torch.compile``,
-``torch.export``, ``torch.jit.trace``, fake tensors, CUDA-graph capture. Each op computes
-the per-element loss **and** its gradient in one pass (the kernels of
-:mod:`crossent.backends.chunked` -- the compiled C kernel on CPU -- or of the Triton
-backend on CUDA) and has
-
-* a fake implementation (shapes only), so tracers never run a kernel on fake data;
-* an autograd formula (``register_autograd``): the saved gradient times ``grad_output``;
-* a batching rule (``register_vmap``): the batch dimension is folded into the rows.
-
-The ops are:
+``torch.export``, ``torch.jit.trace``, fake tensors, CUDA-graph capture. The ops run the
+kernels of :mod:`crossent.backends.chunked` (the compiled C kernel on CPU) or of the
+Triton backend (CUDA); each has a fake implementation (shapes only), so tracers never run
+a kernel on fake data, and an autograd formula (``register_autograd``).
 
 ``crossent::bce_fused(x, t, weight, pos_weight, keep, logits, backend) -> (loss, grad)``
-    Per-element BCE-with-logits (``logits=True``) or BCE on probabilities; ``weight`` and
-    ``pos_weight`` broadcast to ``x``; ``keep`` (bool, shape of ``x``) False drops an element.
-``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> (loss, grad)``
+    Per-element BCE-with-logits (``logits=True``) or BCE on probabilities and its
+    gradient, in one elementwise pass; ``weight`` and ``pos_weight`` broadcast to ``x``;
+    ``keep`` (bool, shape of ``x``) False drops an element. Backward: the saved gradient
+    times ``grad_output``. Batching rule (``register_vmap``): the batch dim is folded in.
+``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> loss``
     Per-row cross-entropy of ``x`` (M, C) or (N, C, S) with the coefficients of
     ``reference.ce_coefficients``: dense ``q`` (M, C), or class indices ``y`` (M,) with row
-    coefficients ``c`` (M,) and class smoothing terms ``smooth`` (C,).
+    coefficients ``c`` (M,) and class smoothing terms ``smooth`` (C,). The forward writes
+    no gradient; its backward is
+``crossent::cross_entropy_fused_backward(grad_loss, x, q, y, c, smooth, keep, backend) -> grad``
+    The gradient recomputed from the saved logits, times ``grad_loss`` (per row): on the
+    C kernel a uniform ``grad_loss`` (what ``mean`` and ``sum`` send) is applied inside
+    the kernel, so a captured step holds no (M, C) gradient between forward and backward
+    and makes one pass over the logits in each (the layout Inductor gives torch's own
+    cross-entropy).
+
+``crossent::binary_focal_fused`` and ``crossent::softmax_focal_fused`` (focal and Poly-1
+losses) are registered the same way in :mod:`crossent.backends.focal`.
 
 ``backend`` names the kernels (``chunked``: the C kernel where it applies, ``chunked-torch``:
 the same formulas in torch ops on any device, ``triton``: CUDA); the choice is made before
@@ -72,7 +78,6 @@ def _(x, t, weight, pos_weight, keep, logits, backend):
 
 
 def _save_grad(ctx, inputs, output):
-    ctx.x_dim = inputs[0].dim()
     ctx.save_for_backward(output[1])
 
 
@@ -104,25 +109,50 @@ def _(info, in_dims, x, t, weight, pos_weight, keep, logits, backend):
 # ------------------------------------------------------------------ cross-entropy
 @torch.library.custom_op("crossent::cross_entropy_fused", mutates_args=())
 def cross_entropy_fused(x: Tensor, q: Optional[Tensor], y: Optional[Tensor], c: Optional[Tensor],
-                        smooth: Optional[Tensor], keep: Optional[Tensor],
-                        backend: str) -> Tuple[Tensor, Tensor]:
+                        smooth: Optional[Tensor], keep: Optional[Tensor], backend: str) -> Tensor:
     impl = _kernels(backend, x.device)
-    loss, grad = chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep)
-    return loss.contiguous(), grad.contiguous()
+    return chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep, want_grad=False)[0].contiguous()
 
 
 @cross_entropy_fused.register_fake
 def _(x, q, y, c, smooth, keep, backend):
-    return x.new_empty((_rows_of(x),)), x.new_empty(x.shape)
+    return x.new_empty((_rows_of(x),))
 
 
-def _ce_backward(ctx, g_loss, g_grad):
-    (grad,) = ctx.saved_tensors
-    g = g_loss.unsqueeze(1) if ctx.x_dim == 2 else g_loss.view(grad.shape[0], 1, grad.shape[2])
-    return grad * g, None, None, None, None, None, None
+@torch.library.custom_op("crossent::cross_entropy_fused_backward", mutates_args=())
+def cross_entropy_fused_backward(grad_loss: Tensor, x: Tensor, q: Optional[Tensor], y: Optional[Tensor],
+                                 c: Optional[Tensor], smooth: Optional[Tensor], keep: Optional[Tensor],
+                                 backend: str) -> Tensor:
+    impl = _kernels(backend, x.device)
+    g = grad_loss.to(x.dtype)
+    scale = None
+    if impl.prescale and g.device.type == "cpu" and g.numel():
+        first = g.reshape(-1)[0]
+        if bool((g == first).all()):   # host memory: reading it is no device sync
+            scale = float(first)
+    _, grad = chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep, scale)
+    if scale is None:
+        grad.mul_(chunked._class_bcast(g.reshape(-1), grad))
+    return grad.contiguous()
 
 
-cross_entropy_fused.register_autograd(_ce_backward, setup_context=_save_grad)
+@cross_entropy_fused_backward.register_fake
+def _(grad_loss, x, q, y, c, smooth, keep, backend):
+    return x.new_empty(x.shape)
+
+
+def _ce_setup(ctx, inputs, output):
+    ctx.backend = inputs[-1]
+    ctx.save_for_backward(*inputs[:-1])
+
+
+def _ce_backward(ctx, g_loss):
+    x, q, y, c, smooth, keep = ctx.saved_tensors
+    grad = cross_entropy_fused_backward(g_loss.contiguous(), x, q, y, c, smooth, keep, ctx.backend)
+    return grad, None, None, None, None, None, None
+
+
+cross_entropy_fused.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 # --------------------------------------------------------------- entry points
@@ -157,8 +187,7 @@ def cross_entropy(x, target, index_target: bool, weight, keep, label_smoothing: 
         y = y.contiguous()
     # keep is passed also without smoothing: c = 0 alone would leave NaN logits of an
     # ignored row to the torch and Triton paths (the C kernel skips rows with c = -0.0)
-    loss, _ = cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend)
-    return loss, den
+    return cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend), den
 
 
 # ------------------------------------------------------------ fused linear + CE

@@ -9,7 +9,12 @@ and every other name (``layer_norm``, ``gelu``, ``scaled_dot_product_attention``
 
 import torch.nn.functional as _torch_functional
 
+from ._asymmetric import asymmetric_loss
 from ._binary import binary_cross_entropy, binary_cross_entropy_with_logits
+from ._focal import poly1_binary_cross_entropy_with_logits
+from ._focal import poly1_cross_entropy
+from ._focal import sigmoid_focal_loss
+from ._focal import softmax_focal_loss
 from ._linear import linear_binary_cross_entropy_with_logits
 from ._linear import linear_cross_entropy
 from ._multiclass import cross_entropy
@@ -17,11 +22,16 @@ from ._reduction import LossParts
 
 __all__ = [
     "LossParts",
+    "asymmetric_loss",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
+    "poly1_binary_cross_entropy_with_logits",
+    "poly1_cross_entropy",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
 ]
 
 

@@ -8,8 +8,9 @@ import torch
 
 from .. import _validation as V
 from .._capture import capturing
-from ..backends import dispatch, ops, resolve
-from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
+from ..backends import chunked, dispatch, ops, resolve
+from ._reduction import (_autocast_enabled, autocast_inputs, compute_dtype, legacy_reduction, no_autocast,
+                         reduce_loss)
 
 
 def _rows(t: torch.Tensor, dtype: torch.dtype, class_dim: int, C: int) -> torch.Tensor:
@@ -20,6 +21,35 @@ def _rows(t: torch.Tensor, dtype: torch.dtype, class_dim: int, C: int) -> torch.
     if t.dim() == 2 and class_dim == 1:
         return t
     return t.movedim(class_dim, -1).reshape(-1, C)
+
+
+def _plain_call(input, target, ignore_index, reduction: str, validate) -> Optional[torch.Tensor]:
+    """The most common eager call, in few Python steps, or None for the general path.
+
+    Plain means: an eager CPU call (nothing captured, no autocast) on float32 (N, C) logits
+    (C >= 2, contiguous) that need a gradient, int64 (N,) class indices all in [0, C) (so
+    none is ignore_index), no weights or smoothing, reduction 'mean' or 'sum', and the
+    compiled kernel chosen. Then every check of the general path passes except the
+    softmax heuristic, which runs here too, and the kernel computes exactly what the
+    general path would (:func:`crossent.backends.chunked.plain_cross_entropy`). Anything
+    else, including every error, takes the general path."""
+    if not (type(input) is torch.Tensor and type(target) is torch.Tensor and input.dim() == 2
+            and target.dim() == 1 and input.dtype == torch.float32 and target.dtype == torch.int64
+            and input.requires_grad and torch.is_grad_enabled() and input.device.type == "cpu"
+            and target.device.type == "cpu" and reduction in ("mean", "sum") and type(ignore_index) is int):
+        return None
+    M, C = input.shape
+    if (M == 0 or C < 2 or target.shape[0] != M or not input.is_contiguous() or not target.is_contiguous()
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active() or _autocast_enabled("cpu")
+            or resolve("cross_entropy", input.device) != "chunked" or chunked._cpp() is None):
+        return None
+    tmin, tmax = torch.aminmax(target)
+    if int(tmin) < 0 or int(tmax) >= C:
+        return None
+    if V.validation_enabled(validate):
+        V.check_logits_not_probabilities("cross_entropy", input, 1)
+    return chunked.plain_cross_entropy(input, target, reduction)
 
 
 def cross_entropy(
@@ -78,6 +108,11 @@ def cross_entropy(
     0.3974
     """
     func = "cross_entropy"
+    if (weight is None and size_average is None and reduce is None and not label_smoothing
+            and backend is None and not inplace_backward and not return_parts):
+        loss = _plain_call(input, target, ignore_index, reduction, validate)
+        if loss is not None:
+            return loss
     if type(input).__name__ == "DTensor":   # sharded on the classes: crossent.distributed
         from ..distributed._dtensor import cross_entropy as dtensor_cross_entropy
 

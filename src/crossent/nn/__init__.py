@@ -13,6 +13,11 @@ import sys
 import torch.nn as _torch_nn
 
 from .. import functional
+from ._focal import AsymmetricLoss
+from ._focal import Poly1BCEWithLogitsLoss
+from ._focal import Poly1CrossEntropyLoss
+from ._focal import SigmoidFocalLoss
+from ._focal import SoftmaxFocalLoss
 from ._linear import LinearBCEWithLogitsLoss
 from ._linear import LinearCrossEntropyLoss
 from ._loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss
@@ -21,11 +26,16 @@ from ._loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss
 sys.modules[__name__ + ".functional"] = functional
 
 __all__ = [
+    "AsymmetricLoss",
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "LinearBCEWithLogitsLoss",
     "LinearCrossEntropyLoss",
+    "Poly1BCEWithLogitsLoss",
+    "Poly1CrossEntropyLoss",
+    "SigmoidFocalLoss",
+    "SoftmaxFocalLoss",
 ]
 
 
