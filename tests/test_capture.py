@@ -457,3 +457,23 @@ def test_cuda_graph_replays_a_training_step(name):
         assert_close(static_loss, want.detach())
         for p, q in zip(model.parameters(), ref.parameters()):
             assert_close(p, q)
+
+
+def test_compiled_bce_on_probabilities_is_traced_as_formulas():
+    """Under torch.compile, BCE on probabilities is traced as its formulas (no opaque op), so
+    the compiler can fuse it with the sigmoid before it; values and gradients stay eager's."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, _, soft = _data()
+    z = x[:, :C].clone().requires_grad_()
+    f = lambda z, s: crossent.nn.BCELoss()(torch.sigmoid(z), s)
+    got = torch.compile(f, backend=backend, fullgraph=True)(z, soft)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert not any("crossent" in t for t in targets), targets
+    want = f(z, soft)
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])

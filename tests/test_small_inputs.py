@@ -262,6 +262,19 @@ def test_plain_call_is_bitwise_the_general_path(monkeypatch, reduction, validate
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 0, 2, 4, 5, 99])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_plain_calls_ignore_like_torch(ignore_index, reduction):
+    """Whatever ignore_index is (a class, below or above the classes), the eager call on
+    plain inputs ignores exactly what torch ignores."""
+    x, y = _classifier(M=40, C=5, seed=11)
+    ours = crossent.cross_entropy(x, y, ignore_index=ignore_index, reduction=reduction)
+    ref = torch.nn.functional.cross_entropy(x, y, ignore_index=ignore_index, reduction=reduction)
+    torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0],
+                               rtol=2e-5, atol=1e-7)
+
+
 def test_plain_call_declines_what_it_does_not_cover():
     _needs_kernel()
     x, y = _classifier(M=8, C=5, seed=7)
@@ -270,6 +283,7 @@ def test_plain_call_declines_what_it_does_not_cover():
     assert plain() is not None
     assert plain(reduction="none") is None
     assert plain(y=torch.tensor([0, 1, 2, 3, 4, -100, 0, 1])) is None        # an ignored target
+    assert plain(ignore_index=2) is None                                    # a class may be ignored
     assert plain(y=torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])) is None           # out of range: the error path
     assert plain(y=y.int()) is None
     assert plain(x=x.detach()) is None                                      # no gradient wanted

@@ -18,6 +18,7 @@ from conftest import TOL
 
 CROSSENT_LOSSES = {"binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy",
                    "linear_cross_entropy", "linear_binary_cross_entropy_with_logits", "LossParts",
+                   "token_logprobs", "linear_token_logprobs",
                    "sigmoid_focal_loss", "softmax_focal_loss", "poly1_cross_entropy",
                    "poly1_binary_cross_entropy_with_logits", "asymmetric_loss"}
 CROSSENT_CLASSES = {"BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss",

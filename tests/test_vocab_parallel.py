@@ -343,6 +343,10 @@ def test_dtensor_guardrails(one_rank):
     Wd = distribute_tensor(W, mesh, [Shard(0)])
     with pytest.raises(CrossentValueError, match="no `return_lse` with a linear weight sharded"):
         crossent.linear_cross_entropy(h, Wd, y, return_lse=True)
+    with pytest.raises(CrossentValueError, match="no `z_loss` with logits sharded.*z_loss=0.0001"):
+        crossent.cross_entropy(xd, y, z_loss=1e-4)
+    with pytest.raises(CrossentValueError, match="no `temperature` with a linear weight sharded"):
+        crossent.linear_cross_entropy(h, Wd, y, temperature=0.5)
     # on one rank the sharded path is the whole vocabulary: equal to the plain call
     assert_ulp(crossent.cross_entropy(xd, y, weight=w).full_tensor(), crossent.cross_entropy(x, y, weight=w))
     assert_ulp(crossent.linear_cross_entropy(h, Wd, y).full_tensor(), crossent.linear_cross_entropy(h, W, y))

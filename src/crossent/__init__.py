@@ -31,10 +31,12 @@ from .functional import binary_cross_entropy_with_logits
 from .functional import cross_entropy
 from .functional import linear_binary_cross_entropy_with_logits
 from .functional import linear_cross_entropy
+from .functional import linear_token_logprobs
 from .functional import poly1_binary_cross_entropy_with_logits
 from .functional import poly1_cross_entropy
 from .functional import sigmoid_focal_loss
 from .functional import softmax_focal_loss
+from .functional import token_logprobs
 
 __all__ = [
     "BackendUnavailableError",
@@ -52,6 +54,7 @@ __all__ = [
     "functional",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
+    "linear_token_logprobs",
     "nn",
     "patch",
     "poly1_binary_cross_entropy_with_logits",
@@ -59,6 +62,7 @@ __all__ = [
     "probabilities",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
+    "token_logprobs",
     "tracking",
     "unpatch",
 ]

@@ -925,3 +925,67 @@ def assert_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
                             + _capture_note())
 
 Tensorish = Union[torch.Tensor, Number, Sequence[Number], None]
+
+
+# --------------------------------------------------------------------------- LM-head options
+def _real_number(func: str, name: str, value, example: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value)
+    if not isinstance(value, Number) or isinstance(value, (bool, complex)):
+        fail(func, f"`{name}` to be a Python float", type(value).__name__,
+             f"Pass a number such as {name}={example}.", CrossentTypeError)
+    return float(value)
+
+
+def check_lm_head_options(func: str, *, z_loss=0.0, temperature=1.0, softcap=None):
+    """``(z_loss, temperature, softcap)`` as floats: ``z_loss`` finite and >= 0,
+    ``temperature`` finite and > 0, ``softcap`` None or finite and > 0 (returned as 0.0
+    meaning none)."""
+    z = _real_number(func, "z_loss", z_loss, "1e-4")
+    if not (math.isfinite(z) and z >= 0):
+        fail(func, "`z_loss` finite and >= 0", repr(z_loss),
+             "0 turns the z-loss off; PaLM uses z_loss=1e-4.")
+    t = _real_number(func, "temperature", temperature, "1.0")
+    if not (math.isfinite(t) and t > 0):
+        fail(func, "`temperature` finite and > 0", repr(temperature),
+             "The logits are divided by it; 1.0 leaves them unchanged (greedy decoding has no "
+             "finite temperature: use the argmax instead).")
+    s = 0.0
+    if softcap is not None:
+        s = _real_number(func, "softcap", softcap, "30.0")
+        if not (math.isfinite(s) and s > 0):
+            fail(func, "`softcap` None or finite and > 0", repr(softcap),
+                 "Logits become softcap * tanh(logits / softcap); None turns the cap off "
+                 "(Gemma 2 uses softcap=30.0).")
+    return z, t, s
+
+
+def check_token_weight(func: str, token_weight, target: torch.Tensor, *, validate: Optional[bool] = None,
+                       capture: bool = False) -> Optional[torch.Tensor]:
+    """``token_weight``: None or a floating tensor with the target's shape, >= 0 (value
+    tier: one read; under capture a device-side assertion)."""
+    if token_weight is None:
+        return None
+    if not isinstance(token_weight, torch.Tensor) or not token_weight.is_floating_point():
+        found = f"dtype {token_weight.dtype}" if isinstance(token_weight, torch.Tensor) else type(token_weight).__name__
+        fail(func, "`token_weight` to be a floating-point tensor", found,
+             "Pass one weight per token, e.g. `mask.float()`.", CrossentTypeError)
+    if tuple(token_weight.shape) != tuple(target.shape):
+        fail(func, f"`token_weight` of the target's shape {shape_str(target.shape)}",
+             f"shape {shape_str(token_weight.shape)}",
+             "One weight per target token; class weights go to `weight`.")
+    check_same_device(func, target, token_weight=token_weight)
+    if validation_enabled(validate) and token_weight.numel():
+        ok = (token_weight.detach() >= 0) & torch.isfinite(token_weight.detach())
+        if capture:
+            from ._capture import transforming
+
+            if not transforming():
+                torch._assert_async(ok.all(), f"{func}: expected finite `token_weight` >= 0, but got a "
+                                    "negative, NaN or infinite weight. " + _capture_note())
+        elif not bool(ok.all()):
+            flat = (~ok).reshape(-1).nonzero()[0].item()
+            fail(func, "finite `token_weight` >= 0",
+                 f"{token_weight.reshape(-1)[flat].item()} at {_where(token_weight.shape, flat)}",
+                 "Zero drops a token; negative weights would reward the loss.")
+    return token_weight

@@ -59,3 +59,4 @@ register(Backend(
 __all__ = ["Backend", "BackendUnavailableError", "available_backends", "dispatch", "register", "resolve"]
 from . import linear as _linear  # noqa: E402,F401  (fused linear + loss ops: chunked, reference)
 from . import ops  # noqa: E402,F401  (the crossent:: torch.library ops, used under capture)
+from . import lm_head as _lm_head  # noqa: E402,F401  (LM-head statistics: chunked-torch, reference)

@@ -26,6 +26,13 @@ a kernel on fake data, and an autograd formula (``register_autograd``).
 ``crossent::binary_focal_fused`` and ``crossent::softmax_focal_fused`` (focal and Poly-1
 losses) are registered the same way in :mod:`crossent.backends.focal`.
 
+``crossent::lm_head_forward(x, W, b, y, keep, sigma, temperature, softcap, rows) -> (nll, sm, lse, ent, correct, m, lp1, BA)``
+    Per-row LM-head statistics of softcapped, tempered logits (:mod:`.lm_head`), ``x``
+    logits (N, C) or hidden states (N, H) of ``W`` (C, H); its backward is the op
+    ``crossent::lm_head_backward`` (recomputes each row block's logits).
+``crossent::lm_head_loss_fused(...) -> (total, lse, correct, grad_x, grad_W, grad_b)``
+    A summed LM-head loss with its gradients from the same pass (below).
+
 ``backend`` names the kernels (``chunked``: the C kernel where it applies, ``chunked-torch``:
 the same formulas in torch ops on any device, ``triton``: CUDA); the choice is made before
 the op (:func:`crossent.backends.resolve`), a constant of the captured graph.
@@ -247,3 +254,127 @@ def linear_cross_entropy(x, W, b, t, index, weight, keep, eps, block_args, *, ba
     total, lse, _, _, _ = linear_cross_entropy_fused(x.contiguous(), W, b, t, weight, keep, index, float(eps),
                                                      *block_args, backend)
     return total, lse
+
+
+# --------------------------------------------------------------- LM-head statistics
+@torch.library.custom_op("crossent::lm_head_forward", mutates_args=())
+def lm_head_forward(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
+                    sigma: Optional[Tensor], temperature: float, softcap: float,
+                    rows: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row ``(nll, sm, lse, ent, correct)`` of :mod:`.lm_head` plus the saved
+    ``(m, log1p(S'), B/(1+S'))``: ``x`` logits (N, C) (``W`` None) or hidden states (N, H)
+    of ``W`` (C, H); row blocks of ``rows`` rows; ``softcap`` 0 means none."""
+    from . import lm_head
+
+    (nll, sm, lse, ent, correct), (m, lp1, _, BA) = lm_head.forward_rows(
+        x, W, b, y, keep, sigma, temperature, softcap, rows)
+    return nll, sm, lse, ent, correct, m, lp1, BA
+
+
+@lm_head_forward.register_fake
+def _(x, W, b, y, keep, sigma, temperature, softcap, rows):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    N = x.shape[0]
+    f = [x.new_empty((N,), dtype=cdt) for _ in range(7)]
+    return f[0], f[1], f[2], f[3], x.new_empty((N,), dtype=torch.bool), f[4], f[5], f[6]
+
+
+@torch.library.custom_op("crossent::lm_head_backward", mutates_args=())
+def lm_head_backward(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
+                     sigma: Optional[Tensor], temperature: float, softcap: float, rows: int,
+                     m: Tensor, lp1: Tensor, nll: Tensor, BA: Tensor, g_nll: Optional[Tensor],
+                     g_sm: Optional[Tensor], g_lse: Optional[Tensor], g_ent: Optional[Tensor],
+                     need_x: bool, need_W: bool, need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_W, grad_b)`` of ``crossent::lm_head_forward`` (empty where not needed)."""
+    from . import lm_head
+
+    return lm_head.backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA,
+                                 g_nll, g_sm, g_lse, g_ent, need_x, need_W, need_b)
+
+
+@lm_head_backward.register_fake
+def _(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent,
+      need_x, need_W, need_b):
+    return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+            W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),
+            b.new_empty(b.shape) if (need_b and b is not None) else x.new_empty((0,)))
+
+
+def _lm_head_setup(ctx, inputs, output):
+    x, W, b, y, keep, sigma, temperature, softcap, rows = inputs
+    ctx.mark_non_differentiable(*output[4:])
+    ctx.args = (temperature, softcap, rows)
+    ctx.needs = (x.requires_grad, W is not None and W.requires_grad, b is not None and b.requires_grad)
+    ctx.has = (W is not None, b is not None, sigma is not None)
+    ctx.save_for_backward(x, W, b, y, keep, sigma, output[5], output[6], output[0], output[7])
+
+
+def _lm_head_backward(ctx, g_nll, g_sm, g_lse, g_ent, *_):
+    x, W, b, y, keep, sigma, m, lp1, nll, BA = ctx.saved_tensors
+    need_x, need_W, need_b = ctx.needs
+    gx, gW, gb = lm_head_backward(x, W, b, y, keep, sigma, *ctx.args, m, lp1, nll, BA,
+                                  g_nll, g_sm, g_lse, g_ent, need_x, need_W, need_b)
+    return (gx if need_x else None, gW if need_W else None, gb if need_b else None,
+            None, None, None, None, None, None)
+
+
+lm_head_forward.register_autograd(_lm_head_backward, setup_context=_lm_head_setup)
+
+
+def lm_head(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: int):
+    """``(nll, sm, lse, ent, correct)`` per row through ``crossent::lm_head_forward``."""
+    out = lm_head_forward(x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma,
+                          temperature, softcap, rows)
+    return out[:5]
+
+
+@torch.library.custom_op("crossent::lm_head_loss_fused", mutates_args=())
+def lm_head_loss_fused(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
+                       sigma: Optional[Tensor], c_nll: Tensor, c_sm: Tensor, c_z: Tensor, temperature: float,
+                       softcap: float, rows: int, need_x: bool, need_W: bool,
+                       need_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(total, lse, correct, grad_x, grad_W, grad_b)`` of the summed LM-head loss
+    ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2`` (:func:`.lm_head.loss_rows`): the
+    gradients are computed in the forward pass and scaled by the incoming gradient."""
+    from . import lm_head
+
+    return lm_head.loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows,
+                             need_x, need_W, need_b)
+
+
+@lm_head_loss_fused.register_fake
+def _(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    N = x.shape[0]
+    return (x.new_empty((), dtype=cdt), x.new_empty((N,), dtype=cdt), x.new_empty((N,), dtype=torch.bool),
+            x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+            W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),
+            b.new_empty(b.shape) if (need_b and b is not None) else x.new_empty((0,)))
+
+
+def _lm_loss_setup(ctx, inputs, output):
+    ctx.needs = inputs[12:15]
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(*output[3:])
+
+
+def _lm_loss_backward(ctx, g_total, *_):
+    gx, gW, gb = ctx.saved_tensors
+    need_x, need_W, need_b = ctx.needs
+    return (gx * g_total.to(gx.dtype) if need_x else None, gW * g_total.to(gW.dtype) if need_W else None,
+            gb * g_total.to(gb.dtype) if need_b else None) + (None,) * 12
+
+
+lm_head_loss_fused.register_autograd(_lm_loss_backward, setup_context=_lm_loss_setup)
+
+
+def lm_head_loss(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature: float, softcap: float, rows: int):
+    """``(total, lse, correct)`` through ``crossent::lm_head_loss_fused``; gradients are
+    computed (in the same pass) for the inputs that require them."""
+    def need(t):
+        return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+    total, lse, correct, _, _, _ = lm_head_loss_fused(
+        x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma, c_nll, c_sm, c_z, temperature, softcap,
+        rows, need(x), need(W), need(b))
+    return total, lse, correct

@@ -78,6 +78,24 @@ def _slice(func: str, name: str, t, start: int, size: int, dim0_sharded_ok: bool
     return t[start:start + size]
 
 
+#: The single-process options the vocabulary-parallel path does not take, at their defaults
+#: (a sharded call with any other value raises; a replicated call passes them through).
+_DEFAULTS = {"backend": None, "inplace_backward": False, "options": None, "return_lse": False,
+             "class_chunk_size": None, "z_loss": 0.0, "softcap": None, "temperature": 1.0,
+             "token_weight": None, "return_accuracy": False}
+
+
+def _reject_options(func: str, what: str, options: dict) -> None:
+    for k, v in options.items():
+        d = _DEFAULTS.get(k)
+        if v is d or (not isinstance(v, torch.Tensor) and v == d):
+            continue
+        V.fail(func, f"no `{k}` with {what} sharded on the vocabulary", f"{k}={v!r}",
+               "The vocabulary-parallel path supports weight, ignore_index, label_smoothing, "
+               "reduction, validate and return_parts (docs/distributed.md); leave it at its default, "
+               "or gather the logits (`.full_tensor()`) for the single-process options.")
+
+
 def _wrap(result, mesh):
     from torch.distributed.tensor import DTensor
 
@@ -113,10 +131,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
                         reduction=reduction, label_smoothing=label_smoothing, validate=validate,
                         return_parts=return_parts, **unsupported)
         return _wrap(result, mesh)
-    for k, v in unsupported.items():
-        if v not in (None, False):
-            V.fail(func, f"no `{k}` with logits sharded on the vocabulary", f"{k}={v!r}",
-                   "The vocabulary-parallel path has its own kernels; leave it at its default.")
+    _reject_options(func, "logits", unsupported)
     start, size = _layout(input, class_dim)
     local = input.to_local()
     w = _slice(func, "weight", weight, start, local.shape[class_dim], True)
@@ -151,10 +166,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
                         validate=validate, return_parts=return_parts, chunk_size=chunk_size,
                         memory_budget=memory_budget, **unsupported)
         return _wrap(result, mesh)
-    for k, v in unsupported.items():
-        if v not in (None, False):
-            V.fail(func, f"no `{k}` with a linear weight sharded on the vocabulary", f"{k}={v!r}",
-                   "The vocabulary-parallel path has its own blocks; leave it at its default.")
+    _reject_options(func, "a linear weight", unsupported)
     if linear_weight.dim() != 2:
         V.fail(func, "a (V, in_features) linear_weight when it is sharded on the vocabulary",
                f"shape {V.shape_str(linear_weight.shape)}", "K-dimensional heads are not vocabulary-parallel.")

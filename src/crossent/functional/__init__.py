@@ -17,6 +17,8 @@ from ._focal import sigmoid_focal_loss
 from ._focal import softmax_focal_loss
 from ._linear import linear_binary_cross_entropy_with_logits
 from ._linear import linear_cross_entropy
+from ._lm_head import linear_token_logprobs
+from ._lm_head import token_logprobs
 from ._multiclass import cross_entropy
 from ._reduction import LossParts
 
@@ -28,10 +30,12 @@ __all__ = [
     "cross_entropy",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
+    "linear_token_logprobs",
     "poly1_binary_cross_entropy_with_logits",
     "poly1_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
+    "token_logprobs",
 ]
 
 

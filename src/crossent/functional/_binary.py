@@ -71,7 +71,11 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
     pre-scale the gradient by the grad_output a plain ``backward()`` sends); the
     denominator of ``mean`` is unchanged. A captured call runs the registered op."""
     if capture:
-        name = resolve(op, x.device, backend)
+        # BCE on probabilities usually follows a sigmoid (or softmax) in the same graph:
+        # traced as its formulas, the compiler fuses the two (one pass, like torch's own
+        # compiled composition); the registered op would be a wall between them.
+        fuse = op == "binary_cross_entropy" and backend is None and torch.compiler.is_compiling()
+        name = "reference" if fuse else resolve(op, x.device, backend)
         return ops.binary_cross_entropy(x, t, weight, pos_weight, keep, logits=op.endswith("logits"),
                                         backend=name), denominator
     fn = dispatch(op, x, backend)

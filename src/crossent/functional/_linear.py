@@ -19,6 +19,7 @@ from .. import _validation as V
 from .._capture import capturing
 from ..backends import dispatch, ops, resolve
 from ..backends.linear import BUFFERS_DENSE, BUFFERS_INDEX, BCETarget, ce_targets, plan_chunks
+from ._lm_head import lm_cross_entropy, rows_for, wants_lm_head
 from ._reduction import compute_dtype, reduce_loss
 
 _INT = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -103,6 +104,11 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     class_chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    token_weight: Optional[torch.Tensor] = None,
+    return_accuracy: bool = False,
 ):
     r"""Cross-entropy of a linear layer's logits without storing the logits.
 
@@ -142,6 +148,16 @@ def linear_cross_entropy(
     ``'chunked-torch'`` anywhere; ``'reference'`` stores the full logits),
     ``chunk_size``, ``class_chunk_size``, ``memory_budget``.
 
+    LM-head options, as in :func:`crossent.cross_entropy` (formulas in ``docs/lm-head.md``):
+    ``z_loss``, ``softcap``, ``temperature``, ``token_weight`` (shape of the target),
+    ``return_accuracy``; with any of them ``return_lse`` gives the lse of the transformed
+    logits (0 at ignored tokens) and the result is ``(loss, lse?, accuracy?)``. They need
+    class-index targets without K dimensions, and run as the registered op
+    ``crossent::lm_head_loss_fused`` (``chunked-torch``; row blocks of ``chunk_size`` rows by
+    all classes; ``class_chunk_size`` does not apply): never ``(N, C)``; gradients in the
+    forward pass for ``'mean'``/``'sum'`` (three matrix products), recomputed in backward
+    for ``'none'`` or weights that require grad (``crossent::lm_head_forward``, four).
+
     >>> import torch, crossent
     >>> h = torch.tensor([[1.0, -0.5], [0.2, 0.3]])
     >>> W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
@@ -158,7 +174,8 @@ def linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate,
             return_parts=return_parts, chunk_size=chunk_size, memory_budget=memory_budget, options=options,
-            return_lse=return_lse, backend=backend, class_chunk_size=class_chunk_size)
+            return_lse=return_lse, backend=backend, class_chunk_size=class_chunk_size, z_loss=z_loss,
+            softcap=softcap, temperature=temperature, token_weight=token_weight, return_accuracy=return_accuracy)
     reduction = V.check_reduction(func, reduction)
     H, C, out_features = _check_linear(func, input, linear_weight, linear_bias, allow_kdim=True)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
@@ -210,6 +227,26 @@ def linear_cross_entropy(
             V.check_class_indices(func, target, C, ignore_index)
         else:
             V.check_probability_target(func, target, class_dim)
+
+    if wants_lm_head(z_loss, softcap, temperature, token_weight, return_accuracy):
+        z_loss, temperature, softcap = V.check_lm_head_options(func, z_loss=z_loss, temperature=temperature,
+                                                               softcap=softcap)
+        if not index_target or out_features:
+            V.fail(func, "class-index targets and a 2-D `linear_weight` with the LM-head options (z_loss, "
+                   "softcap, temperature, token_weight, return_accuracy)",
+                   "class-probability targets" if not index_target else
+                   f"linear_weight {V.shape_str(linear_weight.shape)} (a K-dimensional loss)",
+                   "Pass token ids and an (C, in_features) weight, or use the unfused loss on "
+                   "F.linear(...) logits.")
+        token_weight = V.check_token_weight(func, token_weight, target, validate=validate, capture=capture)
+        x = input.reshape(-1, H)
+        y = check_target.reshape(-1)
+        return lm_cross_entropy(
+            func, x, linear_weight, linear_bias, y, y != ignore_index, C=C, weight=weight,
+            label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss, temperature=temperature,
+            softcap=softcap, token_weight=token_weight, return_lse=return_lse, return_accuracy=return_accuracy,
+            return_parts=return_parts, rows=rows_for(x.shape[0], C, input.dtype, chunk_size, memory_budget, func),
+            backend=backend, out_shape=out_shape, out_dtype=input.dtype)
 
     cdt = compute_dtype(input.dtype)
     x = input.reshape(-1, H)

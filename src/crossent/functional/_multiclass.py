@@ -9,6 +9,7 @@ import torch
 from .. import _validation as V
 from .._capture import capturing
 from ..backends import chunked, dispatch, ops, resolve
+from ._lm_head import lm_cross_entropy, rows_for, wants_lm_head
 from ._reduction import (_autocast_enabled, autocast_inputs, compute_dtype, legacy_reduction, no_autocast,
                          reduce_loss)
 
@@ -27,9 +28,9 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
     """The most common eager call, in few Python steps, or None for the general path.
 
     Plain means: an eager CPU call (nothing captured, no autocast) on float32 (N, C) logits
-    (C >= 2, contiguous) that need a gradient, int64 (N,) class indices all in [0, C) (so
-    none is ignore_index), no weights or smoothing, reduction 'mean' or 'sum', and the
-    compiled kernel chosen. Then every check of the general path passes except the
+    (C >= 2, contiguous) that need a gradient, int64 (N,) class indices all in [0, C) with
+    ignore_index outside it (so none is ignored), no weights or smoothing, reduction 'mean'
+    or 'sum', and the compiled kernel chosen. Then every check of the general path passes except the
     softmax heuristic, which runs here too, and the kernel computes exactly what the
     general path would (:func:`crossent.backends.chunked.plain_cross_entropy`). Anything
     else, including every error, takes the general path."""
@@ -44,8 +45,10 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
             or torch._C._are_functorch_transforms_active() or _autocast_enabled("cpu")
             or resolve("cross_entropy", input.device) != "chunked" or chunked._cpp() is None):
         return None
+    if 0 <= ignore_index < C:   # a class index may be ignored: the general path masks it
+        return None
     tmin, tmax = torch.aminmax(target)
-    if int(tmin) < 0 or int(tmax) >= C:
+    if int(tmin) < 0 or int(tmax) >= C:   # ignored (ignore_index < 0 or >= C) or out of range
         return None
     if V.validation_enabled(validate):
         V.check_logits_not_probabilities("cross_entropy", input, 1)
@@ -66,6 +69,12 @@ def cross_entropy(
     return_parts: bool = False,
     backend: Optional[str] = None,
     inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    token_weight: Optional[torch.Tensor] = None,
+    return_accuracy: bool = False,
 ):
     r"""Cross-entropy between logits ``input`` and class indices or class probabilities.
 
@@ -91,6 +100,25 @@ def cross_entropy(
     Keyword-only extensions: ``validate``, ``return_parts`` (a :class:`LossParts`),
     ``backend``, ``inplace_backward``. Class-index targets may have any integer dtype.
 
+    LM-head options (class-index targets; formulas in ``docs/lm-head.md`` and
+    :mod:`crossent.functional._lm_head`): ``softcap`` (logits become
+    :math:`s\tanh(x/s)`, first), ``temperature`` (then divided by :math:`T`),
+    ``z_loss`` (adds :math:`\lambda_z w_{y_i}\,\mathrm{lse}(z)^2` per counted token),
+    ``token_weight`` (shape of the target: multiplies each token's loss and its ``mean``
+    denominator weight), ``return_lse`` (also return the per-token log-sum-exp of the
+    transformed logits, detached, float32; 0 at ignored tokens) and ``return_accuracy``
+    (also return the int64 count of counted tokens whose argmax is the target), all in
+    the same pass. Returned in that order after the loss: ``(loss, lse, accuracy)``.
+    They run on the ``chunked-torch`` backend (row blocks in torch ops) or ``reference``;
+    the C and Triton kernels do not compute them (``backend='chunked'`` raises).
+
+    >>> import torch, crossent
+    >>> z = torch.tensor([[2.0, 0.5, -1.0], [0.1, 1.2, 0.3]])
+    >>> loss, lse, hits = crossent.cross_entropy(z, torch.tensor([0, 2]), z_loss=1e-4, return_lse=True,
+    ...                                          return_accuracy=True)
+    >>> round(loss.item(), 4), [round(v, 4) for v in lse.tolist()], hits.item()
+    (0.8478, [2.2413, 1.7536], 1)
+
     ``inplace_backward=True`` (opt-in, off by default; class-index targets) writes the
     gradient into the logits' buffer during the forward pass, so no second (N, C) buffer
     is allocated (LM heads, whose logits are dead after the loss). **The logits hold the
@@ -109,7 +137,9 @@ def cross_entropy(
     """
     func = "cross_entropy"
     if (weight is None and size_average is None and reduce is None and not label_smoothing
-            and backend is None and not inplace_backward and not return_parts):
+            and backend is None and not inplace_backward and not return_parts
+            and not z_loss and softcap is None and temperature == 1.0 and token_weight is None
+            and not return_lse and not return_accuracy):
         loss = _plain_call(input, target, ignore_index, reduction, validate)
         if loss is not None:
             return loss
@@ -119,7 +149,9 @@ def cross_entropy(
         return dtensor_cross_entropy(input, target, weight, ignore_index,
                                      legacy_reduction(func, size_average, reduce, reduction), label_smoothing,
                                      validate=validate, return_parts=return_parts, backend=backend,
-                                     inplace_backward=inplace_backward)
+                                     inplace_backward=inplace_backward, z_loss=z_loss, return_lse=return_lse,
+                                     softcap=softcap, temperature=temperature, token_weight=token_weight,
+                                     return_accuracy=return_accuracy)
     input, target, weight = autocast_inputs(input, target, weight)
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)
@@ -143,6 +175,27 @@ def cross_entropy(
         else:         # value tier: one pass, one sync, before any kernel
             V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim,
                                       reduction=reduction)
+
+    lm = wants_lm_head(z_loss, softcap, temperature, token_weight, return_accuracy) or return_lse
+    if lm:
+        z_loss, temperature, softcap = V.check_lm_head_options(func, z_loss=z_loss, temperature=temperature,
+                                                               softcap=softcap)
+        if not index_target:
+            V.fail(func, "class-index targets with the LM-head options (z_loss, softcap, temperature, "
+                   "token_weight, return_lse, return_accuracy)", "class-probability targets",
+                   "Pass token ids, or compute the options on probability targets with the unfused "
+                   "formulas of docs/lm-head.md.")
+        token_weight = V.check_token_weight(func, token_weight, target, validate=validate, capture=capture)
+        x = _rows(input, input.dtype, class_dim, C)
+        y = target.reshape(-1)
+        out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
+        with no_autocast(x.device):
+            return lm_cross_entropy(
+                func, x, None, None, y, y != ignore_index, C=C, weight=weight, label_smoothing=label_smoothing,
+                reduction=reduction, z_loss=z_loss, temperature=temperature, softcap=softcap,
+                token_weight=token_weight, return_lse=return_lse, return_accuracy=return_accuracy,
+                return_parts=return_parts, rows=rows_for(x.shape[0], C, input.dtype, None, None, func),
+                backend=backend, out_shape=out_shape, out_dtype=input.dtype)
 
     # Canonical layout: rows of C logits. Output dtype as torch: the input's for class
     # indices; for probability targets the promotion of input, target and weight (torch's

@@ -65,7 +65,11 @@ class LinearCrossEntropyLoss(_Base):
     Keyword-only crossent options: ``validate``, ``backend``, ``chunk_size``,
     ``class_chunk_size``, ``memory_budget`` (see :func:`crossent.linear_cross_entropy`).
 
-    ``forward(input, target, *, return_parts=False, return_lse=False)``.
+    LM-head options (``docs/lm-head.md``): ``z_loss``, ``softcap``, ``temperature`` here;
+    ``token_weight`` and ``return_accuracy`` per call.
+
+    ``forward(input, target, *, return_parts=False, return_lse=False, token_weight=None,
+    return_accuracy=False)``.
 
     Shape:
         - Input: :math:`(H)`, :math:`(N, H)`, or :math:`(*, H)` (crossent extension).
@@ -88,8 +92,10 @@ class LinearCrossEntropyLoss(_Base):
                  weight: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
                  label_smoothing: float = 0.0, options=None, validate: Optional[bool] = None,
                  backend: Optional[str] = None, chunk_size: Optional[int] = None,
-                 class_chunk_size: Optional[int] = None, memory_budget: Optional[int] = None) -> None:
+                 class_chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, temperature: float = 1.0) -> None:
         name = type(self).__name__
+        V.check_lm_head_options(name, z_loss=z_loss, temperature=temperature, softcap=softcap)
         reduction = V.check_reduction(name, reduction)
         label_smoothing = V.check_label_smoothing(name, label_smoothing)
         ignore_index = V.check_ignore_index(name, ignore_index)
@@ -109,11 +115,14 @@ class LinearCrossEntropyLoss(_Base):
         self.chunk_size = chunk_size
         self.class_chunk_size = class_chunk_size
         self.memory_budget = memory_budget
+        # LM-head options (docs/lm-head.md); per call: token_weight, return_accuracy
+        self.z_loss, self.softcap, self.temperature = z_loss, softcap, temperature
 
     __prepare_scriptable__ = _not_scriptable
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False,
-                return_lse: bool = False):
+                return_lse: bool = False, token_weight: Optional[torch.Tensor] = None,
+                return_accuracy: bool = False):
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
         linear_bias = (None if self.linear.bias is None
                        else self.linear.bias.reshape((self.num_classes, *self.out_features)))
@@ -123,7 +132,8 @@ class LinearCrossEntropyLoss(_Base):
             label_smoothing=self.label_smoothing, options=self.options, validate=self.validate,
             return_parts=return_parts, return_lse=return_lse, backend=self.backend,
             chunk_size=self.chunk_size, class_chunk_size=self.class_chunk_size,
-            memory_budget=self.memory_budget)
+            memory_budget=self.memory_budget, z_loss=self.z_loss, softcap=self.softcap,
+            temperature=self.temperature, token_weight=token_weight, return_accuracy=return_accuracy)
 
 
 class LinearBCEWithLogitsLoss(torch.nn.Module):

@@ -168,6 +168,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             ``mean`` denominator. Default -100.
         reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default ``'mean'``.
         label_smoothing (float): in [0, 1]. Default 0.
+        z_loss, softcap, temperature (keyword-only): LM-head options of
+            :func:`crossent.functional.cross_entropy` (``docs/lm-head.md``); ``forward`` also
+            takes ``token_weight=``, ``return_lse=``, ``return_accuracy=``.
     {shared}
     Shape:
         - Input: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`: raw logits,
@@ -181,8 +184,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                  validate: Optional[bool] = None, backend: Optional[str] = None,
-                 inplace_backward: bool = False) -> None:
+                 inplace_backward: bool = False, z_loss: float = 0.0, softcap: Optional[float] = None,
+                 temperature: float = 1.0) -> None:
         name = type(self).__name__
+        V.check_lm_head_options(name, z_loss=z_loss, temperature=temperature, softcap=softcap)
         reduction = legacy_reduction(name, size_average, reduce, reduction)
         weight = V.as_weight_tensor(name, "weight", weight)
         if weight is not None and weight.dim() != 1:
@@ -194,14 +199,23 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.validate = validate
         self.backend = backend
         self.inplace_backward = bool(inplace_backward)  # see crossent.functional.cross_entropy
+        # LM-head options (docs/lm-head.md); per call: token_weight, return_lse, return_accuracy
+        self.z_loss, self.softcap, self.temperature = z_loss, softcap, temperature
 
     __prepare_scriptable__ = _not_scriptable
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False,
+                token_weight: Optional[torch.Tensor] = None, return_lse: bool = False,
+                return_accuracy: bool = False):
+        lm = {}
+        if (self.z_loss or self.softcap is not None or self.temperature != 1.0 or token_weight is not None
+                or return_lse or return_accuracy):
+            lm = dict(z_loss=self.z_loss, softcap=self.softcap, temperature=self.temperature,
+                      token_weight=token_weight, return_lse=return_lse, return_accuracy=return_accuracy)
         return F.cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, validate=self.validate,
-            return_parts=return_parts, backend=self.backend, inplace_backward=self.inplace_backward)
+            return_parts=return_parts, backend=self.backend, inplace_backward=self.inplace_backward, **lm)
 
 
 for _cls in (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss):
