@@ -167,6 +167,15 @@ def linear_cross_entropy(
     0.6897
     """
     func = "linear_cross_entropy"
+    if "DTensor" in (type(input).__name__, type(linear_weight).__name__):   # crossent.distributed
+        from ..distributed._dtensor import linear_cross_entropy as dtensor_linear_cross_entropy
+
+        return dtensor_linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate,
+            return_parts=return_parts, chunk_size=chunk_size, memory_budget=memory_budget, options=options,
+            return_lse=return_lse, backend=backend, class_chunk_size=class_chunk_size, z_loss=z_loss,
+            softcap=softcap, temperature=temperature, token_weight=token_weight, return_accuracy=return_accuracy)
     reduction = V.check_reduction(func, reduction)
     H, C, out_features = _check_linear(func, input, linear_weight, linear_bias, allow_kdim=True)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)

@@ -143,6 +143,15 @@ def cross_entropy(
         loss = _plain_call(input, target, ignore_index, reduction, validate)
         if loss is not None:
             return loss
+    if type(input).__name__ == "DTensor":   # sharded on the classes: crossent.distributed
+        from ..distributed._dtensor import cross_entropy as dtensor_cross_entropy
+
+        return dtensor_cross_entropy(input, target, weight, ignore_index,
+                                     legacy_reduction(func, size_average, reduce, reduction), label_smoothing,
+                                     validate=validate, return_parts=return_parts, backend=backend,
+                                     inplace_backward=inplace_backward, z_loss=z_loss, return_lse=return_lse,
+                                     softcap=softcap, temperature=temperature, token_weight=token_weight,
+                                     return_accuracy=return_accuracy)
     input, target, weight = autocast_inputs(input, target, weight)
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)

@@ -1,0 +1,271 @@
+"""One rank of the vocabulary-parallel tests: ``python vocab_parallel_worker.py SCENARIO OUTDIR``.
+
+Environment: RANK, WORLD_SIZE, MASTER_PORT (gloo over TCP on 127.0.0.1). Each rank takes
+its slice of the data made by :func:`data` (the same seeds as the test process, which
+computes the single-process reference), runs the cases of SCENARIO and saves a dict of
+results to OUTDIR/rank<r>.pt. Shapes are tiny: the point is the arithmetic, not the speed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+import torch
+
+N, V, H = 9, 11, 5
+#: uneven shard boundaries of the V = 11 classes
+BOUNDS = {1: [0, 11], 2: [0, 8, 11], 3: [0, 2, 7, 11]}
+#: DTensor's own split of 11 classes (torch.chunk: ceil(11 / P) per rank)
+DT_BOUNDS = {2: [0, 6, 11], 3: [0, 4, 8, 11]}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def data(dtype: torch.dtype, ignore: str = "some", seed: int = 0):
+    """Logits x (N, V), targets y, class weights w, hidden h (N, H), head W (V, H), bias b,
+    upstream u (N,) for reduction='none'. ``ignore``: 'some' (two rows), 'all', 'shard0'
+    (every target in the first two classes: the other ranks hold no target), 'none'."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x[0, 3] = 20.0   # a confident row: its loss and gradient are tiny
+    y = torch.randint(0, V, (N,), generator=g)
+    y[0] = 3
+    if ignore == "some":
+        y[2] = y[5] = -100
+    elif ignore == "all":
+        y[:] = -100
+    elif ignore == "shard0":
+        y = torch.randint(0, 2, (N,), generator=g)
+    w = (torch.rand(V, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    u = torch.rand(N, generator=g, dtype=torch.float64).to(dtype)
+    return x, y, w, h, W, b, u
+
+
+def cases():
+    """(key, options) of the parity scenario: every reduction, weights, smoothing, ignore patterns."""
+    out = []
+    for dt in DTYPES:
+        for red in ("mean", "sum", "none"):
+            for opts in ({}, {"weight": True}, {"label_smoothing": 0.1},
+                         {"weight": True, "label_smoothing": 0.25}):
+                out.append(dict(dtype=dt, reduction=red, ignore="some", **opts))
+        for ig in ("all", "shard0", "none"):
+            out.append(dict(dtype=dt, reduction="mean", ignore=ig, weight=True, label_smoothing=0.1))
+    return out
+
+
+def key(c) -> str:
+    return ",".join(f"{k}={c[k]}" for k in sorted(c))
+
+
+def _upstream(loss, u, reduction):
+    return (loss * u).sum() if reduction == "none" else loss
+
+
+def run_parity(rank, P, save):
+    import crossent
+    from crossent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]
+    for c in cases():
+        x, y, w, h, W, b, u = data(DTYPES[c["dtype"]], c["ignore"])
+        kw = dict(reduction=c["reduction"], label_smoothing=c.get("label_smoothing", 0.0), return_parts=True)
+        wl = w[lo:hi] if c.get("weight") else None
+        xl = x[:, lo:hi].clone().requires_grad_()
+        parts = vocab_parallel_cross_entropy(xl, y, weight=wl, **kw)
+        _upstream(parts.loss, u, c["reduction"]).backward()
+        save[key(c)] = dict(loss=parts.loss.detach(), total=parts.total, den=parts.denominator, grad=xl.grad)
+        hl, Wl, bl = (t.clone().requires_grad_() for t in (h, W[lo:hi], b[lo:hi]))
+        # chunk_size=4: three row blocks, so the block loop is exercised
+        parts = vocab_parallel_linear_cross_entropy(hl, Wl, y, bias=bl, weight=wl, chunk_size=4,
+                                                    vocab_start=lo, vocab_size=V, **kw)
+        _upstream(parts.loss, u, c["reduction"]).backward()
+        save["linear," + key(c)] = dict(loss=parts.loss.detach(), total=parts.total, den=parts.denominator,
+                                        grad_h=hl.grad, grad_W=Wl.grad, grad_b=bl.grad)
+    # K-dimensional logits (N, V_r, 3) and a (B, T, H) hidden state
+    x = data(torch.float64)[0]
+    xk = x.reshape(3, 3, V).transpose(1, 2)[:, lo:hi].clone().requires_grad_()
+    yk = data(torch.float64)[1].reshape(3, 3)
+    loss = vocab_parallel_cross_entropy(xk, yk, reduction="none")
+    loss.sum().backward()
+    save["kdim"] = dict(loss=loss.detach(), grad=xk.grad)
+    # (B, T, H) hidden states and (B, T) targets
+    _, y, _, h, W, b, _ = data(torch.float64)
+    h3 = h.reshape(3, 3, H).clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(h3, W[lo:hi], y.reshape(3, 3), reduction="none")
+    loss.sum().backward()
+    save["btH"] = dict(loss=loss.detach(), grad_h=h3.grad)
+    # the meter adds the exact parts of every batch: two batches of each rank's copy
+    from crossent.tracking import LossMeter
+
+    x, y, w = data(torch.float64)[:3]
+    meter = LossMeter(sync=False)
+    for sl in (slice(0, 4), slice(4, N)):
+        parts = vocab_parallel_cross_entropy(x[sl, lo:hi], y[sl], weight=w[lo:hi], return_parts=True)
+        meter.update(parts.total, parts.denominator)
+    save["meter"] = meter.compute()
+    # data parallelism over the world, the vocabulary "sharded" over a one-rank group per rank
+    # (group=): each rank meters its own rows; the meter's sync adds the exact parts
+    import torch.distributed as dist
+
+    groups = [dist.new_group([r]) for r in range(P)]   # every rank creates every group
+    rows = [slice(r * N // P, (r + 1) * N // P) for r in range(P)][rank]
+    synced = LossMeter()
+    parts = vocab_parallel_cross_entropy(x[rows], y[rows], weight=w, label_smoothing=0.1, return_parts=True,
+                                         group=groups[rank])
+    synced.update(parts.total, parts.denominator)
+    save["meter_dp"] = synced.compute()
+
+
+def run_dtensor(rank, P, save):
+    import crossent
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (P,))
+    for dt in DTYPES:
+        x, y, w, h, W, b, u = data(DTYPES[dt])
+        xd = distribute_tensor(x, mesh, [Shard(1)]).detach().requires_grad_()
+        parts = crossent.cross_entropy(xd, y, weight=w, label_smoothing=0.1, return_parts=True)
+        parts.loss.backward()
+        save[f"logits,{dt}"] = dict(loss=parts.loss.full_tensor().detach(), total=parts.total,
+                                    den=parts.denominator, grad=xd.grad.full_tensor(),
+                                    placements=str(parts.loss.placements), local=tuple(xd.to_local().shape))
+        lm = torch.nn.Linear(H, V, dtype=DTYPES[dt])
+        with torch.no_grad():
+            lm.weight.copy_(W)
+            lm.bias.copy_(b)
+        parallelize_module(lm, mesh, ColwiseParallel())
+        hl = h.clone().requires_grad_()
+        loss = crossent.linear_cross_entropy(hl, lm.weight, y, linear_bias=lm.bias, reduction="sum")
+        loss.backward()
+        save[f"linear,{dt}"] = dict(loss=loss.full_tensor().detach(), grad_h=hl.grad,
+                                    grad_W=lm.weight.grad.full_tensor(), grad_b=lm.bias.grad.full_tensor(),
+                                    wplacements=str(lm.weight.placements))
+        # the logits a ColwiseParallel head returns as a DTensor (Shard(-1) of (N, V))
+        head = torch.nn.Linear(H, V, bias=False, dtype=DTYPES[dt])
+        with torch.no_grad():
+            head.weight.copy_(W)
+        parallelize_module(head, mesh, ColwiseParallel(use_local_output=False))
+        hl = h.clone().requires_grad_()
+        logits = head(hl)
+        loss = crossent.cross_entropy(logits, y, label_smoothing=0.1)
+        loss.backward()
+        logits3 = head(h.reshape(3, 3, H))   # (B, T, V): Shard(2)
+        try:
+            crossent.cross_entropy(logits3, y.reshape(3, 3))
+            msg = ""
+        except crossent.CrossentValueError as e:
+            msg = str(e)
+        flat = crossent.cross_entropy(logits3.flatten(0, -2), y)
+        save[f"btv,{dt}"] = dict(error=msg, loss=flat.full_tensor().detach())
+        save[f"head_logits,{dt}"] = dict(loss=loss.full_tensor().detach(), grad_h=hl.grad,
+                                         grad_W=head.weight.grad.full_tensor(), placements=str(logits.placements))
+        xr = distribute_tensor(x, mesh, [Replicate()]).detach().requires_grad_()
+        loss = crossent.cross_entropy(xr, y)
+        loss.backward()
+        save[f"replicated,{dt}"] = dict(loss=loss.full_tensor().detach(), grad=xr.grad.full_tensor())
+
+
+def collective_kind(func) -> str:
+    """'all_gather' / 'all_reduce' / ... for a communicating c10d op (functional or in-place
+    ``c10d::allreduce_``), '' for everything else (wait_tensor and the autograd wrapper
+    move no data)."""
+    name = func.__name__.split(".")[0]
+    if func.namespace not in ("_c10d_functional", "c10d") or name == "wait_tensor" or name.startswith("_"):
+        return ""
+    flat = name.replace("_", "")
+    for kind in ("allgather", "allreduce", "reducescatter", "alltoall", "broadcast"):
+        if flat.startswith(kind):
+            return kind.replace("all", "all_", 1) if kind.startswith("all") else kind
+    return name
+
+
+def run_count(rank, P, save):
+    """Collectives per forward and backward, counted on the c10d ops the dispatcher sees."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from crossent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kind = collective_kind(func)
+            if kind:
+                self.ops.append(kind)
+            return func(*args, **(kwargs or {}))
+
+    lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]
+    x, y, w, h, W, b, u = data(torch.float32)
+    for name, given in (("logits", True), ("logits_nolayout", False), ("linear", True)):
+        layout = dict(vocab_start=lo, vocab_size=V) if given else {}
+        xl = x[:, lo:hi].clone().requires_grad_()
+        Wl = W[lo:hi].clone().requires_grad_()
+        hl = h.clone().requires_grad_()
+        with Count() as fwd:
+            if name == "linear":
+                loss = vocab_parallel_linear_cross_entropy(hl, Wl, y, weight=w[lo:hi], label_smoothing=0.1,
+                                                           chunk_size=4, **layout)
+            else:
+                loss = vocab_parallel_cross_entropy(xl, y, weight=w[lo:hi], label_smoothing=0.1, **layout)
+        with Count() as bwd:
+            loss.backward()
+        save[name] = dict(forward=fwd.ops, backward=bwd.ops)
+
+
+def run_compile(rank, P, save):
+    """One compiled training step per loss: explain (graphs, breaks), then fullgraph values."""
+    from crossent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]
+    x, y, w, h, W, b, u = data(torch.float32)
+
+    def logits_step(xl, y):
+        return vocab_parallel_cross_entropy(xl * 2.0, y, vocab_start=lo, vocab_size=V, weight=w[lo:hi],
+                                            label_smoothing=0.1)
+
+    def linear_step(hl, Wl, y):
+        return vocab_parallel_linear_cross_entropy(hl, Wl, y, vocab_start=lo, vocab_size=V, chunk_size=4,
+                                                   label_smoothing=0.1)
+
+    for name, step, args in (("logits", logits_step, (x[:, lo:hi],)), ("linear", linear_step, (h, W[lo:hi]))):
+        ex = torch._dynamo.explain(step)(*args, y)
+        leaves = [a.clone().requires_grad_() for a in args]
+        eager = step(*leaves, y)
+        eager.backward()
+        eager_grads = [t.grad for t in leaves]
+        leaves = [a.clone().requires_grad_() for a in args]
+        compiled = torch.compile(step, fullgraph=True)(*leaves, y)
+        compiled.backward()
+        save[name] = dict(graphs=ex.graph_count, breaks=ex.graph_break_count,
+                          reasons=[str(r.reason)[:200] for r in ex.break_reasons],
+                          eager=eager.detach(), compiled=compiled.detach(), eager_grads=eager_grads,
+                          compiled_grads=[t.grad for t in leaves])
+
+
+SCENARIOS = {"parity": run_parity, "dtensor": run_dtensor, "count": run_count, "compile": run_compile}
+
+
+def main():
+    import torch.distributed as dist
+
+    scenario, outdir = sys.argv[1], sys.argv[2]
+    rank, P = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["MASTER_PORT"], rank=rank,
+                            world_size=P, timeout=datetime.timedelta(seconds=120))
+    save = {}
+    SCENARIOS[scenario](rank, P, save)
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save(save, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
