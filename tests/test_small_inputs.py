@@ -197,10 +197,10 @@ def test_option_fast_paths_refuse_what_the_full_checks_refuse():
             V.check_label_smoothing("f", bad)
     assert V.check_ignore_index("cross_entropy", -100) == -100
     assert V.check_ignore_index("cross_entropy", 0) == 0
-    assert V.check_ignore_index("binary_cross_entropy", -1) == -1
+    assert V.check_binary_ignore_index("binary_cross_entropy", -1) == -1
     for bad in (0, 1):
         with pytest.raises(crossent.CrossentValueError, match="different from the labels 0 and 1"):
-            V.check_ignore_index("binary_cross_entropy_with_logits", bad)
+            V.check_binary_ignore_index("binary_cross_entropy_with_logits", bad)
     with pytest.raises(crossent.CrossentTypeError):
         V.check_ignore_index("cross_entropy", True)
 

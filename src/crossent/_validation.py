@@ -91,8 +91,6 @@ _ROWS_TO_INSPECT = 64
 # Autograd nodes that reveal where an input came from (a free, exact signal).
 _PROBABILITY_NODES = {"SigmoidBackward0": "torch.sigmoid"}
 _SOFTMAX_NODES = {"SoftmaxBackward0": "softmax", "LogSoftmaxBackward0": "log_softmax"}
-_BINARY_FUNCS = ("binary_cross_entropy", "binary_cross_entropy_with_logits", "BCELoss",
-                 "BCEWithLogitsLoss")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -247,12 +245,10 @@ def check_ignore_index(func: str, ignore_index) -> Optional[int]:
     Like torch: Python and NumPy integers and integer 0-dim tensors are accepted; a float
     is a ``TypeError`` even when integral (``-100.0``), as in ``F.cross_entropy``. Outside
     the int64 range it is a ``ValueError`` (torch: a bare "Overflow when unpacking long").
-    For the BCE losses (an extension) 0 and 1 are refused: they are labels, so
-    ``ignore_index=0`` would silently drop every negative example."""
+    The BCE losses add one rule on top: :func:`check_binary_ignore_index`."""
     if ignore_index is None:
         return None
-    if (type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX
-            and (ignore_index > 1 or ignore_index < 0 or func not in _BINARY_FUNCS)):
+    if type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX:
         return ignore_index   # the usual case, decided without the ABC checks below
     if (isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1
             and not (ignore_index.is_floating_point() or ignore_index.is_complex()
@@ -271,7 +267,18 @@ def check_ignore_index(func: str, ignore_index) -> Optional[int]:
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
         fail(func, "`ignore_index` in the int64 range [-2**63, 2**63 - 1]", repr(ignore_index),
              "Targets are int64, so no target can equal it; use a value such as -100.")
-    if func in _BINARY_FUNCS and ignore_index in (0, 1):
+    return ignore_index
+
+
+def check_binary_ignore_index(func: str, ignore_index) -> Optional[int]:
+    """``ignore_index`` for a BCE loss: :func:`check_ignore_index`, and never 0 or 1.
+
+    Every BCE entry point (functional, ``nn`` and the fused linear head) calls this one
+    check. 0 and 1 are the labels themselves, so ``ignore_index=0`` would silently drop
+    every negative example and ``ignore_index=1`` every positive one (a crossent
+    extension: torch's BCE has no ``ignore_index``)."""
+    ignore_index = check_ignore_index(func, ignore_index)
+    if ignore_index in (0, 1):
         fail(func, "`ignore_index` different from the labels 0 and 1", f"ignore_index={ignore_index}",
              f"ignore_index={ignore_index} would drop every {'negative' if ignore_index == 0 else 'positive'} "
              "label; mark missing labels with another value, e.g. -1, and pass ignore_index=-1.")

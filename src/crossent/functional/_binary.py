@@ -19,7 +19,7 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     V.check_floating_input(func, input)
     target = V.check_binary_target(func, input, target)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
-    ignore_index = V.check_ignore_index(func, ignore_index)
+    ignore_index = V.check_binary_ignore_index(func, ignore_index)
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     pos_weight = V.as_weight_tensor(func, "pos_weight", pos_weight, like=input)
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)

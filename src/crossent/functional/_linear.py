@@ -310,7 +310,7 @@ def linear_binary_cross_entropy_with_logits(
     reduction = V.check_reduction(func, reduction)
     H, L, _ = _check_linear(func, input, linear_weight, linear_bias, allow_kdim=False)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
-    ignore_index = V.check_ignore_index(func, ignore_index)
+    ignore_index = V.check_binary_ignore_index(func, ignore_index)
     if not isinstance(target, torch.Tensor):
         V.fail(func, "`target` to be a torch.Tensor", type(target).__name__,
                "Convert it with torch.as_tensor(...).", V.CrossentTypeError)

@@ -148,7 +148,7 @@ class LinearBCEWithLogitsLoss(torch.nn.Module):
         name = type(self).__name__
         self.reduction = V.check_reduction(name, reduction)
         self.label_smoothing = V.check_label_smoothing(name, label_smoothing)
-        self.ignore_index = V.check_ignore_index(name, ignore_index)
+        self.ignore_index = V.check_binary_ignore_index(name, ignore_index)
         self.register_buffer("weight", V.as_weight_tensor(name, "weight", weight))
         self.register_buffer("pos_weight", V.as_weight_tensor(name, "pos_weight", pos_weight))
         V.check_weight_values_nonnegative(name, "pos_weight", self.pos_weight)

@@ -75,7 +75,7 @@ class BCELoss(torch.nn.BCELoss):
         self.register_buffer("pos_weight", V.as_weight_tensor(name, "pos_weight", pos_weight))
         V.check_weight_values_nonnegative(name, "pos_weight", self.pos_weight)
         self.label_smoothing = V.check_label_smoothing(name, label_smoothing)
-        self.ignore_index = V.check_ignore_index(name, ignore_index)
+        self.ignore_index = V.check_binary_ignore_index(name, ignore_index)
         self.validate = validate
         self.backend = backend
 
@@ -133,7 +133,7 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
                          pos_weight=V.as_weight_tensor(name, "pos_weight", pos_weight))
         V.check_weight_values_nonnegative(name, "pos_weight", self.pos_weight)
         self.label_smoothing = V.check_label_smoothing(name, label_smoothing)
-        self.ignore_index = V.check_ignore_index(name, ignore_index)
+        self.ignore_index = V.check_binary_ignore_index(name, ignore_index)
         self.validate = validate
         self.backend = backend
 
