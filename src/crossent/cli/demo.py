@@ -336,7 +336,7 @@ def _progress(total: int, wanted):
     try:
         from tqdm import tqdm
     except ImportError:
-        print("(no progress bar: pip install tqdm)", file=sys.stderr)
+        print('(no progress bar: tqdm is not installed; pip install "crossent[demo]")', file=sys.stderr)
         return None
     return tqdm(total=total, desc="epochs", unit="epoch", file=sys.stderr, leave=False, dynamic_ncols=True)
 
