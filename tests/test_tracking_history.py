@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import crossent
-from crossent.tracking import History, atomic_write_text
+from crossent._files import atomic_write_text
+from crossent.tracking import History
 from crossent.tracking import history as history_module
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(crossent.__file__)))

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 import crossent
-from crossent.tracking import History, new_figure, plot_history
+from crossent.tracking import History, plot_history
+from crossent.tracking.plot import new_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -66,6 +66,11 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from ._env import env_flag
+from .errors import CrossentIndexError
+from .errors import CrossentTypeError
+from .errors import CrossentValueError
+from .errors import CrossentWarning
+from .errors import KernelCacheWarning
 
 __all__ = [
     "CrossentWarning",
@@ -94,30 +99,6 @@ _SOFTMAX_NODES = {"SoftmaxBackward0": "softmax", "LogSoftmaxBackward0": "log_sof
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
-class CrossentWarning(UserWarning):
-    """A probable mistake that still has a well-defined answer.
-
-    Filter it like any warning: ``warnings.filterwarnings("ignore", category=CrossentWarning)``.
-    """
-
-
-class KernelCacheWarning(CrossentWarning):
-    """A cached compiled kernel, or its directory, was refused (unsafe or damaged) and is
-    not loaded; the kernel is rebuilt elsewhere (see :mod:`crossent.backends.chunked_cpp`)."""
-
-
-class CrossentValueError(ValueError):
-    """A value or shape that would give a wrong loss."""
-
-
-class CrossentTypeError(TypeError):
-    """A dtype or argument type that crossent cannot use."""
-
-
-class CrossentIndexError(CrossentValueError, IndexError):
-    """A class index outside ``[0, C)`` that is not ``ignore_index``."""
 
 
 def validation_enabled(validate: Optional[bool] = None) -> bool:
@@ -930,5 +911,3 @@ def assert_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
                             f"{func}: expected `input` to hold probabilities in [0, 1], but got a value "
                             "outside it (or NaN). Raw logits? use binary_cross_entropy_with_logits. "
                             + _capture_note())
-
-Tensorish = Union[torch.Tensor, Number, Sequence[Number], None]

@@ -34,10 +34,7 @@ import os
 import torch
 
 from .._validation import fail
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run this call."""
+from ..errors import BackendUnavailableError
 
 
 @dataclass

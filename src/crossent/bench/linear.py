@@ -1,6 +1,6 @@
 """Benchmark presets for the fused linear + loss ops (``crossent bench``), and a runner.
 
-Presets (``size``: ``smoke`` seconds, ``medium`` a minute, ``full`` the sizes of issue 6,
+Presets (``size``: ``smoke`` seconds, ``medium`` a minute, ``full`` LM-head sizes,
 many GiB: run those only on a machine that has them):
 
 * ``linear-ce``: hidden (N, H) -> C classes, cross-entropy, fp32 and bf16:
@@ -19,9 +19,8 @@ Memory: the harness reports the peak beyond what was resident before the call, w
 includes the gradients ``x.grad`` and ``W.grad`` themselves; subtract
 ``Case.grad_bytes`` (recorded on every case) for the overhead the issue's targets count.
 
-When the harness of ``crossent.bench`` (presets/harness/memory) is there, the presets
-register into it; otherwise :func:`main` runs them with a minimal built-in loop:
-``python -m crossent.bench.linear --size smoke``.
+The presets register into ``crossent.bench``; :func:`main` also runs them with its own
+loop: ``python -m crossent.bench.linear --size smoke``.
 """
 
 from __future__ import annotations
@@ -34,33 +33,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
 
 import torch
 import torch.nn.functional as F
 
-try:  # the shared harness (crossent.bench.presets), when present
-    from .presets import Case, register_preset
-except ImportError:  # pragma: no cover - standalone fallback with the same interface
-    @dataclass
-    class Case:  # type: ignore[no-redef]
-        name: str
-        make: Callable[[torch.device], Dict[str, Any]]
-        variants: Dict[str, Callable[[Dict[str, Any]], torch.Tensor]]
-        grad_input: str = "x"
-        fresh_input: bool = False
-        elements: int = 0
-        bytes_per_element: float = 0.0
-        transcendentals: Dict[str, float] = field(default_factory=dict)
-
-    _LOCAL: Dict[str, Callable] = {}
-
-    def register_preset(name, description=""):  # type: ignore[no-redef]
-        def deco(fn):
-            _LOCAL[name] = fn
-            return fn
-        return deco
+from .presets import Case, register_preset
 
 PRESET_NAMES = ("linear-ce", "linear-bce")
 SIZES = {

@@ -114,9 +114,7 @@ def _main(argv=None) -> int:
     p.add_argument("device")
     p.add_argument("variants")
     a = p.parse_args(argv)
-    from .presets import PRESETS, load_plugins
-
-    load_plugins()
+    from . import PRESETS
     device = torch.device(a.device)
     case = PRESETS[a.preset](a.size, device)[a.index]
     print(json.dumps(measure_case(case, device, json.loads(a.variants))))

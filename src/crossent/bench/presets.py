@@ -2,8 +2,8 @@
 
 A preset is a function ``(size, device) -> list[Case]`` registered under a name in
 :data:`PRESETS`; ``size`` is ``"smoke"`` (tiny, seconds), ``"medium"`` or ``"full"`` (the
-sizes of issue 5). Other modules add presets with :func:`register_preset` (for example
-``crossent.bench.linear``, loaded by :func:`load_plugins` when it exists)::
+sizes that matter in training). Other modules add presets with :func:`register_preset` (for
+example ``crossent.bench.linear``, imported by ``crossent.bench``)::
 
     from crossent.bench.presets import Case, register_preset
 
@@ -18,7 +18,6 @@ times them interleaved on the same inputs.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -74,19 +73,6 @@ def register_preset(name: str, description: str = "") -> Callable[[PresetFn], Pr
         return fn
 
     return deco
-
-
-PLUGIN_MODULES = ["crossent.bench.linear"]
-
-
-def load_plugins() -> None:
-    """Import the optional preset modules that exist (each registers its presets)."""
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
 
 
 def _pick(size: str, smoke, medium, full):

@@ -54,13 +54,12 @@ OUTPUTS = ("bench.md", "bench.csv")
 
 def _check(args, out: Path | None) -> None:
     """Every argument that can be wrong, before any work (see crossent.cli._checks)."""
-    from crossent.bench import PRESETS, load_plugins
+    from crossent.bench import PRESETS
 
     from ._checks import UsageError, at_least, check_device, probe_writable, refuse_overwrite
 
     at_least("--repeats", args.repeats)
     at_least("--threads", args.threads)
-    load_plugins()
     unknown = [p for p in args.preset or [] if p not in PRESETS]
     if unknown:
         raise UsageError(f"expected --preset among {', '.join(PRESETS)}, but got "
@@ -94,10 +93,9 @@ def _rerun_with_thp(args, value: str, out: Path | None) -> int:
 
 
 def run(args) -> int:
-    from crossent.bench import DESCRIPTIONS, load_plugins
+    from crossent.bench import DESCRIPTIONS
 
     if args.list:
-        load_plugins()
         for name, text in DESCRIPTIONS.items():
             print(f"{name:14s} {text}")
         return 0

@@ -310,7 +310,7 @@ def _run(args, device, out_dir: str, t_start: float) -> int:
         print(f"\ncurves not drawn: {exc}")
     elapsed = time.perf_counter() - t_start
     summary = os.path.join(out_dir, "summary.txt")
-    from crossent.tracking import atomic_write_text
+    from crossent._files import atomic_write_text
 
     atomic_write_text(summary, "\n".join([
         f"crossent {crossent.__version__} demo, torch {torch.__version__}, device {device}, "
@@ -342,7 +342,8 @@ def _progress(total: int, wanted):
 
 
 def _plot(history, path: str) -> None:
-    from crossent.tracking import new_figure, plot_history, save_figure
+    from crossent.tracking import plot_history
+    from crossent.tracking.plot import new_figure, save_figure
 
     fig, (ax1, ax2) = new_figure(2, width=6.0, height=4.4)
     binary = [r for r in history if r["task"] == "breast_cancer"]

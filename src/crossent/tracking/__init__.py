@@ -12,20 +12,12 @@ Importing this package imports neither matplotlib nor tqdm.
 
 from .history import History
 from .history import HistoryFileError
-from .history import atomic_write_bytes
-from .history import atomic_write_text
 from .meter import LossMeter
-from .plot import new_figure
 from .plot import plot_history
-from .plot import save_figure
 
 __all__ = [
     "History",
     "HistoryFileError",
     "LossMeter",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "new_figure",
     "plot_history",
-    "save_figure",
 ]

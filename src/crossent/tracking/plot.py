@@ -18,7 +18,8 @@ import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from .. import _validation as V
-from .history import History, atomic_write_bytes
+from .._files import atomic_write_bytes
+from .history import History
 
 __all__ = ["plot_history", "new_figure", "save_figure"]
 
