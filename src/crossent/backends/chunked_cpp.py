@@ -455,8 +455,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crossent_ce_index.restype = ctypes.c_int64
     lib.crossent_ce_index_ncs.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, I64, ctypes.c_int]
     lib.crossent_ce_index_ncs.restype = ctypes.c_int64
-    lib.crossent_log1p01.argtypes = [P, P, I64]
-    lib.crossent_log1p01.restype = None
 
 
 def _threads(work: int) -> int:
