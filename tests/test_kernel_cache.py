@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import crossent
-from crossent import _env
+from crossent import _config
 from crossent.backends import chunked_cpp
 
 pytestmark = pytest.mark.skipif(
@@ -364,7 +364,7 @@ def test_env_flag(monkeypatch, value, expected):
         monkeypatch.delenv("CROSSENT_EXAMPLE", raising=False)
     else:
         monkeypatch.setenv("CROSSENT_EXAMPLE", value)
-    assert _env.env_flag("CROSSENT_EXAMPLE") is expected
+    assert _config.env_flag("CROSSENT_EXAMPLE") is expected
 
 
 def test_cpu_capability_and_compiler_are_looked_up_once(monkeypatch):

@@ -65,7 +65,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ._env import env_flag
+from . import _config
 from .errors import CrossentIndexError
 from .errors import CrossentTypeError
 from .errors import CrossentValueError
@@ -110,7 +110,7 @@ def validation_enabled(validate: Optional[bool] = None) -> bool:
     """
     if validate is not None:
         return bool(validate)
-    return env_flag("CROSSENT_VALIDATE")
+    return _config.validate_default()
 
 
 def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError):

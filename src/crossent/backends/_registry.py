@@ -29,10 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-import os
-
 import torch
 
+from .. import _config
 from .._validation import fail
 from ..errors import BackendUnavailableError
 
@@ -75,7 +74,7 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str
     else the highest-priority backend that implements ``op`` and can run on the device.
     """
     if backend is None or backend == "auto":
-        forced = os.environ.get("CROSSENT_BACKEND", "").strip()
+        forced = _config.forced_backend()
         if forced and forced != "auto":
             b = _BACKENDS.get(forced)
             if b is None:

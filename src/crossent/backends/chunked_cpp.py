@@ -97,7 +97,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._env import env_flag
+from .. import _config
 from .._validation import KernelCacheWarning
 
 _SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
@@ -128,7 +128,7 @@ def _cpu_capability() -> str:
 @functools.lru_cache(maxsize=None)
 def _compiler() -> Tuple[Optional[Tuple[str, ...]], Optional[str]]:
     """(compiler command, None) or (None, why there is none); looked up once per process."""
-    raw = os.environ.get("CC", "").strip()
+    raw = _config.c_compiler()
     if raw:
         try:
             argv = shlex.split(raw)
@@ -148,8 +148,8 @@ def _compiler() -> Tuple[Optional[Tuple[str, ...]], Optional[str]]:
 
 def disabled_reason() -> Optional[str]:
     """Why the compiled kernel cannot be used here, or None."""
-    if not env_flag("CROSSENT_CPU_KERNEL"):
-        return f"disabled by CROSSENT_CPU_KERNEL={os.environ['CROSSENT_CPU_KERNEL'].strip()}"
+    if not _config.cpu_kernel_enabled():
+        return f"disabled by CROSSENT_CPU_KERNEL={_config.raw('CROSSENT_CPU_KERNEL')}"
     cap = _cpu_capability()
     if cap not in ("AVX2", "AVX512"):
         return f"the CPU capability is {cap}, the kernel needs AVX2"
@@ -162,7 +162,7 @@ def get():
 
     A thread that calls while another thread builds waits for that build and gets its result.
     """
-    if not env_flag("CROSSENT_CPU_KERNEL"):
+    if not _config.cpu_kernel_enabled():
         return None
     if _lib is not None:
         return _Kernels
@@ -207,7 +207,7 @@ class _Unsafe(Exception):
 def _kernel_dir(notes: List[str]) -> Path:
     """The ``kernels`` directory, created and checked; decided once per process."""
     global _cache_note
-    explicit = os.environ.get("CROSSENT_CACHE_DIR", "").strip()
+    explicit = _config.cache_dir()
     try:
         root = Path(explicit) if explicit else Path.home() / ".cache" / "crossent"
     except Exception as exc:   # no HOME and no passwd entry for this UID (Path.home raises)
@@ -298,16 +298,7 @@ def _build(kdir: Path, cc: Tuple[str, ...], notes: List[str]) -> Tuple[ctypes.CD
 
 
 def _build_timeout() -> float:
-    raw = os.environ.get("CROSSENT_BUILD_TIMEOUT", "").strip()
-    if not raw:
-        return BUILD_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise ValueError(f"CROSSENT_BUILD_TIMEOUT: expected a positive number of seconds, but got {raw!r}")
-    return value
+    return _config.build_timeout(BUILD_TIMEOUT_S)
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from .._env import env_bytes
+from .. import _config
 from .. import _capture
 from . import reference
 from ._registry import Backend, _BACKENDS, register
@@ -65,8 +65,8 @@ DEFAULT_BUDGET = 256 * 2**20
 
 
 def default_budget() -> int:
-    """``$CROSSENT_LINEAR_BUDGET`` parsed by :func:`crossent._env.env_bytes`, else :data:`DEFAULT_BUDGET`."""
-    return env_bytes("CROSSENT_LINEAR_BUDGET", DEFAULT_BUDGET)
+    """``$CROSSENT_LINEAR_BUDGET`` parsed by :func:`crossent._config.env_bytes`, else :data:`DEFAULT_BUDGET`."""
+    return _config.linear_budget(DEFAULT_BUDGET)
 
 
 # Fewest rows a block may have before the classes are split too (two passes): 32 rows of

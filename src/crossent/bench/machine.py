@@ -21,6 +21,8 @@ from typing import Dict
 
 import torch
 
+from .. import _config
+
 
 def _median_time(fn, device, runs=7) -> float:
     fn()
@@ -84,7 +86,7 @@ def provenance(device: torch.device) -> Dict[str, str]:
         triton_version = triton.__version__
     except Exception:
         triton_version = "not installed"
-    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "")
+    thp = _config.thp_setting()
     return {
         "crossent": crossent.__version__,
         "commit": git_commit(),
