@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union, overload
 
 import torch
 
 from .. import _validation as V
 from .._capture import capturing
 from ..backends import dispatch, ops, resolve
-from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
+from ._reduction import LossParts, autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
 
 
 def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
@@ -85,6 +85,42 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
     return fn(x, t, weight, pos_weight, keep), denominator
 
 
+@overload
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    *,
+    pos_weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    backend: Optional[str] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    *,
+    pos_weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    backend: Optional[str] = None,
+) -> LossParts: ...
+
+
 def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -99,7 +135,7 @@ def binary_cross_entropy(
     validate: Optional[bool] = None,
     return_parts: bool = False,
     backend: Optional[str] = None,
-):
+) -> Union[torch.Tensor, LossParts]:
     r"""Binary cross-entropy between probabilities ``input`` and ``target``.
 
     .. math::
@@ -141,6 +177,42 @@ def binary_cross_entropy(
                        capture=capture)
 
 
+@overload
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    backend: Optional[str] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    backend: Optional[str] = None,
+) -> LossParts: ...
+
+
 def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -155,7 +227,7 @@ def binary_cross_entropy_with_logits(
     validate: Optional[bool] = None,
     return_parts: bool = False,
     backend: Optional[str] = None,
-):
+) -> Union[torch.Tensor, LossParts]:
     r"""Binary cross-entropy on logits: sigmoid and BCE in one exact step.
 
     .. math::

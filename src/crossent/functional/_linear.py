@@ -11,7 +11,7 @@ lives in :mod:`crossent.backends.linear`; ``mean`` is applied by
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 
@@ -19,7 +19,7 @@ from .. import _validation as V
 from .._capture import capturing
 from ..backends import dispatch, ops, resolve
 from ..backends.linear import BUFFERS_DENSE, BUFFERS_INDEX, BCETarget, ce_targets, plan_chunks
-from ._reduction import compute_dtype, reduce_loss
+from ._reduction import LossParts, compute_dtype, reduce_loss
 
 _INT = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -85,6 +85,94 @@ def _no_target_grad(func, **tensors):
                    f"pass `{name}.detach()`, or use the unfused loss on `F.linear(...)` logits.")
 
 
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    return_lse: Literal[False] = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    return_lse: Literal[False] = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> LossParts: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    return_lse: Literal[True],
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    return_lse: Literal[True],
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Tuple[LossParts, torch.Tensor]: ...
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -103,7 +191,7 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     class_chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
-):
+) -> Union[torch.Tensor, LossParts, Tuple[Union[torch.Tensor, LossParts], torch.Tensor]]:
     r"""Cross-entropy of a linear layer's logits without storing the logits.
 
     Exactly ``crossent.cross_entropy(F.linear(input, linear_weight, linear_bias), target,
@@ -249,6 +337,50 @@ def linear_cross_entropy(
     return result
 
 
+@overload
+def linear_binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    pos_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    target_format: Optional[str] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def linear_binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    pos_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    target_format: Optional[str] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> LossParts: ...
+
+
 def linear_binary_cross_entropy_with_logits(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -267,7 +399,7 @@ def linear_binary_cross_entropy_with_logits(
     chunk_size: Optional[int] = None,
     class_chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
-):
+) -> Union[torch.Tensor, LossParts]:
     r"""Multi-label BCE-with-logits of a linear layer's logits without storing them.
 
     Exactly ``crossent.binary_cross_entropy_with_logits(F.linear(input, linear_weight,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union, overload
 
 import torch
 
 from .. import _validation as V
 from .._capture import capturing
 from ..backends import dispatch, ops, resolve
-from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
+from ._reduction import LossParts, autocast_inputs, no_autocast, compute_dtype, legacy_reduction, reduce_loss
 
 
 def _rows(t: torch.Tensor, dtype: torch.dtype, class_dim: int, C: int) -> torch.Tensor:
@@ -20,6 +20,42 @@ def _rows(t: torch.Tensor, dtype: torch.dtype, class_dim: int, C: int) -> torch.
     if t.dim() == 2 and class_dim == 1:
         return t
     return t.movedim(class_dim, -1).reshape(-1, C)
+
+
+@overload
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    backend: Optional[str] = None,
+    inplace_backward: bool = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    backend: Optional[str] = None,
+    inplace_backward: bool = False,
+) -> LossParts: ...
 
 
 def cross_entropy(
@@ -36,7 +72,7 @@ def cross_entropy(
     return_parts: bool = False,
     backend: Optional[str] = None,
     inplace_backward: bool = False,
-):
+) -> Union[torch.Tensor, LossParts]:
     r"""Cross-entropy between logits ``input`` and class indices or class probabilities.
 
     With :math:`-\log p_{c} = \log\sum_j e^{x_j} - x_c`, smoothing :math:`\epsilon` and
