@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                   f"{(m_on[0] / m_off[0] - 1) * 100:+.0f}% | {fmt(m_alone[0])} "
                   f"({m_alone[0] / m_off[0] * 100:.0f}% of the loss) |")
             sys.stdout.flush()
-            del loss, checks
+            loss = checks = None   # free the inputs before the next shape
     return 0
 
 

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The README's test command: set up (idempotent), then run the whole suite, then run the
-# drop-in and exactness suites again on every CPU backend (the automatic choice on CPU is
-# `chunked`; `reference` and `chunked-torch` must give the same answers).
+# The README's test command: set up (idempotent), lint (ruff), type-check (mypy on src/),
+# then run the whole suite, then run the drop-in and exactness suites again on every CPU
+# backend (the automatic choice on CPU is `chunked`; `reference` and `chunked-torch` must
+# give the same answers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "== ruff check"
+.venv/bin/ruff check src tests benchmarks scripts
+echo "== mypy (src/)"
+.venv/bin/mypy
 .venv/bin/python -m pytest "$@"
 for backend in reference chunked-torch; do
   echo "== drop-in and exactness suites with CROSSENT_BACKEND=$backend"

@@ -744,13 +744,15 @@ def test_kdim_extremes_ties_infinities_nan_and_wide_margins(monkeypatch, C):
     x = torch.randn(2, C, 4, 5, generator=g)
     y = torch.randint(0, C, (2, 4, 5), generator=g)
     x[0, :, 0, 0] = 3.0                                      # all tied
-    x[0, 0, 0, 1] = x[0, C - 1, 0, 1] = 7.0; y[0, 0, 1] = C - 1   # two tied maxima, target the second
+    x[0, 0, 0, 1] = x[0, C - 1, 0, 1] = 7.0                  # two tied maxima, target the second
+    y[0, 0, 1] = C - 1
     x[0, 1 % C, 0, 2] = math.inf                             # one +inf
     x[0, 0, 0, 3] = x[0, C - 1, 0, 3] = math.inf             # two +inf
     x[0, :, 0, 4] = -math.inf                                # all -inf: log C
     x[0, C // 2, 1, 0] = -math.inf                           # one -inf
     x[1, C // 2, 2, 1] = math.nan
-    x[1, 0, 2, 2] = math.nan; y[1, 2, 2] = -100                # ignored: 0 loss, 0 gradient
+    x[1, 0, 2, 2] = math.nan                                 # ignored: 0 loss, 0 gradient
+    y[1, 2, 2] = -100
     for i, margin in enumerate((20.0, 40.0, 80.0, 100.0)):    # exp(-margin): losses down to 1e-44
         x[1, :, 3, i] = 0.0
         x[1, 0, 3, i] = margin

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import crossent
-from crossent.bench import harness, memory, presets, report
+from crossent.bench import harness, presets, report
 from crossent.cli import main
 
 

@@ -3,7 +3,6 @@
 import csv
 import gzip
 import hashlib
-import json
 import os
 import subprocess
 import sys

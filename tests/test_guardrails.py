@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-import crossent
 import crossent.functional as F
 import crossent.nn as cnn
 from crossent import CrossentIndexError, CrossentTypeError, CrossentValueError, CrossentWarning

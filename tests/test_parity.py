@@ -8,17 +8,15 @@ call; the output dtype must equal torch's.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as TF
 
-import crossent
 import crossent.functional as CF
 import crossent.nn as CN
-from conftest import (DTYPES, LAYOUTS, LOW_PRECISION, REDUCTIONS, SHAPES_BINARY, SHAPES_MULTICLASS,
+from conftest import (DTYPES, LAYOUTS, REDUCTIONS, SHAPES_BINARY, SHAPES_MULTICLASS,
                       TOL_SECOND_ORDER, assert_close, class_indices, class_probabilities, gen, logits,
                       make_view, probabilities, ref_dtype, soft_targets, torch_quiet)
 

@@ -61,7 +61,7 @@ import os
 import sys
 import warnings
 from numbers import Number
-from typing import List, Optional, Sequence, Union
+from typing import List, NoReturn, Optional, Sequence, Union
 
 import torch
 
@@ -113,7 +113,7 @@ def validation_enabled(validate: Optional[bool] = None) -> bool:
     return _config.validate_default()
 
 
-def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError):
+def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError) -> NoReturn:
     """Raise ``cls`` with the house message template."""
     msg = f"{func}: expected {what}, but got {found}."
     if fix:
@@ -502,7 +502,6 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
         fail(func, "`input` of shape (C,), (N, C) or (N, C, d1, ..., dK)", "a 0-dim tensor",
              "Cross-entropy needs one score per class.")
     ish, tsh = tuple(input.shape), tuple(target.shape)
-    C = ish[1] if input.dim() >= 2 else ish[0]
     index_shape = (ish[0],) + ish[2:] if input.dim() >= 2 else ()
     if ish == tsh:
         if not target.is_floating_point():

@@ -38,11 +38,13 @@ def _matches(value, hint) -> bool:
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_every_overload_returns_its_annotated_type(name):
-    overloads = typing.get_overloads(getattr(crossent, name))
-    assert len(overloads) >= 2
-    for ov in overloads:
+    checked = 0
+    for ov in typing.get_overloads(getattr(crossent, name)):
         hints = typing.get_type_hints(ov, globalns=vars(sys.modules[ov.__module__]))
         flags = {k: typing.get_args(v)[0] for k, v in hints.items()
                  if k.startswith("return_") and typing.get_origin(v) is typing.Literal}
-        assert flags, ov
+        if len(flags) < sum(k.startswith("return_") for k in hints if k != "return"):
+            continue   # the catch-all overload for a plain ``bool`` flag
         assert _matches(CALLS[name](**flags), hints["return"]), (name, flags, hints["return"])
+        checked += 1
+    assert checked >= 2

@@ -67,7 +67,7 @@ logits buffer and tells autograd with ``ctx.mark_dirty``; see :func:`cross_entro
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 

@@ -183,7 +183,7 @@ def binary_cross_entropy(
 
 
 # --------------------------------------------------------------------------- multiclass
-def _neg_log_softmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _neg_log_softmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""``-log softmax(x)`` over dim 1, cancellation-free.
 
     With :math:`m = \max_j x_j` at index k and :math:`S' = \sum_{j \ne k} e^{x_j - m}`,

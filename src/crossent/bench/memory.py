@@ -75,7 +75,7 @@ def measure_case(case, device: torch.device, variants=None) -> Dict[str, Optiona
             del d
         d = _prepare(case, inputs)
 
-        def call():
+        def call(fn=fn, d=d):
             fn(d).backward()
 
         if device.type == "cuda":

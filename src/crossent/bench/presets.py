@@ -81,7 +81,7 @@ def _pick(size: str, smoke, medium, full):
 
 def _compiled(fn: Callable) -> Callable:
     """torch.compile(fn), created on the first call (importing dynamo costs seconds)."""
-    compiled = []
+    compiled: List[Callable] = []
 
     def call(d):
         if not compiled:

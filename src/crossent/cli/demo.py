@@ -183,11 +183,6 @@ def run(args) -> int:
     t_start = time.perf_counter()
     import torch
 
-    import crossent
-    from crossent import probabilities as P
-    from crossent.data import load_breast_cancer, load_digits
-    from crossent.tracking import History
-
     from ._checks import at_least, new_run_dir
 
     at_least("--epochs", args.epochs)
@@ -227,7 +222,7 @@ def _run(args, device, out_dir: str, t_start: float) -> int:
     tr, va = _split(dg.target.numel(), dg.target, 0.2, g)
     dx_tr, dx_va = _standardise(dg.features[tr], dg.features[va])
     dy_tr, dy_va = dg.target[tr], dg.target[va]
-    data = {n: (bx_tr, by_tr, bx_va, by_va) for n in BINARY_MODELS}
+    data: dict = {n: (bx_tr, by_tr, bx_va, by_va) for n in BINARY_MODELS}
     data[DIGITS_MODEL] = (dx_tr, dy_tr, dx_va, dy_va)
     data = {n: tuple(t.to(device) for t in d) for n, d in data.items()}
 

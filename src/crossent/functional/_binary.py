@@ -121,6 +121,23 @@ def binary_cross_entropy(
 ) -> LossParts: ...
 
 
+@overload
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    *,
+    pos_weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    backend: Optional[str] = None,) -> Union[torch.Tensor, LossParts]: ...
+
+
 def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -211,6 +228,23 @@ def binary_cross_entropy_with_logits(
     return_parts: Literal[True],
     backend: Optional[str] = None,
 ) -> LossParts: ...
+
+
+@overload
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    backend: Optional[str] = None,) -> Union[torch.Tensor, LossParts]: ...
 
 
 def binary_cross_entropy_with_logits(

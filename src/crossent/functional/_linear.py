@@ -173,6 +173,27 @@ def linear_cross_entropy(
 ) -> Tuple[LossParts, torch.Tensor]: ...
 
 
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    return_lse: bool = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,) -> Union[torch.Tensor, LossParts, Tuple[Union[torch.Tensor, LossParts], torch.Tensor]]: ...
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -379,6 +400,27 @@ def linear_binary_cross_entropy_with_logits(
     class_chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
 ) -> LossParts: ...
+
+
+@overload
+def linear_binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    pos_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    target_format: Optional[str] = None,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,) -> Union[torch.Tensor, LossParts]: ...
 
 
 def linear_binary_cross_entropy_with_logits(

@@ -58,6 +58,23 @@ def cross_entropy(
 ) -> LossParts: ...
 
 
+@overload
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    backend: Optional[str] = None,
+    inplace_backward: bool = False,) -> Union[torch.Tensor, LossParts]: ...
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import warnings
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import torch
 

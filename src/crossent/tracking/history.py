@@ -60,7 +60,7 @@ def _plain(func: str, key: str, value):
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, Number) and not isinstance(value, complex):
-        return int(value) if isinstance(value, int) else float(value)
+        return int(value) if isinstance(value, int) else float(value)  # type: ignore[arg-type]
     V.fail(func, f"`{key}` to be a number, a string, a bool or None", type(value).__name__,
            "Log scalars only (e.g. meter.compute(), accuracy as a float).", V.CrossentTypeError)
 
