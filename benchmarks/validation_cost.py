@@ -6,7 +6,7 @@
 
 Forward pass only (the checks run in the forward). Both variants run interleaved in one
 process, after a warm-up, and the table gives medians with p20/p80 of ``--repeats`` runs
-(the PERF-NOTES habit: eager timings on these machines drift with what ran before).
+(eager timings on a shared machine drift with what ran before).
 ``checks alone`` times the value tier by itself (the ``crossent._validation`` functions
 the loss calls), which is the number to quote: the with/without difference of two
 noisy loss timings can be within noise. Output is a Markdown table with provenance.

@@ -671,7 +671,7 @@ def test_kdim_cross_entropy_runs_the_lane_kernel_without_a_layout_copy(monkeypat
 @needs_kernel
 def test_kdim_cases_the_lane_kernel_does_not_take_keep_the_row_path(monkeypatch):
     """float64, non-contiguous logits (channels-last, a slice), probability targets and the
-    in-place mode go to rows of classes as before: same values as torch."""
+    in-place mode go to rows of classes: same values as torch."""
     lane_calls = []
     monkeypatch.setattr(chunked_cpp._Kernels, "ce_index_ncs",
                         staticmethod(lambda *a, **k: lane_calls.append(1)))

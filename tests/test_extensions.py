@@ -1,5 +1,5 @@
-"""One test per extension over torch (issue 2), each checked against the math or against
-the equivalent torch call; the list is mirrored in docs/readme/exactness.md."""
+"""One test per extension over torch, each checked against the math or against the
+equivalent torch call; docs/exactness.md lists the same extensions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The classic loss mistakes of issue 3, one test per case (messages asserted by regex).
+"""The classic loss mistakes, one test per case (messages asserted by regex).
 
 Case 17 (a meter fed a loss that still requires grad) belongs to ``crossent.tracking``;
 its warning uses the same :func:`crossent._validation.warn_once`, tested in

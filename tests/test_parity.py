@@ -516,7 +516,7 @@ def _x(*shape):
 
 
 # Inputs torch rejects; crossent must reject them too. Not listed on purpose (crossent
-# accepts them, see test_extensions.py and docs/readme/exactness.md): bool/integer BCE
+# accepts them, see test_extensions.py and docs/exactness.md): bool/integer BCE
 # targets, non-int64 integer CE targets (incl. bool), Python scalars/sequences for weight
 # and pos_weight, integer weight tensors, mixed float dtypes of BCE input/target and of a
 # CE class-index weight, gradients w.r.t. weight/pos_weight.

@@ -1,4 +1,4 @@
-"""Per-call overhead on small inputs (issue 5): what the fast paths skip, and that skipping
+"""Per-call overhead on small inputs: what the fast paths skip, and that skipping
 changes nothing.
 
 Small classifiers pay per torch call, not per element, so these tests pin the number of

@@ -1,56 +1,5 @@
 """Every guardrail of crossent, in one place.
-
-Two tiers (the torchmetrics habit):
-
-* **Metadata checks** look only at shapes, dtypes, devices and option values. They
-  never touch tensor data, cost microseconds, never synchronise a GPU, and always run
-  (also in ``crossent.nn`` constructors, so a bad option fails when the module is built).
-* **Value checks** read the data: targets in range, probabilities inside [0, 1],
-  inputs that look like probabilities or log-probabilities where logits are expected.
-  They run by default and are switched off per call or per module (keyword-only
-  ``validate=False``) or for the whole process with the environment variable
-  ``CROSSENT_VALIDATE=0`` (an explicit ``validate=True`` still wins). When off they are
-  skipped entirely: no data is read and nothing synchronises.
-
-Cost of the value tier, by design: each inspected tensor is read **once** by a fused
-reduction (``aminmax``; row sums for class-probability targets), the "looks like
-probabilities / softmax" heuristics read at most :data:`_ROWS_TO_INSPECT` rows and about
-:data:`_ELEMENTS_TO_INSPECT` numbers, and the small results
-of one call are fetched to the host together: **one device synchronisation per loss
-call** on GPU. Work beyond that (``nonzero``, the position of the first bad element)
-happens only on the failure path. On CPU, where reading a number costs no
-synchronisation, a check reads its range statistic first and skips what that makes
-unnecessary (the ignore_index mask when no target equals it; the row sums of the
-softmax heuristic when the inputs have both signs, as raw logits do), because small
-inputs pay per torch call (``docs/performance.md``, small inputs). Measured numbers:
-``benchmarks/validation_cost.py``.
-
-On GPU, an out-of-range class index is therefore reported by this module before any
-kernel indexes with it: the checks use only comparisons and reductions, never
-``gather``/indexing with the user's indices, so they cannot trigger a device-side assert.
-
-Errors follow one template, ``{function}: expected {what}, but got {found}. {fix}``,
-and are ``ValueError`` / ``TypeError`` / ``IndexError`` subclasses (never ``assert``).
-Warnings are :class:`CrossentWarning` (a ``UserWarning``) and are shown once per
-call site of user code (:func:`warn_once`), also under ``simplefilter("always")``.
-
-Decisions where the issue is silent (each has a test in ``tests/test_guardrails*.py``):
-
-* Raise (the answer would be wrong, or torch raises too): NaN/inf targets of any loss
-  (a NaN target makes the loss and every gradient NaN), integer/bool/complex inputs
-  (torch raises as well), ``ignore_index=None`` for cross-entropy (torch raises a
-  TypeError), ``ignore_index`` 0 or 1 for the BCE losses (a crossent extension: it would
-  drop every negative or positive label).
-* Warn (legal, probably wrong; every such warning at call time belongs to the value
-  tier, so ``validate=False`` silences all of them): cross-entropy with a single class (``C == 1``: the loss
-  and its gradient are identically 0), an input whose autograd history shows it just
-  came out of ``sigmoid`` / ``softmax`` / ``log_softmax`` (any batch size), negative
-  weights (at construction).
-  Also: every target ignored under ``reduction='mean'`` (nan, like torch), and sequence
-  logits ``(B, T, V)`` with ``T == V`` (the shapes are then valid for ``(N, C, d1)``; no
-  warning when the input came out of a transpose, permute or convolution).
-* Not detectable, documented: probabilities in a tiny batch without autograd history
-  (the tutorial's 4 values: see :func:`check_binary_values`).
+Design notes: ``docs/design.md``, section ``crossent._validation``.
 """
 
 from __future__ import annotations

@@ -1,42 +1,5 @@
 r"""Fused linear + loss in plain PyTorch, chunked: the ``(N, C)`` logits never exist.
-
-Two ops, registered on the ``chunked`` (CPU) and ``chunked-torch`` (any device: these
-are plain torch ops) backends and, unfused (full logits), on ``reference``:
-
-* ``linear_cross_entropy(x, W, b, spec, plan, grad_scale, precompute)``
-* ``linear_binary_cross_entropy_with_logits(x, W, b, spec, plan, grad_scale, precompute)``
-
-Both take canonical arguments prepared by :mod:`crossent.functional._linear` (validated,
-flattened to rows ``x`` of shape (N, H), weights ``W`` of shape (D, C, H) for D
-"positions" of torch's K-dimensional loss, D = 1 otherwise) and return **unreduced**
-per-row losses; :func:`crossent.functional._reduction.reduce_loss` applies ``mean``.
-
-How the work is cut (see :func:`plan_chunks`): classes in blocks of ``Cc`` (outer loop),
-rows in blocks of ``R`` (inner loop). Per block the scratch is a few (R, Cc) buffers in
-the compute dtype, plus for fp16/bf16 inputs a float32 copy of the (Cc, H) weight block
-and a float32 (Cc, H) weight-gradient accumulator; fp16/bf16 inputs also get a float32
-copy of ``x`` and a float32 (N, H) input-gradient accumulator. ``grad_linear_weight`` of
-a class block is complete when its row loop ends, so it is rounded to the input dtype
-once, like the eager matmul.
-
-Cross-entropy with several class blocks needs the per-row log-sum-exp before any
-gradient: pass 1 computes per-row statistics (max ``m`` and its index ``k``,
-:math:`S' = \sum_{j\ne k} e^{x_j-m}`, the loss) merging blocks exactly; pass 2 recomputes
-the logits and accumulates the gradients (4 matrix products instead of 3). With one class
-block (the usual case in float32: ``R * C`` fits the budget) both passes are one.
-
-Gradients are computed in the forward pass for ``grad_scale`` (1 for ``sum``,
-``1/denominator`` for ``mean``) and scaled in backward by the ratio of the incoming
-gradient to ``grad_scale`` (exactly 1 in ordinary training). A non-uniform incoming
-gradient (``reduction='none'``, a second backward) recomputes them chunk by chunk.
-
-Ignored targets: a hidden row whose targets are all ignored (cross-entropy: its row;
-BCE: every label of the row) and, for BCE, a weight row (and bias) whose label is ignored
-in every row take no part in any kept loss. When such rows hold NaN or +-inf they are
-read as zeros, so they get exactly zero
-gradient and do not turn the other rows' weight gradients into NaN through ``0 * nan``
-in the matrix products (torch's eager ``F.linear`` + loss does); see :func:`_ce_ignored`,
-:func:`_bce_ignored` and :class:`_Operands`.
+Design notes: ``docs/design.md``, section ``crossent.backends.linear``.
 """
 
 from __future__ import annotations
@@ -693,7 +656,7 @@ def _where_rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def linear_cross_entropy_chunked(x, W, b, tgts, plan, grad_scale, precompute):
-    """Per-row losses and log-sum-exp (N, D); see the module docstring."""
+    """Per-row losses and log-sum-exp (N, D); see ``docs/design.md``."""
     precompute = precompute and torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(x, W, b, tgts, plan, grad_scale, precompute)
 
@@ -894,7 +857,7 @@ def _bce_pass(ops, tgt, plan, grads, scale, per_element, loss_out):
 
 
 class LinearBCEWithLogitsFunction(torch.autograd.Function):
-    """Autograd wrapper for the fused linear + BCE-with-logits (see module docstring)."""
+    """Autograd wrapper for the fused linear + BCE-with-logits (see ``docs/design.md``)."""
 
     @staticmethod
     def forward(ctx, x, W, b, tgt, plan, grad_scale, precompute, per_element):

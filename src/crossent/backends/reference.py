@@ -1,17 +1,5 @@
 """The plain-torch reference backend: exact formulas, any device, any autograd order.
-
-Every function here takes *canonical* arguments (validated, broadcast, in the compute
-dtype, with ``ignore_index`` already turned into a boolean ``keep`` mask) and returns
-**unreduced** per-element losses; reductions happen in ``functional._reduction`` only.
-
-Gradients come from autograd over these formulas (so second derivatives and target
-gradients exist), except where an explicit backward is needed for exactness or for
-torch's documented gradient (see each function).
-
-Ignored elements (``keep`` False) are replaced by a harmless finite value *before* the
-formulas (:func:`sanitise_ignored`), not only masked after them: masking alone leaves
-``0 * nan`` in the backward of a NaN logit, so its gradient (and that of the class
-weights) would be NaN. The rule is in :mod:`crossent.functional._reduction`.
+Design notes: ``docs/design.md``, section ``crossent.backends.reference``.
 """
 
 from __future__ import annotations

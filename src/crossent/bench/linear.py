@@ -1,26 +1,5 @@
 """Benchmark presets for the fused linear + loss ops (``crossent bench``), and a runner.
-
-Presets (``size``: ``smoke`` seconds, ``medium`` a minute, ``full`` LM-head sizes,
-many GiB: run those only on a machine that has them):
-
-* ``linear-ce``: hidden (N, H) -> C classes, cross-entropy, fp32 and bf16:
-  full 4096 x 2048 -> 128256 and 8192 x 4096 -> 32000.
-* ``linear-bce``: multi-label, 4096 x 1024 -> 100000 labels (10 positives a row), fp32
-  and bf16, dense targets; crossent also with sparse (-1 padded) positive ids.
-
-Variants of every case, all computing the loss and the gradients of ``x``, ``W``:
-``torch eager`` (``F.linear`` then the torch loss), ``torch.compile`` (of that),
-``torch chunked`` (``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``,
-torch >= 2.13, cross-entropy only), ``crossent`` and ``matmul bound`` (only the three
-matrix products of forward+backward, the floor of any fused implementation; its memory
-column is meaningless).
-
-Memory: the harness reports the peak beyond what was resident before the call, which
-includes the gradients ``x.grad`` and ``W.grad`` themselves; subtract
-``Case.grad_bytes`` (recorded on every case) for the overhead the issue's targets count.
-
-The presets register into ``crossent.bench``; :func:`main` also runs them with its own
-loop: ``python -m crossent.bench.linear --size smoke``.
+Design notes: ``docs/design.md``, section ``crossent.bench.linear``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,5 @@
 """Named benchmark presets: what `crossent bench` measures.
-
-A preset is a function ``(size, device) -> list[Case]`` registered under a name in
-:data:`PRESETS`; ``size`` is ``"smoke"`` (tiny, seconds), ``"medium"`` or ``"full"`` (the
-sizes that matter in training). Other modules add presets with :func:`register_preset` (for
-example ``crossent.bench.linear``, imported by ``crossent.bench``)::
-
-    from crossent.bench.presets import Case, register_preset
-
-    @register_preset("my-case", "what it measures")
-    def my_case(size, device):
-        return [Case(...)]
-
-A :class:`Case` holds a way to build inputs once and a few *variants* (torch eager,
-torch.compile, crossent, ...) that each map those inputs to a scalar loss; the harness
-times them interleaved on the same inputs.
+Design notes: ``docs/design.md``, section ``crossent.bench.presets``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,5 @@
 """``crossent bench``: crossent against torch eager and torch.compile, side by side.
-
-Examples::
-
-    crossent bench                          # every preset at full size (minutes; a quiet machine)
-    crossent bench --smoke                  # every preset at tiny sizes, seconds (what CI runs)
-    crossent bench --preset lm-head --preset multilabel --repeats 9 --out results/
-    crossent bench --thp both --out results/   # run twice: THP_MEM_ALLOC_ENABLE=0 and =1
-
-Writes ``bench.md`` and ``bench.csv`` to ``--out`` (and prints the Markdown). With
-``--thp both`` the two runs go to ``OUT/thp-off`` and ``OUT/thp-on``. A folder that already
-holds ``bench.md`` or ``bench.csv`` is refused unless ``--force`` (results are regenerated in
-place on purpose, e.g. ``results/loss/thp-off``, never by accident). Options, devices and
-``--out`` are checked before anything runs: a mistake is one line and exit status 2. See
-:mod:`crossent.bench` for how times, memory and machine limits are measured.
+Design notes: ``docs/design.md``, section ``crossent.cli.bench``.
 """
 
 from __future__ import annotations

@@ -1,21 +1,5 @@
 """``crossent demo``: the tutorials' training loop, done right, on real bundled data.
-
-Two tasks, four classifiers, one exact bookkeeping:
-
-* **Breast cancer** (569 tumours x 30 features, malignant = 1): the same small MLP with the
-  three heads of the tutorials, side by side and from the *same* initial function:
-  ``sigmoid`` + ``BCELoss``; one logit + ``BCEWithLogitsLoss``; two logits +
-  ``CrossEntropyLoss`` (its head starts as ``one_logit_head_to_two`` of the 1-logit head, so
-  ``z1 - z0`` equals the other heads' logit at step 0).
-* **Digits** (1797 8x8 images, 10 classes): an MLP with ``CrossEntropyLoss``.
-
-Each epoch's train and validation losses are exact per-sample averages
-(:class:`crossent.tracking.LossMeter`: summed numerators / summed denominators), printed as
-a table; the curves (PNG), the history (CSV + JSON) and a summary go to a new run folder
-``--out/run-NNN`` (``crossent-out/run-001``, then ``run-002``, ...): a run never replaces
-an earlier one's files. Options, the device and whether ``--out`` can be written are checked
-before training: a mistake is one line and exit status 2.
-Runs in a few seconds on 2 CPU cores, without network.
+Design notes: ``docs/design.md``, section ``crossent.cli.demo``.
 """
 
 from __future__ import annotations

@@ -1,30 +1,5 @@
 """Per-epoch records of a run, saved as CSV and JSON that a crash cannot leave half-written.
-
-A :class:`History` is a list of flat records (``dict`` of str -> number/str), usually one
-per epoch and model::
-
-    history = crossent.tracking.History()
-    for epoch in range(1, epochs + 1):
-        ...
-        history.log(epoch=epoch, train_loss=train_meter.compute(), val_loss=val_meter.compute())
-        history.save("runs/exp1")          # runs/exp1/history.csv and history.json, atomically
-
-Atomic means *write, then rename*: the text goes to a temporary file in the target's
-directory (``.history.csv.<random>.tmp``), is flushed and ``fsync``-ed, and then
-``os.replace`` swaps it in. ``os.replace`` is atomic on POSIX and Windows, so a reader (or
-a run killed mid-save) sees either the old complete file or the new complete file, never a
-prefix. A process killed between the write and the rename can leave its hidden ``.tmp``
-file behind (nothing can delete it); the target file is untouched.
-
-One source of truth: :meth:`History.save` writes ``history.json`` first and then
-``history.csv`` derived from the same records. A kill between the two renames leaves a CSV
-one save behind the JSON (never a mix); :meth:`History.load` reads the JSON and rewrites a
-CSV that does not match it, so after any kill the two agree again at the next load.
-
-Non-finite floats are valid JSON: NaN, +inf and -inf are stored as the strings ``"NaN"``,
-``"Infinity"`` and ``"-Infinity"`` (the spellings JavaScript's ``Number()`` and Python's
-``float()`` read back), and loading turns those three strings back into floats. So that
-the rule is unambiguous, :meth:`History.log` refuses them as string values.
+Design notes: ``docs/design.md``, section ``crossent.tracking.history``.
 """
 
 from __future__ import annotations
