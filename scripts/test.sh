@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: set up (idempotent), lint (ruff), type-check (mypy on src/),
-# then run the whole suite, then run the drop-in and exactness suites again on every CPU
+# build the API reference (Sphinx, warnings are errors), then run the whole suite, then run the drop-in and exactness suites again on every CPU
 # backend (the automatic choice on CPU is `chunked`; `reference` and `chunked-torch` must
 # give the same answers).
 set -euo pipefail
@@ -10,6 +10,8 @@ echo "== ruff check"
 .venv/bin/ruff check src tests benchmarks scripts
 echo "== mypy (src/)"
 .venv/bin/mypy
+echo "== API reference (docs/api -> docs/_build/api)"
+.venv/bin/sphinx-build -W --keep-going -q -b html docs/api docs/_build/api
 .venv/bin/python -m pytest "$@"
 for backend in reference chunked-torch; do
   echo "== drop-in and exactness suites with CROSSENT_BACKEND=$backend"

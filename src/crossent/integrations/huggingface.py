@@ -88,7 +88,7 @@ def fused_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *
     Args:
         model: a ``transformers`` ``...ForCausalLM`` model.
         input_ids, labels: (B, T); labels as for the model (shifted here, ``-100`` ignored).
-        attention_mask, **model_kwargs: passed to the model's body.
+        attention_mask, model_kwargs: passed to the model's body (``**model_kwargs``).
         num_items_in_batch: as in :func:`causal_lm_loss`.
         validate, backend, memory_budget: crossent options (see
             :func:`crossent.linear_cross_entropy`; the budget bounds the loss's chunks).

@@ -17,7 +17,7 @@ from .. import functional as F
 from ..functional._reduction import legacy_reduction
 
 _SHARED_KWARGS = """
-    Keyword-only crossent options:
+    Keyword Args:
         validate (bool, optional): run the value checks (targets in range, inputs that look
             like the wrong kind of scores). Default: on, unless ``CROSSENT_VALIDATE=0``.
         backend (str, optional): force an implementation (see ``crossent.backends``);
@@ -205,4 +205,4 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 
 for _cls in (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss):
-    _cls.__doc__ = _cls.__doc__.replace("{shared}", _SHARED_KWARGS.strip() + "\n")
+    _cls.__doc__ = _cls.__doc__.replace("{shared}", "\n    " + _SHARED_KWARGS.strip() + "\n")
