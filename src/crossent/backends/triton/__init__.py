@@ -7,7 +7,7 @@ this package only supplies the three forward kernels (:mod:`.kernels`). float64 
 use the chunked torch-ops path (the Triton kernels compute in float32).
 
 Registered for CUDA devices only. In CI the kernels run on CPU tensors through the Triton
-interpreter (``TRITON_INTERPRET=1``, see ``tests/test_triton.py``). ``triton`` is imported
+interpreter (``TRITON_INTERPRET=1``, see ``tests/backends/test_triton.py``). ``triton`` is imported
 only when a kernel is first used.
 """
 

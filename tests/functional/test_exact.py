@@ -1,5 +1,5 @@
 """Exactness: float64 references written from the math, gradcheck/gradgradcheck, and
-mpmath at the extremes (ulp bounds from the one table in conftest.ULP; the measuring
+mpmath at the extremes (ulp bounds from the one table in _helpers.ULP; the measuring
 code and the definition of the condition-aware gradient scale are in tests/extremes.py).
 """
 
@@ -15,7 +15,9 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import crossent.functional as CF
 import extremes as X
-from conftest import TOL, ULP, assert_close, class_indices, class_probabilities, gen, logits, probabilities, soft_targets
+from _helpers import TOL, ULP, assert_close, class_indices, class_probabilities, gen, logits, probabilities, soft_targets
+
+pytestmark = pytest.mark.usefixtures("backend")   # every CPU backend (tests/conftest.py)
 
 
 # --------------------------------------------------------------------------- math references
@@ -369,7 +371,3 @@ def test_low_precision_no_worse_than_torch(dtype, loss):
     step = torch.finfo(dtype).eps * truth.abs()
     assert ((ours - truth).abs() <= (theirs - truth).abs() + step).all()
 
-
-def test_tolerance_table_is_the_one_used():
-    """Guard against ad-hoc tolerances: the table covers every dtype the suite runs."""
-    assert set(TOL) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}

@@ -16,7 +16,7 @@ import torch.nn.functional as TF
 import crossent
 from crossent.backends import ops
 
-from conftest import assert_close
+from _helpers import assert_close
 
 torch._dynamo.config.cache_size_limit = 64
 
@@ -110,7 +110,7 @@ def test_compiled_gpt_with_a_warm_inductor_cache(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parent / "scripts" / "compiled_gpt.py"
+    script = Path(__file__).parents[1] / "scripts" / "compiled_gpt.py"
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     runs = []
     for extra in (["--checks"], []):

@@ -13,13 +13,6 @@ from crossent import CrossentTypeError, CrossentValueError, CrossentWarning
 from crossent import _validation as V
 
 
-@pytest.fixture(autouse=True)
-def _fresh_warning_registry():
-    V.reset_warnings()
-    yield
-    V.reset_warnings()
-
-
 def logits(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 

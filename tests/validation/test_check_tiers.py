@@ -14,14 +14,6 @@ from crossent import CrossentTypeError, CrossentValueError, CrossentWarning
 from crossent import _validation as V
 
 
-@pytest.fixture(autouse=True)
-def _fresh_warning_registry(monkeypatch):
-    monkeypatch.delenv("CROSSENT_VALIDATE", raising=False)
-    V.reset_warnings()
-    yield
-    V.reset_warnings()
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

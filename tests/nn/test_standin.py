@@ -14,7 +14,7 @@ import torch
 import crossent
 import crossent.functional as CF
 import crossent.nn as CNN
-from conftest import TOL
+from _helpers import TOL
 
 CROSSENT_LOSSES = {"binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy",
                    "linear_cross_entropy", "linear_binary_cross_entropy_with_logits", "LossParts"}

@@ -17,22 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crossent
+from _helpers import ALL_BACKENDS, TOL
 from crossent.backends import BackendUnavailableError, chunked, chunked_cpp, dispatch, reference
 
-BACKENDS = ["reference", "chunked", "chunked-torch"]
-TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    """The backend name to pass; 'chunked-torch' disables the compiled kernel."""
-    if request.param == "chunked-torch":
-        monkeypatch.setattr(chunked, "_cpp", lambda: None)
-        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 64)  # many chunks even on small shapes
-        return "chunked"
-    if request.param == "chunked" and chunked_cpp.get() is None:
-        pytest.skip(f"compiled CPU kernel unavailable: {chunked_cpp.disabled_reason()}")
-    return request.param
+# Tests that take ``backend`` run on every CPU backend (tests/conftest.py); those marked
+# ``all_backends`` on Triton's interpreter too (small shapes: the interpreter is slow).
+def all_backends(test):
+    # numpy, running the Triton interpreter, evaluates both sides of tl.where
+    return pytest.mark.backends(*ALL_BACKENDS)(pytest.mark.filterwarnings("ignore::RuntimeWarning")(test))
 
 
 def _grad(loss, *xs):
@@ -46,6 +38,7 @@ def _close(a, b, dtype=torch.float32, **kw):
 
 
 # --------------------------------------------------------------- BCE with logits
+@all_backends
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(), (7,), (33, 5), (4, 3, 9)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -90,6 +83,7 @@ def _bce_logits_f64(x, t, pw=1.0):
     return torch.tensor(out, dtype=torch.float64)
 
 
+@all_backends
 def test_bce_logits_extremes_are_exact_and_finite(backend):
     x = torch.tensor([-math.inf, -1e9, -100.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 100.0, 1e9, math.inf])
     for tv in (0.0, 1.0, 0.25):
@@ -111,6 +105,7 @@ def test_bce_logits_extremes_are_exact_and_finite(backend):
     assert loss.item() == pytest.approx(math.log1p(math.exp(-20.0)), rel=1e-6)
 
 
+@all_backends
 def test_bce_logits_label_smoothing_ignore_index_against_math(backend):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(40, 6, generator=g) * 3).double().requires_grad_()
@@ -129,6 +124,7 @@ def test_bce_logits_label_smoothing_ignore_index_against_math(backend):
 
 
 # --------------------------------------------------------------- BCE on probabilities
+@all_backends
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_bce_probs_matches_torch(backend, reduction):
     g = torch.Generator().manual_seed(2)
@@ -161,6 +157,7 @@ def test_ce_index_targets_match_torch(backend, C, reduction):
         _close(_grad(ours.sum(), x)[0], _grad(ref.sum(), x)[0])
 
 
+@all_backends
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ce_probability_targets_and_kdim_match_torch(backend, dtype):
     g = torch.Generator().manual_seed(3)
@@ -176,6 +173,7 @@ def test_ce_probability_targets_and_kdim_match_torch(backend, dtype):
             _close(_grad(ours, x)[0], _grad(ref, x)[0], dtype)
 
 
+@all_backends
 def test_ce_wide_margin_keeps_tiny_loss_and_gradient(backend):
     x = torch.tensor([[20.0, 0.0, 0.0], [30.0, -5.0, 1.0]], requires_grad=True)
     y = torch.tensor([0, 0])
@@ -189,6 +187,7 @@ def test_ce_wide_margin_keeps_tiny_loss_and_gradient(backend):
     torch.testing.assert_close(grad[:, 0].double(), -s / (1 + s), rtol=1e-5, atol=0)
 
 
+@all_backends
 def test_ce_infinite_logits_give_finite_limits(backend):
     x = torch.tensor([[math.inf, 0.0, 1.0], [math.inf, math.inf, 0.0], [-math.inf, 0.0, 2.0],
                       [-math.inf, -math.inf, -math.inf]], requires_grad=True)
@@ -216,6 +215,7 @@ def test_ce_many_classes_accumulate_accurately(backend):
 
 
 # ------------------------------------------------------- autograd: orders, inputs, reuse
+@all_backends
 def test_double_backward_matches_torch(backend):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -233,6 +233,7 @@ def test_double_backward_matches_torch(backend):
         _close(h1, h2, torch.float64)
 
 
+@all_backends
 def test_target_and_weight_gradients_match_torch(backend):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -254,6 +255,7 @@ def test_target_and_weight_gradients_match_torch(backend):
         _close(a, b, torch.float64)
 
 
+@all_backends
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_backward_twice_with_retain_graph_gives_the_same_gradient(backend, dtype, reduction):
@@ -298,6 +300,7 @@ def test_low_precision_no_worse_than_torch(backend, dtype):
     assert abs(b.double() - truth) <= abs(truth) * 2 ** -7
 
 
+@all_backends
 def test_return_parts_total_equals_sum_of_elements(backend):
     g = torch.Generator().manual_seed(9)
     x = torch.randn(30, 7, generator=g)

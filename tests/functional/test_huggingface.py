@@ -17,7 +17,7 @@ transformers = pytest.importorskip(
 
 import crossent  # noqa: E402
 import crossent.functional._multiclass as _multiclass  # noqa: E402
-from conftest import TOL  # noqa: E402
+from _helpers import TOL  # noqa: E402
 from crossent.integrations import huggingface as hf  # noqa: E402
 
 V = 1000
@@ -183,12 +183,12 @@ def _memory_child():
     print(json.dumps({k: _measure_cpu(step) / 2 ** 20 for k, step in steps.items()}))
 
 
-@pytest.mark.skipif(os.environ.get("CROSSENT_SLOW_TESTS") != "1",
-                    reason="about a minute on 2 cores: set CROSSENT_SLOW_TESTS=1")
+@pytest.mark.slow   # about a minute on 2 cores
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_fused_head_memory():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # for _helpers
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, __file__, "memory"], capture_output=True, text=True,
                          env=env, timeout=900, check=True)
     mib = json.loads(out.stdout.strip().splitlines()[-1])

@@ -2,12 +2,12 @@
 
 ``TRITON_INTERPRET=1`` (set here, before the kernels are first imported) executes the
 kernels with numpy on CPU tensors: no GPU is needed. The Triton backend is registered for
-CUDA only, so each test lets it accept CPU tensors (a monkeypatch of its availability
-check). Class tiles are made small (``CE_BLOCK_C_MAX = 16``) so rows span several tiles
-and the online max / sum rescaling is exercised.
+CUDA only, so the ``backend`` fixture lets it accept CPU tensors and makes class tiles
+small (``CE_BLOCK_C_MAX = 16``) so rows span several tiles and the online max / sum
+rescaling is exercised.
 
-The parity tests are those of ``test_backends.py``, imported so that they run here with the
-``backend`` fixture below.
+The backend parity tests of ``test_backends.py`` marked with every backend run on Triton
+too (the ``backend`` fixture of ``tests/conftest.py``); these are Triton's own.
 """
 
 from __future__ import annotations
@@ -25,22 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import crossent  # noqa: E402
-from crossent.backends import _registry  # noqa: E402
 from crossent.backends import triton as triton_backend  # noqa: E402
-
-from test_backends import (  # noqa: E402,F401  (collected here with this module's fixture)
-    test_bce_logits_extremes_are_exact_and_finite,
-    test_bce_logits_label_smoothing_ignore_index_against_math,
-    test_bce_logits_matches_torch,
-    test_bce_probs_matches_torch,
-    test_ce_infinite_logits_give_finite_limits,
-    test_ce_probability_targets_and_kdim_match_torch,
-    test_ce_wide_margin_keeps_tiny_loss_and_gradient,
-    test_double_backward_matches_torch,
-    test_return_parts_total_equals_sum_of_elements,
-    test_target_and_weight_gradients_match_torch,
-    test_backward_twice_with_retain_graph_gives_the_same_gradient,
-)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy evaluates both sides of tl.where
 
@@ -49,11 +34,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
                 allow_module_level=True)
 
 
-@pytest.fixture
-def backend(monkeypatch):
-    monkeypatch.setattr(_registry._BACKENDS["triton"], "unavailable", lambda device: None)
-    monkeypatch.setattr(triton_backend, "CE_BLOCK_C_MAX", 16)
-    return "triton"
+BACKENDS = ("triton",)   # the `backend` fixture of tests/conftest.py, Triton only
 
 
 # The interpreter runs every program in Python: smaller shapes than test_backends.py.

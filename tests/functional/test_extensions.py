@@ -12,7 +12,9 @@ import torch.nn.functional as TF
 import crossent
 import crossent.functional as CF
 import crossent.nn as CN
-from conftest import assert_close, gen, logits, probabilities, soft_targets
+from _helpers import assert_close, gen, logits, probabilities, soft_targets
+
+pytestmark = pytest.mark.usefixtures("backend")   # every CPU backend (tests/conftest.py)
 
 
 def test_bce_targets_may_be_bool_or_integer():

@@ -1,8 +1,8 @@
 """The classic loss mistakes, one test per case (messages asserted by regex).
 
-Case 17 (a meter fed a loss that still requires grad) belongs to ``crossent.tracking``;
+A meter fed a loss that still requires grad belongs to ``crossent.tracking``;
 its warning uses the same :func:`crossent._validation.warn_once`, tested in
-``test_guardrails_tiers.py``.
+``test_check_tiers.py``.
 """
 
 import re
@@ -14,14 +14,6 @@ import torch.nn.functional as TF
 import crossent.functional as F
 import crossent.nn as cnn
 from crossent import CrossentIndexError, CrossentTypeError, CrossentValueError, CrossentWarning
-from crossent import _validation as V
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warning_registry():
-    V.reset_warnings()
-    yield
-    V.reset_warnings()
 
 
 def _gen(seed=0):
@@ -32,12 +24,11 @@ def logits(*shape, seed=0):
     return torch.randn(*shape, generator=_gen(seed))
 
 
-# --------------------------------------------------------------------------- case 1
 @pytest.mark.parametrize("call", [
     lambda x, t: F.binary_cross_entropy(x, t),
     lambda x, t: cnn.BCELoss()(x, t),
 ], ids=["functional", "module"])
-def test_case01_logits_fed_to_bce_raise_with_min_max(call):
+def test_logits_fed_to_bce_raise_with_min_max(call):
     x = torch.tensor([0.2, -1.5, 3.0, 0.7])
     t = torch.tensor([1.0, 0.0, 1.0, 0.0])
     with pytest.raises(CrossentValueError,
@@ -46,8 +37,7 @@ def test_case01_logits_fed_to_bce_raise_with_min_max(call):
         call(x, t)
 
 
-# --------------------------------------------------------------------------- case 2
-def test_case02_sigmoid_before_bce_with_logits_warns_on_a_big_batch():
+def test_sigmoid_before_bce_with_logits_warns_on_a_big_batch():
     x = torch.sigmoid(logits(64))
     t = (logits(64, seed=1) > 0).float()
     with pytest.warns(CrossentWarning, match=r"all 64 inputs lie in \[.*looks like probabilities.*"
@@ -57,14 +47,14 @@ def test_case02_sigmoid_before_bce_with_logits_warns_on_a_big_batch():
         cnn.BCEWithLogitsLoss()(x, t)
 
 
-def test_case02_sigmoid_output_detected_from_autograd_history_at_any_size():
+def test_sigmoid_output_detected_from_autograd_history_at_any_size():
     raw = torch.tensor([0.2, -1.5, 3.0, 0.7], requires_grad=True)
     t = torch.tensor([1.0, 0.0, 1.0, 0.0])
     with pytest.warns(CrossentWarning, match=r"straight out of torch\.sigmoid .*SigmoidBackward0"):
         cnn.BCEWithLogitsLoss()(torch.sigmoid(raw), t)
 
 
-def test_case02_tutorial_pitfall_value_and_why_four_values_do_not_warn():
+def test_tutorial_pitfall_value_and_why_four_values_do_not_warn():
     """The tutorial expected an error; torch silently returns ~0.663 (verified here).
 
     crossent gives the same (well-defined) number and, on these 4 values without autograd
@@ -80,12 +70,11 @@ def test_case02_tutorial_pitfall_value_and_why_four_values_do_not_warn():
     assert abs(ours - torch_value) < 1e-6
 
 
-def test_case02_zero_logits_of_a_zero_initialised_head_do_not_warn():
+def test_zero_logits_of_a_zero_initialised_head_do_not_warn():
     F.binary_cross_entropy_with_logits(torch.zeros(64), torch.ones(64))
 
 
-# --------------------------------------------------------------------------- case 3
-def test_case03_softmax_before_cross_entropy_warns():
+def test_softmax_before_cross_entropy_warns():
     x = logits(16, 5).softmax(1)
     y = torch.arange(16) % 5
     with pytest.warns(CrossentWarning, match=r"non-negative and sum to 1, which looks like softmax "
@@ -93,7 +82,7 @@ def test_case03_softmax_before_cross_entropy_warns():
         F.cross_entropy(x, y)
 
 
-def test_case03_log_softmax_before_cross_entropy_warns():
+def test_log_softmax_before_cross_entropy_warns():
     x = logits(16, 5).log_softmax(1)
     y = torch.arange(16) % 5
     with pytest.warns(CrossentWarning, match=r"logsumexp 0, which looks like log_softmax output\. "
@@ -101,7 +90,7 @@ def test_case03_log_softmax_before_cross_entropy_warns():
         cnn.CrossEntropyLoss()(x, y)
 
 
-def test_case03_softmax_detected_from_autograd_history_at_any_size():
+def test_softmax_detected_from_autograd_history_at_any_size():
     x = logits(2, 3).requires_grad_()
     with pytest.warns(CrossentWarning, match=r"straight out of softmax .*pass the raw logits"):
         F.cross_entropy(x.softmax(1), torch.tensor([0, 2]))
@@ -109,18 +98,17 @@ def test_case03_softmax_detected_from_autograd_history_at_any_size():
         F.cross_entropy(torch.log_softmax(x, 1), torch.tensor([0, 2]))
 
 
-def test_case03_softmax_on_k_dim_input_warns():
+def test_softmax_on_k_dim_input_warns():
     x = logits(2, 4, 8, 8).softmax(1)
     with pytest.warns(CrossentWarning, match=r"looks like softmax"):
         F.cross_entropy(x, torch.zeros(2, 8, 8, dtype=torch.long))
 
 
-# --------------------------------------------------------------------------- case 4
 @pytest.mark.parametrize("call", [
     lambda x, y: F.cross_entropy(x, y),
     lambda x, y: cnn.CrossEntropyLoss()(x, y),
 ], ids=["functional", "module"])
-def test_case04_class_index_too_large_shows_value_position_C_range_and_hints(call):
+def test_class_index_too_large_shows_value_position_C_range_and_hints(call):
     x = logits(6, 5)
     y = torch.tensor([1, 2, 3, 4, 5, 1])  # labels 1..5 for C = 5
     with pytest.raises(CrossentIndexError,
@@ -130,7 +118,7 @@ def test_case04_class_index_too_large_shows_value_position_C_range_and_hints(cal
         call(x, y)
 
 
-def test_case04_negative_class_index_names_ignore_index():
+def test_negative_class_index_names_ignore_index():
     x = logits(2, 5, 3)
     y = torch.tensor([[0, 1, 2], [3, -7, 1]])
     with pytest.raises(CrossentIndexError,
@@ -139,20 +127,19 @@ def test_case04_negative_class_index_names_ignore_index():
         F.cross_entropy(x, y)
 
 
-def test_case04_index_error_is_an_index_error_and_a_value_error():
+def test_index_error_is_an_index_error_and_a_value_error():
     with pytest.raises(IndexError):
         F.cross_entropy(logits(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ValueError):
         F.cross_entropy(logits(2, 3), torch.tensor([0, 3]))
 
 
-def test_case04_labels_beyond_C_with_zero_say_how_many_outputs_are_needed():
+def test_labels_beyond_C_with_zero_say_how_many_outputs_are_needed():
     with pytest.raises(CrossentIndexError, match=r"got 7 .*needs at least 8 outputs \(it has 5\)"):
         F.cross_entropy(logits(3, 5), torch.tensor([0, 7, 2]))
 
 
-# --------------------------------------------------------------------------- case 5
-def test_case05_minus_one_padding_with_default_ignore_index_suggests_minus_one():
+def test_minus_one_padding_with_default_ignore_index_suggests_minus_one():
     x = logits(4, 5)
     y = torch.tensor([0, 3, -1, -1])
     with pytest.raises(CrossentIndexError,
@@ -165,8 +152,7 @@ def test_case05_minus_one_padding_with_default_ignore_index_suggests_minus_one()
     torch.testing.assert_close(ours, ref)
 
 
-# --------------------------------------------------------------------------- case 6
-def test_case06_float_class_ids_need_long():
+def test_float_class_ids_need_long():
     with pytest.raises(CrossentTypeError,
                        match=r"expected integer class indices.*but got dtype torch\.float32\. "
                              r"Class indices must be integers: use `target\.long\(\)`\. "
@@ -174,8 +160,7 @@ def test_case06_float_class_ids_need_long():
         F.cross_entropy(logits(4, 3), torch.tensor([0.0, 2.0, 1.0, 1.0]))
 
 
-# --------------------------------------------------------------------------- case 7
-def test_case07_one_hot_integer_targets_suggest_argmax_or_float():
+def test_one_hot_integer_targets_suggest_argmax_or_float():
     y = TF.one_hot(torch.tensor([0, 2, 1, 1]), 3)
     with pytest.raises(CrossentValueError,
                        match=r"but got an integer target of shape \(4, 3\).*looks one-hot.*"
@@ -183,15 +168,13 @@ def test_case07_one_hot_integer_targets_suggest_argmax_or_float():
         cnn.CrossEntropyLoss()(logits(4, 3), y)
 
 
-# --------------------------------------------------------------------------- case 8
-def test_case08_n_by_1_targets_suggest_squeeze():
+def test_n_by_1_targets_suggest_squeeze():
     with pytest.raises(CrossentValueError,
                        match=r"but got target of shape \(4, 1\)\..*`target\.squeeze\(1\)`"):
         F.cross_entropy(logits(4, 3), torch.tensor([[0], [2], [1], [1]]))
 
 
-# --------------------------------------------------------------------------- case 9
-def test_case09_sequence_logits_btv_suggest_transpose():
+def test_sequence_logits_btv_suggest_transpose():
     x = logits(2, 7, 11)  # (B, T, V)
     y = torch.randint(0, 11, (2, 7), generator=_gen(1))
     with pytest.raises(CrossentValueError,
@@ -203,9 +186,8 @@ def test_case09_sequence_logits_btv_suggest_transpose():
                                TF.cross_entropy(x.transpose(1, 2), y))
 
 
-# --------------------------------------------------------------------------- case 10
 @pytest.mark.parametrize("loss", ["bce", "bce_logits"])
-def test_case10_n_by_1_input_with_n_target_no_broadcasting(loss):
+def test_n_by_1_input_with_n_target_no_broadcasting(loss):
     x = torch.rand(4, 1, generator=_gen()) if loss == "bce" else logits(4, 1)
     f = F.binary_cross_entropy if loss == "bce" else F.binary_cross_entropy_with_logits
     with pytest.raises(CrossentValueError,
@@ -218,9 +200,8 @@ def test_case10_n_by_1_input_with_n_target_no_broadcasting(loss):
         f(x.squeeze(1), torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
 
 
-# --------------------------------------------------------------------------- case 11
 @pytest.mark.parametrize("loss", ["bce", "bce_logits"])
-def test_case11_bce_targets_outside_0_1_raise(loss):
+def test_bce_targets_outside_0_1_raise(loss):
     x = torch.tensor([0.9, 0.2]) if loss == "bce" else torch.tensor([3.0, -1.0])
     f = F.binary_cross_entropy if loss == "bce" else F.binary_cross_entropy_with_logits
     with pytest.raises(CrossentValueError,
@@ -229,12 +210,12 @@ def test_case11_bce_targets_outside_0_1_raise(loss):
         f(x, torch.tensor([2.0, 0.0]))
 
 
-def test_case11_torch_returns_a_negative_loss_for_target_2():
+def test_torch_returns_a_negative_loss_for_target_2():
     # what crossent protects against: torch's BCEWithLogitsLoss silently goes negative
     assert torch.nn.BCEWithLogitsLoss()(torch.tensor([3.0]), torch.tensor([2.0])).item() < 0
 
 
-def test_case11_minus_one_target_suggests_ignore_index_and_it_works():
+def test_minus_one_target_suggests_ignore_index_and_it_works():
     x, t = logits(4), torch.tensor([1.0, -1.0, 0.0, 1.0])
     with pytest.raises(CrossentValueError, match=r"got -1 at position \(1,\).*pass ignore_index=-1"):
         cnn.BCEWithLogitsLoss()(x, t)
@@ -243,8 +224,7 @@ def test_case11_minus_one_target_suggests_ignore_index_and_it_works():
                                TF.binary_cross_entropy_with_logits(x[kept], t[kept]))
 
 
-# --------------------------------------------------------------------------- case 12
-def test_case12_negative_probability_target_shows_first_bad_row():
+def test_negative_probability_target_shows_first_bad_row():
     q = torch.tensor([[0.5, 0.5, 0.0], [1.2, -0.2, 0.0], [0.0, -1.0, 2.0]])
     with pytest.raises(CrossentValueError,
                        match=r"expected class-probability targets with non-negative entries, but got "
@@ -252,7 +232,7 @@ def test_case12_negative_probability_target_shows_first_bad_row():
         F.cross_entropy(logits(3, 3), q)
 
 
-def test_case12_rows_not_summing_to_one_warn_once_showing_row_and_sum():
+def test_rows_not_summing_to_one_warn_once_showing_row_and_sum():
     q = torch.tensor([[0.5, 0.5, 0.0], [1.0, 1.0, 0.0]])  # multi-hot second row
     with pytest.warns(CrossentWarning,
                       match=r"rows should sum to 1, but row 1 = \[1, 1, 0\] sums to 2\. .*"
@@ -261,16 +241,15 @@ def test_case12_rows_not_summing_to_one_warn_once_showing_row_and_sum():
     torch.testing.assert_close(out, TF.cross_entropy(logits(2, 3), q))  # legal: torch's value
 
 
-def test_case12_k_dim_probability_rows_are_along_dim_1():
+def test_k_dim_probability_rows_are_along_dim_1():
     q = logits(2, 3, 4).softmax(1)
     q[1, :, 2] = torch.tensor([0.1, 0.1, 0.1])
     with pytest.warns(CrossentWarning, match=r"row 6 = \[0\.1, 0\.1, 0\.1\] sums to 0\.3"):
         F.cross_entropy(logits(2, 3, 4), q)
 
 
-# --------------------------------------------------------------------------- case 13
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
-def test_case13_label_smoothing_out_of_range_fails_at_construction_and_call(value):
+def test_label_smoothing_out_of_range_fails_at_construction_and_call(value):
     pattern = r"expected `label_smoothing` in \[0, 1\], but got " + re.escape(repr(value))
     with pytest.raises(CrossentValueError, match=r"CrossEntropyLoss: " + pattern):
         cnn.CrossEntropyLoss(label_smoothing=value)
@@ -280,38 +259,36 @@ def test_case13_label_smoothing_out_of_range_fails_at_construction_and_call(valu
         F.cross_entropy(logits(2, 3), torch.tensor([0, 1]), label_smoothing=value)
 
 
-def test_case13_torch_ignores_negative_label_smoothing():
+def test_torch_ignores_negative_label_smoothing():
     x, y = logits(4, 3), torch.tensor([0, 1, 2, 1])
     assert TF.cross_entropy(x, y, label_smoothing=-0.1).item() == TF.cross_entropy(x, y).item()
 
 
-# --------------------------------------------------------------------------- case 14
-def test_case14_class_weight_of_wrong_length_gives_C_and_working_shape():
+def test_class_weight_of_wrong_length_gives_C_and_working_shape():
     with pytest.raises(CrossentValueError,
                        match=r"expected `weight` of shape \(5,\), one number per class \(C=5\), but "
                              r"got shape \(4,\)\. .*weight=torch\.ones\(5\)"):
         cnn.CrossEntropyLoss(weight=torch.ones(4))(logits(2, 5), torch.tensor([0, 1]))
 
 
-def test_case14_class_weight_of_wrong_rank_fails_at_construction():
+def test_class_weight_of_wrong_rank_fails_at_construction():
     with pytest.raises(CrossentValueError, match=r"CrossEntropyLoss: expected `weight` of shape \(C,\)"
                                                  r".*but got shape \(1, 5\)"):
         cnn.CrossEntropyLoss(weight=torch.ones(1, 5))
 
 
-def test_case14_bce_weight_not_broadcastable():
+def test_bce_weight_not_broadcastable():
     with pytest.raises(CrossentValueError, match=r"`weight` broadcastable to the input's shape \(4, 3\)"
                                                  r", but got shape \(4,\)"):
         F.binary_cross_entropy_with_logits(logits(4, 3), torch.rand(4, 3), weight=torch.ones(4))
 
 
-# --------------------------------------------------------------------------- case 15
 @pytest.mark.parametrize("reduction, hint", [
     ("avg", r"Use reduction='mean'"),
     ("MEAN", r"lower case: use reduction='mean'"),
     (None, r"reduction='none' \(the string\)"),
 ])
-def test_case15_unknown_reduction_lists_the_valid_ones(reduction, hint):
+def test_unknown_reduction_lists_the_valid_ones(reduction, hint):
     pattern = (r"expected `reduction` to be one of 'none', 'mean', 'sum', but got "
                + re.escape(repr(reduction)) + r"\..*" + hint)
     for cls in (cnn.BCELoss, cnn.BCEWithLogitsLoss, cnn.CrossEntropyLoss):
@@ -321,8 +298,7 @@ def test_case15_unknown_reduction_lists_the_valid_ones(reduction, hint):
         F.cross_entropy(logits(2, 3), torch.tensor([0, 1]), reduction=reduction)
 
 
-# --------------------------------------------------------------------------- case 16
-def test_case16_weight_on_another_device_names_tensor_and_devices():
+def test_weight_on_another_device_names_tensor_and_devices():
     w = torch.ones(3, device="meta")
     with pytest.raises(CrossentValueError,
                        match=r"expected `weight` on the same device as `input` \(cpu\), but got "
@@ -335,7 +311,7 @@ def test_case16_weight_on_another_device_names_tensor_and_devices():
         F.binary_cross_entropy(torch.rand(2, 3), torch.rand(2, 3, device="meta"))
 
 
-def test_case16_float64_weight_on_float32_input_is_handled():
+def test_float64_weight_on_float32_input_is_handled():
     x, y = logits(4, 3), torch.tensor([0, 1, 2, 1])
     w = torch.tensor([1.0, 2.0, 0.5])
     ours = F.cross_entropy(x, y, weight=w.double())  # torch raises a dtype error here

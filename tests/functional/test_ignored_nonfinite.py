@@ -8,11 +8,11 @@ NaN gradient row for an ignored NaN row (which then poisons the layer below); cr
 does better, so the expectation is torch on the *sanitised* input, not torch on the raw one.
 
 Backends: ``reference``, ``chunked`` (the compiled C kernel), ``chunked-torch`` and
-``triton`` through its interpreter on CPU (as in ``test_triton.py``; skipped without
+``triton`` through its interpreter on CPU (as in ``tests/backends/test_triton.py``; skipped without
 triton). The fused linear ops are covered with NaN/inf in the hidden rows (and, for BCE,
 weight rows) whose targets are all ignored. A hypothesis fuzz compares every CPU backend
 with torch on random shapes and options: a fast profile by default, a long one behind the
-``slow`` marker (``pytest -m slow tests/test_ignored_nonfinite.py``).
+``slow`` marker (``pytest -m slow tests/functional/test_ignored_nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 import crossent  # noqa: E402
 from crossent.backends import _registry, chunked, chunked_cpp  # noqa: E402
 
-from conftest import TOL, assert_close  # noqa: E402
+from _helpers import TOL, assert_close  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
 BAD = {"nan": NAN, "+inf": INF, "-inf": -INF}

@@ -8,12 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crossent.functional as CF
-from conftest import assert_close
+from _helpers import assert_close
 
 # Identities between values: generated cases may ignore every target (mean = nan, as in
-# torch) or have C == d1 in (N, C, d1); those warnings are tested in test_guardrails_extra.py.
+# torch) or have C == d1 in (N, C, d1); those warnings are tested in tests/validation/test_input_checks.py.
 pytestmark = [pytest.mark.filterwarnings("ignore:.*targets equal ignore_index:crossent.CrossentWarning"),
-              pytest.mark.filterwarnings("ignore:.*class dimension is ambiguous:crossent.CrossentWarning")]
+              pytest.mark.filterwarnings("ignore:.*class dimension is ambiguous:crossent.CrossentWarning"),
+              pytest.mark.usefixtures("backend")]   # every CPU backend (tests/conftest.py)
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
