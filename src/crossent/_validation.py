@@ -15,6 +15,7 @@ from typing import List, NoReturn, Optional, Sequence, Union
 import torch
 
 from . import _config
+from ._dtypes import compute_dtype
 from .errors import CrossentIndexError
 from .errors import CrossentTypeError
 from .errors import CrossentValueError
@@ -46,7 +47,6 @@ _ROWS_TO_INSPECT = 64
 _PROBABILITY_NODES = {"SigmoidBackward0": "torch.sigmoid"}
 _SOFTMAX_NODES = {"SoftmaxBackward0": "softmax", "LogSoftmaxBackward0": "log_softmax"}
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -240,6 +240,21 @@ def as_weight_tensor(func: str, name: str, value, like: Optional[torch.Tensor] =
     except (TypeError, ValueError, RuntimeError):
         fail(func, f"`{name}` to be a tensor, a number or a sequence of numbers",
              f"{type(value).__name__}", f"Pass `{name}` as torch.tensor([...]).", CrossentTypeError)
+
+
+def check_broadcastable(func: str, name: str, value: Optional[torch.Tensor], shape, what: str,
+                        fix: str) -> None:
+    """``value`` (a weight) must broadcast to ``shape`` without growing it; ``what`` names
+    the shape for the message ("the input's shape"). The one broadcast rule of every
+    per-element weight (``weight`` and ``pos_weight`` of the BCE losses, also fused)."""
+    if value is None:
+        return
+    try:
+        ok = torch.broadcast_shapes(value.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        fail(func, f"`{name}` broadcastable to {what} {shape_str(shape)}", f"shape {shape_str(value.shape)}", fix)
 
 
 def check_weight_values_nonnegative(func: str, name: str, value: Optional[torch.Tensor]) -> None:
@@ -664,8 +679,7 @@ def _softmax_stats(input: torch.Tensor, class_dim: int):
     # row): with a 32000-word vocabulary two rows already cannot be raw logits by chance.
     rows = max(1, min(_ROWS_TO_INSPECT, _ELEMENTS_TO_INSPECT // max(C, 1)))
     xs = _sample_rows(input.detach(), class_dim, rows)
-    if xs.dtype in _LOW_PRECISION:
-        xs = xs.float()
+    xs = xs.to(compute_dtype(xs.dtype))
     xmin, xmax = torch.aminmax(xs)
     if _on_host(xs):
         # CPU: read the range first (no sync to save). Entries of both signs (the usual

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from . import _validation as V
+from ._dtypes import compute_dtype
 
 __all__ = [
     "binary_probabilities",
@@ -181,8 +182,7 @@ def multiclass_probabilities(logits: torch.Tensor, dim: Optional[int] = None) ->
     func = "multiclass_probabilities"
     _check_logits(func, logits)
     d = _class_dim(func, logits, dim)
-    return torch.softmax(logits, dim=d, dtype=torch.float32 if logits.dtype in (torch.float16, torch.bfloat16)
-                         else logits.dtype).to(logits.dtype)
+    return torch.softmax(logits, dim=d, dtype=compute_dtype(logits.dtype)).to(logits.dtype)
 
 
 def multiclass_predictions(logits: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:

@@ -17,7 +17,6 @@ with torch on random shapes and options: a fast profile by default, a long one b
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -29,19 +28,14 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import crossent  # noqa: E402
-from crossent.backends import _registry, chunked, chunked_cpp  # noqa: E402
+from crossent.backends import chunked, chunked_cpp  # noqa: E402
 
-from _helpers import TOL, assert_close  # noqa: E402
+from _helpers import ALL_BACKENDS, CPU_BACKENDS, TOL, assert_close  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
 BAD = {"nan": NAN, "+inf": INF, "-inf": -INF}
 REDUCTIONS = ("none", "mean", "sum")
-HAS_TRITON = (importlib.util.find_spec("triton") is not None
-              and os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = ["reference", "chunked", "chunked-torch",
-            pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason=(
-                "triton is not installed, or TRITON_INTERPRET is not 1 (these tests need the interpreter)")))]
-CPU_BACKENDS = ("reference", "chunked", "chunked-torch")
+BACKENDS = ALL_BACKENDS   # the `backend` fixture of tests/conftest.py: Triton (interpreter) included
 
 pytestmark = [
     # The interpreter evaluates both sides of tl.where with numpy (inf * 0 and inf - inf warn).
@@ -53,21 +47,19 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    """The backend name to pass; Triton accepts CPU tensors (interpreter) with tiny tiles."""
-    name = request.param
-    if name == "chunked" and chunked_cpp.get() is None:
-        pytest.skip(f"compiled CPU kernel unavailable: {chunked_cpp.disabled_reason()}")
+@pytest.fixture(autouse=True)
+def _small_blocks(request, monkeypatch):
+    """Chunks of 16 elements (chunked-torch) and 4-class tiles (Triton's fused linear
+    kernels), so that even these small inputs span many blocks."""
+    if "backend" not in request.fixturenames:
+        return
+    name = request.getfixturevalue("backend")
     if name == "chunked-torch":
-        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 16)   # many chunks even on small shapes
+        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 16)
     if name == "triton":
-        from crossent.backends import triton as triton_backend
         from crossent.backends.triton import linear as triton_linear
-        monkeypatch.setattr(_registry._BACKENDS["triton"], "unavailable", lambda device: None)
-        monkeypatch.setattr(triton_backend, "CE_BLOCK_C_MAX", 16)
+
         monkeypatch.setattr(triton_linear, "BLOCK_C_MAX", 4)
-    return name
 
 
 def _leaf(t):

@@ -274,8 +274,7 @@ def test_rebind_names_bound_at_import(calls):
         del sys.modules[lib.__name__]
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "chunked-torch"])
-def test_no_recursion_through_patched_torch(backend):
+def test_no_recursion_through_patched_torch(backend):   # every CPU backend (tests/conftest.py)
     """crossent's implementations never call the three patched torch functions."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, 3, generator=g, requires_grad=True)

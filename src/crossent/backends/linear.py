@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .. import _config
+from .._dtypes import is_low_precision
 from .. import _capture
 from . import reference
 from ._registry import Backend, _BACKENDS, register
@@ -72,7 +73,7 @@ def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[
     """
     budget = default_budget() if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
-    low = dtype in (torch.float16, torch.bfloat16)
+    low = is_low_precision(dtype)
     per_logit = buffers * esize
     per_class_extra = 2 * H * 4 if low else 0
     logit_budget = budget
@@ -157,10 +158,6 @@ class CETarget:
         return R
 
 
-def _zero_times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return reference._times(coef, value)
-
-
 def _neg_dot(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """sum_j a_j (-z_j) per row with 0 * inf = 0 (a: (Cc,) or (R, Cc); z <= 0).
 
@@ -169,7 +166,7 @@ def _neg_dot(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """
     out = -(z @ a) if a.dim() == 1 else -(a * z).sum(1)
     if bool(torch.isnan(out).any()):
-        out = _zero_times(a.expand_as(z), -z).sum(1)
+        out = reference._times(a.expand_as(z), -z).sum(1)
     return out
 
 
@@ -225,7 +222,7 @@ class _RowStats:
         s_new = torch.where(first, sb, s_new)
         d_old = torch.where(m == M, zero, M - m)
         d_new = torch.where(mb == M, zero, M - mb)
-        t_new = torch.where(first, tb, t + _zero_times(w, d_old) + tb + _zero_times(wb, d_new))
+        t_new = torch.where(first, tb, t + reference._times(w, d_old) + tb + reference._times(wb, d_new))
         self.k[r0:r1] = torch.where(newer, kb, self.k[r0:r1])
         self.m[r0:r1] = M
         self.s[r0:r1] = s_new
@@ -235,10 +232,10 @@ class _RowStats:
     def loss(self, tgt: CETarget) -> torch.Tensor:
         """Per-row loss: c ((m - x_y) + log1p(S')) + t + w log1p(S'), every term >= 0."""
         lp = torch.log1p(self.s)
-        loss = self.t + _zero_times(self.w, lp)
+        loss = self.t + reference._times(self.w, lp)
         if tgt.index:
             dm = torch.where(self.my == self.m, torch.zeros_like(self.m), self.m - self.my)
-            loss = loss + _zero_times(tgt.c.to(self.m.dtype), (dm + self.dy) + lp)
+            loss = loss + reference._times(tgt.c.to(self.m.dtype), (dm + self.dy) + lp)
         return loss
 
     def lse(self) -> torch.Tensor:
@@ -697,14 +694,9 @@ def ce_targets(target, index, weight, keep, eps, C, cdt):
             continue
         t = target[:, p]
         kp = None if keep is None else keep[:, p]
-        y = t if kp is None else torch.where(kp, t, torch.zeros_like(t))
-        den = torch.ones(y.shape, dtype=cdt, device=y.device) if weight is None else weight.gather(0, y)
-        if kp is not None:
-            den = torch.where(kp, den, torch.zeros((), dtype=cdt, device=den.device))
-        c = den * (1 - eps) if eps else den
-        smooth = srow = None
+        y, c, smooth, den = reference.index_coefficients(t, weight, kp, eps, C, cdt)
+        srow = None
         if eps:
-            smooth = torch.full((C,), eps / C, dtype=cdt, device=y.device) if weight is None else weight * (eps / C)
             srow = torch.ones(y.shape, dtype=cdt, device=y.device) if kp is None else kp.to(cdt)
         tg = CETarget(y=y, c=c, srow=srow, smooth=smooth, C=C)
         tg.raw_target, tg.keep, tg.weight, tg.eps = t, kp, weight, eps

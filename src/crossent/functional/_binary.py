@@ -23,27 +23,13 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     pos_weight = V.as_weight_tensor(func, "pos_weight", pos_weight, like=input)
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
-    if weight is not None:
-        try:
-            ok = torch.broadcast_shapes(weight.shape, input.shape) == input.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            V.fail(func, f"`weight` broadcastable to the input's shape {V.shape_str(input.shape)}",
-                   f"shape {V.shape_str(weight.shape)}",
-                   "Per-element weights need the input's shape (or a shape that broadcasts to it, "
-                   f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label).")
-    if pos_weight is not None:
-        try:
-            ok = torch.broadcast_shapes(pos_weight.shape, input.shape) == input.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            n = input.shape[-1] if input.dim() else 1
-            V.fail(func, f"`pos_weight` broadcastable to the input's shape {V.shape_str(input.shape)}: "
-                   "one weight per label, along the last dimension",
-                   f"shape {V.shape_str(pos_weight.shape)}",
-                   f"Use pos_weight of shape ({n},) (e.g. num_negatives / num_positives per label).")
+    V.check_broadcastable(func, "weight", weight, input.shape, "the input's shape",
+                          "Per-element weights need the input's shape (or a shape that broadcasts to it, "
+                          f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label).")
+    V.check_broadcastable(func, "pos_weight", pos_weight, input.shape, "the input's shape",
+                          f"One weight per label, along the last dimension: use pos_weight of shape "
+                          f"({input.shape[-1] if input.dim() else 1},) (e.g. num_negatives / num_positives "
+                          "per label).")
     keep = None
     if ignore_index is not None:
         keep = target != ignore_index

@@ -515,16 +515,8 @@ def linear_binary_cross_entropy_with_logits(
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
     _no_target_grad(func, target=target, weight=weight, pos_weight=pos_weight)
     for name, value in (("weight", weight), ("pos_weight", pos_weight)):
-        if value is None:
-            continue
-        try:
-            ok = torch.broadcast_shapes(value.shape, logits_shape) == logits_shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            V.fail(func, f"`{name}` broadcastable to the logits' shape {V.shape_str(logits_shape)}",
-                   f"shape {V.shape_str(value.shape)}",
-                   f"Use shape ({L},) for one number per label.")
+        V.check_broadcastable(func, name, value, torch.Size(logits_shape), "the logits' shape",
+                              f"Use shape ({L},) for one number per label.")
 
     sparse = target_format == "sparse"
     x = input.reshape(-1, H)

@@ -11,6 +11,8 @@ from typing import NamedTuple, Union
 
 import torch
 
+from .._dtypes import compute_dtype as compute_dtype  # re-exported: functional/* imports it from here
+from .._dtypes import is_low_precision
 from .._validation import check_reduction
 
 
@@ -140,11 +142,6 @@ def mean_grad_scale(n: int, dtype: torch.dtype) -> float:
     return _f32(1.0 / _f32(float(n)))
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else (fp32/fp16/bf16) is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -173,5 +170,5 @@ def autocast_inputs(*tensors):
         (t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None or not _autocast_enabled(first.device.type):
         return tensors
-    return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+    return tuple(t.float() if isinstance(t, torch.Tensor) and is_low_precision(t.dtype) else t
                  for t in tensors)

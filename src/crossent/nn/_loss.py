@@ -40,6 +40,15 @@ def _not_scriptable(self):
         "TorchScript itself is required.")
 
 
+def _set_bce_options(module, name: str, label_smoothing, ignore_index, validate, backend) -> None:
+    """The options both BCE modules add to torch's, checked once, in one place."""
+    V.check_weight_values_nonnegative(name, "pos_weight", module.pos_weight)
+    module.label_smoothing = V.check_label_smoothing(name, label_smoothing)
+    module.ignore_index = V.check_binary_ignore_index(name, ignore_index)
+    module.validate = validate
+    module.backend = backend
+
+
 class BCELoss(torch.nn.BCELoss):
     r"""Binary cross-entropy between target and input probabilities.
 
@@ -73,11 +82,7 @@ class BCELoss(torch.nn.BCELoss):
         reduction = legacy_reduction(name, size_average, reduce, reduction)
         super().__init__(weight=V.as_weight_tensor(name, "weight", weight), reduction=reduction)
         self.register_buffer("pos_weight", V.as_weight_tensor(name, "pos_weight", pos_weight))
-        V.check_weight_values_nonnegative(name, "pos_weight", self.pos_weight)
-        self.label_smoothing = V.check_label_smoothing(name, label_smoothing)
-        self.ignore_index = V.check_binary_ignore_index(name, ignore_index)
-        self.validate = validate
-        self.backend = backend
+        _set_bce_options(self, name, label_smoothing, ignore_index, validate, backend)
 
     __prepare_scriptable__ = _not_scriptable
 
@@ -131,11 +136,7 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         reduction = legacy_reduction(name, size_average, reduce, reduction)
         super().__init__(weight=V.as_weight_tensor(name, "weight", weight), reduction=reduction,
                          pos_weight=V.as_weight_tensor(name, "pos_weight", pos_weight))
-        V.check_weight_values_nonnegative(name, "pos_weight", self.pos_weight)
-        self.label_smoothing = V.check_label_smoothing(name, label_smoothing)
-        self.ignore_index = V.check_binary_ignore_index(name, ignore_index)
-        self.validate = validate
-        self.backend = backend
+        _set_bce_options(self, name, label_smoothing, ignore_index, validate, backend)
 
     __prepare_scriptable__ = _not_scriptable
 
