@@ -1,9 +1,5 @@
 """Every environment variable crossent reads, read here and nowhere else.
-
-:data:`VARIABLES` lists them (``docs/configuration.md`` is the same table). Each accessor
-reads its variable when called (a dictionary lookup), so a change at run time takes effect
-on the next call, and nothing is read at import. One parser per kind: every switch accepts
-the same words (:func:`env_flag`) and every size the same suffixes (:func:`env_bytes`).
+Design notes: ``docs/design.md``, section ``crossent._config``.
 """
 
 from __future__ import annotations

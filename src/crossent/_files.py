@@ -1,8 +1,5 @@
 """Files replaced atomically: write a temporary file next to the target, fsync, rename.
-
-``os.replace`` is atomic on POSIX and Windows, so a reader (or a process killed mid-write)
-sees either the old complete file or the new complete file, never a prefix. Used by
-:class:`crossent.tracking.History`, :func:`crossent.tracking.plot_history` and the CLI.
+Design notes: ``docs/design.md``, section ``crossent._files``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
 """`crossent bench`: a timing harness plus named presets.
-
-* :mod:`.presets` -- the registry of presets (``PRESETS``, ``register_preset``, ``Case``);
-* :mod:`.harness` -- interleaved repeats, medians with p20/p80, compile time apart;
-* :mod:`.memory` -- peak extra memory of one forward+backward (how: see that module);
-* :mod:`.machine` -- copy bandwidth and exp/log1p throughput of this machine, provenance;
-* :mod:`.report` -- Markdown and CSV.
-
-:func:`run` ties them together; ``crossent bench --help`` is the command line.
+Design notes: ``docs/design.md``, section ``crossent.bench``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
 """Small real data sets shipped inside the package (no network), for ``crossent demo`` and tests.
-
-* :func:`load_breast_cancer`: UCI Breast Cancer Wisconsin (Diagnostic), 569 x 30, binary.
-* :func:`load_digits`: UCI Optical Recognition of Handwritten Digits (test part),
-  1797 x 64 (8x8 images, pixel counts 0..16), 10 classes.
-
-Both files are byte-for-byte the copies that scikit-learn 1.9.1 bundles (the breast cancer
-CSV gzip-compressed by us); ``README.md`` in this folder gives sources, licences (CC BY 4.0)
-and checksums. They are read with :mod:`importlib.resources`, so they work from a wheel,
-an editable install or a zip.
+Design notes: ``docs/design.md``, section ``crossent.data``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
 """Loss bookkeeping: exact epoch averages (also across processes), history files, plots.
-
-* :class:`LossMeter` adds up the exact numerator and denominator of every batch's loss
-  (``return_parts=True``) in float64 and divides once; all-reduces both under
-  ``torch.distributed``.
-* :class:`History` keeps per-epoch records and writes them as CSV / JSON atomically.
-* :func:`plot_history` draws train and validation curves on one axes and saves a PNG
-  (needs the optional ``plot`` extra: ``pip install "crossent[plot]"``).
-
-Importing this package imports neither matplotlib nor tqdm.
+Design notes: ``docs/design.md``, section ``crossent.tracking``.
 """
 
 from .history import History

@@ -1,14 +1,5 @@
 """Train and validation curves on the same axes, saved as PNG (matplotlib, optional extra).
-
-matplotlib is imported only inside these functions, and never through ``pyplot``: figures
-are plain ``matplotlib.figure.Figure`` objects drawn by the Agg canvas, so plotting changes
-no global backend, opens no window, works on a headless machine and leaks no figures.
-Without matplotlib the functions raise an ``ImportError`` that names the fix,
-``pip install "crossent[plot]"``.
-
-::
-
-    fig = crossent.tracking.plot_history(history, "curves.png")   # train solid, val dashed
+Design notes: ``docs/design.md``, section ``crossent.tracking.plot``.
 """
 
 from __future__ import annotations
