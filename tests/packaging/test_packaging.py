@@ -56,3 +56,29 @@ def test_bundled_data_parses_like_numpy(loader, name):
     assert torch.equal(ds.features, torch.from_numpy(arr[:, :-1].astype(np.float32)))
     labels = arr[:, -1].astype(np.int64)
     assert torch.equal(ds.target, torch.from_numpy(1 - labels if name.startswith("breast") else labels))
+
+
+def test_missing_matplotlib_names_the_pip_command(monkeypatch):
+    from crossent.tracking import History, plot_history
+
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)   # `import matplotlib` raises ImportError
+    history = History()
+    history.log(epoch=1, train_loss=1.0)
+    with pytest.raises(ImportError, match=r'pip install "crossent\[plot\]"'):
+        plot_history(history)
+
+
+def test_missing_triton_names_the_pip_command(monkeypatch):
+    from crossent.backends import triton as triton_backend
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    assert "pip install 'crossent[triton]'" in triton_backend.unavailable_reason(torch.device("cuda"))
+
+
+def test_missing_tqdm_names_the_pip_command(monkeypatch, capsys):
+    from crossent.cli import demo
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert demo._progress(3, True) is None
+    assert 'pip install "crossent[demo]"' in capsys.readouterr().err
