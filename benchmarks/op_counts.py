@@ -61,7 +61,34 @@ def _rows():
                  None))
     rows.append(("class-index check, nothing ignored (no where)", 0,
                  lambda: [o for o in ops(lambda: V.check_class_indices("f", y, 10, -100)) if o == "where"], None))
+    # Routing of K-dimensional logits: float32 contiguous (N, C, S) runs the lane kernel (no
+    # layout copy, no row-kernel call); float64 and channels-last logits run the row kernel.
+    k = torch.randn(2, 5, 3, 7, requires_grad=True)
+    ky = torch.randint(0, 5, (2, 3, 7))
+    rows.append(("K-dim float32 (2, 5, 3, 7): row-kernel calls", 0,
+                 lambda: _kernel_calls("ce_index", lambda: crossent.cross_entropy(k, ky).backward()), None))
+    rows.append(("K-dim float64 (2, 5, 3, 7): lane-kernel calls", 0,
+                 lambda: _kernel_calls("ce_index_ncs",
+                                       lambda: crossent.cross_entropy(k.double(), ky).backward()), None))
     return rows
+
+
+def _kernel_calls(name, fn):
+    """The calls ``fn`` makes to the compiled kernel entry ``name`` (empty without the kernel)."""
+    kernels = chunked._cpp()
+    if kernels is None:
+        return []
+    real, calls = getattr(kernels, name), []
+
+    def spy(*a, **k):
+        calls.append(tuple(a[0].shape))
+        return real(*a, **k)
+    setattr(kernels, name, staticmethod(spy))
+    try:
+        fn()
+    finally:
+        setattr(kernels, name, staticmethod(real))
+    return calls
 
 
 def main() -> int:
