@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from numbers import Number
-from typing import List, NoReturn, Optional, Sequence, Union
+from typing import Callable, List, NoReturn, Optional, Sequence, Union
 
 import torch
 
@@ -243,10 +243,12 @@ def as_weight_tensor(func: str, name: str, value, like: Optional[torch.Tensor] =
 
 
 def check_broadcastable(func: str, name: str, value: Optional[torch.Tensor], shape, what: str,
-                        fix: str) -> None:
+                        fix: Callable[[], str]) -> None:
     """``value`` (a weight) must broadcast to ``shape`` without growing it; ``what`` names
     the shape for the message ("the input's shape"). The one broadcast rule of every
-    per-element weight (``weight`` and ``pos_weight`` of the BCE losses, also fused)."""
+    per-element weight (``weight`` and ``pos_weight`` of the BCE losses, also fused).
+    ``fix`` builds the remedy only on failure: formatting a shape is not traceable while
+    ``torch.compile`` treats it as symbolic."""
     if value is None:
         return
     try:
@@ -254,7 +256,7 @@ def check_broadcastable(func: str, name: str, value: Optional[torch.Tensor], sha
     except RuntimeError:
         ok = False
     if not ok:
-        fail(func, f"`{name}` broadcastable to {what} {shape_str(shape)}", f"shape {shape_str(value.shape)}", fix)
+        fail(func, f"`{name}` broadcastable to {what} {shape_str(shape)}", f"shape {shape_str(value.shape)}", fix())
 
 
 def check_weight_values_nonnegative(func: str, name: str, value: Optional[torch.Tensor]) -> None:

@@ -516,7 +516,7 @@ def linear_binary_cross_entropy_with_logits(
     _no_target_grad(func, target=target, weight=weight, pos_weight=pos_weight)
     for name, value in (("weight", weight), ("pos_weight", pos_weight)):
         V.check_broadcastable(func, name, value, torch.Size(logits_shape), "the logits' shape",
-                              f"Use shape ({L},) for one number per label.")
+                              lambda: f"Use shape ({L},) for one number per label.")
 
     sparse = target_format == "sparse"
     x = input.reshape(-1, H)
