@@ -6,7 +6,7 @@
 
 Forward pass only (the checks run in the forward). Both variants run interleaved in one
 process, after a warm-up, and the table gives medians with p20/p80 of ``--repeats`` runs
-(the PERF-NOTES habit: eager timings on these machines drift with what ran before).
+(eager timings on a shared machine drift with what ran before).
 ``checks alone`` times the value tier by itself (the ``crossent._validation`` functions
 the loss calls), which is the number to quote: the with/without difference of two
 noisy loss timings can be within noise. Output is a Markdown table with provenance.
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                   f"{(m_on[0] / m_off[0] - 1) * 100:+.0f}% | {fmt(m_alone[0])} "
                   f"({m_alone[0] / m_off[0] * 100:.0f}% of the loss) |")
             sys.stdout.flush()
-            del loss, checks
+            loss = checks = None   # free the inputs before the next shape
     return 0
 
 

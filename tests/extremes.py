@@ -1,6 +1,6 @@
 """Extreme-value accuracy of crossent and torch against mpmath (used by test_exact.py).
 
-Run as a script to print the table of worst errors quoted in docs/readme/exactness.md::
+Run as a script to print the table of worst errors quoted in docs/exactness.md::
 
     PYTHONPATH=src python tests/extremes.py
 

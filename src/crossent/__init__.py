@@ -12,18 +12,19 @@ and classes through crossent (see :func:`crossent.patch`).
 __version__ = "0.1.0"
 
 from . import class_weights
+from . import errors
 from . import functional
 from . import nn
 from . import probabilities
 from . import tracking
 from ._patch import patch
 from ._patch import unpatch
-from ._validation import CrossentIndexError
-from ._validation import CrossentTypeError
-from ._validation import CrossentValueError
-from ._validation import CrossentWarning
-from ._validation import KernelCacheWarning
-from .backends import BackendUnavailableError
+from .errors import BackendUnavailableError
+from .errors import CrossentIndexError
+from .errors import CrossentTypeError
+from .errors import CrossentValueError
+from .errors import CrossentWarning
+from .errors import KernelCacheWarning
 from .functional import LossParts
 from .functional import asymmetric_loss
 from .functional import binary_cross_entropy
@@ -51,6 +52,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "class_weights",
     "cross_entropy",
+    "errors",
     "functional",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",

@@ -1,37 +1,5 @@
 """Route torch's own loss entry points through crossent, for code you do not own.
-
-``crossent.patch()`` replaces, while it is active:
-
-* the functions ``torch.nn.functional.binary_cross_entropy``,
-  ``binary_cross_entropy_with_logits`` and ``cross_entropy`` (``functional=True``): every
-  caller that looks them up when it runs (``F.cross_entropy(...)``,
-  ``nn.functional.cross_entropy(...)``, torch's own loss modules) gets crossent's;
-* ``forward`` of the classes ``torch.nn.BCELoss``, ``BCEWithLogitsLoss`` and
-  ``CrossEntropyLoss``, in place (``modules=True``): modules built before the patch and
-  after it, under any import alias, and subclasses that do not override ``forward``, all
-  compute with crossent. The classes themselves stay torch's (``type``, ``isinstance``,
-  pickling, ``state_dict`` unchanged), so nothing built during the patch outlives it;
-* the module-level names listed in ``rebind=`` that hold torch's functions: what
-  ``from torch.nn.functional import cross_entropy`` bound when a library module was
-  imported, which no change to ``torch.nn.functional`` can reach.
-
-Not reached: references taken and stored elsewhere before the patch (``self.loss_fn =
-F.cross_entropy`` in an object, a default argument, a closure), code compiled by
-TorchScript, and graphs ``torch.compile`` traced before the patch (they recompile only if
-their guards notice). Those have to be rebuilt inside the patch or changed in the source.
-
-The patch is process-wide, because torch's attributes are: while any patch is active,
-every thread computes these losses with crossent. Entering and leaving are serialised by
-one lock and counted per attribute: the first patch to replace an attribute saves what
-was there (torch's original or someone else's patch), the last one to leave puts exactly
-that back. A replaced attribute always holds the same crossent function, so patching
-twice never wraps twice. The crossent options (``validate=``, ``backend=``) are those of
-the most recently entered patch still active that covers the loss: nested ``with`` blocks
-behave as a stack. If someone else replaced an attribute after crossent did, leaving
-keeps their replacement (it is theirs to restore) instead of overwriting it.
-
-crossent's own losses never call these torch functions (the backends use torch's
-primitives only), so a patched torch cannot recurse into itself.
+Design notes: ``docs/design.md``, section ``crossent._patch``.
 """
 
 from __future__ import annotations

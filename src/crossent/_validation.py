@@ -1,56 +1,5 @@
 """Every guardrail of crossent, in one place.
-
-Two tiers (the torchmetrics habit):
-
-* **Metadata checks** look only at shapes, dtypes, devices and option values. They
-  never touch tensor data, cost microseconds, never synchronise a GPU, and always run
-  (also in ``crossent.nn`` constructors, so a bad option fails when the module is built).
-* **Value checks** read the data: targets in range, probabilities inside [0, 1],
-  inputs that look like probabilities or log-probabilities where logits are expected.
-  They run by default and are switched off per call or per module (keyword-only
-  ``validate=False``) or for the whole process with the environment variable
-  ``CROSSENT_VALIDATE=0`` (an explicit ``validate=True`` still wins). When off they are
-  skipped entirely: no data is read and nothing synchronises.
-
-Cost of the value tier, by design: each inspected tensor is read **once** by a fused
-reduction (``aminmax``; row sums for class-probability targets), the "looks like
-probabilities / softmax" heuristics read at most :data:`_ROWS_TO_INSPECT` rows and about
-:data:`_ELEMENTS_TO_INSPECT` numbers, and the small results
-of one call are fetched to the host together: **one device synchronisation per loss
-call** on GPU. Work beyond that (``nonzero``, the position of the first bad element)
-happens only on the failure path. On CPU, where reading a number costs no
-synchronisation, a check reads its range statistic first and skips what that makes
-unnecessary (the ignore_index mask when no target equals it; the row sums of the
-softmax heuristic when the inputs have both signs, as raw logits do), because small
-inputs pay per torch call (``docs/performance.md``, small inputs). Measured numbers:
-``benchmarks/validation_cost.py``.
-
-On GPU, an out-of-range class index is therefore reported by this module before any
-kernel indexes with it: the checks use only comparisons and reductions, never
-``gather``/indexing with the user's indices, so they cannot trigger a device-side assert.
-
-Errors follow one template, ``{function}: expected {what}, but got {found}. {fix}``,
-and are ``ValueError`` / ``TypeError`` / ``IndexError`` subclasses (never ``assert``).
-Warnings are :class:`CrossentWarning` (a ``UserWarning``) and are shown once per
-call site of user code (:func:`warn_once`), also under ``simplefilter("always")``.
-
-Decisions where the issue is silent (each has a test in ``tests/test_guardrails*.py``):
-
-* Raise (the answer would be wrong, or torch raises too): NaN/inf targets of any loss
-  (a NaN target makes the loss and every gradient NaN), integer/bool/complex inputs
-  (torch raises as well), ``ignore_index=None`` for cross-entropy (torch raises a
-  TypeError), ``ignore_index`` 0 or 1 for the BCE losses (a crossent extension: it would
-  drop every negative or positive label).
-* Warn (legal, probably wrong; every such warning at call time belongs to the value
-  tier, so ``validate=False`` silences all of them): cross-entropy with a single class (``C == 1``: the loss
-  and its gradient are identically 0), an input whose autograd history shows it just
-  came out of ``sigmoid`` / ``softmax`` / ``log_softmax`` (any batch size), negative
-  weights (at construction).
-  Also: every target ignored under ``reduction='mean'`` (nan, like torch), and sequence
-  logits ``(B, T, V)`` with ``T == V`` (the shapes are then valid for ``(N, C, d1)``; no
-  warning when the input came out of a transpose, permute or convolution).
-* Not detectable, documented: probabilities in a tiny batch without autograd history
-  (the tutorial's 4 values: see :func:`check_binary_values`).
+Design notes: ``docs/design.md``, section ``crossent._validation``.
 """
 
 from __future__ import annotations
@@ -61,11 +10,17 @@ import os
 import sys
 import warnings
 from numbers import Number
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, NoReturn, Optional, Sequence, Union
 
 import torch
 
-from ._env import env_flag
+from . import _config
+from ._dtypes import compute_dtype
+from .errors import CrossentIndexError
+from .errors import CrossentTypeError
+from .errors import CrossentValueError
+from .errors import CrossentWarning
+from .errors import KernelCacheWarning
 
 __all__ = [
     "CrossentWarning",
@@ -91,35 +46,8 @@ _ROWS_TO_INSPECT = 64
 # Autograd nodes that reveal where an input came from (a free, exact signal).
 _PROBABILITY_NODES = {"SigmoidBackward0": "torch.sigmoid"}
 _SOFTMAX_NODES = {"SoftmaxBackward0": "softmax", "LogSoftmaxBackward0": "log_softmax"}
-_BINARY_FUNCS = ("binary_cross_entropy", "binary_cross_entropy_with_logits", "BCELoss",
-                 "BCEWithLogitsLoss")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
-class CrossentWarning(UserWarning):
-    """A probable mistake that still has a well-defined answer.
-
-    Filter it like any warning: ``warnings.filterwarnings("ignore", category=CrossentWarning)``.
-    """
-
-
-class KernelCacheWarning(CrossentWarning):
-    """A cached compiled kernel, or its directory, was refused (unsafe or damaged) and is
-    not loaded; the kernel is rebuilt elsewhere (see :mod:`crossent.backends.chunked_cpp`)."""
-
-
-class CrossentValueError(ValueError):
-    """A value or shape that would give a wrong loss."""
-
-
-class CrossentTypeError(TypeError):
-    """A dtype or argument type that crossent cannot use."""
-
-
-class CrossentIndexError(CrossentValueError, IndexError):
-    """A class index outside ``[0, C)`` that is not ``ignore_index``."""
 
 
 def validation_enabled(validate: Optional[bool] = None) -> bool:
@@ -131,10 +59,10 @@ def validation_enabled(validate: Optional[bool] = None) -> bool:
     """
     if validate is not None:
         return bool(validate)
-    return env_flag("CROSSENT_VALIDATE")
+    return _config.validate_default()
 
 
-def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError):
+def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError) -> NoReturn:
     """Raise ``cls`` with the house message template."""
     msg = f"{func}: expected {what}, but got {found}."
     if fix:
@@ -247,12 +175,10 @@ def check_ignore_index(func: str, ignore_index) -> Optional[int]:
     Like torch: Python and NumPy integers and integer 0-dim tensors are accepted; a float
     is a ``TypeError`` even when integral (``-100.0``), as in ``F.cross_entropy``. Outside
     the int64 range it is a ``ValueError`` (torch: a bare "Overflow when unpacking long").
-    For the BCE losses (an extension) 0 and 1 are refused: they are labels, so
-    ``ignore_index=0`` would silently drop every negative example."""
+    The BCE losses add one rule on top: :func:`check_binary_ignore_index`."""
     if ignore_index is None:
         return None
-    if (type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX
-            and (ignore_index > 1 or ignore_index < 0 or func not in _BINARY_FUNCS)):
+    if type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX:
         return ignore_index   # the usual case, decided without the ABC checks below
     if (isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1
             and not (ignore_index.is_floating_point() or ignore_index.is_complex()
@@ -271,7 +197,18 @@ def check_ignore_index(func: str, ignore_index) -> Optional[int]:
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
         fail(func, "`ignore_index` in the int64 range [-2**63, 2**63 - 1]", repr(ignore_index),
              "Targets are int64, so no target can equal it; use a value such as -100.")
-    if func in _BINARY_FUNCS and ignore_index in (0, 1):
+    return ignore_index
+
+
+def check_binary_ignore_index(func: str, ignore_index) -> Optional[int]:
+    """``ignore_index`` for a BCE loss: :func:`check_ignore_index`, and never 0 or 1.
+
+    Every BCE entry point (functional, ``nn`` and the fused linear head) calls this one
+    check. 0 and 1 are the labels themselves, so ``ignore_index=0`` would silently drop
+    every negative example and ``ignore_index=1`` every positive one (a crossent
+    extension: torch's BCE has no ``ignore_index``)."""
+    ignore_index = check_ignore_index(func, ignore_index)
+    if ignore_index in (0, 1):
         fail(func, "`ignore_index` different from the labels 0 and 1", f"ignore_index={ignore_index}",
              f"ignore_index={ignore_index} would drop every {'negative' if ignore_index == 0 else 'positive'} "
              "label; mark missing labels with another value, e.g. -1, and pass ignore_index=-1.")
@@ -303,6 +240,23 @@ def as_weight_tensor(func: str, name: str, value, like: Optional[torch.Tensor] =
     except (TypeError, ValueError, RuntimeError):
         fail(func, f"`{name}` to be a tensor, a number or a sequence of numbers",
              f"{type(value).__name__}", f"Pass `{name}` as torch.tensor([...]).", CrossentTypeError)
+
+
+def check_broadcastable(func: str, name: str, value: Optional[torch.Tensor], shape, what: str,
+                        fix: Callable[[], str]) -> None:
+    """``value`` (a weight) must broadcast to ``shape`` without growing it; ``what`` names
+    the shape for the message ("the input's shape"). The one broadcast rule of every
+    per-element weight (``weight`` and ``pos_weight`` of the BCE losses, also fused).
+    ``fix`` builds the remedy only on failure: formatting a shape is not traceable while
+    ``torch.compile`` treats it as symbolic."""
+    if value is None:
+        return
+    try:
+        ok = torch.broadcast_shapes(value.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        fail(func, f"`{name}` broadcastable to {what} {shape_str(shape)}", f"shape {shape_str(value.shape)}", fix())
 
 
 def check_weight_values_nonnegative(func: str, name: str, value: Optional[torch.Tensor]) -> None:
@@ -514,7 +468,6 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
         fail(func, "`input` of shape (C,), (N, C) or (N, C, d1, ..., dK)", "a 0-dim tensor",
              "Cross-entropy needs one score per class.")
     ish, tsh = tuple(input.shape), tuple(target.shape)
-    C = ish[1] if input.dim() >= 2 else ish[0]
     index_shape = (ish[0],) + ish[2:] if input.dim() >= 2 else ()
     if ish == tsh:
         if not target.is_floating_point():
@@ -728,8 +681,7 @@ def _softmax_stats(input: torch.Tensor, class_dim: int):
     # row): with a 32000-word vocabulary two rows already cannot be raw logits by chance.
     rows = max(1, min(_ROWS_TO_INSPECT, _ELEMENTS_TO_INSPECT // max(C, 1)))
     xs = _sample_rows(input.detach(), class_dim, rows)
-    if xs.dtype in _LOW_PRECISION:
-        xs = xs.float()
+    xs = xs.to(compute_dtype(xs.dtype))
     xmin, xmax = torch.aminmax(xs)
     if _on_host(xs):
         # CPU: read the range first (no sync to save). Entries of both signs (the usual
@@ -923,9 +875,6 @@ def assert_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
                             f"{func}: expected `input` to hold probabilities in [0, 1], but got a value "
                             "outside it (or NaN). Raw logits? use binary_cross_entropy_with_logits. "
                             + _capture_note())
-
-Tensorish = Union[torch.Tensor, Number, Sequence[Number], None]
-
 
 # --------------------------------------------------------------------------- LM-head options
 def _real_number(func: str, name: str, value, example: str) -> float:

@@ -1,43 +1,5 @@
 r"""Probabilities and predictions from logits: sigmoid heads, softmax heads, and the bridge.
-
-Three kinds of heads, three rules:
-
-* **binary** (one logit :math:`z` per sample, ``BCEWithLogitsLoss``):
-  :math:`P(y=1) = \sigma(z) = 1 / (1 + e^{-z})`; predict 1 when :math:`\sigma(z) > t`.
-* **multi-label** (one logit per label, ``BCEWithLogitsLoss``): the same sigmoid, label by
-  label; the probabilities of a row need not sum to 1.
-* **multi-class** (one logit per class, ``CrossEntropyLoss``): :math:`P(y=c) =
-  \mathrm{softmax}(z)_c`; predict the argmax.
-
-A 2-logit softmax head and a 1-logit sigmoid head are the *same model*:
-
-.. math::
-
-    \mathrm{softmax}(z_0, z_1)_1 = \frac{e^{z_1}}{e^{z_0} + e^{z_1}} = \sigma(z_1 - z_0),
-
-so cross-entropy on :math:`(z_0, z_1)` equals BCE-with-logits on :math:`z_1 - z_0`
-(values and gradients; with label smoothing :math:`\epsilon` too, since both smooth the
-target to :math:`y(1-\epsilon) + \epsilon/2`). Softmax over two logits is therefore as
-calibrated as a sigmoid: it is *not* pushed to [0.1%, 99.9%], and applying a sigmoid to
-each of the two logits separately is the mistake (those two numbers are not the
-probabilities of anything). :func:`two_logits_to_one` and :func:`one_logit_to_two` convert
-logits, :func:`two_logit_head_to_one` and :func:`one_logit_head_to_two` convert an
-``nn.Linear`` head, exactly.
-
-Numerics: :math:`P(y=0)` of a binary head is computed as :math:`\sigma(-z)`, never
-:math:`1 - \sigma(z)`, which rounds to 0 for :math:`z > 17` in float32; thresholds are
-compared on the logit scale (:math:`z > \mathrm{logit}(t)`), so a prediction never
-depends on how the sigmoid rounds.
-
->>> import torch
->>> from crossent import probabilities as P
->>> z = torch.tensor([-2.34, 3.45])              # the tutorial's two logits of ONE sample
->>> [round(p, 5) for p in P.multiclass_probabilities(z).tolist()]   # softmax: p0 + p1 = 1
-[0.00305, 0.99695]
->>> round(torch.sigmoid(P.two_logits_to_one(z)).item(), 5)   # the same p1
-0.99695
->>> P.binary_predictions(torch.tensor([-2.34, 3.45])).tolist()   # two samples, 1 logit each
-[0, 1]
+Design notes: ``docs/design.md``, section ``crossent.probabilities``.
 """
 
 from __future__ import annotations
@@ -48,6 +10,7 @@ from typing import Optional
 import torch
 
 from . import _validation as V
+from ._dtypes import compute_dtype
 
 __all__ = [
     "binary_probabilities",
@@ -219,8 +182,7 @@ def multiclass_probabilities(logits: torch.Tensor, dim: Optional[int] = None) ->
     func = "multiclass_probabilities"
     _check_logits(func, logits)
     d = _class_dim(func, logits, dim)
-    return torch.softmax(logits, dim=d, dtype=torch.float32 if logits.dtype in (torch.float16, torch.bfloat16)
-                         else logits.dtype).to(logits.dtype)
+    return torch.softmax(logits, dim=d, dtype=compute_dtype(logits.dtype)).to(logits.dtype)
 
 
 def multiclass_predictions(logits: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:

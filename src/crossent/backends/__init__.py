@@ -1,19 +1,5 @@
 """Backends own speed; ``crossent.functional`` owns meaning. See ``_registry``.
-
-Registered here, highest priority first in the automatic choice:
-
-* ``triton`` (priority 20): fused Triton kernels, CUDA tensors only, needs ``triton``.
-* ``chunked`` (priority 10): fused CPU kernels (compiled C++ when available, else chunked
-  torch ops), CPU tensors only. Also the only CPU backend of ``cross_entropy_inplace``.
-* ``chunked-torch`` (priority 1): ``chunked`` without the compiled kernel (its chunked
-  torch-ops fallback); loss ops on CPU only, where ``chunked`` wins the automatic choice (it
-  is there to be named: ``backend="chunked-torch"`` or ``CROSSENT_BACKEND=chunked-torch``);
-  the fused linear ops (:mod:`.linear`) on any device, the automatic choice on CUDA without
-  Triton.
-* ``reference`` (priority 0): plain torch, any device, any order of derivative.
-
-Double backward (``create_graph=True``) works with every backend: the fused backends
-re-derive through the reference formulas when it is asked for.
+Design notes: ``docs/design.md``, section ``crossent.backends``.
 """
 
 from . import chunked, reference

@@ -1,27 +1,5 @@
 """Which implementation computes a loss: chosen per call.
-
-``backend=None`` (automatic) takes the first backend, in priority order, that supports
-the op on the input's device; what cannot run is skipped silently. An explicitly named
-backend that cannot run raises :class:`BackendUnavailableError` naming the reason and the
-alternatives (the Liger Kernel habit). Every backend returns the same unreduced losses;
-none of them decides what ``mean`` means.
-
-The environment variable ``CROSSENT_BACKEND`` (e.g. ``reference``, ``chunked``,
-``chunked-torch``) overrides the automatic choice: a call with ``backend=None`` or
-``"auto"`` then behaves exactly as if that backend had been named (an unknown name is an
-error, a backend that cannot run on the device raises :class:`BackendUnavailableError`).
-The one exception: an op that backend does not implement at all (e.g. the fused linear
-ops of ``reference``/``chunked-torch``, ``cross_entropy_inplace`` of ``reference``)
-silently keeps the automatic choice. ``CROSSENT_BACKEND=auto`` or unset: automatic.
-An explicit ``backend=`` argument always wins over the variable.
-
-Cost per call (it matters for small inputs, see ``docs/performance.md``): the priority
-order is computed by :func:`register`, not per call; ``CROSSENT_BACKEND`` is read on every
-call (one dictionary lookup, about a microsecond), so changing it at run time takes
-effect on the next call; a backend's ``unavailable(device)`` is asked on every call too
-(so it may depend on state that changes). Which backend is fastest for small inputs
-needs no rule of its own: on CPU the compiled ``chunked`` kernel is already the fastest
-at every size measured (4 x 3 up to LM heads), so the automatic choice is size-blind.
+Design notes: ``docs/design.md``, section ``crossent.backends._registry``.
 """
 
 from __future__ import annotations
@@ -29,15 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-import os
-
 import torch
 
+from .. import _config
 from .._validation import fail
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run this call."""
+from ..errors import BackendUnavailableError
 
 
 @dataclass
@@ -74,11 +48,11 @@ def available_backends() -> List[str]:
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
     """The name of the backend that runs ``op`` on ``device``.
 
-    ``backend`` None/``"auto"``: ``$CROSSENT_BACKEND`` when set (see the module docstring),
+    ``backend`` None/``"auto"``: ``$CROSSENT_BACKEND`` when set (see ``docs/design.md``),
     else the highest-priority backend that implements ``op`` and can run on the device.
     """
     if backend is None or backend == "auto":
-        forced = os.environ.get("CROSSENT_BACKEND", "").strip()
+        forced = _config.forced_backend()
         if forced and forced != "auto":
             b = _BACKENDS.get(forced)
             if b is None:

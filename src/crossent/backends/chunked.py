@@ -1,73 +1,10 @@
 r"""Fused CPU backend: loss and gradient in one pass over the data, chunked over rows.
-
-Every op here takes the same canonical arguments and returns the same unreduced losses as
-:mod:`crossent.backends.reference` (read it first: the formulas are the same
-cancellation-free ones, only evaluated differently):
-
-* **Forward computes the gradient too.** While the logits of a chunk are in cache, the
-  kernel writes the per-element loss *and* :math:`\partial \ell / \partial x`; the
-  autograd Function saves only that gradient (plus references to tensors the caller
-  holds anyway). **Backward** is one multiply by ``grad_output``.
-* **Chunked over rows** (``CHUNK_ELEMENTS`` elements at a time) so the handful of
-  intermediates of a chunk stay in the L2/L3 cache instead of being full-size buffers.
-* **float32 inside** for fp16/bf16 (the functional layer already casts; float64 stays
-  float64).
-* **Compiled kernel when possible.** For the hot cases -- BCE-with-logits and BCE on
-  probabilities (with or without ``pos_weight``) and cross-entropy with class-index targets
-  (with or without class weights, ``ignore_index`` and label smoothing), float32,
-  contiguous -- a small C kernel (:mod:`crossent.backends.chunked_cpp`) runs; everything
-  else (probability targets, per-element BCE weights, ``ignore_index`` for BCE, float64)
-  runs the same math as chunked torch ops. Both give the same numbers to a few ulp.
-* **K-dimensional logits without a layout copy.** (N, C, d1, ..., dK) float32 contiguous
-  logits with class-index targets (with or without weights, ``ignore_index``, label
-  smoothing) reach ``cross_entropy`` as an (N, C, S) view and run the compiled lane kernel
-  (``crossent_ce_index_ncs``: 8 spatial positions per vector, classes looped), which writes
-  the gradient in the (N, C, S) layout: no move-classes-last copy of the logits and none of
-  the gradient. Everything else (float64, non-contiguous or channels-last logits,
-  probability targets, ``chunked-torch``, Triton) is flattened to rows of classes inside
-  the op, as the functional layer did before; the in-place mode keeps its row path (it
-  overwrites the rows it is given).
-* **Backward reuses the buffer.** The first backward scales the saved gradient in place
-  and hands it on (and drops its own reference, so no later backward can observe the
-  change), so forward+backward allocates one gradient buffer in total (and, with
-  ``reduction`` other than ``'none'``, BCE writes no per-element loss buffer at all:
-  ``sum_only``).
-* **Pre-scaled gradient.** When the functional layer says which reduction follows, the
-  forward pass already multiplies the gradient by the grad_output that a plain
-  ``loss.backward()`` will send (``1/N`` or ``1/sum(w_y)`` for 'mean', 1 for 'sum',
-  computed exactly as autograd computes it). Backward checks that the grad_output is
-  exactly that value (one scalar read, CPU only) and returns the buffer untouched: no
-  second pass over N x C memory. Any other grad_output (``loss * 2``, AMP's GradScaler)
-  recomputes the unscaled gradient and scales it, so results never depend on the guess;
-  the in-place mode, whose logits are gone, rescales by ``grad_output / guess`` instead
-  (about 2 ulp).
-
-The autograd plumbing is written once, :func:`make_ops`, over a small table of forward
-kernels (:class:`Kernels`); the Triton backend reuses it with its own kernels.
-
-**Backward is reentrant.** A second backward through the same graph
-(``retain_graph=True``, gradcheck) finds the buffer handed on and recomputes the gradient
-from the saved inputs with the *same* kernel (pre-scaled or not, exactly as the first
-call), so it returns bit-for-bit what the first backward returned.
-
-Gradients other than w.r.t. the input (target, weight, pos_weight) and higher-order
-gradients are served by the reference formulas: the Function keeps references to its
-inputs (no copies), and its backward re-derives through
-:mod:`~crossent.backends.reference` when ``create_graph=True`` is requested (inside a
-backward, grad mode is on exactly then) or when another input needs a gradient. So double
-backward works with the automatic backend choice, nothing to configure; it simply costs
-what the reference costs.
-
-The backend ``chunked-torch`` is this backend with the compiled kernel never used
-(:data:`TORCH_OPS`), selectable by name or with ``CROSSENT_BACKEND=chunked-torch``.
-
-The opt-in in-place cross-entropy (``inplace_backward=True``) writes the gradient into the
-logits buffer and tells autograd with ``ctx.mark_dirty``; see :func:`cross_entropy_inplace`.
+Design notes: ``docs/design.md``, section ``crossent.backends.chunked``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -87,9 +24,7 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device)
 
 
-def _times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """coef * value with 0 * inf = 0 (a term with zero weight is absent, not NaN)."""
-    return torch.where(coef == 0, _zero(value), coef * value)
+_times = reference._times   # coef * value with 0 * inf = 0: the one rule, shared with the reference
 
 
 _chunked_cpp = None   # imported on first use (ctypes, subprocess), then kept: no import per call
@@ -555,7 +490,7 @@ def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing,
     q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if x.dim() == 3 and not _spatial_ok(impl, x, q):
         # (N, C, S) logits the lane kernel cannot take: rows of C classes (a copy, unless
-        # the input is channels-last), exactly what the functional layer used to pass.
+        # the input is channels-last), the layout every other backend receives.
         x = x.movedim(1, -1).reshape(-1, x.shape[1])
     if not _needs_graph(x, q, c, smooth):
         with torch.no_grad():

@@ -1,78 +1,5 @@
 r"""Optional compiled CPU kernels for the fused backend (C, AVX2 intrinsics, OpenMP).
-
-The C file ``kernels.c`` (next to this module) is compiled on first use with the system C
-compiler into a private cache directory (below) and loaded with :mod:`ctypes`.
-It includes no torch headers, so the build takes about a second; it links against
-``libtorch_cpu`` only for Sleef's vectorised ``expf`` / ``logf`` / ``log1pf`` (1-ulp accuracy,
-the very functions torch's own vectorised CPU kernels use). softplus's ``log1p(e)``, e in
-[0, 1], has its own 1-ulp form (``log1p01``), twice as fast as the general ``log1pf``. The kernel is used only when all of
-these hold, otherwise the chunked torch path of :mod:`crossent.backends.chunked` runs (same
-formulas, same results to a few ulp):
-
-* ``CROSSENT_CPU_KERNEL`` is not ``0``, ``false``, ``no`` or ``off`` (any case; read on every
-  call, like the other ``CROSSENT_*`` switches);
-* torch reports AVX2 (or better) for this CPU, and a C compiler is found (``$CC``, else ``cc``,
-  ``gcc`` or ``clang`` on ``PATH``);
-* the build succeeds (a failure is remembered; :func:`disabled_reason` and ``crossent env``
-  show the reason);
-* the tensors are float32, contiguous, on CPU (float64 and odd layouts use the torch path).
-
-Why a compiled kernel: with torch ops every formula step is a pass over memory, and the
-targets of issue 5 (BCE 1.2x, CE 1.3x torch.compile) were not reachable that way. The kernel
-evaluates exactly the formulas of :mod:`crossent.backends.reference` in one read of the
-inputs and one write of the gradient (and of the loss, unless only its sum is wanted).
-
-Two cross-entropy kernels: ``crossent_ce_index`` for rows of classes (M, C), and
-``crossent_ce_index_ncs`` for K-dimensional logits (N, C, S) as they lie in memory, one
-AVX2 lane per spatial position (no transpose of the logits or of the gradient; see its
-comment for the tiling).
-
-Precision: float32 lanes; sums (the softmax denominator of a row, the BCE total) are
-accumulated 8 lanes x at most 32 terms in float32, then in float64 -- about 1e-7 relative
-even for a 128k-class row. The (N, C, S) kernel sums each lane's C terms in float64. Threads: OpenMP, ``torch.get_num_threads()`` of them; ctypes
-releases the GIL during the call.
-
-**The build cache.** The kernel is built at run time, not at install time: the wheel stays pure
-Python, the library is linked against the torch that is actually imported (its Sleef), and a
-machine without a compiler loses speed, not the install. A library that is ``dlopen``-ed runs
-its constructors with the rights of the process, so the cache is guarded like code:
-
-* *Where.* ``$CROSSENT_CACHE_DIR/kernels`` when the variable is set (the home directory is
-  then never looked up), else ``~/.cache/crossent/kernels``. When no home directory is known or
-  the directory cannot be created (a container with an arbitrary UID and no ``HOME``, a
-  read-only home), the kernel is built into a private ``tempfile.mkdtemp()`` directory for this
-  process, removed at exit; ``crossent env`` says so.
-* *Who can write it.* Missing directories are created 0700. The cache directory and its
-  ``kernels/`` must be owned by this user and writable by nobody else; every directory above
-  them must belong to this user or root and be writable by nobody else unless it is sticky
-  (``/tmp``). A directory that fails is refused with a :class:`crossent.KernelCacheWarning`
-  naming it and the fix, and the private temporary directory is used instead.
-* *What is loaded.* Each build records the SHA-256 of the library it produced in the manifest
-  ``crossent_cpu_<key>.sha256`` (0600) and names the library after that digest,
-  ``crossent_cpu_<key>-<digest[:16]>.so`` (0700); ``<key>`` hashes the source, the compiler
-  command, the flags and the torch version. Before ``dlopen`` the manifest and the library must
-  be regular files owned by this user, writable by nobody else, and the library's SHA-256 must
-  equal the manifest's. Anything else -- a truncated or corrupted library (which would crash
-  the process with SIGBUS or SIGILL), a file crossent did not build -- is never loaded: a
-  KernelCacheWarning names the path once, and a fresh library is built and checked the same way.
-  The digest detects damage and planted files without a matching manifest; the ownership and
-  mode checks keep other users out (a process of the same user can do anything anyway). Because
-  the library is renamed into place before the manifest names it, an interrupted build leaves
-  either the old valid pair or no manifest: never a false alarm.
-* *How it is built.* The compiler command is ``$CC`` split with :mod:`shlex` (``CC="ccache
-  gcc"`` works); an explicit ``CC`` that is not found disables the kernel with that reason
-  rather than silently using another compiler. It runs in its own process group with a timeout
-  of ``CROSSENT_BUILD_TIMEOUT`` seconds (default 120; on expiry the whole group is killed and
-  the reason recorded), in a fresh ``build-*`` directory inside the cache. The library and the
-  manifest are ``fsync``-ed before their atomic renames, then the directory is. Build
-  directories older than :data:`_STALE_BUILD_S` (left by a killed build) are removed by the next
-  build. Processes take ``fcntl.flock`` on ``kernels/.lock`` around check, build and load
-  (waiting at most the build timeout plus a minute); threads of one process share one lock, so a
-  thread that calls while another builds waits for the same outcome: every thread of a process
-  runs the same code.
-
-What costs something is decided once per process: the CPU capability, the compiler lookup,
-the cache directory and the build itself.
+Design notes: ``docs/design.md``, section ``crossent.backends.chunked_cpp``.
 """
 
 from __future__ import annotations
@@ -97,7 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._env import env_flag
+from .. import _config
 from .._validation import KernelCacheWarning
 
 _SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
@@ -128,7 +55,7 @@ def _cpu_capability() -> str:
 @functools.lru_cache(maxsize=None)
 def _compiler() -> Tuple[Optional[Tuple[str, ...]], Optional[str]]:
     """(compiler command, None) or (None, why there is none); looked up once per process."""
-    raw = os.environ.get("CC", "").strip()
+    raw = _config.c_compiler()
     if raw:
         try:
             argv = shlex.split(raw)
@@ -148,8 +75,8 @@ def _compiler() -> Tuple[Optional[Tuple[str, ...]], Optional[str]]:
 
 def disabled_reason() -> Optional[str]:
     """Why the compiled kernel cannot be used here, or None."""
-    if not env_flag("CROSSENT_CPU_KERNEL"):
-        return f"disabled by CROSSENT_CPU_KERNEL={os.environ['CROSSENT_CPU_KERNEL'].strip()}"
+    if not _config.cpu_kernel_enabled():
+        return f"disabled by CROSSENT_CPU_KERNEL={_config.raw('CROSSENT_CPU_KERNEL')}"
     cap = _cpu_capability()
     if cap not in ("AVX2", "AVX512"):
         return f"the CPU capability is {cap}, the kernel needs AVX2"
@@ -162,7 +89,7 @@ def get():
 
     A thread that calls while another thread builds waits for that build and gets its result.
     """
-    if not env_flag("CROSSENT_CPU_KERNEL"):
+    if not _config.cpu_kernel_enabled():
         return None
     if _lib is not None:
         return _Kernels
@@ -207,7 +134,7 @@ class _Unsafe(Exception):
 def _kernel_dir(notes: List[str]) -> Path:
     """The ``kernels`` directory, created and checked; decided once per process."""
     global _cache_note
-    explicit = os.environ.get("CROSSENT_CACHE_DIR", "").strip()
+    explicit = _config.cache_dir()
     try:
         root = Path(explicit) if explicit else Path.home() / ".cache" / "crossent"
     except Exception as exc:   # no HOME and no passwd entry for this UID (Path.home raises)
@@ -298,16 +225,7 @@ def _build(kdir: Path, cc: Tuple[str, ...], notes: List[str]) -> Tuple[ctypes.CD
 
 
 def _build_timeout() -> float:
-    raw = os.environ.get("CROSSENT_BUILD_TIMEOUT", "").strip()
-    if not raw:
-        return BUILD_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise ValueError(f"CROSSENT_BUILD_TIMEOUT: expected a positive number of seconds, but got {raw!r}")
-    return value
+    return _config.build_timeout(BUILD_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -458,8 +376,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crossent_focal.argtypes = [P, P, P, I64, P, P, ctypes.c_float, ctypes.c_int, ctypes.c_float,
                                    ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_focal.restype = ctypes.c_double
-    lib.crossent_log1p01.argtypes = [P, P, I64]
-    lib.crossent_log1p01.restype = None
 
 
 def _threads(work: int) -> int:

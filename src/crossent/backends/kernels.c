@@ -51,10 +51,6 @@ static inline V log1p01(V e) {
   return _mm256_add_ps(_mm256_add_ps(s, s), _mm256_fmadd_ps(p, s, _mm256_add_ps(c, c)));
 }
 
-void crossent_log1p01(const float *e, float *out, int64_t n) {   /* for the tests */
-  for (int64_t i = 0; i + W <= n; i += W) _mm256_storeu_ps(out + i, log1p01(_mm256_loadu_ps(e + i)));
-}
-
 /* BCE with logits, reference formulas, e = exp(-|x|):
    loss = p t softplus(-x) + (1-t) softplus(x),  softplus(+-x) = max(+-x, 0) + log1p(e)
    grad = (1-t) sigmoid(x) - p t sigmoid(-x),     sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e) */

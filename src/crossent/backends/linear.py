@@ -1,42 +1,5 @@
 r"""Fused linear + loss in plain PyTorch, chunked: the ``(N, C)`` logits never exist.
-
-Two ops, registered on the ``chunked`` (CPU) and ``chunked-torch`` (any device: these
-are plain torch ops) backends and, unfused (full logits), on ``reference``:
-
-* ``linear_cross_entropy(x, W, b, spec, plan, grad_scale, precompute)``
-* ``linear_binary_cross_entropy_with_logits(x, W, b, spec, plan, grad_scale, precompute)``
-
-Both take canonical arguments prepared by :mod:`crossent.functional._linear` (validated,
-flattened to rows ``x`` of shape (N, H), weights ``W`` of shape (D, C, H) for D
-"positions" of torch's K-dimensional loss, D = 1 otherwise) and return **unreduced**
-per-row losses; :func:`crossent.functional._reduction.reduce_loss` applies ``mean``.
-
-How the work is cut (see :func:`plan_chunks`): classes in blocks of ``Cc`` (outer loop),
-rows in blocks of ``R`` (inner loop). Per block the scratch is a few (R, Cc) buffers in
-the compute dtype, plus for fp16/bf16 inputs a float32 copy of the (Cc, H) weight block
-and a float32 (Cc, H) weight-gradient accumulator; fp16/bf16 inputs also get a float32
-copy of ``x`` and a float32 (N, H) input-gradient accumulator. ``grad_linear_weight`` of
-a class block is complete when its row loop ends, so it is rounded to the input dtype
-once, like the eager matmul.
-
-Cross-entropy with several class blocks needs the per-row log-sum-exp before any
-gradient: pass 1 computes per-row statistics (max ``m`` and its index ``k``,
-:math:`S' = \sum_{j\ne k} e^{x_j-m}`, the loss) merging blocks exactly; pass 2 recomputes
-the logits and accumulates the gradients (4 matrix products instead of 3). With one class
-block (the usual case in float32: ``R * C`` fits the budget) both passes are one.
-
-Gradients are computed in the forward pass for ``grad_scale`` (1 for ``sum``,
-``1/denominator`` for ``mean``) and scaled in backward by the ratio of the incoming
-gradient to ``grad_scale`` (exactly 1 in ordinary training). A non-uniform incoming
-gradient (``reduction='none'``, a second backward) recomputes them chunk by chunk.
-
-Ignored targets: a hidden row whose targets are all ignored (cross-entropy: its row;
-BCE: every label of the row) and, for BCE, a weight row (and bias) whose label is ignored
-in every row take no part in any kept loss. When such rows hold NaN or +-inf they are
-read as zeros, so they get exactly zero
-gradient and do not turn the other rows' weight gradients into NaN through ``0 * nan``
-in the matrix products (torch's eager ``F.linear`` + loss does); see :func:`_ce_ignored`,
-:func:`_bce_ignored` and :class:`_Operands`.
+Design notes: ``docs/design.md``, section ``crossent.backends.linear``.
 """
 
 from __future__ import annotations
@@ -48,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from .._env import env_bytes
+from .. import _config
+from .._dtypes import is_low_precision
 from .. import _capture
 from . import reference
 from ._registry import Backend, _BACKENDS, register
@@ -65,8 +29,8 @@ DEFAULT_BUDGET = 256 * 2**20
 
 
 def default_budget() -> int:
-    """``$CROSSENT_LINEAR_BUDGET`` parsed by :func:`crossent._env.env_bytes`, else :data:`DEFAULT_BUDGET`."""
-    return env_bytes("CROSSENT_LINEAR_BUDGET", DEFAULT_BUDGET)
+    """``$CROSSENT_LINEAR_BUDGET`` parsed by :func:`crossent._config.env_bytes`, else :data:`DEFAULT_BUDGET`."""
+    return _config.linear_budget(DEFAULT_BUDGET)
 
 
 # Fewest rows a block may have before the classes are split too (two passes): 32 rows of
@@ -109,7 +73,7 @@ def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[
     """
     budget = default_budget() if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
-    low = dtype in (torch.float16, torch.bfloat16)
+    low = is_low_precision(dtype)
     per_logit = buffers * esize
     per_class_extra = 2 * H * 4 if low else 0
     logit_budget = budget
@@ -194,10 +158,6 @@ class CETarget:
         return R
 
 
-def _zero_times(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return reference._times(coef, value)
-
-
 def _neg_dot(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """sum_j a_j (-z_j) per row with 0 * inf = 0 (a: (Cc,) or (R, Cc); z <= 0).
 
@@ -206,7 +166,7 @@ def _neg_dot(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """
     out = -(z @ a) if a.dim() == 1 else -(a * z).sum(1)
     if bool(torch.isnan(out).any()):
-        out = _zero_times(a.expand_as(z), -z).sum(1)
+        out = reference._times(a.expand_as(z), -z).sum(1)
     return out
 
 
@@ -262,7 +222,7 @@ class _RowStats:
         s_new = torch.where(first, sb, s_new)
         d_old = torch.where(m == M, zero, M - m)
         d_new = torch.where(mb == M, zero, M - mb)
-        t_new = torch.where(first, tb, t + _zero_times(w, d_old) + tb + _zero_times(wb, d_new))
+        t_new = torch.where(first, tb, t + reference._times(w, d_old) + tb + reference._times(wb, d_new))
         self.k[r0:r1] = torch.where(newer, kb, self.k[r0:r1])
         self.m[r0:r1] = M
         self.s[r0:r1] = s_new
@@ -272,10 +232,10 @@ class _RowStats:
     def loss(self, tgt: CETarget) -> torch.Tensor:
         """Per-row loss: c ((m - x_y) + log1p(S')) + t + w log1p(S'), every term >= 0."""
         lp = torch.log1p(self.s)
-        loss = self.t + _zero_times(self.w, lp)
+        loss = self.t + reference._times(self.w, lp)
         if tgt.index:
             dm = torch.where(self.my == self.m, torch.zeros_like(self.m), self.m - self.my)
-            loss = loss + _zero_times(tgt.c.to(self.m.dtype), (dm + self.dy) + lp)
+            loss = loss + reference._times(tgt.c.to(self.m.dtype), (dm + self.dy) + lp)
         return loss
 
     def lse(self) -> torch.Tensor:
@@ -693,7 +653,7 @@ def _where_rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def linear_cross_entropy_chunked(x, W, b, tgts, plan, grad_scale, precompute):
-    """Per-row losses and log-sum-exp (N, D); see the module docstring."""
+    """Per-row losses and log-sum-exp (N, D); see ``docs/design.md``."""
     precompute = precompute and torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(x, W, b, tgts, plan, grad_scale, precompute)
 
@@ -734,14 +694,9 @@ def ce_targets(target, index, weight, keep, eps, C, cdt):
             continue
         t = target[:, p]
         kp = None if keep is None else keep[:, p]
-        y = t if kp is None else torch.where(kp, t, torch.zeros_like(t))
-        den = torch.ones(y.shape, dtype=cdt, device=y.device) if weight is None else weight.gather(0, y)
-        if kp is not None:
-            den = torch.where(kp, den, torch.zeros((), dtype=cdt, device=den.device))
-        c = den * (1 - eps) if eps else den
-        smooth = srow = None
+        y, c, smooth, den = reference.index_coefficients(t, weight, kp, eps, C, cdt)
+        srow = None
         if eps:
-            smooth = torch.full((C,), eps / C, dtype=cdt, device=y.device) if weight is None else weight * (eps / C)
             srow = torch.ones(y.shape, dtype=cdt, device=y.device) if kp is None else kp.to(cdt)
         tg = CETarget(y=y, c=c, srow=srow, smooth=smooth, C=C)
         tg.raw_target, tg.keep, tg.weight, tg.eps = t, kp, weight, eps
@@ -894,7 +849,7 @@ def _bce_pass(ops, tgt, plan, grads, scale, per_element, loss_out):
 
 
 class LinearBCEWithLogitsFunction(torch.autograd.Function):
-    """Autograd wrapper for the fused linear + BCE-with-logits (see module docstring)."""
+    """Autograd wrapper for the fused linear + BCE-with-logits (see ``docs/design.md``)."""
 
     @staticmethod
     def forward(ctx, x, W, b, tgt, plan, grad_scale, precompute, per_element):

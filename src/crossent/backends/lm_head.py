@@ -59,9 +59,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._env import env_bytes
-
-DEFAULT_BUDGET = 256 * 2**20
+from .linear import default_budget
 
 
 def plan_rows(N: int, C: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
@@ -69,7 +67,7 @@ def plan_rows(N: int, C: int, dtype: torch.dtype, budget: Optional[int] = None) 
 
     ``budget``: bytes of scratch (None: ``$CROSSENT_LINEAR_BUDGET`` or 256 MiB). A
     4096 x 2048 -> 128256 float32 head gets 174-row blocks."""
-    budget = env_bytes("CROSSENT_LINEAR_BUDGET", DEFAULT_BUDGET) if budget is None else int(budget)
+    budget = default_budget() if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
     return int(max(1, min(max(N, 1), budget // max(1, C * BUFFERS * esize))))
 

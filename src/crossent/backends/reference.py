@@ -1,17 +1,5 @@
 """The plain-torch reference backend: exact formulas, any device, any autograd order.
-
-Every function here takes *canonical* arguments (validated, broadcast, in the compute
-dtype, with ``ignore_index`` already turned into a boolean ``keep`` mask) and returns
-**unreduced** per-element losses; reductions happen in ``functional._reduction`` only.
-
-Gradients come from autograd over these formulas (so second derivatives and target
-gradients exist), except where an explicit backward is needed for exactness or for
-torch's documented gradient (see each function).
-
-Ignored elements (``keep`` False) are replaced by a harmless finite value *before* the
-formulas (:func:`sanitise_ignored`), not only masked after them: masking alone leaves
-``0 * nan`` in the backward of a NaN logit, so its gradient (and that of the class
-weights) would be NaN. The rule is in :mod:`crossent.functional._reduction`.
+Design notes: ``docs/design.md``, section ``crossent.backends.reference``.
 """
 
 from __future__ import annotations
@@ -183,7 +171,7 @@ def binary_cross_entropy(
 
 
 # --------------------------------------------------------------------------- multiclass
-def _neg_log_softmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _neg_log_softmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""``-log softmax(x)`` over dim 1, cancellation-free.
 
     With :math:`m = \max_j x_j` at index k and :math:`S' = \sum_{j \ne k} e^{x_j - m}`,
@@ -319,15 +307,22 @@ def ce_coefficients(x, target, index_target, weight, keep, label_smoothing):
         if weight is not None:
             q = q * weight
         return q, None, None, None, None
+    return (None, *index_coefficients(target, weight, keep, eps, C, x.dtype))
+
+
+def index_coefficients(target, weight, keep, eps, C, dtype):
+    """``(y, c, smooth, den)`` of class-index targets (any shape), in ``dtype``: the one
+    definition of what class weights, ``ignore_index`` and label smoothing mean for
+    cross-entropy (see :func:`ce_coefficients`; the fused linear ops use it per position)."""
     # Few torch calls: small inputs pay per call (docs/performance.md, small inputs).
     y = target if keep is None else torch.where(keep, target, 0)
     if weight is None:
         if keep is None:
-            den = torch.ones_like(y, dtype=x.dtype)
+            den = torch.ones_like(y, dtype=dtype)
         else:
             den = torch.where(keep, 1.0, -0.0)
-            if den.dtype != x.dtype:
-                den = den.to(x.dtype)
+            if den.dtype != dtype:
+                den = den.to(dtype)
     else:
         den = weight.gather(0, y) + 0.0   # + 0.0: a kept row's weight is never -0.0
         if keep is not None:
@@ -335,8 +330,8 @@ def ce_coefficients(x, target, index_target, weight, keep, label_smoothing):
     c = den * (1 - eps) if eps else den
     smooth = None
     if eps:
-        smooth = torch.full((C,), eps / C, dtype=x.dtype, device=x.device) if weight is None else weight * (eps / C)
-    return None, y, c, smooth, den
+        smooth = torch.full((C,), eps / C, dtype=dtype, device=y.device) if weight is None else weight * (eps / C)
+    return y, c, smooth, den
 
 
 def cross_entropy(

@@ -1,12 +1,5 @@
 """`crossent bench`: a timing harness plus named presets.
-
-* :mod:`.presets` -- the registry of presets (``PRESETS``, ``register_preset``, ``Case``);
-* :mod:`.harness` -- interleaved repeats, medians with p20/p80, compile time apart;
-* :mod:`.memory` -- peak extra memory of one forward+backward (how: see that module);
-* :mod:`.machine` -- copy bandwidth and exp/log1p throughput of this machine, provenance;
-* :mod:`.report` -- Markdown and CSV.
-
-:func:`run` ties them together; ``crossent bench --help`` is the command line.
+Design notes: ``docs/design.md``, section ``crossent.bench``.
 """
 
 from __future__ import annotations
@@ -15,9 +8,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .presets import DESCRIPTIONS, PRESETS, Case, load_plugins, register_preset
+from . import linear as _linear  # noqa: F401  (registers the linear-ce and linear-bce presets)
+from .presets import DESCRIPTIONS, PRESETS, Case, register_preset
 
-__all__ = ["Case", "DESCRIPTIONS", "PRESETS", "load_plugins", "register_preset", "run"]
+__all__ = ["Case", "DESCRIPTIONS", "PRESETS", "register_preset", "run"]
 
 
 def run(presets: Optional[Sequence[str]] = None, *, size: str = "full", modes: Sequence[str] = ("full",),
@@ -28,7 +22,6 @@ def run(presets: Optional[Sequence[str]] = None, *, size: str = "full", modes: S
     from . import harness, machine
     from .memory import measure_in_child
 
-    load_plugins()
     dev = torch.device(device)
     names = list(PRESETS) if not presets else list(presets)
     unknown = [n for n in names if n not in PRESETS]

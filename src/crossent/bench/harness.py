@@ -1,21 +1,5 @@
 """Timing harness: interleaved repeats, medians with p20/p80, compile time apart.
-
-How a case is timed (all variants on the same inputs, in one process):
-
-1. **Warm-up.** Each variant runs forward+backward twice. The first call of a
-   ``torch.compile`` variant compiles its forward and backward graphs: its duration is
-   reported as ``compile_s`` and never enters the steady state. (crossent's CPU kernel is
-   built here too, in about a second, the first time it is ever used.)
-2. **Calibration.** A sample is ``number`` consecutive calls, with ``number`` chosen so a
-   sample lasts at least ``min_sample_s`` (tiny shapes would otherwise measure the timer).
-3. **Interleaved repeats.** ``repeats`` rounds; in each round every variant takes one
-   sample, in an order rotated by one per round, so slow drifts of a shared machine hit
-   all variants alike. Reported: median, 20th and 80th percentile of the per-call time.
-
-Modes: ``forward`` (loss with autograd recording, no backward), ``backward`` (only
-``loss.backward()``, the forward runs untimed before it), ``full`` (both). Before every
-call the gradient of the input is reset to ``None`` (as ``optimizer.zero_grad()`` does), so
-each call allocates its gradient like a training step would.
+Design notes: ``docs/design.md``, section ``crossent.bench.harness``.
 """
 
 from __future__ import annotations
@@ -124,7 +108,7 @@ def _quantile(values: List[float], q: float) -> float:
 def time_case(case: Case, device: torch.device, modes=("full",), repeats: int = 7,
               min_sample_s: float = 0.02, variants: Optional[List[str]] = None,
               log=print) -> List[Result]:
-    """Time every variant of ``case`` in every mode (see the module docstring)."""
+    """Time every variant of ``case`` in every mode (see ``docs/design.md``)."""
     inputs = case.make(device)
     names = [v for v in case.variants if variants is None or v in variants]
     compile_s: Dict[str, Optional[float]] = {}

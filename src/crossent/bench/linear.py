@@ -1,27 +1,5 @@
 """Benchmark presets for the fused linear + loss ops (``crossent bench``), and a runner.
-
-Presets (``size``: ``smoke`` seconds, ``medium`` a minute, ``full`` the sizes of issue 6,
-many GiB: run those only on a machine that has them):
-
-* ``linear-ce``: hidden (N, H) -> C classes, cross-entropy, fp32 and bf16:
-  full 4096 x 2048 -> 128256 and 8192 x 4096 -> 32000.
-* ``linear-bce``: multi-label, 4096 x 1024 -> 100000 labels (10 positives a row), fp32
-  and bf16, dense targets; crossent also with sparse (-1 padded) positive ids.
-
-Variants of every case, all computing the loss and the gradients of ``x``, ``W``:
-``torch eager`` (``F.linear`` then the torch loss), ``torch.compile`` (of that),
-``torch chunked`` (``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``,
-torch >= 2.13, cross-entropy only), ``crossent`` and ``matmul bound`` (only the three
-matrix products of forward+backward, the floor of any fused implementation; its memory
-column is meaningless).
-
-Memory: the harness reports the peak beyond what was resident before the call, which
-includes the gradients ``x.grad`` and ``W.grad`` themselves; subtract
-``Case.grad_bytes`` (recorded on every case) for the overhead the issue's targets count.
-
-When the harness of ``crossent.bench`` (presets/harness/memory) is there, the presets
-register into it; otherwise :func:`main` runs them with a minimal built-in loop:
-``python -m crossent.bench.linear --size smoke``.
+Design notes: ``docs/design.md``, section ``crossent.bench.linear``.
 """
 
 from __future__ import annotations
@@ -34,33 +12,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
 
 import torch
 import torch.nn.functional as F
 
-try:  # the shared harness (crossent.bench.presets), when present
-    from .presets import Case, register_preset
-except ImportError:  # pragma: no cover - standalone fallback with the same interface
-    @dataclass
-    class Case:  # type: ignore[no-redef]
-        name: str
-        make: Callable[[torch.device], Dict[str, Any]]
-        variants: Dict[str, Callable[[Dict[str, Any]], torch.Tensor]]
-        grad_input: str = "x"
-        fresh_input: bool = False
-        elements: int = 0
-        bytes_per_element: float = 0.0
-        transcendentals: Dict[str, float] = field(default_factory=dict)
-
-    _LOCAL: Dict[str, Callable] = {}
-
-    def register_preset(name, description=""):  # type: ignore[no-redef]
-        def deco(fn):
-            _LOCAL[name] = fn
-            return fn
-        return deco
+from .presets import Case, register_preset
 
 PRESET_NAMES = ("linear-ce", "linear-bce")
 SIZES = {

@@ -1,12 +1,5 @@
 """What this machine can do, measured in the same run, and where the run happened.
-
-* ``copy_bytes_per_s``: ``dst.copy_(src)`` between two already-touched float32 buffers,
-  counting bytes read + written (so it is the streaming bandwidth a fused kernel can use).
-* ``exp_per_s`` / ``log1p_per_s``: eager ``torch.exp`` / ``torch.log1p`` with ``out=``
-  into an already-touched buffer, elements per second, on all of torch's threads.
-
-Medians of several runs. These are the limits a fused kernel is compared with in the
-``limit`` column of `crossent bench` (see :func:`crossent.bench.harness.limit_fraction`).
+Design notes: ``docs/design.md``, section ``crossent.bench.machine``.
 """
 
 from __future__ import annotations
@@ -20,6 +13,8 @@ from pathlib import Path
 from typing import Dict
 
 import torch
+
+from .. import _config
 
 
 def _median_time(fn, device, runs=7) -> float:
@@ -84,7 +79,7 @@ def provenance(device: torch.device) -> Dict[str, str]:
         triton_version = triton.__version__
     except Exception:
         triton_version = "not installed"
-    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "")
+    thp = _config.thp_setting()
     return {
         "crossent": crossent.__version__,
         "commit": git_commit(),

@@ -1,29 +1,5 @@
 """Peak extra memory of one forward+backward, per variant.
-
-**What the number means:** the highest memory in use during one call of
-``loss = variant(inputs); loss.backward()`` *beyond what was in use just before it* (the
-inputs, and for in-place variants the fresh logits). It includes the gradient the call
-leaves in ``x.grad`` (one input-sized buffer is the least any variant can need without
-reusing the input's buffer) and every temporary that was alive at the same time. For the
-LM-head cases the logits come from a stand-in layer (``harness._Layer``) whose backward
-takes the gradient without keeping it: there the number is what the loss itself needs,
-and the in-place variant's ideal is about zero.
-
-**How it is measured:**
-
-* CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` around the
-  call after ``reset_peak_memory_stats()`` (exact, allocator level).
-* CPU: in a **child process** (``python -m crossent.bench.memory``) started with
-  ``MALLOC_MMAP_THRESHOLD_=65536`` so that every buffer of 64 KiB or more is its own
-  ``mmap`` and leaves the resident set when freed (glibc's default threshold adapts and
-  would keep freed buffers resident, hiding later allocations). Before the call the
-  child resets the kernel's resident high-water mark (``echo 5 > /proc/self/clear_refs``)
-  and reads ``VmRSS``; after it, ``VmHWM``. Extra = ``VmHWM - VmRSS_before``. Resolution is
-  a page (4 KiB; 2 MiB pages with ``THP_MEM_ALLOC_ENABLE=1``); buffers under 64 KiB and
-  allocator bookkeeping add noise of well under 1 MiB. Linux only; elsewhere "n/a".
-
-Each variant is warmed up twice first (compilation, kernel build), so the number is the
-steady state of a training step.
+Design notes: ``docs/design.md``, section ``crossent.bench.memory``.
 """
 
 from __future__ import annotations
@@ -75,7 +51,7 @@ def measure_case(case, device: torch.device, variants=None) -> Dict[str, Optiona
             del d
         d = _prepare(case, inputs)
 
-        def call():
+        def call(fn=fn, d=d):
             fn(d).backward()
 
         if device.type == "cuda":
@@ -114,9 +90,7 @@ def _main(argv=None) -> int:
     p.add_argument("device")
     p.add_argument("variants")
     a = p.parse_args(argv)
-    from .presets import PRESETS, load_plugins
-
-    load_plugins()
+    from . import PRESETS
     device = torch.device(a.device)
     case = PRESETS[a.preset](a.size, device)[a.index]
     print(json.dumps(measure_case(case, device, json.loads(a.variants))))

@@ -1,24 +1,9 @@
 """Named benchmark presets: what `crossent bench` measures.
-
-A preset is a function ``(size, device) -> list[Case]`` registered under a name in
-:data:`PRESETS`; ``size`` is ``"smoke"`` (tiny, seconds), ``"medium"`` or ``"full"`` (the
-sizes of issue 5). Other modules add presets with :func:`register_preset` (for example
-``crossent.bench.linear``, loaded by :func:`load_plugins` when it exists)::
-
-    from crossent.bench.presets import Case, register_preset
-
-    @register_preset("my-case", "what it measures")
-    def my_case(size, device):
-        return [Case(...)]
-
-A :class:`Case` holds a way to build inputs once and a few *variants* (torch eager,
-torch.compile, crossent, ...) that each map those inputs to a scalar loss; the harness
-times them interleaved on the same inputs.
+Design notes: ``docs/design.md``, section ``crossent.bench.presets``.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -76,26 +61,13 @@ def register_preset(name: str, description: str = "") -> Callable[[PresetFn], Pr
     return deco
 
 
-PLUGIN_MODULES = ["crossent.bench.linear"]
-
-
-def load_plugins() -> None:
-    """Import the optional preset modules that exist (each registers its presets)."""
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-
-
 def _pick(size: str, smoke, medium, full):
     return {"smoke": smoke, "medium": medium, "full": full}[size]
 
 
 def _compiled(fn: Callable) -> Callable:
     """torch.compile(fn), created on the first call (importing dynamo costs seconds)."""
-    compiled = []
+    compiled: List[Callable] = []
 
     def call(d):
         if not compiled:

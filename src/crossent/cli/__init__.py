@@ -1,9 +1,5 @@
 """``crossent`` command line: ``crossent demo | bench | env``.
-
-Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``;
-they are imported only when chosen, so ``crossent env`` never imports matplotlib or triton.
-A user mistake found by ``run`` (a :class:`~crossent.cli._checks.UsageError`, checked before
-any work) prints one line, ``crossent <command>: error: <message>``, and returns 2.
+Design notes: ``docs/design.md``, section ``crossent.cli``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
 """Argument checks shared by the subcommands: run before any work, fail in one line.
-
-A subcommand raises :class:`UsageError` for a user mistake; :func:`crossent.cli.main`
-prints ``crossent <command>: error: <message>`` on stderr and returns 2, without a
-traceback. Everything that can be known before the work starts (option ranges, devices,
-whether ``--out`` can be written) is checked here first, so a mistake never costs a run.
+Design notes: ``docs/design.md``, section ``crossent.cli._checks``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,5 @@
 """``crossent bench``: crossent against torch eager and torch.compile, side by side.
-
-Examples::
-
-    crossent bench                          # every preset at full size (minutes; a quiet machine)
-    crossent bench --smoke                  # every preset at tiny sizes, seconds (what CI runs)
-    crossent bench --preset lm-head --preset multilabel --repeats 9 --out results/
-    crossent bench --thp both --out results/   # run twice: THP_MEM_ALLOC_ENABLE=0 and =1
-
-Writes ``bench.md`` and ``bench.csv`` to ``--out`` (and prints the Markdown). With
-``--thp both`` the two runs go to ``OUT/thp-off`` and ``OUT/thp-on``. A folder that already
-holds ``bench.md`` or ``bench.csv`` is refused unless ``--force`` (results are regenerated in
-place on purpose, e.g. ``results/loss/thp-off``, never by accident). Options, devices and
-``--out`` are checked before anything runs: a mistake is one line and exit status 2. See
-:mod:`crossent.bench` for how times, memory and machine limits are measured.
+Design notes: ``docs/design.md``, section ``crossent.cli.bench``.
 """
 
 from __future__ import annotations
@@ -54,13 +41,12 @@ OUTPUTS = ("bench.md", "bench.csv")
 
 def _check(args, out: Path | None) -> None:
     """Every argument that can be wrong, before any work (see crossent.cli._checks)."""
-    from crossent.bench import PRESETS, load_plugins
+    from crossent.bench import PRESETS
 
     from ._checks import UsageError, at_least, check_device, probe_writable, refuse_overwrite
 
     at_least("--repeats", args.repeats)
     at_least("--threads", args.threads)
-    load_plugins()
     unknown = [p for p in args.preset or [] if p not in PRESETS]
     if unknown:
         raise UsageError(f"expected --preset among {', '.join(PRESETS)}, but got "
@@ -94,10 +80,9 @@ def _rerun_with_thp(args, value: str, out: Path | None) -> int:
 
 
 def run(args) -> int:
-    from crossent.bench import DESCRIPTIONS, load_plugins
+    from crossent.bench import DESCRIPTIONS
 
     if args.list:
-        load_plugins()
         for name, text in DESCRIPTIONS.items():
             print(f"{name:14s} {text}")
         return 0

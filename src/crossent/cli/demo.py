@@ -1,21 +1,5 @@
 """``crossent demo``: the tutorials' training loop, done right, on real bundled data.
-
-Two tasks, four classifiers, one exact bookkeeping:
-
-* **Breast cancer** (569 tumours x 30 features, malignant = 1): the same small MLP with the
-  three heads of the tutorials, side by side and from the *same* initial function:
-  ``sigmoid`` + ``BCELoss``; one logit + ``BCEWithLogitsLoss``; two logits +
-  ``CrossEntropyLoss`` (its head starts as ``one_logit_head_to_two`` of the 1-logit head, so
-  ``z1 - z0`` equals the other heads' logit at step 0).
-* **Digits** (1797 8x8 images, 10 classes): an MLP with ``CrossEntropyLoss``.
-
-Each epoch's train and validation losses are exact per-sample averages
-(:class:`crossent.tracking.LossMeter`: summed numerators / summed denominators), printed as
-a table; the curves (PNG), the history (CSV + JSON) and a summary go to a new run folder
-``--out/run-NNN`` (``crossent-out/run-001``, then ``run-002``, ...): a run never replaces
-an earlier one's files. Options, the device and whether ``--out`` can be written are checked
-before training: a mistake is one line and exit status 2.
-Runs in a few seconds on 2 CPU cores, without network.
+Design notes: ``docs/design.md``, section ``crossent.cli.demo``.
 """
 
 from __future__ import annotations
@@ -183,11 +167,6 @@ def run(args) -> int:
     t_start = time.perf_counter()
     import torch
 
-    import crossent
-    from crossent import probabilities as P
-    from crossent.data import load_breast_cancer, load_digits
-    from crossent.tracking import History
-
     from ._checks import at_least, new_run_dir
 
     at_least("--epochs", args.epochs)
@@ -227,7 +206,7 @@ def _run(args, device, out_dir: str, t_start: float) -> int:
     tr, va = _split(dg.target.numel(), dg.target, 0.2, g)
     dx_tr, dx_va = _standardise(dg.features[tr], dg.features[va])
     dy_tr, dy_va = dg.target[tr], dg.target[va]
-    data = {n: (bx_tr, by_tr, bx_va, by_va) for n in BINARY_MODELS}
+    data: dict = {n: (bx_tr, by_tr, bx_va, by_va) for n in BINARY_MODELS}
     data[DIGITS_MODEL] = (dx_tr, dy_tr, dx_va, dy_va)
     data = {n: tuple(t.to(device) for t in d) for n, d in data.items()}
 
@@ -310,7 +289,7 @@ def _run(args, device, out_dir: str, t_start: float) -> int:
         print(f"\ncurves not drawn: {exc}")
     elapsed = time.perf_counter() - t_start
     summary = os.path.join(out_dir, "summary.txt")
-    from crossent.tracking import atomic_write_text
+    from crossent._files import atomic_write_text
 
     atomic_write_text(summary, "\n".join([
         f"crossent {crossent.__version__} demo, torch {torch.__version__}, device {device}, "
@@ -336,13 +315,14 @@ def _progress(total: int, wanted):
     try:
         from tqdm import tqdm
     except ImportError:
-        print("(no progress bar: pip install tqdm)", file=sys.stderr)
+        print('(no progress bar: tqdm is not installed; pip install "crossent[demo]")', file=sys.stderr)
         return None
     return tqdm(total=total, desc="epochs", unit="epoch", file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def _plot(history, path: str) -> None:
-    from crossent.tracking import new_figure, plot_history, save_figure
+    from crossent.tracking import plot_history
+    from crossent.tracking.plot import new_figure, save_figure
 
     fig, (ax1, ax2) = new_figure(2, width=6.0, height=4.4)
     binary = [r for r in history if r["task"] == "breast_cancer"]

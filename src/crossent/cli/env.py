@@ -1,10 +1,5 @@
 """``crossent env``: versions, devices, backends and the compiled CPU kernel, for bug reports.
-
-The CPU kernel is built here if it was not yet (as the first CPU loss call would), so the
-line shows what a training run would get: compiled and from which file, switched off and by
-which variable, or the build failure. Triton's version comes from the installed package's
-metadata (``triton`` is not imported); backends are listed per device that exists here, so a
-CPU-only machine does not list ``triton``.
+Design notes: ``docs/design.md``, section ``crossent.cli.env``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
 """Small real data sets shipped inside the package (no network), for ``crossent demo`` and tests.
-
-* :func:`load_breast_cancer`: UCI Breast Cancer Wisconsin (Diagnostic), 569 x 30, binary.
-* :func:`load_digits`: UCI Optical Recognition of Handwritten Digits (test part),
-  1797 x 64 (8x8 images, pixel counts 0..16), 10 classes.
-
-Both files are byte-for-byte the copies that scikit-learn 1.9.1 bundles (the breast cancer
-CSV gzip-compressed by us); ``README.md`` in this folder gives sources, licences (CC BY 4.0)
-and checksums. They are read with :mod:`importlib.resources`, so they work from a wheel,
-an editable install or a zip.
+Design notes: ``docs/design.md``, section ``crossent.data``.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 from importlib import resources
 from typing import List, NamedTuple
 
-import numpy as np
 import torch
 
 __all__ = ["Dataset", "load_breast_cancer", "load_digits"]
@@ -38,6 +28,15 @@ def _read_gz_csv(name: str) -> str:
     return gzip.decompress(data).decode("ascii")
 
 
+def _parse_csv(body: str) -> torch.Tensor:
+    """Comma-separated numbers, one row per line, as a float64 (rows, columns) tensor.
+
+    Python's ``float`` rounds each decimal correctly, as any CSV reader does, so no
+    parser dependency is needed for two small files."""
+    return torch.tensor([[float(v) for v in line.split(",")] for line in body.splitlines() if line.strip()],
+                        dtype=torch.float64)
+
+
 _BC_BASE = ["radius", "texture", "perimeter", "area", "smoothness", "compactness", "concavity",
             "concave points", "symmetry", "fractal dimension"]
 
@@ -52,25 +51,25 @@ def load_breast_cancer() -> Dataset:
     text = _read_gz_csv("breast_cancer.csv.gz")
     header, body = text.split("\n", 1)
     n, f = (int(v) for v in header.split(",")[:2])
-    arr = np.loadtxt(io.StringIO(body), delimiter=",", dtype=np.float64, ndmin=2)
-    if arr.shape != (n, f + 1):  # pragma: no cover - guards a corrupted install
+    arr = _parse_csv(body)
+    if tuple(arr.shape) != (n, f + 1):  # pragma: no cover - guards a corrupted install
         raise RuntimeError(f"load_breast_cancer: expected {n} rows of {f + 1} values, but got {arr.shape}. "
                            "Reinstall crossent.")
     names = ([f"mean {b}" for b in _BC_BASE] + [f"{b} error" for b in _BC_BASE]
              + [f"worst {b}" for b in _BC_BASE])
-    malignant = 1 - arr[:, -1].astype(np.int64)  # file: 0 = malignant, 1 = benign
-    return Dataset(torch.from_numpy(arr[:, :-1].astype(np.float32)), torch.from_numpy(malignant),
+    malignant = 1 - arr[:, -1].to(torch.int64)  # file: 0 = malignant, 1 = benign
+    return Dataset(arr[:, :-1].to(torch.float32), malignant,
                    names, ["benign", "malignant"],
                    "UCI ML Breast Cancer Wisconsin (Diagnostic), CC BY 4.0, doi:10.24432/C5DW2B")
 
 
 def load_digits() -> Dataset:
     """Handwritten digits: 1797 images of 8x8 pixel counts (0..16), classes 0..9."""
-    arr = np.loadtxt(io.StringIO(_read_gz_csv("digits.csv.gz")), delimiter=",", dtype=np.float64, ndmin=2)
-    if arr.shape != (1797, 65):  # pragma: no cover - guards a corrupted install
+    arr = _parse_csv(_read_gz_csv("digits.csv.gz"))
+    if tuple(arr.shape) != (1797, 65):  # pragma: no cover - guards a corrupted install
         raise RuntimeError(f"load_digits: expected 1797 rows of 65 values, but got {arr.shape}. "
                            "Reinstall crossent.")
     names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
-    return Dataset(torch.from_numpy(arr[:, :-1].astype(np.float32)), torch.from_numpy(arr[:, -1].astype(np.int64)),
+    return Dataset(arr[:, :-1].to(torch.float32), arr[:, -1].to(torch.int64),
                    names, [str(d) for d in range(10)],
                    "UCI ML Optical Recognition of Handwritten Digits (test set), CC BY 4.0, doi:10.24432/C50P49")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union, overload
 
 import torch
 
 from .. import _validation as V
 from .._capture import capturing
 from ..backends import dispatch, ops, resolve
-from ._reduction import autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
+from ._reduction import LossParts, autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
 
 
 def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
@@ -19,31 +19,16 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     V.check_floating_input(func, input)
     target = V.check_binary_target(func, input, target)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
-    ignore_index = V.check_ignore_index(func, ignore_index)
+    ignore_index = V.check_binary_ignore_index(func, ignore_index)
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     pos_weight = V.as_weight_tensor(func, "pos_weight", pos_weight, like=input)
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
-    if weight is not None:
-        try:
-            ok = torch.broadcast_shapes(weight.shape, input.shape) == input.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            V.fail(func, f"`weight` broadcastable to the input's shape {V.shape_str(input.shape)}",
-                   f"shape {V.shape_str(weight.shape)}",
-                   "Per-element weights need the input's shape (or a shape that broadcasts to it, "
-                   f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label).")
-    if pos_weight is not None:
-        try:
-            ok = torch.broadcast_shapes(pos_weight.shape, input.shape) == input.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            n = input.shape[-1] if input.dim() else 1
-            V.fail(func, f"`pos_weight` broadcastable to the input's shape {V.shape_str(input.shape)}: "
-                   "one weight per label, along the last dimension",
-                   f"shape {V.shape_str(pos_weight.shape)}",
-                   f"Use pos_weight of shape ({n},) (e.g. num_negatives / num_positives per label).")
+    V.check_broadcastable(func, "weight", weight, input.shape, "the input's shape", lambda: (
+        "Per-element weights need the input's shape (or a shape that broadcasts to it, "
+        f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label)."))
+    V.check_broadcastable(func, "pos_weight", pos_weight, input.shape, "the input's shape", lambda: (
+        "One weight per label, along the last dimension: use pos_weight of shape "
+        f"({input.shape[-1] if input.dim() else 1},) (e.g. num_negatives / num_positives per label)."))
     keep = None
     if ignore_index is not None:
         keep = target != ignore_index
@@ -89,6 +74,59 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
     return fn(x, t, weight, pos_weight, keep), denominator
 
 
+@overload
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    *,
+    pos_weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    backend: Optional[str] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    *,
+    pos_weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    backend: Optional[str] = None,
+) -> LossParts: ...
+
+
+@overload
+def binary_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    *,
+    pos_weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    backend: Optional[str] = None,) -> Union[torch.Tensor, LossParts]: ...
+
+
 def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -103,7 +141,7 @@ def binary_cross_entropy(
     validate: Optional[bool] = None,
     return_parts: bool = False,
     backend: Optional[str] = None,
-):
+) -> Union[torch.Tensor, LossParts]:
     r"""Binary cross-entropy between probabilities ``input`` and ``target``.
 
     .. math::
@@ -145,6 +183,59 @@ def binary_cross_entropy(
                        capture=capture)
 
 
+@overload
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    backend: Optional[str] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    backend: Optional[str] = None,
+) -> LossParts: ...
+
+
+@overload
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    backend: Optional[str] = None,) -> Union[torch.Tensor, LossParts]: ...
+
+
 def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -159,7 +250,7 @@ def binary_cross_entropy_with_logits(
     validate: Optional[bool] = None,
     return_parts: bool = False,
     backend: Optional[str] = None,
-):
+) -> Union[torch.Tensor, LossParts]:
     r"""Binary cross-entropy on logits: sigmoid and BCE in one exact step.
 
     .. math::

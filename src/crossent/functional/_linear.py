@@ -11,7 +11,7 @@ lives in :mod:`crossent.backends.linear`; ``mean`` is applied by
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 
@@ -20,7 +20,7 @@ from .._capture import capturing
 from ..backends import dispatch, ops, resolve
 from ..backends.linear import BUFFERS_DENSE, BUFFERS_INDEX, BCETarget, ce_targets, plan_chunks
 from ._lm_head import lm_cross_entropy, rows_for, wants_lm_head
-from ._reduction import compute_dtype, reduce_loss
+from ._reduction import LossParts, compute_dtype, reduce_loss
 
 _INT = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -86,6 +86,115 @@ def _no_target_grad(func, **tensors):
                    f"pass `{name}.detach()`, or use the unfused loss on `F.linear(...)` logits.")
 
 
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    return_lse: Literal[False] = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    return_lse: Literal[False] = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> LossParts: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    return_lse: Literal[True],
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    return_lse: Literal[True],
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> Tuple[LossParts, torch.Tensor]: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    return_lse: bool = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,) -> Union[torch.Tensor, LossParts, Tuple[Union[torch.Tensor, LossParts], torch.Tensor]]: ...
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -109,7 +218,8 @@ def linear_cross_entropy(
     temperature: float = 1.0,
     token_weight: Optional[torch.Tensor] = None,
     return_accuracy: bool = False,
-):
+) -> Union[torch.Tensor, LossParts, Tuple[Union[torch.Tensor, LossParts], torch.Tensor],
+           Tuple[Union[torch.Tensor, LossParts], torch.Tensor, torch.Tensor]]:
     r"""Cross-entropy of a linear layer's logits without storing the logits.
 
     Exactly ``crossent.cross_entropy(F.linear(input, linear_weight, linear_bias), target,
@@ -294,6 +404,71 @@ def linear_cross_entropy(
     return result
 
 
+@overload
+def linear_binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    pos_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    target_format: Optional[str] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def linear_binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    pos_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    target_format: Optional[str] = None,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> LossParts: ...
+
+
+@overload
+def linear_binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    pos_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: Optional[int] = None,
+    target_format: Optional[str] = None,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    class_chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,) -> Union[torch.Tensor, LossParts]: ...
+
+
 def linear_binary_cross_entropy_with_logits(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -312,7 +487,7 @@ def linear_binary_cross_entropy_with_logits(
     chunk_size: Optional[int] = None,
     class_chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
-):
+) -> Union[torch.Tensor, LossParts]:
     r"""Multi-label BCE-with-logits of a linear layer's logits without storing them.
 
     Exactly ``crossent.binary_cross_entropy_with_logits(F.linear(input, linear_weight,
@@ -355,7 +530,7 @@ def linear_binary_cross_entropy_with_logits(
     reduction = V.check_reduction(func, reduction)
     H, L, _ = _check_linear(func, input, linear_weight, linear_bias, allow_kdim=False)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
-    ignore_index = V.check_ignore_index(func, ignore_index)
+    ignore_index = V.check_binary_ignore_index(func, ignore_index)
     if not isinstance(target, torch.Tensor):
         V.fail(func, "`target` to be a torch.Tensor", type(target).__name__,
                "Convert it with torch.as_tensor(...).", V.CrossentTypeError)
@@ -386,16 +561,8 @@ def linear_binary_cross_entropy_with_logits(
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
     _no_target_grad(func, target=target, weight=weight, pos_weight=pos_weight)
     for name, value in (("weight", weight), ("pos_weight", pos_weight)):
-        if value is None:
-            continue
-        try:
-            ok = torch.broadcast_shapes(value.shape, logits_shape) == logits_shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            V.fail(func, f"`{name}` broadcastable to the logits' shape {V.shape_str(logits_shape)}",
-                   f"shape {V.shape_str(value.shape)}",
-                   f"Use shape ({L},) for one number per label.")
+        V.check_broadcastable(func, name, value, torch.Size(logits_shape), "the logits' shape",
+                              lambda: f"Use shape ({L},) for one number per label.")
 
     sparse = target_format == "sparse"
     x = input.reshape(-1, H)

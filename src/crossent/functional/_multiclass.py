@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 
@@ -10,8 +10,8 @@ from .. import _validation as V
 from .._capture import capturing
 from ..backends import chunked, dispatch, ops, resolve
 from ._lm_head import lm_cross_entropy, rows_for, wants_lm_head
-from ._reduction import (_autocast_enabled, autocast_inputs, compute_dtype, legacy_reduction, no_autocast,
-                         reduce_loss)
+from ._reduction import (LossParts, _autocast_enabled, autocast_inputs, compute_dtype, legacy_reduction,
+                         no_autocast, reduce_loss)
 
 
 def _rows(t: torch.Tensor, dtype: torch.dtype, class_dim: int, C: int) -> torch.Tensor:
@@ -55,6 +55,78 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
     return chunked.plain_cross_entropy(input, target, reduction)
 
 
+@overload
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    validate: Optional[bool] = None,
+    return_parts: Literal[False] = ...,
+    backend: Optional[str] = None,
+    inplace_backward: bool = False,
+    z_loss: float = ...,
+    return_lse: Literal[False] = ...,
+    softcap: Optional[float] = ...,
+    temperature: float = ...,
+    token_weight: Optional[torch.Tensor] = ...,
+    return_accuracy: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    validate: Optional[bool] = None,
+    return_parts: Literal[True],
+    backend: Optional[str] = None,
+    inplace_backward: bool = False,
+    z_loss: float = ...,
+    return_lse: Literal[False] = ...,
+    softcap: Optional[float] = ...,
+    temperature: float = ...,
+    token_weight: Optional[torch.Tensor] = ...,
+    return_accuracy: Literal[False] = ...,
+) -> LossParts: ...
+
+
+@overload
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    validate: Optional[bool] = None,
+    return_parts: bool = ...,
+    backend: Optional[str] = None,
+    inplace_backward: bool = False,
+    z_loss: float = ...,
+    return_lse: bool = ...,
+    softcap: Optional[float] = ...,
+    temperature: float = ...,
+    token_weight: Optional[torch.Tensor] = ...,
+    return_accuracy: bool = ...,
+) -> Union[torch.Tensor, LossParts, Tuple[Union[torch.Tensor, LossParts], ...]]: ...
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -75,7 +147,7 @@ def cross_entropy(
     temperature: float = 1.0,
     token_weight: Optional[torch.Tensor] = None,
     return_accuracy: bool = False,
-):
+) -> Union[torch.Tensor, LossParts, Tuple[Union[torch.Tensor, LossParts], ...]]:
     r"""Cross-entropy between logits ``input`` and class indices or class probabilities.
 
     With :math:`-\log p_{c} = \log\sum_j e^{x_j} - x_c`, smoothing :math:`\epsilon` and

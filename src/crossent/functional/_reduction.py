@@ -1,35 +1,5 @@
 """The one place that decides what ``reduction`` means.
-
-Every loss in crossent is computed as per-element losses ``l_i`` together with a
-per-element *denominator weight* ``d_i``. Then
-
-.. math::
-
-    \\text{none} = (l_i)_i, \\qquad \\text{sum} = \\sum_i l_i, \\qquad
-    \\text{mean} = \\frac{\\sum_i l_i}{\\sum_i d_i}.
-
-The loss decides ``d_i``, matching torch exactly:
-
-* BCE and BCE-with-logits: ``d_i = 1`` (``weight`` rescales the loss but is *not* in the
-  denominator), and ``d_i = 0`` for elements equal to ``ignore_index`` (crossent extension).
-* Cross-entropy, class-index targets: ``d_i = weight[y_i]`` (1 without weights), 0 for
-  ``ignore_index``; label smoothing keeps this denominator (torch does the same).
-* Cross-entropy, class-probability targets: ``d_i = 1`` per sample, weights or not.
-
-An empty batch, or one where every element is ignored, has ``mean = 0 / 0 = nan``, like torch;
-the gradient of such a ``mean`` is zero (as torch's when every target is ignored).
-
-**Ignored elements are absent, whatever their value.** An element or row equal to
-``ignore_index`` has ``l_i = 0`` and ``d_i = 0`` exactly, and contributes exactly zero to
-every gradient (input, target, ``weight``, ``pos_weight``, class ``weight``) on every
-backend, whatever the input holds there: NaN, +-inf, a probability outside [0, 1]. So
-``l_i`` is never ``0 * nan``: backends replace ignored inputs before their formulas (or
-skip them), rather than multiplying the result by 0. Where torch is finite the values
-equal torch's; torch's own gradient for an ignored NaN row is NaN (it then poisons the
-layer below), ours is 0 -- a deliberate difference (``docs/exactness.md``).
-
-:class:`LossParts` exposes the numerator and denominator so that epoch averages can be
-exact (``crossent.tracking.LossMeter`` adds them up; never a mean of batch means).
+Design notes: ``docs/design.md``, section ``crossent.functional._reduction``.
 """
 
 from __future__ import annotations
@@ -37,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import struct
 import warnings
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import torch
 
+from .._dtypes import compute_dtype as compute_dtype  # re-exported: functional/* imports it from here
+from .._dtypes import is_low_precision
 from .._validation import check_reduction
 
 
@@ -170,11 +142,6 @@ def mean_grad_scale(n: int, dtype: torch.dtype) -> float:
     return _f32(1.0 / _f32(float(n)))
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else (fp32/fp16/bf16) is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -203,5 +170,5 @@ def autocast_inputs(*tensors):
         (t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None or not _autocast_enabled(first.device.type):
         return tensors
-    return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+    return tuple(t.float() if isinstance(t, torch.Tensor) and is_low_precision(t.dtype) else t
                  for t in tensors)

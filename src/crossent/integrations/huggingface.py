@@ -1,18 +1,5 @@
 r"""Hugging Face ``transformers`` causal LMs with crossent's loss.
-
-Three ways in, from the least to the most change:
-
-* ``model.loss_function = causal_lm_loss``: the model's own forward, crossent's
-  cross-entropy (same call as ``transformers``' ``ForCausalLMLoss``: shifted labels,
-  ``ignore_index=-100``, ``num_items_in_batch``).
-* ``Trainer(..., compute_loss_func=compute_loss)``: the same loss from the Trainer.
-* ``fused_causal_lm_loss(model, input_ids, labels)``: the loss from the last hidden states
-  and ``lm_head.weight`` with :func:`crossent.linear_cross_entropy`, so the ``(B, T, V)``
-  logits are never built (the memory of the loss drops from several ``B*T*V`` buffers to
-  a few chunks).
-
-Nothing here imports ``transformers``; the model and outputs are used through their
-attributes (``base_model``, ``get_output_embeddings()``, ``logits``).
+Design notes: ``docs/design.md``, section ``crossent.integrations.huggingface``.
 """
 
 from __future__ import annotations
@@ -101,7 +88,7 @@ def fused_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *
     Args:
         model: a ``transformers`` ``...ForCausalLM`` model.
         input_ids, labels: (B, T); labels as for the model (shifted here, ``-100`` ignored).
-        attention_mask, **model_kwargs: passed to the model's body.
+        attention_mask, model_kwargs: passed to the model's body (``**model_kwargs``).
         num_items_in_batch: as in :func:`causal_lm_loss`.
         validate, backend, memory_budget: crossent options (see
             :func:`crossent.linear_cross_entropy`; the budget bounds the loss's chunks).

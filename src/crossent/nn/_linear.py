@@ -49,16 +49,17 @@ class LinearCrossEntropyLoss(_Base):
 
     with every option of :class:`crossent.nn.CrossEntropyLoss`; computed by
     :func:`crossent.linear_cross_entropy` in blocks (memory: a few ``R x Cc`` blocks
-    instead of ``N x C`` logits and their gradient).
+    instead of ``N x C`` logits and their gradient). The arguments are
+    ``torch.nn.LinearCrossEntropyLoss``'s.
 
-    Args (as ``torch.nn.LinearCrossEntropyLoss``):
+    Args:
         in_features (int): size of each input sample (the hidden size H).
         num_classes (int): C.
         out_features (tuple, keyword): ``(d_1, ..., d_K)`` for a K-dimensional loss.
         bias (bool, keyword): learnable bias. Default False.
         device, dtype: of the Linear's parameters.
-        reduction, weight, ignore_index (None means -100), label_smoothing: as in
-            :class:`crossent.nn.CrossEntropyLoss`.
+        reduction, weight, label_smoothing: as in :class:`crossent.nn.CrossEntropyLoss`.
+        ignore_index: as there; None means -100.
         options: ``torch.nn.LinearCrossEntropyOptions`` or None; only ``batch_chunk_size``
             is used.
 
@@ -158,7 +159,7 @@ class LinearBCEWithLogitsLoss(torch.nn.Module):
         name = type(self).__name__
         self.reduction = V.check_reduction(name, reduction)
         self.label_smoothing = V.check_label_smoothing(name, label_smoothing)
-        self.ignore_index = V.check_ignore_index(name, ignore_index)
+        self.ignore_index = V.check_binary_ignore_index(name, ignore_index)
         self.register_buffer("weight", V.as_weight_tensor(name, "weight", weight))
         self.register_buffer("pos_weight", V.as_weight_tensor(name, "pos_weight", pos_weight))
         V.check_weight_values_nonnegative(name, "pos_weight", self.pos_weight)

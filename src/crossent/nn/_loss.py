@@ -17,7 +17,7 @@ from .. import functional as F
 from ..functional._reduction import legacy_reduction
 
 _SHARED_KWARGS = """
-    Keyword-only crossent options:
+    Keyword Args:
         validate (bool, optional): run the value checks (targets in range, inputs that look
             like the wrong kind of scores). Default: on, unless ``CROSSENT_VALIDATE=0``.
         backend (str, optional): force an implementation (see ``crossent.backends``);
@@ -38,6 +38,15 @@ def _not_scriptable(self):
         f"backend choice are Python). Use torch.compile, torch.export or torch.jit.trace, which "
         f"record crossent's registered ops (torch.ops.crossent.*), or torch.nn.{name} where "
         "TorchScript itself is required.")
+
+
+def _set_bce_options(module, name: str, label_smoothing, ignore_index, validate, backend) -> None:
+    """The options both BCE modules add to torch's, checked once, in one place."""
+    V.check_weight_values_nonnegative(name, "pos_weight", module.pos_weight)
+    module.label_smoothing = V.check_label_smoothing(name, label_smoothing)
+    module.ignore_index = V.check_binary_ignore_index(name, ignore_index)
+    module.validate = validate
+    module.backend = backend
 
 
 class BCELoss(torch.nn.BCELoss):
@@ -73,11 +82,7 @@ class BCELoss(torch.nn.BCELoss):
         reduction = legacy_reduction(name, size_average, reduce, reduction)
         super().__init__(weight=V.as_weight_tensor(name, "weight", weight), reduction=reduction)
         self.register_buffer("pos_weight", V.as_weight_tensor(name, "pos_weight", pos_weight))
-        V.check_weight_values_nonnegative(name, "pos_weight", self.pos_weight)
-        self.label_smoothing = V.check_label_smoothing(name, label_smoothing)
-        self.ignore_index = V.check_ignore_index(name, ignore_index)
-        self.validate = validate
-        self.backend = backend
+        _set_bce_options(self, name, label_smoothing, ignore_index, validate, backend)
 
     __prepare_scriptable__ = _not_scriptable
 
@@ -131,11 +136,7 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         reduction = legacy_reduction(name, size_average, reduce, reduction)
         super().__init__(weight=V.as_weight_tensor(name, "weight", weight), reduction=reduction,
                          pos_weight=V.as_weight_tensor(name, "pos_weight", pos_weight))
-        V.check_weight_values_nonnegative(name, "pos_weight", self.pos_weight)
-        self.label_smoothing = V.check_label_smoothing(name, label_smoothing)
-        self.ignore_index = V.check_ignore_index(name, ignore_index)
-        self.validate = validate
-        self.backend = backend
+        _set_bce_options(self, name, label_smoothing, ignore_index, validate, backend)
 
     __prepare_scriptable__ = _not_scriptable
 
@@ -219,4 +220,4 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 
 for _cls in (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss):
-    _cls.__doc__ = _cls.__doc__.replace("{shared}", _SHARED_KWARGS.strip() + "\n")
+    _cls.__doc__ = _cls.__doc__.replace("{shared}", "\n    " + _SHARED_KWARGS.strip() + "\n")

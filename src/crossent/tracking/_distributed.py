@@ -1,7 +1,5 @@
 """The one collective the tracking code needs: a float64 sum over the ranks of a group.
-
-Sums, never means: the meter reduces (numerator, denominator, batches) together and divides
-once, so uneven shards (the last rank often gets fewer samples) are weighted correctly.
+Design notes: ``docs/design.md``, section ``crossent.tracking._distributed``.
 """
 
 from __future__ import annotations

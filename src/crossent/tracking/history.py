@@ -1,30 +1,5 @@
 """Per-epoch records of a run, saved as CSV and JSON that a crash cannot leave half-written.
-
-A :class:`History` is a list of flat records (``dict`` of str -> number/str), usually one
-per epoch and model::
-
-    history = crossent.tracking.History()
-    for epoch in range(1, epochs + 1):
-        ...
-        history.log(epoch=epoch, train_loss=train_meter.compute(), val_loss=val_meter.compute())
-        history.save("runs/exp1")          # runs/exp1/history.csv and history.json, atomically
-
-Atomic means *write, then rename*: the text goes to a temporary file in the target's
-directory (``.history.csv.<random>.tmp``), is flushed and ``fsync``-ed, and then
-``os.replace`` swaps it in. ``os.replace`` is atomic on POSIX and Windows, so a reader (or
-a run killed mid-save) sees either the old complete file or the new complete file, never a
-prefix. A process killed between the write and the rename can leave its hidden ``.tmp``
-file behind (nothing can delete it); the target file is untouched.
-
-One source of truth: :meth:`History.save` writes ``history.json`` first and then
-``history.csv`` derived from the same records. A kill between the two renames leaves a CSV
-one save behind the JSON (never a mix); :meth:`History.load` reads the JSON and rewrites a
-CSV that does not match it, so after any kill the two agree again at the next load.
-
-Non-finite floats are valid JSON: NaN, +inf and -inf are stored as the strings ``"NaN"``,
-``"Infinity"`` and ``"-Infinity"`` (the spellings JavaScript's ``Number()`` and Python's
-``float()`` read back), and loading turns those three strings back into floats. So that
-the rule is unambiguous, :meth:`History.log` refuses them as string values.
+Design notes: ``docs/design.md``, section ``crossent.tracking.history``.
 """
 
 from __future__ import annotations
@@ -34,98 +9,19 @@ import io
 import json
 import math
 import os
-import secrets
-import stat
 from numbers import Number
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from .. import _validation as V
+from .._files import atomic_write_text
+from ..errors import HistoryFileError
 
-__all__ = ["History", "HistoryFileError", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["History", "HistoryFileError"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 # JSON spelling of the non-finite floats (JSON itself has none).
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-class HistoryFileError(V.CrossentValueError):
-    """A history file that cannot be read back (truncated, hand-edited, wrong types).
-
-    The message names the file and what is wrong; ``path`` holds the file's path.
-    """
-
-    def __init__(self, message: str, path: str) -> None:
-        super().__init__(message)
-        self.path = path
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file in the same directory, fsync, rename).
-
-    The directory must exist. On any error the temporary file is removed and ``path`` keeps
-    its previous content.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = _create_temp(directory, os.path.basename(path))
-    except OSError as exc:  # name the user's path, not the hidden temporary file
-        why = exc.strerror or str(exc)
-        if isinstance(exc, FileNotFoundError):
-            why += f" (the folder {directory} does not exist; create it first)"
-        raise type(exc)(exc.errno, why, path) from None
-    try:
-        try:  # keep the mode of the file we replace
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        except FileNotFoundError:
-            pass
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
-def _create_temp(directory: str, name: str):
-    """A new hidden temp file next to the target, created with mode 0o666 minus the umask.
-
-    (``tempfile.mkstemp`` would create it 0o600, and ``os.replace`` would hand that mode
-    to the target: a history file that only its owner can read.)
-    """
-    for _ in range(100):
-        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"atomic_write: could not create a temporary file in {directory}")
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _plain(func: str, key: str, value):
@@ -139,7 +35,7 @@ def _plain(func: str, key: str, value):
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, Number) and not isinstance(value, complex):
-        return int(value) if isinstance(value, int) else float(value)
+        return int(value) if isinstance(value, int) else float(value)  # type: ignore[arg-type]
     V.fail(func, f"`{key}` to be a number, a string, a bool or None", type(value).__name__,
            "Log scalars only (e.g. meter.compute(), accuracy as a float).", V.CrossentTypeError)
 

@@ -1,26 +1,5 @@
 r"""Exact epoch averages of a loss: add up numerators and denominators, divide once.
-
-The tutorial recipe ``running += loss.item() * x.size(0)``, then ``running / len(dataset)``,
-assumes that a batch's ``mean`` loss is its sum divided by its batch size. That is false as
-soon as the loss is not a plain per-sample mean:
-
-* class ``weight`` in ``CrossEntropyLoss``: ``mean = sum_i w[y_i] l_i / sum_i w[y_i]``;
-* ``ignore_index``: ignored targets are in neither the sum nor the count;
-* K-dimensional inputs (segmentation, sequences): the mean is per element, not per sample;
-* several processes: each rank only sees its shard, and a mean of rank means is wrong
-  when shards are uneven.
-
-Every crossent loss returns its exact numerator and denominator with ``return_parts=True``
-(:class:`crossent.LossParts`); :class:`LossMeter` adds them up in float64 and divides once:
-
-.. math::
-
-    \bar\ell = \frac{\sum_{\text{batches } b} \text{total}_b}{\sum_b \text{denominator}_b},
-
-which equals the loss of the whole dataset in one call (with ``reduction='mean'``), up to
-float64 rounding. With ``torch.distributed`` initialised, :meth:`LossMeter.compute` sums both
-parts over all ranks first (the torchmetrics ``MeanMetric`` habit), so every rank gets the
-global average.
+Design notes: ``docs/design.md``, section ``crossent.tracking.meter``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
 """Train and validation curves on the same axes, saved as PNG (matplotlib, optional extra).
-
-matplotlib is imported only inside these functions, and never through ``pyplot``: figures
-are plain ``matplotlib.figure.Figure`` objects drawn by the Agg canvas, so plotting changes
-no global backend, opens no window, works on a headless machine and leaks no figures.
-Without matplotlib the functions raise an ``ImportError`` that names the fix,
-``pip install "crossent[plot]"``.
-
-::
-
-    fig = crossent.tracking.plot_history(history, "curves.png")   # train solid, val dashed
+Design notes: ``docs/design.md``, section ``crossent.tracking.plot``.
 """
 
 from __future__ import annotations
@@ -18,7 +9,8 @@ import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from .. import _validation as V
-from .history import History, atomic_write_bytes
+from .._files import atomic_write_bytes
+from .history import History
 
 __all__ = ["plot_history", "new_figure", "save_figure"]
 

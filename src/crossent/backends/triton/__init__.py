@@ -1,14 +1,5 @@
 """Triton backend: fused loss + gradient kernels for CUDA tensors.
-
-The autograd plumbing (gradient computed in forward and scaled in place by backward,
-reference formulas for double backward and for target / weight gradients, the in-place
-cross-entropy) is shared with the CPU backend, :func:`crossent.backends.chunked.make_ops`;
-this package only supplies the three forward kernels (:mod:`.kernels`). float64 inputs
-use the chunked torch-ops path (the Triton kernels compute in float32).
-
-Registered for CUDA devices only. In CI the kernels run on CPU tensors through the Triton
-interpreter (``TRITON_INTERPRET=1``, see ``tests/test_triton.py``). ``triton`` is imported
-only when a kernel is first used.
+Design notes: ``docs/design.md``, section ``crossent.backends.triton``.
 """
 
 from __future__ import annotations

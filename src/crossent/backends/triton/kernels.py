@@ -1,23 +1,5 @@
 r"""Triton kernels: loss and gradient in one pass, float32 inside (imported only when used).
-
-The formulas are those of :mod:`crossent.backends.reference` (cancellation-free; +-inf
-logits give finite limits); see :mod:`crossent.backends.chunked_cpp` for the same math in C.
-
-Sizes:
-
-* ``BLOCK`` (elementwise BCE): 1024 elements per program, 4 warps -- 8 elements per
-  thread, enough bytes in flight per SM to stream at full bandwidth with 12 bytes/element.
-* ``BLOCK_C`` (cross-entropy): one program per row walks the classes in tiles of
-  ``BLOCK_C`` (at most 4096, 8 warps): a 128k-class row is 32 tiles, each held in
-  registers, so any vocabulary size works with an *online* max / sum-of-exponentials.
-  Pass 1 finds the max m, the first arg-max k and s = sum_{j != k} exp(x_j - m) (a tile
-  with a new max rescales the running sum by exp(m_old - m_new) and adds the old arg-max
-  as one more term); pass 2 re-reads the row and writes the gradient (and the
-  smoothing / probability-target parts of the loss, which need the final m).
-
-Ignored elements and rows (``HAS_KEEP``) get loss 0 and gradient 0 whatever their logits
-hold: the result is selected with ``tl.where`` (never multiplied by 0), and a NaN in an
-ignored row does not turn its loss or gradient into NaN.
+Design notes: ``docs/design.md``, section ``crossent.backends.triton.kernels``.
 """
 
 from __future__ import annotations

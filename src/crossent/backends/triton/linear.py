@@ -1,24 +1,5 @@
 r"""Triton path of the fused linear + loss ops (CUDA; tested on CPU with TRITON_INTERPRET=1).
-
-The matrix products stay with the vendor library (``torch.mm``: cuBLAS); what Triton
-fuses is the work on each (R, Cc) block of logits, which in torch ops is a dozen passes
-over the block:
-
-* ``ce_block_stats_kernel``: one program per row; per block the max m, its first index k,
-  :math:`S' = \sum_{j \ne k} e^{x_j - m}`, the smoothing term
-  :math:`\sum_j \sigma_j (m - x_j)` (0 * inf = 0) and :math:`m - x_y`. The logits are only
-  read. Rows are walked in tiles of ``BLOCK_C`` (at most 4096 classes, 8 warps), so any
-  class block size works.
-* ``ce_block_grad_kernel``: one program per row, writes
-  :math:`g = A\,e^{x - m}/(1+S') - a` in place of the logits, with the arg-max entry
-  :math:`(A - a_k) - A S'/(1+S')` (reference.py's exact form), times the row's scale.
-* ``bce_block_kernel``: one program per (row, tile): loss and gradient of
-  BCE-with-logits in the sum-of-non-negative-terms form; ``log1p`` is evaluated as
-  :math:`\log(u)\,e/(u-1)` with :math:`u = 1 + e` (exact for tiny e, no libdevice needed).
-
-Probability targets and float64 fall back to the torch block code (same results); the
-block loop, statistics merging and gradient accumulation are those of
-:mod:`crossent.backends.linear`. All arithmetic is float32 (the logits blocks are float32).
+Design notes: ``docs/design.md``, section ``crossent.backends.triton.linear``.
 """
 
 from __future__ import annotations
@@ -30,14 +11,10 @@ import triton
 import triton.language as tl
 
 from .. import linear as L
+from .kernels import _times   # c * v with 0 * inf = 0, the one Triton form of the rule
 
 # Largest class tile of the row kernels; tests lower it so rows span several tiles.
 BLOCK_C_MAX = 4096
-
-
-@triton.jit
-def _times(c, v):
-    return tl.where(c == 0.0, 0.0, c * v)
 
 
 @triton.jit

@@ -1,0 +1,160 @@
+"""The arithmetic of crossent.distributed without processes: shard statistics, their
+combination and the local gradients, for any split of the vocabulary, against a float64
+composition written here from the formulas and against single-process crossent.
+
+The exchange is simulated by stacking the shards' statistics in rank order (what the
+``all_gather`` delivers), so every split and every option is cheap to try.
+"""
+
+from __future__ import annotations
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crossent
+from crossent.distributed._stats import Layout, combine, local_grad, local_stats
+from _helpers import ULP
+
+mpmath.mp.dps = 50
+
+
+def _sharded(x, y, w, eps, bounds, g):
+    """Per-row loss and the concatenated local gradients of a simulated run over ``bounds``."""
+    keep = y != -100
+    layout = Layout(weighted=w is not None, smoothing=bool(eps))
+    V = x.shape[1]
+    x = torch.where(keep.unsqueeze(1), x, torch.zeros((), dtype=x.dtype))
+    shards = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rel = y - lo
+        owned = keep & (rel >= 0) & (rel < hi - lo)
+        yl = torch.where(owned, rel, 0)
+        wl = None if w is None else w[lo:hi]
+        smooth = None
+        if eps:
+            smooth = torch.full((hi - lo,), eps / V, dtype=x.dtype) if w is None else wl * (eps / V)
+        shards.append((x[:, lo:hi], yl, owned, wl, smooth))
+    G = torch.stack([local_stats(z, yl, owned, wl, sm, layout) for z, yl, owned, wl, sm in shards])
+    grads = []
+    for rank, (z, yl, owned, wl, sm) in enumerate(shards):
+        r = combine(G, keep, eps, layout, rank)
+        grads.append(local_grad(z, yl, owned, sm, keep, r, g))
+    r = combine(G, keep, eps, layout, 0)
+    return r.loss, r.den, torch.cat(grads, dim=1)
+
+
+def _bounds(data, V):
+    P = data.draw(st.integers(1, min(V, 5)))
+    cuts = sorted(data.draw(st.lists(st.integers(1, V - 1), min_size=P - 1, max_size=P - 1, unique=True))) \
+        if V > 1 else []
+    return [0] + cuts + [V]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_split_equals_one_process(data):
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    N = data.draw(st.integers(1, 6))
+    V = data.draw(st.integers(2, 9))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    eps = data.draw(st.sampled_from([0.0, 0.1, 0.7]))
+    weighted = data.draw(st.booleans())
+    scale = data.draw(st.sampled_from([0.1, 3.0, 30.0]))
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, V, generator=g, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) < 0.3] = -100
+    w = (torch.rand(V, generator=g, dtype=torch.float64) + 0.2).to(dtype) if weighted else None
+    up = torch.rand(N, generator=g, dtype=torch.float64).to(dtype)
+    bounds = _bounds(data, V)
+    loss, den, grad = _sharded(x, y, w, eps, bounds, up)
+
+    xr = x.clone().requires_grad_()
+    ref = crossent.cross_entropy(xr, y, weight=w, label_smoothing=eps, reduction="none", validate=False)
+    (ref * up).sum().backward()
+    tol = ULP["vocab_parallel"] * torch.finfo(dtype).eps
+    assert (loss - ref.detach()).abs().max() <= tol * ref.detach().abs().max().clamp(min=1), bounds
+    assert (grad - xr.grad).abs().max() <= tol * xr.grad.abs().max().clamp(min=1e-30), bounds
+    keep = y != -100
+    want = keep.to(dtype) if w is None else torch.where(keep, w[y.clamp(min=0)], 0)
+    assert torch.equal(den, want)
+
+
+def _mp_loss(row, target, eps, w):
+    """-sum_c a_c log p_c in 50 digits (mpmath), from the definition."""
+    V = len(row)
+    lse = mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in row))
+    nlp = [lse - mpmath.mpf(v) for v in row]
+    return (1 - mpmath.mpf(eps)) * mpmath.mpf(w[target]) * nlp[target] + \
+        mpmath.mpf(eps) / V * mpmath.fsum(mpmath.mpf(w[c]) * nlp[c] for c in range(V))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bounds", [[0, 1, 5], [0, 3, 4, 5], [0, 5]])
+def test_extremes_against_mpmath(dtype, bounds):
+    """A confident right answer (tiny loss), a far-off max on another shard, huge logits,
+    ties across shards: every loss within a few ulp of the 50-digit value."""
+    rows = [[30.0, 0.0, -1.0, 2.0, 0.5],       # loss ~ 1e-13: the max on shard 0
+            [0.0, 0.0, 25.0, 0.0, 0.0],        # target 0 far below a max on another shard
+            [1e4, 1e4 - 1, 1e4 - 3, 1e4, 9.9e3],   # huge logits, a tie across shards
+            [-50.0, -50.0, -50.0, -50.0, -50.0]]   # all equal: log 5
+    y = torch.tensor([0, 0, 3, 1])
+    x = torch.tensor(rows, dtype=dtype)
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5, 0.25], dtype=dtype)
+    for eps, weight in ((0.0, None), (0.3, w)):
+        loss, _, grad = _sharded(x, y, weight, eps, bounds, torch.ones(4, dtype=dtype))
+        wl = [1.0] * 5 if weight is None else weight.tolist()
+        for i, row in enumerate(x.tolist()):
+            exact = _mp_loss(row, int(y[i]), eps, wl)
+            err = abs(mpmath.mpf(float(loss[i])) - exact)
+            assert err <= ULP["ce"] * torch.finfo(dtype).eps * abs(exact), (i, eps, float(loss[i]), exact)
+        assert torch.isfinite(grad).all()
+        # the tiny gradient of the confident row's target keeps its relative precision
+        p0 = 1 / mpmath.fsum(mpmath.exp(mpmath.mpf(v) - 30) for v in rows[0])
+        if eps == 0:
+            exact_g = p0 - 1
+            assert abs(mpmath.mpf(float(grad[0, 0])) - exact_g) <= ULP["ce"] * torch.finfo(dtype).eps * abs(exact_g)
+
+
+def test_gradcheck_float64_on_a_split():
+    """Finite differences of the simulated sharded loss (every option at once)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, -100, 6, 3])
+    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    up = torch.rand(4, generator=g, dtype=torch.float64)
+
+    class Sharded(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            loss, _, grad = _sharded(x, y, w, 0.2, [0, 2, 5, 7], up)
+            ctx.save_for_backward(grad)
+            return (loss * up).sum()
+
+        @staticmethod
+        def backward(ctx, go):
+            (grad,) = ctx.saved_tensors
+            return go * grad
+
+    torch.autograd.gradcheck(Sharded.apply, (x.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infinite_and_nan_logits_as_one_process(dtype):
+    """+inf on one shard gives the finite limit (as one process), an all -inf shard takes no
+    mass, a NaN logit anywhere in a row makes that row's loss and gradient NaN."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[inf, 0.0, 1.0, -2.0], [0.5, -inf, -inf, 1.0], [0.0, 1.0, nan, 2.0]], dtype=dtype)
+    y = torch.tensor([0, 3, 1])
+    loss, _, grad = _sharded(x, y, None, 0.0, [0, 1, 3, 4], torch.ones(3, dtype=dtype))
+    xr = x.clone().requires_grad_()
+    ref = crossent.cross_entropy(xr, y, reduction="none", validate=False)
+    ref.sum().backward()
+    assert torch.equal(loss[:2], ref.detach()[:2]) or (loss[:2] - ref.detach()[:2]).abs().max() <= 1e-6
+    assert torch.isfinite(loss[:2]).all() and torch.isfinite(grad[:2]).all()
+    assert torch.equal(torch.isnan(grad[:2]), torch.isnan(xr.grad[:2]))
+    assert (grad[:2] - xr.grad[:2]).abs().max() <= ULP["vocab_parallel"] * torch.finfo(dtype).eps
+    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
