@@ -39,7 +39,7 @@ def _sharded(x, y, w, eps, bounds, g):
         shards.append((x[:, lo:hi], yl, owned, wl, smooth))
     G = torch.stack([local_stats(z, yl, owned, wl, sm, layout) for z, yl, owned, wl, sm in shards])
     grads = []
-    for rank, (z, yl, owned, wl, sm) in enumerate(shards):
+    for rank, (z, yl, owned, _wl, sm) in enumerate(shards):
         r = combine(G, keep, eps, layout, rank)
         grads.append(local_grad(z, yl, owned, sm, keep, r, g))
     r = combine(G, keep, eps, layout, 0)

@@ -67,7 +67,6 @@ def _upstream(loss, u, reduction):
 
 
 def run_parity(rank, P, save):
-    import crossent
     from crossent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
     lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]
