@@ -52,8 +52,10 @@ class SigmoidFocalLoss(torch.nn.Module):
     Keyword-only: ``weight`` and ``pos_weight`` (buffers, broadcast as in
     :class:`BCEWithLogitsLoss`), ``ignore_index``, ``label_smoothing``.
     {shared}
+
     Shape:
-        - Input: :math:`(*)`, raw logits.  - Target: :math:`(*)`, the same shape.
+        - Input: :math:`(*)`, raw logits.
+        - Target: :math:`(*)`, the same shape.
         - Output: scalar; with ``reduction='none'``, :math:`(*)`.
     """
 
