@@ -248,6 +248,7 @@ class AsymmetricLoss(torch.nn.Module):
                                  weight=self.weight, ignore_index=self.ignore_index, validate=self.validate,
                                  return_parts=return_parts)
 
-    _cls.__doc__ = _cls.__doc__.replace("{shared}", "\n    " + _SHARED_KWARGS.strip() + "\n")
+
+
 for _cls in (SigmoidFocalLoss, SoftmaxFocalLoss, Poly1CrossEntropyLoss, Poly1BCEWithLogitsLoss):
-    _cls.__doc__ = _cls.__doc__.replace("{shared}", _SHARED_KWARGS.strip() + "\n")
+    _cls.__doc__ = _cls.__doc__.replace("{shared}", "\n    " + _SHARED_KWARGS.strip() + "\n")
