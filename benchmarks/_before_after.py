@@ -13,8 +13,9 @@ import time
 def export_before(rev: str) -> str:
     """``src/crossent`` at ``rev`` as package ``crossent_before`` in a temporary directory
     (put it on ``sys.path``)."""
-    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    root = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     tmp = tempfile.mkdtemp(prefix="crossent_before_")
     archive = subprocess.run(["git", "-C", root, "archive", rev, "src/crossent"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
@@ -31,7 +32,7 @@ def measure(fns, repeats: int, inner: int, clock=time.perf_counter, warmup: int 
     keys = list(fns)
     samples = {k: [] for k in keys}
     for r in range(repeats):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
             t0 = clock()
             for _ in range(inner):
                 fns[k]()

@@ -26,7 +26,7 @@ import crossent
 from crossent.bench.gpt import GPT
 
 
-MODELS = {   # name: (GPT arguments, batch, tokens per sequence)
+MODELS = {  # name: (GPT arguments, batch, tokens per sequence)
     "small": (dict(vocab=128, d=64, layers=2, heads=4, block=64), 8, 64),
     "lmhead": (dict(vocab=32000, d=512, layers=1, heads=8, block=256), 4, 256),
 }
@@ -63,28 +63,29 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     names = list(MODELS) if a.model == "all" else [a.model]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per step: median [min-max] "
-          f"of {a.repeats} samples")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per step: median [min-max] "
+        f"of {a.repeats} samples"
+    )
     print("| model | torch loss | crossent loss | torch / crossent |")
     print("|---|---|---|---|")
     for name in names:
         inner = a.inner or (20 if name == "small" else 2)
         steps = {k: _step_fn(name, k) for k in LOSSES}
-        for s in steps.values():      # compile and warm up
+        for s in steps.values():  # compile and warm up
             for _ in range(3):
                 s()
         samples = {k: [] for k in steps}
         order = list(steps)
         for r in range(a.repeats):
-            for k in (order if r % 2 == 0 else order[::-1]):
+            for k in order if r % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     steps[k]()
                 samples[k].append((time.perf_counter() - t0) / inner * 1e3)
         med = {k: statistics.median(v) for k, v in samples.items()}
         cell = {k: f"{med[k]:.2f} [{min(v):.2f}-{max(v):.2f}]" for k, v in samples.items()}
-        print(f"| {name} | {cell['torch']} | {cell['crossent']} | {med['torch'] / med['crossent']:.2f}x |",
-              flush=True)
+        print(f"| {name} | {cell['torch']} | {cell['crossent']} | {med['torch'] / med['crossent']:.2f}x |", flush=True)
     return 0
 
 

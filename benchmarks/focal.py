@@ -37,7 +37,7 @@ def torchvision_sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: 
 def softmax_focal_composition(x, y, gamma: float = 2.0):
     """The usual composition: (1 - p_y)^gamma * cross_entropy, mean over rows."""
     logp = torch.log_softmax(x, 1).gather(1, y[:, None]).squeeze(1)
-    return (-(1 - logp.exp()) ** gamma * logp).mean()
+    return (-((1 - logp.exp()) ** gamma) * logp).mean()
 
 
 def _time(fn, x, device):
@@ -52,13 +52,13 @@ def _time(fn, x, device):
 
 
 def _bench(variants, x, device, repeats):
-    for fn in variants.values():   # warm-up (and compilation)
+    for fn in variants.values():  # warm-up (and compilation)
         _time(fn, x, device)
         _time(fn, x, device)
     samples = {name: [] for name in variants}
     names = list(variants)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(_time(variants[name], x, device))
     return samples
 
@@ -85,8 +85,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU thread(s), float32, "
-          f"forward + backward, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU thread(s), float32, "
+        f"forward + backward, median of {args.repeats}"
+    )
     g = torch.Generator(device=device).manual_seed(0)
     if "sigmoid" not in args.skip:
         x = (torch.randn(args.elements, generator=g, device=device) * 3).requires_grad_()

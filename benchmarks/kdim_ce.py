@@ -36,6 +36,7 @@ def _rows_only(fn):
             fn()
         finally:
             chunked._spatial_ok = saved
+
     return run
 
 
@@ -45,8 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--inner", type=int, default=3)
-    p.add_argument("--rows", action="store_true",
-                   help="also time this tree with the lane kernel off (classes moved last, row kernel)")
+    p.add_argument(
+        "--rows",
+        action="store_true",
+        help="also time this tree with the lane kernel off (classes moved last, row kernel)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     libs = {}
@@ -56,9 +60,11 @@ def main(argv=None) -> int:
 
         libs[f"crossent {args.before}"] = crossent_before
     libs["crossent"] = crossent
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, forward + backward, fp32, "
-          f"mean reduction; median of {args.repeats} x {args.inner} calls, ms per call; "
-          f"ratio = torch eager / variant\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, forward + backward, fp32, "
+        f"mean reduction; median of {args.repeats} x {args.inner} calls, ms per call; "
+        f"ratio = torch eager / variant\n"
+    )
     variants = list(libs) + (["crossent rows"] if args.rows else [])
     print("| input (N, C, H, W) | torch eager | " + " | ".join(f"{v} | ratio" for v in variants) + " |")
     print("|---|---|" + "---|---|" * len(variants))
@@ -71,7 +77,9 @@ def main(argv=None) -> int:
             def run():
                 x.grad = None
                 f(x, y).backward()
+
             return run
+
         fns = {"torch eager": call(TF.cross_entropy)}
         fns.update({tag: call(lib.cross_entropy) for tag, lib in libs.items()})
         if args.rows:

@@ -38,12 +38,12 @@ VARIANTS = ("token_logprobs", "unfused", "fused_ce", "fused_ce_options", "bare_p
 def _inputs(N, H, V, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(N, H, generator=g) * 0.5).requires_grad_()
-    W = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    W = (torch.randn(V, H, generator=g) / H**0.5).requires_grad_()
     y = torch.randint(0, V, (N,), generator=g)
     return h, W, y
 
 
-BUDGET = None   # memory_budget of the crossent variants (bytes; None: the default 256 MiB)
+BUDGET = None  # memory_budget of the crossent variants (bytes; None: the default 256 MiB)
 
 
 def _step(name, h, W, y):
@@ -58,8 +58,9 @@ def _step(name, h, W, y):
     elif name == "fused_ce":
         crossent.linear_cross_entropy(h, W, y, memory_budget=BUDGET).backward()
     elif name == "fused_ce_options":
-        crossent.linear_cross_entropy(h, W, y, z_loss=1e-4, softcap=30.0, temperature=0.9,
-                                      memory_budget=BUDGET).backward()
+        crossent.linear_cross_entropy(
+            h, W, y, z_loss=1e-4, softcap=30.0, temperature=0.9, memory_budget=BUDGET
+        ).backward()
     elif name == "bare_products":
         with torch.no_grad():
             L = h @ W.t()
@@ -95,8 +96,13 @@ def _memory_child(name, N, H, V):
 def _memory(name, N, H, V):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     budget = [] if BUDGET is None else ["--budget", str(BUDGET)]
-    proc = subprocess.run([sys.executable, __file__, "--memory-child", name, "--shape", f"{N}x{H}x{V}", *budget],
-                          env=env, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-child", name, "--shape", f"{N}x{H}x{V}", *budget],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -123,7 +129,7 @@ def _exactness():
         for margin in (1.0, 10.0, 30.0, 100.0, 1e3, 1e4):
             x = torch.tensor([[margin, 0.0, -1.0, 0.5]], dtype=dtype)
             lse_t, lp_t, _ = truth(x[0].tolist(), 1)
-            z_t = -lp_t + mpmath.mpf("1e-4") * lse_t ** 2
+            z_t = -lp_t + mpmath.mpf("1e-4") * lse_t**2
             ours = crossent.cross_entropy(x, torch.tensor([1]), z_loss=1e-4)
             theirs = TF.cross_entropy(x, torch.tensor([1])) + 1e-4 * torch.logsumexp(x, -1)[0] ** 2
             worst["zloss"][0] = max(worst["zloss"][0], rel(ours, z_t))
@@ -139,9 +145,11 @@ def _exactness():
                 worst["entropy"][0] = max(worst["entropy"][0], rel(ent[0], ent_t))
                 worst["entropy"][1] = max(worst["entropy"][1], rel(-(lps.exp() * lps).sum(), ent_t))
         rows.append((dtype, worst))
-    names = {"zloss": "z-loss (1e-4) + CE, margins 1 to 1e4",
-             "logprob": "log-prob of a confident token, margins 5 to 80",
-             "entropy": "entropy of near-one-hot rows (down to 1e-33)"}
+    names = {
+        "zloss": "z-loss (1e-4) + CE, margins 1 to 1e4",
+        "logprob": "log-prob of a confident token, margins 5 to 80",
+        "entropy": "entropy of near-one-hot rows (down to 1e-33)",
+    }
     for key, label in names.items():
         for dtype, worst in rows:
             print(f"| {label} | {str(dtype).replace('torch.', '')} | {worst[key][0]:.1e} | {worst[key][1]:.1e} |")
@@ -155,9 +163,13 @@ def main(argv=None):
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--exactness", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--budget", type=int, default=None,
-                    help="memory_budget (bytes) of the crossent variants; scale it with N * V to model "
-                         "a larger head's ratio (the default 256 MiB is 1/20 of 4096 x 128256's logits)")
+    ap.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="memory_budget (bytes) of the crossent variants; scale it with N * V to model "
+        "a larger head's ratio (the default 256 MiB is 1/20 of 4096 x 128256's logits)",
+    )
     args = ap.parse_args(argv)
     global BUDGET
     BUDGET = args.budget
@@ -168,8 +180,10 @@ def main(argv=None):
     if args.memory_child:
         _memory_child(args.memory_child, N, H, V)
         return 0
-    print(f"# {N} x {H} -> {V} float32, budget {BUDGET or 'default'}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"# {N} x {H} -> {V} float32, budget {BUDGET or 'default'}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
     print("| variant | time (median) | peak extra memory | beyond grads |")
     print("|---|---|---|---|")
     for name in args.variants.split(","):

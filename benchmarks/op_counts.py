@@ -49,27 +49,59 @@ def _rows():
     t = (torch.rand(256, 10, generator=g) < 0.3).float()
     rows = []
     for validate, budget in ((False, 14), (True, 22)):
-        rows.append((f"cross_entropy 64x10, validate={validate}", budget,
-                     lambda v=validate: crossent.cross_entropy(x, y, validate=v).backward(),
-                     lambda: TF.cross_entropy(x, y).backward()))
+        rows.append(
+            (
+                f"cross_entropy 64x10, validate={validate}",
+                budget,
+                lambda v=validate: crossent.cross_entropy(x, y, validate=v).backward(),
+                lambda: TF.cross_entropy(x, y).backward(),
+            )
+        )
     for validate, budget in ((False, 8), (True, 16)):
-        rows.append((f"binary_cross_entropy_with_logits 256x10, validate={validate}", budget,
-                     lambda v=validate: crossent.binary_cross_entropy_with_logits(z, t, validate=v).backward(),
-                     lambda: TF.binary_cross_entropy_with_logits(z, t).backward()))
-    rows.append(("softmax heuristic, mixed-sign logits (no exp, no sum)", 0,
-                 lambda: [o for o in ops(lambda: V.check_logits_not_probabilities("f", x, 1)) if o in ("exp", "sum")],
-                 None))
-    rows.append(("class-index check, nothing ignored (no where)", 0,
-                 lambda: [o for o in ops(lambda: V.check_class_indices("f", y, 10, -100)) if o == "where"], None))
+        rows.append(
+            (
+                f"binary_cross_entropy_with_logits 256x10, validate={validate}",
+                budget,
+                lambda v=validate: crossent.binary_cross_entropy_with_logits(z, t, validate=v).backward(),
+                lambda: TF.binary_cross_entropy_with_logits(z, t).backward(),
+            )
+        )
+    rows.append(
+        (
+            "softmax heuristic, mixed-sign logits (no exp, no sum)",
+            0,
+            lambda: [o for o in ops(lambda: V.check_logits_not_probabilities("f", x, 1)) if o in ("exp", "sum")],
+            None,
+        )
+    )
+    rows.append(
+        (
+            "class-index check, nothing ignored (no where)",
+            0,
+            lambda: [o for o in ops(lambda: V.check_class_indices("f", y, 10, -100)) if o == "where"],
+            None,
+        )
+    )
     # Routing of K-dimensional logits: float32 contiguous (N, C, S) runs the lane kernel (no
     # layout copy, no row-kernel call); float64 and channels-last logits run the row kernel.
     k = torch.randn(2, 5, 3, 7, requires_grad=True)
     ky = torch.randint(0, 5, (2, 3, 7))
-    rows.append(("K-dim float32 (2, 5, 3, 7): row-kernel calls", 0,
-                 lambda: _kernel_calls("ce_index", lambda: crossent.cross_entropy(k, ky).backward()), None))
-    rows.append(("K-dim float64 (2, 5, 3, 7): lane-kernel calls", 0,
-                 lambda: _kernel_calls("ce_index_ncs",
-                                       lambda: crossent.cross_entropy(k.double(), ky).backward()), None))
+    rows.append(
+        (
+            "K-dim float32 (2, 5, 3, 7): row-kernel calls",
+            0,
+            lambda: _kernel_calls("ce_index", lambda: crossent.cross_entropy(k, ky).backward()),
+            None,
+        )
+    )
+    rows.append(
+        (
+            "K-dim float64 (2, 5, 3, 7): lane-kernel calls",
+            0,
+            lambda: _kernel_calls("ce_index_ncs", lambda: crossent.cross_entropy(k.double(), ky).backward()),
+            None,
+        )
+    )
     return rows
 
 
@@ -83,6 +115,7 @@ def _kernel_calls(name, fn):
     def spy(*a, **k):
         calls.append(tuple(a[0].shape))
         return real(*a, **k)
+
     setattr(kernels, name, staticmethod(spy))
     try:
         fn()
@@ -99,7 +132,7 @@ def main() -> int:
     over = 0
     for name, budget, ours, theirs in _rows():
         V.reset_warnings()
-        if theirs is None:   # a selector: the listed ops must not run
+        if theirs is None:  # a selector: the listed ops must not run
             found = ours()
             n, eager = len(found), ""
         else:

@@ -45,7 +45,9 @@ def _cases(libs):
             def call():
                 x.grad = None
                 f(x, y, **kw).backward()
+
             return call
+
         fns = {"torch eager": ce(TF.cross_entropy)}
         for tag, lib in libs.items():
             fns[tag] = ce(lib.cross_entropy)
@@ -59,7 +61,9 @@ def _cases(libs):
             def call():
                 x.grad = None
                 f(x, t, **kw).backward()
+
             return call
+
         fns = {"torch eager": bce(TF.binary_cross_entropy_with_logits)}
         for tag, lib in libs.items():
             fns[tag] = bce(lib.binary_cross_entropy_with_logits)
@@ -72,7 +76,9 @@ def _cases(libs):
         def call():
             x = z.detach().requires_grad_()
             module(torch.sigmoid(x), t).backward()
+
         return call
+
     fns = {"torch eager": bceloss(torch.nn.BCELoss())}
     for tag, lib in libs.items():
         fns[tag] = bceloss(lib.nn.BCELoss())
@@ -87,8 +93,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=25)
     p.add_argument("--inner", type=int, default=20)
-    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
-                   help="wall: time.perf_counter; thread: CPU time of this thread (needs --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="wall: time.perf_counter; thread: CPU time of this thread (needs --threads 1)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,9 +112,11 @@ def main(argv=None) -> int:
 
         libs[f"crossent {args.before}"] = crossent_before
     libs["crossent"] = crossent
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, forward + backward, fp32; "
-          f"median of {args.repeats} x {args.inner} calls, ms per call ({args.clock} clock); "
-          "ratio = torch eager / variant\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, forward + backward, fp32; "
+        f"median of {args.repeats} x {args.inner} calls, ms per call ({args.clock} clock); "
+        "ratio = torch eager / variant\n"
+    )
     cases = _cases(libs)
     variants = [k for k in cases[0][1] if k != "torch eager"]
     print("| case | torch eager | " + " | ".join(f"{v} | ratio" for v in variants) + " |")

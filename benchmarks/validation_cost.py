@@ -83,14 +83,20 @@ def fmt(seconds):
 
 def provenance(device):
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
     except OSError:
         commit = "?"
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
-    return (f"crossent {crossent.__version__} @ {commit or '?'}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {dev}, THP_MEM_ALLOC_ENABLE={thp}")
+    return (
+        f"crossent {crossent.__version__} @ {commit or '?'}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {dev}, THP_MEM_ALLOC_ENABLE={thp}"
+    )
 
 
 def main(argv=None) -> int:
@@ -98,9 +104,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", choices=["small", "large", "both"], default="both")
     ap.add_argument("--repeats", type=int, default=None, help="default: 30 small, 7 large")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads; use 1 on a shared, loaded CPU (an oversubscribed "
-                         "OpenMP pool adds ~20 ms to every parallel op)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads; use 1 on a shared, loaded CPU (an oversubscribed "
+        "OpenMP pool adds ~20 ms to every parallel op)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,11 +135,13 @@ def main(argv=None) -> int:
                 alone.append(timed(checks, device))
             m_off, m_on, m_alone = quantiles(off), quantiles(on), quantiles(alone)
             rng = lambda q: f"{fmt(q[0])} ({fmt(q[1])}-{fmt(q[2])})"
-            print(f"| {name} | {tuple(shape)} | {rng(m_off)} | {rng(m_on)} | "
-                  f"{(m_on[0] / m_off[0] - 1) * 100:+.0f}% | {fmt(m_alone[0])} "
-                  f"({m_alone[0] / m_off[0] * 100:.0f}% of the loss) |")
+            print(
+                f"| {name} | {tuple(shape)} | {rng(m_off)} | {rng(m_on)} | "
+                f"{(m_on[0] / m_off[0] - 1) * 100:+.0f}% | {fmt(m_alone[0])} "
+                f"({m_alone[0] / m_off[0] * 100:.0f}% of the loss) |"
+            )
             sys.stdout.flush()
-            loss = checks = None   # free the inputs before the next shape
+            loss = checks = None  # free the inputs before the next shape
     return 0
 
 

@@ -38,7 +38,7 @@ import torch
 
 def _data(N, H, V, seed=0):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, H, generator=g) / H ** 0.5
+    h = torch.randn(N, H, generator=g) / H**0.5
     W = torch.randn(V, H, generator=g) * 0.02
     y = torch.randint(0, V, (N,), generator=g)
     y[::17] = -100
@@ -114,7 +114,7 @@ def _worker(a) -> dict:
         h.grad = W.grad = None
         loss_fn(h, W).backward()
 
-    step()    # warm-up
+    step()  # warm-up
     times = []
     for _ in range(a.repeats):
         sync()
@@ -128,10 +128,19 @@ def _worker(a) -> dict:
     sync()
     extra = _measure_cpu(step)
     grads = (h.numel() + W.numel()) * 4
-    return dict(variant=a.variant, rank=rank, P=P, median_s=statistics.median(times), times=times,
-                peak_extra=extra, peak_beyond_grads=None if extra is None else extra - grads,
-                sent=counted.sent, received=counted.received, ops=counted.ops,
-                weight_bytes=W.numel() * 4)
+    return dict(
+        variant=a.variant,
+        rank=rank,
+        P=P,
+        median_s=statistics.median(times),
+        times=times,
+        peak_extra=extra,
+        peak_beyond_grads=None if extra is None else extra - grads,
+        sent=counted.sent,
+        received=counted.received,
+        ops=counted.ops,
+        weight_bytes=W.numel() * 4,
+    )
 
 
 def _free_port() -> int:
@@ -142,20 +151,35 @@ def _free_port() -> int:
 
 def _run(a, variant, nproc=1):
     out = tempfile.mkdtemp(prefix="vocab_parallel_")
-    args = [f"--N={a.N}", f"--H={a.H}", f"--V={a.V}", f"--repeats={a.repeats}", f"--threads={a.threads}",
-            f"--worker={variant}", f"--out={out}"]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", CROSSENT_LINEAR_BUDGET=str(a.budget),
-               OMP_NUM_THREADS=str(a.threads))
+    args = [
+        f"--N={a.N}",
+        f"--H={a.H}",
+        f"--V={a.V}",
+        f"--repeats={a.repeats}",
+        f"--threads={a.threads}",
+        f"--worker={variant}",
+        f"--out={out}",
+    ]
+    env = dict(
+        os.environ, MALLOC_MMAP_THRESHOLD_="65536", CROSSENT_LINEAR_BUDGET=str(a.budget), OMP_NUM_THREADS=str(a.threads)
+    )
     if variant == "vocab-parallel":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", "--master-addr=127.0.0.1", os.path.abspath(__file__)] + args
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            f"--master-port={_free_port()}",
+            "--master-addr=127.0.0.1",
+            os.path.abspath(__file__),
+        ] + args
     else:
         cmd = [sys.executable, os.path.abspath(__file__)] + args
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     rows = []
-    for name in sorted(os.listdir(out)):   # one JSON file per rank (their stdout interleaves)
+    for name in sorted(os.listdir(out)):  # one JSON file per rank (their stdout interleaves)
         with open(os.path.join(out, name)) as f:
             rows.append(json.load(f))
     return rows
@@ -190,16 +214,25 @@ def main(argv=None) -> int:
     for variant, n in variants:
         rows += sorted(_run(a, variant, n), key=lambda r: r["rank"])
     single = next(r for r in rows if r["variant"] == "single")
-    print(f"N={a.N} H={a.H} V={a.V} fp32, budget {a.budget}, {a.threads} thread(s) per process, "
-          f"torch {torch.__version__}, median of {a.repeats}")
-    print("| variant | rank | step (s) | peak extra (MiB) | beyond grads (MiB) | vs single | sent / received per step |")
+    print(
+        f"N={a.N} H={a.H} V={a.V} fp32, budget {a.budget}, {a.threads} thread(s) per process, "
+        f"torch {torch.__version__}, median of {a.repeats}"
+    )
+    print(
+        "| variant | rank | step (s) | peak extra (MiB) | beyond grads (MiB) | vs single | sent / received per step |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = ("" if r["peak_beyond_grads"] is None or not single["peak_beyond_grads"]
-                 else f"{r['peak_beyond_grads'] / single['peak_beyond_grads']:.2f}x")
+        ratio = (
+            ""
+            if r["peak_beyond_grads"] is None or not single["peak_beyond_grads"]
+            else f"{r['peak_beyond_grads'] / single['peak_beyond_grads']:.2f}x"
+        )
         comm = f"{r['sent']} B / {r['received']} B ({', '.join(r['ops'])})" if r["ops"] else "-"
-        print(f"| {r['variant']} | {r['rank']} | {r['median_s']:.3f} | {_mib(r['peak_extra'])} | "
-              f"{_mib(r['peak_beyond_grads'])} | {ratio} | {comm} |")
+        print(
+            f"| {r['variant']} | {r['rank']} | {r['median_s']:.3f} | {_mib(r['peak_extra'])} | "
+            f"{_mib(r['peak_beyond_grads'])} | {ratio} | {comm} |"
+        )
     print("RAW " + json.dumps(rows))
     return 0
 

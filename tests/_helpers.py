@@ -22,8 +22,8 @@ import torch
 TOL: Dict[torch.dtype, Dict[str, float]] = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=2e-5, atol=2e-6),
-    torch.float16: dict(rtol=2 * 2.0 ** -10, atol=1e-5),
-    torch.bfloat16: dict(rtol=2 * 2.0 ** -7, atol=1e-5),
+    torch.float16: dict(rtol=2 * 2.0**-10, atol=1e-5),
+    torch.bfloat16: dict(rtol=2 * 2.0**-7, atol=1e-5),
 }
 
 #: Second derivatives: torch's BCE double backward is its own hand-written formula, which
@@ -32,10 +32,10 @@ TOL_SECOND_ORDER = dict(rtol=1e-8, atol=1e-10)
 
 #: ulp bounds for the extreme-value tests against mpmath (values and gradients).
 ULP = {
-    "bce_with_logits": 4,   # a sum of two non-negative softplus terms
-    "bce": 4,               # log / log1p of a representable probability
-    "ce": 8,                # log1p of a sum over C terms (pairwise summation error ~ log2 C ulp)
-    "ce_large_c": 32,       # C = 50 000: the sum over classes dominates
+    "bce_with_logits": 4,  # a sum of two non-negative softplus terms
+    "bce": 4,  # log / log1p of a representable probability
+    "ce": 8,  # log1p of a sum over C terms (pairwise summation error ~ log2 C ulp)
+    "ce_large_c": 32,  # C = 50 000: the sum over classes dominates
     # (1 - p_t)^gamma times the base loss: pow amplifies the few-ulp error of 1 - p_t by
     # gamma (<= 5 here), plus the base loss's and the product's roundings
     "focal": 16,
@@ -63,16 +63,16 @@ def ref_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None,
-                 msg: str = "", **override) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None, msg: str = "", **override
+) -> None:
     """Compare with the table's tolerance for ``dtype`` (default: ``expected``'s dtype);
     NaN equals NaN, shapes must match exactly."""
     dtype = dtype or expected.dtype
     tol = dict(TOL[dtype])
     tol.update(override)
     assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    torch.testing.assert_close(actual.double(), expected.double(), equal_nan=True,
-                               msg=lambda m: f"{msg}\n{m}", **tol)
+    torch.testing.assert_close(actual.double(), expected.double(), equal_nan=True, msg=lambda m: f"{msg}\n{m}", **tol)
 
 
 # --------------------------------------------------------------------------- generators
@@ -82,8 +82,7 @@ SHAPES_BINARY = [(5, 3), (5, 3, 1), (5, 3, 1, 2), (3,), (), (0, 3)]
 SHAPES_MULTICLASS = [(5, 4), (5, 4, 1), (5, 4, 1, 2), (4,), (0, 4), (0, 4, 2)]
 
 
-def make_view(values: torch.Tensor, layout: str, requires_grad: bool = False
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_view(values: torch.Tensor, layout: str, requires_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(leaf, view)``: ``view`` holds exactly ``values`` in the given memory layout
     and is computed from ``leaf`` (gradients are compared on the leaf).
 
@@ -105,7 +104,11 @@ def make_view(values: torch.Tensor, layout: str, requires_grad: bool = False
     if layout == "sliced":
         filler = torch.full_like(v, float("nan")) if v.is_floating_point() else torch.zeros_like(v)
         big = torch.stack([v, filler], dim=1)  # (N, 2, ...): the rows in between are unused
-        big = big.reshape((v.shape[0] * 2,) + tuple(v.shape[1:])) if v.shape[0] else big.reshape((0,) + tuple(v.shape[1:]))
+        big = (
+            big.reshape((v.shape[0] * 2,) + tuple(v.shape[1:]))
+            if v.shape[0]
+            else big.reshape((0,) + tuple(v.shape[1:]))
+        )
         leaf = big.clone().requires_grad_(requires_grad)
         return leaf, leaf[::2]
     if layout == "expanded":
@@ -122,8 +125,9 @@ def expand_values(values: torch.Tensor, layout: str) -> torch.Tensor:
     return values
 
 
-def probabilities(shape: Sequence[int], generator: torch.Generator, dtype=torch.float64,
-                  lo: float = 0.02, hi: float = 0.98) -> torch.Tensor:
+def probabilities(
+    shape: Sequence[int], generator: torch.Generator, dtype=torch.float64, lo: float = 0.02, hi: float = 0.98
+) -> torch.Tensor:
     """BCE inputs inside (0, 1), away from the clamp."""
     return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
 
@@ -140,8 +144,9 @@ def soft_targets(shape: Sequence[int], generator: torch.Generator, dtype=torch.f
     return torch.where(hard > 0.75, torch.ones_like(t), t)
 
 
-def class_probabilities(shape: Sequence[int], class_dim: int, generator: torch.Generator,
-                        dtype=torch.float64) -> torch.Tensor:
+def class_probabilities(
+    shape: Sequence[int], class_dim: int, generator: torch.Generator, dtype=torch.float64
+) -> torch.Tensor:
     """Rows summing to 1 along ``class_dim``, some entries exactly 0.
 
     Entries are multiples of 1/64, so every row sums to exactly 1 in every dtype down to
@@ -154,8 +159,9 @@ def class_probabilities(shape: Sequence[int], class_dim: int, generator: torch.G
     return q.scatter(class_dim, top, 1 - rest)
 
 
-def class_indices(shape: Sequence[int], C: int, generator: torch.Generator,
-                  ignore_index: Optional[int] = None) -> torch.Tensor:
+def class_indices(
+    shape: Sequence[int], C: int, generator: torch.Generator, ignore_index: Optional[int] = None
+) -> torch.Tensor:
     y = torch.randint(0, C, tuple(shape), generator=generator)
     if ignore_index is not None and y.numel():
         drop = torch.rand(tuple(shape), generator=generator) < 0.3

@@ -69,7 +69,7 @@ def rel_error(y: np.ndarray, truth: np.ndarray, dtype: torch.dtype, scale: Optio
     truth = truth.astype(np.float64)
     ref = np.abs(truth if scale is None else scale)
     normal = (ref >= np.finfo(NP[dtype]).tiny) & np.isfinite(ref)
-    same = (y == truth)
+    same = y == truth
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         err = np.abs(y - truth) / np.where(normal, ref, 1.0)
     err = np.where(np.isnan(err), np.inf, err)
@@ -79,6 +79,7 @@ def rel_error(y: np.ndarray, truth: np.ndarray, dtype: torch.dtype, scale: Optio
 @dataclass
 class Measured:
     """One scenario: values and gradients of crossent and torch with their truth."""
+
     name: str
     dtype: torch.dtype
     truth: np.ndarray
@@ -96,7 +97,11 @@ class Measured:
 
     def worst(self) -> Dict[str, float]:
         """Worst errors; the ulp figures cover the normal range (see ``subnormal_abs``)."""
-        d, nv, ng = self.dtype, self.normal(self.truth), self.normal(self.gtruth if self.gscale is None else self.gscale)
+        d, nv, ng = (
+            self.dtype,
+            self.normal(self.truth),
+            self.normal(self.gtruth if self.gscale is None else self.gscale),
+        )
         return {
             "value_ulp_ours": float(ulp_error(self.ours, self.truth, d)[nv].max(initial=0)),
             "value_ulp_torch": float(ulp_error(self.theirs, self.truth, d)[nv].max(initial=0)),
@@ -114,14 +119,16 @@ def _value_and_grad(fn, x: torch.Tensor, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = fn(x, *args, reduction="none", **kwargs)
-    g, = torch.autograd.grad(out.sum(), x)
+    (g,) = torch.autograd.grad(out.sum(), x)
     return out.detach().double().numpy(), g.double().numpy()
 
 
 # --------------------------------------------------------------------------- BCE with logits
 def logit_grid(dtype: torch.dtype) -> torch.Tensor:
     """0, +-10**k for k in [-8, 4] (dense near the interesting -100..100) and +-1e4."""
-    mags = np.concatenate([np.logspace(-8, 4, 61), np.arange(1.0, 101.0, 3.0), [36.0, 37.0, 40.0, 45.0, 88.0, 89.0, 700.0, 750.0]])
+    mags = np.concatenate(
+        [np.logspace(-8, 4, 61), np.arange(1.0, 101.0, 3.0), [36.0, 37.0, 40.0, 45.0, 88.0, 89.0, 700.0, 750.0]]
+    )
     vals = np.unique(np.concatenate([[0.0], mags, -mags]))
     return torch.tensor(vals, dtype=torch.float64).to(dtype)
 
@@ -157,15 +164,15 @@ def measure_bce_with_logits(dtype: torch.dtype, t: float, pos_weight: Optional[f
 def ce_margin_truth(m: float, C: int, y: int, eps: float):
     """Logits [m, 0, ..., 0] (C classes), target y: loss, gradient (C,), scale (C,)."""
     M = mpmath.mpf(m)
-    S = (C - 1) * mpmath.exp(-M)          # sum over the other classes of exp(x_j - m)
-    nlp0 = mpmath.log1p(S)                # -log p_0 without cancellation
+    S = (C - 1) * mpmath.exp(-M)  # sum over the other classes of exp(x_j - m)
+    nlp0 = mpmath.log1p(S)  # -log p_0 without cancellation
     lse = M + nlp0
     nlp = [nlp0] + [lse] * min(C - 1, 2)  # -log p_j for the first three classes
     p = [1 / (1 + S)] + [mpmath.exp(-M) / (1 + S)] * min(C - 1, 2)
     E = mpmath.mpf(eps)
     a = [E / C] * len(p)
     a[y] += 1 - E
-    loss = a[0] * nlp[0] + (1 - a[0]) * lse   # every class j >= 1 has -log p_j = lse
+    loss = a[0] * nlp[0] + (1 - a[0]) * lse  # every class j >= 1 has -log p_j = lse
     grad = [float(p[j] - a[j]) for j in range(len(p))]
     scale = [float(abs(p[j]) + abs(a[j])) for j in range(len(p))]
     return float(loss), np.array(grad), np.array(scale)
@@ -210,7 +217,7 @@ def measure_ce_random_row(dtype: torch.dtype, C: int, eps: float, seed: int = 0)
     x, xs, lse, mean_x, _ = _random_row_truth(dtype, C, seed)
     g = torch.Generator().manual_seed(seed + 1)
     E = mpmath.mpf(eps)
-    mean_nlp = lse - mean_x                    # (1/C) sum_c -log p_c
+    mean_nlp = lse - mean_x  # (1/C) sum_c -log p_c
     rows = []
     for y in (int(x.argmax()), int(torch.randint(0, C, (1,), generator=g))):
         tgt = torch.tensor([y])
@@ -227,8 +234,17 @@ def measure_ce_random_row(dtype: torch.dtype, C: int, eps: float, seed: int = 0)
         rows.append((float(truth), o[0], th[0], np.array(gtr), go[0, idx], gth[0, idx], np.array(gsc)))
     truth, ours, theirs = (np.array([r[i] for r in rows]) for i in range(3))
     gtruth, gours, gtheirs, gscale = (np.concatenate([r[i] for r in rows]) for i in range(3, 7))
-    return Measured(f"CE random logits C={C}" + (f" ls={eps}" if eps else ""), dtype,
-                    truth, ours, theirs, gtruth, gours, gtheirs, gscale)
+    return Measured(
+        f"CE random logits C={C}" + (f" ls={eps}" if eps else ""),
+        dtype,
+        truth,
+        ours,
+        theirs,
+        gtruth,
+        gours,
+        gtheirs,
+        gscale,
+    )
 
 
 # --------------------------------------------------------------------------- BCE on probabilities
@@ -302,13 +318,17 @@ def table() -> str:
         for k, v in w.items():
             acc[k] = max(acc[k], v)
     fmt = lambda v: "nan/inf" if not math.isfinite(v) else f"{v:.2g}"  # noqa: E731
-    lines = ["| extreme | dtype | value rel. err. crossent | torch | gradient rel. err. crossent | torch "
-             "| crossent max ulp (value / grad) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| extreme | dtype | value rel. err. crossent | torch | gradient rel. err. crossent | torch "
+        "| crossent max ulp (value / grad) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (fam, dt), w in rows.items():
-        lines.append(f"| {fam} | {dt} | {fmt(w['value_rel_ours'])} | {fmt(w['value_rel_torch'])} | "
-                     f"{fmt(w['grad_rel_ours'])} | {fmt(w['grad_rel_torch'])} | "
-                     f"{w['value_ulp_ours']:.1f} / {w['grad_ulp_ours']:.1f} |")
+        lines.append(
+            f"| {fam} | {dt} | {fmt(w['value_rel_ours'])} | {fmt(w['value_rel_torch'])} | "
+            f"{fmt(w['grad_rel_ours'])} | {fmt(w['grad_rel_torch'])} | "
+            f"{w['value_ulp_ours']:.1f} / {w['grad_ulp_ours']:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -32,10 +32,10 @@ def transforming() -> bool:
 
 def capturing(x: torch.Tensor) -> bool:
     """True when the loss call on ``x`` must not read tensor values on the host."""
-    if torch.compiler.is_compiling():   # constant True while Dynamo traces (no guard, no break)
+    if torch.compiler.is_compiling():  # constant True while Dynamo traces (no guard, no break)
         return True
     if torch.jit.is_tracing() or transforming() or isinstance(x, _FakeTensor):
         return True
     if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
-        return True   # tensor subclasses (functorch wrappers, DTensor, ...): no host reads
+        return True  # tensor subclasses (functorch wrappers, DTensor, ...): no host reads
     return x.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -11,19 +11,17 @@ from typing import Dict
 #: Every variable read by crossent, with what it does (the table of ``docs/configuration.md``).
 VARIABLES: Dict[str, str] = {
     "CROSSENT_VALIDATE": "`0`/`false`/`no`/`off` switches the value checks off for calls "
-                         "that do not pass `validate=`; default on",
+    "that do not pass `validate=`; default on",
     "CROSSENT_BACKEND": "a backend name (`reference`, `chunked`, `chunked-torch`, `triton`) "
-                        "used by calls with `backend=None`; `auto` or unset: automatic choice",
+    "used by calls with `backend=None`; `auto` or unset: automatic choice",
     "CROSSENT_CPU_KERNEL": "`0`/`false`/`no`/`off` disables the compiled CPU kernel "
-                           "(the chunked torch ops run instead); default on",
-    "CROSSENT_CACHE_DIR": "where the compiled CPU kernel is cached (`<dir>/kernels`); "
-                          "default `~/.cache/crossent`",
+    "(the chunked torch ops run instead); default on",
+    "CROSSENT_CACHE_DIR": "where the compiled CPU kernel is cached (`<dir>/kernels`); default `~/.cache/crossent`",
     "CROSSENT_BUILD_TIMEOUT": "seconds the C compiler may run (default 120)",
     "CC": "the C compiler command for the CPU kernel; default the first of cc, gcc, clang",
-    "CROSSENT_LINEAR_BUDGET": "bytes of temporary memory for the fused linear losses "
-                              "(e.g. `256MiB`, the default)",
+    "CROSSENT_LINEAR_BUDGET": "bytes of temporary memory for the fused linear losses (e.g. `256MiB`, the default)",
     "THP_MEM_ALLOC_ENABLE": "torch's transparent-huge-pages switch; `crossent bench` records "
-                            "it in its provenance and sets it with `--thp`",
+    "it in its provenance and sets it with `--thp`",
 }
 
 #: Values (case-insensitive, surrounding blanks ignored) that switch a flag off.
@@ -66,9 +64,13 @@ def env_bytes(name: str, default: int) -> int:
     if value <= 0:
         from ._validation import fail
 
-        fail(name, "a positive number of bytes, optionally with a suffix K, M, G, KiB, MiB or GiB "
-                   "(powers of 1024), e.g. 268435456 or 256MiB", repr(raw),
-             f"Set {name} to such a value, or unset it for the default ({default} bytes).")
+        fail(
+            name,
+            "a positive number of bytes, optionally with a suffix K, M, G, KiB, MiB or GiB "
+            "(powers of 1024), e.g. 268435456 or 256MiB",
+            repr(raw),
+            f"Set {name} to such a value, or unset it for the default ({default} bytes).",
+        )
     return value
 
 
@@ -118,8 +120,10 @@ def build_timeout(default: float) -> float:
     except ValueError:
         value = 0.0
     if not value > 0:
-        raise ValueError(f"CROSSENT_BUILD_TIMEOUT: expected a positive number of seconds, but got {text!r}. "
-                         f"Set it to e.g. 300, or unset it for the default ({default:g} s).")
+        raise ValueError(
+            f"CROSSENT_BUILD_TIMEOUT: expected a positive number of seconds, but got {text!r}. "
+            f"Set it to e.g. 300, or unset it for the default ({default:g} s)."
+        )
     return value
 
 

@@ -16,9 +16,11 @@ from . import functional as _cf
 from .backends import available_backends
 
 LOSSES = ("binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy")
-_CLASS_OF = {"binary_cross_entropy": "BCELoss",
-             "binary_cross_entropy_with_logits": "BCEWithLogitsLoss",
-             "cross_entropy": "CrossEntropyLoss"}
+_CLASS_OF = {
+    "binary_cross_entropy": "BCELoss",
+    "binary_cross_entropy_with_logits": "BCEWithLogitsLoss",
+    "cross_entropy": "CrossEntropyLoss",
+}
 # torch's functions as they were when crossent was imported: what `rebind=` looks for.
 _TORCH_FUNCTIONS = {name: getattr(torch.nn.functional, name) for name in LOSSES}
 _MISSING = object()
@@ -40,35 +42,50 @@ def _functional_wrapper(loss: str):
         return impl(*args, **{**options, **kwargs}) if options else impl(*args, **kwargs)
 
     wrapper.__name__ = wrapper.__qualname__ = loss
-    wrapper.__doc__ = (f"torch.nn.functional.{loss}, routed through crossent.functional.{loss} "
-                       f"by crossent.patch().\n\n{impl.__doc__}")
+    wrapper.__doc__ = (
+        f"torch.nn.functional.{loss}, routed through crossent.functional.{loss} by crossent.patch().\n\n{impl.__doc__}"
+    )
     wrapper.__wrapped__ = impl
     wrapper.__crossent_patch__ = True
     return wrapper
 
 
 def _bce_forward(self, input, target):
-    return _cf.binary_cross_entropy(input, target, self.weight, reduction=self.reduction,
-                                    **_options("binary_cross_entropy"))
+    return _cf.binary_cross_entropy(
+        input, target, self.weight, reduction=self.reduction, **_options("binary_cross_entropy")
+    )
 
 
 def _bce_with_logits_forward(self, input, target):
     return _cf.binary_cross_entropy_with_logits(
-        input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight,
-        **_options("binary_cross_entropy_with_logits"))
+        input,
+        target,
+        self.weight,
+        reduction=self.reduction,
+        pos_weight=self.pos_weight,
+        **_options("binary_cross_entropy_with_logits"),
+    )
 
 
 def _cross_entropy_forward(self, input, target):
-    return _cf.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
-                             reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             **_options("cross_entropy"))
+    return _cf.cross_entropy(
+        input,
+        target,
+        self.weight,
+        ignore_index=self.ignore_index,
+        reduction=self.reduction,
+        label_smoothing=self.label_smoothing,
+        **_options("cross_entropy"),
+    )
 
 
 # One replacement per attribute, made once: an attribute crossent holds is always this object.
 _FUNCTIONS = {loss: _functional_wrapper(loss) for loss in LOSSES}
-_FORWARDS = {"binary_cross_entropy": _bce_forward,
-             "binary_cross_entropy_with_logits": _bce_with_logits_forward,
-             "cross_entropy": _cross_entropy_forward}
+_FORWARDS = {
+    "binary_cross_entropy": _bce_forward,
+    "binary_cross_entropy_with_logits": _bce_with_logits_forward,
+    "cross_entropy": _cross_entropy_forward,
+}
 for _loss, _fwd in _FORWARDS.items():
     _fwd.__qualname__ = f"{_CLASS_OF[_loss]}.forward"
     _fwd.__doc__ = f"torch.nn.{_CLASS_OF[_loss]}.forward, routed through crossent by crossent.patch()."
@@ -96,8 +113,7 @@ _active: Tuple["Patch", ...] = ()
 class Patch:
     """An active :func:`patch`: a context manager, or call :meth:`unpatch` to leave it."""
 
-    def __init__(self, losses: Tuple[str, ...], targets: List[Tuple[object, str, object]],
-                 options: dict) -> None:
+    def __init__(self, losses: Tuple[str, ...], targets: List[Tuple[object, str, object]], options: dict) -> None:
         self.losses = losses
         self.options = options
         self._targets = targets
@@ -156,15 +172,24 @@ def _module(m: Union[str, types.ModuleType]) -> types.ModuleType:
         return m
     if isinstance(m, str):
         return importlib.import_module(m)
-    V.fail("patch", "`rebind` to be modules or module names", f"{type(m).__name__} {m!r}",
-           "Pass the module object or its dotted name, e.g. rebind=['mylib.losses'].",
-           V.CrossentTypeError)
+    V.fail(
+        "patch",
+        "`rebind` to be modules or module names",
+        f"{type(m).__name__} {m!r}",
+        "Pass the module object or its dotted name, e.g. rebind=['mylib.losses'].",
+        V.CrossentTypeError,
+    )
 
 
-def patch(*, functional: bool = True, modules: bool = True,
-          losses: Optional[Iterable[str]] = None,
-          rebind: Iterable[Union[str, types.ModuleType]] = (),
-          validate: Optional[bool] = None, backend: Optional[str] = None) -> Patch:
+def patch(
+    *,
+    functional: bool = True,
+    modules: bool = True,
+    losses: Optional[Iterable[str]] = None,
+    rebind: Iterable[Union[str, types.ModuleType]] = (),
+    validate: Optional[bool] = None,
+    backend: Optional[str] = None,
+) -> Patch:
     """Route torch's own loss entry points through crossent; returns the active patch.
 
     Use it as a context manager, or call it and later :func:`unpatch` (or the returned
@@ -209,8 +234,12 @@ def patch(*, functional: bool = True, modules: bool = True,
     chosen = LOSSES if losses is None else tuple(dict.fromkeys([losses] if isinstance(losses, str) else losses))
     for loss in chosen:
         if loss not in LOSSES:
-            V.fail(func, f"`losses` among {list(LOSSES)}", repr(loss),
-                   "The class goes with its function: 'cross_entropy' also covers CrossEntropyLoss.")
+            V.fail(
+                func,
+                f"`losses` among {list(LOSSES)}",
+                repr(loss),
+                "The class goes with its function: 'cross_entropy' also covers CrossEntropyLoss.",
+            )
     if backend is not None and backend != "auto" and backend not in available_backends():
         V.fail(func, f"`backend` one of {['auto'] + available_backends()}", repr(backend))
     options = {k: v for k, v in (("validate", validate), ("backend", backend)) if v is not None}

@@ -148,24 +148,37 @@ def check_reduction(func: str, reduction) -> str:
             hint = " Use reduction='mean'."
         elif reduction is None:
             hint = " For per-element losses use reduction='none' (the string)."
-        fail(func, "`reduction` to be one of 'none', 'mean', 'sum'", repr(reduction),
-             ("Pick one of those." + hint).strip())
+        fail(
+            func,
+            "`reduction` to be one of 'none', 'mean', 'sum'",
+            repr(reduction),
+            ("Pick one of those." + hint).strip(),
+        )
     return reduction
 
 
 def check_label_smoothing(func: str, label_smoothing) -> float:
     if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
-        return label_smoothing   # the usual case, decided without the ABC checks below
+        return label_smoothing  # the usual case, decided without the ABC checks below
     if isinstance(label_smoothing, torch.Tensor) and label_smoothing.numel() == 1:
         label_smoothing = float(label_smoothing)
     if not isinstance(label_smoothing, Number) or isinstance(label_smoothing, (bool, complex)):
-        fail(func, "`label_smoothing` to be a float in [0, 1]", f"{type(label_smoothing).__name__}",
-             "Pass a Python float such as label_smoothing=0.1.", CrossentTypeError)
+        fail(
+            func,
+            "`label_smoothing` to be a float in [0, 1]",
+            f"{type(label_smoothing).__name__}",
+            "Pass a Python float such as label_smoothing=0.1.",
+            CrossentTypeError,
+        )
     value = float(label_smoothing)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        fail(func, "`label_smoothing` in [0, 1]", repr(label_smoothing),
-             "0 turns smoothing off; typical values are 0.05 to 0.2. (torch silently ignores "
-             "negative and NaN values; crossent refuses them.)")
+        fail(
+            func,
+            "`label_smoothing` in [0, 1]",
+            repr(label_smoothing),
+            "0 turns smoothing off; typical values are 0.05 to 0.2. (torch silently ignores "
+            "negative and NaN values; crossent refuses them.)",
+        )
     return value
 
 
@@ -179,24 +192,30 @@ def check_ignore_index(func: str, ignore_index) -> Optional[int]:
     if ignore_index is None:
         return None
     if type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX:
-        return ignore_index   # the usual case, decided without the ABC checks below
-    if (isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1
-            and not (ignore_index.is_floating_point() or ignore_index.is_complex()
-                     or ignore_index.dtype == torch.bool)):
+        return ignore_index  # the usual case, decided without the ABC checks below
+    if (
+        isinstance(ignore_index, torch.Tensor)
+        and ignore_index.numel() == 1
+        and not (ignore_index.is_floating_point() or ignore_index.is_complex() or ignore_index.dtype == torch.bool)
+    ):
         ignore_index = ignore_index.item()
-    if (isinstance(ignore_index, (bool, torch.Tensor))
-            or not hasattr(type(ignore_index), "__index__")):
+    if isinstance(ignore_index, (bool, torch.Tensor)) or not hasattr(type(ignore_index), "__index__"):
         fix = "Pass the integer label that marks elements to skip, e.g. ignore_index=-100."
         if isinstance(ignore_index, Number) and not isinstance(ignore_index, bool):
-            fix = ("It must be an int, not a float (torch raises TypeError here too)"
-                   + (f": pass ignore_index={int(ignore_index)}." if isinstance(ignore_index, float)
-                      and math.isfinite(ignore_index) and int(ignore_index) == ignore_index
-                      else ", e.g. ignore_index=-100."))
+            fix = "It must be an int, not a float (torch raises TypeError here too)" + (
+                f": pass ignore_index={int(ignore_index)}."
+                if isinstance(ignore_index, float) and math.isfinite(ignore_index) and int(ignore_index) == ignore_index
+                else ", e.g. ignore_index=-100."
+            )
         fail(func, "`ignore_index` to be an integer", repr(ignore_index), fix, CrossentTypeError)
     ignore_index = operator.index(ignore_index)
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
-        fail(func, "`ignore_index` in the int64 range [-2**63, 2**63 - 1]", repr(ignore_index),
-             "Targets are int64, so no target can equal it; use a value such as -100.")
+        fail(
+            func,
+            "`ignore_index` in the int64 range [-2**63, 2**63 - 1]",
+            repr(ignore_index),
+            "Targets are int64, so no target can equal it; use a value such as -100.",
+        )
     return ignore_index
 
 
@@ -209,9 +228,13 @@ def check_binary_ignore_index(func: str, ignore_index) -> Optional[int]:
     extension: torch's BCE has no ``ignore_index``)."""
     ignore_index = check_ignore_index(func, ignore_index)
     if ignore_index in (0, 1):
-        fail(func, "`ignore_index` different from the labels 0 and 1", f"ignore_index={ignore_index}",
-             f"ignore_index={ignore_index} would drop every {'negative' if ignore_index == 0 else 'positive'} "
-             "label; mark missing labels with another value, e.g. -1, and pass ignore_index=-1.")
+        fail(
+            func,
+            "`ignore_index` different from the labels 0 and 1",
+            f"ignore_index={ignore_index}",
+            f"ignore_index={ignore_index} would drop every {'negative' if ignore_index == 0 else 'positive'} "
+            "label; mark missing labels with another value, e.g. -1, and pass ignore_index=-1.",
+        )
     return ignore_index
 
 
@@ -223,27 +246,46 @@ def as_weight_tensor(func: str, name: str, value, like: Optional[torch.Tensor] =
     sequences become float tensors on ``like``'s device (an extension over torch).
     """
     if value is None or isinstance(value, torch.Tensor):
-        if value is not None and not (value.is_floating_point() or value.dtype in _INTEGER_DTYPES
-                                      or value.dtype == torch.bool):
-            fail(func, f"`{name}` to be a real-valued tensor", f"dtype {value.dtype}",
-                 f"Pass `{name}` as a float tensor.", CrossentTypeError)
+        if value is not None and not (
+            value.is_floating_point() or value.dtype in _INTEGER_DTYPES or value.dtype == torch.bool
+        ):
+            fail(
+                func,
+                f"`{name}` to be a real-valued tensor",
+                f"dtype {value.dtype}",
+                f"Pass `{name}` as a float tensor.",
+                CrossentTypeError,
+            )
         return value
     if isinstance(value, bool):
-        fail(func, f"`{name}` to be a tensor, a number or a sequence of numbers", "a bool",
-             f"Pass `{name}` as a float, e.g. {name}=1.0.", CrossentTypeError)
+        fail(
+            func,
+            f"`{name}` to be a tensor, a number or a sequence of numbers",
+            "a bool",
+            f"Pass `{name}` as a float, e.g. {name}=1.0.",
+            CrossentTypeError,
+        )
     try:
         kwargs = {"dtype": torch.get_default_dtype()}
         if like is not None:
-            kwargs = {"dtype": like.dtype if like.is_floating_point() else torch.get_default_dtype(),
-                      "device": like.device}
+            kwargs = {
+                "dtype": like.dtype if like.is_floating_point() else torch.get_default_dtype(),
+                "device": like.device,
+            }
         return torch.as_tensor(value, **kwargs)
     except (TypeError, ValueError, RuntimeError):
-        fail(func, f"`{name}` to be a tensor, a number or a sequence of numbers",
-             f"{type(value).__name__}", f"Pass `{name}` as torch.tensor([...]).", CrossentTypeError)
+        fail(
+            func,
+            f"`{name}` to be a tensor, a number or a sequence of numbers",
+            f"{type(value).__name__}",
+            f"Pass `{name}` as torch.tensor([...]).",
+            CrossentTypeError,
+        )
 
 
-def check_broadcastable(func: str, name: str, value: Optional[torch.Tensor], shape, what: str,
-                        fix: Callable[[], str]) -> None:
+def check_broadcastable(
+    func: str, name: str, value: Optional[torch.Tensor], shape, what: str, fix: Callable[[], str]
+) -> None:
     """``value`` (a weight) must broadcast to ``shape`` without growing it; ``what`` names
     the shape for the message ("the input's shape"). The one broadcast rule of every
     per-element weight (``weight`` and ``pos_weight`` of the BCE losses, also fused).
@@ -268,39 +310,55 @@ def check_weight_values_nonnegative(func: str, name: str, value: Optional[torch.
         return
     from ._capture import capturing
 
-    if capturing(value):   # a module built inside a compiled function: no host read
+    if capturing(value):  # a module built inside a compiled function: no host read
         return
     bad = ~(value >= 0)
     if bool(bad.any()):
         idx = int(bad.flatten().nonzero()[0])
-        warn_once(f"negative-{name}",
-                  f"{func}: `{name}` holds {value.flatten()[idx].item()} at flat position {idx}; "
-                  "a negative or NaN weight rewards the model for that class instead of "
-                  "penalising it. Use weights >= 0.")
+        warn_once(
+            f"negative-{name}",
+            f"{func}: `{name}` holds {value.flatten()[idx].item()} at flat position {idx}; "
+            "a negative or NaN weight rewards the model for that class instead of "
+            "penalising it. Use weights >= 0.",
+        )
 
 
 def check_same_device(func: str, input: torch.Tensor, **others) -> None:
     """Every tensor argument on the input's device (0-dim CPU tensors count as scalars)."""
     for name, t in others.items():
         if isinstance(t, torch.Tensor) and t.device != input.device and t.dim() > 0:
-            fail(func, f"`{name}` on the same device as `input` ({input.device})",
-                 f"`{name}` on {t.device}",
-                 f"Move it with `{name}.to(input.device)` (for a module, `criterion.to(device)` "
-                 "moves its buffers).")
+            fail(
+                func,
+                f"`{name}` on the same device as `input` ({input.device})",
+                f"`{name}` on {t.device}",
+                f"Move it with `{name}.to(input.device)` (for a module, `criterion.to(device)` moves its buffers).",
+            )
 
 
 def check_floating_input(func: str, input) -> None:
     if not isinstance(input, torch.Tensor):
-        fail(func, "`input` to be a torch.Tensor", type(input).__name__,
-             "Convert it with torch.as_tensor(...).", CrossentTypeError)
+        fail(
+            func,
+            "`input` to be a torch.Tensor",
+            type(input).__name__,
+            "Convert it with torch.as_tensor(...).",
+            CrossentTypeError,
+        )
     if not input.is_floating_point():
         if input.is_complex():
             fix = "Losses need real scores: pass `input.real` or `input.abs()`, whichever you mean."
         else:
-            fix = ("Losses need real-valued scores: call `input.float()` (and check that you did "
-                   "not pass the labels as the input: the argument order is (input, target)).")
-        fail(func, "`input` to be a floating-point tensor (float16/bfloat16/float32/float64)",
-             f"dtype {input.dtype}", fix, CrossentTypeError)
+            fix = (
+                "Losses need real-valued scores: call `input.float()` (and check that you did "
+                "not pass the labels as the input: the argument order is (input, target))."
+            )
+        fail(
+            func,
+            "`input` to be a floating-point tensor (float16/bfloat16/float32/float64)",
+            f"dtype {input.dtype}",
+            fix,
+            CrossentTypeError,
+        )
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -331,8 +389,13 @@ def check_binary_target(func: str, input: torch.Tensor, target) -> torch.Tensor:
 
     Shapes must match exactly (torch raises too); never silent broadcasting."""
     if not isinstance(target, torch.Tensor):
-        fail(func, "`target` to be a torch.Tensor", type(target).__name__,
-             "Convert it with torch.as_tensor(...).", CrossentTypeError)
+        fail(
+            func,
+            "`target` to be a torch.Tensor",
+            type(target).__name__,
+            "Convert it with torch.as_tensor(...).",
+            CrossentTypeError,
+        )
     if target.shape != input.shape:
         ish, tsh = tuple(input.shape), tuple(target.shape)
         found = f"input {shape_str(ish)} and target {shape_str(tsh)}"
@@ -344,13 +407,17 @@ def check_binary_target(func: str, input: torch.Tensor, target) -> torch.Tensor:
             k = target.dim() - 1
             fix += f" Use `target.squeeze({k})` or `input.unsqueeze({k})`."
         elif input.dim() == 2 and tsh == ish[:1] and ish[1] == 2:
-            fix += (" Two scores per sample and one label each is 2-class cross-entropy: use "
-                    "CrossEntropyLoss with `target.long()`, or give the model one output "
-                    "per sample for BCEWithLogitsLoss.")
+            fix += (
+                " Two scores per sample and one label each is 2-class cross-entropy: use "
+                "CrossEntropyLoss with `target.long()`, or give the model one output "
+                "per sample for BCEWithLogitsLoss."
+            )
         elif input.dim() == 2 and tsh == ish[:1]:
-            fix += (f" Class indices for {ish[1]} classes? Use CrossEntropyLoss with "
-                    f"`target.long()`, or one-hot encode them for multi-label BCE: "
-                    f"`F.one_hot(target.long(), {ish[1]}).float()`.")
+            fix += (
+                f" Class indices for {ish[1]} classes? Use CrossEntropyLoss with "
+                f"`target.long()`, or one-hot encode them for multi-label BCE: "
+                f"`F.one_hot(target.long(), {ish[1]}).float()`."
+            )
         elif input.numel() == target.numel():
             fix += f" They have the same number of elements: `target.view({', '.join(map(str, ish))})` if the order matches."
         fail(func, "`target` with the same shape as `input`", found, fix)
@@ -358,8 +425,13 @@ def check_binary_target(func: str, input: torch.Tensor, target) -> torch.Tensor:
         # Extension (pytorch#842): 0/1 integer and bool labels are cast.
         return target.to(input.dtype)
     if not target.is_floating_point():
-        fail(func, "`target` to be a floating, integer or bool tensor", f"dtype {target.dtype}",
-             "Pass 0/1 labels or probabilities.", CrossentTypeError)
+        fail(
+            func,
+            "`target` to be a floating, integer or bool tensor",
+            f"dtype {target.dtype}",
+            "Pass 0/1 labels or probabilities.",
+            CrossentTypeError,
+        )
     return target
 
 
@@ -369,8 +441,9 @@ def _first_bad(t: torch.Tensor, bad: torch.Tensor):
     return pos, t.reshape(-1)[pos].item()
 
 
-def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
-                        keep: Optional[torch.Tensor], *, probabilities_in: bool) -> None:
+def check_binary_values(
+    func: str, input: torch.Tensor, target: torch.Tensor, keep: Optional[torch.Tensor], *, probabilities_in: bool
+) -> None:
     """Value tier for BCE: targets inside [0, 1]; input range matching the loss.
 
     One ``aminmax`` over the target, one over the input (only its first
@@ -388,10 +461,12 @@ def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
     no value test can do better; the ``SigmoidBackward0`` history can, and does.
     """
     if not probabilities_in and _grad_fn_name(input) in _PROBABILITY_NODES:
-        warn_once("sigmoid-before-logits",
-                  f"{func}: the input comes straight out of torch.sigmoid (its grad_fn is "
-                  f"{_grad_fn_name(input)}), but this loss applies the sigmoid itself: pass the "
-                  "raw logits (drop the sigmoid / nn.Sigmoid), or use BCELoss on probabilities.")
+        warn_once(
+            "sigmoid-before-logits",
+            f"{func}: the input comes straight out of torch.sigmoid (its grad_fn is "
+            f"{_grad_fn_name(input)}), but this loss applies the sigmoid itself: pass the "
+            "raw logits (drop the sigmoid / nn.Sigmoid), or use BCELoss on probabilities.",
+        )
     stats, names = [], []
     t = target.detach()
     if t.numel():
@@ -402,7 +477,7 @@ def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
     x = input.detach()
     inspect_logits = (not probabilities_in) and x.numel() >= _MIN_ELEMENTS_TO_TELL
     if probabilities_in and x.numel():
-        if keep is not None:   # an ignored element's value is never used (0 loss, 0 gradient)
+        if keep is not None:  # an ignored element's value is never used (0 loss, 0 gradient)
             x = torch.where(keep, x, 0.5)
         stats += list(torch.aminmax(x))
         names += ["xmin", "xmax"]
@@ -420,9 +495,11 @@ def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
             fix = "A NaN probability has no loss: find where the model produced it (torch raises here too)."
         else:
             found = f"min {s['xmin']:.6g}, max {s['xmax']:.6g}"
-            fix = ("These look like raw logits: use BCEWithLogitsLoss / "
-                   "binary_cross_entropy_with_logits on them (it applies the sigmoid itself, "
-                   "exactly), or apply torch.sigmoid first.")
+            fix = (
+                "These look like raw logits: use BCEWithLogitsLoss / "
+                "binary_cross_entropy_with_logits on them (it applies the sigmoid itself, "
+                "exactly), or apply torch.sigmoid first."
+            )
         fail(func, "`input` to hold probabilities in [0, 1]", found, fix)
 
     if "tmin" in s and not (s["tmin"] >= 0.0 and s["tmax"] <= 1.0):
@@ -431,13 +508,14 @@ def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
         found = f"{value:.6g} at position {_where(t.shape, pos)}"
         if not math.isnan(s["tmin"]) and not math.isnan(s["tmax"]):
             found += f" (targets range over [{s['tmin']:.6g}, {s['tmax']:.6g}])"
-        fix = ("Targets are probabilities of the positive class: 0, 1, or a soft label in "
-               "between.")
+        fix = "Targets are probabilities of the positive class: 0, 1, or a soft label in between."
         if math.isnan(value) or math.isinf(value):
             fix += " A NaN or infinite target makes the loss and every gradient NaN; mask it with ignore_index."
         elif s["tmax"] > 1 and float(s["tmax"]) == int(s["tmax"]):
-            fix += (" Integer labels above 1 mean several classes: use CrossEntropyLoss, or "
-                    "one-hot encode them for multi-label BCE.")
+            fix += (
+                " Integer labels above 1 mean several classes: use CrossEntropyLoss, or "
+                "one-hot encode them for multi-label BCE."
+            )
         if value < 0 and value == int(value):
             fix += f" If {int(value)} marks a missing label, pass ignore_index={int(value)}."
         if not probabilities_in and value > 1:
@@ -445,11 +523,13 @@ def check_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
         fail(func, "`target` values in [0, 1]", found, fix)
 
     if inspect_logits and 0.0 <= s["xmin"] < s["xmax"] <= 1.0:
-        warn_once("sigmoid-before-logits",
-                  f"{func}: all {xs.numel()} inputs{' inspected' if xs.numel() < x.numel() else ''} lie in [{s['xmin']:.3g}, {s['xmax']:.3g}], which "
-                  "looks like probabilities (sigmoid already applied?). This loss applies the "
-                  "sigmoid itself: pass the raw logits (drop the torch.sigmoid), or use BCELoss "
-                  "on probabilities. If these really are logits, pass validate=False.")
+        warn_once(
+            "sigmoid-before-logits",
+            f"{func}: all {xs.numel()} inputs{' inspected' if xs.numel() < x.numel() else ''} lie in [{s['xmin']:.3g}, {s['xmax']:.3g}], which "
+            "looks like probabilities (sigmoid already applied?). This loss applies the "
+            "sigmoid itself: pass the raw logits (drop the torch.sigmoid), or use BCELoss "
+            "on probabilities. If these really are logits, pass validate=False.",
+        )
 
 
 # --------------------------------------------------------------------------- multiclass
@@ -458,35 +538,60 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
     classic shape mistakes. Returns ``(target, is_index_target)``; index targets are
     returned as int64 (any integer dtype is accepted: pytorch#45540). Metadata only."""
     if not isinstance(target, torch.Tensor):
-        fail(func, "`target` to be a torch.Tensor", type(target).__name__,
-             "Convert it with torch.as_tensor(...).", CrossentTypeError)
+        fail(
+            func,
+            "`target` to be a torch.Tensor",
+            type(target).__name__,
+            "Convert it with torch.as_tensor(...).",
+            CrossentTypeError,
+        )
     if ignore_index is None:
-        fail(func, "`ignore_index` to be an integer", "None",
-             "Keep the default ignore_index=-100 when no target should be skipped (torch "
-             "raises here too).", CrossentTypeError)
+        fail(
+            func,
+            "`ignore_index` to be an integer",
+            "None",
+            "Keep the default ignore_index=-100 when no target should be skipped (torch raises here too).",
+            CrossentTypeError,
+        )
     if input.dim() == 0:
-        fail(func, "`input` of shape (C,), (N, C) or (N, C, d1, ..., dK)", "a 0-dim tensor",
-             "Cross-entropy needs one score per class.")
+        fail(
+            func,
+            "`input` of shape (C,), (N, C) or (N, C, d1, ..., dK)",
+            "a 0-dim tensor",
+            "Cross-entropy needs one score per class.",
+        )
     ish, tsh = tuple(input.shape), tuple(target.shape)
     index_shape = (ish[0],) + ish[2:] if input.dim() >= 2 else ()
     if ish == tsh:
         if not target.is_floating_point():
-            fail(func, "class-index targets of shape " + shape_str(index_shape)
-                 + " or float class-probability targets of shape " + shape_str(ish),
-                 f"an integer target of shape {shape_str(tsh)} (the input's shape; looks one-hot)",
-                 "Use `target.argmax(1)` for class indices, or `target.float()` if these are "
-                 "class probabilities.")
+            fail(
+                func,
+                "class-index targets of shape "
+                + shape_str(index_shape)
+                + " or float class-probability targets of shape "
+                + shape_str(ish),
+                f"an integer target of shape {shape_str(tsh)} (the input's shape; looks one-hot)",
+                "Use `target.argmax(1)` for class indices, or `target.float()` if these are class probabilities.",
+            )
         if ignore_index >= 0:
-            fail(func, "ignore_index < 0 with class-probability targets", f"ignore_index={ignore_index}",
-                 "ignore_index applies to class-index targets only (torch raises too); give "
-                 "ignored rows zero weight or drop them instead.")
+            fail(
+                func,
+                "ignore_index < 0 with class-probability targets",
+                f"ignore_index={ignore_index}",
+                "ignore_index applies to class-index targets only (torch raises too); give "
+                "ignored rows zero weight or drop them instead.",
+            )
         return target, False
     if tsh == index_shape:
         if target.is_floating_point():
-            fail(func, "integer class indices for a target of shape " + shape_str(tsh),
-                 f"dtype {target.dtype}",
-                 "Class indices must be integers: use `target.long()`. Class-probability "
-                 f"targets must have the input's shape {shape_str(ish)}.", CrossentTypeError)
+            fail(
+                func,
+                "integer class indices for a target of shape " + shape_str(tsh),
+                f"dtype {target.dtype}",
+                "Class indices must be integers: use `target.long()`. Class-probability "
+                f"targets must have the input's shape {shape_str(ish)}.",
+                CrossentTypeError,
+            )
         if target.dtype == torch.bool or target.dtype in _INTEGER_DTYPES:
             return target.long(), True
         fail(func, "an integer target", f"dtype {target.dtype}", "Use `target.long()`.", CrossentTypeError)
@@ -495,13 +600,17 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
     if input.dim() >= 2 and tsh == (ish[0], 1):
         fix = "Targets of shape (N, 1) hold one class per row: use `target.squeeze(1)`."
     elif input.dim() >= 3 and tsh == (ish[0], 1) + ish[2:]:
-        fix = (f"A mask of shape {shape_str(tsh)} holds one class per position: use "
-               f"`target.squeeze(1){'.long()' if target.is_floating_point() else ''}` "
-               f"(shape {shape_str(index_shape)}).")
+        fix = (
+            f"A mask of shape {shape_str(tsh)} holds one class per position: use "
+            f"`target.squeeze(1){'.long()' if target.is_floating_point() else ''}` "
+            f"(shape {shape_str(index_shape)})."
+        )
     elif input.dim() == 3 and tsh == ish[:2]:
-        fix = (f"For sequences the class dimension is dim 1: input (B, T, V) = {shape_str(ish)} "
-               f"needs `input.transpose(1, 2)` (or flatten: `input.reshape(-1, {ish[2]})` "
-               "with `target.reshape(-1)`).")
+        fix = (
+            f"For sequences the class dimension is dim 1: input (B, T, V) = {shape_str(ish)} "
+            f"needs `input.transpose(1, 2)` (or flatten: `input.reshape(-1, {ish[2]})` "
+            "with `target.reshape(-1)`)."
+        )
     elif input.dim() >= 3 and tsh == ish[:-1]:
         fix = "The class dimension is dim 1, not the last one: use `input.movedim(-1, 1)`."
     elif input.dim() > 2 and tsh == (ish[0],):
@@ -510,27 +619,36 @@ def check_multiclass_shapes(func: str, input: torch.Tensor, target, ignore_index
         fix = "Class-probability targets must have exactly the input's shape."
     elif input.dim() >= 2 and target.numel() == ish[0]:
         fix = f"Use `target.reshape({ish[0]})`."
-    fail(func, f"target of shape {shape_str(index_shape)} (class indices) or {shape_str(ish)} "
-         f"(class probabilities) for input of shape {shape_str(ish)}",
-         f"target of shape {shape_str(tsh)}", fix)
+    fail(
+        func,
+        f"target of shape {shape_str(index_shape)} (class indices) or {shape_str(ish)} "
+        f"(class probabilities) for input of shape {shape_str(ish)}",
+        f"target of shape {shape_str(tsh)}",
+        fix,
+    )
 
 
 def _warn_single_class(func: str, C: int, input: torch.Tensor) -> None:
     if C == 1 and input.numel() > 0:
-        warn_once("single-class-ce",
-                  f"{func}: the input has a single class (C=1, shape {shape_str(input.shape)}), so "
-                  "softmax is always 1 and the loss and its gradient are always 0: nothing is "
-                  "learned. A single logit per sample needs BCEWithLogitsLoss (binary), or give "
-                  "the model one output per class.")
+        warn_once(
+            "single-class-ce",
+            f"{func}: the input has a single class (C=1, shape {shape_str(input.shape)}), so "
+            "softmax is always 1 and the loss and its gradient are always 0: nothing is "
+            "learned. A single logit per sample needs BCEWithLogitsLoss (binary), or give "
+            "the model one output per class.",
+        )
 
 
 def check_class_weight(func: str, weight: Optional[torch.Tensor], C: int) -> None:
     if weight is None:
         return
     if weight.dim() != 1 or weight.shape[0] != C:
-        fail(func, f"`weight` of shape ({C},), one number per class (C={C})",
-             f"shape {shape_str(weight.shape)}",
-             f"Pass one weight per class, e.g. weight=torch.ones({C}).")
+        fail(
+            func,
+            f"`weight` of shape ({C},), one number per class (C={C})",
+            f"shape {shape_str(weight.shape)}",
+            f"Pass one weight per class, e.g. weight=torch.ones({C}).",
+        )
 
 
 def _sum_tol(dtype: torch.dtype, C: int) -> float:
@@ -540,7 +658,7 @@ def _sum_tol(dtype: torch.dtype, C: int) -> float:
     so its sum is off by up to eps/2 (bf16: 0.004, fp16: 0.0005), whatever C is; the
     float32/float64 accumulation adds about sqrt(C) * 1e-7. Both get a wide margin:
     real mistakes (multi-hot rows, unnormalised counts) are off by far more."""
-    return 2.0 * torch.finfo(dtype).eps + 1e-4 * max(1.0, C ** 0.5)
+    return 2.0 * torch.finfo(dtype).eps + 1e-4 * max(1.0, C**0.5)
 
 
 # Each value check is split into stats (0-dim tensors, no sync) and a judgement on the
@@ -581,18 +699,20 @@ def _index_judge(func: str, target: torch.Tensor, C: int, ignore_index: Optional
     hints = []
     if value < 0:
         if value == -1 and ignore_index != -1:
-            now = ("the default -100" if ignore_index == -100 else
-                   "not set" if ignore_index is None else f"{ignore_index}")
-            hints.append(f"Padded with -1? Marks no label? pass ignore_index=-1 (ignore_index "
-                         f"is {now}, so -1 counts as a class index).")
+            now = (
+                "the default -100" if ignore_index == -100 else "not set" if ignore_index is None else f"{ignore_index}"
+            )
+            hints.append(
+                f"Padded with -1? Marks no label? pass ignore_index=-1 (ignore_index "
+                f"is {now}, so -1 counts as a class index)."
+            )
         else:
             hints.append(f"Marks no label? pass ignore_index={value}.")
     else:
         if lo >= 1:
             hints.append("Labels start at 1? subtract 1 (`target - 1`).")
         else:
-            hints.append(f"The labels go up to {hi}: the model needs at least {hi + 1} outputs "
-                         f"(it has {C}).")
+            hints.append(f"The labels go up to {hi}: the model needs at least {hi + 1} outputs (it has {C}).")
         hints.append(f"Marks no label? pass ignore_index={value}.")
     fail(func, what, found, " ".join(hints), CrossentIndexError)
 
@@ -624,13 +744,19 @@ def _prob_judge(func: str, target: torch.Tensor, class_dim: int, tmin, tmax, dev
         bad = ~((rows >= 0) & torch.isfinite(rows)).all(dim=1)
         r = int(bad.nonzero()[0])
         if bool(torch.isfinite(rows[r]).all()):
-            fail(func, "class-probability targets with non-negative entries",
-                 f"row {r} = {_row_repr(rows[r])}",
-                 "Probabilities cannot be negative (torch would return a wrong loss). If these "
-                 "are class indices, pass an integer tensor of shape (N,) instead.")
-        fail(func, "finite class-probability targets", f"row {r} = {_row_repr(rows[r])}",
-             "A NaN or infinite target makes the loss and every gradient NaN or infinite; "
-             "fix or drop that row.")
+            fail(
+                func,
+                "class-probability targets with non-negative entries",
+                f"row {r} = {_row_repr(rows[r])}",
+                "Probabilities cannot be negative (torch would return a wrong loss). If these "
+                "are class indices, pass an integer tensor of shape (N,) instead.",
+            )
+        fail(
+            func,
+            "finite class-probability targets",
+            f"row {r} = {_row_repr(rows[r])}",
+            "A NaN or infinite target makes the loss and every gradient NaN or infinite; fix or drop that row.",
+        )
     C = target.shape[class_dim]
     tol = _sum_tol(target.dtype, C)
     if dev > tol:
@@ -640,13 +766,17 @@ def _prob_judge(func: str, target: torch.Tensor, class_dim: int, tmin, tmax, dev
         s = float(sums[r])
         fix = "Cross-entropy with probability targets expects each row to be a distribution."
         if s > 1 + tol:
-            fix += (" Several classes at once (multi-hot)? use BCEWithLogitsLoss for multi-label;"
-                    " otherwise normalise: `target / target.sum(1, keepdim=True)`.")
+            fix += (
+                " Several classes at once (multi-hot)? use BCEWithLogitsLoss for multi-label;"
+                " otherwise normalise: `target / target.sum(1, keepdim=True)`."
+            )
         else:
             fix += " Normalise: `target / target.sum(1, keepdim=True)`."
-        warn_once("prob-target-sum",
-                  f"{func}: class-probability target rows should sum to 1, but row {r} = "
-                  f"{_row_repr(rows[r])} sums to {s:.6g}. {fix}")
+        warn_once(
+            "prob-target-sum",
+            f"{func}: class-probability target rows should sum to 1, but row {r} = "
+            f"{_row_repr(rows[r])} sums to {s:.6g}. {fix}",
+        )
 
 
 def check_probability_target(func: str, target: torch.Tensor, class_dim: int) -> None:
@@ -695,23 +825,33 @@ def _softmax_stats(input: torch.Tensor, class_dim: int):
     return [xmin, xmax, sum_dev, exp_dev]
 
 
-_SOFTMAX_MSG = ("{func}: {why}, which looks like softmax output. Cross-entropy applies "
-                "log_softmax itself: pass the raw logits (drop the softmax); otherwise the loss "
-                "and its gradients are wrong.")
-_LOG_SOFTMAX_MSG = ("{func}: {why}, which looks like log_softmax output. Cross-entropy applies "
-                    "log_softmax itself: pass the raw logits (the value happens to be the same, "
-                    "but the extra op is wasted; use F.nll_loss if you mean log-probabilities).")
+_SOFTMAX_MSG = (
+    "{func}: {why}, which looks like softmax output. Cross-entropy applies "
+    "log_softmax itself: pass the raw logits (drop the softmax); otherwise the loss "
+    "and its gradients are wrong."
+)
+_LOG_SOFTMAX_MSG = (
+    "{func}: {why}, which looks like log_softmax output. Cross-entropy applies "
+    "log_softmax itself: pass the raw logits (the value happens to be the same, "
+    "but the extra op is wasted; use F.nll_loss if you mean log-probabilities)."
+)
 
 
 def _softmax_judge(func: str, input: torch.Tensor, class_dim: int, stats) -> None:
     node = _grad_fn_name(input)
     if node == "SoftmaxBackward0":
-        warn_once("softmax-before-ce", _SOFTMAX_MSG.format(
-            func=func, why="the input comes straight out of softmax (grad_fn SoftmaxBackward0)"))
+        warn_once(
+            "softmax-before-ce",
+            _SOFTMAX_MSG.format(func=func, why="the input comes straight out of softmax (grad_fn SoftmaxBackward0)"),
+        )
         return
     if node == "LogSoftmaxBackward0":
-        warn_once("log-softmax-before-ce", _LOG_SOFTMAX_MSG.format(
-            func=func, why="the input comes straight out of log_softmax (grad_fn LogSoftmaxBackward0)"))
+        warn_once(
+            "log-softmax-before-ce",
+            _LOG_SOFTMAX_MSG.format(
+                func=func, why="the input comes straight out of log_softmax (grad_fn LogSoftmaxBackward0)"
+            ),
+        )
         return
     if not stats:
         return
@@ -720,11 +860,11 @@ def _softmax_judge(func: str, input: torch.Tensor, class_dim: int, stats) -> Non
         return
     tol = _sum_tol(input.dtype, input.shape[class_dim])
     if xmin >= 0 and sum_dev < tol:
-        warn_once("softmax-before-ce", _SOFTMAX_MSG.format(
-            func=func, why="the input rows are non-negative and sum to 1"))
+        warn_once(
+            "softmax-before-ce", _SOFTMAX_MSG.format(func=func, why="the input rows are non-negative and sum to 1")
+        )
     elif xmax <= 0 and exp_dev < tol:
-        warn_once("log-softmax-before-ce", _LOG_SOFTMAX_MSG.format(
-            func=func, why="the input rows have logsumexp 0"))
+        warn_once("log-softmax-before-ce", _LOG_SOFTMAX_MSG.format(func=func, why="the input rows have logsumexp 0"))
 
 
 def check_logits_not_probabilities(func: str, input: torch.Tensor, class_dim: int) -> None:
@@ -750,13 +890,15 @@ def _warn_ambiguous_class_dim(func: str, input: torch.Tensor, target: torch.Tens
     if _grad_fn_name(input) in _CLASS_DIM_MOVED or (input.stride(1) == 1 and input.stride(2) != 1):
         return
     B, T, V = input.shape
-    warn_once("ambiguous-class-dim",
-              f"{func}: the input has shape {shape_str(input.shape)} with target {shape_str(target.shape)}: "
-              f"dims 1 and 2 both have size {T}, so the class dimension is ambiguous, and like torch "
-              "crossent takes dim 1 as the classes ((N, C, d1) layout). If these are (B, T, V) "
-              "logits with the classes last (e.g. straight from nn.Linear), the loss is wrong: "
-              f"pass `logits.transpose(1, 2)`, or `logits.view(-1, {V})` with `target.view(-1)`. If "
-              "dim 1 really holds the classes, pass validate=False or filter this warning.")
+    warn_once(
+        "ambiguous-class-dim",
+        f"{func}: the input has shape {shape_str(input.shape)} with target {shape_str(target.shape)}: "
+        f"dims 1 and 2 both have size {T}, so the class dimension is ambiguous, and like torch "
+        "crossent takes dim 1 as the classes ((N, C, d1) layout). If these are (B, T, V) "
+        "logits with the classes last (e.g. straight from nn.Linear), the loss is wrong: "
+        f"pass `logits.transpose(1, 2)`, or `logits.view(-1, {V})` with `target.view(-1)`. If "
+        "dim 1 really holds the classes, pass validate=False or filter this warning.",
+    )
 
 
 def _all_ignored_stats(target: torch.Tensor, ignore_index: Optional[int], reduction: Optional[str]):
@@ -767,8 +909,9 @@ def _all_ignored_stats(target: torch.Tensor, ignore_index: Optional[int], reduct
     return [(target.detach() != ignore_index).any()]
 
 
-def _warn_all_ignored(func: str, target: torch.Tensor, ignore_index: Optional[int],
-                      reduction: Optional[str], tmin, tmax, kept=None) -> None:
+def _warn_all_ignored(
+    func: str, target: torch.Tensor, ignore_index: Optional[int], reduction: Optional[str], tmin, tmax, kept=None
+) -> None:
     """Warn when every target equals ignore_index under reduction='mean' (0 / 0 = nan)."""
     if reduction != "mean" or ignore_index is None or target.numel() == 0:
         return
@@ -780,18 +923,27 @@ def _warn_all_ignored(func: str, target: torch.Tensor, ignore_index: Optional[in
         kept = bool((target != ignore_index).any())
     if kept:
         return
-    warn_once("all-ignored",
-              f"{func}: all {target.numel()} targets equal ignore_index={ignore_index}, so "
-              "reduction='mean' is 0/0 = nan (as in torch; the gradient is zero). For batches "
-              "that may be fully masked (LLM micro-batches, padding), use reduction='sum' with your "
-              "own normaliser (e.g. num_items_in_batch over the whole step), or return_parts=True "
-              "and backpropagate parts.total / that normaliser (a LossMeter counts such a batch "
-              "as 0/0 and skips it).")
+    warn_once(
+        "all-ignored",
+        f"{func}: all {target.numel()} targets equal ignore_index={ignore_index}, so "
+        "reduction='mean' is 0/0 = nan (as in torch; the gradient is zero). For batches "
+        "that may be fully masked (LLM micro-batches, padding), use reduction='sum' with your "
+        "own normaliser (e.g. num_items_in_batch over the whole step), or return_parts=True "
+        "and backpropagate parts.total / that normaliser (a LossMeter counts such a batch "
+        "as 0/0 and skips it).",
+    )
 
 
-def check_multiclass_values(func: str, input: torch.Tensor, target: torch.Tensor, index_target: bool,
-                            C: int, ignore_index: Optional[int], class_dim: int,
-                            reduction: Optional[str] = None) -> None:
+def check_multiclass_values(
+    func: str,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    index_target: bool,
+    C: int,
+    ignore_index: Optional[int],
+    class_dim: int,
+    reduction: Optional[str] = None,
+) -> None:
     """The whole value tier of cross-entropy with ONE host synchronisation.
 
     Class indices: one ``aminmax`` over the targets (ignore_index masked out), so an
@@ -822,21 +974,23 @@ def check_multiclass_values(func: str, input: torch.Tensor, target: torch.Tensor
     _softmax_judge(func, input, class_dim, values[n_t:])
 
 
-
 # ------------------------------------------------------------------- under capture
 def _capture_note() -> str:
-    return ("(This check ran as a device-side assertion inside a compiled, exported or traced "
-            "graph; call the loss eagerly to see the position and value.)")
+    return (
+        "(This check ran as a device-side assertion inside a compiled, exported or traced "
+        "graph; call the loss eagerly to see the position and value.)"
+    )
 
 
-def assert_multiclass_values(func: str, target: torch.Tensor, index_target: bool, C: int,
-                             ignore_index: Optional[int]) -> None:
+def assert_multiclass_values(
+    func: str, target: torch.Tensor, index_target: bool, C: int, ignore_index: Optional[int]
+) -> None:
     """The raising value checks of cross-entropy as ``torch._assert_async``: no host read,
     no graph break; the compiled graph raises ``RuntimeError`` with this message at run
     time. The warning heuristics need host values and are skipped while capturing."""
     from ._capture import transforming
 
-    if transforming():   # no vmap rule for _assert_async: torch.func runs without value checks
+    if transforming():  # no vmap rule for _assert_async: torch.func runs without value checks
         return
     t = target.detach()
     if index_target:
@@ -844,18 +998,24 @@ def assert_multiclass_values(func: str, target: torch.Tensor, index_target: bool
         if ignore_index is not None:
             ok = ok | (t == ignore_index)
         what = f"class indices in [0, {C - 1}] (C={C})" + (
-            f" or ignore_index={ignore_index}" if ignore_index is not None else "")
-        torch._assert_async(ok.all(), f"{func}: expected {what}, but got a target outside that range. "
-                            f"Labels start at 1? subtract 1; a padding value? pass it as ignore_index. "
-                            + _capture_note())
+            f" or ignore_index={ignore_index}" if ignore_index is not None else ""
+        )
+        torch._assert_async(
+            ok.all(),
+            f"{func}: expected {what}, but got a target outside that range. "
+            f"Labels start at 1? subtract 1; a padding value? pass it as ignore_index. " + _capture_note(),
+        )
     else:
-        torch._assert_async(((t >= 0) & torch.isfinite(t)).all(),
-                            f"{func}: expected finite, non-negative class-probability targets, but got a "
-                            f"negative, NaN or infinite entry. " + _capture_note())
+        torch._assert_async(
+            ((t >= 0) & torch.isfinite(t)).all(),
+            f"{func}: expected finite, non-negative class-probability targets, but got a "
+            f"negative, NaN or infinite entry. " + _capture_note(),
+        )
 
 
-def assert_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
-                         keep: Optional[torch.Tensor], *, probabilities_in: bool) -> None:
+def assert_binary_values(
+    func: str, input: torch.Tensor, target: torch.Tensor, keep: Optional[torch.Tensor], *, probabilities_in: bool
+) -> None:
     """The raising value checks of the BCE losses as ``torch._assert_async`` (see
     :func:`assert_multiclass_values`)."""
     from ._capture import transforming
@@ -866,23 +1026,33 @@ def assert_binary_values(func: str, input: torch.Tensor, target: torch.Tensor,
     ok = (t >= 0) & (t <= 1)
     if keep is not None:
         ok = ok | ~keep
-    torch._assert_async(ok.all(), f"{func}: expected `target` values in [0, 1], but got one outside it. "
-                        "Integer labels above 1 mean several classes: use CrossEntropyLoss; a "
-                        "missing-label marker? pass ignore_index. " + _capture_note())
+    torch._assert_async(
+        ok.all(),
+        f"{func}: expected `target` values in [0, 1], but got one outside it. "
+        "Integer labels above 1 mean several classes: use CrossEntropyLoss; a "
+        "missing-label marker? pass ignore_index. " + _capture_note(),
+    )
     if probabilities_in:
         x = input.detach()
-        torch._assert_async(((x >= 0) & (x <= 1)).all(),
-                            f"{func}: expected `input` to hold probabilities in [0, 1], but got a value "
-                            "outside it (or NaN). Raw logits? use binary_cross_entropy_with_logits. "
-                            + _capture_note())
+        torch._assert_async(
+            ((x >= 0) & (x <= 1)).all(),
+            f"{func}: expected `input` to hold probabilities in [0, 1], but got a value "
+            "outside it (or NaN). Raw logits? use binary_cross_entropy_with_logits. " + _capture_note(),
+        )
+
 
 # --------------------------------------------------------------------------- LM-head options
 def _real_number(func: str, name: str, value, example: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = float(value)
     if not isinstance(value, Number) or isinstance(value, (bool, complex)):
-        fail(func, f"`{name}` to be a Python float", type(value).__name__,
-             f"Pass a number such as {name}={example}.", CrossentTypeError)
+        fail(
+            func,
+            f"`{name}` to be a Python float",
+            type(value).__name__,
+            f"Pass a number such as {name}={example}.",
+            CrossentTypeError,
+        )
     return float(value)
 
 
@@ -892,37 +1062,52 @@ def check_lm_head_options(func: str, *, z_loss=0.0, temperature=1.0, softcap=Non
     meaning none)."""
     z = _real_number(func, "z_loss", z_loss, "1e-4")
     if not (math.isfinite(z) and z >= 0):
-        fail(func, "`z_loss` finite and >= 0", repr(z_loss),
-             "0 turns the z-loss off; PaLM uses z_loss=1e-4.")
+        fail(func, "`z_loss` finite and >= 0", repr(z_loss), "0 turns the z-loss off; PaLM uses z_loss=1e-4.")
     t = _real_number(func, "temperature", temperature, "1.0")
     if not (math.isfinite(t) and t > 0):
-        fail(func, "`temperature` finite and > 0", repr(temperature),
-             "The logits are divided by it; 1.0 leaves them unchanged (greedy decoding has no "
-             "finite temperature: use the argmax instead).")
+        fail(
+            func,
+            "`temperature` finite and > 0",
+            repr(temperature),
+            "The logits are divided by it; 1.0 leaves them unchanged (greedy decoding has no "
+            "finite temperature: use the argmax instead).",
+        )
     s = 0.0
     if softcap is not None:
         s = _real_number(func, "softcap", softcap, "30.0")
         if not (math.isfinite(s) and s > 0):
-            fail(func, "`softcap` None or finite and > 0", repr(softcap),
-                 "Logits become softcap * tanh(logits / softcap); None turns the cap off "
-                 "(Gemma 2 uses softcap=30.0).")
+            fail(
+                func,
+                "`softcap` None or finite and > 0",
+                repr(softcap),
+                "Logits become softcap * tanh(logits / softcap); None turns the cap off (Gemma 2 uses softcap=30.0).",
+            )
     return z, t, s
 
 
-def check_token_weight(func: str, token_weight, target: torch.Tensor, *, validate: Optional[bool] = None,
-                       capture: bool = False) -> Optional[torch.Tensor]:
+def check_token_weight(
+    func: str, token_weight, target: torch.Tensor, *, validate: Optional[bool] = None, capture: bool = False
+) -> Optional[torch.Tensor]:
     """``token_weight``: None or a floating tensor with the target's shape, >= 0 (value
     tier: one read; under capture a device-side assertion)."""
     if token_weight is None:
         return None
     if not isinstance(token_weight, torch.Tensor) or not token_weight.is_floating_point():
         found = f"dtype {token_weight.dtype}" if isinstance(token_weight, torch.Tensor) else type(token_weight).__name__
-        fail(func, "`token_weight` to be a floating-point tensor", found,
-             "Pass one weight per token, e.g. `mask.float()`.", CrossentTypeError)
+        fail(
+            func,
+            "`token_weight` to be a floating-point tensor",
+            found,
+            "Pass one weight per token, e.g. `mask.float()`.",
+            CrossentTypeError,
+        )
     if tuple(token_weight.shape) != tuple(target.shape):
-        fail(func, f"`token_weight` of the target's shape {shape_str(target.shape)}",
-             f"shape {shape_str(token_weight.shape)}",
-             "One weight per target token; class weights go to `weight`.")
+        fail(
+            func,
+            f"`token_weight` of the target's shape {shape_str(target.shape)}",
+            f"shape {shape_str(token_weight.shape)}",
+            "One weight per target token; class weights go to `weight`.",
+        )
     check_same_device(func, target, token_weight=token_weight)
     if validation_enabled(validate) and token_weight.numel():
         ok = (token_weight.detach() >= 0) & torch.isfinite(token_weight.detach())
@@ -930,11 +1115,17 @@ def check_token_weight(func: str, token_weight, target: torch.Tensor, *, validat
             from ._capture import transforming
 
             if not transforming():
-                torch._assert_async(ok.all(), f"{func}: expected finite `token_weight` >= 0, but got a "
-                                    "negative, NaN or infinite weight. " + _capture_note())
+                torch._assert_async(
+                    ok.all(),
+                    f"{func}: expected finite `token_weight` >= 0, but got a "
+                    "negative, NaN or infinite weight. " + _capture_note(),
+                )
         elif not bool(ok.all()):
             flat = (~ok).reshape(-1).nonzero()[0].item()
-            fail(func, "finite `token_weight` >= 0",
-                 f"{token_weight.reshape(-1)[flat].item()} at {_where(token_weight.shape, flat)}",
-                 "Zero drops a token; negative weights would reward the loss.")
+            fail(
+                func,
+                "finite `token_weight` >= 0",
+                f"{token_weight.reshape(-1)[flat].item()} at {_where(token_weight.shape, flat)}",
+                "Zero drops a token; negative weights would reward the loss.",
+            )
     return token_weight

@@ -49,29 +49,54 @@ def _as_counts(func: str, name: str, counts, smoothing: float) -> torch.Tensor:
         try:
             counts = torch.as_tensor(counts)
         except (TypeError, ValueError, RuntimeError):
-            fail(func, f"`{name}` to be a tensor or sequence of counts", type(counts).__name__,
-                 "Pass one count per class, e.g. count_labels(targets, num_classes).", CrossentTypeError)
+            fail(
+                func,
+                f"`{name}` to be a tensor or sequence of counts",
+                type(counts).__name__,
+                "Pass one count per class, e.g. count_labels(targets, num_classes).",
+                CrossentTypeError,
+            )
     if counts.dim() != 1 or counts.numel() == 0:
-        fail(func, f"`{name}` to be a non-empty 1-D tensor, one count per class", f"shape {tuple(counts.shape)}",
-             "Pass counts of shape (C,).")
+        fail(
+            func,
+            f"`{name}` to be a non-empty 1-D tensor, one count per class",
+            f"shape {tuple(counts.shape)}",
+            "Pass counts of shape (C,).",
+        )
     if counts.is_complex() or counts.dtype == torch.bool:
-        fail(func, f"`{name}` to hold real counts", f"dtype {counts.dtype}", "Pass integer or float counts.",
-             CrossentTypeError)
+        fail(
+            func,
+            f"`{name}` to hold real counts",
+            f"dtype {counts.dtype}",
+            "Pass integer or float counts.",
+            CrossentTypeError,
+        )
     c = counts.to(torch.float64)
     if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
         fail(func, f"`{name}` to be finite and >= 0", f"{counts.tolist()}", "Counts are numbers of examples.")
-    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
-            math.isfinite(smoothing) and smoothing >= 0):
-        fail(func, "`smoothing` to be a finite number >= 0", repr(smoothing),
-             "smoothing adds a pseudo-count to every class (1 is add-one smoothing).")
+    if (
+        isinstance(smoothing, bool)
+        or not isinstance(smoothing, (int, float))
+        or not (math.isfinite(smoothing) and smoothing >= 0)
+    ):
+        fail(
+            func,
+            "`smoothing` to be a finite number >= 0",
+            repr(smoothing),
+            "smoothing adds a pseudo-count to every class (1 is add-one smoothing).",
+        )
     return c + smoothing
 
 
 def _require_positive(func: str, name: str, c: torch.Tensor) -> None:
     zero = (c == 0).nonzero().flatten().tolist()
     if zero:
-        fail(func, f"every entry of `{name}` to be > 0", f"zero counts at {zero[:10]}{'...' if len(zero) > 10 else ''}",
-             "A class with no examples has no finite weight: pass smoothing=1 (add-one), or drop the class.")
+        fail(
+            func,
+            f"every entry of `{name}` to be > 0",
+            f"zero counts at {zero[:10]}{'...' if len(zero) > 10 else ''}",
+            "A class with no examples has no finite weight: pass smoothing=1 (add-one), or drop the class.",
+        )
 
 
 def inverse_frequency(counts, *, smoothing: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -91,8 +116,9 @@ def inverse_frequency(counts, *, smoothing: float = 0.0, dtype: torch.dtype = to
     return (c.sum() / (c.numel() * c)).to(dtype)
 
 
-def effective_number(counts, beta: float = 0.999, *, smoothing: float = 0.0,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def effective_number(
+    counts, beta: float = 0.999, *, smoothing: float = 0.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     r"""Class-balanced weights by the effective number of samples (Cui et al. 2019).
 
     .. math::
@@ -109,19 +135,24 @@ def effective_number(counts, beta: float = 0.999, *, smoothing: float = 0.0,
     """
     func = "effective_number"
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0 <= beta < 1):
-        fail(func, "`beta` in [0, 1)", repr(beta),
-             "Cui et al. use 0.9, 0.99, 0.999 or 0.9999 (larger for larger data sets).")
+        fail(
+            func,
+            "`beta` in [0, 1)",
+            repr(beta),
+            "Cui et al. use 0.9, 0.99, 0.999 or 0.9999 (larger for larger data sets).",
+        )
     c = _as_counts(func, "counts", counts, smoothing)
     _require_positive(func, "counts", c)
     if beta == 0:
         inv = torch.ones_like(c)
     else:
-        inv = (1 - beta) / -torch.expm1(c * math.log(beta))       # 1 / E_c
+        inv = (1 - beta) / -torch.expm1(c * math.log(beta))  # 1 / E_c
     return (inv * (c.numel() / inv.sum())).to(dtype)
 
 
-def pos_weight_from_counts(positives, negatives, *, smoothing: float = 0.0,
-                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def pos_weight_from_counts(
+    positives, negatives, *, smoothing: float = 0.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     r"""``pos_weight`` per label: :math:`p_\ell = n^-_\ell / n^+_\ell`.
 
     With it, BCE treats the positives of each label as if there were as many as negatives
@@ -135,8 +166,12 @@ def pos_weight_from_counts(positives, negatives, *, smoothing: float = 0.0,
     p = _as_counts(func, "positives", positives, smoothing)
     n = _as_counts(func, "negatives", negatives, smoothing)
     if p.shape != n.shape:
-        fail(func, "`positives` and `negatives` of the same shape", f"{tuple(p.shape)} and {tuple(n.shape)}",
-             "Pass one count of each per label.")
+        fail(
+            func,
+            "`positives` and `negatives` of the same shape",
+            f"{tuple(p.shape)} and {tuple(n.shape)}",
+            "Pass one count of each per label.",
+        )
     _require_positive(func, "positives", p)
     return (n / p).to(dtype)
 
@@ -152,13 +187,23 @@ def _target_of(batch, func: str):
         for key in ("labels", "label", "target", "targets", "y"):
             if key in batch:
                 return batch[key]
-    fail(func, "batches that are (input, target) pairs, dicts with a 'labels'/'target' entry, or target tensors",
-         type(batch).__name__, "Pass target=lambda batch: ... to pick the target out of a batch.",
-         CrossentTypeError)
+    fail(
+        func,
+        "batches that are (input, target) pairs, dicts with a 'labels'/'target' entry, or target tensors",
+        type(batch).__name__,
+        "Pass target=lambda batch: ... to pick the target out of a batch.",
+        CrossentTypeError,
+    )
 
 
-def count_labels(source: Union[torch.Tensor, Iterable], num_classes: Optional[int] = None, *,
-                 ignore_index: Optional[int] = None, multilabel: bool = False, target=None):
+def count_labels(
+    source: Union[torch.Tensor, Iterable],
+    num_classes: Optional[int] = None,
+    *,
+    ignore_index: Optional[int] = None,
+    multilabel: bool = False,
+    target=None,
+):
     """Count labels in a target tensor or in every batch of a ``DataLoader`` (any iterable).
 
     Class indices (integer targets, any shape): returns the (C,) int64 counts, ``C =
@@ -175,10 +220,15 @@ def count_labels(source: Union[torch.Tensor, Iterable], num_classes: Optional[in
     LabelCounts(positives=tensor([2, 1]), negatives=tensor([2, 2]))
     """
     func = "count_labels"
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):
-        fail(func, "`num_classes` to be a positive int or None", repr(num_classes),
-             "Pass the number of classes C (or None to use max label + 1).")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        fail(
+            func,
+            "`num_classes` to be a positive int or None",
+            repr(num_classes),
+            "Pass the number of classes C (or None to use max label + 1).",
+        )
     batches = [source] if isinstance(source, torch.Tensor) else source
     pick = target if target is not None else (lambda b: _target_of(b, func))
     counts = pos = neg = None
@@ -197,9 +247,13 @@ def count_labels(source: Union[torch.Tensor, Iterable], num_classes: Optional[in
                 valid = valid | ~kk
             if not bool(valid.all()):
                 bad = tt[~valid][0].item()
-                fail(func, "multi-label targets of 0 and 1", f"the value {bad}",
-                     f"Pass ignore_index={int(bad) if float(bad).is_integer() else bad} if it marks a missing label;"
-                     " soft labels cannot be counted.")
+                fail(
+                    func,
+                    "multi-label targets of 0 and 1",
+                    f"the value {bad}",
+                    f"Pass ignore_index={int(bad) if float(bad).is_integer() else bad} if it marks a missing label;"
+                    " soft labels cannot be counted.",
+                )
             one = tt == 1
             zero = tt == 0
             if kk is not None:
@@ -208,31 +262,48 @@ def count_labels(source: Union[torch.Tensor, Iterable], num_classes: Optional[in
             if pos is None:
                 pos, neg = p, n
             elif pos.shape != p.shape:
-                fail(func, "the same number of labels in every batch", f"{pos.numel()} and then {p.numel()}",
-                     "Check the DataLoader's collate function.")
+                fail(
+                    func,
+                    "the same number of labels in every batch",
+                    f"{pos.numel()} and then {p.numel()}",
+                    "Check the DataLoader's collate function.",
+                )
             else:
                 pos, neg = pos + p, neg + n
             continue
         if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
-            fail(func, "integer class-index targets", f"dtype {t.dtype}",
-                 "Class probabilities cannot be counted; for 0/1 multi-label targets pass multilabel=True.",
-                 CrossentTypeError)
+            fail(
+                func,
+                "integer class-index targets",
+                f"dtype {t.dtype}",
+                "Class probabilities cannot be counted; for 0/1 multi-label targets pass multilabel=True.",
+                CrossentTypeError,
+            )
         flat = t.reshape(-1)
         if keep is not None:
             flat = flat[keep.reshape(-1)]
         if flat.numel() and int(flat.min()) < 0:
-            fail(func, "class indices >= 0", f"the label {int(flat.min())}",
-                 f"Pass ignore_index={int(flat.min())} if it marks a missing label.")
+            fail(
+                func,
+                "class indices >= 0",
+                f"the label {int(flat.min())}",
+                f"Pass ignore_index={int(flat.min())} if it marks a missing label.",
+            )
         if num_classes is not None and flat.numel() and int(flat.max()) >= num_classes:
-            fail(func, f"class indices < num_classes={num_classes}", f"the label {int(flat.max())}",
-                 "Pass the right num_classes (or None to use max label + 1).")
+            fail(
+                func,
+                f"class indices < num_classes={num_classes}",
+                f"the label {int(flat.max())}",
+                "Pass the right num_classes (or None to use max label + 1).",
+            )
         b = torch.bincount(flat, minlength=num_classes or 0)
         if counts is None:
             counts = b
         else:
             size = max(counts.numel(), b.numel())
-            counts = torch.nn.functional.pad(counts, (0, size - counts.numel())) + \
-                torch.nn.functional.pad(b, (0, size - b.numel()))
+            counts = torch.nn.functional.pad(counts, (0, size - counts.numel())) + torch.nn.functional.pad(
+                b, (0, size - b.numel())
+            )
     if multilabel:
         if pos is None:
             fail(func, "at least one batch", "an empty source", "Pass a non-empty tensor or DataLoader.")

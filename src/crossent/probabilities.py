@@ -33,13 +33,21 @@ def _check_logits(func: str, logits) -> None:
 
 def _check_threshold(func: str, threshold) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        V.fail(func, "`threshold` to be a float in (0, 1)", type(threshold).__name__,
-               "Pass a probability such as threshold=0.5.", V.CrossentTypeError)
+        V.fail(
+            func,
+            "`threshold` to be a float in (0, 1)",
+            type(threshold).__name__,
+            "Pass a probability such as threshold=0.5.",
+            V.CrossentTypeError,
+        )
     t = float(threshold)
     if not 0.0 < t < 1.0:
-        V.fail(func, "`threshold` in (0, 1) (a probability, not a logit)", repr(threshold),
-               "0.5 is the usual choice; a threshold of 0 or 1 would predict one class for "
-               "every sample.")
+        V.fail(
+            func,
+            "`threshold` in (0, 1) (a probability, not a logit)",
+            repr(threshold),
+            "0.5 is the usual choice; a threshold of 0 or 1 would predict one class for every sample.",
+        )
     return t
 
 
@@ -51,14 +59,20 @@ def _logit(p: float) -> float:
 def _check_one_logit(func: str, logits: torch.Tensor) -> None:
     """A binary head gives one logit per sample: (N,), (N, 1) or (N, 1, d1, ...) / (N, d1, ...)."""
     if logits.dim() == 2 and logits.shape[1] >= 2:
-        fix = ("A binary head gives one logit per sample, shape (N,) or (N, 1). ")
+        fix = "A binary head gives one logit per sample, shape (N,) or (N, 1). "
         if logits.shape[1] == 2:
-            fix += ("For a 2-logit softmax head use multiclass_probabilities(z)[:, 1] or "
-                    "torch.sigmoid(two_logits_to_one(z)): a sigmoid of each of the two logits "
-                    "separately is not a probability of anything. ")
+            fix += (
+                "For a 2-logit softmax head use multiclass_probabilities(z)[:, 1] or "
+                "torch.sigmoid(two_logits_to_one(z)): a sigmoid of each of the two logits "
+                "separately is not a probability of anything. "
+            )
         fix += "For several independent labels use multilabel_probabilities / multilabel_predictions."
-        V.fail(func, "one logit per sample", f"shape {V.shape_str(logits.shape)} "
-               f"({logits.shape[1]} logits per sample)", fix)
+        V.fail(
+            func,
+            "one logit per sample",
+            f"shape {V.shape_str(logits.shape)} ({logits.shape[1]} logits per sample)",
+            fix,
+        )
 
 
 def binary_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -154,17 +168,28 @@ def multilabel_predictions(logits: torch.Tensor, threshold: float = 0.5) -> torc
 
 def _class_dim(func: str, logits: torch.Tensor, dim: Optional[int]) -> int:
     if logits.dim() == 0:
-        V.fail(func, "logits of shape (C,), (N, C) or (N, C, d1, ...)", "a 0-dim tensor",
-               "A single logit is a binary head: use binary_probabilities.")
+        V.fail(
+            func,
+            "logits of shape (C,), (N, C) or (N, C, d1, ...)",
+            "a 0-dim tensor",
+            "A single logit is a binary head: use binary_probabilities.",
+        )
     d = (1 if logits.dim() >= 2 else 0) if dim is None else dim
     if not -logits.dim() <= d < logits.dim():
-        V.fail(func, f"`dim` in [{-logits.dim()}, {logits.dim() - 1}]", repr(dim),
-               "Pass the dimension that holds the classes.")
+        V.fail(
+            func,
+            f"`dim` in [{-logits.dim()}, {logits.dim() - 1}]",
+            repr(dim),
+            "Pass the dimension that holds the classes.",
+        )
     if logits.shape[d] == 1:
-        V.fail(func, "at least 2 classes along the class dimension", f"shape {V.shape_str(logits.shape)} "
-               f"with 1 logit along dim {d}",
-               "softmax over one logit is always 1. A 1-logit head is binary: use "
-               "binary_probabilities / binary_predictions.")
+        V.fail(
+            func,
+            "at least 2 classes along the class dimension",
+            f"shape {V.shape_str(logits.shape)} with 1 logit along dim {d}",
+            "softmax over one logit is always 1. A 1-logit head is binary: use "
+            "binary_probabilities / binary_predictions.",
+        )
     return d
 
 
@@ -214,9 +239,12 @@ def two_logits_to_one(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     func = "two_logits_to_one"
     _check_logits(func, logits)
     if logits.dim() == 0 or logits.shape[dim] != 2:
-        V.fail(func, "exactly 2 logits along `dim`",
-               f"shape {V.shape_str(logits.shape)} (dim={dim})",
-               "This converts a 2-class softmax head; for C > 2 classes there is no single logit.")
+        V.fail(
+            func,
+            "exactly 2 logits along `dim`",
+            f"shape {V.shape_str(logits.shape)} (dim={dim})",
+            "This converts a 2-class softmax head; for C > 2 classes there is no single logit.",
+        )
     z0, z1 = logits.unbind(dim)
     return z1 - z0
 
@@ -239,12 +267,20 @@ def one_logit_to_two(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def _check_linear(func: str, head, out_features: int) -> None:
     if not isinstance(head, torch.nn.Linear):
-        V.fail(func, "a torch.nn.Linear head", type(head).__name__,
-               "Convert the last Linear layer of the model.", V.CrossentTypeError)
+        V.fail(
+            func,
+            "a torch.nn.Linear head",
+            type(head).__name__,
+            "Convert the last Linear layer of the model.",
+            V.CrossentTypeError,
+        )
     if head.out_features != out_features:
-        V.fail(func, f"a Linear head with out_features={out_features}",
-               f"out_features={head.out_features}",
-               "two_logit_head_to_one takes a 2-output head, one_logit_head_to_two a 1-output head.")
+        V.fail(
+            func,
+            f"a Linear head with out_features={out_features}",
+            f"out_features={head.out_features}",
+            "two_logit_head_to_one takes a 2-output head, one_logit_head_to_two a 1-output head.",
+        )
 
 
 def two_logit_head_to_one(head: torch.nn.Linear) -> torch.nn.Linear:
@@ -255,8 +291,9 @@ def two_logit_head_to_one(head: torch.nn.Linear) -> torch.nn.Linear:
     not on the outputs). Same dtype and device; the new parameters are independent copies.
     """
     _check_linear("two_logit_head_to_one", head, 2)
-    new = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None,
-                          device=head.weight.device, dtype=head.weight.dtype)
+    new = torch.nn.Linear(
+        head.in_features, 1, bias=head.bias is not None, device=head.weight.device, dtype=head.weight.dtype
+    )
     with torch.no_grad():
         new.weight.copy_(head.weight[1:2] - head.weight[0:1])
         if head.bias is not None:
@@ -275,8 +312,9 @@ def one_logit_head_to_two(head: torch.nn.Linear) -> torch.nn.Linear:
     it moves the 1-logit head (both rows get the gradient, with opposite signs).
     """
     _check_linear("one_logit_head_to_two", head, 1)
-    new = torch.nn.Linear(head.in_features, 2, bias=head.bias is not None,
-                          device=head.weight.device, dtype=head.weight.dtype)
+    new = torch.nn.Linear(
+        head.in_features, 2, bias=head.bias is not None, device=head.weight.device, dtype=head.weight.dtype
+    )
     with torch.no_grad():
         new.weight.zero_()
         new.weight[1:2].copy_(head.weight)

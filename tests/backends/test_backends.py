@@ -20,6 +20,7 @@ import crossent
 from _helpers import ALL_BACKENDS, TOL
 from crossent.backends import BackendUnavailableError, chunked, chunked_cpp, dispatch, reference
 
+
 # Tests that take ``backend`` run on every CPU backend (tests/conftest.py); those marked
 # ``all_backends`` on Triton's interpreter too (small shapes: the interpreter is slow).
 def all_backends(test):
@@ -73,8 +74,10 @@ def test_bce_logits_many_blocks_cycled_pos_weight(backend, shape):
 
 def _bce_logits_f64(x, t, pw=1.0):
     """Per-element BCE-with-logits from the math, float64: pw t softplus(-x) + (1-t) softplus(x)."""
+
     def softplus(z):
         return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+
     out = []
     for xi, ti in zip(x.tolist(), t.tolist()):
         a = 0.0 if pw * ti == 0 else pw * ti * softplus(-xi)
@@ -113,8 +116,9 @@ def test_bce_logits_label_smoothing_ignore_index_against_math(backend):
     t[0, :3] = -1
     pw = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
     eps = 0.1
-    loss = crossent.binary_cross_entropy_with_logits(x, t, pos_weight=pw, label_smoothing=eps, ignore_index=-1,
-                                                     backend=backend)
+    loss = crossent.binary_cross_entropy_with_logits(
+        x, t, pos_weight=pw, label_smoothing=eps, ignore_index=-1, backend=backend
+    )
     keep = t != -1
     ts = torch.where(keep, t, 0.0) * (1 - eps) + eps / 2
     per = pw * ts * F.softplus(-x) + (1 - ts) * F.softplus(x)
@@ -151,7 +155,9 @@ def test_ce_index_targets_match_torch(backend, C, reduction):
     y[::5] = -100
     w = torch.rand(C, generator=g) + 0.1
     for kw in ({}, {"weight": w}, {"label_smoothing": 0.2}, {"weight": w, "label_smoothing": 0.05}):
-        ours = crossent.cross_entropy(x, y, reduction=reduction, backend=backend, validate=False, **kw)  # C=1 warns otherwise
+        ours = crossent.cross_entropy(
+            x, y, reduction=reduction, backend=backend, validate=False, **kw
+        )  # C=1 warns otherwise
         ref = F.cross_entropy(x, y, reduction=reduction, **kw)
         _close(ours, ref)
         _close(_grad(ours.sum(), x)[0], _grad(ref.sum(), x)[0])
@@ -189,8 +195,10 @@ def test_ce_wide_margin_keeps_tiny_loss_and_gradient(backend):
 
 @all_backends
 def test_ce_infinite_logits_give_finite_limits(backend):
-    x = torch.tensor([[math.inf, 0.0, 1.0], [math.inf, math.inf, 0.0], [-math.inf, 0.0, 2.0],
-                      [-math.inf, -math.inf, -math.inf]], requires_grad=True)
+    x = torch.tensor(
+        [[math.inf, 0.0, 1.0], [math.inf, math.inf, 0.0], [-math.inf, 0.0, 2.0], [-math.inf, -math.inf, -math.inf]],
+        requires_grad=True,
+    )
     y = torch.tensor([0, 1, 1, 2])
     loss = crossent.cross_entropy(x, y, reduction="none", backend=backend)
     expected = torch.tensor([0.0, math.log(2.0), math.log1p(math.exp(2.0)), math.log(3.0)])
@@ -223,8 +231,10 @@ def test_double_backward_matches_torch(backend):
     t = torch.rand(6, 5, generator=g, dtype=torch.float64)
     for ours_fn, ref_fn in [
         (lambda: crossent.cross_entropy(x, y, backend=backend), lambda: F.cross_entropy(x, y)),
-        (lambda: crossent.binary_cross_entropy_with_logits(x, t, backend=backend),
-         lambda: F.binary_cross_entropy_with_logits(x, t)),
+        (
+            lambda: crossent.binary_cross_entropy_with_logits(x, t, backend=backend),
+            lambda: F.binary_cross_entropy_with_logits(x, t),
+        ),
     ]:
         (g1,) = torch.autograd.grad(ours_fn(), x, create_graph=True)
         (h1,) = torch.autograd.grad(g1.square().sum(), x)
@@ -267,11 +277,13 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradient(backend, dtype
     y[2] = -100
     t = torch.rand(9, 6, generator=g, dtype=dtype)
     p = torch.rand(9, 6, generator=g, dtype=dtype).requires_grad_()
-    cases = [(crossent.cross_entropy(x, y, reduction=reduction, backend=backend), x),
-             (crossent.cross_entropy(x, y, reduction=reduction, label_smoothing=0.2, backend=backend), x),
-             (crossent.cross_entropy(x, t.softmax(1), reduction=reduction, backend=backend), x),
-             (crossent.binary_cross_entropy_with_logits(x, t, reduction=reduction, backend=backend), x),
-             (crossent.binary_cross_entropy(p, t, reduction=reduction, backend=backend), p)]
+    cases = [
+        (crossent.cross_entropy(x, y, reduction=reduction, backend=backend), x),
+        (crossent.cross_entropy(x, y, reduction=reduction, label_smoothing=0.2, backend=backend), x),
+        (crossent.cross_entropy(x, t.softmax(1), reduction=reduction, backend=backend), x),
+        (crossent.binary_cross_entropy_with_logits(x, t, reduction=reduction, backend=backend), x),
+        (crossent.binary_cross_entropy(p, t, reduction=reduction, backend=backend), p),
+    ]
     for loss, inp in cases:
         for go in (torch.ones_like(loss), torch.full_like(loss, 3.0)):
             (a,) = torch.autograd.grad(loss, inp, go, retain_graph=True)
@@ -297,7 +309,7 @@ def test_low_precision_no_worse_than_torch(backend, dtype):
     b = crossent.binary_cross_entropy_with_logits(x, t, backend=backend)
     truth = F.binary_cross_entropy_with_logits(x.double(), t.double())
     assert b.dtype == dtype
-    assert abs(b.double() - truth) <= abs(truth) * 2 ** -7
+    assert abs(b.double() - truth) <= abs(truth) * 2**-7
 
 
 @all_backends
@@ -391,14 +403,18 @@ def test_automatic_choice_and_explicit_failures(monkeypatch):
     assert dispatch("cross_entropy_inplace", x) is chunked.cross_entropy_inplace
     meta = torch.empty(3, 4, device="meta")
     assert dispatch("cross_entropy", meta).__module__ == "crossent.backends.reference"
-    with pytest.raises(BackendUnavailableError, match=r"backend 'chunked' cannot run cross_entropy on meta.*"
-                                                      r"Usable here: \['reference'\]"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"backend 'chunked' cannot run cross_entropy on meta.*"
+        r"Usable here: \['reference'\]",
+    ):
         dispatch("cross_entropy", meta, "chunked")
     with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run .* on cpu: .*CUDA"):
         crossent.cross_entropy(x, torch.tensor([0, 1, 2]), backend="triton")
     with pytest.raises(BackendUnavailableError, match="backend 'reference' cannot run cross_entropy_inplace"):
-        crossent.cross_entropy(x.requires_grad_() * 1, torch.tensor([0, 1, 2]), backend="reference",
-                               inplace_backward=True)
+        crossent.cross_entropy(
+            x.requires_grad_() * 1, torch.tensor([0, 1, 2]), backend="reference", inplace_backward=True
+        )
 
 
 def test_chunked_torch_runs_loss_ops_on_cpu_and_linear_ops_anywhere(monkeypatch):
@@ -410,11 +426,17 @@ def test_chunked_torch_runs_loss_ops_on_cpu_and_linear_ops_anywhere(monkeypatch)
     meta = torch.empty(3, 4, device="meta")
     assert dispatch("linear_cross_entropy", meta, "chunked-torch") is linear.linear_cross_entropy_chunked
     assert dispatch("linear_cross_entropy", meta) is linear.linear_cross_entropy_chunked  # beats unfused reference
-    with pytest.raises(BackendUnavailableError, match=r"backend 'chunked-torch' cannot run cross_entropy on meta: "
-                                                      r"it runs on CPU tensors only.*Usable here: \['reference'\]"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"backend 'chunked-torch' cannot run cross_entropy on meta: "
+        r"it runs on CPU tensors only.*Usable here: \['reference'\]",
+    ):
         dispatch("cross_entropy", meta, "chunked-torch")
-    with pytest.raises(BackendUnavailableError, match=r"backend 'chunked' cannot run linear_cross_entropy on meta"
-                                                      r".*Usable here: \['chunked-torch', 'reference'\]"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"backend 'chunked' cannot run linear_cross_entropy on meta"
+        r".*Usable here: \['chunked-torch', 'reference'\]",
+    ):
         dispatch("linear_cross_entropy", meta, "chunked")
     with pytest.raises(ValueError, match=r"backend: expected one of .*'torch-chunked'"):
         dispatch("linear_cross_entropy", meta, "torch-chunked")
@@ -445,15 +467,22 @@ def test_crossent_backend_environment_variable(monkeypatch):
 def test_chunked_torch_backend_never_uses_the_compiled_kernel(monkeypatch):
     def boom():
         raise AssertionError("compiled kernel used")
+
     monkeypatch.setattr(chunked, "_cpp", boom)
     x = torch.randn(5, 7, requires_grad=True)
     y = torch.randint(0, 7, (5,))
     t = torch.rand(5, 7)
-    for ours, ref in ((crossent.cross_entropy(x, y, backend="chunked-torch"), F.cross_entropy(x, y)),
-                      (crossent.binary_cross_entropy_with_logits(x, t, backend="chunked-torch"),
-                       F.binary_cross_entropy_with_logits(x, t)),
-                      (crossent.binary_cross_entropy(x.sigmoid(), t, backend="chunked-torch"),
-                       F.binary_cross_entropy(x.sigmoid(), t))):
+    for ours, ref in (
+        (crossent.cross_entropy(x, y, backend="chunked-torch"), F.cross_entropy(x, y)),
+        (
+            crossent.binary_cross_entropy_with_logits(x, t, backend="chunked-torch"),
+            F.binary_cross_entropy_with_logits(x, t),
+        ),
+        (
+            crossent.binary_cross_entropy(x.sigmoid(), t, backend="chunked-torch"),
+            F.binary_cross_entropy(x.sigmoid(), t),
+        ),
+    ):
         _close(ours, ref)
         _close(_grad(ours, x)[0], _grad(ref, x)[0])
 
@@ -487,12 +516,18 @@ def test_any_grad_output_is_exact_after_prescaled_forward(backend, reduction):
     x = (torch.randn(70, 9, generator=g) * 3).requires_grad_()
     t = torch.rand(70, 9, generator=g)
     p = torch.rand(70, 9, generator=g).requires_grad_()
-    for factor in (1.0, 3.0, 2.0 ** -10):
+    for factor in (1.0, 3.0, 2.0**-10):
         for ours, ref, inp in (
-            (crossent.binary_cross_entropy_with_logits(x, t, reduction=reduction, backend=backend),
-             F.binary_cross_entropy_with_logits(x, t, reduction=reduction), x),
-            (crossent.binary_cross_entropy(p, t, reduction=reduction, backend=backend),
-             F.binary_cross_entropy(p, t, reduction=reduction), p),
+            (
+                crossent.binary_cross_entropy_with_logits(x, t, reduction=reduction, backend=backend),
+                F.binary_cross_entropy_with_logits(x, t, reduction=reduction),
+                x,
+            ),
+            (
+                crossent.binary_cross_entropy(p, t, reduction=reduction, backend=backend),
+                F.binary_cross_entropy(p, t, reduction=reduction),
+                p,
+            ),
         ):
             _close(_grad(ours * factor, inp)[0], _grad(ref * factor, inp)[0])
 
@@ -509,24 +544,20 @@ def test_ce_any_grad_output_is_exact_after_prescaled_forward(backend, reduction,
     y[4] = -100
     w = torch.rand(29, generator=g) + 0.2
     for kw in ({}, {"weight": w}, {"label_smoothing": 0.1}):
-        for factor in (1.0, 3.0, 2.0 ** 16):
-            ours = crossent.cross_entropy(h @ W, y, reduction=reduction, backend=backend, inplace_backward=inplace,
-                                          **kw)
+        for factor in (1.0, 3.0, 2.0**16):
+            ours = crossent.cross_entropy(
+                h @ W, y, reduction=reduction, backend=backend, inplace_backward=inplace, **kw
+            )
             ref = F.cross_entropy(h @ W, y, reduction=reduction, **kw)
             for a, b in zip(_grad(ours * factor, h, W), _grad(ref * factor, h, W)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * factor)
 
 
-_LOGIT = st.one_of(
-    st.floats(-1e4, 1e4, width=32),
-    st.sampled_from([math.inf, -math.inf, 0.0, 20.0, -20.0]))
+_LOGIT = st.one_of(st.floats(-1e4, 1e4, width=32), st.sampled_from([math.inf, -math.inf, 0.0, 20.0, -20.0]))
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    rows=st.lists(
-        st.lists(_LOGIT, min_size=11, max_size=11), min_size=1, max_size=4),
-    data=st.data())
+@given(rows=st.lists(st.lists(_LOGIT, min_size=11, max_size=11), min_size=1, max_size=4), data=st.data())
 def test_fused_cpu_kernels_agree_with_reference_on_any_logits(rows, data):
     """Property: the compiled CPU kernels give the reference's values and gradients
     (finite exactly where the reference is) for arbitrary logits, +-inf and ties included."""
@@ -534,14 +565,14 @@ def test_fused_cpu_kernels_agree_with_reference_on_any_logits(rows, data):
         pytest.skip(f"compiled CPU kernel unavailable: {chunked_cpp.disabled_reason()}")
     x = torch.tensor(rows)
     y = torch.tensor([data.draw(st.integers(0, 10)) for _ in rows])
-    t = torch.tensor([[data.draw(st.sampled_from([0.0, 1.0, 0.3]))
-                       for _ in range(11)] for _ in rows])
+    t = torch.tensor([[data.draw(st.sampled_from([0.0, 1.0, 0.3])) for _ in range(11)] for _ in rows])
     # a weight of 0 with an infinite -log p_y gives 0 on both sides (the term is absent)
     w = torch.tensor([data.draw(st.sampled_from([0.0, 0.5, 2.0])) for _ in range(11)])
-    for fn in (lambda a, b: crossent.cross_entropy(a, y, reduction="none", backend=b),
-               lambda a, b: crossent.cross_entropy(a, y, weight=w, label_smoothing=0.1, reduction="none",
-                                                   backend=b),
-               lambda a, b: crossent.binary_cross_entropy_with_logits(a, t, reduction="none", backend=b)):
+    for fn in (
+        lambda a, b: crossent.cross_entropy(a, y, reduction="none", backend=b),
+        lambda a, b: crossent.cross_entropy(a, y, weight=w, label_smoothing=0.1, reduction="none", backend=b),
+        lambda a, b: crossent.binary_cross_entropy_with_logits(a, t, reduction="none", backend=b),
+    ):
         outs = []
         for b in ("chunked", "reference"):
             xr = x.clone().requires_grad_()
@@ -560,8 +591,7 @@ def test_compiled_softplus_is_within_two_ulps():
     float32 results) and the ends: the vectorised exp (1 ulp) and the kernel's own log1p on
     [0, 1] (1 ulp)."""
     x = torch.cat([torch.linspace(-80.0, 20.0, 1 << 20), torch.tensor([0.0, -0.0, -1e-30, 1e-30])])
-    loss = crossent.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none",
-                                                     backend="chunked")
+    loss = crossent.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none", backend="chunked")
     truth = torch.nn.functional.softplus(x.double())
     nearest = truth.float()
     ulp = (torch.nextafter(nearest, torch.tensor(math.inf)) - nearest).double()
@@ -577,7 +607,7 @@ def test_compiled_softplus_is_within_two_ulps():
 # condition-aware scale |A p_j| + |a_j|, as tests/extremes.py measures).
 needs_kernel = pytest.mark.skipif(chunked_cpp.get() is None, reason="compiled CPU kernel unavailable here")
 
-KDIM_SPATIAL = [(13,), (3, 5), (2, 3, 3), (9, 11), (17, 19)]   # S = 13, 15, 18, 99, 323: never a multiple of 8
+KDIM_SPATIAL = [(13,), (3, 5), (2, 3, 3), (9, 11), (17, 19)]  # S = 13, 15, 18, 99, 323: never a multiple of 8
 
 
 def _ulps(ours, truth, scale=None):
@@ -587,8 +617,7 @@ def _ulps(ours, truth, scale=None):
     from extremes import ulp_error
 
     ref = (truth if scale is None else scale).detach().numpy()
-    err = ulp_error(ours.detach().numpy(), truth.detach().numpy(), torch.float32,
-                    None if scale is None else ref)
+    err = ulp_error(ours.detach().numpy(), truth.detach().numpy(), torch.float32, None if scale is None else ref)
     a = np.abs(ref)
     return np.where((a == 0) | (a >= np.finfo(np.float32).tiny), err, 0.0)
 
@@ -614,25 +643,33 @@ def _kdim_truth(x, y, weight=None, ignore_index=-100, label_smoothing=0.0):
     prediction (A = a_k) must keep the relative precision of its tiny gradient."""
     xd = x.detach().double().requires_grad_()
     wd = None if weight is None else weight.double()
-    loss = crossent.cross_entropy(xd, y, weight=wd, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                  reduction="none", backend="reference", validate=False)
+    loss = crossent.cross_entropy(
+        xd,
+        y,
+        weight=wd,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction="none",
+        backend="reference",
+        validate=False,
+    )
     (grad,) = torch.autograd.grad(loss.sum(), xd)
     C = x.shape[1]
     w = torch.ones(C, dtype=torch.float64) if wd is None else wd
     keep = y != ignore_index
     yk = torch.where(keep, y, 0)
-    c = torch.where(keep, (1 - label_smoothing) * w[yk], 0.0)                  # (N, d...)
+    c = torch.where(keep, (1 - label_smoothing) * w[yk], 0.0)  # (N, d...)
     a = F.one_hot(yk, C).movedim(-1, 1).double() * c.unsqueeze(1)
     a = a + (label_smoothing * w / C).view(1, C, *([1] * (x.dim() - 2))) * (keep.unsqueeze(1) if label_smoothing else 1)
     A = a.sum(1, keepdim=True)
     xs = xd.detach()
     m = xs.amax(1, keepdim=True)
-    e = torch.exp(torch.where(xs == m, 0.0, xs - m))       # +inf logits: their limit shares
+    e = torch.exp(torch.where(xs == m, 0.0, xs - m))  # +inf logits: their limit shares
     p = e / e.sum(1, keepdim=True)
     scale = A * p + a
     k = xd.detach().nan_to_num(0.0).argmax(1, keepdim=True)
     pk, ak = p.gather(1, k), a.gather(1, k)
-    one_m_pk = e.scatter(1, k, 0.0).sum(1, keepdim=True) / e.sum(1, keepdim=True)   # 1 - p_k, no cancellation
+    one_m_pk = e.scatter(1, k, 0.0).sum(1, keepdim=True) / e.sum(1, keepdim=True)  # 1 - p_k, no cancellation
     dominant = (A - ak).abs() + A * one_m_pk
     scale = torch.where(pk > 0.5, scale.scatter(1, k, dominant), scale)
     return loss.detach(), grad, scale
@@ -652,6 +689,7 @@ def _spy_kernels(monkeypatch):
     def spy(*a, **k):
         calls.append(a[0].shape)
         return lane(*a, **k)
+
     monkeypatch.setattr(K, "ce_index", staticmethod(row))
     monkeypatch.setattr(K, "ce_index_ncs", staticmethod(spy))
     return calls
@@ -667,7 +705,7 @@ def test_kdim_cross_entropy_matches_torch(monkeypatch):
     ref = F.cross_entropy(x, y)
     _close(loss, ref)
     _close(grad, _grad(ref, x)[0])
-    with torch.no_grad():                             # loss only (grad NULL in the kernel)
+    with torch.no_grad():  # loss only (grad NULL in the kernel)
         _close(crossent.cross_entropy(x, y, reduction="none"), F.cross_entropy(x, y, reduction="none"))
     assert calls
 
@@ -681,9 +719,12 @@ def test_kdim_cases_the_lane_kernel_does_not_take_match_torch():
     y = torch.randint(0, 6, (3, 5, 4), generator=g)
     q = torch.softmax(torch.randn(3, 6, 5, 4, generator=g), 1)
     wide = torch.randn(3, 6, 5, 8, generator=g)
-    for leaf, view, t in ((base.double(), lambda v: v, y),
-                          (base.to(memory_format=torch.channels_last), lambda v: v, y),
-                          (wide, lambda v: v[..., ::2], y), (base, lambda v: v, q)):
+    for leaf, view, t in (
+        (base.double(), lambda v: v, y),
+        (base.to(memory_format=torch.channels_last), lambda v: v, y),
+        (wide, lambda v: v[..., ::2], y),
+        (base, lambda v: v, q),
+    ):
         leaf = leaf.clone().requires_grad_()
         assert view(leaf).dtype == torch.float64 or not view(leaf).is_contiguous() or t is q
         ours = crossent.cross_entropy(view(leaf), t, reduction="sum")
@@ -708,8 +749,13 @@ def test_kdim_lane_kernel_matches_torch_and_float64_reference(monkeypatch, spati
     y = torch.randint(0, C, (N, *spatial), generator=g)
     y.view(-1)[::7] = -100
     w = torch.rand(C, generator=g) + 0.1
-    options = ({}, {"weight": w}, {"label_smoothing": 0.2}, {"weight": w, "label_smoothing": 0.05},
-               {"ignore_index": 1 % C, "label_smoothing": 0.1})
+    options = (
+        {},
+        {"weight": w},
+        {"label_smoothing": 0.2},
+        {"weight": w, "label_smoothing": 0.05},
+        {"ignore_index": 1 % C, "label_smoothing": 0.1},
+    )
     y_default = y
     for kw in options:
         # a non-default ignore_index: the ignored positions carry it
@@ -718,12 +764,12 @@ def test_kdim_lane_kernel_matches_torch_and_float64_reference(monkeypatch, spati
         for reduction in ("none", "sum", "mean"):
             ours = crossent.cross_entropy(x, y, reduction=reduction, validate=False, **kw)
             ref = F.cross_entropy(x, y, reduction=reduction, **kw)
-            _close(ours, ref, equal_nan=True)   # C = 1 with ignore_index 0: all ignored, mean 0/0
+            _close(ours, ref, equal_nan=True)  # C = 1 with ignore_index 0: all ignored, mean 0/0
             # a grad_output other than the one a plain backward() sends
             go = torch.rand(ours.shape, generator=g) + 0.5 if reduction == "none" else torch.tensor(0.37)
             (gx,) = torch.autograd.grad(ours, x, go)
             _close(gx, torch.autograd.grad(ref, x, go)[0], equal_nan=True)
-            if reduction == "none":   # per position, in ulps of the float64 truth
+            if reduction == "none":  # per position, in ulps of the float64 truth
                 gbound, lbound = _ulp_bound(x)
                 assert (_ulps(ours, truth) <= lbound).all(), kw
                 gt = gtruth * go.double().unsqueeze(1)
@@ -743,17 +789,17 @@ def test_kdim_extremes_ties_infinities_nan_and_wide_margins(monkeypatch, C):
     g = torch.Generator().manual_seed(C)
     x = torch.randn(2, C, 4, 5, generator=g)
     y = torch.randint(0, C, (2, 4, 5), generator=g)
-    x[0, :, 0, 0] = 3.0                                      # all tied
-    x[0, 0, 0, 1] = x[0, C - 1, 0, 1] = 7.0                  # two tied maxima, target the second
+    x[0, :, 0, 0] = 3.0  # all tied
+    x[0, 0, 0, 1] = x[0, C - 1, 0, 1] = 7.0  # two tied maxima, target the second
     y[0, 0, 1] = C - 1
-    x[0, 1 % C, 0, 2] = math.inf                             # one +inf
-    x[0, 0, 0, 3] = x[0, C - 1, 0, 3] = math.inf             # two +inf
-    x[0, :, 0, 4] = -math.inf                                # all -inf: log C
-    x[0, C // 2, 1, 0] = -math.inf                           # one -inf
+    x[0, 1 % C, 0, 2] = math.inf  # one +inf
+    x[0, 0, 0, 3] = x[0, C - 1, 0, 3] = math.inf  # two +inf
+    x[0, :, 0, 4] = -math.inf  # all -inf: log C
+    x[0, C // 2, 1, 0] = -math.inf  # one -inf
     x[1, C // 2, 2, 1] = math.nan
-    x[1, 0, 2, 2] = math.nan                                 # ignored: 0 loss, 0 gradient
+    x[1, 0, 2, 2] = math.nan  # ignored: 0 loss, 0 gradient
     y[1, 2, 2] = -100
-    for i, margin in enumerate((20.0, 40.0, 80.0, 100.0)):    # exp(-margin): losses down to 1e-44
+    for i, margin in enumerate((20.0, 40.0, 80.0, 100.0)):  # exp(-margin): losses down to 1e-44
         x[1, :, 3, i] = 0.0
         x[1, 0, 3, i] = margin
         y[1, 3, i] = 0
@@ -781,10 +827,10 @@ def test_kdim_extremes_ties_infinities_nan_and_wide_margins(monkeypatch, C):
         assert _ulps(loss[1, 3, :3], truth[1, 3, :3]).max() <= 8
         assert _ulps(gx[margins], gtruth[margins], gscale[margins]).max() <= 8
         if not kw:
-            assert loss[1, 3, 3].item() == pytest.approx(truth[1, 3, 3].item(), rel=1e-2)   # subnormal, not 0
+            assert loss[1, 3, 3].item() == pytest.approx(truth[1, 3, 3].item(), rel=1e-2)  # subnormal, not 0
             assert loss[0, 0, 4].item() == pytest.approx(math.log(C), rel=1e-6)
         ref = F.cross_entropy(xr, y, reduction="none", **kw)  # torch agrees where it is finite
-        ok = torch.isfinite(ref) & ~nan_pos                   # torch: 0 for an ignored NaN position
+        ok = torch.isfinite(ref) & ~nan_pos  # torch: 0 for an ignored NaN position
         _close(loss[ok], ref[ok])
     assert calls
 
@@ -825,8 +871,14 @@ def test_kdim_lane_kernel_accumulates_many_classes_accurately(monkeypatch):
 
 @needs_kernel
 @settings(max_examples=40, deadline=None)
-@given(N=st.integers(0, 3), C=st.integers(1, 12), spatial=st.lists(st.integers(1, 6), min_size=1, max_size=3),
-       smooth=st.sampled_from([0.0, 0.1]), weighted=st.booleans(), data=st.data())
+@given(
+    N=st.integers(0, 3),
+    C=st.integers(1, 12),
+    spatial=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    smooth=st.sampled_from([0.0, 0.1]),
+    weighted=st.booleans(),
+    data=st.data(),
+)
 def test_kdim_lane_kernel_agrees_with_reference_on_random_shapes(N, C, spatial, smooth, weighted, data):
     """Property: on random (N, C, d1..dK) shapes and logits (+-inf, ties, big values), the
     automatic backend (the lane kernel) gives the reference's values and gradients, finite
@@ -834,16 +886,18 @@ def test_kdim_lane_kernel_agrees_with_reference_on_random_shapes(N, C, spatial, 
     shape = (N, C, *spatial)
     n = math.prod(shape)
     x = torch.tensor(data.draw(st.lists(_LOGIT, min_size=n, max_size=n)), dtype=torch.float32).view(shape)
-    y = torch.tensor(data.draw(st.lists(st.integers(0, C - 1), min_size=n // C, max_size=n // C)),
-                     dtype=torch.long).view((N, *spatial))
+    y = torch.tensor(
+        data.draw(st.lists(st.integers(0, C - 1), min_size=n // C, max_size=n // C)), dtype=torch.long
+    ).view((N, *spatial))
     if y.numel():
         y.view(-1)[0] = -100
     w = torch.rand(C) + 0.1 if weighted else None
     outs = []
     for b in ("chunked", "reference"):
         xr = x.clone().requires_grad_()
-        loss = crossent.cross_entropy(xr, y, weight=w, label_smoothing=smooth, reduction="none", backend=b,
-                                      validate=False)
+        loss = crossent.cross_entropy(
+            xr, y, weight=w, label_smoothing=smooth, reduction="none", backend=b, validate=False
+        )
         outs.append((loss.detach(), _grad(loss.sum(), xr)[0]))
     for ours, ref in zip(*outs):
         assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))

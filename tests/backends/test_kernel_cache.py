@@ -29,7 +29,8 @@ from crossent.backends import chunked_cpp
 
 pytestmark = pytest.mark.skipif(
     chunked_cpp._compiler()[0] is None or chunked_cpp._cpu_capability() not in ("AVX2", "AVX512"),
-    reason="the compiled CPU kernel cannot be built here")
+    reason="the compiled CPU kernel cannot be built here",
+)
 
 # Runs a cross-entropy (which asks chunked_cpp for the kernel on its first call), then prints
 # one JSON line: what the process got, and the KernelCacheWarnings it saw.
@@ -88,8 +89,9 @@ def _start(cache, *, before="", after="", env=None, unset=()):
     for name in unset:
         run_env.pop(name, None)
     code = PROBE.replace("EXTRA_BEFORE", textwrap.dedent(before)).replace("EXTRA_AFTER", textwrap.dedent(after))
-    return subprocess.Popen([sys.executable, "-c", code], env=run_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(proc):
@@ -140,7 +142,7 @@ def test_cache_directories_are_created_0700_and_files_private(built):
     assert _mode(_library(cache)) == 0o700
     (manifest,) = (cache / "kernels").glob("*.sha256")
     assert _mode(manifest) == 0o600
-    assert not list((cache / "kernels").glob("build-*"))   # the build directory is gone
+    assert not list((cache / "kernels").glob("build-*"))  # the build directory is gone
 
 
 # --------------------------------------------------------------------------- bad files
@@ -161,9 +163,9 @@ def test_a_planted_library_is_refused_with_a_warning_and_never_runs(built, tmp_p
     planted = tmp_path / "planted.so"
     subprocess.run([chunked_cpp._compiler()[0][0], "-shared", "-fPIC", str(src), "-o", str(planted)], check=True)
     so = _library(cache)
-    shutil.copyfile(planted, so)                      # the name the manifest points at
-    key = so.name.split("-")[0]                         # crossent_cpu_<key>
-    shutil.copyfile(planted, so.with_name(key + ".so"))                  # a name without a manifest
+    shutil.copyfile(planted, so)  # the name the manifest points at
+    key = so.name.split("-")[0]  # crossent_cpu_<key>
+    shutil.copyfile(planted, so.with_name(key + ".so"))  # a name without a manifest
     shutil.copyfile(planted, so.with_name(key + "-0123456789abcdef.so"))  # another plausible name
     marker = tmp_path / "marker"
     out = _probe(cache, env={"PLANTED_MARKER": str(marker)})
@@ -171,8 +173,8 @@ def test_a_planted_library_is_refused_with_a_warning_and_never_runs(built, tmp_p
     assert out["kernel"] and out["close"]
     assert len(out["warnings"]) == 1 and str(so) in out["warnings"][0]
     assert "SHA-256" in out["warnings"][0]
-    assert _library(cache).read_bytes() != planted.read_bytes()   # rebuilt
-    assert [p.name for p in (cache / "kernels").glob("*-*.so")] == [_library(cache).name]   # refused copies removed
+    assert _library(cache).read_bytes() != planted.read_bytes()  # rebuilt
+    assert [p.name for p in (cache / "kernels").glob("*-*.so")] == [_library(cache).name]  # refused copies removed
 
 
 def test_a_truncated_library_is_rebuilt_not_loaded(built, tmp_path):
@@ -203,7 +205,7 @@ def test_library_file_checks(tmp_path):
     path, problem = chunked_cpp._verified(manifest, kdir, "k")
     assert path is None and "writable by group or others" in problem
     os.chmod(so, 0o700)
-    if os.geteuid() == 0:   # a file another user planted, e.g. uid nobody
+    if os.geteuid() == 0:  # a file another user planted, e.g. uid nobody
         os.chown(so, 65534, 65534)
         path, problem = chunked_cpp._verified(manifest, kdir, "k")
         assert path is None and "owned by uid 65534" in problem
@@ -239,10 +241,10 @@ def test_directory_checks(tmp_path):
     os.chmod(loose, 0o777)
     with pytest.raises(chunked_cpp._Unsafe, match="its parent .*not sticky"):
         check(loose / "cache" / "kernels", ours=2)
-    os.chmod(loose, 0o1777)                  # sticky, like /tmp: fine as a parent
+    os.chmod(loose, 0o1777)  # sticky, like /tmp: fine as a parent
     check(loose / "cache2" / "kernels", ours=2)
     with pytest.raises(chunked_cpp._Unsafe, match="writable by group or others"):
-        check(loose / "kernels", ours=2)     # but not as the cache directory itself
+        check(loose / "kernels", ours=2)  # but not as the cache directory itself
     afile = tmp_path / "file"
     afile.write_text("")
     with pytest.raises(OSError):
@@ -278,8 +280,8 @@ def test_a_hung_compiler_times_out_and_the_torch_path_runs(tmp_path):
     assert not out["kernel"] and out["close"]
     assert "did not finish within 1 s" in out["reason"] and "CROSSENT_BUILD_TIMEOUT" in out["reason"]
     assert out["seconds"] < 30
-    assert not _alive(int(pidfile.read_text()))   # the whole process group was killed
-    assert not stale.exists() and fresh.exists()   # old debris removed, a recent one left alone
+    assert not _alive(int(pidfile.read_text()))  # the whole process group was killed
+    assert not stale.exists() and fresh.exists()  # old debris removed, a recent one left alone
     assert [p.name for p in kdir.glob("build-*")] == ["build-fresh"]
 
 
@@ -295,27 +297,31 @@ def _alive(pid: int) -> bool:
 def test_a_valid_cache_is_loaded_without_a_build_and_without_home(built, tmp_path):
     cache = _copy(built, tmp_path)
     before = _library(cache).stat().st_mtime_ns
-    out = _probe(cache, env={"TEST_NO_HOME": "1"}, unset=("HOME",))   # Path.home() raises
+    out = _probe(cache, env={"TEST_NO_HOME": "1"}, unset=("HOME",))  # Path.home() raises
     assert out["kernel"] and out["close"] and out["warnings"] == [] and out["note"] is None
     assert out["path"] == str(_library(cache))
     assert _library(cache).stat().st_mtime_ns == before
 
 
 def test_no_home_and_no_cache_dir_builds_into_a_private_temp_dir(tmp_path):
-    out = _probe(None, env={"TEST_NO_HOME": "1", "TMPDIR": str(tmp_path)}, unset=("HOME",),
-                 after="""
+    out = _probe(
+        None,
+        env={"TEST_NO_HOME": "1", "TMPDIR": str(tmp_path)},
+        unset=("HOME",),
+        after="""
                  import io, contextlib
                  from crossent.cli import main
                  buf = io.StringIO()
                  with contextlib.redirect_stdout(buf):
                      main(["env"])
                  out["env"] = buf.getvalue()
-                 """)
+                 """,
+    )
     assert out["kernel"] and out["close"] and out["warnings"] == []
     assert out["path"].startswith(str(tmp_path / "crossent-kernels-"))
     assert "no home directory" in out["note"]
     assert "private temporary directory" in out["env"] and out["path"] in out["env"]
-    assert not list(tmp_path.glob("crossent-kernels-*"))   # removed at exit
+    assert not list(tmp_path.glob("crossent-kernels-*"))  # removed at exit
 
 
 # --------------------------------------------------------------------------- configuration
@@ -333,18 +339,22 @@ def test_cc_with_arguments_and_two_processes_building_at_once(tmp_path):
 
 
 def test_a_missing_explicit_cc_is_the_reason(tmp_path):
-    out = _probe(tmp_path / "cache", env={"CC": "/nonexistent/cc -O2"}, after="""
+    out = _probe(
+        tmp_path / "cache",
+        env={"CC": "/nonexistent/cc -O2"},
+        after="""
                  import io, contextlib
                  from crossent.cli import main
                  buf = io.StringIO()
                  with contextlib.redirect_stdout(buf):
                      main(["env"])
                  out["env"] = buf.getvalue()
-                 """)
+                 """,
+    )
     assert not out["kernel"] and out["close"]
     assert "/nonexistent/cc" in out["reason"] and "CC=" in out["reason"]
     assert "cpu kernel: off" in out["env"] and "/nonexistent/cc" in out["env"]
-    assert not (tmp_path / "cache").exists()   # nothing was built or created
+    assert not (tmp_path / "cache").exists()  # nothing was built or created
 
 
 @pytest.mark.parametrize("value", ["0", "false", "no", "off", "OFF", " No "])
@@ -357,8 +367,19 @@ def test_cpu_kernel_switch_words(monkeypatch, value):
     torch.testing.assert_close(crossent.cross_entropy(x, y), torch.nn.functional.cross_entropy(x, y))
 
 
-@pytest.mark.parametrize("value,expected", [(None, True), ("", True), ("1", True), ("yes", True),
-                                            ("0", False), ("False", False), ("no", False), ("oFF", False)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (None, True),
+        ("", True),
+        ("1", True),
+        ("yes", True),
+        ("0", False),
+        ("False", False),
+        ("no", False),
+        ("oFF", False),
+    ],
+)
 def test_env_flag(monkeypatch, value, expected):
     if value is None:
         monkeypatch.delenv("CROSSENT_EXAMPLE", raising=False)
@@ -377,8 +398,18 @@ def test_cpu_capability_and_compiler_are_looked_up_once(monkeypatch):
 
 
 # --------------------------------------------------------------------------- CROSSENT_LINEAR_BUDGET
-@pytest.mark.parametrize("value,expected", [("268435456", 2**28), ("256MiB", 2**28), ("256M", 2**28),
-                                            ("256 mib", 2**28), ("64K", 2**16), ("1GiB", 2**30), ("2g", 2**31)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("268435456", 2**28),
+        ("256MiB", 2**28),
+        ("256M", 2**28),
+        ("256 mib", 2**28),
+        ("64K", 2**16),
+        ("1GiB", 2**30),
+        ("2g", 2**31),
+    ],
+)
 def test_linear_budget_sizes(monkeypatch, value, expected):
     from crossent.backends import linear
 
@@ -391,14 +422,21 @@ def test_linear_budget_sizes(monkeypatch, value, expected):
 def test_linear_budget_garbage_fails_the_first_call_that_uses_it(monkeypatch, value):
     monkeypatch.setenv("CROSSENT_LINEAR_BUDGET", value)
     x, w, y = torch.randn(4, 3), torch.randn(5, 3), torch.randint(0, 5, (4,))
-    with pytest.raises(ValueError, match=r"CROSSENT_LINEAR_BUDGET: expected a positive number of bytes.*"
-                                         + repr(value).replace(".", r"\.")):
+    with pytest.raises(
+        ValueError,
+        match=r"CROSSENT_LINEAR_BUDGET: expected a positive number of bytes.*" + repr(value).replace(".", r"\."),
+    ):
         crossent.linear_cross_entropy(x, w, y)
-    crossent.linear_cross_entropy(x, w, y, memory_budget=2**20)   # an explicit budget does not read it
+    crossent.linear_cross_entropy(x, w, y, memory_budget=2**20)  # an explicit budget does not read it
 
 
 def test_import_never_parses_the_linear_budget():
     env = dict(os.environ, CROSSENT_LINEAR_BUDGET="256MiB garbage", CROSSENT_CPU_KERNEL="0")
-    proc = subprocess.run([sys.executable, "-c", "import crossent, crossent.nn, crossent.backends.linear"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import crossent, crossent.nn, crossent.backends.linear"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr

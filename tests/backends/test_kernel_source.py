@@ -15,6 +15,9 @@ import crossent.backends.chunked_cpp as chunked_cpp
 def test_kernels_c_compiles_with_wall_werror(tmp_path):
     source = Path(chunked_cpp.__file__).with_name("kernels.c")
     flags = [f for f in chunked_cpp._FLAGS if f != "-shared"]
-    proc = subprocess.run(["gcc", *flags, "-Wall", "-Wextra", "-Werror", "-c", str(source),
-                           "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["gcc", *flags, "-Wall", "-Wextra", "-Werror", "-c", str(source), "-o", str(tmp_path / "kernels.o")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr

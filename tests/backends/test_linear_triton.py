@@ -13,8 +13,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-pytest.importorskip("triton", reason="triton is not installed (pip install 'crossent[triton]'); "
-                                     "the Triton kernels are tested through its interpreter")
+pytest.importorskip(
+    "triton",
+    reason="triton is not installed (pip install 'crossent[triton]'); "
+    "the Triton kernels are tested through its interpreter",
+)
 
 import torch  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -31,6 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 @pytest.fixture(autouse=True)
 def triton_on_cpu(monkeypatch):
     from crossent.backends.triton import linear as tl_linear
+
     monkeypatch.setattr(_registry._BACKENDS["triton"], "unavailable", lambda device: None)
     monkeypatch.setattr(tl_linear, "BLOCK_C_MAX", 4)
     yield
@@ -54,8 +58,11 @@ def _check(got, ref, params, tol=2e-5):
 
 
 @pytest.mark.parametrize("blocking", [dict(), dict(chunk_size=4, class_chunk_size=5)], ids=["one_block", "blocks"])
-@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.2, ignore_index=3), dict(reduction="none")],
-                         ids=["plain", "smooth_ignore", "none"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(label_smoothing=0.2, ignore_index=3), dict(reduction="none")],
+    ids=["plain", "smooth_ignore", "none"],
+)
 def test_triton_ce_matches_torch(kw, blocking):
     x, W, b, g = _setup()
     y = torch.randint(0, 9, (6,), generator=g)
@@ -72,16 +79,20 @@ def test_triton_ce_wide_margin_and_infinite_logit():
     truth = 4 * torch.exp(torch.tensor(-20.0, dtype=F64))
     assert abs(loss.item() / float(truth) - 1) < 1e-5
     b = torch.tensor([0.0, float("inf"), 0.0])
-    out = crossent.linear_cross_entropy(torch.zeros(2, 2), torch.zeros(3, 2), torch.tensor([1, 0]), linear_bias=b,
-                                        reduction="none", backend="triton")
+    out = crossent.linear_cross_entropy(
+        torch.zeros(2, 2), torch.zeros(3, 2), torch.tensor([1, 0]), linear_bias=b, reduction="none", backend="triton"
+    )
     assert out.tolist() == [0.0, float("inf")]
 
 
 def test_triton_probability_targets_and_bf16_fall_back_to_same_results():
     x, W, b, g = _setup(seed=1)
     q = torch.softmax(torch.randn(6, 9, generator=g), 1)
-    _check(crossent.linear_cross_entropy(x, W, q, linear_bias=b, backend="triton", class_chunk_size=4),
-           TF.cross_entropy(TF.linear(x, W, b), q), (x, W, b))
+    _check(
+        crossent.linear_cross_entropy(x, W, q, linear_bias=b, backend="triton", class_chunk_size=4),
+        TF.cross_entropy(TF.linear(x, W, b), q),
+        (x, W, b),
+    )
     xb, Wb = x.detach().bfloat16().requires_grad_(), W.detach().bfloat16().requires_grad_()
     y = torch.randint(0, 9, (6,), generator=g)
     a = crossent.linear_cross_entropy(xb, Wb, y, backend="triton")
@@ -99,8 +110,16 @@ def test_triton_bce_matches_torch(sparse, reduction):
     dense[r, pos[r, s]] = 1.0
     pw = torch.rand(9, generator=g) * 3
     got = crossent.linear_binary_cross_entropy_with_logits(
-        x, W, pos if sparse else dense, linear_bias=b, pos_weight=pw, reduction=reduction, backend="triton",
-        chunk_size=4, class_chunk_size=5)
+        x,
+        W,
+        pos if sparse else dense,
+        linear_bias=b,
+        pos_weight=pw,
+        reduction=reduction,
+        backend="triton",
+        chunk_size=4,
+        class_chunk_size=5,
+    )
     ref = TF.binary_cross_entropy_with_logits(TF.linear(x, W, b), dense, pos_weight=pw, reduction=reduction)
     _check(got, ref, (x, W, b))
 
@@ -118,6 +137,7 @@ def test_triton_kernels_really_run(monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("fell back to the torch block code")
+
     for name in ("ce_stats", "ce_grad", "bce"):
         monkeypatch.setattr(L.TorchBlocks, name, staticmethod(boom))
     x, W, b, g = _setup(seed=3)

@@ -25,7 +25,7 @@ def _classifier(M=64, C=10, seed=0):
 
 
 def _needs_kernel():
-    if chunked._cpp() is None:   # the chunked torch-ops fallback does more, smaller calls
+    if chunked._cpp() is None:  # the chunked torch-ops fallback does more, smaller calls
         pytest.skip("compiled CPU kernel unavailable")
 
 
@@ -112,7 +112,9 @@ def test_automatic_choice_is_the_fused_cpu_backend_at_every_size():
     64 x 10 up (docs/performance.md), so tiny inputs dispatch like big ones."""
     for shape in [(1, 2), (64, 10), (512, 100)]:
         assert dispatch("cross_entropy", torch.zeros(shape)) is chunked.cross_entropy
-        assert dispatch("binary_cross_entropy_with_logits", torch.zeros(shape)) is chunked.binary_cross_entropy_with_logits
+        assert (
+            dispatch("binary_cross_entropy_with_logits", torch.zeros(shape)) is chunked.binary_cross_entropy_with_logits
+        )
 
 
 def test_registry_order_is_kept_up_to_date_by_register(monkeypatch):
@@ -176,8 +178,7 @@ def test_small_calls_match_torch_values_and_gradients():
     ours = crossent.binary_cross_entropy_with_logits(z, t)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(z, t)
     torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-7)
-    torch.testing.assert_close(torch.autograd.grad(ours, z)[0], torch.autograd.grad(ref, z)[0],
-                               rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(ours, z)[0], torch.autograd.grad(ref, z)[0], rtol=2e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ plain-rows kernel path
@@ -224,25 +225,25 @@ def test_plain_calls_ignore_like_torch(ignore_index, reduction):
     ours = crossent.cross_entropy(x, y, ignore_index=ignore_index, reduction=reduction)
     ref = torch.nn.functional.cross_entropy(x, y, ignore_index=ignore_index, reduction=reduction)
     torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-7)
-    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0],
-                               rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0], rtol=2e-5, atol=1e-7)
 
 
 def test_plain_call_declines_what_it_does_not_cover():
     _needs_kernel()
     x, y = _classifier(M=8, C=5, seed=7)
     plain = lambda x=x, y=y, ignore_index=-100, reduction="mean": _multiclass._plain_call(
-        x, y, ignore_index, reduction, False)
+        x, y, ignore_index, reduction, False
+    )
     assert plain() is not None
     assert plain(reduction="none") is None
-    assert plain(y=torch.tensor([0, 1, 2, 3, 4, -100, 0, 1])) is None        # an ignored target
-    assert plain(ignore_index=2) is None                                    # a class may be ignored
-    assert plain(y=torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])) is None           # out of range: the error path
+    assert plain(y=torch.tensor([0, 1, 2, 3, 4, -100, 0, 1])) is None  # an ignored target
+    assert plain(ignore_index=2) is None  # a class may be ignored
+    assert plain(y=torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])) is None  # out of range: the error path
     assert plain(y=y.int()) is None
-    assert plain(x=x.detach()) is None                                      # no gradient wanted
+    assert plain(x=x.detach()) is None  # no gradient wanted
     assert plain(x=x.double().detach().requires_grad_()) is None
-    assert plain(x=x.detach().t().contiguous().t().requires_grad_()) is None   # not contiguous
-    assert plain(x=torch.nn.Parameter(x.detach())) is None                  # a subclass: general path
+    assert plain(x=x.detach().t().contiguous().t().requires_grad_()) is None  # not contiguous
+    assert plain(x=torch.nn.Parameter(x.detach())) is None  # a subclass: general path
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert plain() is None
     with pytest.raises(crossent.CrossentValueError, match="outside it"):
@@ -290,7 +291,7 @@ def test_shortcuts_raise_no_warning_when_weights_require_grad():
         for validate in (True, False):
             loss = crossent.cross_entropy(x, y, weight=w, validate=validate)
             gx, gw = torch.autograd.grad(loss, (x, w))
-    ref = torch.nn.functional.cross_entropy(x, y, weight=w.detach())   # torch: no weight gradient
+    ref = torch.nn.functional.cross_entropy(x, y, weight=w.detach())  # torch: no weight gradient
     (rx,) = torch.autograd.grad(ref, x)
     torch.testing.assert_close(gx, rx, rtol=2e-5, atol=1e-7)
     assert torch.isfinite(gw).all() and gw.abs().sum() > 0

@@ -18,8 +18,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-pytest.importorskip("triton", reason="triton is not installed (pip install 'crossent[triton]'); "
-                                     "the Triton kernels are tested through its interpreter")
+pytest.importorskip(
+    "triton",
+    reason="triton is not installed (pip install 'crossent[triton]'); "
+    "the Triton kernels are tested through its interpreter",
+)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -30,11 +33,12 @@ from crossent.backends import triton as triton_backend  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy evaluates both sides of tl.where
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
-    pytest.skip("TRITON_INTERPRET=0 in the environment: these tests need the interpreter (no GPU)",
-                allow_module_level=True)
+    pytest.skip(
+        "TRITON_INTERPRET=0 in the environment: these tests need the interpreter (no GPU)", allow_module_level=True
+    )
 
 
-BACKENDS = ("triton",)   # the `backend` fixture of tests/conftest.py, Triton only
+BACKENDS = ("triton",)  # the `backend` fixture of tests/conftest.py, Triton only
 
 
 # The interpreter runs every program in Python: smaller shapes than test_backends.py.
@@ -47,11 +51,14 @@ def test_ce_index_targets_match_torch_small(backend, C, reduction):
     y[2] = -100
     w = torch.rand(C, generator=g) + 0.1
     for kw in ({}, {"weight": w}, {"label_smoothing": 0.2}, {"weight": w, "label_smoothing": 0.05}):
-        ours = crossent.cross_entropy(x, y, reduction=reduction, backend=backend, validate=False, **kw)  # C=1 warns otherwise
+        ours = crossent.cross_entropy(
+            x, y, reduction=reduction, backend=backend, validate=False, **kw
+        )  # C=1 warns otherwise
         ref = F.cross_entropy(x, y, reduction=reduction, **kw)
         torch.testing.assert_close(ours, ref, rtol=2e-5, atol=1e-6)
-        torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0],
-                                   rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0], rtol=2e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -68,7 +75,7 @@ def test_low_precision_computed_in_float32(backend, dtype):
     assert grad.dtype == dtype
     t = torch.rand(6, 20, generator=g).to(dtype)
     b = crossent.binary_cross_entropy_with_logits(x, t, backend=backend)
-    assert abs(b.double() - F.binary_cross_entropy_with_logits(x.double(), t.double())) <= 2 ** -7
+    assert abs(b.double() - F.binary_cross_entropy_with_logits(x.double(), t.double())) <= 2**-7
 
 
 def test_ce_many_classes_with_online_tiles(backend, monkeypatch):
@@ -82,13 +89,12 @@ def test_ce_many_classes_with_online_tiles(backend, monkeypatch):
     expected = torch.logsumexp(xd, 1) - xd.gather(1, y[:, None]).squeeze(1)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    torch.testing.assert_close(grad.double(), torch.softmax(xd, 1) - F.one_hot(y, 1501).double(),
-                               rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(grad.double(), torch.softmax(xd, 1) - F.one_hot(y, 1501).double(), rtol=1e-4, atol=1e-9)
 
 
 def test_ce_ties_across_tiles_count_once_each(backend):
     x = torch.zeros(1, 40)
-    x[0, 3] = x[0, 20] = x[0, 39] = 5.0       # three maxima in three different tiles
+    x[0, 3] = x[0, 20] = x[0, 39] = 5.0  # three maxima in three different tiles
     x.requires_grad_()
     y = torch.tensor([20])
     loss = crossent.cross_entropy(x, y, backend=backend)

@@ -53,14 +53,27 @@ def test_presets_are_pluggable(monkeypatch):
     def _preset(size, device):
         calls.append(size)
         x = lambda d: {"x": torch.randn(4, 3, requires_grad=True)}  # noqa: E731
-        return [presets.Case("tiny", x, {"torch eager": lambda d: d["x"].square().sum(),
-                                         "crossent": lambda d: d["x"].abs().sum()}, elements=12)]
+        return [
+            presets.Case(
+                "tiny",
+                x,
+                {"torch eager": lambda d: d["x"].square().sum(), "crossent": lambda d: d["x"].abs().sum()},
+                elements=12,
+            )
+        ]
 
     try:
         from crossent.bench import run
 
-        results, prov, limits = run(["unit-test-preset"], size="smoke", repeats=2, compile=False, memory=False,
-                                    min_sample_s=0.0, log=lambda s: None)
+        results, prov, limits = run(
+            ["unit-test-preset"],
+            size="smoke",
+            repeats=2,
+            compile=False,
+            memory=False,
+            min_sample_s=0.0,
+            log=lambda s: None,
+        )
         assert calls == ["smoke"]
         assert {r.variant for r in results} == {"torch eager", "crossent"}
         assert limits["copy_bytes_per_s"] > 0 and limits["exp_per_s"] > 0
@@ -71,9 +84,11 @@ def test_presets_are_pluggable(monkeypatch):
 
 def test_ratios_and_quantiles():
     t = harness.Timing(10.0, 9.0, 11.0, 3, 1)
-    rs = [harness.Result("p", "c", "full", "torch eager", t),
-          harness.Result("p", "c", "full", "torch.compile", harness.Timing(5.0, 5, 5, 3, 1)),
-          harness.Result("p", "c", "full", "crossent", harness.Timing(2.0, 2, 2, 3, 1))]
+    rs = [
+        harness.Result("p", "c", "full", "torch eager", t),
+        harness.Result("p", "c", "full", "torch.compile", harness.Timing(5.0, 5, 5, 3, 1)),
+        harness.Result("p", "c", "full", "crossent", harness.Timing(2.0, 2, 2, 3, 1)),
+    ]
     harness.add_ratios(rs)
     assert rs[2].extra == {"vs_eager": 5.0, "vs_compile": 2.5}
     assert harness._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
@@ -111,8 +126,9 @@ def test_peak_memory_sees_gradient_and_temporaries():
     variant that also keeps a 16 MiB temporary alive until backward (exp saves its result) shows 32."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(crossent.__file__).parents[1]), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD], env=env, capture_output=True, text=True, check=True
+    ).stdout
     mib = {k: v / 2**20 for k, v in json.loads(out.strip().splitlines()[-1]).items()}
     assert 15 <= mib["sum"] < 20  # resolution: well under 1 MiB (see crossent.bench.memory)
     assert 31 <= mib["exp"] < 38

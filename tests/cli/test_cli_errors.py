@@ -29,15 +29,18 @@ def _refused(argv, capsys, match):
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--preset", "nope"], "expected --preset among"),
-    (["--repeats", "-1"], "expected --repeats >= 1, but got -1"),
-    (["--repeats", "0"], "expected --repeats >= 1, but got 0"),
-    (["--threads", "-3"], "expected --threads >= 1, but got -3"),
-    (["--device", "meta"], "expected --device to be one of cpu, cuda[:N]"),
-    (["--device", "tpu"], "expected --device to be one of cpu, cuda[:N]"),
-    pytest.param(["--device", "cuda"], "torch sees none", marks=pytest.mark.skipif(not NO_CUDA, reason="has CUDA")),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--preset", "nope"], "expected --preset among"),
+        (["--repeats", "-1"], "expected --repeats >= 1, but got -1"),
+        (["--repeats", "0"], "expected --repeats >= 1, but got 0"),
+        (["--threads", "-3"], "expected --threads >= 1, but got -3"),
+        (["--device", "meta"], "expected --device to be one of cpu, cuda[:N]"),
+        (["--device", "tpu"], "expected --device to be one of cpu, cuda[:N]"),
+        pytest.param(["--device", "cuda"], "torch sees none", marks=pytest.mark.skipif(not NO_CUDA, reason="has CUDA")),
+    ],
+)
 def test_bench_refuses_bad_options_before_running(argv, match, capsys):
     _refused(["bench", "--smoke"] + argv, capsys, match)
 
@@ -61,18 +64,20 @@ def test_bench_never_overwrites_results_without_force(tmp_path, capsys):
 
 def test_bench_force_replaces_results(tmp_path, capsys):
     (tmp_path / "bench.md").write_text("earlier run")
-    assert main(["bench", "--smoke", "--preset", "small", "--repeats", "1", "--out", str(tmp_path),
-                 "--force"]) == 0
+    assert main(["bench", "--smoke", "--preset", "small", "--repeats", "1", "--out", str(tmp_path), "--force"]) == 0
     assert "earlier run" not in (tmp_path / "bench.md").read_text()
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--device", "meta"], "expected --device to be one of cpu, cuda[:N], mps[:N]"),
-    (["--device", "cuda:x"], "expected --device to be one of"),
-    (["--epochs", "-1"], "expected --epochs >= 1, but got -1"),
-    (["--batch-size", "0"], "expected --batch-size >= 1, but got 0"),
-    pytest.param(["--device", "cuda"], "torch sees none", marks=pytest.mark.skipif(not NO_CUDA, reason="has CUDA")),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--device", "meta"], "expected --device to be one of cpu, cuda[:N], mps[:N]"),
+        (["--device", "cuda:x"], "expected --device to be one of"),
+        (["--epochs", "-1"], "expected --epochs >= 1, but got -1"),
+        (["--batch-size", "0"], "expected --batch-size >= 1, but got 0"),
+        pytest.param(["--device", "cuda"], "torch sees none", marks=pytest.mark.skipif(not NO_CUDA, reason="has CUDA")),
+    ],
+)
 def test_demo_refuses_bad_options_before_training(argv, match, tmp_path, capsys):
     _refused(["demo", "--out", str(tmp_path / "o")] + argv, capsys, match)
     assert not (tmp_path / "o" / "run-001").exists()
@@ -131,7 +136,12 @@ def test_no_traceback_from_the_console_entry_point(tmp_path):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     f = tmp_path / "file"
     f.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "crossent", "demo", "--out", str(f)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "crossent", "demo", "--out", str(f)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

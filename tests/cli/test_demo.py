@@ -22,8 +22,7 @@ SRC = os.path.dirname(os.path.dirname(os.path.abspath(crossent.__file__)))
 
 def test_demo_runs_end_to_end_and_writes_its_files(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert main(["demo", "--epochs", "2", "--seed", "3", "--out", str(tmp_path / "demo-out"),
-                 "--no-progress"]) == 0
+    assert main(["demo", "--epochs", "2", "--seed", "3", "--out", str(tmp_path / "demo-out"), "--no-progress"]) == 0
     out = tmp_path / "demo-out" / "run-001"
     printed = capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["curves.png", "history.csv", "history.json", "summary.txt"]
@@ -66,8 +65,13 @@ def test_demo_is_deterministic_for_a_seed(tmp_path, capsys):
 
 def test_python_dash_m_crossent_demo_exits_zero(tmp_path):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "crossent", "demo", "--epochs", "1", "--out", str(tmp_path),
-                           "--batch-size", "128"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "crossent", "demo", "--epochs", "1", "--out", str(tmp_path), "--batch-size", "128"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote" in proc.stdout and os.path.exists(tmp_path / "run-001" / "history.csv")
 
@@ -99,10 +103,13 @@ def test_digits_matches_its_documentation():
     assert torch.bincount(d.target).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 
 
-@pytest.mark.parametrize("name, sha256", [
-    ("breast_cancer.csv.gz", "fed3eb72d0575ef6192293f5093c6e801b1476b577d0386bf4455504522172ed"),
-    ("digits.csv.gz", "6ebb3d2fee246a4e99363262ddf8a00a3c41bee6014c373ed9d9216ba7f651b8"),
-])
+@pytest.mark.parametrize(
+    "name, sha256",
+    [
+        ("breast_cancer.csv.gz", "fed3eb72d0575ef6192293f5093c6e801b1476b577d0386bf4455504522172ed"),
+        ("digits.csv.gz", "6ebb3d2fee246a4e99363262ddf8a00a3c41bee6014c373ed9d9216ba7f651b8"),
+    ],
+)
 def test_bundled_files_are_the_documented_copies(name, sha256):
     raw = gzip.decompress(resources.files("crossent.data").joinpath(name).read_bytes())
     assert hashlib.sha256(raw).hexdigest() == sha256

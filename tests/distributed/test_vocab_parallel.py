@@ -26,8 +26,9 @@ import crossent
 import vocab_parallel_worker as wk
 from _helpers import ULP
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab_parallel_worker.py")
 
@@ -42,10 +43,23 @@ def _launch(scenario: str, P: int, tmp_path, timeout: int = 300):
     port = str(_free_port())
     procs = []
     for rank in range(P):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(P), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, WORKER, scenario, str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(P),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, WORKER, scenario, str(tmp_path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         try:
             _, err = p.communicate(timeout=timeout)
@@ -79,8 +93,12 @@ def _reference(c, linear=False):
     """Single-process crossent on the gathered data, same options; grads of the full tensors."""
     dt = wk.DTYPES[c["dtype"]]
     x, y, w, h, W, b, u = wk.data(dt, c["ignore"])
-    kw = dict(reduction=c["reduction"], label_smoothing=c.get("label_smoothing", 0.0), return_parts=True,
-              weight=w if c.get("weight") else None)
+    kw = dict(
+        reduction=c["reduction"],
+        label_smoothing=c.get("label_smoothing", 0.0),
+        return_parts=True,
+        weight=w if c.get("weight") else None,
+    )
     up = (lambda loss: (loss * u).sum()) if c["reduction"] == "none" else (lambda loss: loss)
     if linear:
         h, W, b = (t.clone().requires_grad_() for t in (h, W, b))
@@ -88,7 +106,7 @@ def _reference(c, linear=False):
         up(parts.loss).backward()
         return parts, dict(grad_h=h.grad, grad_W=W.grad, grad_b=b.grad)
     x = x.clone().requires_grad_()
-    with warnings.catch_warnings():   # every target ignored: the single-process loss warns (nan mean)
+    with warnings.catch_warnings():  # every target ignored: the single-process loss warns (nan mean)
         if c["ignore"] == "all":
             warnings.simplefilter("ignore", crossent.CrossentWarning)
         parts = crossent.cross_entropy(x, y, **kw)
@@ -132,7 +150,7 @@ def test_parity_with_one_process_uneven_shards(P, tmp_path):
     loss.sum().backward()
     for r, res in enumerate(results):
         assert_ulp(res["kdim"]["loss"], loss.detach(), f"kdim rank {r}")
-        assert_ulp(res["kdim"]["grad"], xk.grad[:, bounds[r]:bounds[r + 1]], f"kdim grad rank {r}")
+        assert_ulp(res["kdim"]["grad"], xk.grad[:, bounds[r] : bounds[r + 1]], f"kdim grad rank {r}")
     # (B, T, H) hidden states
     _, y, _, h, W, _, _ = wk.data(torch.float64)
     h3 = h.reshape(3, 3, wk.H).clone().requires_grad_()
@@ -148,10 +166,10 @@ def test_parity_with_one_process_uneven_shards(P, tmp_path):
         parts = crossent.cross_entropy(x[sl], y[sl], weight=w, return_parts=True)
         ref_meter.update(parts.total, parts.denominator)
     for res in results:
-        assert abs(res["meter"] - ref_meter.compute()) <= 8 * 2.0 ** -52 * abs(ref_meter.compute())
+        assert abs(res["meter"] - ref_meter.compute()) <= 8 * 2.0**-52 * abs(ref_meter.compute())
     dp = crossent.cross_entropy(x, y, weight=w, label_smoothing=0.1).item()
-    for res in results:   # each rank its own rows, synced over the world: the whole batch's mean
-        assert abs(res["meter_dp"] - dp) <= 8 * 2.0 ** -52 * abs(dp)
+    for res in results:  # each rank its own rows, synced over the world: the whole batch's mean
+        assert abs(res["meter_dp"] - dp) <= 8 * 2.0**-52 * abs(dp)
     _confident_row(results, bounds)
 
 
@@ -164,11 +182,11 @@ def _confident_row(results, bounds):
     u = wk.data(torch.float32)[-1].double()
     exact = torch.logsumexp(x[0], 0) - x[0, 3]
     g_exact = u[0] * (torch.softmax(x[0], 0)[3] - 1)
-    r = next(r for r in range(len(results)) if bounds[r] <= 3 < bounds[r + 1])   # the rank of class 3
+    r = next(r for r in range(len(results)) if bounds[r] <= 3 < bounds[r + 1])  # the rank of class 3
     got = results[r][wk.key(c)]
     assert exact < 1e-5
-    assert abs(got["loss"][0].double() - exact) <= 8 * 2.0 ** -23 * exact
-    assert abs(got["grad"][0, 3 - bounds[r]].double() - g_exact) <= 8 * 2.0 ** -23 * abs(g_exact)
+    assert abs(got["loss"][0].double() - exact) <= 8 * 2.0**-23 * exact
+    assert abs(got["grad"][0, 3 - bounds[r]].double() - g_exact) <= 8 * 2.0**-23 * abs(g_exact)
 
 
 @pytest.mark.parametrize("P", [3])
@@ -199,15 +217,15 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
             assert_ulp(got["loss"], ref_l.detach(), f"dtensor linear {dt} rank {r}")
             for name, g in (("grad_h", hr.grad), ("grad_W", Wr.grad), ("grad_b", br.grad)):
                 assert_ulp(got[name], g, f"dtensor linear {name} {dt} rank {r}")
-            got = res[f"head_logits,{dt}"]   # ColwiseParallel(use_local_output=False) logits
+            got = res[f"head_logits,{dt}"]  # ColwiseParallel(use_local_output=False) logits
             assert got["placements"] in ("(Shard(dim=1),)", "(Shard(dim=-1),)")
             assert_ulp(got["loss"], ref_h.detach(), f"head logits {dt} rank {r}")
             assert_ulp(got["grad_h"], hh.grad, f"head logits grad_h {dt} rank {r}")
             assert_ulp(got["grad_W"], Wh.grad, f"head logits grad_W {dt} rank {r}")
-            got = res[f"btv,{dt}"]   # (B, T, V) logits: flattened they work, unflattened the error says so
+            got = res[f"btv,{dt}"]  # (B, T, V) logits: flattened they work, unflattened the error says so
             assert "flatten(0, -2)" in got["error"] and "placements" in got["error"]
             assert_ulp(got["loss"], crossent.cross_entropy(h @ W.t(), y), f"(B, T, V) {dt} rank {r}")
-            got = res[f"replicated,{dt}"]   # the single-process path: same bits
+            got = res[f"replicated,{dt}"]  # the single-process path: same bits
             assert torch.equal(got["loss"], plain.detach()) and torch.equal(got["grad"], xp.grad)
 
 
@@ -252,8 +270,13 @@ def one_rank():
     """A one-rank gloo group in this process (every collective is then local)."""
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )
     yield
     dist.destroy_process_group()
 
@@ -302,12 +325,19 @@ def test_guardrails(one_rank):
 
 def test_docstring_examples():
     """The examples create (and destroy) a one-rank group: run them in a fresh interpreter."""
-    code = ("import doctest, importlib, sys\n"
-            "m = importlib.import_module('crossent.distributed._vocab_parallel')\n"
-            "r = doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE)\n"
-            "sys.exit(0 if r.failed == 0 and r.attempted > 10 else 1)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, MASTER_ADDR="127.0.0.1"))
+    code = (
+        "import doctest, importlib, sys\n"
+        "m = importlib.import_module('crossent.distributed._vocab_parallel')\n"
+        "r = doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE)\n"
+        "sys.exit(0 if r.failed == 0 and r.attempted > 10 else 1)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, MASTER_ADDR="127.0.0.1"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -322,7 +352,7 @@ def test_layout_guardrails(one_rank):
         vp(x, y, vocab_start="0", vocab_size=11)
     with pytest.raises(CrossentValueError, match="`vocab_size` to be a non-negative int"):
         vp(x, y, vocab_start=0, vocab_size=-1)
-    with FakeTensorMode():   # a captured call cannot read the other ranks' sizes
+    with FakeTensorMode():  # a captured call cannot read the other ranks' sizes
         fx, fy = torch.empty(9, 11), torch.zeros(9, dtype=torch.long)
         with pytest.raises(CrossentValueError, match="while the call is captured.*pass vocab_start="):
             vp(fx, fy)

@@ -48,8 +48,9 @@ def _sharded(x, y, w, eps, bounds, g):
 
 def _bounds(data, V):
     P = data.draw(st.integers(1, min(V, 5)))
-    cuts = sorted(data.draw(st.lists(st.integers(1, V - 1), min_size=P - 1, max_size=P - 1, unique=True))) \
-        if V > 1 else []
+    cuts = (
+        sorted(data.draw(st.lists(st.integers(1, V - 1), min_size=P - 1, max_size=P - 1, unique=True))) if V > 1 else []
+    )
     return [0] + cuts + [V]
 
 
@@ -88,8 +89,9 @@ def _mp_loss(row, target, eps, w):
     V = len(row)
     lse = mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in row))
     nlp = [lse - mpmath.mpf(v) for v in row]
-    return (1 - mpmath.mpf(eps)) * mpmath.mpf(w[target]) * nlp[target] + \
-        mpmath.mpf(eps) / V * mpmath.fsum(mpmath.mpf(w[c]) * nlp[c] for c in range(V))
+    return (1 - mpmath.mpf(eps)) * mpmath.mpf(w[target]) * nlp[target] + mpmath.mpf(eps) / V * mpmath.fsum(
+        mpmath.mpf(w[c]) * nlp[c] for c in range(V)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -97,10 +99,12 @@ def _mp_loss(row, target, eps, w):
 def test_extremes_against_mpmath(dtype, bounds):
     """A confident right answer (tiny loss), a far-off max on another shard, huge logits,
     ties across shards: every loss within a few ulp of the 50-digit value."""
-    rows = [[30.0, 0.0, -1.0, 2.0, 0.5],       # loss ~ 1e-13: the max on shard 0
-            [0.0, 0.0, 25.0, 0.0, 0.0],        # target 0 far below a max on another shard
-            [1e4, 1e4 - 1, 1e4 - 3, 1e4, 9.9e3],   # huge logits, a tie across shards
-            [-50.0, -50.0, -50.0, -50.0, -50.0]]   # all equal: log 5
+    rows = [
+        [30.0, 0.0, -1.0, 2.0, 0.5],  # loss ~ 1e-13: the max on shard 0
+        [0.0, 0.0, 25.0, 0.0, 0.0],  # target 0 far below a max on another shard
+        [1e4, 1e4 - 1, 1e4 - 3, 1e4, 9.9e3],  # huge logits, a tie across shards
+        [-50.0, -50.0, -50.0, -50.0, -50.0],
+    ]  # all equal: log 5
     y = torch.tensor([0, 0, 3, 1])
     x = torch.tensor(rows, dtype=dtype)
     w = torch.tensor([1.0, 0.5, 2.0, 1.5, 0.25], dtype=dtype)

@@ -28,7 +28,7 @@ def data(dtype: torch.dtype, ignore: str = "some", seed: int = 0):
     (every target in the first two classes: the other ranks hold no target), 'none'."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(N, V, generator=g, dtype=torch.float64) * 3).to(dtype)
-    x[0, 3] = 20.0   # a confident row: its loss and gradient are tiny
+    x[0, 3] = 20.0  # a confident row: its loss and gradient are tiny
     y = torch.randint(0, V, (N,), generator=g)
     y[0] = 3
     if ignore == "some":
@@ -50,8 +50,7 @@ def cases():
     out = []
     for dt in DTYPES:
         for red in ("mean", "sum", "none"):
-            for opts in ({}, {"weight": True}, {"label_smoothing": 0.1},
-                         {"weight": True, "label_smoothing": 0.25}):
+            for opts in ({}, {"weight": True}, {"label_smoothing": 0.1}, {"weight": True, "label_smoothing": 0.25}):
                 out.append(dict(dtype=dt, reduction=red, ignore="some", **opts))
         for ig in ("all", "shard0", "none"):
             out.append(dict(dtype=dt, reduction="mean", ignore=ig, weight=True, label_smoothing=0.1))
@@ -80,11 +79,18 @@ def run_parity(rank, P, save):
         save[key(c)] = dict(loss=parts.loss.detach(), total=parts.total, den=parts.denominator, grad=xl.grad)
         hl, Wl, bl = (t.clone().requires_grad_() for t in (h, W[lo:hi], b[lo:hi]))
         # chunk_size=4: three row blocks, so the block loop is exercised
-        parts = vocab_parallel_linear_cross_entropy(hl, Wl, y, bias=bl, weight=wl, chunk_size=4,
-                                                    vocab_start=lo, vocab_size=V, **kw)
+        parts = vocab_parallel_linear_cross_entropy(
+            hl, Wl, y, bias=bl, weight=wl, chunk_size=4, vocab_start=lo, vocab_size=V, **kw
+        )
         _upstream(parts.loss, u, c["reduction"]).backward()
-        save["linear," + key(c)] = dict(loss=parts.loss.detach(), total=parts.total, den=parts.denominator,
-                                        grad_h=hl.grad, grad_W=Wl.grad, grad_b=bl.grad)
+        save["linear," + key(c)] = dict(
+            loss=parts.loss.detach(),
+            total=parts.total,
+            den=parts.denominator,
+            grad_h=hl.grad,
+            grad_W=Wl.grad,
+            grad_b=bl.grad,
+        )
     # K-dimensional logits (N, V_r, 3) and a (B, T, H) hidden state
     x = data(torch.float64)[0]
     xk = x.reshape(3, 3, V).transpose(1, 2)[:, lo:hi].clone().requires_grad_()
@@ -111,11 +117,12 @@ def run_parity(rank, P, save):
     # (group=): each rank meters its own rows; the meter's sync adds the exact parts
     import torch.distributed as dist
 
-    groups = [dist.new_group([r]) for r in range(P)]   # every rank creates every group
+    groups = [dist.new_group([r]) for r in range(P)]  # every rank creates every group
     rows = [slice(r * N // P, (r + 1) * N // P) for r in range(P)][rank]
     synced = LossMeter()
-    parts = vocab_parallel_cross_entropy(x[rows], y[rows], weight=w, label_smoothing=0.1, return_parts=True,
-                                         group=groups[rank])
+    parts = vocab_parallel_cross_entropy(
+        x[rows], y[rows], weight=w, label_smoothing=0.1, return_parts=True, group=groups[rank]
+    )
     synced.update(parts.total, parts.denominator)
     save["meter_dp"] = synced.compute()
 
@@ -131,9 +138,14 @@ def run_dtensor(rank, P, save):
         xd = distribute_tensor(x, mesh, [Shard(1)]).detach().requires_grad_()
         parts = crossent.cross_entropy(xd, y, weight=w, label_smoothing=0.1, return_parts=True)
         parts.loss.backward()
-        save[f"logits,{dt}"] = dict(loss=parts.loss.full_tensor().detach(), total=parts.total,
-                                    den=parts.denominator, grad=xd.grad.full_tensor(),
-                                    placements=str(parts.loss.placements), local=tuple(xd.to_local().shape))
+        save[f"logits,{dt}"] = dict(
+            loss=parts.loss.full_tensor().detach(),
+            total=parts.total,
+            den=parts.denominator,
+            grad=xd.grad.full_tensor(),
+            placements=str(parts.loss.placements),
+            local=tuple(xd.to_local().shape),
+        )
         lm = torch.nn.Linear(H, V, dtype=DTYPES[dt])
         with torch.no_grad():
             lm.weight.copy_(W)
@@ -142,9 +154,13 @@ def run_dtensor(rank, P, save):
         hl = h.clone().requires_grad_()
         loss = crossent.linear_cross_entropy(hl, lm.weight, y, linear_bias=lm.bias, reduction="sum")
         loss.backward()
-        save[f"linear,{dt}"] = dict(loss=loss.full_tensor().detach(), grad_h=hl.grad,
-                                    grad_W=lm.weight.grad.full_tensor(), grad_b=lm.bias.grad.full_tensor(),
-                                    wplacements=str(lm.weight.placements))
+        save[f"linear,{dt}"] = dict(
+            loss=loss.full_tensor().detach(),
+            grad_h=hl.grad,
+            grad_W=lm.weight.grad.full_tensor(),
+            grad_b=lm.bias.grad.full_tensor(),
+            wplacements=str(lm.weight.placements),
+        )
         # the logits a ColwiseParallel head returns as a DTensor (Shard(-1) of (N, V))
         head = torch.nn.Linear(H, V, bias=False, dtype=DTYPES[dt])
         with torch.no_grad():
@@ -154,7 +170,7 @@ def run_dtensor(rank, P, save):
         logits = head(hl)
         loss = crossent.cross_entropy(logits, y, label_smoothing=0.1)
         loss.backward()
-        logits3 = head(h.reshape(3, 3, H))   # (B, T, V): Shard(2)
+        logits3 = head(h.reshape(3, 3, H))  # (B, T, V): Shard(2)
         try:
             crossent.cross_entropy(logits3, y.reshape(3, 3))
             msg = ""
@@ -162,8 +178,12 @@ def run_dtensor(rank, P, save):
             msg = str(e)
         flat = crossent.cross_entropy(logits3.flatten(0, -2), y)
         save[f"btv,{dt}"] = dict(error=msg, loss=flat.full_tensor().detach())
-        save[f"head_logits,{dt}"] = dict(loss=loss.full_tensor().detach(), grad_h=hl.grad,
-                                         grad_W=head.weight.grad.full_tensor(), placements=str(logits.placements))
+        save[f"head_logits,{dt}"] = dict(
+            loss=loss.full_tensor().detach(),
+            grad_h=hl.grad,
+            grad_W=head.weight.grad.full_tensor(),
+            placements=str(logits.placements),
+        )
         xr = distribute_tensor(x, mesh, [Replicate()]).detach().requires_grad_()
         loss = crossent.cross_entropy(xr, y)
         loss.backward()
@@ -210,8 +230,9 @@ def run_count(rank, P, save):
         hl = h.clone().requires_grad_()
         with Count() as fwd:
             if name == "linear":
-                loss = vocab_parallel_linear_cross_entropy(hl, Wl, y, weight=w[lo:hi], label_smoothing=0.1,
-                                                           chunk_size=4, **layout)
+                loss = vocab_parallel_linear_cross_entropy(
+                    hl, Wl, y, weight=w[lo:hi], label_smoothing=0.1, chunk_size=4, **layout
+                )
             else:
                 loss = vocab_parallel_cross_entropy(xl, y, weight=w[lo:hi], label_smoothing=0.1, **layout)
         with Count() as bwd:
@@ -227,12 +248,14 @@ def run_compile(rank, P, save):
     x, y, w, h, W, b, u = data(torch.float32)
 
     def logits_step(xl, y):
-        return vocab_parallel_cross_entropy(xl * 2.0, y, vocab_start=lo, vocab_size=V, weight=w[lo:hi],
-                                            label_smoothing=0.1)
+        return vocab_parallel_cross_entropy(
+            xl * 2.0, y, vocab_start=lo, vocab_size=V, weight=w[lo:hi], label_smoothing=0.1
+        )
 
     def linear_step(hl, Wl, y):
-        return vocab_parallel_linear_cross_entropy(hl, Wl, y, vocab_start=lo, vocab_size=V, chunk_size=4,
-                                                   label_smoothing=0.1)
+        return vocab_parallel_linear_cross_entropy(
+            hl, Wl, y, vocab_start=lo, vocab_size=V, chunk_size=4, label_smoothing=0.1
+        )
 
     for name, step, args in (("logits", logits_step, (x[:, lo:hi],)), ("linear", linear_step, (h, W[lo:hi]))):
         ex = torch._dynamo.explain(step)(*args, y)
@@ -243,10 +266,15 @@ def run_compile(rank, P, save):
         leaves = [a.clone().requires_grad_() for a in args]
         compiled = torch.compile(step, fullgraph=True)(*leaves, y)
         compiled.backward()
-        save[name] = dict(graphs=ex.graph_count, breaks=ex.graph_break_count,
-                          reasons=[str(r.reason)[:200] for r in ex.break_reasons],
-                          eager=eager.detach(), compiled=compiled.detach(), eager_grads=eager_grads,
-                          compiled_grads=[t.grad for t in leaves])
+        save[name] = dict(
+            graphs=ex.graph_count,
+            breaks=ex.graph_break_count,
+            reasons=[str(r.reason)[:200] for r in ex.break_reasons],
+            eager=eager.detach(),
+            compiled=compiled.detach(),
+            eager_grads=eager_grads,
+            compiled_grads=[t.grad for t in leaves],
+        )
 
 
 SCENARIOS = {"parity": run_parity, "dtensor": run_dtensor, "count": run_count, "compile": run_compile}
@@ -257,8 +285,13 @@ def main():
 
     scenario, outdir = sys.argv[1], sys.argv[2]
     rank, P = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["MASTER_PORT"], rank=rank,
-                            world_size=P, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method="tcp://127.0.0.1:" + os.environ["MASTER_PORT"],
+        rank=rank,
+        world_size=P,
+        timeout=datetime.timedelta(seconds=120),
+    )
     save = {}
     SCENARIOS[scenario](rank, P, save)
     dist.barrier()

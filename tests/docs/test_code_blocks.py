@@ -4,6 +4,7 @@ Per file, one namespace: fenced ```python blocks run as code, ```pycon blocks as
 and ``<!-- python ... -->`` comments (hidden when rendered) hold the setup a block needs.
 A block fenced as ```python skip: <reason> is not run and the reason is reported.
 """
+
 import doctest
 import pathlib
 import re
@@ -33,12 +34,12 @@ FILES_WITH_CODE = [p for p in FILES if any(True for _ in _blocks(p))]
 
 @pytest.mark.parametrize("path", FILES_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_code_blocks_run(path, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)   # examples that save files write here
+    monkeypatch.chdir(tmp_path)  # examples that save files write here
     namespace = {"__name__": "__docs__"}
     skipped = []
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", crossent.CrossentWarning)   # examples of mistakes warn
+            warnings.simplefilter("ignore", crossent.CrossentWarning)  # examples of mistakes warn
             for line, kind, info, code in _blocks(path):
                 where = f"{path.name}:{line}"
                 if info.startswith("skip"):
@@ -52,5 +53,5 @@ def test_code_blocks_run(path, tmp_path, monkeypatch):
                 else:
                     exec(compile(code, where, "exec"), namespace)
     finally:
-        crossent.unpatch()   # an example that patches must not leak into other tests
+        crossent.unpatch()  # an example that patches must not leak into other tests
     assert all(s.split(": ", 1)[1] for s in skipped), f"a skipped block gives no reason: {skipped}"

@@ -25,8 +25,9 @@ def _doc_namespace():
     return ns
 
 
-def grpo_unfused(hidden, W, tokens, old_logprobs, advantages, mask, *, clip_eps=0.2, entropy_coef=0.01,
-                 temperature=1.0):
+def grpo_unfused(
+    hidden, W, tokens, old_logprobs, advantages, mask, *, clip_eps=0.2, entropy_coef=0.01, temperature=1.0
+):
     logits = TF.linear(hidden, W) / temperature
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, tokens[..., None]).squeeze(-1)
@@ -48,7 +49,7 @@ def test_grpo_example_matches_the_unfused_version():
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, 3:] = False
     mask[2, 4:] = False
-    with torch.no_grad():   # the sampling policy: slightly different weights, so ratios leave [0.8, 1.2]
+    with torch.no_grad():  # the sampling policy: slightly different weights, so ratios leave [0.8, 1.2]
         old = torch.log_softmax(TF.linear(hidden, W * 1.3), -1).gather(-1, tokens[..., None]).squeeze(-1)
     advantages = torch.randn(B, generator=g, dtype=torch.float64)
     params = [t.clone().requires_grad_() for t in (hidden, W)]
@@ -58,7 +59,7 @@ def test_grpo_example_matches_the_unfused_version():
     want = grpo_unfused(ref[0], ref[1], tokens, old, advantages, mask, temperature=0.9, entropy_coef=0.05)
     want.backward()
     ratio = torch.exp(torch.log_softmax(TF.linear(hidden, W) / 0.9, -1).gather(-1, tokens[..., None])[..., 0] - old)
-    assert ((ratio[mask] < 0.8) | (ratio[mask] > 1.2)).any()   # the clip is exercised
+    assert ((ratio[mask] < 0.8) | (ratio[mask] > 1.2)).any()  # the clip is exercised
     assert_close(got, want)
     for p, r in zip(params, ref):
         assert_close(p.grad, r.grad)

@@ -44,30 +44,50 @@ CASES = {
     "ce": (lambda z, y, s: crossent.cross_entropy(z, y), lambda z, y, s: TF.cross_entropy(z, y)),
     "ce_weight_smoothing": (
         lambda z, y, s: crossent.nn.CrossEntropyLoss(weight=W, label_smoothing=0.1)(z, y),
-        lambda z, y, s: TF.cross_entropy(z, y, weight=W, label_smoothing=0.1)),
-    "ce_ignore_sum": (lambda z, y, s: crossent.cross_entropy(z, y.clamp(min=0), ignore_index=3, reduction="sum"),
-                      lambda z, y, s: TF.cross_entropy(z, y.clamp(min=0), ignore_index=3, reduction="sum")),
-    "ce_probabilities": (lambda z, y, s: crossent.cross_entropy(z, s.softmax(1), label_smoothing=0.2),
-                         lambda z, y, s: TF.cross_entropy(z, s.softmax(1), label_smoothing=0.2)),
-    "ce_kdim": (lambda z, y, s: crossent.cross_entropy(z.view(3, 4, C).transpose(1, 2), y.view(3, 4)),
-                lambda z, y, s: TF.cross_entropy(z.view(3, 4, C).transpose(1, 2), y.view(3, 4))),
-    "ce_none": (lambda z, y, s: crossent.cross_entropy(z, y, reduction="none").square().sum(),
-                lambda z, y, s: TF.cross_entropy(z, y, reduction="none").square().sum()),
-    "ce_parts": (lambda z, y, s: crossent.cross_entropy(z, y, return_parts=True).loss,
-                 lambda z, y, s: TF.cross_entropy(z, y)),
-    "ce_inplace": (lambda z, y, s: crossent.cross_entropy(z * 1, y, inplace_backward=True),
-                   lambda z, y, s: TF.cross_entropy(z, y)),
-    "bce_logits_pos_weight": (lambda z, y, s: crossent.nn.BCEWithLogitsLoss(pos_weight=PW)(z, s),
-                              lambda z, y, s: TF.binary_cross_entropy_with_logits(z, s, pos_weight=PW)),
+        lambda z, y, s: TF.cross_entropy(z, y, weight=W, label_smoothing=0.1),
+    ),
+    "ce_ignore_sum": (
+        lambda z, y, s: crossent.cross_entropy(z, y.clamp(min=0), ignore_index=3, reduction="sum"),
+        lambda z, y, s: TF.cross_entropy(z, y.clamp(min=0), ignore_index=3, reduction="sum"),
+    ),
+    "ce_probabilities": (
+        lambda z, y, s: crossent.cross_entropy(z, s.softmax(1), label_smoothing=0.2),
+        lambda z, y, s: TF.cross_entropy(z, s.softmax(1), label_smoothing=0.2),
+    ),
+    "ce_kdim": (
+        lambda z, y, s: crossent.cross_entropy(z.view(3, 4, C).transpose(1, 2), y.view(3, 4)),
+        lambda z, y, s: TF.cross_entropy(z.view(3, 4, C).transpose(1, 2), y.view(3, 4)),
+    ),
+    "ce_none": (
+        lambda z, y, s: crossent.cross_entropy(z, y, reduction="none").square().sum(),
+        lambda z, y, s: TF.cross_entropy(z, y, reduction="none").square().sum(),
+    ),
+    "ce_parts": (
+        lambda z, y, s: crossent.cross_entropy(z, y, return_parts=True).loss,
+        lambda z, y, s: TF.cross_entropy(z, y),
+    ),
+    "ce_inplace": (
+        lambda z, y, s: crossent.cross_entropy(z * 1, y, inplace_backward=True),
+        lambda z, y, s: TF.cross_entropy(z, y),
+    ),
+    "bce_logits_pos_weight": (
+        lambda z, y, s: crossent.nn.BCEWithLogitsLoss(pos_weight=PW)(z, s),
+        lambda z, y, s: TF.binary_cross_entropy_with_logits(z, s, pos_weight=PW),
+    ),
     "bce_logits_weight_none": (
         lambda z, y, s: crossent.binary_cross_entropy_with_logits(z, s, W, reduction="none").sum(),
-        lambda z, y, s: TF.binary_cross_entropy_with_logits(z, s, W, reduction="none").sum()),
-    "bce_probabilities": (lambda z, y, s: crossent.nn.BCELoss()(torch.sigmoid(z), s),
-                          lambda z, y, s: TF.binary_cross_entropy(torch.sigmoid(z), s)),
+        lambda z, y, s: TF.binary_cross_entropy_with_logits(z, s, W, reduction="none").sum(),
+    ),
+    "bce_probabilities": (
+        lambda z, y, s: crossent.nn.BCELoss()(torch.sigmoid(z), s),
+        lambda z, y, s: TF.binary_cross_entropy(torch.sigmoid(z), s),
+    ),
     "bce_ignore_index": (
-        lambda z, y, s: crossent.binary_cross_entropy_with_logits(z, torch.where(s > 0.8, -1.0, s.round()),
-                                                                  ignore_index=-1),
-        None),
+        lambda z, y, s: crossent.binary_cross_entropy_with_logits(
+            z, torch.where(s > 0.8, -1.0, s.round()), ignore_index=-1
+        ),
+        None,
+    ),
 }
 
 
@@ -114,8 +134,9 @@ def test_compiled_gpt_with_a_warm_inductor_cache(tmp_path):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     runs = []
     for extra in (["--checks"], []):
-        proc = subprocess.run([sys.executable, str(script), *extra], env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(script), *extra], env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     for run in runs:
@@ -172,12 +193,15 @@ class _Head(torch.nn.Module):
 
 # BCE on probabilities is exported as its formulas (fused with the sigmoid by a compiler);
 # the others as crossent's registered ops
-@pytest.mark.parametrize("loss,target,probs", [
-    (crossent.nn.CrossEntropyLoss(), "y", False),
-    (crossent.nn.CrossEntropyLoss(weight=W, label_smoothing=0.1, ignore_index=-100), "y", False),
-    (crossent.nn.BCEWithLogitsLoss(pos_weight=PW), "s", False),
-    (crossent.nn.BCELoss(), "s", True),
-])
+@pytest.mark.parametrize(
+    "loss,target,probs",
+    [
+        (crossent.nn.CrossEntropyLoss(), "y", False),
+        (crossent.nn.CrossEntropyLoss(weight=W, label_smoothing=0.1, ignore_index=-100), "y", False),
+        (crossent.nn.BCEWithLogitsLoss(pos_weight=PW), "s", False),
+        (crossent.nn.BCELoss(), "s", True),
+    ],
+)
 def test_export_gives_the_eager_values(loss, target, probs):
     torch.manual_seed(0)
     module = _Head(loss, probs)
@@ -186,8 +210,9 @@ def test_export_gives_the_eager_values(loss, target, probs):
     program = torch.export.export(module, (x, t))
     ops_used = {str(n.target) for n in program.graph.nodes}
     assert any("crossent" in o for o in ops_used) != probs, ops_used
-    assert not any(o.endswith(("_local_scalar_dense.default", "nonzero.default", "is_nonzero.default"))
-                   for o in ops_used), ops_used
+    assert not any(
+        o.endswith(("_local_scalar_dense.default", "nonzero.default", "is_nonzero.default")) for o in ops_used
+    ), ops_used
     x2, y2, s2 = _data(seed=5)
     t2 = y2 if target == "y" else s2
     assert_close(program.module()(x2, t2), module(x2, t2))
@@ -210,7 +235,7 @@ def _opcheck_samples():
         yield ops.cross_entropy_fused, (x, t.softmax(1), None, None, None, None, backend)
         x3 = torch.randn(2, 4, 3, generator=g, requires_grad=True)
         yield ops.cross_entropy_fused, (x3, None, torch.randint(0, 4, (6,), generator=g), c, None, None, backend)
-        for g_loss in (torch.full((6,), 0.25), torch.rand(6, generator=g)):   # uniform and per-row
+        for g_loss in (torch.full((6,), 0.25), torch.rand(6, generator=g)):  # uniform and per-row
             yield ops.cross_entropy_fused_backward, (g_loss, x.detach(), None, y, c, None, None, backend)
 
 
@@ -258,17 +283,30 @@ def _func_cases():
     y = torch.randint(0, C, (7,))
     s = torch.rand(7, C, dtype=torch.float64)
     pw, w = PW.double(), W.double()
-    return x, y, s, [
-        ("ce", lambda z, y, s: crossent.cross_entropy(z, y), lambda z, y, s: TF.cross_entropy(z, y)),
-        ("ce_options", lambda z, y, s: crossent.cross_entropy(z, y, weight=w, label_smoothing=0.1, ignore_index=2),
-         lambda z, y, s: TF.cross_entropy(z, y, weight=w, label_smoothing=0.1, ignore_index=2)),
-        ("ce_probabilities", lambda z, y, s: crossent.cross_entropy(z, s),
-         lambda z, y, s: TF.cross_entropy(z, s)),
-        ("bce_logits", lambda z, y, s: crossent.binary_cross_entropy_with_logits(z, s, pos_weight=pw),
-         lambda z, y, s: TF.binary_cross_entropy_with_logits(z, s, pos_weight=pw)),
-        ("bce", lambda z, y, s: crossent.binary_cross_entropy(torch.sigmoid(z), s),
-         lambda z, y, s: TF.binary_cross_entropy(torch.sigmoid(z), s)),
-    ]
+    return (
+        x,
+        y,
+        s,
+        [
+            ("ce", lambda z, y, s: crossent.cross_entropy(z, y), lambda z, y, s: TF.cross_entropy(z, y)),
+            (
+                "ce_options",
+                lambda z, y, s: crossent.cross_entropy(z, y, weight=w, label_smoothing=0.1, ignore_index=2),
+                lambda z, y, s: TF.cross_entropy(z, y, weight=w, label_smoothing=0.1, ignore_index=2),
+            ),
+            ("ce_probabilities", lambda z, y, s: crossent.cross_entropy(z, s), lambda z, y, s: TF.cross_entropy(z, s)),
+            (
+                "bce_logits",
+                lambda z, y, s: crossent.binary_cross_entropy_with_logits(z, s, pos_weight=pw),
+                lambda z, y, s: TF.binary_cross_entropy_with_logits(z, s, pos_weight=pw),
+            ),
+            (
+                "bce",
+                lambda z, y, s: crossent.binary_cross_entropy(torch.sigmoid(z), s),
+                lambda z, y, s: TF.binary_cross_entropy(torch.sigmoid(z), s),
+            ),
+        ],
+    )
 
 
 @pytest.mark.parametrize("k", range(5))
@@ -283,15 +321,19 @@ def test_torch_func_transforms_match_torch(k):
     v = torch.randn_like(x)
     assert_close(jvp(a, (x,), (v,))[1], jvp(b, (x,), (v,))[1])
     assert_close(hessian(a)(x), hessian(b)(x), rtol=1e-8, atol=1e-10)
+
     # per-example losses and per-sample gradients (torch's side as a loop: torch's own
     # cross_entropy with ignore_index and smoothing cannot run under vmap)
     def one(f, zi, yi, si):
         return f(zi.unsqueeze(0), yi.unsqueeze(0), si.unsqueeze(0))
 
-    assert_close(vmap(lambda *a: one(ours, *a))(x, y, s),
-                 torch.stack([one(theirs, x[i], y[i], s[i]) for i in range(len(x))]))
-    assert_close(vmap(grad(lambda *a: one(ours, *a)))(x, y, s),
-                 torch.stack([grad(lambda *a: one(theirs, *a))(x[i], y[i], s[i]) for i in range(len(x))]))
+    assert_close(
+        vmap(lambda *a: one(ours, *a))(x, y, s), torch.stack([one(theirs, x[i], y[i], s[i]) for i in range(len(x))])
+    )
+    assert_close(
+        vmap(grad(lambda *a: one(ours, *a)))(x, y, s),
+        torch.stack([grad(lambda *a: one(theirs, *a))(x[i], y[i], s[i]) for i in range(len(x))]),
+    )
 
 
 def test_per_sample_gradients_of_a_model():
@@ -312,8 +354,9 @@ def test_per_sample_gradients_of_a_model():
 
 
 # ------------------------------------------------------------------------- jit
-@pytest.mark.parametrize("loss,target", [(crossent.nn.CrossEntropyLoss(), "y"),
-                                         (crossent.nn.BCEWithLogitsLoss(pos_weight=PW), "s")])
+@pytest.mark.parametrize(
+    "loss,target", [(crossent.nn.CrossEntropyLoss(), "y"), (crossent.nn.BCEWithLogitsLoss(pos_weight=PW), "s")]
+)
 def test_jit_trace_records_the_op_and_is_right_on_new_inputs(loss, target):
     torch.manual_seed(0)
     module = _Head(loss)
@@ -343,10 +386,11 @@ def test_meta_tensors_with_validate_false_read_nothing():
     """Any host read of a meta tensor raises: the eager path off CPU reads no values."""
     x = torch.randn(8, C, device="meta", requires_grad=True)
     y = torch.zeros(8, dtype=torch.long, device="meta")
-    for loss in (crossent.cross_entropy(x, y, validate=False),
-                 crossent.cross_entropy(x, y, ignore_index=0, label_smoothing=0.1, weight=W.to("meta"),
-                                        validate=False),
-                 crossent.binary_cross_entropy_with_logits(x, torch.zeros(8, C, device="meta"), validate=False)):
+    for loss in (
+        crossent.cross_entropy(x, y, validate=False),
+        crossent.cross_entropy(x, y, ignore_index=0, label_smoothing=0.1, weight=W.to("meta"), validate=False),
+        crossent.binary_cross_entropy_with_logits(x, torch.zeros(8, C, device="meta"), validate=False),
+    ):
         assert loss.device.type == "meta"
         loss.backward()
 
@@ -367,7 +411,8 @@ _IDS = torch.tensor([[0, 2, -1]] * N)
 LINEAR_CASES = {
     "linear_ce": lambda h, Wt, y, s: crossent.linear_cross_entropy(h, Wt, y),
     "linear_ce_smoothing_sum": lambda h, Wt, y, s: crossent.linear_cross_entropy(
-        h, Wt, y.clamp(min=0), label_smoothing=0.1, weight=W, ignore_index=2, reduction="sum"),
+        h, Wt, y.clamp(min=0), label_smoothing=0.1, weight=W, ignore_index=2, reduction="sum"
+    ),
     "linear_ce_none": lambda h, Wt, y, s: crossent.linear_cross_entropy(h, Wt, y, reduction="none").square().sum(),
     "linear_ce_probabilities": lambda h, Wt, y, s: crossent.linear_cross_entropy(h, Wt, s.softmax(1)),
     "linear_bce_dense": lambda h, Wt, y, s: crossent.linear_binary_cross_entropy_with_logits(h, Wt, s, pos_weight=PW),
@@ -398,10 +443,13 @@ def test_opcheck_linear_cross_entropy_op():
     b = torch.randn(1, 7, generator=g, requires_grad=True)
     y = torch.randint(0, 7, (6, 1), generator=g)
     for backend in ("chunked", "chunked-torch"):
-        torch.library.opcheck(ops.linear_cross_entropy_fused,
-                              (h, Wt, b, y, None, y != 3, True, 0.1, None, None, None, backend))
-        torch.library.opcheck(ops.linear_cross_entropy_fused,
-                              (h, Wt, None, y, torch.rand(7, generator=g), None, True, 0.0, 2, 3, None, backend))
+        torch.library.opcheck(
+            ops.linear_cross_entropy_fused, (h, Wt, b, y, None, y != 3, True, 0.1, None, None, None, backend)
+        )
+        torch.library.opcheck(
+            ops.linear_cross_entropy_fused,
+            (h, Wt, None, y, torch.rand(7, generator=g), None, True, 0.0, 2, 3, None, backend),
+        )
 
 
 # ------------------------------------------------------------------------ CUDA graphs
@@ -416,12 +464,16 @@ def test_cuda_graph_replays_a_training_step(name):
         "ce": (lambda m, x, y, s: crossent.cross_entropy(m(x), y), lambda m, x, y, s: TF.cross_entropy(m(x), y)),
         "ce_weight_smoothing": (
             lambda m, x, y, s: crossent.cross_entropy(m(x), y, weight=W.to(dev), label_smoothing=0.1),
-            lambda m, x, y, s: TF.cross_entropy(m(x), y, weight=W.to(dev), label_smoothing=0.1)),
+            lambda m, x, y, s: TF.cross_entropy(m(x), y, weight=W.to(dev), label_smoothing=0.1),
+        ),
         "bce_logits_pos_weight": (
             lambda m, x, y, s: crossent.binary_cross_entropy_with_logits(m(x), s, pos_weight=PW.to(dev)),
-            lambda m, x, y, s: TF.binary_cross_entropy_with_logits(m(x), s, pos_weight=PW.to(dev))),
-        "linear_ce": (lambda m, x, y, s: crossent.linear_cross_entropy(x, m.weight, y, bias=m.bias),
-                      lambda m, x, y, s: TF.cross_entropy(m(x), y)),
+            lambda m, x, y, s: TF.binary_cross_entropy_with_logits(m(x), s, pos_weight=PW.to(dev)),
+        ),
+        "linear_ce": (
+            lambda m, x, y, s: crossent.linear_cross_entropy(x, m.weight, y, bias=m.bias),
+            lambda m, x, y, s: TF.cross_entropy(m(x), y),
+        ),
     }
     ours, theirs = step_losses[name]
     model, ref = _model().to(dev), _model().to(dev)
@@ -438,7 +490,7 @@ def test_cuda_graph_replays_a_training_step(name):
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):   # warm-up (kernel builds, allocator) outside the capture
+    with torch.cuda.stream(side):  # warm-up (kernel builds, allocator) outside the capture
         for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(side)

@@ -11,8 +11,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import crossent
 from crossent import CrossentTypeError, CrossentValueError
-from crossent.class_weights import (LabelCounts, count_labels, effective_number, inverse_frequency,
-                                    pos_weight_from_counts)
+from crossent.class_weights import (
+    LabelCounts,
+    count_labels,
+    effective_number,
+    inverse_frequency,
+    pos_weight_from_counts,
+)
 
 from _helpers import assert_close
 
@@ -22,15 +27,15 @@ def test_inverse_frequency_balances_the_total_weight_of_each_class():
     w = inverse_frequency(counts, dtype=torch.float64)
     totals = w * counts
     assert_close(totals, torch.full((4,), counts.sum() / 4.0, dtype=torch.float64))
-    assert_close((w * counts).sum(), counts.sum().double())          # the loss keeps its scale
-    assert_close(inverse_frequency([5, 5, 5]), torch.ones(3))         # balanced data: all ones
+    assert_close((w * counts).sum(), counts.sum().double())  # the loss keeps its scale
+    assert_close(inverse_frequency([5, 5, 5]), torch.ones(3))  # balanced data: all ones
 
 
 @pytest.mark.parametrize("beta", (0.0, 0.9, 0.99, 0.999, 0.9999))
 def test_effective_number_matches_cui_et_al(beta):
     counts = [5000, 2000, 50, 3]
     w = effective_number(counts, beta, dtype=torch.float64)
-    eff = [(1 - beta ** n) / (1 - beta) if beta else 1.0 for n in counts]     # paper, eq. (3)
+    eff = [(1 - beta**n) / (1 - beta) if beta else 1.0 for n in counts]  # paper, eq. (3)
     raw = [1 / e for e in eff]
     want = torch.tensor([r * len(counts) / sum(raw) for r in raw], dtype=torch.float64)
     assert_close(w, want, rtol=1e-9)
@@ -42,7 +47,7 @@ def test_effective_number_limits():
     assert_close(effective_number(counts, 0.0), torch.ones(3))
     inv = inverse_frequency(counts, dtype=torch.float64)
     near_one = effective_number(counts, 1 - 1e-12, dtype=torch.float64)
-    assert_close(near_one, inv * 3 / inv.sum(), rtol=1e-6)     # beta -> 1: inverse frequency
+    assert_close(near_one, inv * 3 / inv.sum(), rtol=1e-6)  # beta -> 1: inverse frequency
 
 
 def test_pos_weight_from_counts_is_negatives_over_positives():
@@ -63,7 +68,7 @@ def test_count_labels_over_a_dataloader_equals_the_whole_tensor():
     x = torch.randn(103, 3, generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     assert torch.equal(count_labels(loader, 4, ignore_index=-1), count_labels(y, 4, ignore_index=-1))
-    dict_loader = [{"input": x[i:i + 20], "labels": y[i:i + 20]} for i in range(0, 103, 20)]
+    dict_loader = [{"input": x[i : i + 20], "labels": y[i : i + 20]} for i in range(0, 103, 20)]
     assert torch.equal(count_labels(dict_loader, 4, ignore_index=-1), count_labels(y, 4, ignore_index=-1))
     # a batch where the last class is absent still counts into the full length
     assert count_labels([torch.tensor([0, 1]), torch.tensor([3])]).tolist() == [1, 1, 0, 1]
@@ -94,24 +99,27 @@ def test_weights_plug_into_the_losses():
     crossent.nn.BCEWithLogitsLoss(pos_weight=pw)(torch.zeros(4, 1), t)
 
 
-@pytest.mark.parametrize("call, exc, match", [
-    (lambda: inverse_frequency([3, 0, 2]), CrossentValueError, r"zero counts at \[1\].*smoothing=1"),
-    (lambda: inverse_frequency([3, -1]), CrossentValueError, "finite and >= 0"),
-    (lambda: inverse_frequency(torch.ones(2, 2)), CrossentValueError, "1-D tensor"),
-    (lambda: inverse_frequency("abc"), CrossentTypeError, "counts"),
-    (lambda: inverse_frequency([1, 2], smoothing=-1), CrossentValueError, "smoothing"),
-    (lambda: effective_number([1, 2], beta=1.0), CrossentValueError, r"`beta` in \[0, 1\)"),
-    (lambda: effective_number([0, 2]), CrossentValueError, "zero counts"),
-    (lambda: pos_weight_from_counts([0, 1], [3, 3]), CrossentValueError, "positives"),
-    (lambda: pos_weight_from_counts([1, 1], [3]), CrossentValueError, "same shape"),
-    (lambda: count_labels(torch.tensor([0.5, 1.0])), CrossentTypeError, "multilabel=True"),
-    (lambda: count_labels(torch.tensor([0, -1])), CrossentValueError, "ignore_index=-1"),
-    (lambda: count_labels(torch.tensor([0, 7]), 3), CrossentValueError, "num_classes=3"),
-    (lambda: count_labels(torch.tensor([[0.0, 2.0]]), multilabel=True), CrossentValueError, "0 and 1"),
-    (lambda: count_labels([]), CrossentValueError, "empty"),
-    (lambda: count_labels([object()]), CrossentTypeError, "target=lambda"),
-    (lambda: count_labels(torch.tensor([0]), 0), CrossentValueError, "num_classes"),
-])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: inverse_frequency([3, 0, 2]), CrossentValueError, r"zero counts at \[1\].*smoothing=1"),
+        (lambda: inverse_frequency([3, -1]), CrossentValueError, "finite and >= 0"),
+        (lambda: inverse_frequency(torch.ones(2, 2)), CrossentValueError, "1-D tensor"),
+        (lambda: inverse_frequency("abc"), CrossentTypeError, "counts"),
+        (lambda: inverse_frequency([1, 2], smoothing=-1), CrossentValueError, "smoothing"),
+        (lambda: effective_number([1, 2], beta=1.0), CrossentValueError, r"`beta` in \[0, 1\)"),
+        (lambda: effective_number([0, 2]), CrossentValueError, "zero counts"),
+        (lambda: pos_weight_from_counts([0, 1], [3, 3]), CrossentValueError, "positives"),
+        (lambda: pos_weight_from_counts([1, 1], [3]), CrossentValueError, "same shape"),
+        (lambda: count_labels(torch.tensor([0.5, 1.0])), CrossentTypeError, "multilabel=True"),
+        (lambda: count_labels(torch.tensor([0, -1])), CrossentValueError, "ignore_index=-1"),
+        (lambda: count_labels(torch.tensor([0, 7]), 3), CrossentValueError, "num_classes=3"),
+        (lambda: count_labels(torch.tensor([[0.0, 2.0]]), multilabel=True), CrossentValueError, "0 and 1"),
+        (lambda: count_labels([]), CrossentValueError, "empty"),
+        (lambda: count_labels([object()]), CrossentTypeError, "target=lambda"),
+        (lambda: count_labels(torch.tensor([0]), 0), CrossentValueError, "num_classes"),
+    ],
+)
 def test_guardrails(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -131,6 +139,7 @@ def test_imbalanced_example_runs_and_pos_weight_raises_recall(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| BCE") or line.startswith("| sigmoid")]
     assert len(rows) == 3
     xt, yt, xv, yv = module.split(0, 0.1)
-    assert 0 < yt.mean() < 0.1 and 0 < yv.mean() < 0.1            # the minority really is subsampled
-    assert module.average_precision(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, 1.0])) == \
-        pytest.approx((1 + 2 / 3) / 2)
+    assert 0 < yt.mean() < 0.1 and 0 < yv.mean() < 0.1  # the minority really is subsampled
+    assert module.average_precision(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, 1.0])) == pytest.approx(
+        (1 + 2 / 3) / 2
+    )

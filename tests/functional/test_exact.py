@@ -15,9 +15,19 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import crossent.functional as CF
 import extremes as X
-from _helpers import TOL, ULP, assert_close, class_indices, class_probabilities, gen, logits, probabilities, soft_targets
+from _helpers import (
+    TOL,
+    ULP,
+    assert_close,
+    class_indices,
+    class_probabilities,
+    gen,
+    logits,
+    probabilities,
+    soft_targets,
+)
 
-pytestmark = pytest.mark.usefixtures("backend")   # every CPU backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")  # every CPU backend (tests/conftest.py)
 
 
 # --------------------------------------------------------------------------- math references
@@ -92,7 +102,7 @@ def _reduce(v, reduction, den=None):
 def test_bce_matches_math(reduction, weighted):
     g = gen(30)
     p = probabilities((4, 3), g)
-    p[0, 0], p[0, 1], p[1, 0] = 0.0, 1.0, 1e-60   # the clamp at -100
+    p[0, 0], p[0, 1], p[1, 0] = 0.0, 1.0, 1e-60  # the clamp at -100
     t = soft_targets((4, 3), g)
     w = torch.rand(3, generator=g, dtype=torch.float64) + 0.5 if weighted else None
     pw = torch.rand(3, generator=g, dtype=torch.float64) + 0.5 if weighted else None
@@ -112,8 +122,13 @@ def test_bce_with_logits_matches_math(reduction, weighted):
     assert_close(got, _reduce(ref_bce_logits(x, t, w, pw), reduction))
 
 
-CE_MATH = [(tk, w, eps, red) for tk in ("index", "ignore", "prob") for w in (False, True)
-           for eps in (0.0, 0.15) for red in ("none", "mean", "sum")]
+CE_MATH = [
+    (tk, w, eps, red)
+    for tk in ("index", "ignore", "prob")
+    for w in (False, True)
+    for eps in (0.0, 0.15)
+    for red in ("none", "mean", "sum")
+]
 
 
 @pytest.mark.parametrize("target_kind,weighted,eps,reduction", CE_MATH)
@@ -153,8 +168,10 @@ def test_gradcheck_bce_with_logits(reduction):
     t = probabilities((3, 4), g, lo=0.0, hi=1.0).requires_grad_()
     w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
     pw = (torch.rand(4, generator=g, dtype=torch.float64) * 3).requires_grad_()
-    _gc(lambda x, t, w, pw: CF.binary_cross_entropy_with_logits(x, t, w, reduction=reduction, pos_weight=pw),
-        (x, t, w, pw))
+    _gc(
+        lambda x, t, w, pw: CF.binary_cross_entropy_with_logits(x, t, w, reduction=reduction, pos_weight=pw),
+        (x, t, w, pw),
+    )
     # hard targets (exactly 0 and 1) keep their target gradient
     th = (torch.rand(3, 4, generator=g, dtype=torch.float64) > 0.5).double().requires_grad_()
     # (validate=False: the numerical Jacobian steps the target to -1e-6 and 1 + 1e-6)
@@ -218,18 +235,24 @@ def test_bce_with_logits_issue_examples():
     """The numbers quoted in the issue."""
     f32 = torch.float32
     v = CF.binary_cross_entropy_with_logits(torch.tensor([-10.0, -20.0]), torch.zeros(2), reduction="none")
-    assert abs(v[0].item() / 4.5398899216870535e-05 - 1) < 4 * 2 ** -24
-    assert abs(v[1].item() / 2.0611536181902037e-09 - 1) < 4 * 2 ** -24
-    v = CF.binary_cross_entropy_with_logits(torch.tensor([-40.0], dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
-    assert abs(v.item() / 4.248354255291589e-18 - 1) < 4 * 2 ** -53
+    assert abs(v[0].item() / 4.5398899216870535e-05 - 1) < 4 * 2**-24
+    assert abs(v[1].item() / 2.0611536181902037e-09 - 1) < 4 * 2**-24
+    v = CF.binary_cross_entropy_with_logits(
+        torch.tensor([-40.0], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    )
+    assert abs(v.item() / 4.248354255291589e-18 - 1) < 4 * 2**-53
     x = torch.tensor([37.0], dtype=torch.float64, requires_grad=True)
     CF.binary_cross_entropy_with_logits(x, torch.ones(1, dtype=torch.float64)).backward()
-    assert abs(x.grad.item() / -8.533047625744066e-17 - 1) < 4 * 2 ** -53
+    assert abs(x.grad.item() / -8.533047625744066e-17 - 1) < 4 * 2**-53
     assert f32 is torch.float32
 
 
-CE_EXTREMES = [(dt, C, y, eps) for dt in (torch.float32, torch.float64)
-               for C, y in ((3, 0), (3, 1), (1000, 0), (1000, 1)) for eps in (0.0, 0.1)]
+CE_EXTREMES = [
+    (dt, C, y, eps)
+    for dt in (torch.float32, torch.float64)
+    for C, y in ((3, 0), (3, 1), (1000, 0), (1000, 1))
+    for eps in (0.0, 0.1)
+]
 
 
 @pytest.mark.parametrize("dtype,C,y,eps", CE_EXTREMES)
@@ -252,7 +275,7 @@ def test_cross_entropy_issue_example():
     """logits [20, 0, 0], class 0, float32: 4.12e-9 (torch returns -0)."""
     v = CF.cross_entropy(torch.tensor([[20.0, 0.0, 0.0]]), torch.tensor([0]))
     truth = math.log1p(2 * math.exp(-20.0))
-    assert abs(v.item() / truth - 1) < 4 * 2 ** -24
+    assert abs(v.item() / truth - 1) < 4 * 2**-24
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -277,7 +300,7 @@ def test_bce_probabilities_clamp():
 def _vg(fn, x, *args, **kw):
     x = x.clone().requires_grad_()
     out = fn(x, *args, reduction="none", **kw)
-    g, = torch.autograd.grad(out.sum(), x)
+    (g,) = torch.autograd.grad(out.sum(), x)
     return out.detach(), g
 
 
@@ -341,13 +364,14 @@ def test_low_precision_is_float32_inside(dtype, loss):
 
 def test_low_precision_small_losses_keep_precision():
     """float16 x = -10, t = 0: 4.54e-5 to the half-precision rounding of the truth."""
-    v = CF.binary_cross_entropy_with_logits(torch.tensor([-10.0], dtype=torch.float16),
-                                            torch.zeros(1, dtype=torch.float16))
+    v = CF.binary_cross_entropy_with_logits(
+        torch.tensor([-10.0], dtype=torch.float16), torch.zeros(1, dtype=torch.float16)
+    )
     truth = math.log1p(math.exp(-10.0))
     assert v.item() == np.float16(truth).item()
     v = CF.cross_entropy(torch.tensor([[12.0, 0.0, 0.0]], dtype=torch.bfloat16), torch.tensor([0]))
     truth = math.log1p(2 * math.exp(-12.0))
-    assert abs(v.float().item() / truth - 1) <= 2 ** -8
+    assert abs(v.float().item() / truth - 1) <= 2**-8
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -357,7 +381,12 @@ def test_low_precision_no_worse_than_torch(dtype, loss):
     never further off than torch's same-precision result plus one rounding step."""
     g = gen(51)
     if loss == "bce":
-        tf, cf, x, t = TF.binary_cross_entropy, CF.binary_cross_entropy, probabilities((64, 8), g), soft_targets((64, 8), g)
+        tf, cf, x, t = (
+            TF.binary_cross_entropy,
+            CF.binary_cross_entropy,
+            probabilities((64, 8), g),
+            soft_targets((64, 8), g),
+        )
     elif loss == "bce_logits":
         tf, cf = TF.binary_cross_entropy_with_logits, CF.binary_cross_entropy_with_logits
         x, t = logits((64, 8), g, scale=10), soft_targets((64, 8), g)
@@ -370,4 +399,3 @@ def test_low_precision_no_worse_than_torch(dtype, loss):
     theirs = tf(x, t, reduction="none").double()
     step = torch.finfo(dtype).eps * truth.abs()
     assert ((ours - truth).abs() <= (theirs - truth).abs() + step).all()
-

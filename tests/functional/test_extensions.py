@@ -14,7 +14,7 @@ import crossent.functional as CF
 import crossent.nn as CN
 from _helpers import assert_close, gen, logits, probabilities, soft_targets
 
-pytestmark = pytest.mark.usefixtures("backend")   # every CPU backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")  # every CPU backend (tests/conftest.py)
 
 
 def test_bce_targets_may_be_bool_or_integer():
@@ -54,8 +54,10 @@ def test_weight_and_pos_weight_accept_numbers_and_sequences(form):
     pw = [3.0, 1.0, 0.25]
     conv = {"float": lambda v: v[0], "list": list, "tuple": tuple}[form]
     as_t = lambda v: torch.tensor(conv(v), dtype=torch.float32)  # noqa: E731
-    assert_close(CF.binary_cross_entropy_with_logits(x, t, weight=conv(w), pos_weight=conv(pw)),
-                 TF.binary_cross_entropy_with_logits(x, t, weight=as_t(w), pos_weight=as_t(pw)))
+    assert_close(
+        CF.binary_cross_entropy_with_logits(x, t, weight=conv(w), pos_weight=conv(pw)),
+        TF.binary_cross_entropy_with_logits(x, t, weight=as_t(w), pos_weight=as_t(pw)),
+    )
     p = torch.sigmoid(x)
     assert_close(CF.binary_cross_entropy(p, t, weight=conv(w)), TF.binary_cross_entropy(p, t, weight=as_t(w).expand(3)))
     m = CN.BCEWithLogitsLoss(weight=conv(w), pos_weight=conv(pw))
@@ -69,7 +71,10 @@ def test_weight_and_pos_weight_accept_numbers_and_sequences(form):
     wi = torch.tensor([1, 2, 3])
     y = torch.tensor([0, 2, 1, 1])
     assert_close(CF.cross_entropy(x, y, weight=wi), TF.cross_entropy(x, y, weight=wi.float()))
-    assert_close(CF.binary_cross_entropy_with_logits(x, t, weight=wi), TF.binary_cross_entropy_with_logits(x, t, weight=wi.float()))
+    assert_close(
+        CF.binary_cross_entropy_with_logits(x, t, weight=wi),
+        TF.binary_cross_entropy_with_logits(x, t, weight=wi.float()),
+    )
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.5, 1.0])
@@ -96,7 +101,7 @@ def test_pos_weight_for_bce_on_probabilities():
     got = CF.binary_cross_entropy(pr, t, reduction="none", pos_weight=pw)
     expected = -(pw * t * torch.log(p) + (1 - t) * torch.log1p(-p))
     assert_close(got.detach(), expected)
-    grad, = torch.autograd.grad(got.sum(), pr)
+    (grad,) = torch.autograd.grad(got.sum(), pr)
     assert_close(grad, -pw * t / p + (1 - t) / (1 - p))
     # same as BCE-with-logits with pos_weight on the logits
     assert_close(got.detach(), CF.binary_cross_entropy_with_logits(torch.logit(p), t, reduction="none", pos_weight=pw))
@@ -118,7 +123,7 @@ def test_ignore_index_for_both_bce_losses(loss):
     xr = x.clone().requires_grad_()
     none = fn(xr, t, reduction="none", ignore_index=-1)
     assert (none[~keep] == 0).all() and (none[keep] > 0).all()
-    grad, = torch.autograd.grad(none.sum(), xr)
+    (grad,) = torch.autograd.grad(none.sum(), xr)
     assert (grad[~keep] == 0).all() and (grad[keep] != 0).all()
     tf = TF.binary_cross_entropy if loss == "bce" else TF.binary_cross_entropy_with_logits
     kept_only = tf(x[keep], t[keep], reduction="sum")
@@ -132,7 +137,7 @@ def test_ignore_index_for_both_bce_losses(loss):
     xr = x.clone().requires_grad_()
     out = fn(xr, torch.full_like(t, -1), ignore_index=-1)
     assert math.isnan(out.item())
-    grad, = torch.autograd.grad(out, xr)
+    (grad,) = torch.autograd.grad(out, xr)
     assert (grad == 0).all()
 
 

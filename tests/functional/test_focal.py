@@ -41,7 +41,7 @@ def binary_composition(x, t, *, alpha=-1.0, gamma=0.0, epsilon=0.0, weight=None,
     pw = 1.0 if pos_weight is None else pos_weight.double()
     ce = -(pw * t * torch.log(p) + (1 - t) * torch.log(1 - p))
     one_m_pt = 1 - (p * t + (1 - p) * (1 - t))
-    loss = ce * one_m_pt ** gamma
+    loss = ce * one_m_pt**gamma
     if alpha >= 0:
         loss = loss * (alpha * t + (1 - alpha) * (1 - t))
     loss = loss + epsilon * one_m_pt
@@ -104,7 +104,7 @@ def test_sigmoid_focal_equals_torchvision(gamma, alpha, reduction):
 def test_sigmoid_focal_defaults_are_torchvisions():
     x, t = _data()
     assert_close(crossent.sigmoid_focal_loss(x, t), torchvision_sigmoid_focal_loss(x, t))
-    assert crossent.sigmoid_focal_loss(x, t).shape == x.shape     # reduction='none' by default
+    assert crossent.sigmoid_focal_loss(x, t).shape == x.shape  # reduction='none' by default
 
 
 def test_sigmoid_focal_float32_torchvision_parity_where_it_is_accurate():
@@ -117,7 +117,7 @@ def test_sigmoid_focal_keeps_the_focal_term_where_torchvision_loses_it():
     x = torch.tensor([17.0, 20.0, 30.0, -25.0])
     t = torch.tensor([1.0, 1.0, 1.0, 0.0])
     tv = torchvision_sigmoid_focal_loss(x, t)
-    assert (tv == 0).all()           # 1 - sigmoid(x) rounds to 0 in float32
+    assert (tv == 0).all()  # 1 - sigmoid(x) rounds to 0 in float32
     ours = crossent.sigmoid_focal_loss(x, t)
     truth = binary_composition(x.double(), t.double(), alpha=0.25, gamma=2.0)
     assert (ours > 0).all()
@@ -146,7 +146,7 @@ def _binary_case(opts, soft=False):
     if "ignore_index" in opts:
         t = t.clone()
         t[0, 1] = t[3, 4] = -1
-        x[0, 1] = float("nan")            # an ignored element's value is never used
+        x[0, 1] = float("nan")  # an ignored element's value is never used
         kw["ignore_index"] = -1
         comp["keep"] = t != -1
         tc = torch.where(comp["keep"], t, 0.0)
@@ -180,8 +180,9 @@ def test_sigmoid_focal_matches_composition(backend, i, gamma):
 def test_poly1_bce_matches_composition(backend, i, epsilon):
     x, t, xc, tc, kw, comp = _binary_case(BINARY_OPTIONS[i], soft=True)
     xa = x.clone().requires_grad_()
-    got = crossent.poly1_binary_cross_entropy_with_logits(xa, t, reduction="sum", epsilon=epsilon, backend=backend,
-                                                          **kw)
+    got = crossent.poly1_binary_cross_entropy_with_logits(
+        xa, t, reduction="sum", epsilon=epsilon, backend=backend, **kw
+    )
     xr = xc.clone().requires_grad_()
     want = binary_composition(xr, tc, epsilon=epsilon, **comp).sum()
     assert_close(got, want)
@@ -218,13 +219,22 @@ def _softmax_case(kind, opts, shape=(6, 5)):
     return x, t
 
 
-SOFTMAX_OPTIONS = [dict(), dict(weight=True), dict(smoothing=0.1), dict(ignore=True),
-                   dict(weight=True, smoothing=0.2, ignore=True)]
+SOFTMAX_OPTIONS = [
+    dict(),
+    dict(weight=True),
+    dict(smoothing=0.1),
+    dict(ignore=True),
+    dict(weight=True, smoothing=0.2, ignore=True),
+]
 
 
 # ignore_index applies to class indices only
-SOFTMAX_CASES = [(kind, i) for kind in ("index", "probabilities") for i, o in enumerate(SOFTMAX_OPTIONS)
-                 if kind == "index" or not o.get("ignore")]
+SOFTMAX_CASES = [
+    (kind, i)
+    for kind in ("index", "probabilities")
+    for i, o in enumerate(SOFTMAX_OPTIONS)
+    if kind == "index" or not o.get("ignore")
+]
 
 
 @pytest.mark.backends(*BACKENDS)
@@ -241,8 +251,9 @@ def test_softmax_family_matches_composition(backend, kind, i, loss, reduction):
         got = crossent.softmax_focal_loss(xa, t, 1.5, w, reduction=reduction, label_smoothing=sm, backend=backend)
         ck = dict(gamma=1.5)
     else:
-        got = crossent.poly1_cross_entropy(xa, t, w, reduction=reduction, label_smoothing=sm, epsilon=2.0,
-                                           backend=backend)
+        got = crossent.poly1_cross_entropy(
+            xa, t, w, reduction=reduction, label_smoothing=sm, epsilon=2.0, backend=backend
+        )
         ck = dict(epsilon=2.0)
     xc = torch.where(torch.isnan(x), 0.0, x).requires_grad_()
     per, den = softmax_composition(xc, t, weight=w, smoothing=sm, **ck)
@@ -306,8 +317,10 @@ def test_softmax_focal_gamma_zero_and_poly_epsilon_zero_are_ce_exactly(kind):
     assert torch.equal(crossent.softmax_focal_loss(x, t, 0.0, w, label_smoothing=0.1), want)
     assert torch.equal(crossent.poly1_cross_entropy(x, t, w, label_smoothing=0.1, epsilon=0.0), want)
     tb = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(crossent.poly1_binary_cross_entropy_with_logits(x, tb, epsilon=0.0),
-                       crossent.binary_cross_entropy_with_logits(x, tb))
+    assert torch.equal(
+        crossent.poly1_binary_cross_entropy_with_logits(x, tb, epsilon=0.0),
+        crossent.binary_cross_entropy_with_logits(x, tb),
+    )
 
 
 def test_small_gamma_approaches_the_base_loss_smoothly():
@@ -329,8 +342,9 @@ def test_gradcheck_sigmoid_focal(gamma):
     # gradients w.r.t. the target and the weights (reference formulas)
     tt = t.clone().requires_grad_()
     w = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, t, w: crossent.sigmoid_focal_loss(x, t, 0.25, gamma, weight=w),
-                                    (x, tt, w))
+    assert torch.autograd.gradcheck(
+        lambda x, t, w: crossent.sigmoid_focal_loss(x, t, 0.25, gamma, weight=w), (x, tt, w)
+    )
 
 
 @pytest.mark.parametrize("kind", ("index", "probabilities"))
@@ -389,14 +403,13 @@ def test_asymmetric_dtypes(dtype):
     xd = x.to(dtype)
     got = crossent.asymmetric_loss(xd, t.to(dtype), reduction="none")
     assert got.dtype == dtype
-    want = asl_reference(xd.double(), t.double())      # accurate for these moderate logits
+    want = asl_reference(xd.double(), t.double())  # accurate for these moderate logits
     assert_close(got.double(), want.to(dtype).double(), dtype)
 
 
 def test_asymmetric_zero_gammas_no_clip_is_bce():
     x, t = _data(soft=True)
-    assert_close(crossent.asymmetric_loss(x, t, 0.0, 0.0, None),
-                 crossent.binary_cross_entropy_with_logits(x, t))
+    assert_close(crossent.asymmetric_loss(x, t, 0.0, 0.0, None), crossent.binary_cross_entropy_with_logits(x, t))
 
 
 def test_asymmetric_is_finite_and_exact_for_huge_logits():
@@ -404,7 +417,7 @@ def test_asymmetric_is_finite_and_exact_for_huge_logits():
     t = torch.tensor([1.0, 1.0, 0.0, 0.0])
     xa = x.clone().requires_grad_()
     loss = crossent.asymmetric_loss(xa, t, reduction="none", clip=0.0)
-    truth = torch.tensor([40.0, 1e4, 1e4, 60.0])   # softplus(|x|) (the focusing factors are 1)
+    truth = torch.tensor([40.0, 1e4, 1e4, 60.0])  # softplus(|x|) (the focusing factors are 1)
     assert_close(loss, truth, torch.float32)
     loss.sum().backward()
     assert torch.isfinite(xa.grad).all() and (xa.grad.abs() > 0.99).all()
@@ -432,33 +445,40 @@ def test_focal_is_below_bce_and_decreasing_in_gamma():
 
 
 # ------------------------------------------------------------------------------ guardrails
-@pytest.mark.parametrize("call, exc, match", [
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t, alpha=1.5), CrossentValueError, r"`alpha` in \[0, 1\]"),
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t, alpha="a"), CrossentTypeError, "`alpha` to be a real"),
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t, gamma=-1.0), CrossentValueError, "`gamma` to be a finite"),
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t, gamma=float("nan")), CrossentValueError, "gamma"),
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t * 2), CrossentValueError, r"values in \[0, 1\]"),
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t[:, :2]), CrossentValueError, "same shape"),
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t, reduction="avg"), CrossentValueError, "reduction"),
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t, label_smoothing=1.5), CrossentValueError, "label_smoothing"),
-    (lambda x, t: crossent.sigmoid_focal_loss(x, t, pos_weight=torch.ones(3)), CrossentValueError, "pos_weight"),
-    (lambda x, t: crossent.poly1_binary_cross_entropy_with_logits(x, t, epsilon=-2.0), CrossentValueError,
-     "`epsilon` to be a finite number >= -1"),
-    (lambda x, t: crossent.poly1_cross_entropy(x, t.argmax(1), epsilon=float("inf")), CrossentValueError,
-     "epsilon"),
-    (lambda x, t: crossent.softmax_focal_loss(x, t.argmax(1), gamma=-0.5), CrossentValueError, "gamma"),
-    (lambda x, t: crossent.softmax_focal_loss(x, t.argmax(1) + 5), crossent.CrossentIndexError, "class"),
-    (lambda x, t: crossent.softmax_focal_loss(x, t.argmax(1), weight=torch.ones(3)), CrossentValueError,
-     "weight"),
-    (lambda x, t: crossent.asymmetric_loss(x, t, clip=1.0), CrossentValueError, r"`clip` in \[0, 1\)"),
-    (lambda x, t: crossent.asymmetric_loss(x, t, gamma_neg=-1), CrossentValueError, "gamma"),
-    (lambda x, t: crossent.asymmetric_loss(x, t - 1), CrossentValueError, r"values in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t, alpha=1.5), CrossentValueError, r"`alpha` in \[0, 1\]"),
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t, alpha="a"), CrossentTypeError, "`alpha` to be a real"),
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t, gamma=-1.0), CrossentValueError, "`gamma` to be a finite"),
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t, gamma=float("nan")), CrossentValueError, "gamma"),
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t * 2), CrossentValueError, r"values in \[0, 1\]"),
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t[:, :2]), CrossentValueError, "same shape"),
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t, reduction="avg"), CrossentValueError, "reduction"),
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t, label_smoothing=1.5), CrossentValueError, "label_smoothing"),
+        (lambda x, t: crossent.sigmoid_focal_loss(x, t, pos_weight=torch.ones(3)), CrossentValueError, "pos_weight"),
+        (
+            lambda x, t: crossent.poly1_binary_cross_entropy_with_logits(x, t, epsilon=-2.0),
+            CrossentValueError,
+            "`epsilon` to be a finite number >= -1",
+        ),
+        (
+            lambda x, t: crossent.poly1_cross_entropy(x, t.argmax(1), epsilon=float("inf")),
+            CrossentValueError,
+            "epsilon",
+        ),
+        (lambda x, t: crossent.softmax_focal_loss(x, t.argmax(1), gamma=-0.5), CrossentValueError, "gamma"),
+        (lambda x, t: crossent.softmax_focal_loss(x, t.argmax(1) + 5), crossent.CrossentIndexError, "class"),
+        (lambda x, t: crossent.softmax_focal_loss(x, t.argmax(1), weight=torch.ones(3)), CrossentValueError, "weight"),
+        (lambda x, t: crossent.asymmetric_loss(x, t, clip=1.0), CrossentValueError, r"`clip` in \[0, 1\)"),
+        (lambda x, t: crossent.asymmetric_loss(x, t, gamma_neg=-1), CrossentValueError, "gamma"),
+        (lambda x, t: crossent.asymmetric_loss(x, t - 1), CrossentValueError, r"values in \[0, 1\]"),
+    ],
+)
 def test_guardrails(call, exc, match):
     x, t = _data((4, 5))
     with pytest.raises(exc, match=match):
         call(x.float(), t.float())
-
 
 
 def test_logits_that_look_like_probabilities_warn():
@@ -471,7 +491,7 @@ def test_logits_that_look_like_probabilities_warn():
 
 def test_validate_false_skips_value_checks():
     x, t = _data((4, 5))
-    crossent.sigmoid_focal_loss(x, t * 2, validate=False)   # no error: the caller took the responsibility
+    crossent.sigmoid_focal_loss(x, t * 2, validate=False)  # no error: the caller took the responsibility
 
 
 # ------------------------------------------------------------------ modules and return_parts
@@ -495,13 +515,16 @@ def test_modules_match_functional_and_carry_buffers():
     assert "gamma=2.0" in repr(crossent.nn.SoftmaxFocalLoss())
 
 
-@pytest.mark.parametrize("cls, kw, match", [
-    (crossent.nn.SigmoidFocalLoss, dict(alpha=2.0), "alpha"),
-    (crossent.nn.SoftmaxFocalLoss, dict(gamma=-1.0), "gamma"),
-    (crossent.nn.SoftmaxFocalLoss, dict(weight=torch.ones(2, 2)), "one number per class"),
-    (crossent.nn.Poly1CrossEntropyLoss, dict(epsilon=-3.0), "epsilon"),
-    (crossent.nn.AsymmetricLoss, dict(clip=-0.1), "clip"),
-])
+@pytest.mark.parametrize(
+    "cls, kw, match",
+    [
+        (crossent.nn.SigmoidFocalLoss, dict(alpha=2.0), "alpha"),
+        (crossent.nn.SoftmaxFocalLoss, dict(gamma=-1.0), "gamma"),
+        (crossent.nn.SoftmaxFocalLoss, dict(weight=torch.ones(2, 2)), "one number per class"),
+        (crossent.nn.Poly1CrossEntropyLoss, dict(epsilon=-3.0), "epsilon"),
+        (crossent.nn.AsymmetricLoss, dict(clip=-0.1), "clip"),
+    ],
+)
 def test_module_constructors_check_options(cls, kw, match):
     with pytest.raises(CrossentValueError, match=match):
         cls(**kw)
@@ -513,9 +536,16 @@ def test_negative_pos_weight_warns_like_the_base_loss():
         crossent.nn.SigmoidFocalLoss(pos_weight=[-1.0])
 
 
-@pytest.mark.parametrize("fn, target", [
-    ("sigmoid_focal_loss", "binary"), ("poly1_binary_cross_entropy_with_logits", "binary"),
-    ("asymmetric_loss", "binary"), ("softmax_focal_loss", "index"), ("poly1_cross_entropy", "index")])
+@pytest.mark.parametrize(
+    "fn, target",
+    [
+        ("sigmoid_focal_loss", "binary"),
+        ("poly1_binary_cross_entropy_with_logits", "binary"),
+        ("asymmetric_loss", "binary"),
+        ("softmax_focal_loss", "index"),
+        ("poly1_cross_entropy", "index"),
+    ],
+)
 def test_return_parts(fn, target):
     x, t = _data()
     if target == "index":

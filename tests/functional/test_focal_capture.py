@@ -36,14 +36,14 @@ def _data(n=N, seed=1):
 CASES = {
     "sigmoid_focal_mean": lambda z, y, s: crossent.sigmoid_focal_loss(z, s.round(), reduction="mean"),
     "sigmoid_focal_options": lambda z, y, s: crossent.nn.SigmoidFocalLoss(
-        0.5, 1.5, "sum", pos_weight=PW, ignore_index=-1, label_smoothing=0.1)(z, torch.where(s > 0.9, -1.0, s)),
+        0.5, 1.5, "sum", pos_weight=PW, ignore_index=-1, label_smoothing=0.1
+    )(z, torch.where(s > 0.9, -1.0, s)),
     "sigmoid_focal_none": lambda z, y, s: crossent.sigmoid_focal_loss(z, s, gamma=0.5).square().sum(),
     "sigmoid_focal_gamma0": lambda z, y, s: crossent.sigmoid_focal_loss(z, s, gamma=0.0, reduction="mean"),
     "softmax_focal": lambda z, y, s: crossent.softmax_focal_loss(z, y),
     "softmax_focal_options": lambda z, y, s: crossent.nn.SoftmaxFocalLoss(1.0, W, label_smoothing=0.1)(z, y),
     "softmax_focal_probabilities": lambda z, y, s: crossent.softmax_focal_loss(z, s.softmax(1), 0.5),
-    "softmax_focal_kdim": lambda z, y, s: crossent.softmax_focal_loss(z.view(3, 4, C).transpose(1, 2),
-                                                                      y.view(3, 4)),
+    "softmax_focal_kdim": lambda z, y, s: crossent.softmax_focal_loss(z.view(3, 4, C).transpose(1, 2), y.view(3, 4)),
     "poly1_ce": lambda z, y, s: crossent.poly1_cross_entropy(z, y, W, label_smoothing=0.2),
     "poly1_bce": lambda z, y, s: crossent.nn.Poly1BCEWithLogitsLoss(pos_weight=PW)(z, s),
     "asymmetric": lambda z, y, s: crossent.asymmetric_loss(z, s.round()),
@@ -77,8 +77,9 @@ def test_compiled_step_is_one_graph_equal_to_eager(name):
 
 
 def test_compiled_out_of_range_target_raises_inside_the_graph():
-    f = torch.compile(lambda z, t: crossent.sigmoid_focal_loss(z, t, reduction="mean"), fullgraph=True,
-                      backend="aot_eager")
+    f = torch.compile(
+        lambda z, t: crossent.sigmoid_focal_loss(z, t, reduction="mean"), fullgraph=True, backend="aot_eager"
+    )
     z = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match=r"values in \[0, 1\]"):
         f(z, torch.full((4, 3), 2.0))
@@ -94,10 +95,13 @@ class _Head(torch.nn.Module):
         return self.loss(self.lin(x), target)
 
 
-@pytest.mark.parametrize("loss, target", [
-    (crossent.nn.SigmoidFocalLoss(reduction="mean"), "s"),
-    (crossent.nn.SoftmaxFocalLoss(weight=W), "y"),
-])
+@pytest.mark.parametrize(
+    "loss, target",
+    [
+        (crossent.nn.SigmoidFocalLoss(reduction="mean"), "s"),
+        (crossent.nn.SoftmaxFocalLoss(weight=W), "y"),
+    ],
+)
 def test_export_records_the_registered_op(loss, target):
     torch.manual_seed(0)
     module = _Head(loss)
@@ -118,8 +122,10 @@ def _opcheck_samples():
     keep = torch.rand(6, 4, generator=g) > 0.2
     for backend in ("chunked", "chunked-torch"):
         yield focal.binary_focal_fused, (x, t, None, None, None, 0.25, 2.0, 0.0, backend)
-        yield focal.binary_focal_fused, (x, t, torch.rand(4, generator=g), torch.rand(4, generator=g) + 0.5, keep,
-                                         -1.0, 0.5, 1.0, backend)
+        yield (
+            focal.binary_focal_fused,
+            (x, t, torch.rand(4, generator=g), torch.rand(4, generator=g) + 0.5, keep, -1.0, 0.5, 1.0, backend),
+        )
         y = torch.randint(0, 4, (6,), generator=g)
         c = torch.rand(6, generator=g)
         yield focal.softmax_focal_fused, (x, None, y, c, None, None, "focal", 2.0, backend)
@@ -149,10 +155,10 @@ def test_torch_func_transforms_match_the_composition(fn):
     # torch.func runs the reference composition; eager runs the fused op (its double
     # backward re-derives through the reference): both must agree
     xx = x.clone().requires_grad_()
-    g_eager, = torch.autograd.grad(ours(xx), xx, create_graph=True)
+    (g_eager,) = torch.autograd.grad(ours(xx), xx, create_graph=True)
     assert_close(grad(ours)(x), g_eager.detach())
     v = torch.randn_like(x)
-    hv, = torch.autograd.grad(g_eager, xx, v)
+    (hv,) = torch.autograd.grad(g_eager, xx, v)
     h = hessian(ours)(x)
     assert_close((h.reshape(x.numel(), -1) @ v.reshape(-1)).reshape(x.shape), hv, rtol=1e-8, atol=1e-10)
     per = vmap(one)(x, t, y)

@@ -41,8 +41,10 @@ def test_softmax_focal_is_exact_at_the_extremes(dtype, gamma, target_is_max):
 @pytest.mark.parametrize("t", (1.0, 0.3))
 @pytest.mark.parametrize("gamma", (0.5, 2.0))
 def test_every_backend_is_exact_at_the_extremes(backend, dtype, t, gamma):
-    for m in (measure_sigmoid_focal(dtype, t, gamma, backend=backend),
-              measure_softmax_focal(dtype, gamma, t == 1.0, backend=backend)):
+    for m in (
+        measure_sigmoid_focal(dtype, t, gamma, backend=backend),
+        measure_softmax_focal(dtype, gamma, t == 1.0, backend=backend),
+    ):
         w = m.worst()
         assert w["value_ulp_ours"] <= ULP["focal"], (m.name, w)
         assert w["grad_ulp_ours"] <= ULP["focal" if backend != "reference" else "focal_reference_grad"], (m.name, w)

@@ -22,8 +22,9 @@ from test_focal import binary_composition, softmax_composition  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy evaluates both sides of tl.where
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
-    pytest.skip("TRITON_INTERPRET=0 in the environment: these tests need the interpreter (no GPU)",
-                allow_module_level=True)
+    pytest.skip(
+        "TRITON_INTERPRET=0 in the environment: these tests need the interpreter (no GPU)", allow_module_level=True
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def triton_on_cpu(monkeypatch):
     from crossent.backends.triton import focal as triton_focal
 
     monkeypatch.setattr(_registry._BACKENDS["triton"], "unavailable", lambda device: None)
-    monkeypatch.setattr(triton_focal, "BLOCK_C_MAX", 16)     # rows span several class tiles
+    monkeypatch.setattr(triton_focal, "BLOCK_C_MAX", 16)  # rows span several class tiles
 
 
 @pytest.mark.parametrize("gamma", (0.5, 2.0, 5.0, 0.7))
@@ -81,7 +82,7 @@ def test_poly1_bce_triton():
 def test_softmax_family_triton_matches_composition(kind, loss, param, C):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(7, C, generator=g) * 3
-    x[0, 1] = 30.0                 # a confident row: 1 - p at the arg-max without cancellation
+    x[0, 1] = 30.0  # a confident row: 1 - p at the arg-max without cancellation
     w = torch.rand(C, generator=g) + 0.5
     if kind == "index":
         t = torch.randint(0, C, (7,), generator=g)
@@ -107,7 +108,7 @@ def test_softmax_family_triton_matches_composition(kind, loss, param, C):
 
 
 def test_confident_rows_keep_their_tiny_focal_loss_on_triton():
-    x = torch.tensor([[20.0, 0.0, 0.0], [0.0, 12.0, 0.0]])   # losses 4e-26 and 2e-15
+    x = torch.tensor([[20.0, 0.0, 0.0], [0.0, 12.0, 0.0]])  # losses 4e-26 and 2e-15
     y = torch.tensor([0, 1])
     got = crossent.softmax_focal_loss(x, y, 2.0, reduction="none", backend="triton")
     want, _ = softmax_composition(x.double(), y, gamma=2.0)

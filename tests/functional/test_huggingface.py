@@ -13,7 +13,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (a test-only dependency: pip install -e '.[dev]')")
+    "transformers", reason="transformers is not installed (a test-only dependency: pip install -e '.[dev]')"
+)
 
 import crossent  # noqa: E402
 import crossent.functional._multiclass as _multiclass  # noqa: E402
@@ -27,9 +28,18 @@ def tiny_gpt2(seed=0, vocab_size=V, d=64, n_positions=64):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=d, n_layer=2,
-                        n_head=2, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=d,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -37,7 +47,7 @@ def batch(B=4, T=24, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (B, T), generator=g)
     labels = ids.clone()
-    labels[0, :7] = -100   # a prompt that is not trained on
+    labels[0, :7] = -100  # a prompt that is not trained on
     labels[2, -5:] = -100  # padding
     return ids, labels
 
@@ -112,9 +122,19 @@ def _train(tmp_path, compute_loss_func):
             return {"input_ids": ids[i], "labels": labels[i]}
 
     model = tiny_gpt2()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                             optim="sgd", learning_rate=0.5, report_to="none", use_cpu=True, save_strategy="no",
-                             logging_steps=1, disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        optim="sgd",
+        learning_rate=0.5,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=Data(), compute_loss_func=compute_loss_func)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -177,20 +197,23 @@ def _memory_child():
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     hf.fused_causal_lm_loss(model, ids[:1, :8], ids[:1, :8]).backward()  # builds the C kernel
-    steps = {"body": lambda: model.base_model(ids)[0].sum().backward(),
-             "model": lambda: model(ids, labels=ids).loss.backward(),
-             "fused": lambda: hf.fused_causal_lm_loss(model, ids, ids).backward()}
-    print(json.dumps({k: _measure_cpu(step) / 2 ** 20 for k, step in steps.items()}))
+    steps = {
+        "body": lambda: model.base_model(ids)[0].sum().backward(),
+        "model": lambda: model(ids, labels=ids).loss.backward(),
+        "fused": lambda: hf.fused_causal_lm_loss(model, ids, ids).backward(),
+    }
+    print(json.dumps({k: _measure_cpu(step) / 2**20 for k, step in steps.items()}))
 
 
-@pytest.mark.slow   # about a minute on 2 cores
+@pytest.mark.slow  # about a minute on 2 cores
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_fused_head_memory():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # for _helpers
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for _helpers
     env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, __file__, "memory"], capture_output=True, text=True,
-                         env=env, timeout=900, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "memory"], capture_output=True, text=True, env=env, timeout=900, check=True
+    )
     mib = json.loads(out.stdout.strip().splitlines()[-1])
     loss_model, loss_fused = mib["model"] - mib["body"], mib["fused"] - mib["body"]
     assert loss_fused < loss_model / 5, mib

@@ -35,7 +35,7 @@ from _helpers import ALL_BACKENDS, CPU_BACKENDS, TOL, assert_close  # noqa: E402
 NAN, INF = float("nan"), float("inf")
 BAD = {"nan": NAN, "+inf": INF, "-inf": -INF}
 REDUCTIONS = ("none", "mean", "sum")
-BACKENDS = ALL_BACKENDS   # the `backend` fixture of tests/conftest.py: Triton (interpreter) included
+BACKENDS = ALL_BACKENDS  # the `backend` fixture of tests/conftest.py: Triton (interpreter) included
 
 pytestmark = [
     # The interpreter evaluates both sides of tl.where with numpy (inf * 0 and inf - inf warn).
@@ -92,7 +92,7 @@ def _bce_case(seed, shape=(6, 5), n_bad=4):
     t = torch.rand(shape, generator=g, dtype=torch.float64)
     ignored = torch.zeros(shape, dtype=torch.bool)
     ignored.view(-1)[torch.randperm(ignored.numel(), generator=g)[:n_bad]] = True
-    ignored.view(-1)[0] = False   # one kept element at least
+    ignored.view(-1)[0] = False  # one kept element at least
     return x, t, ignored
 
 
@@ -127,7 +127,7 @@ def test_bce_ignored_elements(backend, bad, reduction, opts, probabilities):
     eps = 0.1 if opts == "smoothed" else 0.0
     weighted = opts == "weighted"
     if probabilities and weighted:
-        pw = None   # torch's BCE on probabilities has no pos_weight
+        pw = None  # torch's BCE on probabilities has no pos_weight
     kw = dict(weight=None, pos_weight=None)
     if weighted:
         kw = dict(weight=_leaf(w), pos_weight=None if pw is None else _leaf(pw))
@@ -151,8 +151,9 @@ def test_bce_ignored_elements(backend, bad, reduction, opts, probabilities):
     elif epw is None:
         per = F.binary_cross_entropy_with_logits(x_ok, t_ok, reduction="none") * w_ok
     else:
-        values = F.binary_cross_entropy_with_logits(x_ok.detach(), t_ok.detach(), weight=w_ok.detach(),
-                                                    pos_weight=pw, reduction="none")
+        values = F.binary_cross_entropy_with_logits(
+            x_ok.detach(), t_ok.detach(), weight=w_ok.detach(), pos_weight=pw, reduction="none"
+        )
         per = (epw * t_ok * F.softplus(-x_ok) + (1 - t_ok) * F.softplus(x_ok)) * w_ok
         assert_close(per.detach(), values, msg="the formula is torch's")
     expected = _reduce(per, keep.float(), reduction)
@@ -169,7 +170,9 @@ def test_bce_ignored_elements(backend, bad, reduction, opts, probabilities):
     got = torch.autograd.grad((loss * gw).sum(), [a for a, _ in pairs.values()])
     want = torch.autograd.grad((expected * gw).sum(), [b for _, b in pairs.values()])
     for name, a, b in zip(pairs, got, want):
-        assert_close(a, b, torch.float32, msg=f"{backend} d/d{name}", **({"atol": 2e-5} if name == "pos_weight" else {}))
+        assert_close(
+            a, b, torch.float32, msg=f"{backend} d/d{name}", **({"atol": 2e-5} if name == "pos_weight" else {})
+        )
         if name != "pos_weight":
             _assert_zero_where(a, ignored, f"{backend} d/d{name}")
 
@@ -178,9 +181,9 @@ def test_bce_ignored_elements(backend, bad, reduction, opts, probabilities):
 CE_SHAPES = {
     "rows-C1": (6, 1),
     "rows-C5": (7, 5),
-    "rows-C37": (5, 37),       # several Triton class tiles (CE_BLOCK_C_MAX = 16)
-    "kdim-2x4x3x8": (2, 4, 3, 8),   # S = 24: full 8-lane vectors, one of them all ignored
-    "kdim-2x4x3x5": (2, 4, 3, 5),   # S = 15: a partial vector
+    "rows-C37": (5, 37),  # several Triton class tiles (CE_BLOCK_C_MAX = 16)
+    "kdim-2x4x3x8": (2, 4, 3, 8),  # S = 24: full 8-lane vectors, one of them all ignored
+    "kdim-2x4x3x5": (2, 4, 3, 5),  # S = 15: a partial vector
 }
 
 
@@ -197,9 +200,9 @@ def _ce_case(shape, bad, seed=0):
         rows = x
     else:
         ignored = torch.zeros(y.shape, dtype=torch.bool)
-        ignored[0, 0, :] = True                          # a whole vector of 8 lanes
+        ignored[0, 0, :] = True  # a whole vector of 8 lanes
         ignored[1, 1, 2] = ignored[1, 2, 0] = ignored[0, 2, 4] = True
-        rows = x.movedim(1, -1)                          # a view: (N, H, W, C)
+        rows = x.movedim(1, -1)  # a view: (N, H, W, C)
     v = BAD[bad]
     idx = ignored.nonzero()
     for n, pos in enumerate(idx.tolist()):
@@ -248,8 +251,9 @@ def test_cross_entropy_ignored_rows(backend, bad, reduction, opts, shape):
 
     xl = _leaf(x)
     wl = None if w is None else _leaf(w)
-    loss = crossent.cross_entropy(xl, y, weight=wl, ignore_index=ii, reduction=reduction,
-                                  label_smoothing=eps, backend=backend)
+    loss = crossent.cross_entropy(
+        xl, y, weight=wl, ignore_index=ii, reduction=reduction, label_smoothing=eps, backend=backend
+    )
     ex = _leaf(x)
     x_ok = torch.where(keep_c, ex, 0.0)
     expected = F.cross_entropy(x_ok, y, weight=w, ignore_index=ii, reduction=reduction, label_smoothing=eps)
@@ -305,7 +309,7 @@ def test_cross_entropy_inplace_ignored_rows(backend, bad):
     x, y, ignored = _ce_case((7, 5), bad)
     y = y.masked_fill(ignored, -100)
     base = _leaf(x)
-    logits = base * 1.0    # not a leaf: its buffer may hold the gradient
+    logits = base * 1.0  # not a leaf: its buffer may hold the gradient
     loss = crossent.cross_entropy(logits, y, inplace_backward=True, backend=backend)
     ex = _leaf(x)
     expected = F.cross_entropy(torch.where(~ignored[:, None], ex, 0.0), y)
@@ -337,8 +341,9 @@ def test_linear_cross_entropy_ignored_hidden_rows(backend, bad, reduction, opts)
     eps = 0.1 if opts == "smoothed" else 0.0
     w = torch.linspace(0.5, 2.0, C) if opts == "weighted" else None
     xl, Wl, bl = _leaf(x), _leaf(W), _leaf(b)
-    loss = crossent.linear_cross_entropy(xl, Wl, y, linear_bias=bl, weight=w, reduction=reduction,
-                                         label_smoothing=eps, backend=backend)
+    loss = crossent.linear_cross_entropy(
+        xl, Wl, y, linear_bias=bl, weight=w, reduction=reduction, label_smoothing=eps, backend=backend
+    )
     ex, eW, eb = _leaf(x), _leaf(W), _leaf(b)
     logits = F.linear(torch.where(ignored[:, None], 0.0, ex), eW, eb)
     expected = F.cross_entropy(logits, y, weight=w, reduction=reduction, label_smoothing=eps)
@@ -361,8 +366,8 @@ def test_linear_bce_ignored_rows_and_labels(backend, bad, reduction, opts):
     t = torch.randint(0, 2, (N, L), generator=g).float()
     ii = 7
     ignored = torch.zeros(N, L, dtype=torch.bool)
-    ignored[2] = True          # hidden row 2: every label ignored
-    ignored[:, 3] = True       # label 3: ignored in every row
+    ignored[2] = True  # hidden row 2: every label ignored
+    ignored[:, 3] = True  # label 3: ignored in every row
     ignored[0, 1] = ignored[5, 4] = True
     t = t.masked_fill(ignored, ii)
     x[2, 1] = BAD[bad]
@@ -374,12 +379,24 @@ def test_linear_bce_ignored_rows_and_labels(backend, bad, reduction, opts):
     w = torch.linspace(0.5, 2.0, L) if opts == "weighted" else None
     xl, Wl, bl = _leaf(x), _leaf(W), _leaf(b)
     loss = crossent.linear_binary_cross_entropy_with_logits(
-        xl, Wl, t, linear_bias=bl, weight=w, pos_weight=pw, reduction=reduction, label_smoothing=eps,
-        ignore_index=ii, backend=backend)
+        xl,
+        Wl,
+        t,
+        linear_bias=bl,
+        weight=w,
+        pos_weight=pw,
+        reduction=reduction,
+        label_smoothing=eps,
+        ignore_index=ii,
+        backend=backend,
+    )
     ex, eW, eb = _leaf(x), _leaf(W), _leaf(b)
     dead_row, dead_label = ~keep.any(1), ~keep.any(0)
-    logits = F.linear(torch.where(dead_row[:, None], 0.0, ex), torch.where(dead_label[:, None], 0.0, eW),
-                      torch.where(dead_label, 0.0, eb))
+    logits = F.linear(
+        torch.where(dead_row[:, None], 0.0, ex),
+        torch.where(dead_label[:, None], 0.0, eW),
+        torch.where(dead_label, 0.0, eb),
+    )
     t_ok = torch.where(keep, t, 0.0) * (1 - eps) + eps / 2
     w_ok = keep.float() if w is None else keep.float() * w
     per = F.binary_cross_entropy_with_logits(logits, t_ok, weight=w_ok, pos_weight=pw, reduction="none")
@@ -434,8 +451,15 @@ def _fuzz_one(case):
             per = F.binary_cross_entropy_with_logits(ex, t_ok, weight=w_ok, reduction="none")
         expected = _reduce(per, keep.float(), reduction)
         fn = crossent.binary_cross_entropy if kind == "bce" else crossent.binary_cross_entropy_with_logits
-        call = lambda xl, b: fn(xl, tt, weight=w, reduction=reduction, ignore_index=2,  # noqa: E731
-                                label_smoothing=eps, backend=b)
+        call = lambda xl, b: fn(
+            xl,
+            tt,
+            weight=w,
+            reduction=reduction,
+            ignore_index=2,  # noqa: E731
+            label_smoothing=eps,
+            backend=b,
+        )
         ignored_x = ignored
     else:
         C = shape[1]
@@ -452,8 +476,15 @@ def _fuzz_one(case):
         keep_c = (~ignored).unsqueeze(1).expand(x.shape)
         ex = _leaf(torch.where(keep_c, x, 0.0))
         expected = F.cross_entropy(ex, y, weight=w, ignore_index=ii, reduction=reduction, label_smoothing=eps)
-        call = lambda xl, b: crossent.cross_entropy(xl, y, weight=w, ignore_index=ii,  # noqa: E731
-                                                    reduction=reduction, label_smoothing=eps, backend=b)
+        call = lambda xl, b: crossent.cross_entropy(
+            xl,
+            y,
+            weight=w,
+            ignore_index=ii,  # noqa: E731
+            reduction=reduction,
+            label_smoothing=eps,
+            backend=b,
+        )
         ignored_x = ~keep_c
     gw = torch.rand(expected.shape, generator=g) + 0.5
     if expected.numel() and expected.requires_grad:
@@ -469,8 +500,9 @@ def _fuzz_one(case):
         assert_close(loss.detach(), expected.detach(), msg=f"{b} {kind} {tuple(shape)} loss")
         (got,) = torch.autograd.grad((loss * gw).sum(), [xl], allow_unused=True)
         got = torch.zeros_like(x) if got is None else got
-        assert_close(got, want, torch.float32, msg=f"{b} {kind} {tuple(shape)} d/dinput",
-                     atol=TOL[torch.float32]["atol"] * 5)
+        assert_close(
+            got, want, torch.float32, msg=f"{b} {kind} {tuple(shape)} d/dinput", atol=TOL[torch.float32]["atol"] * 5
+        )
         _assert_zero_where(got, ignored_x, f"{b} {kind} {tuple(shape)}")
 
 

@@ -7,7 +7,6 @@ losses for the options torch does not have. Sizes are tiny; blocks are forced sm
 (single pass), several class blocks (two passes, online log-sum-exp), ragged last blocks.
 """
 
-
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -34,8 +33,11 @@ def _leaf(*shape, dtype=F64, scale=1.0, gen=None):
 
 
 def _grads(loss, params):
-    out = loss if loss.dim() == 0 else (loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype)
-                                        .reshape(loss.shape)).sum()
+    out = (
+        loss
+        if loss.dim() == 0
+        else (loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)).sum()
+    )
     return torch.autograd.grad(out, params, allow_unused=True)
 
 
@@ -145,8 +147,9 @@ def test_ce_matches_crossent_unfused_and_reference_backend():
 
 def test_ce_return_lse_parts_and_non_uniform_upstream():
     x, W, b, y, q, w = _problem(seed=4)
-    loss, lse = crossent.linear_cross_entropy(x, W, y, linear_bias=b, reduction="none", return_lse=True,
-                                              class_chunk_size=3)
+    loss, lse = crossent.linear_cross_entropy(
+        x, W, y, linear_bias=b, reduction="none", return_lse=True, class_chunk_size=3
+    )
     logits = TF.linear(x, W, b)
     _close(lse, torch.logsumexp(logits, 1))
     assert not lse.requires_grad
@@ -182,7 +185,8 @@ def test_ce_gradcheck_float64():
     for t, kw in ((y, dict(weight=w, label_smoothing=0.2)), (q, dict(weight=w))):
         for red in ("mean", "none"):
             fn = lambda x, W, b: crossent.linear_cross_entropy(  # noqa: E731
-                x, W, t, linear_bias=b, reduction=red, chunk_size=2, class_chunk_size=2, **kw)
+                x, W, t, linear_bias=b, reduction=red, chunk_size=2, class_chunk_size=2, **kw
+            )
             assert torch.autograd.gradcheck(fn, (x, W, b), fast_mode=True)
 
 
@@ -195,22 +199,24 @@ def test_ce_exact_for_confident_predictions_and_infinite_logits():
         loss = crossent.linear_cross_entropy(x, W, torch.tensor([0]), class_chunk_size=cc)
         truth = 4 * torch.exp(torch.tensor(-20.0, dtype=F64)) - 8 * torch.exp(torch.tensor(-40.0, dtype=F64))
         assert abs(loss.item() - float(truth)) <= 1e-6 * float(truth)
-        gx, = torch.autograd.grad(loss, x)
+        (gx,) = torch.autograd.grad(loss, x)
         # d/dx0 = -20 (1 - p_0) = -20 S/(1+S), S = 4 e^-20: keeps its relative precision.
         assert abs(float(gx[0, 0]) / float(-20 * truth) - 1) < 1e-5
     # +inf through the bias is its own maximum: finite limit, across class blocks too.
     b = torch.tensor([0.0, float("inf"), 0.0, 0.0, 0.0])
     xi = torch.zeros(2, H, dtype=F64)
     Wi = torch.zeros(5, H, dtype=F64)
-    out = crossent.linear_cross_entropy(xi, Wi, torch.tensor([1, 0]), linear_bias=b.to(F64), reduction="none",
-                                        class_chunk_size=2)
+    out = crossent.linear_cross_entropy(
+        xi, Wi, torch.tensor([1, 0]), linear_bias=b.to(F64), reduction="none", class_chunk_size=2
+    )
     assert float(out[0]) == 0.0 and float(out[1]) == float("inf")
     # -inf logit with zero smoothing weight: a zero-weight term is absent, not NaN.
     bn = torch.tensor([0.0, float("-inf"), 0.0, 1.0, 0.5], dtype=F64)
     wt = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0], dtype=F64)
     for cc in (None, 2):
-        got = crossent.linear_cross_entropy(xi, Wi, torch.tensor([0, 3]), linear_bias=bn, weight=wt,
-                                            label_smoothing=0.1, class_chunk_size=cc)
+        got = crossent.linear_cross_entropy(
+            xi, Wi, torch.tensor([0, 3]), linear_bias=bn, weight=wt, label_smoothing=0.1, class_chunk_size=cc
+        )
         ref = crossent.cross_entropy(bn.expand(2, 5), torch.tensor([0, 3]), wt, label_smoothing=0.1)
         assert torch.isfinite(got)
         _close(got, ref)
@@ -233,8 +239,9 @@ def _err(a, r):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("blocking", [dict(chunk_size=8), dict(chunk_size=12, class_chunk_size=16)],
-                         ids=["rows", "rows_classes"])
+@pytest.mark.parametrize(
+    "blocking", [dict(chunk_size=8), dict(chunk_size=12, class_chunk_size=16)], ids=["rows", "rows_classes"]
+)
 def test_ce_low_precision_no_worse_than_eager(dtype, blocking):
     g = torch.Generator().manual_seed(7)
     N, H, C = 32, 16, 50
@@ -265,9 +272,12 @@ class _Sizes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                if isinstance(a, torch.Tensor) and a.device.type != "meta"}
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        seen = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor) and a.device.type != "meta"
+        }
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage().data_ptr() not in seen:
                 self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
         return out
@@ -299,10 +309,12 @@ def test_full_logits_never_allocated(op):
 
         def fused():
             return crossent.linear_binary_cross_entropy_with_logits(
-                x, W, t, linear_bias=b, pos_weight=torch.full((C,), 2.0), memory_budget=budget, validate=False)
+                x, W, t, linear_bias=b, pos_weight=torch.full((C,), 2.0), memory_budget=budget, validate=False
+            )
 
         def unfused():
             return crossent.binary_cross_entropy_with_logits(TF.linear(x, W, b), torch.zeros(N, C), validate=False)
+
     with _Sizes() as seen_ref:
         unfused().backward()
     assert seen_ref.largest >= N * C  # the detector sees the logits when they exist
@@ -340,7 +352,8 @@ def test_bce_dense_and_sparse_match_torch(option, reduction, blocking):
     rg = _grads(ref, (x, W, b))
     for t in (dense, pos):
         got = crossent.linear_binary_cross_entropy_with_logits(
-            x, W, t, linear_bias=b, reduction=reduction, label_smoothing=smooth, **kw, **blocking)
+            x, W, t, linear_bias=b, reduction=reduction, label_smoothing=smooth, **kw, **blocking
+        )
         assert got.shape == ref.shape
         _close(got, ref)
         for a, r in zip(_grads(got, (x, W, b)), rg):
@@ -351,22 +364,35 @@ def test_bce_ignore_index_sequence_input_and_gradcheck():
     x, W, b, pos, dense, g = _bce_problem()
     t = dense.clone()
     t[0, 1] = t[3, 4] = -1
-    got = crossent.linear_binary_cross_entropy_with_logits(x, W, t, linear_bias=b, ignore_index=-1, chunk_size=4,
-                                                          class_chunk_size=4)
+    got = crossent.linear_binary_cross_entropy_with_logits(
+        x, W, t, linear_bias=b, ignore_index=-1, chunk_size=4, class_chunk_size=4
+    )
     ref = crossent.binary_cross_entropy_with_logits(TF.linear(x, W, b), t, ignore_index=-1)
     _close(got, ref)
     for a, r in zip(_grads(got, (x, W, b)), _grads(ref, (x, W, b))):
         _close(a, r)
-    got3 = crossent.linear_binary_cross_entropy_with_logits(x.reshape(2, 3, 4), W, pos.reshape(2, 3, 3),
-                                                           reduction="none")
+    got3 = crossent.linear_binary_cross_entropy_with_logits(
+        x.reshape(2, 3, 4), W, pos.reshape(2, 3, 3), reduction="none"
+    )
     assert got3.shape == (2, 3, 9)
     _close(got3.reshape(6, 9), TF.binary_cross_entropy_with_logits(TF.linear(x, W), dense, reduction="none"))
-    xs, Ws, bs = x[:3, :2].detach().requires_grad_(), W[:5, :2].detach().requires_grad_(), b[:5].detach().requires_grad_()
+    xs, Ws, bs = (
+        x[:3, :2].detach().requires_grad_(),
+        W[:5, :2].detach().requires_grad_(),
+        b[:5].detach().requires_grad_(),
+    )
     ps = torch.tensor([[0, 4], [-1, -1], [2, -1]])
     for red in ("mean", "none"):
         fn = lambda x, W, b: crossent.linear_binary_cross_entropy_with_logits(  # noqa: E731
-            x, W, ps, linear_bias=b, pos_weight=torch.tensor([1.0, 2.0, 3.0, 0.5, 1.0], dtype=F64),
-            reduction=red, chunk_size=2, class_chunk_size=2)
+            x,
+            W,
+            ps,
+            linear_bias=b,
+            pos_weight=torch.tensor([1.0, 2.0, 3.0, 0.5, 1.0], dtype=F64),
+            reduction=red,
+            chunk_size=2,
+            class_chunk_size=2,
+        )
         assert torch.autograd.gradcheck(fn, (xs, Ws, bs), fast_mode=True)
 
 
@@ -389,10 +415,12 @@ def test_bce_low_precision_no_worse_than_eager(dtype):
     b = torch.randn(L, generator=g).to(dtype).requires_grad_()
     t = (torch.rand(N, L, generator=g) < 0.1).to(dtype)
     pw = torch.rand(L, generator=g) * 3
-    ref, eager = _truth_and_eager(x, W, b, None, lambda z: TF.binary_cross_entropy_with_logits(
-        z, t.to(z.dtype), pos_weight=pw.to(z.dtype)))
-    loss = crossent.linear_binary_cross_entropy_with_logits(x, W, t, linear_bias=b, pos_weight=pw.to(dtype),
-                                                           chunk_size=8, class_chunk_size=16)
+    ref, eager = _truth_and_eager(
+        x, W, b, None, lambda z: TF.binary_cross_entropy_with_logits(z, t.to(z.dtype), pos_weight=pw.to(z.dtype))
+    )
+    loss = crossent.linear_binary_cross_entropy_with_logits(
+        x, W, t, linear_bias=b, pos_weight=pw.to(dtype), chunk_size=8, class_chunk_size=16
+    )
     ours = (loss, *torch.autograd.grad(loss, (x, W, b)))
     slack = 1e-6 if dtype == torch.float32 else 1e-3
     for o, e, r in zip(ours, eager, ref):
@@ -402,8 +430,9 @@ def test_bce_low_precision_no_worse_than_eager(dtype):
 # --------------------------------------------------------------------------- modules
 def test_module_is_torch_drop_in():
     torch.manual_seed(11)
-    ours = crossent.nn.LinearCrossEntropyLoss(5, 7, bias=True, label_smoothing=0.1, weight=torch.rand(7),
-                                              chunk_size=3, class_chunk_size=4)
+    ours = crossent.nn.LinearCrossEntropyLoss(
+        5, 7, bias=True, label_smoothing=0.1, weight=torch.rand(7), chunk_size=3, class_chunk_size=4
+    )
     theirs = torch.nn.LinearCrossEntropyLoss(5, 7, bias=True, label_smoothing=0.1, weight=ours.weight.clone())
     assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
     theirs.load_state_dict(ours.state_dict())
@@ -481,12 +510,16 @@ def test_gradients_come_from_the_forward_pass(op):
     a second class block costs one more (the log-sum-exp pass) for cross-entropy only."""
     x, W, b, y, q, w = _problem(N=8, H=4, C=10)
     if op == "ce":
+
         def call(**kw):
             return crossent.linear_cross_entropy(x, W, y, linear_bias=b, chunk_size=4, **kw)
     else:
+
         def call(**kw):
-            return crossent.linear_binary_cross_entropy_with_logits(x, W, y.unsqueeze(1), linear_bias=b,
-                                                                   chunk_size=4, **kw)
+            return crossent.linear_binary_cross_entropy_with_logits(
+                x, W, y.unsqueeze(1), linear_bias=b, chunk_size=4, **kw
+            )
+
     for classes, expected in ((None, 3 * 2), (5, (4 if op == "ce" else 3) * 2 * 2)):
         with _CountMatmuls() as fwd:
             loss = call(class_chunk_size=classes)
@@ -515,8 +548,9 @@ def test_bce_float32_cpu_blocks_match_the_reference(targets, pos_weight, reducti
     dense = torch.zeros(N, L).scatter_(1, pos, 1.0)
     t = {"sparse": pos, "dense01": dense, "soft": torch.rand(N, L, generator=g)}[targets]
     kw = {"pos_weight": torch.rand(L, generator=g) * 3} if pos_weight else {}
-    got = crossent.linear_binary_cross_entropy_with_logits(x, W, t, linear_bias=b, reduction=reduction,
-                                                          chunk_size=8, class_chunk_size=16, **kw)
+    got = crossent.linear_binary_cross_entropy_with_logits(
+        x, W, t, linear_bias=b, reduction=reduction, chunk_size=8, class_chunk_size=16, **kw
+    )
     gg = _grads(got, (x, W, b))
     x64, W64, b64 = (v.detach().double().requires_grad_() for v in (x, W, b))
     t64 = (dense if targets == "sparse" else t).double()

@@ -30,8 +30,7 @@ def ref_z(x, T=1.0, s=None):
     return x / T
 
 
-def ref_ce(x, y, *, weight=None, eps=0.0, ignore_index=-100, z_loss=0.0, T=1.0, s=None, tw=None,
-           reduction="mean"):
+def ref_ce(x, y, *, weight=None, eps=0.0, ignore_index=-100, z_loss=0.0, T=1.0, s=None, tw=None, reduction="mean"):
     """The LM-head loss from its definition, x (M, C) rows, float64: returns (loss, lse, hits, den)."""
     z = ref_z(x, T, s)
     logp = torch.log_softmax(z, -1)
@@ -42,7 +41,7 @@ def ref_ce(x, y, *, weight=None, eps=0.0, ignore_index=-100, z_loss=0.0, T=1.0, 
     wy = w[ys] * keep
     nll = -logp.gather(-1, ys[:, None])[:, 0]
     smooth = -(logp * w).sum(-1) * (eps / z.shape[-1]) * keep
-    per = (1 - eps) * wy * nll + smooth + z_loss * wy * lse ** 2
+    per = (1 - eps) * wy * nll + smooth + z_loss * wy * lse**2
     den = wy
     if tw is not None:
         per, den = per * tw.double().reshape(-1), den * tw.double().reshape(-1)
@@ -89,8 +88,12 @@ def _kw(opts, tw):
 
 
 def _refkw(opts, tw):
-    return dict(z_loss=opts.get("z_loss", 0.0), T=opts.get("temperature", 1.0), s=opts.get("softcap"),
-                tw=tw if opts.get("token_weight") else None)
+    return dict(
+        z_loss=opts.get("z_loss", 0.0),
+        T=opts.get("temperature", 1.0),
+        s=opts.get("softcap"),
+        tw=tw if opts.get("token_weight") else None,
+    )
 
 
 # ----------------------------------------------------------------------- cross_entropy on logits
@@ -101,8 +104,17 @@ def _refkw(opts, tw):
 def test_cross_entropy_options_match_the_formulas(backend, opts, reduction, weighted, eps):
     x, y, tw, w = _data(dtype=torch.float64)
     weight = w if weighted else None
-    got, lse, hits = crossent.cross_entropy(x, y, weight, reduction=reduction, label_smoothing=eps, backend=backend,
-                                            return_lse=True, return_accuracy=True, **_kw(opts, tw))
+    got, lse, hits = crossent.cross_entropy(
+        x,
+        y,
+        weight,
+        reduction=reduction,
+        label_smoothing=eps,
+        backend=backend,
+        return_lse=True,
+        return_accuracy=True,
+        **_kw(opts, tw),
+    )
     want, want_lse, want_hits, _ = ref_ce(x, y, weight=weight, eps=eps, reduction=reduction, **_refkw(opts, tw))
     assert_close(got, want)
     assert_close(lse, want_lse)
@@ -114,7 +126,7 @@ def test_cross_entropy_options_low_precision(dtype):
     x, y, tw, _ = _data(dtype=dtype)
     opts = dict(softcap=3.0, temperature=0.9, z_loss=1e-2, token_weight=True)
     got = crossent.cross_entropy(x, y, **_kw(opts, tw))
-    want, _, _, _ = ref_ce(x.float(), y, **_refkw(opts, tw.float()))   # computed in float32 inside
+    want, _, _, _ = ref_ce(x.float(), y, **_refkw(opts, tw.float()))  # computed in float32 inside
     assert got.dtype == dtype
     assert_close(got, want.to(dtype), dtype=dtype)
     xg = x.float().double().requires_grad_()
@@ -130,8 +142,9 @@ def test_cross_entropy_kdim_with_token_weight_and_parts():
     y = torch.randint(0, C, (3, 4), generator=g)
     y[1, 2] = -100
     tw = torch.rand(3, 4, generator=g, dtype=torch.float64)
-    parts, lse = crossent.cross_entropy(x, y, softcap=2.0, z_loss=0.1, token_weight=tw, return_parts=True,
-                                        return_lse=True)
+    parts, lse = crossent.cross_entropy(
+        x, y, softcap=2.0, z_loss=0.1, token_weight=tw, return_parts=True, return_lse=True
+    )
     rows = x.movedim(1, -1).reshape(-1, C)
     want, want_lse, _, den = ref_ce(rows, y.reshape(-1), s=2.0, z_loss=0.1, tw=tw)
     assert_close(parts.loss, want)
@@ -161,7 +174,7 @@ def test_mean_divides_by_the_sum_of_effective_weights():
 
 def test_ignored_nan_rows_give_zero_gradient_and_finite_loss():
     x, y, tw, _ = _data(dtype=torch.float64)
-    x[2] = float("nan")                           # row 2 is ignored
+    x[2] = float("nan")  # row 2 is ignored
     for backend in BACKENDS:
         xi = x.clone().requires_grad_()
         loss = crossent.cross_entropy(xi, y, softcap=3.0, z_loss=1e-2, token_weight=tw, backend=backend)
@@ -178,8 +191,9 @@ def test_token_logprobs_and_entropy_match_log_softmax(backend, T, s):
     x = torch.randn(2, 5, C, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, C, (2, 5), generator=g)
     y[0, 3] = -100
-    lp, ent = crossent.token_logprobs(x, y, temperature=T, softcap=s, return_entropy=True, backend=backend,
-                                      chunk_size=3)
+    lp, ent = crossent.token_logprobs(
+        x, y, temperature=T, softcap=s, return_entropy=True, backend=backend, chunk_size=3
+    )
     want_lp, want_ent = ref_logprobs(x, y, T=T, s=s)
     assert lp.shape == ent.shape == (2, 5)
     assert_close(lp, want_lp)
@@ -204,8 +218,9 @@ def test_gradcheck_token_logprobs_through_both_outputs(backend):
     a, b = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
 
     def f(x):
-        lp, ent = crossent.token_logprobs(x, y, temperature=0.8, softcap=2.5, return_entropy=True,
-                                          backend=backend, chunk_size=2)
+        lp, ent = crossent.token_logprobs(
+            x, y, temperature=0.8, softcap=2.5, return_entropy=True, backend=backend, chunk_size=2
+        )
         return (lp * a).sum() + (ent * b).sum()
 
     assert torch.autograd.gradcheck(f, (x,))
@@ -216,8 +231,7 @@ def test_gradcheck_cross_entropy_options(opts):
     x, y, tw, w = _data(M=5, dtype=torch.float64)
     x.requires_grad_()
     kw = _kw(opts, tw[:5])
-    assert torch.autograd.gradcheck(
-        lambda x: crossent.cross_entropy(x, y, w, label_smoothing=0.1, **kw), (x,))
+    assert torch.autograd.gradcheck(lambda x: crossent.cross_entropy(x, y, w, label_smoothing=0.1, **kw), (x,))
 
 
 # ----------------------------------------------------------------------- linear versions
@@ -237,8 +251,9 @@ def _linear_data(N=10, H=4, dtype=torch.float64, seed=5):
 def test_linear_token_logprobs_match_the_unfused_composition(backend, chunk, T, s):
     h, W, b, y = _linear_data()
     params = [t.clone().requires_grad_() for t in (h, W, b)]
-    lp, ent = crossent.linear_token_logprobs(*params[:2], y, bias=params[2], temperature=T, softcap=s,
-                                             return_entropy=True, backend=backend, chunk_size=chunk)
+    lp, ent = crossent.linear_token_logprobs(
+        *params[:2], y, bias=params[2], temperature=T, softcap=s, return_entropy=True, backend=backend, chunk_size=chunk
+    )
     ref = [t.clone().requires_grad_() for t in (h, W, b)]
     want_lp, want_ent = ref_logprobs(TF.linear(*ref), y, T=T, s=s)
     assert_close(lp, want_lp)
@@ -256,8 +271,9 @@ def test_gradcheck_linear_token_logprobs():
     params = tuple(t.requires_grad_() for t in (h, W, b))
 
     def f(h, W, b):
-        lp, ent = crossent.linear_token_logprobs(h, W, y, bias=b, temperature=1.2, softcap=2.0,
-                                                 return_entropy=True, chunk_size=2)
+        lp, ent = crossent.linear_token_logprobs(
+            h, W, y, bias=b, temperature=1.2, softcap=2.0, return_entropy=True, chunk_size=2
+        )
         return lp * 1.5 - ent
 
     assert torch.autograd.gradcheck(f, params)
@@ -269,9 +285,18 @@ def test_linear_cross_entropy_options_match_the_formulas(opts, reduction):
     h, W, b, y = _linear_data()
     tw = torch.rand(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     params = [t.clone().requires_grad_() for t in (h, W, b)]
-    got, lse, hits = crossent.linear_cross_entropy(params[0], params[1], y, linear_bias=params[2],
-                                                   reduction=reduction, label_smoothing=0.05, chunk_size=4,
-                                                   return_lse=True, return_accuracy=True, **_kw(opts, tw))
+    got, lse, hits = crossent.linear_cross_entropy(
+        params[0],
+        params[1],
+        y,
+        linear_bias=params[2],
+        reduction=reduction,
+        label_smoothing=0.05,
+        chunk_size=4,
+        return_lse=True,
+        return_accuracy=True,
+        **_kw(opts, tw),
+    )
     ref = [t.clone().requires_grad_() for t in (h, W, b)]
     want, want_lse, want_hits, _ = ref_ce(TF.linear(*ref), y, eps=0.05, reduction=reduction, **_refkw(opts, tw))
     assert_close(got, want)
@@ -288,9 +313,20 @@ def test_gradcheck_linear_cross_entropy_options():
     tw = torch.rand(5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     params = tuple(t.requires_grad_() for t in (h, W, b))
     assert torch.autograd.gradcheck(
-        lambda h, W, b: crossent.linear_cross_entropy(h, W, y, linear_bias=b, softcap=3.0, temperature=0.8,
-                                                      z_loss=1e-2, token_weight=tw, label_smoothing=0.1,
-                                                      chunk_size=2), params)
+        lambda h, W, b: crossent.linear_cross_entropy(
+            h,
+            W,
+            y,
+            linear_bias=b,
+            softcap=3.0,
+            temperature=0.8,
+            z_loss=1e-2,
+            token_weight=tw,
+            label_smoothing=0.1,
+            chunk_size=2,
+        ),
+        params,
+    )
 
 
 def test_linear_bf16_matches_float32_composition():
@@ -331,7 +367,7 @@ def test_z_loss_and_lse_at_margins_mpmath(dtype, margin):
     y = torch.tensor([1])
     loss, lse = crossent.cross_entropy(x, y, z_loss=1e-4, return_lse=True)
     t_lse, p, _ = _mp_row(x[0].tolist())
-    t_loss = -mpmath.log(p[1]) + mpmath.mpf("1e-4") * t_lse ** 2
+    t_loss = -mpmath.log(p[1]) + mpmath.mpf("1e-4") * t_lse**2
     eps = torch.finfo(dtype).eps
     assert _rel(lse[0], t_lse) <= 4 * eps
     assert _rel(loss, t_loss) <= 8 * eps
@@ -359,7 +395,7 @@ def test_log_probs_and_gradient_of_confident_tokens_mpmath(dtype, margin):
     _, p, _ = _mp_row([margin, 0.0, 0.0])
     eps = torch.finfo(dtype).eps
     assert _rel(lp[0], mpmath.log(p[0])) <= 4 * eps
-    assert _rel(x.grad[0, 0], _one_minus_p([margin, 0.0, 0.0], 0)) <= 8 * eps     # d log p_y / d x_y = 1 - p_y, tiny
+    assert _rel(x.grad[0, 0], _one_minus_p([margin, 0.0, 0.0], 0)) <= 8 * eps  # d log p_y / d x_y = 1 - p_y, tiny
     assert _rel(x.grad[0, 1], -p[1]) <= 8 * eps
 
 
@@ -370,10 +406,10 @@ def test_softcap_gradient_far_out_keeps_relative_precision(fn):
     x = torch.tensor([[400.0, 0.0, -3.0]], dtype=torch.float64, requires_grad=True)
     if fn == "token_logprobs":
         crossent.token_logprobs(x, torch.tensor([1]), softcap=2.0).sum().backward()
-        sign = -1.0     # d log p_1 / d z_0 = -p_0
+        sign = -1.0  # d log p_1 / d z_0 = -p_0
     else:
         crossent.cross_entropy(x, torch.tensor([1]), softcap=2.0).backward()
-        sign = 1.0      # d(-log p_1) / d z_0 = p_0
+        sign = 1.0  # d(-log p_1) / d z_0 = p_0
     p0 = _mp_row([2 * math.tanh(v / 2) for v in (400.0, 0.0, -3.0)])[1][0]
     truth = sign * p0 / mpmath.cosh(200) ** 2
     assert 0 < abs(float(truth)) < 1e-170
@@ -392,15 +428,22 @@ def test_entropy_between_zero_and_log_c_and_temperature_is_a_rescaling(seed):
 
 
 # ----------------------------------------------------------------------- guardrails
-@pytest.mark.parametrize("kw,cls,match", [
-    (dict(z_loss=-1.0), crossent.CrossentValueError, r"`z_loss` finite and >= 0, but got -1.0"),
-    (dict(temperature=0.0), crossent.CrossentValueError, r"`temperature` finite and > 0, but got 0.0"),
-    (dict(softcap=-2.0), crossent.CrossentValueError, r"`softcap` None or finite and > 0"),
-    (dict(softcap="30"), crossent.CrossentTypeError, r"`softcap` to be a Python float, but got str"),
-    (dict(token_weight=torch.ones(3)), crossent.CrossentValueError, r"`token_weight` of the target's shape \(9,\), but got shape \(3,\)"),
-    (dict(token_weight=torch.ones(9, dtype=torch.long)), crossent.CrossentTypeError, r"floating-point tensor"),
-    (dict(token_weight=-torch.ones(9)), crossent.CrossentValueError, r"finite `token_weight` >= 0, but got -1.0"),
-])
+@pytest.mark.parametrize(
+    "kw,cls,match",
+    [
+        (dict(z_loss=-1.0), crossent.CrossentValueError, r"`z_loss` finite and >= 0, but got -1.0"),
+        (dict(temperature=0.0), crossent.CrossentValueError, r"`temperature` finite and > 0, but got 0.0"),
+        (dict(softcap=-2.0), crossent.CrossentValueError, r"`softcap` None or finite and > 0"),
+        (dict(softcap="30"), crossent.CrossentTypeError, r"`softcap` to be a Python float, but got str"),
+        (
+            dict(token_weight=torch.ones(3)),
+            crossent.CrossentValueError,
+            r"`token_weight` of the target's shape \(9,\), but got shape \(3,\)",
+        ),
+        (dict(token_weight=torch.ones(9, dtype=torch.long)), crossent.CrossentTypeError, r"floating-point tensor"),
+        (dict(token_weight=-torch.ones(9)), crossent.CrossentValueError, r"finite `token_weight` >= 0, but got -1.0"),
+    ],
+)
 def test_cross_entropy_option_guardrails(kw, cls, match):
     x, y, _, _ = _data()
     with pytest.raises(cls, match=match):
@@ -430,8 +473,11 @@ def test_linear_options_refuse_kdim_and_probabilities():
 @pytest.mark.parametrize("fn", ("token_logprobs", "linear_token_logprobs"))
 def test_token_logprobs_guardrails(fn):
     h, W, b, y = _linear_data()
-    call = (lambda t, **k: crossent.token_logprobs(h @ W.T, t, **k)) if fn == "token_logprobs" else \
-        (lambda t, **k: crossent.linear_token_logprobs(h, W, t, **k))
+    call = (
+        (lambda t, **k: crossent.token_logprobs(h @ W.T, t, **k))
+        if fn == "token_logprobs"
+        else (lambda t, **k: crossent.linear_token_logprobs(h, W, t, **k))
+    )
     with pytest.raises(crossent.CrossentTypeError, match=r"`target` of class indices \(an integer dtype\)"):
         call(y.double())
     with pytest.raises(crossent.CrossentValueError, match=r"`target` of shape \(10,\)"):
@@ -463,8 +509,18 @@ def test_modules_pass_the_options_and_keep_torchs_state_dict():
     x, y, tw, w = _data(dtype=torch.float64)
     mod = crossent.nn.CrossEntropyLoss(w, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, temperature=0.8)
     got, lse, hits = mod(x, y, token_weight=tw, return_lse=True, return_accuracy=True)
-    want = crossent.cross_entropy(x, y, w, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, temperature=0.8,
-                                  token_weight=tw, return_lse=True, return_accuracy=True)
+    want = crossent.cross_entropy(
+        x,
+        y,
+        w,
+        label_smoothing=0.1,
+        z_loss=1e-2,
+        softcap=3.0,
+        temperature=0.8,
+        token_weight=tw,
+        return_lse=True,
+        return_accuracy=True,
+    )
     assert_close(got, want[0])
     assert_close(lse, want[1])
     assert hits.item() == want[2].item()
@@ -516,17 +572,18 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.lists(st.lists(st.floats(-60, 60), min_size=4, max_size=4), min_size=1, max_size=5),
-       T=st.floats(0.2, 5.0), s=st.one_of(st.none(), st.floats(0.5, 50.0)))
+@given(
+    rows=st.lists(st.lists(st.floats(-60, 60), min_size=4, max_size=4), min_size=1, max_size=5),
+    T=st.floats(0.2, 5.0),
+    s=st.one_of(st.none(), st.floats(0.5, 50.0)),
+)
 def test_logprobs_normalise_and_entropy_is_bounded(rows, T, s):
     """For every row: sum_y exp(log p_y) = 1, log p_y <= 0, 0 <= H <= log C, and H equals
     -sum_y p_y log p_y built from the returned log-probs."""
     x = torch.tensor(rows, dtype=torch.float64)
     M = x.shape[0]
-    lps = torch.stack([crossent.token_logprobs(x, torch.full((M,), j), temperature=T, softcap=s)
-                       for j in range(4)], 1)
-    _, ent = crossent.token_logprobs(x, torch.zeros(M, dtype=torch.long), temperature=T, softcap=s,
-                                     return_entropy=True)
+    lps = torch.stack([crossent.token_logprobs(x, torch.full((M,), j), temperature=T, softcap=s) for j in range(4)], 1)
+    _, ent = crossent.token_logprobs(x, torch.zeros(M, dtype=torch.long), temperature=T, softcap=s, return_entropy=True)
     assert (lps <= 0).all()
     assert_close(lps.exp().sum(1), torch.ones(M, dtype=torch.float64))
     assert (ent >= 0).all() and (ent <= math.log(4) + 1e-12).all()
@@ -542,14 +599,16 @@ def test_loss_with_minus_inf_logits_and_confident_gradient(reduction):
     x[:, 5:] = -math.inf
     y = torch.where(y >= 5, 1, y)
     xi = x.clone().requires_grad_()
-    crossent.cross_entropy(xi, y, z_loss=1e-2, temperature=0.7, token_weight=tw, reduction=reduction,
-                           label_smoothing=0.0).sum().backward()
+    crossent.cross_entropy(
+        xi, y, z_loss=1e-2, temperature=0.7, token_weight=tw, reduction=reduction, label_smoothing=0.0
+    ).sum().backward()
     finite = x[:, :5].clone().requires_grad_()
     ref_ce(finite, y, z_loss=1e-2, T=0.7, tw=tw, reduction=reduction)[0].sum().backward()
     assert_close(xi.grad[:, :5], finite.grad)
     assert (xi.grad[:, 5:] == 0).all()
     z = torch.tensor([[20.0, 0.0, 0.0]], dtype=torch.float32, requires_grad=True)
-    crossent.cross_entropy(z, torch.tensor([0]), temperature=1.0, reduction=reduction,
-                           token_weight=torch.ones(1)).sum().backward()
+    crossent.cross_entropy(
+        z, torch.tensor([0]), temperature=1.0, reduction=reduction, token_weight=torch.ones(1)
+    ).sum().backward()
     truth = _one_minus_p([20.0, 0.0, 0.0], 0)
     assert _rel(-z.grad[0, 0], truth) <= 8 * torch.finfo(torch.float32).eps

@@ -38,22 +38,28 @@ CASES = {
     "ce_temperature": lambda m, x, y, tw: crossent.cross_entropy(m(x), y, temperature=0.7),
     "ce_token_weight": lambda m, x, y, tw: crossent.cross_entropy(m(x), y, token_weight=tw),
     "ce_all_none": lambda m, x, y, tw: crossent.cross_entropy(
-        m(x), y, z_loss=1e-2, softcap=2.0, temperature=0.7, token_weight=tw, label_smoothing=0.1,
-        reduction="none").sum(),
+        m(x), y, z_loss=1e-2, softcap=2.0, temperature=0.7, token_weight=tw, label_smoothing=0.1, reduction="none"
+    ).sum(),
     "ce_return_lse_accuracy": lambda m, x, y, tw: (lambda r: r[0] + r[1].sum() * 0 + r[2] * 0)(
-        crossent.cross_entropy(m(x), y, softcap=3.0, return_lse=True, return_accuracy=True)),
-    "ce_parts": lambda m, x, y, tw: crossent.cross_entropy(m(x), y, z_loss=1e-3, token_weight=tw,
-                                                           return_parts=True).loss,
+        crossent.cross_entropy(m(x), y, softcap=3.0, return_lse=True, return_accuracy=True)
+    ),
+    "ce_parts": lambda m, x, y, tw: (
+        crossent.cross_entropy(m(x), y, z_loss=1e-3, token_weight=tw, return_parts=True).loss
+    ),
     "token_logprobs_entropy": lambda m, x, y, tw: (lambda r: (r[0] * tw).sum() - 0.1 * r[1].sum())(
-        crossent.token_logprobs(m(x), y, temperature=0.9, softcap=3.0, return_entropy=True)),
+        crossent.token_logprobs(m(x), y, temperature=0.9, softcap=3.0, return_entropy=True)
+    ),
     "linear_ce_options": lambda m, x, y, tw: crossent.linear_cross_entropy(
-        x, m.weight, y, linear_bias=m.bias, z_loss=1e-2, softcap=2.0, temperature=0.8, token_weight=tw,
-        chunk_size=5),
-    "linear_ce_lse_accuracy": lambda m, x, y, tw: (lambda r: r[0] + r[2] * 0)(crossent.linear_cross_entropy(
-        x, m.weight, y, linear_bias=m.bias, z_loss=1e-2, return_lse=True, return_accuracy=True)),
+        x, m.weight, y, linear_bias=m.bias, z_loss=1e-2, softcap=2.0, temperature=0.8, token_weight=tw, chunk_size=5
+    ),
+    "linear_ce_lse_accuracy": lambda m, x, y, tw: (lambda r: r[0] + r[2] * 0)(
+        crossent.linear_cross_entropy(
+            x, m.weight, y, linear_bias=m.bias, z_loss=1e-2, return_lse=True, return_accuracy=True
+        )
+    ),
     "linear_token_logprobs_entropy": lambda m, x, y, tw: (lambda r: r[0].sum() - 0.1 * r[1].sum())(
-        crossent.linear_token_logprobs(x, m.weight, y, bias=m.bias, temperature=1.2, return_entropy=True,
-                                       chunk_size=5)),
+        crossent.linear_token_logprobs(x, m.weight, y, bias=m.bias, temperature=1.2, return_entropy=True, chunk_size=5)
+    ),
 }
 
 
@@ -88,22 +94,23 @@ def test_captured_graph_uses_the_registered_op_and_no_host_reads():
             self.lin = model
 
         def forward(self, x, y, tw):
-            lp, ent = crossent.linear_token_logprobs(x, self.lin.weight, y, bias=self.lin.bias,
-                                                     return_entropy=True)
+            lp, ent = crossent.linear_token_logprobs(x, self.lin.weight, y, bias=self.lin.bias, return_entropy=True)
             return crossent.cross_entropy(self.lin(x), y, z_loss=1e-3, token_weight=tw) + lp.sum() + ent.sum()
 
     program = torch.export.export(Head(), (x, y, tw))
     used = {str(n.target) for n in program.graph.nodes}
     assert any("crossent.lm_head_forward" in o for o in used), used
-    assert not any(o.endswith(("_local_scalar_dense.default", "nonzero.default", "is_nonzero.default"))
-                   for o in used), used
+    assert not any(
+        o.endswith(("_local_scalar_dense.default", "nonzero.default", "is_nonzero.default")) for o in used
+    ), used
     x2, y2, tw2 = _data(seed=4)
     assert_close(program.module()(x2, y2, tw2), Head()(x2, y2, tw2))
 
 
 def test_compiled_negative_token_weight_raises_inside_the_graph():
-    compiled = torch.compile(lambda z, y, tw: crossent.cross_entropy(z, y, token_weight=tw), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda z, y, tw: crossent.cross_entropy(z, y, token_weight=tw), fullgraph=True, backend="aot_eager"
+    )
     z = torch.randn(4, C)
     y = torch.tensor([0, 1, 2, 3])
     compiled(z, y, torch.ones(4))
@@ -147,5 +154,6 @@ def test_opcheck_lm_head_loss_op():
     keep = y != -100
     sigma = torch.full((5,), 0.02, dtype=torch.float64)
     c = torch.rand(6, generator=g, dtype=torch.float64)
-    torch.library.opcheck(ops.lm_head_loss_fused, (x, W, b, y, keep, sigma, c, c * 0.5, c * 1e-2, 0.8, 2.0, 4,
-                                                   True, True, True))
+    torch.library.opcheck(
+        ops.lm_head_loss_fused, (x, W, b, y, keep, sigma, c, c * 0.5, c * 1e-2, 0.8, 2.0, 4, True, True, True)
+    )

@@ -16,14 +16,31 @@ import torch.nn.functional as TF
 
 import crossent.functional as CF
 import crossent.nn as CN
-from _helpers import (DTYPES, LAYOUTS, REDUCTIONS, SHAPES_BINARY, SHAPES_MULTICLASS,
-                      TOL_SECOND_ORDER, assert_close, class_indices, class_probabilities, gen, logits,
-                      make_view, probabilities, ref_dtype, soft_targets, torch_quiet)
+from _helpers import (
+    DTYPES,
+    LAYOUTS,
+    REDUCTIONS,
+    SHAPES_BINARY,
+    SHAPES_MULTICLASS,
+    TOL_SECOND_ORDER,
+    assert_close,
+    class_indices,
+    class_probabilities,
+    gen,
+    logits,
+    make_view,
+    probabilities,
+    ref_dtype,
+    soft_targets,
+    torch_quiet,
+)
 
 # Values, not warnings: random specs include fully ignored small batches (mean = nan, as in
 # torch; the warning itself is tested in tests/validation/test_input_checks.py).
-pytestmark = [pytest.mark.filterwarnings("ignore:.*targets equal ignore_index:crossent.CrossentWarning"),
-              pytest.mark.usefixtures("backend")]   # every CPU backend (tests/conftest.py)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*targets equal ignore_index:crossent.CrossentWarning"),
+    pytest.mark.usefixtures("backend"),
+]  # every CPU backend (tests/conftest.py)
 
 FN = {
     "bce": (TF.binary_cross_entropy, CF.binary_cross_entropy),
@@ -57,8 +74,7 @@ def check_parity(loss, spec, kwargs, dtype, grad_names=("input",), msg=""):
     torch_fn, our_fn = FN[loss]
     rdt = ref_dtype(dtype)
     # Both sides see the same values: rounded to ``dtype`` first.
-    spec = {k: ((v.to(dtype).double() if v.is_floating_point() else v), layout)
-            for k, (v, layout) in spec.items()}
+    spec = {k: ((v.to(dtype).double() if v.is_floating_point() else v), layout) for k, (v, layout) in spec.items()}
     ours, our_grads = None, None
     # torch in the requested dtype: only for its output dtype (and as the reference when
     # it is float32/64).
@@ -135,30 +151,49 @@ def _binary_spec(loss, shape, seed=0, weight_kind=None, pos_weight_kind=None, la
     return spec
 
 
-@pytest.mark.parametrize("loss,shape,weight_kind,reduction,dtype", BINARY_GRID,
-                         ids=[f"{l}-{s}-w{w}-{r}-{str(d)[6:]}" for l, s, w, r, d in BINARY_GRID])
+@pytest.mark.parametrize(
+    "loss,shape,weight_kind,reduction,dtype",
+    BINARY_GRID,
+    ids=[f"{l}-{s}-w{w}-{r}-{str(d)[6:]}" for l, s, w, r, d in BINARY_GRID],
+)
 def test_binary_parity(loss, shape, weight_kind, reduction, dtype):
     spec = _binary_spec(loss, shape, weight_kind=weight_kind)
-    check_parity(loss, spec, {"reduction": reduction}, dtype, ("input", "target"),
-                 msg=f"{loss} {shape} weight={weight_kind} {reduction} {dtype}")
+    check_parity(
+        loss,
+        spec,
+        {"reduction": reduction},
+        dtype,
+        ("input", "target"),
+        msg=f"{loss} {shape} weight={weight_kind} {reduction} {dtype}",
+    )
 
 
 POS_WEIGHT_GRID = [
     (shape, pk, wk, red, dt)
     for shape in SHAPES_BINARY
-    for pk in _weight_kinds(shape) if pk is not None
+    for pk in _weight_kinds(shape)
+    if pk is not None
     for wk in (None, "last" if shape else "scalar")
     for red in REDUCTIONS
     for dt in DTYPES
 ]
 
 
-@pytest.mark.parametrize("shape,pos_weight_kind,weight_kind,reduction,dtype", POS_WEIGHT_GRID,
-                         ids=[f"{s}-pw{p}-w{w}-{r}-{str(d)[6:]}" for s, p, w, r, d in POS_WEIGHT_GRID])
+@pytest.mark.parametrize(
+    "shape,pos_weight_kind,weight_kind,reduction,dtype",
+    POS_WEIGHT_GRID,
+    ids=[f"{s}-pw{p}-w{w}-{r}-{str(d)[6:]}" for s, p, w, r, d in POS_WEIGHT_GRID],
+)
 def test_bce_with_logits_pos_weight_parity(shape, pos_weight_kind, weight_kind, reduction, dtype):
     spec = _binary_spec("bce_logits", shape, seed=1, weight_kind=weight_kind, pos_weight_kind=pos_weight_kind)
-    check_parity("bce_logits", spec, {"reduction": reduction}, dtype, ("input", "target"),
-                 msg=f"{shape} pos_weight={pos_weight_kind} weight={weight_kind} {reduction} {dtype}")
+    check_parity(
+        "bce_logits",
+        spec,
+        {"reduction": reduction},
+        dtype,
+        ("input", "target"),
+        msg=f"{shape} pos_weight={pos_weight_kind} weight={weight_kind} {reduction} {dtype}",
+    )
 
 
 BINARY_LAYOUT_GRID = [
@@ -171,24 +206,40 @@ BINARY_LAYOUT_GRID = [
 ]
 
 
-@pytest.mark.parametrize("loss,layout,shape,reduction,dtype", BINARY_LAYOUT_GRID,
-                         ids=[f"{l}-{a}-{s}-{r}-{str(d)[6:]}" for l, a, s, r, d in BINARY_LAYOUT_GRID])
+@pytest.mark.parametrize(
+    "loss,layout,shape,reduction,dtype",
+    BINARY_LAYOUT_GRID,
+    ids=[f"{l}-{a}-{s}-{r}-{str(d)[6:]}" for l, a, s, r, d in BINARY_LAYOUT_GRID],
+)
 def test_binary_layout_parity(loss, layout, shape, reduction, dtype):
     """Non-contiguous (transposed, sliced) and expanded (stride 0) input, target and weight."""
-    spec = _binary_spec(loss, shape, seed=2, weight_kind="full",
-                        pos_weight_kind="last" if loss == "bce_logits" else None, layout=layout)
-    check_parity(loss, spec, {"reduction": reduction}, dtype, ("input", "target"),
-                 msg=f"{loss} {layout} {shape} {reduction} {dtype}")
+    spec = _binary_spec(
+        loss, shape, seed=2, weight_kind="full", pos_weight_kind="last" if loss == "bce_logits" else None, layout=layout
+    )
+    check_parity(
+        loss,
+        spec,
+        {"reduction": reduction},
+        dtype,
+        ("input", "target"),
+        msg=f"{loss} {layout} {shape} {reduction} {dtype}",
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_bce_clamp_parity(reduction, dtype):
     """Probabilities exactly 0 and 1: torch's log clamp at -100 and its clamped gradient."""
-    p = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 1e-30, 1 - 2 ** -20], dtype=torch.float64)
+    p = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 1e-30, 1 - 2**-20], dtype=torch.float64)
     t = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.3, 0.7, 0.2], dtype=torch.float64)
-    check_parity("bce", {"input": (p, "contiguous"), "target": (t, "contiguous")},
-                 {"reduction": reduction}, dtype, ("input", "target"), msg="clamp")
+    check_parity(
+        "bce",
+        {"input": (p, "contiguous"), "target": (t, "contiguous")},
+        {"reduction": reduction},
+        dtype,
+        ("input", "target"),
+        msg="clamp",
+    )
 
 
 # --------------------------------------------------------------------------- multiclass grid
@@ -198,7 +249,7 @@ def _ce_spec(shape, target_kind, weighted, seed=0, layout="contiguous", ignore_i
     C = shape[class_dim]
     x = logits(shape, g)
     spec = {"input": (x, layout)}
-    index_shape = tuple(shape[:class_dim]) + tuple(shape[class_dim + 1:])
+    index_shape = tuple(shape[:class_dim]) + tuple(shape[class_dim + 1 :])
     if target_kind == "prob":
         # An expanded (C,) target would repeat one probability: keep unbatched ones contiguous.
         t_layout = "contiguous" if (layout == "expanded" and len(shape) == 1) else layout
@@ -222,13 +273,22 @@ CE_GRID = [
 ]
 
 
-@pytest.mark.parametrize("shape,target_kind,weighted,label_smoothing,reduction,dtype", CE_GRID,
-                         ids=[f"{s}-{t}-w{int(w)}-ls{l}-{r}-{str(d)[6:]}" for s, t, w, l, r, d in CE_GRID])
+@pytest.mark.parametrize(
+    "shape,target_kind,weighted,label_smoothing,reduction,dtype",
+    CE_GRID,
+    ids=[f"{s}-{t}-w{int(w)}-ls{l}-{r}-{str(d)[6:]}" for s, t, w, l, r, d in CE_GRID],
+)
 def test_cross_entropy_parity(shape, target_kind, weighted, label_smoothing, reduction, dtype):
     spec = _ce_spec(shape, target_kind, weighted)
     grads = ("input", "target") if target_kind == "prob" else ("input",)
-    check_parity("ce", spec, {"reduction": reduction, "label_smoothing": label_smoothing}, dtype, grads,
-                 msg=f"{shape} {target_kind} weight={weighted} ls={label_smoothing} {reduction} {dtype}")
+    check_parity(
+        "ce",
+        spec,
+        {"reduction": reduction, "label_smoothing": label_smoothing},
+        dtype,
+        grads,
+        msg=f"{shape} {target_kind} weight={weighted} ls={label_smoothing} {reduction} {dtype}",
+    )
 
 
 CE_LAYOUT_GRID = [
@@ -241,13 +301,22 @@ CE_LAYOUT_GRID = [
 ]
 
 
-@pytest.mark.parametrize("layout,shape,target_kind,reduction,dtype", CE_LAYOUT_GRID,
-                         ids=[f"{a}-{s}-{t}-{r}-{str(d)[6:]}" for a, s, t, r, d in CE_LAYOUT_GRID])
+@pytest.mark.parametrize(
+    "layout,shape,target_kind,reduction,dtype",
+    CE_LAYOUT_GRID,
+    ids=[f"{a}-{s}-{t}-{r}-{str(d)[6:]}" for a, s, t, r, d in CE_LAYOUT_GRID],
+)
 def test_cross_entropy_layout_parity(layout, shape, target_kind, reduction, dtype):
     spec = _ce_spec(shape, target_kind, weighted=True, seed=3, layout=layout)
     grads = ("input", "target") if target_kind == "prob" else ("input",)
-    check_parity("ce", spec, {"reduction": reduction, "label_smoothing": 0.1}, dtype, grads,
-                 msg=f"{layout} {shape} {target_kind} {reduction} {dtype}")
+    check_parity(
+        "ce",
+        spec,
+        {"reduction": reduction, "label_smoothing": 0.1},
+        dtype,
+        grads,
+        msg=f"{layout} {shape} {target_kind} {reduction} {dtype}",
+    )
 
 
 @pytest.mark.parametrize("ignore_index", [0, 2, -1, -100])
@@ -256,8 +325,13 @@ def test_cross_entropy_layout_parity(layout, shape, target_kind, reduction, dtyp
 def test_cross_entropy_ignore_index_values(ignore_index, label_smoothing, reduction):
     """ignore_index equal to a real class, or negative; with weights and smoothing."""
     spec = _ce_spec((6, 4, 2), "index_ignore", weighted=True, seed=4, ignore_index=ignore_index)
-    check_parity("ce", spec, {"reduction": reduction, "label_smoothing": label_smoothing,
-                              "ignore_index": ignore_index}, torch.float64, ("input",))
+    check_parity(
+        "ce",
+        spec,
+        {"reduction": reduction, "label_smoothing": label_smoothing, "ignore_index": ignore_index},
+        torch.float64,
+        ("input",),
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -266,11 +340,17 @@ def test_cross_entropy_all_ignored_and_extreme_rows(reduction, dtype):
     """Every target ignored (mean is 0/0 = nan, like torch) and rows with huge margins."""
     x = torch.tensor([[30.0, 0.0, -5.0], [0.0, 0.0, 0.0], [-50.0, 50.0, 0.0]], dtype=torch.float64)
     y = torch.full((3,), -100)
-    check_parity("ce", {"input": (x, "contiguous"), "target": (y, "contiguous")},
-                 {"reduction": reduction}, dtype, ("input",))
+    check_parity(
+        "ce", {"input": (x, "contiguous"), "target": (y, "contiguous")}, {"reduction": reduction}, dtype, ("input",)
+    )
     y = torch.tensor([0, 1, 1])
-    check_parity("ce", {"input": (x, "contiguous"), "target": (y, "contiguous")},
-                 {"reduction": reduction, "label_smoothing": 0.05}, dtype, ("input",))
+    check_parity(
+        "ce",
+        {"input": (x, "contiguous"), "target": (y, "contiguous")},
+        {"reduction": reduction, "label_smoothing": 0.05},
+        dtype,
+        ("input",),
+    )
 
 
 def test_cross_entropy_unbatched_target_of_shape_one():
@@ -279,11 +359,16 @@ def test_cross_entropy_unbatched_target_of_shape_one():
     gradient of the 0-dim-target call."""
     x = torch.randn(5, dtype=torch.float64)
     for red in REDUCTIONS:
-        check_parity("ce", {"input": (x, "contiguous"), "target": (torch.tensor([3]), "contiguous")},
-                     {"reduction": red}, torch.float64, ())
+        check_parity(
+            "ce",
+            {"input": (x, "contiguous"), "target": (torch.tensor([3]), "contiguous")},
+            {"reduction": red},
+            torch.float64,
+            (),
+        )
         xi = x.clone().requires_grad_()
-        g1, = torch.autograd.grad(CF.cross_entropy(xi, torch.tensor([3]), reduction=red), xi)
-        g0, = torch.autograd.grad(TF.cross_entropy(xi, torch.tensor(3), reduction=red), xi)
+        (g1,) = torch.autograd.grad(CF.cross_entropy(xi, torch.tensor([3]), reduction=red), xi)
+        (g0,) = torch.autograd.grad(TF.cross_entropy(xi, torch.tensor(3), reduction=red), xi)
         assert_close(g1, g0)
 
 
@@ -310,8 +395,10 @@ def test_mixed_dtypes_output_dtype(in_dtype, target_dtype):
     g = gen(5)
     x, t = logits((4, 3), g), soft_targets((4, 3), g)
     q = class_probabilities((4, 3), 1, g)
-    for tf, cf, tgt in [(TF.binary_cross_entropy_with_logits, CF.binary_cross_entropy_with_logits, t),
-                        (TF.cross_entropy, CF.cross_entropy, q)]:
+    for tf, cf, tgt in [
+        (TF.binary_cross_entropy_with_logits, CF.binary_cross_entropy_with_logits, t),
+        (TF.cross_entropy, CF.cross_entropy, q),
+    ]:
         xi, ti = x.to(in_dtype), tgt.to(target_dtype)
         expected = tf(xi, ti, reduction="none")
         ours = cf(xi, ti, reduction="none")
@@ -332,9 +419,12 @@ def test_cross_entropy_prob_target_weight_dtype_promotes():
 
 # --------------------------------------------------------------------------- second order
 SECOND = [
-    ("bce", {}), ("bce", {"weight": "last"}),
-    ("bce_logits", {}), ("bce_logits", {"weight": "last", "pos_weight": "last"}),
-    ("ce", {"target": "index"}), ("ce", {"target": "index_ignore", "weight": True, "label_smoothing": 0.2}),
+    ("bce", {}),
+    ("bce", {"weight": "last"}),
+    ("bce_logits", {}),
+    ("bce_logits", {"weight": "last", "pos_weight": "last"}),
+    ("ce", {"target": "index"}),
+    ("ce", {"target": "index_ignore", "weight": True, "label_smoothing": 0.2}),
     ("ce", {"target": "prob", "weight": True, "label_smoothing": 0.2}),
 ]
 
@@ -347,8 +437,9 @@ def test_second_derivatives_match_torch(loss, opts, reduction):
         spec = _ce_spec((5, 4, 2), opts.get("target"), opts.get("weight", False), seed=6)
         kwargs = {"label_smoothing": opts.get("label_smoothing", 0.0)}
     else:
-        spec = _binary_spec(loss, (5, 3), seed=6, weight_kind=opts.get("weight"),
-                            pos_weight_kind=opts.get("pos_weight"))
+        spec = _binary_spec(
+            loss, (5, 3), seed=6, weight_kind=opts.get("weight"), pos_weight_kind=opts.get("pos_weight")
+        )
         kwargs = {}
     kwargs["reduction"] = reduction
     results = []
@@ -357,9 +448,9 @@ def test_second_derivatives_match_torch(loss, opts, reduction):
         others = {k: v[0] for k, v in spec.items() if k != "input"}
         out = fn(x, **others, **kwargs)
         up = torch.rand(out.shape, generator=gen(8), dtype=torch.float64)
-        gx, = torch.autograd.grad(out, x, up, create_graph=True)
+        (gx,) = torch.autograd.grad(out, x, up, create_graph=True)
         v = torch.rand(x.shape, generator=gen(9), dtype=torch.float64)
-        hv, = torch.autograd.grad((gx * v).sum(), x)
+        (hv,) = torch.autograd.grad((gx * v).sum(), x)
         results.append(hv)
     torch.testing.assert_close(results[1], results[0], **TOL_SECOND_ORDER)
 
@@ -389,8 +480,9 @@ def _module_pair(name, opts, loss, dtype):
     theirs = getattr(torch.nn, name)(**kwargs)
     ours = getattr(CN, name)(**kwargs)
     if loss == "ce":
-        spec = _ce_spec((6, C, 2), opts.get("target", "index"), False, seed=12,
-                        ignore_index=opts.get("ignore_index", -100))
+        spec = _ce_spec(
+            (6, C, 2), opts.get("target", "index"), False, seed=12, ignore_index=opts.get("ignore_index", -100)
+        )
     else:
         spec = _binary_spec(loss, (6, C), seed=12)
     return theirs, ours, spec
@@ -409,8 +501,8 @@ def test_module_parity(name, opts, loss, dtype):
     assert a.dtype == b.dtype and a.shape == b.shape
     assert_close(b, a, msg=name)
     up = torch.rand(a.shape, generator=gen(13), dtype=dtype)
-    ga, = torch.autograd.grad(a, x, up)
-    gb, = torch.autograd.grad(b, x, up)
+    (ga,) = torch.autograd.grad(a, x, up)
+    (gb,) = torch.autograd.grad(b, x, up)
     assert_close(gb, ga, msg=name + " grad")
 
 
@@ -420,13 +512,15 @@ def test_state_dict_round_trip(name, opts, loss):
     theirs, ours, spec = _module_pair(name, opts, loss, torch.float32)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     # Fresh modules with different buffer values, then load.
-    fresh_ours = getattr(CN, name)(**{k: (v * 0 + 7 if isinstance(v, torch.Tensor) else v)
-                                      for k, v in _module_kwargs(theirs).items()})
+    fresh_ours = getattr(CN, name)(
+        **{k: (v * 0 + 7 if isinstance(v, torch.Tensor) else v) for k, v in _module_kwargs(theirs).items()}
+    )
     fresh_ours.load_state_dict(theirs.state_dict())
     for k, v in theirs.state_dict().items():
         assert torch.equal(fresh_ours.state_dict()[k], v)
-    fresh_theirs = getattr(torch.nn, name)(**{k: (v * 0 + 7 if isinstance(v, torch.Tensor) else v)
-                                             for k, v in _module_kwargs(theirs).items()})
+    fresh_theirs = getattr(torch.nn, name)(
+        **{k: (v * 0 + 7 if isinstance(v, torch.Tensor) else v) for k, v in _module_kwargs(theirs).items()}
+    )
     fresh_theirs.load_state_dict(ours.state_dict())
     for k, v in ours.state_dict().items():
         assert torch.equal(fresh_theirs.state_dict()[k], v)
@@ -493,17 +587,26 @@ def test_deprecated_size_average_and_reduce(loss, size_average, reduce):
 def test_positional_signatures_match_torch():
     """Every positional parameter of torch's functions and modules sits at the same place."""
     import inspect
-    pairs = [(TF.binary_cross_entropy, CF.binary_cross_entropy),
-             (TF.binary_cross_entropy_with_logits, CF.binary_cross_entropy_with_logits),
-             (TF.cross_entropy, CF.cross_entropy),
-             (torch.nn.BCELoss.__init__, CN.BCELoss.__init__),
-             (torch.nn.BCEWithLogitsLoss.__init__, CN.BCEWithLogitsLoss.__init__),
-             (torch.nn.CrossEntropyLoss.__init__, CN.CrossEntropyLoss.__init__)]
+
+    pairs = [
+        (TF.binary_cross_entropy, CF.binary_cross_entropy),
+        (TF.binary_cross_entropy_with_logits, CF.binary_cross_entropy_with_logits),
+        (TF.cross_entropy, CF.cross_entropy),
+        (torch.nn.BCELoss.__init__, CN.BCELoss.__init__),
+        (torch.nn.BCEWithLogitsLoss.__init__, CN.BCEWithLogitsLoss.__init__),
+        (torch.nn.CrossEntropyLoss.__init__, CN.CrossEntropyLoss.__init__),
+    ]
     for theirs, ours in pairs:
-        tp = [(p.name, p.default) for p in inspect.signature(theirs).parameters.values()
-              if p.kind is p.POSITIONAL_OR_KEYWORD]
-        op = [(p.name, p.default) for p in inspect.signature(ours).parameters.values()
-              if p.kind is p.POSITIONAL_OR_KEYWORD]
+        tp = [
+            (p.name, p.default)
+            for p in inspect.signature(theirs).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
+        op = [
+            (p.name, p.default)
+            for p in inspect.signature(ours).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
         assert op == tp, theirs
 
 
@@ -544,8 +647,12 @@ RAISES = {
     "bcel target shape (4,) for input (4,1)": lambda f: f.binary_cross_entropy_with_logits(_x(4, 1), _p(4)),
     "bcel integer input": lambda f: f.binary_cross_entropy_with_logits(torch.ones(4, dtype=torch.long), _p(4)),
     "bcel complex input": lambda f: f.binary_cross_entropy_with_logits(_x(2).to(torch.cfloat), _p(2).to(torch.cfloat)),
-    "bcel pos_weight not broadcastable": lambda f: f.binary_cross_entropy_with_logits(_x(4, 3), _p(4, 3), pos_weight=_p(2)),
-    "bcel pos_weight enlarges": lambda f: f.binary_cross_entropy_with_logits(_x(4, 3), _p(4, 3), pos_weight=_p(2, 4, 3)),
+    "bcel pos_weight not broadcastable": lambda f: f.binary_cross_entropy_with_logits(
+        _x(4, 3), _p(4, 3), pos_weight=_p(2)
+    ),
+    "bcel pos_weight enlarges": lambda f: f.binary_cross_entropy_with_logits(
+        _x(4, 3), _p(4, 3), pos_weight=_p(2, 4, 3)
+    ),
     "bcel weight not broadcastable": lambda f: f.binary_cross_entropy_with_logits(_x(4, 3), _p(4, 3), weight=_p(4)),
     "bcel weight enlarges": lambda f: f.binary_cross_entropy_with_logits(_x(4, 3), _p(4, 3), weight=_p(2, 4, 3)),
     "bcel bad reduction": lambda f: f.binary_cross_entropy_with_logits(_x(4), _p(4), reduction="MEAN"),
@@ -560,7 +667,9 @@ RAISES = {
     "ce prob weight wrong length": lambda f: f.cross_entropy(_x(4, 3), torch.softmax(_x(4, 3), 1), weight=_p(2)),
     "ce float target of shape (N,)": lambda f: f.cross_entropy(_x(4, 3), torch.tensor([0.0, 1.0, 2.0, 0.0])),
     "ce integer target of input's shape": lambda f: f.cross_entropy(_x(4, 3), torch.ones(4, 3, dtype=torch.long)),
-    "ce prob target with ignore_index >= 0": lambda f: f.cross_entropy(_x(4, 3), torch.softmax(_x(4, 3), 1), ignore_index=1),
+    "ce prob target with ignore_index >= 0": lambda f: f.cross_entropy(
+        _x(4, 3), torch.softmax(_x(4, 3), 1), ignore_index=1
+    ),
     "ce prob target wrong C": lambda f: f.cross_entropy(_x(2, 3), torch.softmax(_x(2, 4), 1)),
     "ce target (N,) for K-dim input": lambda f: f.cross_entropy(_x(2, 3, 4), torch.zeros(2, dtype=torch.long)),
     "ce target (B,T) for (B,T,V)": lambda f: f.cross_entropy(_x(2, 5, 3), torch.zeros(2, 5, dtype=torch.long)),
@@ -585,7 +694,11 @@ class _TorchNS:
     binary_cross_entropy = staticmethod(TF.binary_cross_entropy)
     binary_cross_entropy_with_logits = staticmethod(TF.binary_cross_entropy_with_logits)
     cross_entropy = staticmethod(TF.cross_entropy)
-    BCELoss, BCEWithLogitsLoss, CrossEntropyLoss = torch.nn.BCELoss, torch.nn.BCEWithLogitsLoss, torch.nn.CrossEntropyLoss
+    BCELoss, BCEWithLogitsLoss, CrossEntropyLoss = (
+        torch.nn.BCELoss,
+        torch.nn.BCEWithLogitsLoss,
+        torch.nn.CrossEntropyLoss,
+    )
 
 
 class _OursNS:
@@ -607,7 +720,6 @@ def test_raises_where_torch_raises(case):
     with pytest.raises(ALLOWED) as ours:
         make(_OursNS)
     assert type(ours.value).__module__.startswith("crossent"), f"raw error escaped: {ours.value!r}"
-
 
 
 # --------------------------------------------------------------------------- autocast

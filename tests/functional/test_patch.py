@@ -54,10 +54,11 @@ def calls(monkeypatch):
         def wrapped(op, like, backend=None):
             seen.append((op, backend))
             return dispatch(op, like, backend)
+
         return wrapped
 
     monkeypatch.setattr(_multiclass, "dispatch", recording(_multiclass.dispatch))
-    monkeypatch.setattr(_multiclass, "resolve", recording(_multiclass.resolve))   # the plain eager call
+    monkeypatch.setattr(_multiclass, "resolve", recording(_multiclass.resolve))  # the plain eager call
     monkeypatch.setattr(_binary, "dispatch", recording(_binary.dispatch))
     return seen
 
@@ -111,8 +112,7 @@ def test_binary_functions_routed(calls):
         loss = TF.binary_cross_entropy_with_logits(x, t, reduction="none")
         assert loss[0].item() == pytest.approx(2.0612e-9, rel=1e-4)  # torch: 0
         p = torch.tensor([0.2, 0.7])
-        torch.testing.assert_close(TF.binary_cross_entropy(p, t),
-                                   ORIGINAL_FUNCTIONS["binary_cross_entropy"](p, t))
+        torch.testing.assert_close(TF.binary_cross_entropy(p, t), ORIGINAL_FUNCTIONS["binary_cross_entropy"](p, t))
         with pytest.raises(crossent.CrossentValueError, match="probabilities"):
             TF.binary_cross_entropy(torch.tensor([1.5, -0.5]), t)
     assert [op for op, _ in calls] == ["binary_cross_entropy_with_logits", "binary_cross_entropy"]
@@ -120,17 +120,20 @@ def test_binary_functions_routed(calls):
 
 
 def _modules():
-    return [torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), ignore_index=1,
-                                      label_smoothing=0.1),
-            torch.nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 3.0]), pos_weight=torch.tensor([2.0, 0.5])),
-            torch.nn.BCELoss(reduction="sum")]
+    return [
+        torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), ignore_index=1, label_smoothing=0.1),
+        torch.nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 3.0]), pos_weight=torch.tensor([2.0, 0.5])),
+        torch.nn.BCELoss(reduction="sum"),
+    ]
 
 
 def _module_inputs():
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(8, 3, generator=g, requires_grad=True), torch.randint(0, 3, (8,), generator=g)),
-            (torch.randn(8, 2, generator=g, requires_grad=True), torch.rand(8, 2, generator=g)),
-            (torch.rand(8, 2, generator=g, requires_grad=True), torch.rand(8, 2, generator=g))]
+    return [
+        (torch.randn(8, 3, generator=g, requires_grad=True), torch.randint(0, 3, (8,), generator=g)),
+        (torch.randn(8, 2, generator=g, requires_grad=True), torch.rand(8, 2, generator=g)),
+        (torch.rand(8, 2, generator=g, requires_grad=True), torch.rand(8, 2, generator=g)),
+    ]
 
 
 @pytest.mark.parametrize("built", ["before", "inside"])
@@ -142,11 +145,9 @@ def test_torch_loss_modules_routed_with_their_options(calls, built):
     with crossent.patch(functional=False):  # forward patched in place, functions left alone
         assert TF.cross_entropy is ORIGINAL_FUNCTIONS["cross_entropy"]
         mods = before if built == "before" else _modules()
-        assert [type(m) for m in mods] == [torch.nn.CrossEntropyLoss, torch.nn.BCEWithLogitsLoss,
-                                           torch.nn.BCELoss]
+        assert [type(m) for m in mods] == [torch.nn.CrossEntropyLoss, torch.nn.BCEWithLogitsLoss, torch.nn.BCELoss]
         got = [m(x, t) for m, (x, t) in zip(mods, inputs)]
-    assert [op for op, _ in calls] == ["cross_entropy", "binary_cross_entropy_with_logits",
-                                       "binary_cross_entropy"]
+    assert [op for op, _ in calls] == ["cross_entropy", "binary_cross_entropy_with_logits", "binary_cross_entropy"]
     for g, r, (x, _), rg in zip(got, refs, inputs, ref_grads):
         torch.testing.assert_close(g, r)
         torch.testing.assert_close(torch.autograd.grad(g, x)[0], rg)
@@ -178,8 +179,7 @@ def test_options_reach_every_call_and_explicit_keywords_win(calls):
         TF.cross_entropy(x, y)
         TF.cross_entropy(x, y, backend="chunked-torch")
         torch.nn.CrossEntropyLoss()(x, y)
-    assert calls == [("cross_entropy", "reference"), ("cross_entropy", "chunked-torch"),
-                     ("cross_entropy", "reference")]
+    assert calls == [("cross_entropy", "reference"), ("cross_entropy", "chunked-torch"), ("cross_entropy", "reference")]
 
 
 def test_bad_arguments_are_errors_and_patch_nothing():
@@ -255,10 +255,13 @@ def test_keeps_a_patch_made_on_top_of_crossents():
 
 def test_rebind_names_bound_at_import(calls):
     lib = types.ModuleType("some_lib_losses")
-    exec("from torch.nn.functional import cross_entropy\n"
-         "from torch.nn.functional import binary_cross_entropy_with_logits as bce\n"
-         "import torch.nn.functional as F\n"
-         "def loss(x, y):\n    return cross_entropy(x, y)\n", lib.__dict__)
+    exec(
+        "from torch.nn.functional import cross_entropy\n"
+        "from torch.nn.functional import binary_cross_entropy_with_logits as bce\n"
+        "import torch.nn.functional as F\n"
+        "def loss(x, y):\n    return cross_entropy(x, y)\n",
+        lib.__dict__,
+    )
     sys.modules[lib.__name__] = lib
     try:
         with crossent.patch():  # without rebind, the name bound at import stays torch's
@@ -276,17 +279,19 @@ def test_rebind_names_bound_at_import(calls):
         del sys.modules[lib.__name__]
 
 
-def test_no_recursion_through_patched_torch(backend):   # every CPU backend (tests/conftest.py)
+def test_no_recursion_through_patched_torch(backend):  # every CPU backend (tests/conftest.py)
     """crossent's implementations never call the three patched torch functions."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, 3, generator=g, requires_grad=True)
     y = torch.randint(0, 5, (6, 3), generator=g)
     t = torch.rand(6, 5, 3, generator=g)
     W = torch.randn(5, 5, generator=g, requires_grad=True)
-    cases = [lambda: TF.cross_entropy(x, y, label_smoothing=0.1),
-             lambda: TF.cross_entropy(x, t.softmax(1)),
-             lambda: TF.binary_cross_entropy_with_logits(x, t, pos_weight=torch.ones(3)),
-             lambda: TF.binary_cross_entropy(x.sigmoid(), t)]
+    cases = [
+        lambda: TF.cross_entropy(x, y, label_smoothing=0.1),
+        lambda: TF.cross_entropy(x, t.softmax(1)),
+        lambda: TF.binary_cross_entropy_with_logits(x, t, pos_weight=torch.ones(3)),
+        lambda: TF.binary_cross_entropy(x.sigmoid(), t),
+    ]
     refs = [case() for case in cases]
     with crossent.patch(backend=backend):
         got = [case() for case in cases]
@@ -307,8 +312,9 @@ def test_concurrent_enter_and_leave():
         try:
             start.wait()
             for k in range(40):
-                with crossent.patch(losses=None if (i + k) % 2 else ["cross_entropy"],
-                                    backend="reference" if i % 3 == 0 else None):
+                with crossent.patch(
+                    losses=None if (i + k) % 2 else ["cross_entropy"], backend="reference" if i % 3 == 0 else None
+                ):
                     if TF.cross_entropy(x, y).item() == 0.0:
                         errors.append(f"thread {i}: torch inside a patch")
                     torch.nn.CrossEntropyLoss()(x, y)

@@ -41,18 +41,21 @@ def test_cross_entropy_on_two_logits_equals_bce_on_the_difference(reduction, smo
     za = z.clone().requires_grad_(True)
     zb = z.clone().requires_grad_(True)
     ce = CF.cross_entropy(za, y, reduction=reduction, label_smoothing=smoothing)
-    bce = CF.binary_cross_entropy_with_logits(P.two_logits_to_one(zb), y.double(), reduction=reduction,
-                                              label_smoothing=smoothing)
+    bce = CF.binary_cross_entropy_with_logits(
+        P.two_logits_to_one(zb), y.double(), reduction=reduction, label_smoothing=smoothing
+    )
     torch.testing.assert_close(ce, bce, rtol=1e-13, atol=1e-15)
     g = torch.randn_like(ce)
     (ga,) = torch.autograd.grad(ce, za, g)
     (gb,) = torch.autograd.grad(bce, zb, g)
     torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-15)
     # the same identity holds for torch's own losses (an independent check of the math)
-    ref = TF.binary_cross_entropy_with_logits(z[:, 1] - z[:, 0], y.double() * (1 - smoothing) + smoothing / 2,
-                                              reduction=reduction)
-    torch.testing.assert_close(TF.cross_entropy(z, y, reduction=reduction, label_smoothing=smoothing), ref,
-                               rtol=1e-12, atol=1e-14)
+    ref = TF.binary_cross_entropy_with_logits(
+        z[:, 1] - z[:, 0], y.double() * (1 - smoothing) + smoothing / 2, reduction=reduction
+    )
+    torch.testing.assert_close(
+        TF.cross_entropy(z, y, reduction=reduction, label_smoothing=smoothing), ref, rtol=1e-12, atol=1e-14
+    )
 
 
 def test_class_weights_map_to_per_sample_weights_for_sums():
@@ -88,8 +91,9 @@ def test_head_conversions():
     two = P.one_logit_head_to_two(one)
     assert two.weight.shape == (2, 7) and two.weight.data_ptr() != one.weight.data_ptr()
     torch.testing.assert_close(P.two_logits_to_one(two(h)), one(h).squeeze(1), rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(P.multiclass_probabilities(two(h))[:, 1], torch.sigmoid(one(h)).squeeze(1),
-                               rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(
+        P.multiclass_probabilities(two(h))[:, 1], torch.sigmoid(one(h)).squeeze(1), rtol=1e-14, atol=1e-14
+    )
     two_rand = torch.nn.Linear(7, 2, dtype=torch.float64)
     back = P.two_logit_head_to_one(two_rand)
     torch.testing.assert_close(back(h).squeeze(1), P.two_logits_to_one(two_rand(h)), rtol=1e-12, atol=1e-12)

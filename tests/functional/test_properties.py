@@ -12,19 +12,22 @@ from _helpers import assert_close
 
 # Identities between values: generated cases may ignore every target (mean = nan, as in
 # torch) or have C == d1 in (N, C, d1); those warnings are tested in tests/validation/test_input_checks.py.
-pytestmark = [pytest.mark.filterwarnings("ignore:.*targets equal ignore_index:crossent.CrossentWarning"),
-              pytest.mark.filterwarnings("ignore:.*class dimension is ambiguous:crossent.CrossentWarning"),
-              pytest.mark.usefixtures("backend")]   # every CPU backend (tests/conftest.py)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*targets equal ignore_index:crossent.CrossentWarning"),
+    pytest.mark.filterwarnings("ignore:.*class dimension is ambiguous:crossent.CrossentWarning"),
+    pytest.mark.usefixtures("backend"),
+]  # every CPU backend (tests/conftest.py)
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @st.composite
 def binary_case(draw, logits_in=True):
     """(input, target, weight, pos_weight, ignore_index) for BCE losses, shape (N, C[, d])."""
     shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     scale = draw(st.sampled_from([0.5, 4.0, 30.0]))
     if logits_in:
@@ -45,7 +48,7 @@ def ce_case(draw):
     N = draw(st.integers(1, 5))
     C = draw(st.integers(2, 6))
     extra = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     scale = draw(st.sampled_from([0.5, 4.0, 30.0]))
     x = scale * torch.randn((N, C) + extra, generator=g, dtype=torch.float64)
@@ -152,8 +155,8 @@ def test_bce_of_sigmoid_equals_bce_with_logits(case, reduction):
     # sigmoid(x) rounds 1 - p to ~1e-16 absolute: relative error up to e^15 * 1e-16 ~ 3e-10
     assert_close(a, b, rtol=1e-8, atol=1e-12)
     up = torch.ones_like(a)
-    ga, = torch.autograd.grad(a, xa, up)
-    gb, = torch.autograd.grad(b, xb, up)
+    (ga,) = torch.autograd.grad(a, xa, up)
+    (gb,) = torch.autograd.grad(b, xb, up)
     assert_close(ga, gb, rtol=1e-8, atol=1e-12)
 
 
@@ -170,7 +173,7 @@ def test_binary_ignore_index_drops_elements(case, ignore_index):
     for fn, inp in ((CF.binary_cross_entropy, x), (CF.binary_cross_entropy_with_logits, torch.logit(x))):
         xg = inp.clone().requires_grad_()
         none = fn(xg, t, w, reduction="none", pos_weight=pw, ignore_index=ignore_index)
-        grad, = torch.autograd.grad(none.sum(), xg)
+        (grad,) = torch.autograd.grad(none.sum(), xg)
         assert (grad[drop] == 0).all()
         none = none.detach()
         assert (none[drop] == 0).all()

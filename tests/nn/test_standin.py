@@ -16,20 +16,50 @@ import crossent.functional as CF
 import crossent.nn as CNN
 from _helpers import TOL
 
-CROSSENT_LOSSES = {"binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy",
-                   "linear_cross_entropy", "linear_binary_cross_entropy_with_logits", "LossParts",
-                   "token_logprobs", "linear_token_logprobs",
-                   "sigmoid_focal_loss", "softmax_focal_loss", "poly1_cross_entropy",
-                   "poly1_binary_cross_entropy_with_logits", "asymmetric_loss"}
-CROSSENT_CLASSES = {"BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss",
-                    "LinearBCEWithLogitsLoss", "SigmoidFocalLoss", "SoftmaxFocalLoss", "Poly1CrossEntropyLoss",
-                    "Poly1BCEWithLogitsLoss", "AsymmetricLoss"}
+CROSSENT_LOSSES = {
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "linear_binary_cross_entropy_with_logits",
+    "LossParts",
+    "token_logprobs",
+    "linear_token_logprobs",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
+    "poly1_cross_entropy",
+    "poly1_binary_cross_entropy_with_logits",
+    "asymmetric_loss",
+}
+CROSSENT_CLASSES = {
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "LinearBCEWithLogitsLoss",
+    "SigmoidFocalLoss",
+    "SoftmaxFocalLoss",
+    "Poly1CrossEntropyLoss",
+    "Poly1BCEWithLogitsLoss",
+    "AsymmetricLoss",
+}
 
 
 def test_functional_resolves_every_other_name_to_torch():
     tf = torch.nn.functional
-    for name in ("layer_norm", "gelu", "scaled_dot_product_attention", "softmax", "linear",
-                 "nll_loss", "one_hot", "pad", "dropout", "softplus", "Tensor"):
+    for name in (
+        "layer_norm",
+        "gelu",
+        "scaled_dot_product_attention",
+        "softmax",
+        "linear",
+        "nll_loss",
+        "one_hot",
+        "pad",
+        "dropout",
+        "softplus",
+        "Tensor",
+    ):
         assert getattr(CF, name) is getattr(tf, name), name
     public = {n for n in dir(tf) if not n.startswith("_")}
     shadowed = {n for n in public if getattr(CF, n) is not getattr(tf, n)}
@@ -38,12 +68,23 @@ def test_functional_resolves_every_other_name_to_torch():
 
 
 def test_nn_resolves_every_other_name_to_torch():
-    for name in ("Module", "Linear", "Embedding", "Parameter", "ModuleList", "init", "utils",
-                 "Sequential", "NLLLoss", "parallel"):
+    for name in (
+        "Module",
+        "Linear",
+        "Embedding",
+        "Parameter",
+        "ModuleList",
+        "init",
+        "utils",
+        "Sequential",
+        "NLLLoss",
+        "parallel",
+    ):
         assert getattr(CNN, name) is getattr(torch.nn, name), name
     assert CNN.functional is CF
     import crossent.nn.functional as F2
     from crossent.nn import init
+
     assert F2 is CF and init is torch.nn.init
     public = {n for n in dir(torch.nn) if not n.startswith("_")}
     shadowed = {n for n in public if getattr(CNN, n) is not getattr(torch.nn, n)}
@@ -67,7 +108,7 @@ def test_missing_name_raises_attribute_error():
     assert not hasattr(CNN, "NoSuchLayer")
 
 
-GPT_SOURCE = '''
+GPT_SOURCE = """
 class LayerNorm(nn.Module):
     def __init__(self, ndim):
         super().__init__()
@@ -131,7 +172,7 @@ class GPT(nn.Module):
         logits = self.lm_head(F.gelu(self.transformer.ln_f(x)) + x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
-'''
+"""
 
 
 def _train_gpt(nn_module, f_module, steps=20):

@@ -1,4 +1,5 @@
 """Packaging: torch is the only core dependency, extras carry the rest, one version source."""
+
 import gzip
 import importlib.metadata
 import pathlib
@@ -44,8 +45,9 @@ def test_package_is_marked_typed():
     assert (pathlib.Path(crossent.__file__).parent / "py.typed").is_file()
 
 
-@pytest.mark.parametrize("loader, name", [(data.load_breast_cancer, "breast_cancer.csv.gz"),
-                                          (data.load_digits, "digits.csv.gz")])
+@pytest.mark.parametrize(
+    "loader, name", [(data.load_breast_cancer, "breast_cancer.csv.gz"), (data.load_digits, "digits.csv.gz")]
+)
 def test_bundled_data_parses_like_numpy(loader, name):
     """The torch-only CSV reader gives numpy's values, bit for bit."""
     np = pytest.importorskip("numpy")
@@ -62,7 +64,7 @@ def test_missing_matplotlib_names_the_pip_command(monkeypatch):
     from crossent.tracking import History, plot_history
 
     for name in ("matplotlib", "matplotlib.figure"):
-        monkeypatch.setitem(sys.modules, name, None)   # `import matplotlib` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` raises ImportError
     history = History()
     history.log(epoch=1, train_loss=1.0)
     with pytest.raises(ImportError, match=r'pip install "crossent\[plot\]"'):

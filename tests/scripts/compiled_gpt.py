@@ -53,9 +53,9 @@ def loss_checks():
     out = {}
     for name, f in cases.items():
         a = torch.compile(f, fullgraph=True)(z)
-        ga, = torch.autograd.grad(a, z)
+        (ga,) = torch.autograd.grad(a, z)
         b = f(z)
-        gb, = torch.autograd.grad(b, z)
+        (gb,) = torch.autograd.grad(b, z)
         out[name] = max((a - b).abs().item(), (ga - gb).abs().max().item())
     return out
 

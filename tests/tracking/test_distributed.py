@@ -18,8 +18,10 @@ import torch.nn.functional as TF
 
 import crossent
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 N, C, SPLIT, BATCH = 103, 5, 70, 16  # rank 0: rows [0, 70), rank 1: [70, 103)
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(crossent.__file__)))
@@ -79,10 +81,14 @@ def _run_two_ranks():
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     results = []
     for p in procs:
         try:
@@ -93,7 +99,7 @@ def _run_two_ranks():
             pytest.fail("distributed workers timed out")
         assert p.returncode == 0, err[-3000:]
         line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
-        results.append(json.loads(line[len("RESULT "):]))
+        results.append(json.loads(line[len("RESULT ") :]))
     return sorted(results, key=lambda r: r["rank"])
 
 

@@ -163,8 +163,10 @@ def test_new_files_get_the_umask_mode_and_replaced_files_keep_theirs(tmp_path):
 # --------------------------------------------------------------------------- non-finite values
 def _strict_json(text):
     """What JavaScript's JSON.parse and jq accept: no bare NaN / Infinity."""
+
     def refuse(name):
         raise ValueError(f"bare {name} is not JSON")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -187,20 +189,26 @@ def test_older_files_with_bare_nan_still_load(tmp_path):
 
 @pytest.mark.parametrize("word", ["NaN", "Infinity", "-Infinity"])
 def test_the_strings_that_stand_for_nonfinite_floats_are_refused_as_values(word):
-    with pytest.raises(ValueError, match=rf"History.log: expected `model` to be a number or a string "
-                                         rf"other than .* but got '{word}'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"History.log: expected `model` to be a number or a string "
+        rf"other than .* but got '{word}'",
+    ):
         History().log(model=word)
 
 
 # --------------------------------------------------------------------------- bad files
-@pytest.mark.parametrize("content, match", [
-    ('{"columns": ["epoch"], "records": [{"epoch": 1}, {"ep', r"valid JSON.*truncated\?"),
-    ('{"records": [{"epoch": 1}, [1, 2]]}', r"every record to be a JSON object.*record 1 = \[1, 2\]"),
-    ('{"records": [{"epoch": 1, "loss": [0.5]}]}', r"scalar values.*record 0, key 'loss' = \[0.5\]"),
-    ('{"records": [{"epoch": {"a": 1}}]}', r"scalar values.*record 0, key 'epoch'"),
-    ('{"records": {"epoch": 1}}', r"a JSON object with a 'records' list"),
-    ("", r"valid JSON.*truncated\?"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"columns": ["epoch"], "records": [{"epoch": 1}, {"ep', r"valid JSON.*truncated\?"),
+        ('{"records": [{"epoch": 1}, [1, 2]]}', r"every record to be a JSON object.*record 1 = \[1, 2\]"),
+        ('{"records": [{"epoch": 1, "loss": [0.5]}]}', r"scalar values.*record 0, key 'loss' = \[0.5\]"),
+        ('{"records": [{"epoch": {"a": 1}}]}', r"scalar values.*record 0, key 'epoch'"),
+        ('{"records": {"epoch": 1}}', r"a JSON object with a 'records' list"),
+        ("", r"valid JSON.*truncated\?"),
+    ],
+)
 def test_bad_files_name_the_file_and_what_is_wrong(tmp_path, content, match):
     path = tmp_path / "history.json"
     path.write_text(content)
@@ -282,7 +290,7 @@ def test_sigkill_during_repeated_saves_never_leaves_disagreeing_files(tmp_path):
         saved = _strict_json((d / "history.json").read_text())["records"]
         rows = _csv_records(d / "history.csv")
         assert len(rows) in (len(saved), len(saved) - 1), run
-        assert [int(r["epoch"]) for r in rows] == [r["epoch"] for r in saved[:len(rows)]]
+        assert [int(r["epoch"]) for r in rows] == [r["epoch"] for r in saved[: len(rows)]]
         behind += len(rows) != len(saved)
         with pytest.warns() if len(rows) != len(saved) else _no_warning():
             back = History.load(d)
@@ -295,6 +303,7 @@ def test_sigkill_during_repeated_saves_never_leaves_disagreeing_files(tmp_path):
 class _no_warning:
     def __enter__(self):
         import warnings
+
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
         warnings.simplefilter("error", crossent.CrossentWarning)

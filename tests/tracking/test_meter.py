@@ -20,7 +20,7 @@ from crossent._validation import reset_warnings
 from crossent.tracking import LossMeter
 
 REL = 1e-12
-N = 103          # 6 full batches of 16 and a last batch of 7
+N = 103  # 6 full batches of 16 and a last batch of 7
 BATCH = 16
 
 
@@ -199,8 +199,7 @@ def test_compute_does_not_consume_and_reset_clears(gen):
 
 def test_state_dict_resume_is_bit_identical(gen):
     x, y = _logits(gen, N, 5), torch.randint(0, 5, (N,), generator=gen)
-    crit = cnn.CrossEntropyLoss(weight=torch.rand(5, generator=gen, dtype=torch.float64) + 0.5,
-                                label_smoothing=0.05)
+    crit = cnn.CrossEntropyLoss(weight=torch.rand(5, generator=gen, dtype=torch.float64) + 0.5, label_smoothing=0.05)
     full = _meter_over(crit, x, y)
     batches = _batches()
     first = LossMeter()
@@ -294,7 +293,7 @@ def test_float32_losses_are_summed_in_float64(gen):
     y = torch.randint(0, 10, (1000,), generator=gen)
     meter = LossMeter()
     for i in range(0, 1000, 37):
-        meter(cnn.CrossEntropyLoss(), x[i:i + 37], y[i:i + 37])
+        meter(cnn.CrossEntropyLoss(), x[i : i + 37], y[i : i + 37])
     ref = TF.cross_entropy(x.double(), y).item()
     # each batch's sum is exact to float32 rounding, the accumulation adds nothing
     assert abs(meter.compute() - ref) <= 1e-6 * ref
@@ -302,9 +301,12 @@ def test_float32_losses_are_summed_in_float64(gen):
 
 @pytest.mark.filterwarnings("ignore:.*targets equal ignore_index:crossent.CrossentWarning")
 @settings(max_examples=30, deadline=None)
-@given(cuts=st.lists(st.integers(1, 59), max_size=8, unique=True),
-       seed=st.integers(0, 2**31 - 1), smoothing=st.sampled_from([0.0, 0.1]),
-       ignore=st.booleans())
+@given(
+    cuts=st.lists(st.integers(1, 59), max_size=8, unique=True),
+    seed=st.integers(0, 2**31 - 1),
+    smoothing=st.sampled_from([0.0, 0.1]),
+    ignore=st.booleans(),
+)
 def test_any_split_into_batches_gives_the_whole_dataset_loss(cuts, seed, smoothing, ignore):
     g = torch.Generator().manual_seed(seed)
     n = 60
@@ -340,12 +342,15 @@ def test_update_one_minus_three_is_refused():
         LossMeter().update(1.0, -3.0)
 
 
-@pytest.mark.parametrize("state, match", [
-    ({"total": math.nan, "denominator": 2.0, "updates": 1}, r"a finite `total`, but got nan.*reset\(\)"),
-    ({"total": math.inf, "denominator": 2.0, "updates": 1}, r"a finite `total`, but got inf"),
-    ({"total": 1.0, "denominator": -2.0, "updates": 1}, r"a finite `denominator` >= 0.*but got -2.0"),
-    ({"total": 1.0, "denominator": math.nan, "updates": 1}, r"a finite `denominator` >= 0.*but got nan"),
-])
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        ({"total": math.nan, "denominator": 2.0, "updates": 1}, r"a finite `total`, but got nan.*reset\(\)"),
+        ({"total": math.inf, "denominator": 2.0, "updates": 1}, r"a finite `total`, but got inf"),
+        ({"total": 1.0, "denominator": -2.0, "updates": 1}, r"a finite `denominator` >= 0.*but got -2.0"),
+        ({"total": 1.0, "denominator": math.nan, "updates": 1}, r"a finite `denominator` >= 0.*but got nan"),
+    ],
+)
 def test_load_state_dict_refuses_invalid_states(state, match):
     meter = LossMeter()
     with pytest.raises(ValueError, match=r"LossMeter.load_state_dict: expected " + match):
@@ -377,10 +382,12 @@ def test_device_batches_are_checked_at_compute(monkeypatch):
     with pytest.warns(crossent.CrossentWarning, match=r"LossMeter.compute: 1 batch\(es\) had a NaN or infinite total"):
         assert math.isnan(meter.compute())
     meter.update(torch.tensor(1.0), torch.tensor(-2.0))
-    with pytest.raises(ValueError, match=r"LossMeter.compute: expected finite denominators >= 0 in every "
-                                         r"batch, but got 1 batch\(es\) with a negative"):
+    with pytest.raises(
+        ValueError,
+        match=r"LossMeter.compute: expected finite denominators >= 0 in every "
+        r"batch, but got 1 batch\(es\) with a negative",
+    ):
         meter.compute()
     meter.reset()
     meter.update(torch.tensor(1.0), torch.tensor(2.0))
     assert meter.compute() == 0.5
-

@@ -71,8 +71,10 @@ def test_missing_matplotlib_names_the_install_command(monkeypatch):
 
 def test_importing_crossent_does_not_import_matplotlib():
     src = os.path.dirname(os.path.dirname(os.path.abspath(crossent.__file__)))
-    code = ("import sys; sys.path.insert(0, %r); import crossent, crossent.tracking, crossent.probabilities; "
-            "print('matplotlib' in sys.modules)" % src)
+    code = (
+        "import sys; sys.path.insert(0, %r); import crossent, crossent.tracking, crossent.probabilities; "
+        "print('matplotlib' in sys.modules)" % src
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -1,4 +1,5 @@
 """Every BCE entry point refuses ``ignore_index`` 0 and 1 (the labels) with one rule."""
+
 import pytest
 import torch
 
@@ -54,7 +55,7 @@ def test_bce_entry_points_refuse_the_labels_as_ignore_index(call, label, drops):
     with pytest.raises(crossent.CrossentValueError, match=rf"{MATCH}.*drop every {drops} label"):
         call(label)
     with pytest.raises(crossent.CrossentValueError, match=MATCH):
-        call(torch.tensor(label))   # an integer 0-dim tensor is the same label
+        call(torch.tensor(label))  # an integer 0-dim tensor is the same label
 
 
 def test_linear_bce_drops_marked_elements_like_the_unfused_loss():

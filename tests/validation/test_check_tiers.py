@@ -42,8 +42,14 @@ def _calls():
 
 
 def _patch_value_checks(monkeypatch):
-    for name in ("check_multiclass_values", "check_binary_values", "check_class_indices",
-                 "check_probability_target", "check_logits_not_probabilities", "_fetch"):
+    for name in (
+        "check_multiclass_values",
+        "check_binary_values",
+        "check_class_indices",
+        "check_probability_target",
+        "check_logits_not_probabilities",
+        "_fetch",
+    ):
         monkeypatch.setattr(V, name, _boom)
 
 
@@ -73,8 +79,9 @@ def test_bad_values_pass_through_when_validation_is_off(monkeypatch):
     with pytest.raises(CrossentValueError):
         F.binary_cross_entropy_with_logits(x, t)
     # off: the user asked for no checks, so the (torch-identical) value comes back
-    torch.testing.assert_close(F.binary_cross_entropy_with_logits(x, t, validate=False),
-                               TF.binary_cross_entropy_with_logits(x, t))
+    torch.testing.assert_close(
+        F.binary_cross_entropy_with_logits(x, t, validate=False), TF.binary_cross_entropy_with_logits(x, t)
+    )
     monkeypatch.setenv("CROSSENT_VALIDATE", "0")
     torch.testing.assert_close(cnn.BCEWithLogitsLoss()(x, t), TF.binary_cross_entropy_with_logits(x, t))
     # off also means no heuristics: probabilities into the logits loss stay silent
@@ -176,8 +183,10 @@ def test_two_call_sites_warn_once_each_and_point_at_the_user_line():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(5):
-            F.cross_entropy(x, y); line_a = _line()  # noqa: E702
-            criterion(x, y); line_b = _line()  # noqa: E702
+            F.cross_entropy(x, y)
+            line_a = _line()  # noqa: E702
+            criterion(x, y)
+            line_b = _line()  # noqa: E702
     assert len(caught) == 2
     assert {w.filename for w in caught} == {__file__}
     assert sorted(w.lineno for w in caught) == sorted([line_a, line_b])
@@ -185,6 +194,7 @@ def test_two_call_sites_warn_once_each_and_point_at_the_user_line():
 
 def _line():
     import sys
+
     return sys._getframe(1).f_lineno
 
 
@@ -207,8 +217,11 @@ def test_reset_warnings_shows_a_warning_again():
 # --------------------------------------------------------------------------- construction
 @pytest.mark.parametrize("cls", [cnn.BCELoss, cnn.BCEWithLogitsLoss, cnn.CrossEntropyLoss])
 def test_ignore_index_type_checked_at_construction(cls):
-    with pytest.raises(CrossentTypeError, match=cls.__name__ + r": expected `ignore_index` to be an "
-                                                               r"integer, but got 1\.5\."):
+    with pytest.raises(
+        CrossentTypeError,
+        match=cls.__name__ + r": expected `ignore_index` to be an "
+        r"integer, but got 1\.5\.",
+    ):
         cls(ignore_index=1.5)
     with pytest.raises(CrossentTypeError, match=r"`ignore_index` to be an integer, but got 'x'"):
         cls(ignore_index="x")
@@ -223,60 +236,136 @@ def test_negative_class_weight_warns_at_construction():
 def _valid_cases():
     g = _gen(7)
     cases = []
-    for dtype, reduction in itertools.product([torch.float32, torch.float64, torch.float16, torch.bfloat16],
-                                              ["mean", "sum", "none"]):
+    for dtype, reduction in itertools.product(
+        [torch.float32, torch.float64, torch.float16, torch.bfloat16], ["mean", "sum", "none"]
+    ):
         x = torch.randn(32, 6, generator=g).to(dtype)
         y = torch.randint(0, 6, (32,), generator=g)
         cases.append((f"ce-{dtype}-{reduction}", lambda x=x, y=y, r=reduction: F.cross_entropy(x, y, reduction=r)))
         q = torch.randn(32, 6, generator=g).softmax(1).to(dtype)
-        cases.append((f"ce-probs-{dtype}-{reduction}",
-                      lambda x=x, q=q, r=reduction: F.cross_entropy(x, q, reduction=r, label_smoothing=0.1)))
+        cases.append(
+            (
+                f"ce-probs-{dtype}-{reduction}",
+                lambda x=x, q=q, r=reduction: F.cross_entropy(x, q, reduction=r, label_smoothing=0.1),
+            )
+        )
         t = torch.randint(0, 2, (32, 6), generator=g).to(dtype)
-        cases.append((f"bcel-{dtype}-{reduction}",
-                      lambda x=x, t=t, r=reduction: F.binary_cross_entropy_with_logits(x, t, reduction=r)))
+        cases.append(
+            (
+                f"bcel-{dtype}-{reduction}",
+                lambda x=x, t=t, r=reduction: F.binary_cross_entropy_with_logits(x, t, reduction=r),
+            )
+        )
         p = torch.sigmoid(x.float()).to(dtype)
-        cases.append((f"bce-{dtype}-{reduction}", lambda p=p, t=t, r=reduction: F.binary_cross_entropy(p, t, reduction=r)))
+        cases.append(
+            (f"bce-{dtype}-{reduction}", lambda p=p, t=t, r=reduction: F.binary_cross_entropy(p, t, reduction=r))
+        )
     x4, y4 = torch.randn(2, 5, 4, 3, generator=g), torch.randint(0, 5, (2, 4, 3), generator=g)
     y4[0, 0, 0] = -100
     w = torch.rand(5, generator=g) + 0.1
     cases += [
         ("ce-kdim-weight-ignore", lambda: cnn.CrossEntropyLoss(weight=w, label_smoothing=0.2)(x4, y4)),
         ("ce-kdim-probs", lambda: F.cross_entropy(x4, torch.randn(2, 5, 4, 3, generator=_gen(1)).softmax(1))),
-        ("ce-seq-transposed", lambda: F.cross_entropy(torch.randn(2, 9, 40, generator=_gen(2)),
-                                                      torch.randint(0, 9, (2, 40), generator=_gen(3)))),
+        (
+            "ce-seq-transposed",
+            lambda: F.cross_entropy(
+                torch.randn(2, 9, 40, generator=_gen(2)), torch.randint(0, 9, (2, 40), generator=_gen(3))
+            ),
+        ),
         ("ce-unbatched", lambda: F.cross_entropy(torch.randn(5, generator=_gen(4)), torch.tensor(3))),
-        ("ce-int32-uint8-targets", lambda: (F.cross_entropy(x4, y4.clamp(min=0).int()),
-                                            F.cross_entropy(x4, y4.clamp(min=0).to(torch.uint8)))),
-        ("ce-huge-logits", lambda: F.cross_entropy(torch.tensor([[1e4, -1e4, 0.0]] * 16), torch.zeros(16, dtype=torch.long))),
-        ("ce-inf-logits", lambda: F.cross_entropy(torch.tensor([[float("inf"), 0.0, 0.0]] * 16), torch.zeros(16, dtype=torch.long))),
-        ("ce-two-class", lambda: F.cross_entropy(torch.randn(64, 2, generator=_gen(5)), torch.randint(0, 2, (64,), generator=_gen(6)))),
-        ("ce-all-ignored-sum", lambda: F.cross_entropy(torch.randn(4, 3, generator=_gen(5)), torch.full((4,), -100),
-                                                       reduction="sum")),
-        ("ce-all-ignored-none", lambda: F.cross_entropy(torch.randn(4, 3, generator=_gen(5)), torch.full((4,), -100),
-                                                        reduction="none")),
-        ("ce-all-class-0-ignore-0-some-kept", lambda: F.cross_entropy(torch.randn(4, 3, generator=_gen(5)),
-                                                                      torch.tensor([0, 0, 2, 2]), ignore_index=2)),
-        ("ce-T-equals-V-transposed", lambda: F.cross_entropy(torch.randn(2, 5, 5, generator=_gen(5)).transpose(1, 2),
-                                                             torch.randint(0, 5, (2, 5), generator=_gen(6)))),
+        (
+            "ce-int32-uint8-targets",
+            lambda: (F.cross_entropy(x4, y4.clamp(min=0).int()), F.cross_entropy(x4, y4.clamp(min=0).to(torch.uint8))),
+        ),
+        (
+            "ce-huge-logits",
+            lambda: F.cross_entropy(torch.tensor([[1e4, -1e4, 0.0]] * 16), torch.zeros(16, dtype=torch.long)),
+        ),
+        (
+            "ce-inf-logits",
+            lambda: F.cross_entropy(torch.tensor([[float("inf"), 0.0, 0.0]] * 16), torch.zeros(16, dtype=torch.long)),
+        ),
+        (
+            "ce-two-class",
+            lambda: F.cross_entropy(
+                torch.randn(64, 2, generator=_gen(5)), torch.randint(0, 2, (64,), generator=_gen(6))
+            ),
+        ),
+        (
+            "ce-all-ignored-sum",
+            lambda: F.cross_entropy(torch.randn(4, 3, generator=_gen(5)), torch.full((4,), -100), reduction="sum"),
+        ),
+        (
+            "ce-all-ignored-none",
+            lambda: F.cross_entropy(torch.randn(4, 3, generator=_gen(5)), torch.full((4,), -100), reduction="none"),
+        ),
+        (
+            "ce-all-class-0-ignore-0-some-kept",
+            lambda: F.cross_entropy(torch.randn(4, 3, generator=_gen(5)), torch.tensor([0, 0, 2, 2]), ignore_index=2),
+        ),
+        (
+            "ce-T-equals-V-transposed",
+            lambda: F.cross_entropy(
+                torch.randn(2, 5, 5, generator=_gen(5)).transpose(1, 2), torch.randint(0, 5, (2, 5), generator=_gen(6))
+            ),
+        ),
         ("ce-empty", lambda: F.cross_entropy(torch.randn(0, 3), torch.zeros(0, dtype=torch.long))),
-        ("ce-ignore-index-in-range", lambda: F.cross_entropy(torch.randn(4, 3, generator=_gen(5)),
-                                                             torch.tensor([0, 1, 2, 1]), ignore_index=1)),
-        ("ce-probs-ignore-neg", lambda: F.cross_entropy(x4, torch.randn(2, 5, 4, 3, generator=_gen(1)).softmax(1), ignore_index=-1)),
-        ("bcel-pos-weight-ignore", lambda: cnn.BCEWithLogitsLoss(pos_weight=torch.tensor([3.0, 1.0]), ignore_index=-1)(
-            torch.randn(16, 2, generator=_gen(8)), torch.tensor([[1.0, -1.0], [0.0, 1.0]] * 8))),
-        ("bcel-soft-labels-int-bool-targets", lambda: (
-            F.binary_cross_entropy_with_logits(torch.randn(40, generator=_gen(9)), torch.rand(40, generator=_gen(10))),
-            F.binary_cross_entropy_with_logits(torch.randn(40, generator=_gen(9)), torch.randint(0, 2, (40,), generator=_gen(1))),
-            F.binary_cross_entropy_with_logits(torch.randn(40, generator=_gen(9)), torch.rand(40, generator=_gen(1)) > 0.5))),
-        ("bcel-inf-logits", lambda: F.binary_cross_entropy_with_logits(torch.tensor([float("inf"), -float("inf")] * 20), torch.ones(40))),
+        (
+            "ce-ignore-index-in-range",
+            lambda: F.cross_entropy(torch.randn(4, 3, generator=_gen(5)), torch.tensor([0, 1, 2, 1]), ignore_index=1),
+        ),
+        (
+            "ce-probs-ignore-neg",
+            lambda: F.cross_entropy(x4, torch.randn(2, 5, 4, 3, generator=_gen(1)).softmax(1), ignore_index=-1),
+        ),
+        (
+            "bcel-pos-weight-ignore",
+            lambda: cnn.BCEWithLogitsLoss(pos_weight=torch.tensor([3.0, 1.0]), ignore_index=-1)(
+                torch.randn(16, 2, generator=_gen(8)), torch.tensor([[1.0, -1.0], [0.0, 1.0]] * 8)
+            ),
+        ),
+        (
+            "bcel-soft-labels-int-bool-targets",
+            lambda: (
+                F.binary_cross_entropy_with_logits(
+                    torch.randn(40, generator=_gen(9)), torch.rand(40, generator=_gen(10))
+                ),
+                F.binary_cross_entropy_with_logits(
+                    torch.randn(40, generator=_gen(9)), torch.randint(0, 2, (40,), generator=_gen(1))
+                ),
+                F.binary_cross_entropy_with_logits(
+                    torch.randn(40, generator=_gen(9)), torch.rand(40, generator=_gen(1)) > 0.5
+                ),
+            ),
+        ),
+        (
+            "bcel-inf-logits",
+            lambda: F.binary_cross_entropy_with_logits(
+                torch.tensor([float("inf"), -float("inf")] * 20), torch.ones(40)
+            ),
+        ),
         ("bcel-zero-init-head", lambda: F.binary_cross_entropy_with_logits(torch.zeros(64), torch.ones(64))),
-        ("bce-edges-0-1", lambda: F.binary_cross_entropy(torch.tensor([0.0, 1.0, 0.5] * 20), torch.tensor([0.0, 1.0, 1.0] * 20))),
-        ("bce-weight-broadcast", lambda: cnn.BCELoss(weight=torch.rand(3, generator=_gen(2)))(
-            torch.rand(5, 3, generator=_gen(3)), torch.rand(5, 3, generator=_gen(4)))),
-        ("bcel-small-batch-in-0-1", lambda: F.binary_cross_entropy_with_logits(torch.tensor([0.2, 0.5, 0.9]), torch.ones(3))),
+        (
+            "bce-edges-0-1",
+            lambda: F.binary_cross_entropy(torch.tensor([0.0, 1.0, 0.5] * 20), torch.tensor([0.0, 1.0, 1.0] * 20)),
+        ),
+        (
+            "bce-weight-broadcast",
+            lambda: cnn.BCELoss(weight=torch.rand(3, generator=_gen(2)))(
+                torch.rand(5, 3, generator=_gen(3)), torch.rand(5, 3, generator=_gen(4))
+            ),
+        ),
+        (
+            "bcel-small-batch-in-0-1",
+            lambda: F.binary_cross_entropy_with_logits(torch.tensor([0.2, 0.5, 0.9]), torch.ones(3)),
+        ),
         ("ce-small-softmax-looking-logits", lambda: F.cross_entropy(torch.tensor([[0.3, 0.7]]), torch.tensor([1]))),
-        ("ce-target-requires-grad", lambda: F.cross_entropy(
-            torch.randn(8, 4, generator=_gen(2)), torch.randn(8, 4, generator=_gen(3)).softmax(1).requires_grad_()).backward()),
+        (
+            "ce-target-requires-grad",
+            lambda: F.cross_entropy(
+                torch.randn(8, 4, generator=_gen(2)), torch.randn(8, 4, generator=_gen(3)).softmax(1).requires_grad_()
+            ).backward(),
+        ),
     ]
     return cases
 

@@ -24,24 +24,33 @@ def logits(*shape, seed=0):
     return torch.randn(*shape, generator=_gen(seed))
 
 
-@pytest.mark.parametrize("call", [
-    lambda x, t: F.binary_cross_entropy(x, t),
-    lambda x, t: cnn.BCELoss()(x, t),
-], ids=["functional", "module"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, t: F.binary_cross_entropy(x, t),
+        lambda x, t: cnn.BCELoss()(x, t),
+    ],
+    ids=["functional", "module"],
+)
 def test_logits_fed_to_bce_raise_with_min_max(call):
     x = torch.tensor([0.2, -1.5, 3.0, 0.7])
     t = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    with pytest.raises(CrossentValueError,
-                       match=r"expected `input` to hold probabilities in \[0, 1\], but got "
-                             r"min -1\.5, max 3\. .*BCEWithLogitsLoss"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"expected `input` to hold probabilities in \[0, 1\], but got "
+        r"min -1\.5, max 3\. .*BCEWithLogitsLoss",
+    ):
         call(x, t)
 
 
 def test_sigmoid_before_bce_with_logits_warns_on_a_big_batch():
     x = torch.sigmoid(logits(64))
     t = (logits(64, seed=1) > 0).float()
-    with pytest.warns(CrossentWarning, match=r"all 64 inputs lie in \[.*looks like probabilities.*"
-                                             r"applies the sigmoid itself"):
+    with pytest.warns(
+        CrossentWarning,
+        match=r"all 64 inputs lie in \[.*looks like probabilities.*"
+        r"applies the sigmoid itself",
+    ):
         F.binary_cross_entropy_with_logits(x, t)
     with pytest.warns(CrossentWarning, match=r"applies the sigmoid itself"):
         cnn.BCEWithLogitsLoss()(x, t)
@@ -77,16 +86,22 @@ def test_zero_logits_of_a_zero_initialised_head_do_not_warn():
 def test_softmax_before_cross_entropy_warns():
     x = logits(16, 5).softmax(1)
     y = torch.arange(16) % 5
-    with pytest.warns(CrossentWarning, match=r"non-negative and sum to 1, which looks like softmax "
-                                             r"output\. .*pass the raw logits"):
+    with pytest.warns(
+        CrossentWarning,
+        match=r"non-negative and sum to 1, which looks like softmax "
+        r"output\. .*pass the raw logits",
+    ):
         F.cross_entropy(x, y)
 
 
 def test_log_softmax_before_cross_entropy_warns():
     x = logits(16, 5).log_softmax(1)
     y = torch.arange(16) % 5
-    with pytest.warns(CrossentWarning, match=r"logsumexp 0, which looks like log_softmax output\. "
-                                             r".*pass the raw logits"):
+    with pytest.warns(
+        CrossentWarning,
+        match=r"logsumexp 0, which looks like log_softmax output\. "
+        r".*pass the raw logits",
+    ):
         cnn.CrossEntropyLoss()(x, y)
 
 
@@ -104,26 +119,34 @@ def test_softmax_on_k_dim_input_warns():
         F.cross_entropy(x, torch.zeros(2, 8, 8, dtype=torch.long))
 
 
-@pytest.mark.parametrize("call", [
-    lambda x, y: F.cross_entropy(x, y),
-    lambda x, y: cnn.CrossEntropyLoss()(x, y),
-], ids=["functional", "module"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, y: F.cross_entropy(x, y),
+        lambda x, y: cnn.CrossEntropyLoss()(x, y),
+    ],
+    ids=["functional", "module"],
+)
 def test_class_index_too_large_shows_value_position_C_range_and_hints(call):
     x = logits(6, 5)
     y = torch.tensor([1, 2, 3, 4, 5, 1])  # labels 1..5 for C = 5
-    with pytest.raises(CrossentIndexError,
-                       match=r"expected class indices in \[0, 4\] \(C=5\) or ignore_index=-100, "
-                             r"but got 5 at position \(4,\).*Labels start at 1\? subtract 1.*"
-                             r"Marks no label\? pass ignore_index=5\."):
+    with pytest.raises(
+        CrossentIndexError,
+        match=r"expected class indices in \[0, 4\] \(C=5\) or ignore_index=-100, "
+        r"but got 5 at position \(4,\).*Labels start at 1\? subtract 1.*"
+        r"Marks no label\? pass ignore_index=5\.",
+    ):
         call(x, y)
 
 
 def test_negative_class_index_names_ignore_index():
     x = logits(2, 5, 3)
     y = torch.tensor([[0, 1, 2], [3, -7, 1]])
-    with pytest.raises(CrossentIndexError,
-                       match=r"class indices in \[0, 4\] \(C=5\).*but got -7 at position \(1, 1\) "
-                             r".*Marks no label\? pass ignore_index=-7\."):
+    with pytest.raises(
+        CrossentIndexError,
+        match=r"class indices in \[0, 4\] \(C=5\).*but got -7 at position \(1, 1\) "
+        r".*Marks no label\? pass ignore_index=-7\.",
+    ):
         F.cross_entropy(x, y)
 
 
@@ -142,9 +165,11 @@ def test_labels_beyond_C_with_zero_say_how_many_outputs_are_needed():
 def test_minus_one_padding_with_default_ignore_index_suggests_minus_one():
     x = logits(4, 5)
     y = torch.tensor([0, 3, -1, -1])
-    with pytest.raises(CrossentIndexError,
-                       match=r"or ignore_index=-100, but got -1 at position \(2,\).*"
-                             r"Padded with -1\? .*pass ignore_index=-1"):
+    with pytest.raises(
+        CrossentIndexError,
+        match=r"or ignore_index=-100, but got -1 at position \(2,\).*"
+        r"Padded with -1\? .*pass ignore_index=-1",
+    ):
         cnn.CrossEntropyLoss()(x, y)
     # and the fix works (same value as torch)
     ours = cnn.CrossEntropyLoss(ignore_index=-1)(x, y)
@@ -153,50 +178,58 @@ def test_minus_one_padding_with_default_ignore_index_suggests_minus_one():
 
 
 def test_float_class_ids_need_long():
-    with pytest.raises(CrossentTypeError,
-                       match=r"expected integer class indices.*but got dtype torch\.float32\. "
-                             r"Class indices must be integers: use `target\.long\(\)`\. "
-                             r"Class-probability targets must have the input's shape \(4, 3\)"):
+    with pytest.raises(
+        CrossentTypeError,
+        match=r"expected integer class indices.*but got dtype torch\.float32\. "
+        r"Class indices must be integers: use `target\.long\(\)`\. "
+        r"Class-probability targets must have the input's shape \(4, 3\)",
+    ):
         F.cross_entropy(logits(4, 3), torch.tensor([0.0, 2.0, 1.0, 1.0]))
 
 
 def test_one_hot_integer_targets_suggest_argmax_or_float():
     y = TF.one_hot(torch.tensor([0, 2, 1, 1]), 3)
-    with pytest.raises(CrossentValueError,
-                       match=r"but got an integer target of shape \(4, 3\).*looks one-hot.*"
-                             r"`target\.argmax\(1\)`.*`target\.float\(\)`"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"but got an integer target of shape \(4, 3\).*looks one-hot.*"
+        r"`target\.argmax\(1\)`.*`target\.float\(\)`",
+    ):
         cnn.CrossEntropyLoss()(logits(4, 3), y)
 
 
 def test_n_by_1_targets_suggest_squeeze():
-    with pytest.raises(CrossentValueError,
-                       match=r"but got target of shape \(4, 1\)\..*`target\.squeeze\(1\)`"):
+    with pytest.raises(CrossentValueError, match=r"but got target of shape \(4, 1\)\..*`target\.squeeze\(1\)`"):
         F.cross_entropy(logits(4, 3), torch.tensor([[0], [2], [1], [1]]))
 
 
 def test_sequence_logits_btv_suggest_transpose():
     x = logits(2, 7, 11)  # (B, T, V)
     y = torch.randint(0, 11, (2, 7), generator=_gen(1))
-    with pytest.raises(CrossentValueError,
-                       match=r"but got target of shape \(2, 7\)\. For sequences the class dimension "
-                             r"is dim 1.*`input\.transpose\(1, 2\)`"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"but got target of shape \(2, 7\)\. For sequences the class dimension "
+        r"is dim 1.*`input\.transpose\(1, 2\)`",
+    ):
         cnn.CrossEntropyLoss()(x, y)
     # the suggested fix gives torch's value
-    torch.testing.assert_close(F.cross_entropy(x.transpose(1, 2), y),
-                               TF.cross_entropy(x.transpose(1, 2), y))
+    torch.testing.assert_close(F.cross_entropy(x.transpose(1, 2), y), TF.cross_entropy(x.transpose(1, 2), y))
 
 
 @pytest.mark.parametrize("loss", ["bce", "bce_logits"])
 def test_n_by_1_input_with_n_target_no_broadcasting(loss):
     x = torch.rand(4, 1, generator=_gen()) if loss == "bce" else logits(4, 1)
     f = F.binary_cross_entropy if loss == "bce" else F.binary_cross_entropy_with_logits
-    with pytest.raises(CrossentValueError,
-                       match=r"but got input \(4, 1\) and target \(4,\)\..*"
-                             r"`target\.unsqueeze\(1\)` or `input\.squeeze\(1\)`"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"but got input \(4, 1\) and target \(4,\)\..*"
+        r"`target\.unsqueeze\(1\)` or `input\.squeeze\(1\)`",
+    ):
         f(x, torch.tensor([1.0, 0.0, 1.0, 0.0]))
-    with pytest.raises(CrossentValueError,
-                       match=r"but got input \(4,\) and target \(4, 1\)\..*"
-                             r"`target\.squeeze\(1\)` or `input\.unsqueeze\(1\)`"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"but got input \(4,\) and target \(4, 1\)\..*"
+        r"`target\.squeeze\(1\)` or `input\.unsqueeze\(1\)`",
+    ):
         f(x.squeeze(1), torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
 
 
@@ -204,9 +237,11 @@ def test_n_by_1_input_with_n_target_no_broadcasting(loss):
 def test_bce_targets_outside_0_1_raise(loss):
     x = torch.tensor([0.9, 0.2]) if loss == "bce" else torch.tensor([3.0, -1.0])
     f = F.binary_cross_entropy if loss == "bce" else F.binary_cross_entropy_with_logits
-    with pytest.raises(CrossentValueError,
-                       match=r"expected `target` values in \[0, 1\], but got 2 at position \(0,\) "
-                             r"\(targets range over \[0, 2\]\)\..*CrossEntropyLoss"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"expected `target` values in \[0, 1\], but got 2 at position \(0,\) "
+        r"\(targets range over \[0, 2\]\)\..*CrossEntropyLoss",
+    ):
         f(x, torch.tensor([2.0, 0.0]))
 
 
@@ -220,23 +255,28 @@ def test_minus_one_target_suggests_ignore_index_and_it_works():
     with pytest.raises(CrossentValueError, match=r"got -1 at position \(1,\).*pass ignore_index=-1"):
         cnn.BCEWithLogitsLoss()(x, t)
     kept = torch.tensor([0, 2, 3])
-    torch.testing.assert_close(cnn.BCEWithLogitsLoss(ignore_index=-1)(x, t),
-                               TF.binary_cross_entropy_with_logits(x[kept], t[kept]))
+    torch.testing.assert_close(
+        cnn.BCEWithLogitsLoss(ignore_index=-1)(x, t), TF.binary_cross_entropy_with_logits(x[kept], t[kept])
+    )
 
 
 def test_negative_probability_target_shows_first_bad_row():
     q = torch.tensor([[0.5, 0.5, 0.0], [1.2, -0.2, 0.0], [0.0, -1.0, 2.0]])
-    with pytest.raises(CrossentValueError,
-                       match=r"expected class-probability targets with non-negative entries, but got "
-                             r"row 1 = \[1\.2, -0\.2, 0\]\."):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"expected class-probability targets with non-negative entries, but got "
+        r"row 1 = \[1\.2, -0\.2, 0\]\.",
+    ):
         F.cross_entropy(logits(3, 3), q)
 
 
 def test_rows_not_summing_to_one_warn_once_showing_row_and_sum():
     q = torch.tensor([[0.5, 0.5, 0.0], [1.0, 1.0, 0.0]])  # multi-hot second row
-    with pytest.warns(CrossentWarning,
-                      match=r"rows should sum to 1, but row 1 = \[1, 1, 0\] sums to 2\. .*"
-                            r"multi-hot.*BCEWithLogitsLoss"):
+    with pytest.warns(
+        CrossentWarning,
+        match=r"rows should sum to 1, but row 1 = \[1, 1, 0\] sums to 2\. .*"
+        r"multi-hot.*BCEWithLogitsLoss",
+    ):
         out = F.cross_entropy(logits(2, 3), q)
     torch.testing.assert_close(out, TF.cross_entropy(logits(2, 3), q))  # legal: torch's value
 
@@ -265,32 +305,47 @@ def test_torch_ignores_negative_label_smoothing():
 
 
 def test_class_weight_of_wrong_length_gives_C_and_working_shape():
-    with pytest.raises(CrossentValueError,
-                       match=r"expected `weight` of shape \(5,\), one number per class \(C=5\), but "
-                             r"got shape \(4,\)\. .*weight=torch\.ones\(5\)"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"expected `weight` of shape \(5,\), one number per class \(C=5\), but "
+        r"got shape \(4,\)\. .*weight=torch\.ones\(5\)",
+    ):
         cnn.CrossEntropyLoss(weight=torch.ones(4))(logits(2, 5), torch.tensor([0, 1]))
 
 
 def test_class_weight_of_wrong_rank_fails_at_construction():
-    with pytest.raises(CrossentValueError, match=r"CrossEntropyLoss: expected `weight` of shape \(C,\)"
-                                                 r".*but got shape \(1, 5\)"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"CrossEntropyLoss: expected `weight` of shape \(C,\)"
+        r".*but got shape \(1, 5\)",
+    ):
         cnn.CrossEntropyLoss(weight=torch.ones(1, 5))
 
 
 def test_bce_weight_not_broadcastable():
-    with pytest.raises(CrossentValueError, match=r"`weight` broadcastable to the input's shape \(4, 3\)"
-                                                 r", but got shape \(4,\)"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"`weight` broadcastable to the input's shape \(4, 3\)"
+        r", but got shape \(4,\)",
+    ):
         F.binary_cross_entropy_with_logits(logits(4, 3), torch.rand(4, 3), weight=torch.ones(4))
 
 
-@pytest.mark.parametrize("reduction, hint", [
-    ("avg", r"Use reduction='mean'"),
-    ("MEAN", r"lower case: use reduction='mean'"),
-    (None, r"reduction='none' \(the string\)"),
-])
+@pytest.mark.parametrize(
+    "reduction, hint",
+    [
+        ("avg", r"Use reduction='mean'"),
+        ("MEAN", r"lower case: use reduction='mean'"),
+        (None, r"reduction='none' \(the string\)"),
+    ],
+)
 def test_unknown_reduction_lists_the_valid_ones(reduction, hint):
-    pattern = (r"expected `reduction` to be one of 'none', 'mean', 'sum', but got "
-               + re.escape(repr(reduction)) + r"\..*" + hint)
+    pattern = (
+        r"expected `reduction` to be one of 'none', 'mean', 'sum', but got "
+        + re.escape(repr(reduction))
+        + r"\..*"
+        + hint
+    )
     for cls in (cnn.BCELoss, cnn.BCEWithLogitsLoss, cnn.CrossEntropyLoss):
         with pytest.raises(CrossentValueError, match=cls.__name__ + ": " + pattern):
             cls(reduction=reduction)
@@ -300,13 +355,14 @@ def test_unknown_reduction_lists_the_valid_ones(reduction, hint):
 
 def test_weight_on_another_device_names_tensor_and_devices():
     w = torch.ones(3, device="meta")
-    with pytest.raises(CrossentValueError,
-                       match=r"expected `weight` on the same device as `input` \(cpu\), but got "
-                             r"`weight` on meta\. Move it with `weight\.to\(input\.device\)`"):
+    with pytest.raises(
+        CrossentValueError,
+        match=r"expected `weight` on the same device as `input` \(cpu\), but got "
+        r"`weight` on meta\. Move it with `weight\.to\(input\.device\)`",
+    ):
         F.cross_entropy(logits(2, 3), torch.tensor([0, 1]), weight=w)
     with pytest.raises(CrossentValueError, match=r"`pos_weight` on meta"):
-        F.binary_cross_entropy_with_logits(logits(2, 3), torch.rand(2, 3),
-                                           pos_weight=torch.ones(3, device="meta"))
+        F.binary_cross_entropy_with_logits(logits(2, 3), torch.rand(2, 3), pos_weight=torch.ones(3, device="meta"))
     with pytest.raises(CrossentValueError, match=r"`target` on meta"):
         F.binary_cross_entropy(torch.rand(2, 3), torch.rand(2, 3, device="meta"))
 
@@ -320,7 +376,8 @@ def test_float64_weight_on_float32_input_is_handled():
     t = torch.rand(4, 3, generator=_gen(2))
     torch.testing.assert_close(
         F.binary_cross_entropy_with_logits(x, t, pos_weight=w.double()),
-        TF.binary_cross_entropy_with_logits(x, t, pos_weight=w))
+        TF.binary_cross_entropy_with_logits(x, t, pos_weight=w),
+    )
 
 
 # --------------------------------------------------------------------------- CUDA

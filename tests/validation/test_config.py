@@ -1,4 +1,5 @@
 """Every environment variable is read by crossent._config and documented in one table."""
+
 import pathlib
 import re
 
@@ -27,7 +28,7 @@ def test_every_variable_named_in_the_source_is_in_the_table():
     named = set()
     for path in SRC.rglob("*.py"):
         named |= set(re.findall(r"\bCROSSENT_[A-Z_]+\b", path.read_text()))
-    named.discard("CROSSENT_EXAMPLE")   # the doctests' scratch variable
+    named.discard("CROSSENT_EXAMPLE")  # the doctests' scratch variable
     assert named <= set(_config.VARIABLES)
 
 

@@ -33,7 +33,7 @@ class Backend:
 
 
 _BACKENDS: Dict[str, Backend] = {}
-_ORDER: List[str] = []   # names by priority, recomputed by register() (not on every call)
+_ORDER: List[str] = []  # names by priority, recomputed by register() (not on every call)
 
 
 def register(backend: Backend) -> None:
@@ -56,8 +56,12 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str
         if forced and forced != "auto":
             b = _BACKENDS.get(forced)
             if b is None:
-                fail("CROSSENT_BACKEND", f"one of {['auto'] + available_backends()}", repr(forced),
-                     "Unset it (or set it to 'auto') for the automatic choice.")
+                fail(
+                    "CROSSENT_BACKEND",
+                    f"one of {['auto'] + available_backends()}",
+                    repr(forced),
+                    "Unset it (or set it to 'auto') for the automatic choice.",
+                )
             if op in b.ops:
                 return resolve(op, device, forced)
         for name in _ORDER:
@@ -66,14 +70,19 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str
         raise BackendUnavailableError(f"no backend implements {op!r} on {device}")  # reference covers all
     b = _BACKENDS.get(backend)
     if b is None:
-        fail("backend", f"one of {['auto'] + available_backends()}", repr(backend),
-             "Leave backend=None for the automatic choice.")
+        fail(
+            "backend",
+            f"one of {['auto'] + available_backends()}",
+            repr(backend),
+            "Leave backend=None for the automatic choice.",
+        )
     reason = b.reason(op, device)
     if reason is not None:
         usable = [n for n in available_backends() if _BACKENDS[n].reason(op, device) is None]
         raise BackendUnavailableError(
             f"backend {backend!r} cannot run {op} on {device}: {reason}. "
-            f"Usable here: {usable}; backend=None chooses automatically.")
+            f"Usable here: {usable}; backend=None chooses automatically."
+        )
     return backend
 
 

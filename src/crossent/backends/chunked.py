@@ -24,10 +24,10 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device)
 
 
-_times = reference._times   # coef * value with 0 * inf = 0: the one rule, shared with the reference
+_times = reference._times  # coef * value with 0 * inf = 0: the one rule, shared with the reference
 
 
-_chunked_cpp = None   # imported on first use (ctypes, subprocess), then kept: no import per call
+_chunked_cpp = None  # imported on first use (ctypes, subprocess), then kept: no import per call
 
 
 def _cpp():
@@ -71,10 +71,10 @@ def _bcewl_chunk(x, t, pos, w, keep):
     l1 = torch.log1p(e)
     r = 1.0 / (1.0 + e)
     neg = x < 0
-    sp_pos = torch.clamp(x, min=0) + l1          # softplus(x)
-    sp_neg = torch.clamp(-x, min=0) + l1         # softplus(-x)
-    sig = torch.where(neg, e * r, r)             # sigmoid(x)
-    sig_neg = torch.where(neg, r, e * r)         # sigmoid(-x) = 1 - sigmoid(x), exact
+    sp_pos = torch.clamp(x, min=0) + l1  # softplus(x)
+    sp_neg = torch.clamp(-x, min=0) + l1  # softplus(-x)
+    sig = torch.where(neg, e * r, r)  # sigmoid(x)
+    sig_neg = torch.where(neg, r, e * r)  # sigmoid(-x) = 1 - sigmoid(x), exact
     one_m_t = 1 - t
     p = t if pos is None else pos * t
     loss = _times(p, sp_neg) + _times(one_m_t, sp_pos)
@@ -121,8 +121,13 @@ def _elementwise_forward(chunk_fn, x, t, weight, pos_weight, keep, sum_only: boo
     row = x[0].numel() if shape[0] else 1
     for i, j in _chunks(shape[0], _rows_per_chunk(row)):
         sl = slice(i, j)
-        lo, g = chunk_fn(x[sl], tv[sl], None if pv is None else pv[sl], None if wv is None else wv[sl],
-                         None if kv is None else kv[sl])
+        lo, g = chunk_fn(
+            x[sl],
+            tv[sl],
+            None if pv is None else pv[sl],
+            None if wv is None else wv[sl],
+            None if kv is None else kv[sl],
+        )
         if sum_only:
             total += lo.sum(dtype=torch.float64)
         else:
@@ -183,14 +188,15 @@ class _FusedElementwise(torch.autograd.Function):
         x, t, weight, pos_weight, keep = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
         if torch.is_grad_enabled() or any(ctx.needs_input_grad[4:7]):
-            ref = (reference.binary_cross_entropy_with_logits if ctx.kind == "logits"
-                   else reference.binary_cross_entropy)
+            ref = reference.binary_cross_entropy_with_logits if ctx.kind == "logits" else reference.binary_cross_entropy
 
             def fn(x_, t_, w_, pw_):
                 loss = ref(x_, t_, w_, pw_, keep)
                 return loss.sum() if ctx.sum_only else loss
+
             sub = _SubCtx(ctx, (3, 4, 5, 6))
             return (None, None, None) + _reference_grads(sub, fn, (x, t, weight, pos_weight), grad_out) + (None,)
+
         def recompute(scale):
             # The same kernel on the same inputs: bit-for-bit what forward computed, so a
             # second backward (retain_graph=True) returns exactly what the first did.
@@ -229,8 +235,7 @@ def _reference_grads(ctx, fn, inputs, grad_out):
         else:
             leaves = [inp.detach().requires_grad_() if i in wanted else inp for i, inp in enumerate(inputs)]
         out = fn(*leaves)
-        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, create_graph=create,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, create_graph=create, allow_unused=True)
     result = [None] * len(inputs)
     for i, g in zip(wanted, grads):
         result[i] = g
@@ -260,7 +265,7 @@ def _ce_chunk(x, q, y, c, smooth, want_grad: bool):
     e = torch.exp(z)
     s = e.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
     nlp = torch.log1p(s) - z
-    if q is not None:                       # dense coefficients (probability targets)
+    if q is not None:  # dense coefficients (probability targets)
         loss = _times(q, nlp).sum(dim=1)
     else:
         yy = y.unsqueeze(1)
@@ -278,8 +283,9 @@ def _ce_chunk(x, q, y, c, smooth, want_grad: bool):
     return loss, g
 
 
-def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None,
-                scale=None, use_cpp: bool = True):
+def _ce_forward(
+    x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[torch.Tensor] = None, scale=None, use_cpp: bool = True
+):
     """(loss (M,), grad * scale (M, C) or None). ``grad_out`` may be ``x`` itself (in-place).
 
     ``x`` may also be (N, C, S) (see :func:`_spatial_ok`): loss (N*S,), grad (N, C, S).
@@ -287,7 +293,7 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
     compiled kernel skips them (their ``c`` is -0.0), the torch path replaces their logits
     by 0 first (their loss is then 0 too, unless label smoothing adds terms the caller masks).
     """
-    spatial = x.dim() == 3   # only when _spatial_ok said so: the compiled lane kernel, no copy
+    spatial = x.dim() == 3  # only when _spatial_ok said so: the compiled lane kernel, no copy
     if spatial:
         M, C = x.shape[0] * x.shape[2], x.shape[1]
         cpp = _cpp()
@@ -299,7 +305,7 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
             grad_out = torch.empty_like(x)
         if y.dtype != torch.int64 or not y.is_contiguous():
             y = y.long().contiguous()
-        if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):   # None: all 1
+        if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):  # None: all 1
             c = c.contiguous().to(x.dtype)
         kernel = cpp.ce_index_ncs if spatial else cpp.ce_index
         loss = kernel(x, y, c, grad_out if want_grad else None, scale, smooth)
@@ -310,8 +316,14 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out: Optional[to
     for i, j in _chunks(M, _rows_per_chunk(C)):
         sl = slice(i, j)
         xs = x[sl] if keep is None else reference.sanitise_ignored(x[sl], keep[sl])
-        lo, g = _ce_chunk(xs, None if q is None else q[sl], None if y is None else y[sl],
-                          None if c is None else c[sl], smooth, want_grad)
+        lo, g = _ce_chunk(
+            xs,
+            None if q is None else q[sl],
+            None if y is None else y[sl],
+            None if c is None else c[sl],
+            smooth,
+            want_grad,
+        )
         loss[sl] = lo
         if want_grad:
             grad_out[sl] = g if scale is None else g * scale
@@ -331,8 +343,7 @@ def _spatial_ok(impl, x, q) -> bool:
     Class-index targets, the CPU kernel table (not chunked-torch, not Triton), float32,
     contiguous, non-empty, kernel built. Everything else is flattened to rows first.
     """
-    return (getattr(impl, "spatial", False) and q is None and x.numel() > 0 and _cpp_ok(x)
-            and _cpp() is not None)
+    return getattr(impl, "spatial", False) and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
 
 
 def _ce_mask(loss, keep, smooth):
@@ -349,11 +360,10 @@ def fused_ce_forward(impl, x, q, y, c, smooth, keep, scale=None, want_grad=True)
     take are computed as rows and the gradient is returned in the (N, C, S) layout)."""
     if x.dim() == 3 and not _spatial_ok(impl, x, q):
         N, C, S = x.shape
-        loss, g = fused_ce_forward(impl, x.movedim(1, -1).reshape(-1, C), q, y, c, smooth, keep, scale,
-                                   want_grad)
+        loss, g = fused_ce_forward(impl, x.movedim(1, -1).reshape(-1, C), q, y, c, smooth, keep, scale, want_grad)
         return loss, None if g is None else g.view(N, S, C).movedim(-1, 1).contiguous()
     loss, grad = impl.ce_forward(x, q, y, c, smooth, keep, want_grad=want_grad, scale=scale)
-    if smooth is not None and keep is not None:   # ignored rows still carry smoothing terms
+    if smooth is not None and keep is not None:  # ignored rows still carry smoothing terms
         loss = torch.where(keep, loss, _zero(loss))
         if want_grad:
             grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
@@ -366,7 +376,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         scale = scale if impl.prescale else None
         loss, grad = fused_ce_forward(impl, x, q, y, c, smooth, keep, scale)
         ctx.grad, ctx.scale, ctx.impl = grad, scale, impl
-        ctx.scale_value = None if scale is None else _value(scale)   # read once (CPU: no sync)
+        ctx.scale_value = None if scale is None else _value(scale)  # read once (CPU: no sync)
         ctx.save_for_backward(x, q, y, c, smooth, keep)
         return loss
 
@@ -375,17 +385,19 @@ class _FusedCrossEntropy(torch.autograd.Function):
         x, q, y, c, smooth, keep = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
         if torch.is_grad_enabled() or any(ctx.needs_input_grad[3:7]):
-            if q is None and c is None:   # the all-ones coefficients of _plain_rows
-                c = torch.ones(y.shape[0], dtype=x.dtype, device=x.device)   # rows or (N, C, S) positions
+            if q is None and c is None:  # the all-ones coefficients of _plain_rows
+                c = torch.ones(y.shape[0], dtype=x.dtype, device=x.device)  # rows or (N, C, S) positions
 
             def fn(x_, q_, c_, s_):
-                if x_.dim() == 3:   # (N, C, S) logits: the reference takes rows
+                if x_.dim() == 3:  # (N, C, S) logits: the reference takes rows
                     x_ = x_.movedim(1, -1).reshape(-1, x_.shape[1])
                 x_ = reference.sanitise_ignored(x_, keep)
                 loss = reference._CrossEntropy.apply(x_, q_, y, c_, s_)
                 return _ce_mask(loss, keep, s_)
+
             gx, gq, gc, gs = _reference_grads(_SubCtx(ctx, (2, 3, 5, 6)), fn, (x, q, c, smooth), grad_out)
             return None, None, gx, gq, None, gc, gs, None
+
         def recompute(scale):
             # Same kernel, same inputs: bit-for-bit what forward computed (reentrant).
             g = ctx.impl.ce_forward(x, q, y, c, smooth, keep, want_grad=True, scale=scale)[1]
@@ -393,7 +405,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 g.masked_fill_(~_class_bcast(keep, g), 0.0)
             return g
 
-        if ctx.scale is not None and _is_expected(grad_out, ctx.scale_value):   # pre-scaled in forward
+        if ctx.scale is not None and _is_expected(grad_out, ctx.scale_value):  # pre-scaled in forward
             return None, None, grad if grad is not None else recompute(ctx.scale), None, None, None, None, None
         if grad is None or ctx.scale is not None:
             grad = recompute(None)
@@ -428,8 +440,7 @@ def plain_cross_entropy(x: torch.Tensor, y: torch.Tensor, reduction: str) -> tor
     ``reduction`` 'mean' or 'sum'. The same values and gradients as the general path."""
     M = x.shape[0]
     scale = 1.0 if reduction == "sum" else mean_grad_scale(M, x.dtype)
-    return _FusedCrossEntropyReduced.apply(CPU, scale, x, None, y, None, None, None,
-                                           None if reduction == "sum" else M)
+    return _FusedCrossEntropyReduced.apply(CPU, scale, x, None, y, None, None, None, None if reduction == "sum" else M)
 
 
 def _value(scale) -> float:
@@ -445,7 +456,7 @@ def _is_expected(grad_out: torch.Tensor, scale) -> bool:
     if grad_out.numel() == 0:
         return True
     if grad_out.dim() and grad_out.stride(0) == 0 and grad_out.numel() == grad_out.shape[0]:
-        return grad_out[0].item() == _value(scale)   # expanded scalar: one read
+        return grad_out[0].item() == _value(scale)  # expanded scalar: one read
     return bool((grad_out == scale).all())
 
 
@@ -476,11 +487,23 @@ def _plain_rows(impl, x, target, index_target, weight, keep, label_smoothing, re
     (N, C, S) logits the lane kernel takes (:func:`_spatial_ok`) qualify too, M = N * S.
     """
     M = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2] if x.dim() == 3 else 0
-    return (impl is CPU and reduction in ("mean", "sum") and index_target and weight is None
-            and not label_smoothing and keep is not None and 0 < M <= (1 << 24)
-            and x.shape[1] > 0 and _needs_graph(x) and _cpp_ok(x) and target.dtype == torch.int64
-            and target.is_contiguous() and _cpp() is not None and (x.dim() == 2 or _spatial_ok(impl, x, None))
-            and bool(keep.all()))
+    return (
+        impl is CPU
+        and reduction in ("mean", "sum")
+        and index_target
+        and weight is None
+        and not label_smoothing
+        and keep is not None
+        and 0 < M <= (1 << 24)
+        and x.shape[1] > 0
+        and _needs_graph(x)
+        and _cpp_ok(x)
+        and target.dtype == torch.int64
+        and target.is_contiguous()
+        and _cpp() is not None
+        and (x.dim() == 2 or _spatial_ok(impl, x, None))
+        and bool(keep.all())
+    )
 
 
 def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction=None):
@@ -499,8 +522,8 @@ def _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing,
     scale = None
     if impl.prescale and reduction:
         if den is not None and reduction == "mean":
-            den = den.sum()   # summed once: the scale and the functional layer's denominator
-        M = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]   # rows, or (N, C, S) positions
+            den = den.sum()  # summed once: the scale and the functional layer's denominator
+        M = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]  # rows, or (N, C, S) positions
         scale = ce_grad_scale(reduction, den, M, x)
     return _FusedCrossEntropy.apply(impl, scale, x, q, y, c, smooth, keep), den
 
@@ -520,7 +543,7 @@ class _WriteGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, impl, buf, y, c, smooth, keep, holder):
-        x = buf.view(y.shape[0], -1)   # buf is x or the identical-layout tensor x views
+        x = buf.view(y.shape[0], -1)  # buf is x or the identical-layout tensor x views
         scale = holder.pop() if impl.prescale else None
         holder.clear()
         loss, _ = impl.ce_forward(x, None, y, c, smooth, keep, want_grad=True, grad_out=x, scale=scale)
@@ -555,11 +578,12 @@ class _LossFromGradient(torch.autograd.Function):
             raise RuntimeError(
                 "cross_entropy: expected one backward pass through an inplace_backward=True loss, but got a "
                 "second one (retain_graph=True). The gradient lives in the logits buffer and was already "
-                "consumed; use inplace_backward=False to backpropagate more than once.")
+                "consumed; use inplace_backward=False to backpropagate more than once."
+            )
         ctx.used = True
         (g,) = ctx.saved_tensors
         if ctx.scale is not None:
-            if _is_expected(grad_out, ctx.scale):    # pre-scaled in forward
+            if _is_expected(grad_out, ctx.scale):  # pre-scaled in forward
                 return g, None
             # The logits are gone, so no recomputation: rescale (relative error ~2 ulp).
             grad_out = grad_out / ctx.scale
@@ -578,26 +602,43 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
 
     func = "cross_entropy"
     if not index_target:
-        fail(func, "class-index targets with inplace_backward=True", "class-probability targets",
-             "Use inplace_backward=False for probability targets.")
+        fail(
+            func,
+            "class-index targets with inplace_backward=True",
+            "class-probability targets",
+            "Use inplace_backward=False for probability targets.",
+        )
     q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
     if not _needs_graph(x):
         return _cross_entropy(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
     root = x if x._base is None else x._base
     if root.is_leaf and root.requires_grad:
-        fail(func, "logits computed by the graph (e.g. the output of a Linear) with inplace_backward=True",
-             "a leaf tensor that requires grad",
-             "Its buffer cannot hold the gradient; use inplace_backward=False.")
+        fail(
+            func,
+            "logits computed by the graph (e.g. the output of a Linear) with inplace_backward=True",
+            "a leaf tensor that requires grad",
+            "Its buffer cannot hold the gradient; use inplace_backward=False.",
+        )
     if _needs_graph(c, smooth):
-        fail(func, "a weight that does not require grad with inplace_backward=True", "one that does",
-             "Use inplace_backward=False to differentiate w.r.t. the class weights.")
+        fail(
+            func,
+            "a weight that does not require grad with inplace_backward=True",
+            "one that does",
+            "Use inplace_backward=False to differentiate w.r.t. the class weights.",
+        )
     # Work on the tensor x is a view of when it has x's exact layout (x = logits.reshape(-1, C)
     # of contiguous logits): marking a *view* dirty makes autograd route the gradient through
     # CopySlices, which clones it -- the (N, C) buffer this mode exists to avoid.
     buf = x
     base = x._base
-    if base is not None and x.is_contiguous() and base.is_contiguous() and base.numel() == x.numel() \
-            and base.storage_offset() == x.storage_offset() and base.dtype == x.dtype:
+    if (
+        base is not None
+        and x.is_contiguous()
+        and base.is_contiguous()
+        and base.numel() == x.numel()
+        and base.storage_offset() == x.storage_offset()
+        and base.dtype == x.dtype
+    ):
         buf = base
     holder: list = [ce_grad_scale(reduction, den, x.shape[0], x) if reduction else None]
     g = _WriteGradient.apply(impl, buf, y, c, smooth, keep, holder)
@@ -626,8 +667,7 @@ class Kernels:
 def make_ops(impl: Kernels) -> dict:
     """The backend ops (same contracts as :mod:`~crossent.backends.reference`) for ``impl``."""
 
-    def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False,
-                                         grad_scale=None):
+    def binary_cross_entropy_with_logits(x, t, weight, pos_weight, keep, *, sum_only: bool = False, grad_scale=None):
         """Per-element BCE-with-logits, fused loss + gradient.
 
         ``sum_only=True`` returns the 0-dim sum instead (the functional layer asks for it

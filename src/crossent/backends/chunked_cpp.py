@@ -40,8 +40,8 @@ _lock = threading.Lock()
 _lib = None
 _error: Optional[str] = None
 _tried = False
-_path: Optional[Path] = None          # the library that was loaded
-_cache_note: Optional[str] = None     # why the private temporary directory is used, if it is
+_path: Optional[Path] = None  # the library that was loaded
+_cache_note: Optional[str] = None  # why the private temporary directory is used, if it is
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,8 +63,10 @@ def _compiler() -> Tuple[Optional[Tuple[str, ...]], Optional[str]]:
             return None, f"CC={raw!r} is not a valid command line ({exc}); fix CC or unset it"
         exe = shutil.which(argv[0])
         if exe is None:
-            return None, (f"CC={raw!r}: {argv[0]!r} is not an executable file or on PATH; "
-                          "fix CC, or unset it to use cc, gcc or clang")
+            return None, (
+                f"CC={raw!r}: {argv[0]!r} is not an executable file or on PATH; "
+                "fix CC, or unset it to use cc, gcc or clang"
+            )
         return (exe, *argv[1:]), None
     for name in ("cc", "gcc", "clang"):
         exe = shutil.which(name)
@@ -97,7 +99,7 @@ def get():
         return None
     with _lock:
         notes = _first_use() if not _tried else []
-    for note in notes:   # outside the lock: a warning turned into an error must not block others
+    for note in notes:  # outside the lock: a warning turned into an error must not block others
         warnings.warn(note, KernelCacheWarning, stacklevel=2)
     return _Kernels if _lib is not None else None
 
@@ -137,7 +139,7 @@ def _kernel_dir(notes: List[str]) -> Path:
     explicit = _config.cache_dir()
     try:
         root = Path(explicit) if explicit else Path.home() / ".cache" / "crossent"
-    except Exception as exc:   # no HOME and no passwd entry for this UID (Path.home raises)
+    except Exception as exc:  # no HOME and no passwd entry for this UID (Path.home raises)
         _cache_note = f"no home directory ({exc}); set CROSSENT_CACHE_DIR to keep the kernel between runs"
         return _private_dir()
     kdir = Path(os.path.abspath(root)) / "kernels"
@@ -146,16 +148,20 @@ def _kernel_dir(notes: List[str]) -> Path:
         return kdir
     except _Unsafe as exc:
         name = "CROSSENT_CACHE_DIR" if explicit else "the default cache directory"
-        notes.append(f"crossent: not using {kdir} for the compiled CPU kernel ({name}): {exc}. "
-                     f"The kernel is built into a private temporary directory for this process instead. "
-                     f"Fix the directory's owner or mode, or set CROSSENT_CACHE_DIR to a directory only you "
-                     f"can write.")
+        notes.append(
+            f"crossent: not using {kdir} for the compiled CPU kernel ({name}): {exc}. "
+            f"The kernel is built into a private temporary directory for this process instead. "
+            f"Fix the directory's owner or mode, or set CROSSENT_CACHE_DIR to a directory only you "
+            f"can write."
+        )
         _cache_note = f"{kdir} refused: {exc}"
     except OSError as exc:
         if explicit:
-            notes.append(f"crossent: cannot create {kdir} (CROSSENT_CACHE_DIR) for the compiled CPU kernel: "
-                         f"{exc}. The kernel is built into a private temporary directory for this process "
-                         f"instead.")
+            notes.append(
+                f"crossent: cannot create {kdir} (CROSSENT_CACHE_DIR) for the compiled CPU kernel: "
+                f"{exc}. The kernel is built into a private temporary directory for this process "
+                f"instead."
+            )
         _cache_note = f"cannot create {kdir}: {exc.strerror or exc}"
     return _private_dir()
 
@@ -163,7 +169,7 @@ def _kernel_dir(notes: List[str]) -> Path:
 def _private_dir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="crossent-kernels-"))
     atexit.register(shutil.rmtree, path, True)
-    _make_private_dirs(path, ours=1)   # check it like any other (TMPDIR could be anywhere)
+    _make_private_dirs(path, ours=1)  # check it like any other (TMPDIR could be anywhere)
     return path
 
 
@@ -195,8 +201,9 @@ def _make_private_dirs(path: Path, ours: int) -> None:
             if st.st_uid not in (uid, 0):
                 raise _Unsafe(f"its parent {p} belongs to uid {st.st_uid}, neither this user nor root")
             if writable and not st.st_mode & stat.S_ISVTX:
-                raise _Unsafe(f"its parent {p} is writable by group or others and not sticky "
-                              f"(mode {stat.S_IMODE(st.st_mode):o})")
+                raise _Unsafe(
+                    f"its parent {p} is writable by group or others and not sticky (mode {stat.S_IMODE(st.st_mode):o})"
+                )
 
 
 # --------------------------------------------------------------------------- build and load
@@ -209,12 +216,13 @@ def _build(kdir: Path, cc: Tuple[str, ...], notes: List[str]) -> Tuple[ctypes.CD
         so, problem = _verified(manifest, kdir, key)
         if so is None:
             if problem is not None:
-                notes.append(f"crossent: refusing to load the cached CPU kernel {problem}; it is not loaded and "
-                             f"a fresh one is built (a truncated or corrupted file, or one crossent did not "
-                             f"build).")
+                notes.append(
+                    f"crossent: refusing to load the cached CPU kernel {problem}; it is not loaded and "
+                    f"a fresh one is built (a truncated or corrupted file, or one crossent did not "
+                    f"build)."
+                )
             _remove_stale_builds(kdir)
-            cmd = [*cc, *_FLAGS, "kernels.c", "-o", "kernel.so", f"-L{libdir}", "-ltorch_cpu",
-                   f"-Wl,-rpath,{libdir}"]
+            cmd = [*cc, *_FLAGS, "kernels.c", "-o", "kernel.so", f"-L{libdir}", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
             _compile(kdir, key, manifest, cmd, timeout)
             so, problem = _verified(manifest, kdir, key)
             if so is None:
@@ -252,7 +260,7 @@ def _flock(path: Path, wait: float):
                 break
         yield
     finally:
-        os.close(fd)   # releases the lock
+        os.close(fd)  # releases the lock
 
 
 def _read_private(path: Path) -> bytes:
@@ -322,7 +330,7 @@ def _compile(kdir: Path, key: str, manifest: Path, cmd: List[str], timeout: floa
             os.fsync(f.fileno())
         os.replace(tmp / "manifest", manifest)
         _fsync_dir(kdir)
-        for old in kdir.glob(f"crossent_cpu_{key}-*.so"):   # superseded or refused copies
+        for old in kdir.glob(f"crossent_cpu_{key}-*.so"):  # superseded or refused copies
             if old != so:
                 with contextlib.suppress(OSError):
                     old.unlink()
@@ -332,8 +340,9 @@ def _compile(kdir: Path, key: str, manifest: Path, cmd: List[str], timeout: floa
 
 def _run(cmd: List[str], cwd: Path, timeout: float) -> None:
     """The compiler in its own process group: on timeout the whole group (wrappers, cc1) dies."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -341,8 +350,9 @@ def _run(cmd: List[str], cwd: Path, timeout: float) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.communicate(timeout=5)
-        raise TimeoutError(f"the compiler did not finish within {timeout:g} s (CROSSENT_BUILD_TIMEOUT): "
-                           f"{shlex.join(cmd)}") from None
+        raise TimeoutError(
+            f"the compiler did not finish within {timeout:g} s (CROSSENT_BUILD_TIMEOUT): {shlex.join(cmd)}"
+        ) from None
     if proc.returncode != 0:
         text = out.decode(errors="replace")
         raise RuntimeError(f"{shlex.join(cmd)} exited with status {proc.returncode}\n{text[-1500:]}")
@@ -373,8 +383,20 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crossent_ce_index.restype = ctypes.c_int64
     lib.crossent_ce_index_ncs.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, I64, ctypes.c_int]
     lib.crossent_ce_index_ncs.restype = ctypes.c_int64
-    lib.crossent_focal.argtypes = [P, P, P, I64, P, P, ctypes.c_float, ctypes.c_int, ctypes.c_float,
-                                   ctypes.c_float, I64, ctypes.c_int]
+    lib.crossent_focal.argtypes = [
+        P,
+        P,
+        P,
+        I64,
+        P,
+        P,
+        ctypes.c_float,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_float,
+        I64,
+        ctypes.c_int,
+    ]
     lib.crossent_focal.restype = ctypes.c_double
 
 
@@ -391,8 +413,12 @@ def _bad_targets(y, C, bad):
     from .._validation import fail
 
     lo, hi = int(y.min()), int(y.max())
-    fail("cross_entropy", f"class indices in [0, {C})", f"{bad} target(s) outside it (min {lo}, max {hi})",
-         "Targets must index the class dimension (validate=False skipped the friendlier check).")
+    fail(
+        "cross_entropy",
+        f"class indices in [0, {C})",
+        f"{bad} target(s) outside it (min {lo}, max {hi})",
+        "Targets must index the class dimension (validate=False skipped the friendlier check).",
+    )
 
 
 class _Kernels:
@@ -410,16 +436,18 @@ class _Kernels:
     def bcewl_into(x, t, pw, L, loss, grad):
         """Per-element BCE-with-logits losses into ``loss`` (may be ``x`` itself: each
         vector is read before it is written) and gradients into ``grad``."""
-        _lib.crossent_bce(0, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), 1.0, x.numel(),
-                          _threads(x.numel()))
+        _lib.crossent_bce(
+            0, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), 1.0, x.numel(), _threads(x.numel())
+        )
 
     @staticmethod
     def _bce(kind, x, t, pw, L, want_loss, scale=None):
         grad = torch.empty_like(x)
         loss = torch.empty_like(x) if want_loss else None
-        s = 1.0 if scale is None else float(scale)   # a float32 value: exact as a C float
-        total = _lib.crossent_bce(kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), s,
-                                  x.numel(), _threads(x.numel()))
+        s = 1.0 if scale is None else float(scale)  # a float32 value: exact as a C float
+        total = _lib.crossent_bce(
+            kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), s, x.numel(), _threads(x.numel())
+        )
         if not want_loss:
             loss = torch.tensor(total, dtype=x.dtype)
         return loss, grad
@@ -430,8 +458,9 @@ class _Kernels:
         loss = torch.empty(M, dtype=x.dtype)
         s = 1.0 if scale is None else float(scale)
         sm = None if smooth is None else smooth.to(torch.float32).contiguous()
-        bad = _lib.crossent_ce_index(_ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), s, M, C,
-                                     _threads(M * C))
+        bad = _lib.crossent_ce_index(
+            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), s, M, C, _threads(M * C)
+        )
         if bad:
             _bad_targets(y, C, bad)
         return loss
@@ -444,8 +473,9 @@ class _Kernels:
         loss = torch.empty(N * S, dtype=x.dtype)
         s = 1.0 if scale is None else float(scale)
         sm = None if smooth is None else smooth.to(torch.float32).contiguous()
-        bad = _lib.crossent_ce_index_ncs(_ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), s,
-                                         N, C, S, _threads(N * C * S))
+        bad = _lib.crossent_ce_index_ncs(
+            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), s, N, C, S, _threads(N * C * S)
+        )
         if bad < 0:
             raise MemoryError(f"cross_entropy: the compiled kernel could not allocate its {C} x 64 float tile")
         if bad:
@@ -458,9 +488,21 @@ class _Kernels:
         gradient times ``scale`` (``crossent_focal``); gamma = half2 / 2."""
         grad = torch.empty_like(x)
         loss = None if sum_only else torch.empty_like(x)
-        s = 1.0 if scale is None else float(scale)   # a float32 value: exact as a C float
-        total = _lib.crossent_focal(_ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(loss), _ptr(grad), float(alpha),
-                                    int(half2), float(eps), s, x.numel(), _threads(x.numel()))
+        s = 1.0 if scale is None else float(scale)  # a float32 value: exact as a C float
+        total = _lib.crossent_focal(
+            _ptr(x),
+            _ptr(t),
+            _ptr(pw),
+            int(L),
+            _ptr(loss),
+            _ptr(grad),
+            float(alpha),
+            int(half2),
+            float(eps),
+            s,
+            x.numel(),
+            _threads(x.numel()),
+        )
         if sum_only:
             loss = torch.tensor(total, dtype=x.dtype)
         return loss, grad

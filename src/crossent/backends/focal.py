@@ -125,8 +125,16 @@ def _sigmoid(x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- binary family
-def binary_focal_reference(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-                           keep: Optional[Tensor], alpha: float, gamma: float, epsilon: float) -> Tensor:
+def binary_focal_reference(
+    x: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    keep: Optional[Tensor],
+    alpha: float,
+    gamma: float,
+    epsilon: float,
+) -> Tensor:
     """Per-element binary focal / Poly-1 loss in differentiable torch ops (see the module)."""
     x = reference.sanitise_ignored(x, keep)
     sp_pos, sp_neg = _softplus(x), _softplus(-x)
@@ -170,13 +178,13 @@ def _binary_chunk(alpha: float, gamma: float, epsilon: float):
         if keep is not None:
             x = torch.where(keep, x, _zero(x))
         sp_pos, sp_neg = _softplus(x), _softplus(-x)
-        s, u = torch.sigmoid(x), torch.sigmoid(-x)         # both to an ulp, never 1 - sigmoid
+        s, u = torch.sigmoid(x), torch.sigmoid(-x)  # both to an ulp, never 1 - sigmoid
         p = t if pos is None else pos * t
         one_m_t = 1 - t
         ce = _times(p, sp_neg) + _times(one_m_t, sp_pos)
         grad = one_m_t * s - p * u
         if gamma != 0 or epsilon != 0:
-            m = t * u + one_m_t * s                         # 1 - p_t: non-negative terms
+            m = t * u + one_m_t * s  # 1 - p_t: non-negative terms
             sign = 1 - 2 * t
         if gamma != 0:
             mg = _power(m, gamma, lambda: _log_m(t, sp_pos, sp_neg))
@@ -198,28 +206,42 @@ def _binary_chunk(alpha: float, gamma: float, epsilon: float):
     return chunk
 
 
-def binary_focal_forward(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-                         keep: Optional[Tensor], alpha: float, gamma: float, epsilon: float,
-                         backend: str = "chunked") -> Tuple[Tensor, Tensor]:
+def binary_focal_forward(
+    x: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    keep: Optional[Tensor],
+    alpha: float,
+    gamma: float,
+    epsilon: float,
+    backend: str = "chunked",
+) -> Tuple[Tensor, Tensor]:
     """(per-element loss, d loss / dx) in one pass: the Triton kernel (``backend='triton'``,
     float32/fp16/bf16), the compiled CPU kernel (``'chunked'``, float32 contiguous, no
     ``weight`` / ``keep``, gamma a multiple of 1/2 up to 10), else chunked torch ops."""
-    if backend == "triton" and x.dtype != torch.float64:    # the registry checked CUDA and triton
+    if backend == "triton" and x.dtype != torch.float64:  # the registry checked CUDA and triton
         from .triton import focal as triton_focal
 
         return triton_focal.binary_focal_forward(x, t, weight, pos_weight, keep, alpha, gamma, epsilon)
     if backend == "chunked" and cpu_kernel_applies(x, t, weight, pos_weight, keep, gamma):
-        return chunked._cpp().focal(x, t, *chunked._cycled_pos_weight(x, pos_weight), alpha, int(2 * gamma),
-                                    epsilon)
-    return chunked._elementwise_forward(_binary_chunk(alpha, gamma, epsilon), x, t, weight, pos_weight, keep,
-                                        sum_only=False)
+        return chunked._cpp().focal(x, t, *chunked._cycled_pos_weight(x, pos_weight), alpha, int(2 * gamma), epsilon)
+    return chunked._elementwise_forward(
+        _binary_chunk(alpha, gamma, epsilon), x, t, weight, pos_weight, keep, sum_only=False
+    )
 
 
 def cpu_kernel_applies(x, t, weight, pos_weight, keep, gamma: float) -> bool:
     """The compiled CPU kernel computes this call (see :func:`binary_focal_forward`)."""
-    return (weight is None and keep is None and float(2 * gamma).is_integer() and gamma <= 10
-            and chunked._cpp_ok(x, t) and (pos_weight is None or chunked._cpp_ok(pos_weight))
-            and chunked._cpp() is not None)
+    return (
+        weight is None
+        and keep is None
+        and float(2 * gamma).is_integer()
+        and gamma <= 10
+        and chunked._cpp_ok(x, t)
+        and (pos_weight is None or chunked._cpp_ok(pos_weight))
+        and chunked._cpp() is not None
+    )
 
 
 class _FocalSum(torch.autograd.Function):
@@ -262,9 +284,17 @@ def binary_focal_sum(x, t, pos_weight, *, alpha: float, gamma: float, epsilon: f
 
 
 @torch.library.custom_op("crossent::binary_focal_fused", mutates_args=())
-def binary_focal_fused(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-                       keep: Optional[Tensor], alpha: float, gamma: float, epsilon: float,
-                       backend: str) -> Tuple[Tensor, Tensor]:
+def binary_focal_fused(
+    x: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    keep: Optional[Tensor],
+    alpha: float,
+    gamma: float,
+    epsilon: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
     loss, grad = binary_focal_forward(x, t, weight, pos_weight, keep, alpha, gamma, epsilon, backend)
     return loss.contiguous(), grad.contiguous()
 
@@ -309,8 +339,7 @@ def _wants_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
 
 
-def binary_focal(x, t, weight, pos_weight, keep, *, alpha: float, gamma: float, epsilon: float,
-                 backend: str) -> Tensor:
+def binary_focal(x, t, weight, pos_weight, keep, *, alpha: float, gamma: float, epsilon: float, backend: str) -> Tensor:
     """Per-element binary focal / Poly-1 loss: the registered fused op, or the reference
     composition for ``backend='reference'``, ``torch.func`` transforms and gradients w.r.t.
     targets or weights."""
@@ -320,8 +349,9 @@ def binary_focal(x, t, weight, pos_weight, keep, *, alpha: float, gamma: float, 
         return binary_focal_reference(x, t, weight, pos_weight, keep, alpha, gamma, epsilon)
     t = t.expand(x.shape).contiguous()
     keep = None if keep is None else keep.expand(x.shape).contiguous()
-    loss, _ = binary_focal_fused(x.contiguous(), t, weight, pos_weight, keep, float(alpha), float(gamma),
-                                 float(epsilon), backend)
+    loss, _ = binary_focal_fused(
+        x.contiguous(), t, weight, pos_weight, keep, float(alpha), float(gamma), float(epsilon), backend
+    )
     return loss
 
 
@@ -389,8 +419,8 @@ def _phi_and_slope(n: Tensor, kind: str, param: float) -> Tuple[Tensor, Tensor]:
         return n + param * -torch.expm1(-n), 1 + param * p
     if param == 0:
         return n, torch.ones_like(n)
-    mg = _power(-torch.expm1(-n), param, lambda: _log1mexp(n))      # (1 - p)^gamma
-    ratio = torch.where(n == 0, torch.ones_like(n), n / torch.expm1(n))     # n / expm1(n) -> 1 at n = 0
+    mg = _power(-torch.expm1(-n), param, lambda: _log1mexp(n))  # (1 - p)^gamma
+    ratio = torch.where(n == 0, torch.ones_like(n), n / torch.expm1(n))  # n / expm1(n) -> 1 at n = 0
     return _times(mg, n), mg * (1 + param * ratio)
 
 
@@ -407,7 +437,7 @@ def softmax_focal_reference(x: Tensor, q, y, c, smooth, keep, kind: str, param: 
     """Per-row loss sum_c a_c phi(-log p_c) in differentiable torch ops (rows (M, C))."""
     x = reference.sanitise_ignored(x, keep)
     k = x.detach().argmax(dim=1, keepdim=True)
-    m = x.gather(1, k)             # differentiable: x_k reaches -log p only through s
+    m = x.gather(1, k)  # differentiable: x_k reaches -log p only through s
     at_k = torch.zeros_like(x, dtype=torch.bool).scatter_(1, k, True)
     # z_k = 0 as a constant (not x_k - x_k): its two gradient paths would cancel in autograd
     # and lose the arg-max's tiny gradient -s/(1+s) (float32 rows like [31, 0, 0])
@@ -431,11 +461,11 @@ def _softmax_chunk(x, q, y, c, smooth, kind, param):
     phi, slope = _phi_and_slope(n, kind, param)
     a = reference._dense_coef(x, q, y, c, smooth)
     loss = _times(a, phi).sum(dim=1)
-    ab = _times(a, slope)                              # a_c phi'(n_c)
+    ab = _times(a, slope)  # a_c phi'(n_c)
     total = ab.sum(dim=1, keepdim=True)
     p = e / (1 + s)
     g = total * p - ab
-    rest = ab.scatter(1, k, 0.0).sum(dim=1, keepdim=True)       # sum_{c != k} a_c phi'_c
+    rest = ab.scatter(1, k, 0.0).sum(dim=1, keepdim=True)  # sum_{c != k} a_c phi'_c
     g_k = rest * p.gather(1, k) - ab.gather(1, k) * (s / (1 + s))
     g.scatter_(1, k, g_k)
     return loss, g
@@ -508,24 +538,40 @@ class _SoftmaxIndexPrescaled(torch.autograd.Function):
         return grad.mul_(grad_out.unsqueeze(1)), None, None, None, None, None
 
 
-def softmax_focal_forward(x: Tensor, q, y, c, smooth, keep, kind: str, param: float,
-                          backend: str = "chunked") -> Tuple[Tensor, Tensor]:
+def softmax_focal_forward(
+    x: Tensor, q, y, c, smooth, keep, kind: str, param: float, backend: str = "chunked"
+) -> Tuple[Tensor, Tensor]:
     """(per-row loss (M,), gradient (M, C)) in one pass over chunks of rows."""
     if backend == "triton" and x.dtype != torch.float64:
         from .triton import focal as triton_focal
 
         return triton_focal.softmax_focal_forward(x, q, y, c, smooth, keep, kind, param)
     M, C = x.shape
-    if backend == "chunked" and q is None and smooth is None and M > 0 and C > 0 and chunked._cpp_ok(x) \
-            and x.dim() == 2 and chunked._cpp() is not None:
+    if (
+        backend == "chunked"
+        and q is None
+        and smooth is None
+        and M > 0
+        and C > 0
+        and chunked._cpp_ok(x)
+        and x.dim() == 2
+        and chunked._cpp() is not None
+    ):
         return _softmax_index_cpp(chunked._cpp(), x, y, c, kind, param)
     loss = torch.empty(M, dtype=x.dtype, device=x.device)
     grad = torch.empty_like(x)
     for i, j in chunked._chunks(M, max(1, SOFTMAX_CHUNK_ELEMENTS // max(1, C))):
         sl = slice(i, j)
         xs = x[sl] if keep is None else reference.sanitise_ignored(x[sl], keep[sl])
-        lo, g = _softmax_chunk(xs, None if q is None else q[sl], None if y is None else y[sl],
-                               None if c is None else c[sl], smooth, kind, param)
+        lo, g = _softmax_chunk(
+            xs,
+            None if q is None else q[sl],
+            None if y is None else y[sl],
+            None if c is None else c[sl],
+            smooth,
+            kind,
+            param,
+        )
         if keep is not None:
             kk = keep[sl]
             lo = torch.where(kk, lo, _zero(lo))
@@ -536,9 +582,17 @@ def softmax_focal_forward(x: Tensor, q, y, c, smooth, keep, kind: str, param: fl
 
 
 @torch.library.custom_op("crossent::softmax_focal_fused", mutates_args=())
-def softmax_focal_fused(x: Tensor, q: Optional[Tensor], y: Optional[Tensor], c: Optional[Tensor],
-                        smooth: Optional[Tensor], keep: Optional[Tensor], kind: str, param: float,
-                        backend: str) -> Tuple[Tensor, Tensor]:
+def softmax_focal_fused(
+    x: Tensor,
+    q: Optional[Tensor],
+    y: Optional[Tensor],
+    c: Optional[Tensor],
+    smooth: Optional[Tensor],
+    keep: Optional[Tensor],
+    kind: str,
+    param: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
     loss, grad = softmax_focal_forward(x, q, y, c, smooth, keep, kind, param, backend)
     return loss.contiguous(), grad.contiguous()
 
@@ -563,8 +617,19 @@ def _softmax_backward(ctx, g_loss, g_grad):
 softmax_focal_fused.register_autograd(_softmax_backward, setup_context=_saver(6))
 
 
-def softmax_focal(x, target, index_target: bool, weight, keep, label_smoothing: float, *, kind: str,
-                  param: float, backend: str, prescale_for: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
+def softmax_focal(
+    x,
+    target,
+    index_target: bool,
+    weight,
+    keep,
+    label_smoothing: float,
+    *,
+    kind: str,
+    param: float,
+    backend: str,
+    prescale_for: Optional[str] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-row softmax focal / Poly-1 loss of rows ``x`` (M, C): ``(loss, per-row mean
     denominator weights or None)``; the registered op, or the reference composition (as
     :func:`binary_focal` chooses). ``prescale_for`` ('mean' / 'sum', eager calls only): the
@@ -572,13 +637,22 @@ def softmax_focal(x, target, index_target: bool, weight, keep, label_smoothing: 
     from .._capture import transforming
 
     q, y, c, smooth, den = reference.ce_coefficients(x, target, index_target, weight, keep, label_smoothing)
-    if backend == "reference" or transforming() or _wants_graph(weight) \
-            or (not index_target and _wants_graph(target)):
+    if backend == "reference" or transforming() or _wants_graph(weight) or (not index_target and _wants_graph(target)):
         return _softmax_reference_masked(x, q, y, c, smooth, keep, kind, param), den
-    if prescale_for in ("mean", "sum") and backend == "chunked" and q is None and smooth is None \
-            and x.dim() == 2 and x.shape[0] and x.shape[1] and chunked._cpp_ok(x) and chunked._cpp() is not None:
+    if (
+        prescale_for in ("mean", "sum")
+        and backend == "chunked"
+        and q is None
+        and smooth is None
+        and x.dim() == 2
+        and x.shape[0]
+        and x.shape[1]
+        and chunked._cpp_ok(x)
+        and chunked._cpp() is not None
+    ):
         scale = chunked.ce_grad_scale(prescale_for, den, x.shape[0], x)
         return _SoftmaxIndexPrescaled.apply(x, y, c, kind, float(param), scale), den
-    loss, _ = softmax_focal_fused(x.contiguous(), q, None if y is None else y.contiguous(), c, smooth, keep,
-                                  kind, float(param), backend)
+    loss, _ = softmax_focal_fused(
+        x.contiguous(), q, None if y is None else y.contiguous(), c, smooth, keep, kind, float(param), backend
+    )
     return loss, den

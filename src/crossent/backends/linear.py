@@ -42,11 +42,13 @@ _MIN_ROWS = 32
 # block, the target/weight blocks read from the caller's tensors, and work buffers (3).
 BUFFERS_INDEX = 1.25
 BUFFERS_DENSE = 3.0
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
-    rows: int      # R: rows per block
-    classes: int   # Cc: classes per block
-    budget: int    # the budget the plan was sized for (bytes)
+    rows: int  # R: rows per block
+    classes: int  # Cc: classes per block
+    budget: int  # the budget the plan was sized for (bytes)
     blocks: object = None  # per-block arithmetic (None: TorchBlocks; the Triton backend sets its own)
 
     @property
@@ -54,13 +56,23 @@ class ChunkPlan:
         return TORCH_BLOCKS if self.blocks is None else self.blocks
 
     def describe(self, N: int, C: int) -> str:
-        return (f"{math.ceil(N / self.rows)} row blocks of {self.rows} x "
-                f"{math.ceil(C / self.classes)} class blocks of {self.classes}")
+        return (
+            f"{math.ceil(N / self.rows)} row blocks of {self.rows} x "
+            f"{math.ceil(C / self.classes)} class blocks of {self.classes}"
+        )
 
 
-def plan_chunks(N: int, C: int, H: int, dtype: torch.dtype, *, budget: Optional[int] = None,
-                rows: Optional[int] = None, classes: Optional[int] = None,
-                buffers: float = BUFFERS_DENSE) -> ChunkPlan:
+def plan_chunks(
+    N: int,
+    C: int,
+    H: int,
+    dtype: torch.dtype,
+    *,
+    budget: Optional[int] = None,
+    rows: Optional[int] = None,
+    classes: Optional[int] = None,
+    buffers: float = BUFFERS_DENSE,
+) -> ChunkPlan:
     """Block sizes from a memory budget (bytes of scratch per call).
 
     ``Cc = C`` when ``min(N, 32)`` rows of all classes fit (then cross-entropy needs a
@@ -132,8 +144,9 @@ class CETarget:
                 A[r0:r1] += self.dense(r0, r1, c0, min(self.C, c0 + classes), dtype).sum(1)
         return A
 
-    def rest(self, k: torch.Tensor, dtype, r0: int = 0, r1: Optional[int] = None, rows: int = 64,
-             classes: int = 4096) -> torch.Tensor:
+    def rest(
+        self, k: torch.Tensor, dtype, r0: int = 0, r1: Optional[int] = None, rows: int = 64, classes: int = 4096
+    ) -> torch.Tensor:
         """A_i - a_{i k_i} for rows r0:r1, as a sum of the other terms (no cancellation)."""
         r1 = (self.q.shape[0] if self.q is not None else self.y.shape[0]) if r1 is None else r1
         k = k[r0:r1]
@@ -147,14 +160,14 @@ class CETarget:
         R = torch.zeros(r1 - r0, dtype=dtype, device=k.device)
         for a0 in range(r0, r1, rows):
             a1 = min(r1, a0 + rows)
-            kk = k[a0 - r0:a1 - r0]
+            kk = k[a0 - r0 : a1 - r0]
             for c0 in range(0, self.C, classes):
                 c1 = min(self.C, c0 + classes)
                 a = self.dense(a0, a1, c0, c1, dtype)
                 hit = ((kk >= c0) & (kk < c1)).nonzero().squeeze(1)
                 if hit.numel():
                     a[hit, kk[hit] - c0] = 0.0
-                R[a0 - r0:a1 - r0] += a.sum(1)
+                R[a0 - r0 : a1 - r0] += a.sum(1)
         return R
 
 
@@ -216,7 +229,7 @@ class _RowStats:
         M = torch.where(newer, mb, m)
         one = torch.ones_like(m)
         zero = torch.zeros_like(m)
-        e_old = torch.where(m == M, one, torch.exp(m - M))     # 1 where equal (also +-inf)
+        e_old = torch.where(m == M, one, torch.exp(m - M))  # 1 where equal (also +-inf)
         e_new = torch.where(mb == M, one, torch.exp(mb - M))
         s_new = torch.where(newer, sb + (1 + s) * e_old, s + (1 + sb) * e_new)
         s_new = torch.where(first, sb, s_new)
@@ -294,7 +307,7 @@ def _ce_block_grad(e, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype):
             cs = tgt.c[r0:r1].to(dtype) * sc
             g[rows, y[rows] - c0] -= cs[rows]
         if tgt.smooth is not None:
-            g.addr_(tgt.srow[r0:r1] * sc, tgt.smooth[c0:c1], alpha=-1)   # in place: no block temporary
+            g.addr_(tgt.srow[r0:r1] * sc, tgt.smooth[c0:c1], alpha=-1)  # in place: no block temporary
     else:
         a = tgt.dense(r0, r1, c0, c1, dtype)
         g.sub_(a.mul_(sc.unsqueeze(1) if sc.dim() else sc))
@@ -352,14 +365,20 @@ class CpuKernelBlocks(TorchBlocks):
     def bce(L, tgt, r0, r1, c0, c1, dtype, want_grad):
         from . import chunked_cpp
 
-        kernel = chunked_cpp.get() if (L.dtype == torch.float32 and L.device.type == "cpu"
-                                       and L.is_contiguous()) else None
+        kernel = (
+            chunked_cpp.get() if (L.dtype == torch.float32 and L.device.type == "cpu" and L.is_contiguous()) else None
+        )
         pw = tgt.pos_weight
         if pw is not None:
             pw = pw[r0:r1, c0:c1]
             pw = pw[0].to(torch.float32).contiguous() if pw.stride(0) == 0 else None
-        if (kernel is None or tgt.weight is not None or tgt.ignore_index is not None or tgt.eps
-                or (tgt.pos_weight is not None and pw is None)):
+        if (
+            kernel is None
+            or tgt.weight is not None
+            or tgt.ignore_index is not None
+            or tgt.eps
+            or (tgt.pos_weight is not None and pw is None)
+        ):
             return _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad)
         t, _ = tgt.block(r0, r1, c0, c1, dtype)
         g = torch.empty_like(L)
@@ -409,10 +428,10 @@ class _Operands:
     def __init__(self, x, W, b, cdt, ignored=(None, None)):
         self.cdt = cdt
         self.low = x.dtype != cdt
-        self.x = x.to(cdt) if self.low else x           # (N, H): input-sized copy for fp16/bf16
+        self.x = x.to(cdt) if self.low else x  # (N, H): input-sized copy for fp16/bf16
         rows, labels = ignored
         self.x = _zero_nonfinite_rows(self.x, rows, owned=self.low)
-        if labels is not None:   # BCE: one position, W (1, L, H), b (1, L)
+        if labels is not None:  # BCE: one position, W (1, L, H), b (1, L)
             W = _zero_nonfinite_rows(W[0], labels, owned=False).unsqueeze(0)
             if b is not None:
                 b = _zero_nonfinite_rows(b[0], labels, owned=False).unsqueeze(0)
@@ -449,7 +468,7 @@ def _ce_forward_pass(ops, tgts, plan, grads, scale):
             A = tgt.total(cdt, rows=plan.rows, classes=plan.classes)
             Wb, bb = ops.wblock(p, 0, C), ops.bblock(p, 0, C)
             for r0, r1 in _blocks(N, plan.rows):
-                L = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * C].view(r1 - r0, C))
+                L = _logits_block(x[r0:r1], Wb, bb, out=buf[: (r1 - r0) * C].view(r1 - r0, C))
                 e = plan.impl.ce_stats(L, r0, r1, 0, C, tgt, stats, cdt)
                 Arest = tgt.rest(stats.k, cdt, r0, r1, rows=plan.rows, classes=plan.classes)
                 g = plan.impl.ce_grad(e, True, r0, r1, 0, C, tgt, stats, A[r0:r1], Arest, scale, cdt)
@@ -459,7 +478,7 @@ def _ce_forward_pass(ops, tgts, plan, grads, scale):
             for c0, c1 in _blocks(C, plan.classes):
                 Wb, bb = ops.wblock(p, c0, c1), ops.bblock(p, c0, c1)
                 for r0, r1 in _blocks(N, plan.rows):
-                    L = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+                    L = _logits_block(x[r0:r1], Wb, bb, out=buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
                     plan.impl.ce_stats(L, r0, r1, c0, c1, tgt, stats, cdt)
             if grads is not None:
                 _ce_grad_pass(ops, p, tgt, stats, plan, grads, buf, scale)
@@ -483,7 +502,7 @@ def _ce_grad_pass(ops, p, tgt, stats, plan, grads, buf, scale):
     for c0, c1 in _blocks(C, plan.classes):
         Wb, bb = ops.wblock(p, c0, c1), ops.bblock(p, c0, c1)
         for r0, r1 in _blocks(N, plan.rows):
-            L = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+            L = _logits_block(x[r0:r1], Wb, bb, out=buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
             sc = scale if (scale is None or scale.dim() == 0) else scale[r0:r1]
             g = plan.impl.ce_grad(L, False, r0, r1, c0, c1, tgt, stats, A[r0:r1], Arest[r0:r1], sc, cdt)
             grads.add(p, g, r0, r1, c0, c1, Wb)
@@ -581,6 +600,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             buf = torch.empty(min(ctx.plan.rows, N) * min(ctx.plan.classes, C), dtype=ctx.cdt, device=x.device)
             for p in range(W.shape[0]):
                 _ce_grad_pass(ops, p, ctx.tgts[p], ctx.stats[p], ctx.plan, grads, buf, g_loss[:, p].to(ctx.cdt))
+
         return _linear_backward(ctx, "linear_cross_entropy", g_loss, recompute, 4)
 
 
@@ -610,7 +630,8 @@ def _no_double_backward(func):
         raise RuntimeError(
             f"{func}: expected a first-order backward, but got create_graph=True (double "
             "backward). The fused op computes its gradients chunk by chunk without a graph; for "
-            "second derivatives use the unfused loss on `F.linear(...)` logits.")
+            "second derivatives use the unfused loss on `F.linear(...)` logits."
+        )
 
 
 def _usable_scale(grad_scale, cdt):
@@ -648,7 +669,7 @@ def _where_rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     if rows is None:
         return t
     if not _capture.capturing(t) and (not bool(rows.any()) or bool(torch.isfinite(t[rows]).all())):
-        return t   # eager shortcut (host reads); captured graphs always take the select
+        return t  # eager shortcut (host reads); captured graphs always take the select
     return torch.where(rows.view((-1,) + (1,) * (t.dim() - 1)), torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 
@@ -714,8 +735,7 @@ class BCETarget:
     (stride 0 where broadcast, so nothing (N, L)-sized is stored), or None.
     """
 
-    def __init__(self, *, dense=None, sparse=None, L=0, weight=None, pos_weight=None,
-                 ignore_index=None, eps=0.0):
+    def __init__(self, *, dense=None, sparse=None, L=0, weight=None, pos_weight=None, ignore_index=None, eps=0.0):
         self.dense_t, self.sparse_t, self.L = dense, sparse, L
         self.weight, self.pos_weight = weight, pos_weight
         self.ignore_index, self.eps = ignore_index, eps
@@ -781,15 +801,15 @@ def _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad):
     t, keep = tgt.block(r0, r1, c0, c1, dtype)
     w, pw = tgt.wblock(r0, r1, c0, c1, dtype)
     if keep is not None:
-        L.masked_fill_(~keep, 0.0)   # (L is scratch) ignored logits: 0 loss, 0 gradient, whatever they were
+        L.masked_fill_(~keep, 0.0)  # (L is scratch) ignored logits: 0 loss, 0 gradient, whatever they were
     hard = tgt.eps == 0 and tgt.hard
     if hard:
-        sgn = torch.add(1.0, t, alpha=-2.0)        # +1 where t = 0, -1 where t = 1
-        s = L.mul_(sgn)                            # (L is scratch) s = x, or -x where t = 1
+        sgn = torch.add(1.0, t, alpha=-2.0)  # +1 where t = 0, -1 where t = 1
+        s = L.mul_(sgn)  # (L is scratch) s = x, or -x where t = 1
         loss = reference._softplus(s)
         coef = None
         if pw is not None:
-            coef = (pw - 1).mul_(t).add_(1)        # p where t = 1, else 1
+            coef = (pw - 1).mul_(t).add_(1)  # p where t = 1, else 1
         if w is not None:
             coef = w if coef is None else coef.mul_(w)
         if keep is not None:
@@ -797,11 +817,11 @@ def _bce_block(L, tgt, r0, r1, c0, c1, dtype, want_grad):
             coef = kf if coef is None else coef.mul_(kf)
         g = None
         if want_grad:
-            g = torch.sigmoid(s).mul_(sgn)         # d/dx softplus(-x) = -sigmoid(-x)
+            g = torch.sigmoid(s).mul_(sgn)  # d/dx softplus(-x) = -sigmoid(-x)
             if coef is not None:
                 g.mul_(coef)
         if coef is not None:
-            loss = reference._times(coef, loss)    # 0 * inf = 0: a zero-weight term is absent
+            loss = reference._times(coef, loss)  # 0 * inf = 0: a zero-weight term is absent
         return loss, g
     loss = reference.binary_cross_entropy_with_logits(L, t, w, pw, keep)
     g = None
@@ -828,7 +848,7 @@ def _bce_pass(ops, tgt, plan, grads, scale, per_element, loss_out):
     for c0, c1 in _blocks(L_, plan.classes):
         Wb, bb = ops.wblock(0, c0, c1), ops.bblock(0, c0, c1)
         for r0, r1 in _blocks(N, plan.rows):
-            Lg = _logits_block(x[r0:r1], Wb, bb, out=buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+            Lg = _logits_block(x[r0:r1], Wb, bb, out=buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
             loss, g = plan.impl.bce(Lg, tgt, r0, r1, c0, c1, cdt, grads is not None)
             if loss_out is not None:
                 if per_element:
@@ -875,6 +895,7 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
     def backward(ctx, g_loss):
         def recompute(ops, grads):
             _bce_pass(ops, ctx.tgt, ctx.plan, grads, g_loss.to(ctx.cdt), g_loss.dim() == 2, None)
+
         return _linear_backward(ctx, "linear_binary_cross_entropy_with_logits", g_loss, recompute, 5)
 
 
@@ -926,7 +947,9 @@ def _add_ops(name: str, priority: int, ops: dict, unavailable=None, any_device=F
 def _triton_linear_op(name):
     def call(*args):
         from .triton import linear as triton_linear  # imports triton: only when used
+
         return getattr(triton_linear, name)(*args)
+
     call.__name__ = name
     return call
 
@@ -939,6 +962,7 @@ def _with_blocks(fn, blocks):
         if plan.blocks is None:
             plan = dataclasses.replace(plan, blocks=blocks)
         return fn(x, W, b, tgts, plan, *rest)
+
     call.__name__ = fn.__name__
     return call
 

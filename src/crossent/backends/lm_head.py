@@ -106,9 +106,9 @@ def _block_stats(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: flo
     k = z.argmax(1, keepdim=True)
     m = z.gather(1, k)
     finite = _all_finite(z)
-    t = z.sub_(m)                             # z_j - m <= 0
+    t = z.sub_(m)  # z_j - m <= 0
     e = torch.exp(t)
-    e.scatter_(1, k, 0.0)                     # S' sums the others: log1p keeps tiny sums
+    e.scatter_(1, k, 0.0)  # S' sums the others: log1p keeps tiny sums
     s = e.sum(1)
     lp1 = torch.log1p(s)
     nll = lp1 - t.gather(1, y.unsqueeze(1)).squeeze(1)
@@ -126,8 +126,21 @@ def _block_stats(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: flo
     return m.squeeze(1), lp1, nll, BA, sm, k.squeeze(1) == y
 
 
-def _block_grad(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: float, softcap: float,
-                m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent) -> Tensor:
+def _block_grad(
+    L: Tensor,
+    y: Tensor,
+    sigma: Optional[Tensor],
+    temperature: float,
+    softcap: float,
+    m,
+    lp1,
+    nll,
+    BA,
+    g_nll,
+    g_sm,
+    g_lse,
+    g_ent,
+) -> Tensor:
     """d/dx of ``g_nll*nll + g_sm*sm + g_lse*lse + g_ent*ent`` for one block of raw logits
     ``L`` (R, C; scratch, overwritten); see the module docstring for the formula.
 
@@ -140,7 +153,7 @@ def _block_grad(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: floa
     elif temperature != 1.0:
         z.div_(temperature)
     finite = _all_finite(z)
-    t = z.sub_(m.unsqueeze(1))                # z_j - m
+    t = z.sub_(m.unsqueeze(1))  # z_j - m
     yy = y.unsqueeze(1)
     t_y = t.gather(1, yy).squeeze(1)
     p = torch.sub(t, lp1.unsqueeze(1)).exp_()
@@ -152,7 +165,7 @@ def _block_grad(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: floa
         zero_p = None if finite else p == 0
         dz = p.mul_(t.mul_(-g_ent.unsqueeze(1)).add_(a.unsqueeze(1)))
         if zero_p is not None:
-            dz.masked_fill_(zero_p, 0.0)      # p_j = 0 at a -inf logit: 0, not 0 * inf
+            dz.masked_fill_(zero_p, 0.0)  # p_j = 0 at a -inf logit: 0, not 0 * inf
     else:
         dz = p.mul_(coef.unsqueeze(1))
     del t, z
@@ -162,8 +175,7 @@ def _block_grad(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: floa
     p_y = torch.exp(-nll)
     col = p_y * (coef - g_nll) + g_nll * torch.expm1(-nll)
     if g_ent is not None:
-        col = col - g_ent * torch.where(p_y > 0, p_y * (t_y + BA), torch.zeros((), dtype=p_y.dtype,
-                                                                                device=p_y.device))
+        col = col - g_ent * torch.where(p_y > 0, p_y * (t_y + BA), torch.zeros((), dtype=p_y.dtype, device=p_y.device))
     if sigma is not None:
         col = col - g_sm * sigma[y]
     dz.scatter_(1, yy, col.unsqueeze(1))
@@ -199,12 +211,11 @@ def forward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows):
     sig = None if sigma is None else sigma.to(cdt)
     m_, lp1_, nll_, BA_, sm_ = (torch.zeros(N, dtype=cdt, device=x.device) for _ in range(5))
     correct = torch.empty(N, dtype=torch.bool, device=x.device)
-    if W is not None and W.dtype != cdt:     # fp16/bf16: one float32 copy of the weight
+    if W is not None and W.dtype != cdt:  # fp16/bf16: one float32 copy of the weight
         W = W.to(cdt)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        m, lp1, nll, BA, sm, ok = _block_stats(_logits(x, W, b, r0, r1, cdt), y[r0:r1], sig, temperature,
-                                               softcap)
+        m, lp1, nll, BA, sm, ok = _block_stats(_logits(x, W, b, r0, r1, cdt), y[r0:r1], sig, temperature, softcap)
         m_[r0:r1], lp1_[r0:r1], nll_[r0:r1], BA_[r0:r1] = m, lp1, nll, BA
         if sm is not None:
             sm_[r0:r1] = sm
@@ -248,13 +259,35 @@ def _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx):
             gW.addmm_(dx.t(), h)
         if gb is not None:
             gb.add_(dx.sum(0))
-    return (gx.to(x.dtype) if gx is not None else x.new_empty((0,)),
-            gW.to(W.dtype) if gW is not None else x.new_empty((0,)),
-            gb.to(b.dtype) if gb is not None else x.new_empty((0,)))
+    return (
+        gx.to(x.dtype) if gx is not None else x.new_empty((0,)),
+        gW.to(W.dtype) if gW is not None else x.new_empty((0,)),
+        gb.to(b.dtype) if gb is not None else x.new_empty((0,)),
+    )
 
 
-def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA,
-                  g_nll, g_sm, g_lse, g_ent, need_x: bool, need_W: bool, need_b: bool):
+def backward_rows(
+    x,
+    W,
+    b,
+    y,
+    keep,
+    sigma,
+    temperature,
+    softcap,
+    rows,
+    m,
+    lp1,
+    nll,
+    BA,
+    g_nll,
+    g_sm,
+    g_lse,
+    g_ent,
+    need_x: bool,
+    need_W: bool,
+    need_b: bool,
+):
     """``(grad_x, grad_W, grad_b)`` of the upstream-weighted outputs, block by block."""
     cdt = compute_dtype(x.dtype)
     N = x.shape[0]
@@ -271,23 +304,37 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, n
     g_sm = up(g_sm, True) if sig is not None else None
 
     def block_dx(sl, L):
-        return _block_grad(L, y[sl], sig, temperature, softcap, m[sl], lp1[sl], nll[sl], BA[sl], g_nll[sl],
-                           None if g_sm is None else g_sm[sl], g_lse[sl], None if g_ent is None else g_ent[sl])
+        return _block_grad(
+            L,
+            y[sl],
+            sig,
+            temperature,
+            softcap,
+            m[sl],
+            lp1[sl],
+            nll[sl],
+            BA[sl],
+            g_nll[sl],
+            None if g_sm is None else g_sm[sl],
+            g_lse[sl],
+            None if g_ent is None else g_ent[sl],
+        )
 
     return _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx)
 
 
-def _block_loss_grad(L: Tensor, y: Tensor, keep: Tensor, sigma: Optional[Tensor], temperature: float,
-                     softcap: float, c_nll, c_sm, c_z):
+def _block_loss_grad(
+    L: Tensor, y: Tensor, keep: Tensor, sigma: Optional[Tensor], temperature: float, softcap: float, c_nll, c_sm, c_z
+):
     """Loss terms and d loss/dx of one block of raw logits ``L`` (R, C; scratch) in one
     sweep: ``(loss, lse, correct, dx)``. ``p_j = e^{t_j} / (1 + S')`` reuses the forward's
     exponentials (``p_k = 1 / (1 + S')``), so no exponential or transform is recomputed."""
     zero = torch.zeros((), dtype=L.dtype, device=L.device)
-    cosh2 = torch.div(L, softcap).cosh_().square_() if softcap else None   # dz/dx = 1 / (T cosh^2)
+    cosh2 = torch.div(L, softcap).cosh_().square_() if softcap else None  # dz/dx = 1 / (T cosh^2)
     z = transform_(L, temperature, softcap)
     k = z.argmax(1, keepdim=True)
     m = z.gather(1, k)
-    t = z.sub_(m)                             # z_j - m <= 0
+    t = z.sub_(m)  # z_j - m <= 0
     e = torch.exp(t)
     e.scatter_(1, k, 0.0)
     s = e.sum(1)
@@ -302,8 +349,8 @@ def _block_loss_grad(L: Tensor, y: Tensor, keep: Tensor, sigma: Optional[Tensor]
         coef = coef + c_sm * sigma.sum()
     del t, z
     scale = coef / (1 + s)
-    dz = e.mul_(scale.unsqueeze(1))           # p_j coef for j != k
-    dz.scatter_(1, k, scale.unsqueeze(1))     # p_k = 1 / (1 + S')
+    dz = e.mul_(scale.unsqueeze(1))  # p_j coef for j != k
+    dz.scatter_(1, k, scale.unsqueeze(1))  # p_k = 1 / (1 + S')
     if sigma is not None:
         dz.addr_(c_sm, sigma, alpha=-1.0)
     # the target column: p_y (coef - c_nll) + c_nll (p_y - 1), with p_y - 1 = expm1(-nll)
@@ -313,7 +360,7 @@ def _block_loss_grad(L: Tensor, y: Tensor, keep: Tensor, sigma: Optional[Tensor]
         col = col - c_sm * sigma[y]
     dz.scatter_(1, y.unsqueeze(1), col.unsqueeze(1))
     if cosh2 is not None:
-        dz.div_(cosh2)                        # cosh^2 = inf far out: the exact limit 0
+        dz.div_(cosh2)  # cosh^2 = inf far out: the exact limit 0
     if temperature != 1.0:
         dz.div_(temperature)
     return loss, lse, k.squeeze(1) == y, dz
@@ -338,8 +385,9 @@ def loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, r
 
     def block_dx(sl, L):
         nonlocal total
-        loss, lse, ok, dz = _block_loss_grad(L, y[sl], keep[sl], sig, temperature, softcap, c_nll[sl], c_sm[sl],
-                                             c_z[sl])
+        loss, lse, ok, dz = _block_loss_grad(
+            L, y[sl], keep[sl], sig, temperature, softcap, c_nll[sl], c_sm[sl], c_z[sl]
+        )
         total = total + loss.sum()
         lse_[sl] = lse
         correct[sl] = ok & keep[sl]
@@ -359,7 +407,7 @@ def lm_head_unfused(x, W, b, y, keep, sigma, temperature, softcap, rows=None):
     z = softcap * torch.tanh(L / softcap) / temperature if softcap else L / temperature
     ys = _safe_y(y, keep)
     k = z.detach().argmax(1, keepdim=True)
-    m = z.gather(1, k)                          # differentiable: lse's gradient reaches z_k
+    m = z.gather(1, k)  # differentiable: lse's gradient reaches z_k
     d0 = m - z
     zero = torch.zeros((), dtype=cdt, device=x.device)
     onehot_k = torch.zeros_like(z, dtype=torch.bool).scatter(1, k, True)
@@ -375,8 +423,13 @@ def lm_head_unfused(x, W, b, y, keep, sigma, temperature, softcap, rows=None):
         sm = (d0 * sig).sum(1) + sig.sum() * lp1
     lse = m.squeeze(1) + lp1
     correct = (k.squeeze(1) == ys) & keep
-    return (torch.where(keep, nll, zero), torch.where(keep, sm, zero), torch.where(keep, lse, zero),
-            torch.where(keep, ent, zero), correct)
+    return (
+        torch.where(keep, nll, zero),
+        torch.where(keep, sm, zero),
+        torch.where(keep, lse, zero),
+        torch.where(keep, ent, zero),
+        correct,
+    )
 
 
 def lm_head_chunked(x, W, b, y, keep, sigma, temperature, softcap, rows):
@@ -391,14 +444,14 @@ def lm_head_loss_chunked(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature,
     ``(total, lse, correct)``."""
     from . import ops
 
-    return ops.lm_head_loss(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, float(temperature),
-                            float(softcap or 0.0), int(rows))
+    return ops.lm_head_loss(
+        x, W, b, y, keep, sigma, c_nll, c_sm, c_z, float(temperature), float(softcap or 0.0), int(rows)
+    )
 
 
 # The summed-loss variant of a backend's ``lm_head`` (declared, not probed): the
 # functional layer uses it for 'mean' and 'sum' when nothing but the inputs needs a gradient.
 lm_head_chunked.fused_loss = lm_head_loss_chunked
-
 
 
 # ----------------------------------------------------------------------- registration

@@ -62,7 +62,7 @@ def _kernels(backend: str, device: torch.device):
         return KERNELS
     if backend == "chunked" and device.type == "cpu":
         return chunked.CPU
-    return chunked.CPU_TORCH   # the same formulas in torch ops: any device
+    return chunked.CPU_TORCH  # the same formulas in torch ops: any device
 
 
 def _rows_of(x: Tensor) -> int:
@@ -71,8 +71,15 @@ def _rows_of(x: Tensor) -> int:
 
 # ------------------------------------------------------------------------- BCE
 @torch.library.custom_op("crossent::bce_fused", mutates_args=())
-def bce_fused(x: Tensor, t: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-              keep: Optional[Tensor], logits: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def bce_fused(
+    x: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    keep: Optional[Tensor],
+    logits: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
     impl = _kernels(backend, x.device)
     forward = impl.bcewl_forward if logits else impl.bce_forward
     loss, grad = forward(x, t, weight, pos_weight, keep, False, None)
@@ -109,14 +116,20 @@ def _(info, in_dims, x, t, weight, pos_weight, keep, logits, backend):
     xs = front(x, in_dims[0])
     args = [front(v, d) for v, d in zip((t, weight, pos_weight, keep), in_dims[1:5])]
     args = [None if v is None else v.expand(xs.shape) for v in args]
-    return bce_fused(xs.contiguous(), *[None if v is None else v.contiguous() for v in args],
-                     logits, backend), (0, 0)
+    return bce_fused(xs.contiguous(), *[None if v is None else v.contiguous() for v in args], logits, backend), (0, 0)
 
 
 # ------------------------------------------------------------------ cross-entropy
 @torch.library.custom_op("crossent::cross_entropy_fused", mutates_args=())
-def cross_entropy_fused(x: Tensor, q: Optional[Tensor], y: Optional[Tensor], c: Optional[Tensor],
-                        smooth: Optional[Tensor], keep: Optional[Tensor], backend: str) -> Tensor:
+def cross_entropy_fused(
+    x: Tensor,
+    q: Optional[Tensor],
+    y: Optional[Tensor],
+    c: Optional[Tensor],
+    smooth: Optional[Tensor],
+    keep: Optional[Tensor],
+    backend: str,
+) -> Tensor:
     impl = _kernels(backend, x.device)
     return chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep, want_grad=False)[0].contiguous()
 
@@ -127,15 +140,22 @@ def _(x, q, y, c, smooth, keep, backend):
 
 
 @torch.library.custom_op("crossent::cross_entropy_fused_backward", mutates_args=())
-def cross_entropy_fused_backward(grad_loss: Tensor, x: Tensor, q: Optional[Tensor], y: Optional[Tensor],
-                                 c: Optional[Tensor], smooth: Optional[Tensor], keep: Optional[Tensor],
-                                 backend: str) -> Tensor:
+def cross_entropy_fused_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    q: Optional[Tensor],
+    y: Optional[Tensor],
+    c: Optional[Tensor],
+    smooth: Optional[Tensor],
+    keep: Optional[Tensor],
+    backend: str,
+) -> Tensor:
     impl = _kernels(backend, x.device)
     g = grad_loss.to(x.dtype)
     scale = None
     if impl.prescale and g.device.type == "cpu" and g.numel():
         first = g.reshape(-1)[0]
-        if bool((g == first).all()):   # host memory: reading it is no device sync
+        if bool((g == first).all()):  # host memory: reading it is no device sync
             scale = float(first)
     _, grad = chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep, scale)
     if scale is None:
@@ -179,13 +199,18 @@ def binary_cross_entropy(x, t, weight, pos_weight, keep, *, logits: bool, backen
     return loss
 
 
-def cross_entropy(x, target, index_target: bool, weight, keep, label_smoothing: float, *,
-                  backend: str) -> Tuple[Tensor, Optional[Tensor]]:
+def cross_entropy(
+    x, target, index_target: bool, weight, keep, label_smoothing: float, *, backend: str
+) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-row cross-entropy of a captured call: ``(loss, per-row mean weights or None)``.
 
     ``x``: rows (M, C), or (N, C, S) for class-index targets (then ``target`` is (N*S,))."""
-    if backend == "reference" or _capture.transforming() or _wants_graph(weight) \
-            or (not index_target and _wants_graph(target)):
+    if (
+        backend == "reference"
+        or _capture.transforming()
+        or _wants_graph(weight)
+        or (not index_target and _wants_graph(target))
+    ):
         if x.dim() == 3:
             x = x.movedim(1, -1).reshape(-1, x.shape[1])
         return reference.cross_entropy(x, target, index_target, weight, keep, label_smoothing)
@@ -199,10 +224,20 @@ def cross_entropy(x, target, index_target: bool, weight, keep, label_smoothing: 
 
 # ------------------------------------------------------------ fused linear + CE
 @torch.library.custom_op("crossent::linear_cross_entropy_fused", mutates_args=())
-def linear_cross_entropy_fused(x: Tensor, W: Tensor, b: Optional[Tensor], target: Tensor,
-                               weight: Optional[Tensor], keep: Optional[Tensor], index: bool, eps: float,
-                               rows: Optional[int], classes: Optional[int], budget: Optional[int],
-                               backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def linear_cross_entropy_fused(
+    x: Tensor,
+    W: Tensor,
+    b: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    keep: Optional[Tensor],
+    index: bool,
+    eps: float,
+    rows: Optional[int],
+    classes: Optional[int],
+    budget: Optional[int],
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(total, lse, grad_x, grad_W, grad_b)`` of ``sum(loss)`` for the fused linear + CE:
     ``x`` (N, H), ``W`` (D, C, H), ``b`` (D, C) or None, ``target`` (N, D) class indices or
     (N, C, D) probabilities (see ``linear.ce_targets``); ``grad_b`` is empty without a bias."""
@@ -211,24 +246,43 @@ def linear_cross_entropy_fused(x: Tensor, W: Tensor, b: Optional[Tensor], target
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     D, C, H = W.shape
     tgts, _ = linear.ce_targets(target, index, weight, keep, eps, C, cdt)
-    plan = linear.plan_chunks(x.shape[0], C, H, x.dtype, budget=budget, rows=rows, classes=classes,
-                              buffers=linear.BUFFERS_INDEX if index else linear.BUFFERS_DENSE)
+    plan = linear.plan_chunks(
+        x.shape[0],
+        C,
+        H,
+        x.dtype,
+        budget=budget,
+        rows=rows,
+        classes=classes,
+        buffers=linear.BUFFERS_INDEX if index else linear.BUFFERS_DENSE,
+    )
     if backend == "chunked" and x.device.type == "cpu":
         plan = linear.dataclasses.replace(plan, blocks=linear.CPU_KERNEL_BLOCKS)
     needs = (True, True, b is not None)
     loss, lse, _, (gx, gW, gb) = linear.ce_forward_with_grads(
-        x, W, b, tgts, plan, needs, torch.ones((), dtype=cdt, device=x.device))
+        x, W, b, tgts, plan, needs, torch.ones((), dtype=cdt, device=x.device)
+    )
     total = loss.sum()
-    return (total, lse.contiguous(), gx.contiguous(), gW.contiguous(),
-            gb.contiguous() if gb is not None else x.new_empty((0,)))
+    return (
+        total,
+        lse.contiguous(),
+        gx.contiguous(),
+        gW.contiguous(),
+        gb.contiguous() if gb is not None else x.new_empty((0,)),
+    )
 
 
 @linear_cross_entropy_fused.register_fake
 def _(x, W, b, target, weight, keep, index, eps, rows, classes, budget, backend):
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     N, D = x.shape[0], W.shape[0]
-    return (x.new_empty((), dtype=cdt), x.new_empty((N, D), dtype=cdt), x.new_empty(x.shape),
-            W.new_empty(W.shape), b.new_empty(b.shape) if b is not None else x.new_empty((0,)))
+    return (
+        x.new_empty((), dtype=cdt),
+        x.new_empty((N, D), dtype=cdt),
+        x.new_empty(x.shape),
+        W.new_empty(W.shape),
+        b.new_empty(b.shape) if b is not None else x.new_empty((0,)),
+    )
 
 
 def _linear_setup(ctx, inputs, output):
@@ -240,8 +294,20 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, g_total, g_lse, g_gx, g_gW, g_gb):
     gx, gW, gb = ctx.saved_tensors
     g = g_total.to(gx.dtype)
-    return (gx * g, gW * g.to(gW.dtype), gb * g.to(gb.dtype) if ctx.has_bias else None,
-            None, None, None, None, None, None, None, None, None)
+    return (
+        gx * g,
+        gW * g.to(gW.dtype),
+        gb * g.to(gb.dtype) if ctx.has_bias else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 linear_cross_entropy_fused.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -251,23 +317,33 @@ def linear_cross_entropy(x, W, b, t, index, weight, keep, eps, block_args, *, ba
     """A captured fused linear + CE whose reduction is 'mean' or 'sum': ``(total, lse)``;
     the caller divides ``total`` by the ``mean`` denominator. ``block_args``: (rows,
     classes, budget) for ``linear.plan_chunks``, each None for the default."""
-    total, lse, _, _, _ = linear_cross_entropy_fused(x.contiguous(), W, b, t, weight, keep, index, float(eps),
-                                                     *block_args, backend)
+    total, lse, _, _, _ = linear_cross_entropy_fused(
+        x.contiguous(), W, b, t, weight, keep, index, float(eps), *block_args, backend
+    )
     return total, lse
 
 
 # --------------------------------------------------------------- LM-head statistics
 @torch.library.custom_op("crossent::lm_head_forward", mutates_args=())
-def lm_head_forward(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
-                    sigma: Optional[Tensor], temperature: float, softcap: float,
-                    rows: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def lm_head_forward(
+    x: Tensor,
+    W: Optional[Tensor],
+    b: Optional[Tensor],
+    y: Tensor,
+    keep: Tensor,
+    sigma: Optional[Tensor],
+    temperature: float,
+    softcap: float,
+    rows: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row ``(nll, sm, lse, ent, correct)`` of :mod:`.lm_head` plus the saved
     ``(m, log1p(S'), B/(1+S'))``: ``x`` logits (N, C) (``W`` None) or hidden states (N, H)
     of ``W`` (C, H); row blocks of ``rows`` rows; ``softcap`` 0 means none."""
     from . import lm_head
 
     (nll, sm, lse, ent, correct), (m, lp1, _, BA) = lm_head.forward_rows(
-        x, W, b, y, keep, sigma, temperature, softcap, rows)
+        x, W, b, y, keep, sigma, temperature, softcap, rows
+    )
     return nll, sm, lse, ent, correct, m, lp1, BA
 
 
@@ -280,24 +356,83 @@ def _(x, W, b, y, keep, sigma, temperature, softcap, rows):
 
 
 @torch.library.custom_op("crossent::lm_head_backward", mutates_args=())
-def lm_head_backward(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
-                     sigma: Optional[Tensor], temperature: float, softcap: float, rows: int,
-                     m: Tensor, lp1: Tensor, nll: Tensor, BA: Tensor, g_nll: Optional[Tensor],
-                     g_sm: Optional[Tensor], g_lse: Optional[Tensor], g_ent: Optional[Tensor],
-                     need_x: bool, need_W: bool, need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def lm_head_backward(
+    x: Tensor,
+    W: Optional[Tensor],
+    b: Optional[Tensor],
+    y: Tensor,
+    keep: Tensor,
+    sigma: Optional[Tensor],
+    temperature: float,
+    softcap: float,
+    rows: int,
+    m: Tensor,
+    lp1: Tensor,
+    nll: Tensor,
+    BA: Tensor,
+    g_nll: Optional[Tensor],
+    g_sm: Optional[Tensor],
+    g_lse: Optional[Tensor],
+    g_ent: Optional[Tensor],
+    need_x: bool,
+    need_W: bool,
+    need_b: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b)`` of ``crossent::lm_head_forward`` (empty where not needed)."""
     from . import lm_head
 
-    return lm_head.backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA,
-                                 g_nll, g_sm, g_lse, g_ent, need_x, need_W, need_b)
+    return lm_head.backward_rows(
+        x,
+        W,
+        b,
+        y,
+        keep,
+        sigma,
+        temperature,
+        softcap,
+        rows,
+        m,
+        lp1,
+        nll,
+        BA,
+        g_nll,
+        g_sm,
+        g_lse,
+        g_ent,
+        need_x,
+        need_W,
+        need_b,
+    )
 
 
 @lm_head_backward.register_fake
-def _(x, W, b, y, keep, sigma, temperature, softcap, rows, m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent,
-      need_x, need_W, need_b):
-    return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
-            W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),
-            b.new_empty(b.shape) if (need_b and b is not None) else x.new_empty((0,)))
+def _(
+    x,
+    W,
+    b,
+    y,
+    keep,
+    sigma,
+    temperature,
+    softcap,
+    rows,
+    m,
+    lp1,
+    nll,
+    BA,
+    g_nll,
+    g_sm,
+    g_lse,
+    g_ent,
+    need_x,
+    need_W,
+    need_b,
+):
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+        W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),
+        b.new_empty(b.shape) if (need_b and b is not None) else x.new_empty((0,)),
+    )
 
 
 def _lm_head_setup(ctx, inputs, output):
@@ -312,10 +447,10 @@ def _lm_head_setup(ctx, inputs, output):
 def _lm_head_backward(ctx, g_nll, g_sm, g_lse, g_ent, *_):
     x, W, b, y, keep, sigma, m, lp1, nll, BA = ctx.saved_tensors
     need_x, need_W, need_b = ctx.needs
-    gx, gW, gb = lm_head_backward(x, W, b, y, keep, sigma, *ctx.args, m, lp1, nll, BA,
-                                  g_nll, g_sm, g_lse, g_ent, need_x, need_W, need_b)
-    return (gx if need_x else None, gW if need_W else None, gb if need_b else None,
-            None, None, None, None, None, None)
+    gx, gW, gb = lm_head_backward(
+        x, W, b, y, keep, sigma, *ctx.args, m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent, need_x, need_W, need_b
+    )
+    return (gx if need_x else None, gW if need_W else None, gb if need_b else None, None, None, None, None, None, None)
 
 
 lm_head_forward.register_autograd(_lm_head_backward, setup_context=_lm_head_setup)
@@ -323,33 +458,50 @@ lm_head_forward.register_autograd(_lm_head_backward, setup_context=_lm_head_setu
 
 def lm_head(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: int):
     """``(nll, sm, lse, ent, correct)`` per row through ``crossent::lm_head_forward``."""
-    out = lm_head_forward(x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma,
-                          temperature, softcap, rows)
+    out = lm_head_forward(x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma, temperature, softcap, rows)
     return out[:5]
 
 
 @torch.library.custom_op("crossent::lm_head_loss_fused", mutates_args=())
-def lm_head_loss_fused(x: Tensor, W: Optional[Tensor], b: Optional[Tensor], y: Tensor, keep: Tensor,
-                       sigma: Optional[Tensor], c_nll: Tensor, c_sm: Tensor, c_z: Tensor, temperature: float,
-                       softcap: float, rows: int, need_x: bool, need_W: bool,
-                       need_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def lm_head_loss_fused(
+    x: Tensor,
+    W: Optional[Tensor],
+    b: Optional[Tensor],
+    y: Tensor,
+    keep: Tensor,
+    sigma: Optional[Tensor],
+    c_nll: Tensor,
+    c_sm: Tensor,
+    c_z: Tensor,
+    temperature: float,
+    softcap: float,
+    rows: int,
+    need_x: bool,
+    need_W: bool,
+    need_b: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(total, lse, correct, grad_x, grad_W, grad_b)`` of the summed LM-head loss
     ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2`` (:func:`.lm_head.loss_rows`): the
     gradients are computed in the forward pass and scaled by the incoming gradient."""
     from . import lm_head
 
-    return lm_head.loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows,
-                             need_x, need_W, need_b)
+    return lm_head.loss_rows(
+        x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b
+    )
 
 
 @lm_head_loss_fused.register_fake
 def _(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b):
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     N = x.shape[0]
-    return (x.new_empty((), dtype=cdt), x.new_empty((N,), dtype=cdt), x.new_empty((N,), dtype=torch.bool),
-            x.new_empty(x.shape) if need_x else x.new_empty((0,)),
-            W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),
-            b.new_empty(b.shape) if (need_b and b is not None) else x.new_empty((0,)))
+    return (
+        x.new_empty((), dtype=cdt),
+        x.new_empty((N,), dtype=cdt),
+        x.new_empty((N,), dtype=torch.bool),
+        x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+        W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),
+        b.new_empty(b.shape) if (need_b and b is not None) else x.new_empty((0,)),
+    )
 
 
 def _lm_loss_setup(ctx, inputs, output):
@@ -361,8 +513,11 @@ def _lm_loss_setup(ctx, inputs, output):
 def _lm_loss_backward(ctx, g_total, *_):
     gx, gW, gb = ctx.saved_tensors
     need_x, need_W, need_b = ctx.needs
-    return (gx * g_total.to(gx.dtype) if need_x else None, gW * g_total.to(gW.dtype) if need_W else None,
-            gb * g_total.to(gb.dtype) if need_b else None) + (None,) * 12
+    return (
+        gx * g_total.to(gx.dtype) if need_x else None,
+        gW * g_total.to(gW.dtype) if need_W else None,
+        gb * g_total.to(gb.dtype) if need_b else None,
+    ) + (None,) * 12
 
 
 lm_head_loss_fused.register_autograd(_lm_loss_backward, setup_context=_lm_loss_setup)
@@ -371,10 +526,25 @@ lm_head_loss_fused.register_autograd(_lm_loss_backward, setup_context=_lm_loss_s
 def lm_head_loss(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature: float, softcap: float, rows: int):
     """``(total, lse, correct)`` through ``crossent::lm_head_loss_fused``; gradients are
     computed (in the same pass) for the inputs that require them."""
+
     def need(t):
         return t is not None and t.requires_grad and torch.is_grad_enabled()
 
     total, lse, correct, _, _, _ = lm_head_loss_fused(
-        x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma, c_nll, c_sm, c_z, temperature, softcap,
-        rows, need(x), need(W), need(b))
+        x.contiguous(),
+        W,
+        b,
+        y.contiguous(),
+        keep.contiguous(),
+        sigma,
+        c_nll,
+        c_sm,
+        c_z,
+        temperature,
+        softcap,
+        rows,
+        need(x),
+        need(W),
+        need(b),
+    )
     return total, lse, correct

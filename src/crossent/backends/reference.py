@@ -91,7 +91,7 @@ class _BinaryCrossEntropy(torch.autograd.Function):
     double backward works.
     """
 
-    generate_vmap_rule = True   # with setup_context: works under torch.func
+    generate_vmap_rule = True  # with setup_context: works under torch.func
 
     @staticmethod
     def forward(p, t, pos_weight):
@@ -125,7 +125,6 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         grad_p = grad * d_p if ctx.needs_input_grad[0] else None
         grad_t = grad * d_t if ctx.needs_input_grad[1] else None
         return grad_p, grad_t, None
-
 
 
 class _BinaryCrossEntropyForward(_BinaryCrossEntropy):
@@ -212,7 +211,7 @@ class _CrossEntropy(torch.autograd.Function):
     differentiable ops, so double backward works.
     """
 
-    generate_vmap_rule = True   # with setup_context: works under torch.func
+    generate_vmap_rule = True  # with setup_context: works under torch.func
 
     @staticmethod
     def forward(x, q, y, c, smooth):
@@ -234,7 +233,6 @@ class _CrossEntropy(torch.autograd.Function):
         a_rest = a.scatter(1, k, 0.0).sum(dim=1, keepdim=True)  # A - a_k without cancellation
         g_k = torch.where(s < 1, a_rest - A * (s / (1 + s)), g.gather(1, k))
         return g.scatter(1, k, g_k)
-
 
     @staticmethod
     def backward(ctx, grad):
@@ -281,7 +279,7 @@ def _dense_coef(x, q, y, c, smooth):
 def _ce_value(nlp, q, y, c, smooth):
     if q is not None:
         return _times(q, nlp).sum(dim=1)
-    loss = _times(c, nlp.gather(1, y.unsqueeze(1)).squeeze(1))   # weight 0 with -log p = inf: 0
+    loss = _times(c, nlp.gather(1, y.unsqueeze(1)).squeeze(1))  # weight 0 with -log p = inf: 0
     if smooth is not None:
         loss = loss + _times(smooth.expand_as(nlp), nlp).sum(dim=1)
     return loss
@@ -324,7 +322,7 @@ def index_coefficients(target, weight, keep, eps, C, dtype):
             if den.dtype != dtype:
                 den = den.to(dtype)
     else:
-        den = weight.gather(0, y) + 0.0   # + 0.0: a kept row's weight is never -0.0
+        den = weight.gather(0, y) + 0.0  # + 0.0: a kept row's weight is never -0.0
         if keep is not None:
             den = torch.where(keep, den, -0.0)
     c = den * (1 - eps) if eps else den

@@ -105,9 +105,15 @@ def _quantile(values: List[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
-def time_case(case: Case, device: torch.device, modes=("full",), repeats: int = 7,
-              min_sample_s: float = 0.02, variants: Optional[List[str]] = None,
-              log=print) -> List[Result]:
+def time_case(
+    case: Case,
+    device: torch.device,
+    modes=("full",),
+    repeats: int = 7,
+    min_sample_s: float = 0.02,
+    variants: Optional[List[str]] = None,
+    log=print,
+) -> List[Result]:
     """Time every variant of ``case`` in every mode (see ``docs/design.md``)."""
     inputs = case.make(device)
     names = [v for v in case.variants if variants is None or v in variants]
@@ -125,7 +131,7 @@ def time_case(case: Case, device: torch.device, modes=("full",), repeats: int = 
     for mode in modes:
         samples: Dict[str, List[float]] = {n: [] for n in names}
         for r in range(repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for n in order:
                 fn = case.variants[n]
                 total = 0.0
@@ -135,11 +141,19 @@ def time_case(case: Case, device: torch.device, modes=("full",), repeats: int = 
             gc.collect()
         for n in names:
             s = samples[n]
-            results.append(Result(
-                preset="", case=case.name, mode=mode, variant=n,
-                timing=Timing(statistics.median(s) * 1e3, _quantile(s, 0.2) * 1e3, _quantile(s, 0.8) * 1e3,
-                              len(s), number[n]),
-                compile_s=compile_s[n], elements=case.elements))
+            results.append(
+                Result(
+                    preset="",
+                    case=case.name,
+                    mode=mode,
+                    variant=n,
+                    timing=Timing(
+                        statistics.median(s) * 1e3, _quantile(s, 0.2) * 1e3, _quantile(s, 0.8) * 1e3, len(s), number[n]
+                    ),
+                    compile_s=compile_s[n],
+                    elements=case.elements,
+                )
+            )
     inputs[case.grad_input].grad = None
     inputs.pop("_anchor", None)
     return results
@@ -176,6 +190,7 @@ def limit_fraction(case: Case, median_ms: float, limits: Dict[str, float]) -> Op
     if not case.elements or not limits or median_ms <= 0:
         return None
     mem_s = case.elements * case.bytes_per_element / limits["copy_bytes_per_s"]
-    math_s = sum(n * case.elements / limits[f"{f}_per_s"] for f, n in case.transcendentals.items()
-                 if f"{f}_per_s" in limits)
+    math_s = sum(
+        n * case.elements / limits[f"{f}_per_s"] for f, n in case.transcendentals.items() if f"{f}_per_s" in limits
+    )
     return max(mem_s, math_s) / (median_ms / 1e3)

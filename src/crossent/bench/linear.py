@@ -20,8 +20,11 @@ from .presets import Case, register_preset
 
 PRESET_NAMES = ("linear-ce", "linear-bce")
 SIZES = {
-    "linear-ce": {"smoke": [(64, 32, 1000)], "medium": [(512, 256, 32000), (256, 256, 128256)],
-                  "full": [(4096, 2048, 128256), (8192, 4096, 32000)]},
+    "linear-ce": {
+        "smoke": [(64, 32, 1000)],
+        "medium": [(512, 256, 32000), (256, 256, 128256)],
+        "full": [(4096, 2048, 128256), (8192, 4096, 32000)],
+    },
     "linear-bce": {"smoke": [(64, 32, 2000)], "medium": [(512, 256, 100000)], "full": [(4096, 1024, 100000)]},
 }
 DTYPES = (torch.float32, torch.bfloat16)
@@ -39,6 +42,7 @@ def _compiled(fn):
         if not holder:
             holder.append(torch.compile(fn, dynamic=False))
         return holder[0](d)
+
     return call
 
 
@@ -60,8 +64,8 @@ class _MatmulBound(torch.autograd.Function):
 def _make(N, H, C, dtype, kind):
     def make(device):
         g = torch.Generator().manual_seed(0)
-        x = (torch.randn(N, H, generator=g) / H ** 0.25).to(device, dtype).requires_grad_()
-        W = (torch.randn(C, H, generator=g) / H ** 0.25).to(device, dtype).requires_grad_()
+        x = (torch.randn(N, H, generator=g) / H**0.25).to(device, dtype).requires_grad_()
+        W = (torch.randn(C, H, generator=g) / H**0.25).to(device, dtype).requires_grad_()
         d = {"x": x, "W": W}
         if kind == "ce":
             d["y"] = torch.randint(0, C, (N,), generator=g).to(device)
@@ -70,6 +74,7 @@ def _make(N, H, C, dtype, kind):
             d["pos"] = pos
             d["t"] = torch.zeros(N, C, dtype=dtype, device=device).scatter_(1, pos, 1.0)
         return d
+
     return make
 
 
@@ -87,6 +92,7 @@ def _ce_variants():
         def chunked(d):
             _fresh(d)
             return F.linear_cross_entropy(d["x"], d["W"], d["y"], options=opts)
+
         v["torch chunked"] = chunked
 
     def ours(d):
@@ -96,6 +102,7 @@ def _ce_variants():
     def bound(d):
         _fresh(d)
         return _MatmulBound.apply(d["x"], d["W"])
+
     v["crossent"] = ours
     v["matmul bound"] = bound
     return v
@@ -119,8 +126,14 @@ def _bce_variants():
     def bound(d):
         _fresh(d)
         return _MatmulBound.apply(d["x"], d["W"])
-    return {"torch eager": eager, "torch.compile": _compiled(eager), "crossent": ours,
-            "crossent sparse": ours_sparse, "matmul bound": bound}
+
+    return {
+        "torch eager": eager,
+        "torch.compile": _compiled(eager),
+        "crossent": ours,
+        "crossent sparse": ours_sparse,
+        "matmul bound": bound,
+    }
 
 
 def _cases(kind, size, device):
@@ -128,9 +141,13 @@ def _cases(kind, size, device):
     for N, H, C in SIZES["linear-" + kind][size]:
         for dtype in DTYPES:
             es = torch.finfo(dtype).bits // 8
-            case = Case(name=f"{kind} {N}x{H}->{C} {str(dtype)[6:]}", make=_make(N, H, C, dtype, kind),
-                        variants=_ce_variants() if kind == "ce" else _bce_variants(),
-                        elements=N * C, bytes_per_element=0.0)
+            case = Case(
+                name=f"{kind} {N}x{H}->{C} {str(dtype)[6:]}",
+                make=_make(N, H, C, dtype, kind),
+                variants=_ce_variants() if kind == "ce" else _bce_variants(),
+                elements=N * C,
+                bytes_per_element=0.0,
+            )
             case.grad_bytes = (N * H + C * H) * es
             out.append(case)
     return out
@@ -180,15 +197,19 @@ def _memory(kind, size, index, variant):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-m", "crossent.bench.linear", "--child", kind, size, str(index), variant],
-                          capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "crossent.bench.linear", "--child", kind, size, str(index), variant],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         return None
     return int(proc.stdout.strip().splitlines()[-1])
 
 
-def run(presets=PRESET_NAMES, size="smoke", repeats=5, compile=True, memory=True, log=print, match=None,
-        variants=None):
+def run(presets=PRESET_NAMES, size="smoke", repeats=5, compile=True, memory=True, log=print, match=None, variants=None):
     """Time (median of interleaved repeats, fwd+bwd) and measure memory; returns rows.
 
     ``match``: only cases whose name contains it; ``variants``: only these variants."""
@@ -206,7 +227,7 @@ def run(presets=PRESET_NAMES, size="smoke", repeats=5, compile=True, memory=True
                 _call(case.variants[n], d)
             samples = {n: [] for n in names}
             for r in range(repeats):
-                for n in names[r % len(names):] + names[:r % len(names)]:
+                for n in names[r % len(names) :] + names[: r % len(names)]:
                     t0 = time.perf_counter()
                     _call(case.variants[n], d)
                     samples[n].append(time.perf_counter() - t0)
@@ -214,12 +235,18 @@ def run(presets=PRESET_NAMES, size="smoke", repeats=5, compile=True, memory=True
                 ms = statistics.median(samples[n]) * 1e3
                 peak = _memory(kind, size, index, n) if memory else None
                 over = None if peak is None else peak - case.grad_bytes
-                row = dict(case=case.name, variant=n, median_ms=round(ms, 2),
-                           peak_extra_MiB=None if peak is None else round(peak / 2**20, 1),
-                           overhead_MiB=None if over is None else round(over / 2**20, 1))
+                row = dict(
+                    case=case.name,
+                    variant=n,
+                    median_ms=round(ms, 2),
+                    peak_extra_MiB=None if peak is None else round(peak / 2**20, 1),
+                    overhead_MiB=None if over is None else round(over / 2**20, 1),
+                )
                 rows.append(row)
-                log(f"{case.name:34s} {n:16s} {ms:10.1f} ms   peak extra "
-                    f"{row['peak_extra_MiB']} MiB   beyond grads {row['overhead_MiB']} MiB")
+                log(
+                    f"{case.name:34s} {n:16s} {ms:10.1f} ms   peak extra "
+                    f"{row['peak_extra_MiB']} MiB   beyond grads {row['overhead_MiB']} MiB"
+                )
     return rows
 
 
@@ -252,8 +279,12 @@ def accuracy(N=256, H=128, C=8000, class_chunk=1000, log=print):
                 scale = float(t.abs().max())
                 row[name] = (float((o.to(f64) - t).abs().max()) / scale, float((e.to(f64) - t).abs().max()) / scale)
             rows.append(row)
-            log("  ".join(f"{k}: {v[0]:.1e} (eager {v[1]:.1e})" if isinstance(v, tuple) else f"{k}={v}"
-                          for k, v in row.items()))
+            log(
+                "  ".join(
+                    f"{k}: {v[0]:.1e} (eager {v[1]:.1e})" if isinstance(v, tuple) else f"{k}={v}"
+                    for k, v in row.items()
+                )
+            )
     return rows
 
 
@@ -277,8 +308,9 @@ def main(argv=None) -> int:
         kind, size, index, variant = a.child
         print(_child(kind, size, int(index), variant))
         return 0
-    rows = run(a.preset or PRESET_NAMES, a.size, a.repeats, not a.no_compile, not a.no_memory, match=a.case,
-               variants=a.variant)
+    rows = run(
+        a.preset or PRESET_NAMES, a.size, a.repeats, not a.no_compile, not a.no_memory, match=a.case, variants=a.variant
+    )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

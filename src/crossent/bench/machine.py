@@ -32,8 +32,8 @@ def _median_time(fn, device, runs=7) -> float:
 
 
 def measure_limits(device: torch.device, elements: int = 1 << 23) -> Dict[str, float]:
-    src = torch.rand(elements, device=device) * 4 - 2   # exp of [-2, 2]
-    pos = src.abs()                                       # log1p of [0, 2]
+    src = torch.rand(elements, device=device) * 4 - 2  # exp of [-2, 2]
+    pos = src.abs()  # log1p of [0, 2]
     dst = torch.empty_like(src)
     dst.copy_(src)
     return {
@@ -46,10 +46,16 @@ def measure_limits(device: torch.device, elements: int = 1 << 23) -> Dict[str, f
 def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except Exception:
         return "unknown"

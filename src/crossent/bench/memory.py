@@ -69,12 +69,19 @@ def measure_case(case, device: torch.device, variants=None) -> Dict[str, Optiona
     return out
 
 
-def measure_in_child(preset: str, index: int, size: str, device: str, variants, timeout: float = 900
-                     ) -> Dict[str, Optional[int]]:
+def measure_in_child(
+    preset: str, index: int, size: str, device: str, variants, timeout: float = 900
+) -> Dict[str, Optional[int]]:
     """Run :func:`measure_case` for case ``index`` of ``preset`` in a fresh child process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), env.get("PYTHONPATH", "")] if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p
+        for p in [
+            os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+            env.get("PYTHONPATH", ""),
+        ]
+        if p
+    )
     cmd = [sys.executable, "-m", "crossent.bench.memory", preset, str(index), size, device, json.dumps(variants)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -91,6 +98,7 @@ def _main(argv=None) -> int:
     p.add_argument("variants")
     a = p.parse_args(argv)
     from . import PRESETS
+
     device = torch.device(a.device)
     case = PRESETS[a.preset](a.size, device)[a.index]
     print(json.dumps(measure_case(case, device, json.loads(a.variants))))

@@ -143,8 +143,15 @@ def _ce_case(name, M, C, device_shape=None, inplace=False, extra=None):
     n = 1
     for s in shape:
         n *= s
-    return Case(name=name, make=make, variants=_ce_variants(extra, inplace), fresh_input=inplace,
-                elements=n, bytes_per_element=8.0, transcendentals={"exp": 1.0})
+    return Case(
+        name=name,
+        make=make,
+        variants=_ce_variants(extra, inplace),
+        fresh_input=inplace,
+        elements=n,
+        bytes_per_element=8.0,
+        transcendentals={"exp": 1.0},
+    )
 
 
 # ------------------------------------------------------------------------- presets
@@ -177,8 +184,14 @@ def multilabel(size, device):
     return [
         Case(f"bce-logits {tag}", lambda d: make(d), _bce_logits_variants(False), **common),
         Case(f"bce-logits {tag} pos_weight", lambda d: make(d, True), _bce_logits_variants(True), **common),
-        Case(f"sigmoid+bce {tag}", lambda d: make(d), _bce_probs_variants(),
-             elements=n, bytes_per_element=12.0, transcendentals={"exp": 1.0, "log1p": 2.0}),
+        Case(
+            f"sigmoid+bce {tag}",
+            lambda d: make(d),
+            _bce_probs_variants(),
+            elements=n,
+            bytes_per_element=12.0,
+            transcendentals={"exp": 1.0, "log1p": 2.0},
+        ),
     ]
 
 
@@ -188,7 +201,7 @@ def lm_head(size, device):
     cases = [_ce_case(f"ce {M}x{C}", M, C, inplace=True) for M, C in shapes]
     liger = _liger_cross_entropy(device)
     for case in cases:
-        if liger is not None:   # overwrites the logits with the gradient, like crossent inplace
+        if liger is not None:  # overwrites the logits with the gradient, like crossent inplace
             case.variants["liger-kernel"] = lambda d: liger(d["x"], d["y"])
     return cases
 

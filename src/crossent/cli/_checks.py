@@ -33,22 +33,22 @@ def check_device(option: str, spec: str, allowed: Sequence[str] = ("cpu", "cuda"
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UsageError(f"expected a CUDA device for {option} {spec}, but torch sees none. "
-                             "Use --device cpu.")
+            raise UsageError(f"expected a CUDA device for {option} {spec}, but torch sees none. Use --device cpu.")
         if index >= count:
             raise UsageError(f"expected {option} cuda:0 to cuda:{count - 1}, but got {spec!r}.")
     elif kind == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise UsageError(f"expected an MPS device for {option} {spec}, but torch sees none. "
-                             "Use --device cpu.")
+            raise UsageError(f"expected an MPS device for {option} {spec}, but torch sees none. Use --device cpu.")
 
 
 def probe_writable(directory: str) -> None:
     """Create ``directory`` (and parents) and write and delete a file in it, or raise UsageError."""
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise UsageError(f"expected --out to be a folder, but {directory} is an existing file. "
-                         "Pass a folder path (it is created if missing).")
+        raise UsageError(
+            f"expected --out to be a folder, but {directory} is an existing file. "
+            "Pass a folder path (it is created if missing)."
+        )
     probe = os.path.join(directory, f".crossent-probe-{secrets.token_hex(4)}")
     try:
         os.makedirs(directory, exist_ok=True)
@@ -56,8 +56,10 @@ def probe_writable(directory: str) -> None:
             f.write(b"x")
         os.unlink(probe)
     except OSError as exc:
-        raise UsageError(f"expected --out to be a folder this user can write, but {directory} is "
-                         f"not ({exc.strerror or exc}). Pass another --out.") from None
+        raise UsageError(
+            f"expected --out to be a folder this user can write, but {directory} is "
+            f"not ({exc.strerror or exc}). Pass another --out."
+        ) from None
 
 
 def refuse_overwrite(directory: str, names: Sequence[str], force: bool) -> None:
@@ -66,8 +68,10 @@ def refuse_overwrite(directory: str, names: Sequence[str], force: bool) -> None:
         return
     there = [n for n in names if os.path.lexists(os.path.join(directory, n))]
     if there:
-        raise UsageError(f"expected --out to hold no earlier results, but {directory} has "
-                         f"{', '.join(there)}. Pass --force to replace them, or another --out.")
+        raise UsageError(
+            f"expected --out to hold no earlier results, but {directory} has "
+            f"{', '.join(there)}. Pass --force to replace them, or another --out."
+        )
 
 
 def new_run_dir(parent: str) -> str:
@@ -83,5 +87,6 @@ def new_run_dir(parent: str) -> str:
         except FileExistsError:
             k += 1
         except OSError as exc:
-            raise UsageError(f"expected to create {path}, but could not ({exc.strerror or exc}). "
-                             "Pass another --out.") from None
+            raise UsageError(
+                f"expected to create {path}, but could not ({exc.strerror or exc}). Pass another --out."
+            ) from None

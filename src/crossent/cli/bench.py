@@ -11,29 +11,46 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", action="append", default=None,
-                        help="preset to run (repeatable; default: all). `--list` shows them.")
+    parser.add_argument(
+        "--preset", action="append", default=None, help="preset to run (repeatable; default: all). `--list` shows them."
+    )
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes, 3 repeats, no torch.compile, no memory child: seconds")
-    parser.add_argument("--size", choices=["smoke", "medium", "full"], default=None,
-                        help="shape set (default full; --smoke implies smoke)")
-    parser.add_argument("--mode", action="append", choices=["forward", "backward", "full"], default=None,
-                        help="what is timed (repeatable; default: full = forward+backward)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, 3 repeats, no torch.compile, no memory child: seconds"
+    )
+    parser.add_argument(
+        "--size",
+        choices=["smoke", "medium", "full"],
+        default=None,
+        help="shape set (default full; --smoke implies smoke)",
+    )
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=["forward", "backward", "full"],
+        default=None,
+        help="what is timed (repeatable; default: full = forward+backward)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7; smoke 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
     parser.add_argument("--compile", action="store_true", help="keep torch.compile even with --smoke")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--thp", choices=["inherit", "on", "off", "both"], default="inherit",
-                        help="THP_MEM_ALLOC_ENABLE for the run (read by torch at start-up, so on/off/both "
-                             "re-run the benchmark in child processes); inherit = as in the environment")
-    parser.add_argument("--out", default=None,
-                        help="directory for bench.md and bench.csv (created if missing); one that "
-                             "already holds them is refused unless --force")
-    parser.add_argument("--force", action="store_true",
-                        help="replace bench.md and bench.csv already in --out")
+    parser.add_argument(
+        "--thp",
+        choices=["inherit", "on", "off", "both"],
+        default="inherit",
+        help="THP_MEM_ALLOC_ENABLE for the run (read by torch at start-up, so on/off/both "
+        "re-run the benchmark in child processes); inherit = as in the environment",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="directory for bench.md and bench.csv (created if missing); one that "
+        "already holds them is refused unless --force",
+    )
+    parser.add_argument("--force", action="store_true", help="replace bench.md and bench.csv already in --out")
 
 
 OUTPUTS = ("bench.md", "bench.csv")
@@ -49,8 +66,10 @@ def _check(args, out: Path | None) -> None:
     at_least("--threads", args.threads)
     unknown = [p for p in args.preset or [] if p not in PRESETS]
     if unknown:
-        raise UsageError(f"expected --preset among {', '.join(PRESETS)}, but got "
-                         f"{', '.join(map(repr, unknown))}. `crossent bench --list` describes them.")
+        raise UsageError(
+            f"expected --preset among {', '.join(PRESETS)}, but got "
+            f"{', '.join(map(repr, unknown))}. `crossent bench --list` describes them."
+        )
     check_device("--device", args.device, allowed=("cpu", "cuda"))
     if out is not None:
         dirs = [out / f"thp-{v}" for v in ("off", "on")] if args.thp == "both" else [out]
@@ -108,9 +127,16 @@ def run(args) -> int:
     compile_ = (not args.no_compile) and (args.compile or not args.smoke)
     memory = not args.no_memory and not args.smoke
     results, prov, limits = run_bench(
-        args.preset, size=size, modes=tuple(args.mode or ["full"]), repeats=repeats, device=args.device,
-        compile=compile_, memory=memory, min_sample_s=0.002 if args.smoke else 0.02,
-        log=lambda s: print(s, file=sys.stderr, flush=True))
+        args.preset,
+        size=size,
+        modes=tuple(args.mode or ["full"]),
+        repeats=repeats,
+        device=args.device,
+        compile=compile_,
+        memory=memory,
+        min_sample_s=0.002 if args.smoke else 0.02,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
     md = report.to_markdown(results, prov, limits)
     print(md)
     if out is not None:

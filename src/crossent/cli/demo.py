@@ -18,14 +18,23 @@ DIGITS_MODEL = "digits CrossEntropyLoss(10)"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, the init and the batch order (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for the split, the init and the batch order (default 0)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps or auto (default cpu)")
-    parser.add_argument("--out", default=DEFAULT_OUT,
-                        help=f"parent folder of the run folders (default ./{DEFAULT_OUT}); each run "
-                             "writes to a new OUT/run-NNN, so earlier results are never overwritten")
+    parser.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"parent folder of the run folders (default ./{DEFAULT_OUT}); each run "
+        "writes to a new OUT/run-NNN, so earlier results are never overwritten",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="show a progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal)",
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -53,7 +62,7 @@ def _batches(n: int, batch_size: int, generator=None):
     import torch
 
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 # --------------------------------------------------------------------------- models
@@ -212,17 +221,21 @@ def _run(args, device, out_dir: str, t_start: float) -> int:
 
     models = _build(args, device, bc.features.shape[1], dg.features.shape[1])
     # the same batch order for the three binary heads (they must stay comparable)
-    gens = {m.name: torch.Generator().manual_seed(args.seed + (1 if m.name == DIGITS_MODEL else 0))
-            for m in models}
+    gens = {m.name: torch.Generator().manual_seed(args.seed + (1 if m.name == DIGITS_MODEL else 0)) for m in models}
 
-    print(f"crossent {crossent.__version__} demo: torch {torch.__version__}, device {device}, "
-          f"seed {args.seed}, {args.epochs} epochs, batch size {args.batch_size}")
-    print(f"  breast cancer: {by_tr.numel()} train / {by_va.numel()} validation tumours "
-          f"(30 features, {int(bc.target.sum())} of {bc.target.numel()} malignant)")
-    print(f"  digits:        {dy_tr.numel()} train / {dy_va.numel()} validation images "
-          "(8x8, 10 classes)")
-    print("  losses below are exact per-sample averages over each split (LossMeter); "
-          "train = average over the epoch's batches while training")
+    print(
+        f"crossent {crossent.__version__} demo: torch {torch.__version__}, device {device}, "
+        f"seed {args.seed}, {args.epochs} epochs, batch size {args.batch_size}"
+    )
+    print(
+        f"  breast cancer: {by_tr.numel()} train / {by_va.numel()} validation tumours "
+        f"(30 features, {int(bc.target.sum())} of {bc.target.numel()} malignant)"
+    )
+    print(f"  digits:        {dy_tr.numel()} train / {dy_va.numel()} validation images (8x8, 10 classes)")
+    print(
+        "  losses below are exact per-sample averages over each split (LossMeter); "
+        "train = average over the epoch's batches while training"
+    )
     print()
 
     bar = _progress(args.epochs, args.progress)
@@ -238,9 +251,14 @@ def _run(args, device, out_dir: str, t_start: float) -> int:
             train_loss = _train_epoch(clf, x_tr, y_tr, args.batch_size, gens[clf.name])
             val_loss, val_acc, val_mean_of_means = _evaluate(clf, x_va, y_va, args.batch_size)
             rows[clf.name] = (train_loss, val_loss)
-            history.log(task="digits" if clf.name == DIGITS_MODEL else "breast_cancer",
-                        model=clf.name, epoch=epoch, train_loss=train_loss, val_loss=val_loss,
-                        val_accuracy=val_acc)
+            history.log(
+                task="digits" if clf.name == DIGITS_MODEL else "breast_cancer",
+                model=clf.name,
+                epoch=epoch,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_accuracy=val_acc,
+            )
             final[clf.name] = (train_loss, val_loss, val_acc, val_mean_of_means)
         emit(_table_row(epoch, rows))
         if bar is not None:
@@ -255,14 +273,20 @@ def _run(args, device, out_dir: str, t_start: float) -> int:
         x_tr, y_tr, x_va, y_va = data[clf.name]
         _, train_acc, _ = _evaluate(clf, x_tr, y_tr, args.batch_size)
         tl, vl, va_acc, _ = final[clf.name]
-        lines.append(f"  {clf.name:<28} train {train_acc:7.2%}  validation {va_acc:7.2%} "
-                     f"({round(va_acc * y_va.numel())}/{y_va.numel()})   val loss {vl:.5f}")
+        lines.append(
+            f"  {clf.name:<28} train {train_acc:7.2%}  validation {va_acc:7.2%} "
+            f"({round(va_acc * y_va.numel())}/{y_va.numel()})   val loss {vl:.5f}"
+        )
     two = next(m for m in models if m.name == BINARY_MODELS[2])
     with torch.no_grad():
         z = two.model(data[two.name][2]).cpu().double()  # float64 on the CPU (MPS has none)
         gap = (torch.sigmoid(P.two_logits_to_one(z)) - P.multiclass_probabilities(z)[:, 1]).abs().max().item()
-    drift = max(abs(a - b) for a, b in zip(history.column("val_loss", model=BINARY_MODELS[0]),
-                                            history.column("val_loss", model=BINARY_MODELS[1])))
+    drift = max(
+        abs(a - b)
+        for a, b in zip(
+            history.column("val_loss", model=BINARY_MODELS[0]), history.column("val_loss", model=BINARY_MODELS[1])
+        )
+    )
     vl, mom = final[BINARY_MODELS[1]][1], final[BINARY_MODELS[1]][3]
     n_val = data[BINARY_MODELS[1]][3].numel()
     last = n_val % args.batch_size or args.batch_size
@@ -291,15 +315,21 @@ def _run(args, device, out_dir: str, t_start: float) -> int:
     summary = os.path.join(out_dir, "summary.txt")
     from crossent._files import atomic_write_text
 
-    atomic_write_text(summary, "\n".join([
-        f"crossent {crossent.__version__} demo, torch {torch.__version__}, device {device}, "
-        f"seed {args.seed}, epochs {args.epochs}, batch size {args.batch_size}",
-        f"data: {bc.source}; {dg.source}",
-        *lines[1:],
-        "",
-        f"time: {elapsed:.1f} s",
-        "files: " + ", ".join(os.path.basename(p) for p in written + [summary]),
-    ]) + "\n")
+    atomic_write_text(
+        summary,
+        "\n".join(
+            [
+                f"crossent {crossent.__version__} demo, torch {torch.__version__}, device {device}, "
+                f"seed {args.seed}, epochs {args.epochs}, batch size {args.batch_size}",
+                f"data: {bc.source}; {dg.source}",
+                *lines[1:],
+                "",
+                f"time: {elapsed:.1f} s",
+                "files: " + ", ".join(os.path.basename(p) for p in written + [summary]),
+            ]
+        )
+        + "\n",
+    )
     written.append(summary)
     print(f"\nwrote {len(written)} files to {out_dir}{os.sep}:")
     for p in written:

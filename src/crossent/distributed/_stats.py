@@ -46,11 +46,11 @@ import torch
 class Shard(NamedTuple):
     """What a rank needs to know about its slice of the vocabulary."""
 
-    group: object          # a ProcessGroup
-    world: int             # P, ranks in the group
-    rank: int              # this rank's index in the group
-    start: int             # first global class index of the local slice
-    vocab: int             # V, the global number of classes
+    group: object  # a ProcessGroup
+    world: int  # P, ranks in the group
+    rank: int  # this rank's index in the group
+    start: int  # first global class index of the local slice
+    vocab: int  # V, the global number of classes
 
 
 class Layout(NamedTuple):
@@ -80,8 +80,15 @@ def shifted(z: torch.Tensor, m: torch.Tensor, inplace: bool = False) -> torch.Te
     return zz.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
 
 
-def local_stats(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, wl: Optional[torch.Tensor],
-                smooth: Optional[torch.Tensor], layout: Layout, inplace: bool = False) -> torch.Tensor:
+def local_stats(
+    z: torch.Tensor,
+    yl: torch.Tensor,
+    owned: torch.Tensor,
+    wl: Optional[torch.Tensor],
+    smooth: Optional[torch.Tensor],
+    layout: Layout,
+    inplace: bool = False,
+) -> torch.Tensor:
     """The ``(rows, K)`` statistics of local logits ``z`` (rows, V_r); see the module doc.
 
     ``yl``: the target's local index (any valid index where not ``owned``), ``owned``:
@@ -96,9 +103,9 @@ def local_stats(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, wl: Opti
     if layout.weighted:
         cols.append(torch.where(owned, wl.gather(0, yl), _zero(z)))
     if layout.smoothing:
-        cols.append(-(zz @ smooth))                  # sum_j sigma_j (m - z_j), a matrix-vector product
+        cols.append(-(zz @ smooth))  # sum_j sigma_j (m - z_j), a matrix-vector product
         cols.append(smooth.sum().expand(z.shape[0]))
-    e = zz.exp_().scatter_(1, k, 0.0)               # e^{z - m}, the arg-max left out
+    e = zz.exp_().scatter_(1, k, 0.0)  # e^{z - m}, the arg-max left out
     cols[1] = e.sum(dim=1)
     return torch.stack(cols, dim=1)
 
@@ -106,13 +113,13 @@ def local_stats(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, wl: Opti
 class Combined(NamedTuple):
     """Per-row results of :func:`combine`, identical on every rank."""
 
-    loss: torch.Tensor        # (N,) per-row loss
-    den: torch.Tensor         # (N,) per-row ``mean`` denominator weight
-    M: torch.Tensor           # (N,) global max
-    S: torch.Tensor           # (N,) S' of the global max
-    c: torch.Tensor           # (N,) target coefficient (1 - eps) w_y
-    A: torch.Tensor           # (N,) sum of all coefficients a_ij
-    mine: torch.Tensor        # (N,) bool: this rank holds the global arg-max
+    loss: torch.Tensor  # (N,) per-row loss
+    den: torch.Tensor  # (N,) per-row ``mean`` denominator weight
+    M: torch.Tensor  # (N,) global max
+    S: torch.Tensor  # (N,) S' of the global max
+    c: torch.Tensor  # (N,) target coefficient (1 - eps) w_y
+    A: torch.Tensor  # (N,) sum of all coefficients a_ij
+    mine: torch.Tensor  # (N,) bool: this rank holds the global arg-max
     rest_other: torch.Tensor  # (N,) sum of the coefficients held by the other ranks
 
 
@@ -122,10 +129,10 @@ def combine(G: torch.Tensor, keep: torch.Tensor, eps: float, layout: Layout, ran
     P = G.shape[0]
     M, owner = m.max(dim=0)
     is_owner = torch.arange(P, device=G.device).unsqueeze(1) == owner.unsqueeze(0)
-    gap = torch.where(m == M, torch.zeros_like(m), M - m)     # >= 0; 0 for a shared +inf max
+    gap = torch.where(m == M, torch.zeros_like(m), M - m)  # >= 0; 0 for a shared +inf max
     S = torch.where(is_owner, s, (1 + s) * torch.exp(-gap)).sum(dim=0)
     L1 = torch.log1p(S)
-    T = torch.where(o > 0, gap + t, torch.zeros_like(t)).sum(dim=0)   # not 0 * inf: a shard's max may be -inf
+    T = torch.where(o > 0, gap + t, torch.zeros_like(t)).sum(dim=0)  # not 0 * inf: a shard's max may be -inf
     if layout.weighted:
         den = G[..., 4].sum(dim=0) + 0.0
     else:
@@ -145,8 +152,16 @@ def combine(G: torch.Tensor, keep: torch.Tensor, eps: float, layout: Layout, ran
     return Combined(loss, den, M, S, c, A, owner == rank, rest_other)
 
 
-def local_grad(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, smooth: Optional[torch.Tensor],
-               keep: torch.Tensor, r: Combined, g: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def local_grad(
+    z: torch.Tensor,
+    yl: torch.Tensor,
+    owned: torch.Tensor,
+    smooth: Optional[torch.Tensor],
+    keep: torch.Tensor,
+    r: Combined,
+    g: torch.Tensor,
+    inplace: bool = False,
+) -> torch.Tensor:
     r"""``g_i * d loss_i / d z_ij`` for local logits ``z`` (rows of ``r``'s rows).
 
     :math:`A_i p_{ij} - a_{ij}` with :math:`a_{ij} = \sigma_j + c_i [j = y_i]`; at the global
@@ -159,7 +174,7 @@ def local_grad(z: torch.Tensor, yl: torch.Tensor, owned: torch.Tensor, smooth: O
     A = r.A.unsqueeze(1)
     c_here = torch.where(owned, r.c, torch.zeros_like(r.c))
     _, k = z.max(dim=1, keepdim=True)
-    grad = shifted(z, M, inplace).exp_().div_(1 + S).mul_(A)            # A p
+    grad = shifted(z, M, inplace).exp_().div_(1 + S).mul_(A)  # A p
     if smooth is not None:
         grad.sub_(smooth)
     grad.scatter_add_(1, yl.unsqueeze(1), -c_here.unsqueeze(1))

@@ -46,40 +46,62 @@ def _group(group):
     return dist.group.WORLD if group is None else group
 
 
-def shard_of(func: str, Vr: int, group, vocab_start: Optional[int], vocab_size: Optional[int],
-             capture: bool) -> Shard:
+def shard_of(func: str, Vr: int, group, vocab_start: Optional[int], vocab_size: Optional[int], capture: bool) -> Shard:
     """The layout of this rank's slice: given (``vocab_start`` and ``vocab_size``), or found
     with one ``all_gather`` of the local sizes (eager only)."""
     if not (dist.is_available() and dist.is_initialized()):
-        V.fail(func, "an initialised torch.distributed process group", "none",
-               "Call torch.distributed.init_process_group(...) first (torchrun sets the "
-               "environment it reads), or use crossent.cross_entropy in a single process.",
-               RuntimeError)
+        V.fail(
+            func,
+            "an initialised torch.distributed process group",
+            "none",
+            "Call torch.distributed.init_process_group(...) first (torchrun sets the "
+            "environment it reads), or use crossent.cross_entropy in a single process.",
+            RuntimeError,
+        )
     group = _group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if Vr < 1:
-        V.fail(func, "at least one class in every rank's shard", f"a local shard of {Vr} classes",
-               "Split the vocabulary so that every rank holds one class or more.")
+        V.fail(
+            func,
+            "at least one class in every rank's shard",
+            f"a local shard of {Vr} classes",
+            "Split the vocabulary so that every rank holds one class or more.",
+        )
     if (vocab_start is None) != (vocab_size is None):
-        V.fail(func, "`vocab_start` and `vocab_size` both given or both None",
-               f"vocab_start={vocab_start!r}, vocab_size={vocab_size!r}",
-               "Pass both (no layout collective), or neither (one all_gather of the local sizes).")
+        V.fail(
+            func,
+            "`vocab_start` and `vocab_size` both given or both None",
+            f"vocab_start={vocab_start!r}, vocab_size={vocab_size!r}",
+            "Pass both (no layout collective), or neither (one all_gather of the local sizes).",
+        )
     if vocab_start is None:
         if capture:
-            V.fail(func, "`vocab_start` and `vocab_size` while the call is captured", "None",
-                   "Reading the other ranks' sizes is a host read (a graph break): pass "
-                   "vocab_start=<this rank's first class> and vocab_size=<V>.")
-        sizes = funcol.wait_tensor(funcol.all_gather_single(
-            torch.tensor([Vr], dtype=torch.int64, device=_device(group)), 0, group)).tolist()
+            V.fail(
+                func,
+                "`vocab_start` and `vocab_size` while the call is captured",
+                "None",
+                "Reading the other ranks' sizes is a host read (a graph break): pass "
+                "vocab_start=<this rank's first class> and vocab_size=<V>.",
+            )
+        sizes = funcol.wait_tensor(
+            funcol.all_gather_single(torch.tensor([Vr], dtype=torch.int64, device=_device(group)), 0, group)
+        ).tolist()
         vocab_start, vocab_size = sum(sizes[:rank]), sum(sizes)
     for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            V.fail(func, f"`{name}` to be a non-negative int", repr(v),
-                   "vocab_start is this rank's first global class index, vocab_size the global V.")
+            V.fail(
+                func,
+                f"`{name}` to be a non-negative int",
+                repr(v),
+                "vocab_start is this rank's first global class index, vocab_size the global V.",
+            )
     if vocab_start + Vr > vocab_size:
-        V.fail(func, f"the local shard [vocab_start, vocab_start + {Vr}) inside [0, vocab_size)",
-               f"vocab_start={vocab_start}, vocab_size={vocab_size}",
-               "vocab_start is this rank's first global class index, vocab_size the global V.")
+        V.fail(
+            func,
+            f"the local shard [vocab_start, vocab_start + {Vr}) inside [0, vocab_size)",
+            f"vocab_start={vocab_start}, vocab_size={vocab_size}",
+            "vocab_start is this rank's first global class index, vocab_size the global V.",
+        )
     return Shard(group, world, rank, vocab_start, vocab_size)
 
 
@@ -119,8 +141,16 @@ def all_reduce_sum(t: torch.Tensor, sh: Shard) -> torch.Tensor:
 class _Targets:
     """The target in local terms: index into the shard, and which rows this shard holds."""
 
-    def __init__(self, y: torch.Tensor, keep: torch.Tensor, sh: Shard, Vr: int,
-                 weight: Optional[torch.Tensor], eps: float, cdt: torch.dtype):
+    def __init__(
+        self,
+        y: torch.Tensor,
+        keep: torch.Tensor,
+        sh: Shard,
+        Vr: int,
+        weight: Optional[torch.Tensor],
+        eps: float,
+        cdt: torch.dtype,
+    ):
         rel = y - sh.start
         self.owned = keep & (rel >= 0) & (rel < Vr)
         self.yl = torch.where(self.owned, rel, 0)
@@ -128,8 +158,11 @@ class _Targets:
         self.wl = weight
         self.smooth = None
         if eps:
-            self.smooth = (torch.full((Vr,), eps / sh.vocab, dtype=cdt, device=y.device) if weight is None
-                           else weight * (eps / sh.vocab))
+            self.smooth = (
+                torch.full((Vr,), eps / sh.vocab, dtype=cdt, device=y.device)
+                if weight is None
+                else weight * (eps / sh.vocab)
+            )
         self.layout = Layout(weighted=weight is not None, smoothing=bool(eps))
         self.eps = eps
 
@@ -154,8 +187,9 @@ class _LogitsCE(torch.autograd.Function):
         return local_grad(z, tg.yl, tg.owned, tg.smooth, tg.keep, ctx.r, g_loss), None, None
 
 
-def _row_blocks(N: int, Vr: int, world: int, cdt: torch.dtype, chunk_size: Optional[int],
-                memory_budget: Optional[int]) -> int:
+def _row_blocks(
+    N: int, Vr: int, world: int, cdt: torch.dtype, chunk_size: Optional[int], memory_budget: Optional[int]
+) -> int:
     """Rows per block: ``chunk_size``, or what fits ``memory_budget`` bytes in
     ``_BLOCK_BUFFERS`` (rows, V_r) buffers. The default budget is the single-process one
     divided by the ranks: a rank holds 1/P of the classes, so its blocks keep the row count
@@ -181,9 +215,10 @@ class _LinearCE(torch.autograd.Function):
         stats = []
         for r0 in range(0, N, R):
             z = _block_logits(x, Wc, bc, tg.keep, r0, R, cdt)
-            stats.append(local_stats(z, tg.yl[r0:r0 + R], tg.owned[r0:r0 + R], tg.wl, tg.smooth, tg.layout,
-                                     inplace=True))
-            del z   # free the block before the next one is allocated: one block alive at a time
+            stats.append(
+                local_stats(z, tg.yl[r0 : r0 + R], tg.owned[r0 : r0 + R], tg.wl, tg.smooth, tg.layout, inplace=True)
+            )
+            del z  # free the block before the next one is allocated: one block alive at a time
         S = torch.cat(stats) if stats else x.new_empty((0, tg.layout.K), dtype=cdt)
         r = combine(exchange(S, sh), tg.keep, tg.eps, tg.layout, sh.rank)
         ctx.save_for_backward(x, W, b)
@@ -206,25 +241,24 @@ class _LinearCE(torch.autograd.Function):
             sl = slice(r0, r0 + R)
             z = _block_logits(x, Wc, bc, tg.keep, r0, R, cdt)
             rb = type(r)(*(v[sl] for v in r))
-            gz = local_grad(z, tg.yl[sl], tg.owned[sl], tg.smooth, tg.keep[sl], rb, g_loss[sl].to(cdt),
-                            inplace=True)
+            gz = local_grad(z, tg.yl[sl], tg.owned[sl], tg.smooth, tg.keep[sl], rb, g_loss[sl].to(cdt), inplace=True)
             xb = _block_rows(x, tg.keep, r0, R, cdt)
             gW.addmm_(gz.t(), xb)
             gx[sl] = gz @ Wc
             if gb is not None:
                 gb.add_(gz.sum(dim=0))
-            del z, gz   # one block alive at a time
-        gx = all_reduce_sum(gx, sh)   # the column-parallel sum over the ranks' partial products
+            del z, gz  # one block alive at a time
+        gx = all_reduce_sum(gx, sh)  # the column-parallel sum over the ranks' partial products
         return (gx.to(x.dtype), gW.to(W.dtype), None if gb is None else gb.to(b.dtype), None, None, None)
 
 
 def _block_rows(x, keep, r0, R, cdt):
     """Rows ``[r0, r0 + R)`` of ``x`` in ``cdt``; ignored rows read as zeros (NaN there
     must not reach the weight gradient through ``0 * nan``)."""
-    xb = x[r0:r0 + R]
+    xb = x[r0 : r0 + R]
     if xb.dtype != cdt:
         xb = xb.to(cdt)
-    return torch.where(keep[r0:r0 + R].unsqueeze(1), xb, torch.zeros((), dtype=cdt, device=x.device))
+    return torch.where(keep[r0 : r0 + R].unsqueeze(1), xb, torch.zeros((), dtype=cdt, device=x.device))
 
 
 def _block_logits(x, Wc, bc, keep, r0, R, cdt):
@@ -238,17 +272,30 @@ def _common_checks(func, target, weight, Vr, like, ignore_index, label_smoothing
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
     ignore_index = V.check_ignore_index(func, ignore_index)
     if not isinstance(target, torch.Tensor):
-        V.fail(func, "`target` to be a torch.Tensor", type(target).__name__,
-               "Convert it with torch.as_tensor(...).", V.CrossentTypeError)
+        V.fail(
+            func,
+            "`target` to be a torch.Tensor",
+            type(target).__name__,
+            "Convert it with torch.as_tensor(...).",
+            V.CrossentTypeError,
+        )
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        V.fail(func, "class-index targets (an integer tensor)", f"dtype {target.dtype}",
-               "Vocabulary-parallel losses take class indices; class-probability targets "
-               "would have to be sharded like the logits and are not supported.", V.CrossentTypeError)
+        V.fail(
+            func,
+            "class-index targets (an integer tensor)",
+            f"dtype {target.dtype}",
+            "Vocabulary-parallel losses take class indices; class-probability targets "
+            "would have to be sharded like the logits and are not supported.",
+            V.CrossentTypeError,
+        )
     weight = V.as_weight_tensor(func, "weight", weight, like=like)
     if weight is not None and tuple(weight.shape) != (Vr,):
-        V.fail(func, f"`weight` of shape ({Vr},): this rank's slice of the class weights",
-               f"shape {V.shape_str(weight.shape)}",
-               "Shard the class weights like the logits: weight[vocab_start:vocab_start + V_r].")
+        V.fail(
+            func,
+            f"`weight` of shape ({Vr},): this rank's slice of the class weights",
+            f"shape {V.shape_str(weight.shape)}",
+            "Shard the class weights like the logits: weight[vocab_start:vocab_start + V_r].",
+        )
     return reduction, label_smoothing, -100 if ignore_index is None else ignore_index, weight
 
 
@@ -325,13 +372,17 @@ def vocab_parallel_cross_entropy(
     V.check_floating_input(func, local_logits)
     class_dim = 1 if local_logits.dim() >= 2 else 0
     Vr = local_logits.shape[class_dim]
-    reduction, eps, ignore_index, weight = _common_checks(func, target, weight, Vr, local_logits,
-                                                          ignore_index, label_smoothing, reduction)
-    out_shape = local_logits.shape[:class_dim] + local_logits.shape[class_dim + 1:]
+    reduction, eps, ignore_index, weight = _common_checks(
+        func, target, weight, Vr, local_logits, ignore_index, label_smoothing, reduction
+    )
+    out_shape = local_logits.shape[:class_dim] + local_logits.shape[class_dim + 1 :]
     if tuple(target.shape) != tuple(out_shape):
-        V.fail(func, f"target of shape {V.shape_str(out_shape)} for local logits {V.shape_str(local_logits.shape)}",
-               f"target of shape {V.shape_str(target.shape)}",
-               "The target holds global class indices, one per row, the same on every rank.")
+        V.fail(
+            func,
+            f"target of shape {V.shape_str(out_shape)} for local logits {V.shape_str(local_logits.shape)}",
+            f"target of shape {V.shape_str(target.shape)}",
+            "The target holds global class indices, one per row, the same on every rank.",
+        )
     V.check_same_device(func, local_logits, target=target, weight=weight)
     capture = capturing(local_logits)
     sh = shard_of(func, Vr, group, vocab_start, vocab_size, capture)
@@ -345,8 +396,9 @@ def vocab_parallel_cross_entropy(
     tg = _Targets(y, keep, sh, Vr, w, eps, cdt)
     loss, den = _LogitsCE.apply(z, tg, sh)
     loss = loss.reshape(out_shape)
-    return reduce_loss(loss, den.sum(), reduction, out_dtype=local_logits.dtype, return_parts=return_parts,
-                       capture=capture)
+    return reduce_loss(
+        loss, den.sum(), reduction, out_dtype=local_logits.dtype, return_parts=return_parts, capture=capture
+    )
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -406,40 +458,69 @@ def vocab_parallel_linear_cross_entropy(
     func = "vocab_parallel_linear_cross_entropy"
     V.check_floating_input(func, hidden)
     if not isinstance(local_weight, torch.Tensor) or local_weight.dim() != 2:
-        found = (f"shape {V.shape_str(local_weight.shape)}" if isinstance(local_weight, torch.Tensor)
-                 else type(local_weight).__name__)
-        V.fail(func, "`local_weight` of shape (V_r, in_features)", found,
-               "Pass this rank's rows of the LM head's weight (nn.Linear.weight layout).")
+        found = (
+            f"shape {V.shape_str(local_weight.shape)}"
+            if isinstance(local_weight, torch.Tensor)
+            else type(local_weight).__name__
+        )
+        V.fail(
+            func,
+            "`local_weight` of shape (V_r, in_features)",
+            found,
+            "Pass this rank's rows of the LM head's weight (nn.Linear.weight layout).",
+        )
     if hidden.dim() == 0 or hidden.shape[-1] != local_weight.shape[1]:
-        V.fail(func, "`hidden` of shape (*, in_features) matching `local_weight` (V_r, in_features)",
-               f"hidden {V.shape_str(hidden.shape)} and local_weight {V.shape_str(local_weight.shape)}",
-               "local_weight has nn.Linear.weight's layout (out_features, in_features); "
-               "did you pass its transpose?")
+        V.fail(
+            func,
+            "`hidden` of shape (*, in_features) matching `local_weight` (V_r, in_features)",
+            f"hidden {V.shape_str(hidden.shape)} and local_weight {V.shape_str(local_weight.shape)}",
+            "local_weight has nn.Linear.weight's layout (out_features, in_features); did you pass its transpose?",
+        )
     if local_weight.dtype != hidden.dtype:
-        V.fail(func, "`local_weight` with the hidden states' dtype",
-               f"hidden {hidden.dtype} and local_weight {local_weight.dtype}",
-               f"Cast one of them, e.g. `hidden.to({local_weight.dtype})`.", V.CrossentTypeError)
+        V.fail(
+            func,
+            "`local_weight` with the hidden states' dtype",
+            f"hidden {hidden.dtype} and local_weight {local_weight.dtype}",
+            f"Cast one of them, e.g. `hidden.to({local_weight.dtype})`.",
+            V.CrossentTypeError,
+        )
     Vr, H = local_weight.shape
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (Vr,)):
         found = f"shape {V.shape_str(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
-        V.fail(func, f"`bias` of shape ({Vr},): this rank's slice of the head's bias", found,
-               "Shard the bias like the weight rows.")
-    reduction, eps, ignore_index, weight = _common_checks(func, target, weight, Vr, hidden, ignore_index,
-                                                          label_smoothing, reduction)
+        V.fail(
+            func,
+            f"`bias` of shape ({Vr},): this rank's slice of the head's bias",
+            found,
+            "Shard the bias like the weight rows.",
+        )
+    reduction, eps, ignore_index, weight = _common_checks(
+        func, target, weight, Vr, hidden, ignore_index, label_smoothing, reduction
+    )
     lead = tuple(hidden.shape[:-1])
     if tuple(target.shape) != lead:
-        V.fail(func, f"target of shape {V.shape_str(lead)} for hidden {V.shape_str(hidden.shape)}",
-               f"target of shape {V.shape_str(target.shape)}",
-               "One global class index per hidden row, the same on every rank.")
+        V.fail(
+            func,
+            f"target of shape {V.shape_str(lead)} for hidden {V.shape_str(hidden.shape)}",
+            f"target of shape {V.shape_str(target.shape)}",
+            "One global class index per hidden row, the same on every rank.",
+        )
     V.check_same_device(func, hidden, local_weight=local_weight, bias=bias, target=target, weight=weight)
     for name, t in (("target", target), ("weight", weight)):
         if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
-            V.fail(func, f"`{name}` that does not require grad", f"`{name}` with requires_grad=True",
-                   f"The fused op differentiates w.r.t. hidden, local_weight and bias only: pass `{name}.detach()`.")
+            V.fail(
+                func,
+                f"`{name}` that does not require grad",
+                f"`{name}` with requires_grad=True",
+                f"The fused op differentiates w.r.t. hidden, local_weight and bias only: pass `{name}.detach()`.",
+            )
     for name, v in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            V.fail(func, f"`{name}` to be a positive int or None", repr(v),
-                   "Leave it None to size blocks from the memory budget.")
+            V.fail(
+                func,
+                f"`{name}` to be a positive int or None",
+                repr(v),
+                "Leave it None to size blocks from the memory budget.",
+            )
     capture = capturing(hidden)
     sh = shard_of(func, Vr, group, vocab_start, vocab_size, capture)
     _check_values(func, target, sh, ignore_index, validate, capture)
@@ -453,5 +534,4 @@ def vocab_parallel_linear_cross_entropy(
     R = _row_blocks(N, Vr, sh.world, cdt, chunk_size, memory_budget)
     loss, den = _LinearCE.apply(x, local_weight, bias, tg, sh, R)
     loss = loss.reshape(lead)
-    return reduce_loss(loss, den.sum(), reduction, out_dtype=hidden.dtype, return_parts=return_parts,
-                       capture=capture)
+    return reduce_loss(loss, den.sum(), reduction, out_dtype=hidden.dtype, return_parts=return_parts, capture=capture)

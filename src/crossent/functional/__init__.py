@@ -44,8 +44,9 @@ def __getattr__(name: str):
     try:
         return getattr(_torch_functional, name)
     except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r} "
-                             "(neither has torch.nn.functional)") from None
+        raise AttributeError(
+            f"module {__name__!r} has no attribute {name!r} (neither has torch.nn.functional)"
+        ) from None
 
 
 def __dir__():

@@ -20,13 +20,21 @@ def check_clip(func: str, clip) -> float:
     if clip is None:
         return 0.0
     if isinstance(clip, bool) or not isinstance(clip, (int, float)):
-        V.fail(func, "`clip` to be a real number or None", type(clip).__name__,
-               "Ridnik et al. use clip=0.05 (default); clip=0 or None switches the margin off.",
-               V.CrossentTypeError)
+        V.fail(
+            func,
+            "`clip` to be a real number or None",
+            type(clip).__name__,
+            "Ridnik et al. use clip=0.05 (default); clip=0 or None switches the margin off.",
+            V.CrossentTypeError,
+        )
     clip = float(clip)
     if not (0 <= clip < 1) or math.isnan(clip):
-        V.fail(func, "`clip` in [0, 1)", repr(clip),
-               "clip shifts the probability of negatives down by that margin; 0.05 is the paper's value.")
+        V.fail(
+            func,
+            "`clip` in [0, 1)",
+            repr(clip),
+            "clip shifts the probability of negatives down by that margin; 0.05 is the paper's value.",
+        )
     return clip
 
 
@@ -102,8 +110,20 @@ def asymmetric_loss(
     input, target, weight = autocast_inputs(input, target, weight)
     capture = capturing(input)
     reduction, x, t, weight, _, keep, denominator = _prepare_binary(
-        func, input, target, weight, None, ignore_index, 0.0, reduction, None, None,
-        probabilities_in=False, validate=validate, capture=capture)
+        func,
+        input,
+        target,
+        weight,
+        None,
+        ignore_index,
+        0.0,
+        reduction,
+        None,
+        None,
+        probabilities_in=False,
+        validate=validate,
+        capture=capture,
+    )
     with no_autocast(x.device):
         x = sanitise_ignored(x, keep)
         pos, neg = asymmetric_terms(x, gamma_neg, gamma_pos, clip)
@@ -113,5 +133,4 @@ def asymmetric_loss(
         if keep is not None:
             loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
-                       capture=capture)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)

@@ -9,11 +9,33 @@ import torch
 from .. import _validation as V
 from .._capture import capturing
 from ..backends import dispatch, ops, resolve
-from ._reduction import LossParts, autocast_inputs, no_autocast, compute_dtype, legacy_reduction, mean_grad_scale, reduce_loss
+from ._reduction import (
+    LossParts,
+    autocast_inputs,
+    no_autocast,
+    compute_dtype,
+    legacy_reduction,
+    mean_grad_scale,
+    reduce_loss,
+)
 
 
-def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-             size_average, reduce, *, probabilities_in, validate, capture):
+def _prepare(
+    func,
+    input,
+    target,
+    weight,
+    pos_weight,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    size_average,
+    reduce,
+    *,
+    probabilities_in,
+    validate,
+    capture,
+):
     """Validate and canonicalise once: returns what the backend needs."""
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)
@@ -23,17 +45,33 @@ def _prepare(func, input, target, weight, pos_weight, ignore_index, label_smooth
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     pos_weight = V.as_weight_tensor(func, "pos_weight", pos_weight, like=input)
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
-    V.check_broadcastable(func, "weight", weight, input.shape, "the input's shape", lambda: (
-        "Per-element weights need the input's shape (or a shape that broadcasts to it, "
-        f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label)."))
-    V.check_broadcastable(func, "pos_weight", pos_weight, input.shape, "the input's shape", lambda: (
-        "One weight per label, along the last dimension: use pos_weight of shape "
-        f"({input.shape[-1] if input.dim() else 1},) (e.g. num_negatives / num_positives per label)."))
+    V.check_broadcastable(
+        func,
+        "weight",
+        weight,
+        input.shape,
+        "the input's shape",
+        lambda: (
+            "Per-element weights need the input's shape (or a shape that broadcasts to it, "
+            f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label)."
+        ),
+    )
+    V.check_broadcastable(
+        func,
+        "pos_weight",
+        pos_weight,
+        input.shape,
+        "the input's shape",
+        lambda: (
+            "One weight per label, along the last dimension: use pos_weight of shape "
+            f"({input.shape[-1] if input.dim() else 1},) (e.g. num_negatives / num_positives per label)."
+        ),
+    )
     keep = None
     if ignore_index is not None:
         keep = target != ignore_index
     if V.validation_enabled(validate):
-        if capture:   # device-side assertions: no host read, no graph break
+        if capture:  # device-side assertions: no host read, no graph break
             V.assert_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
         else:
             V.check_binary_values(func, input, target, keep, probabilities_in=probabilities_in)
@@ -61,8 +99,9 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
         # compiled composition); the registered op would be a wall between them.
         fuse = op == "binary_cross_entropy" and backend is None and torch.compiler.is_compiling()
         name = "reference" if fuse else resolve(op, x.device, backend)
-        return ops.binary_cross_entropy(x, t, weight, pos_weight, keep, logits=op.endswith("logits"),
-                                        backend=name), denominator
+        return ops.binary_cross_entropy(
+            x, t, weight, pos_weight, keep, logits=op.endswith("logits"), backend=name
+        ), denominator
     fn = dispatch(op, x, backend)
     if reduction != "none" and getattr(fn, "supports_sum_only", False):
         hint = None
@@ -124,7 +163,8 @@ def binary_cross_entropy(
     ignore_index: Optional[int] = None,
     validate: Optional[bool] = None,
     return_parts: bool = ...,
-    backend: Optional[str] = None,) -> Union[torch.Tensor, LossParts]: ...
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, LossParts]: ...
 
 
 def binary_cross_entropy(
@@ -174,13 +214,25 @@ def binary_cross_entropy(
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
     capture = capturing(input)
     reduction, p, t, weight, pos_weight, keep, denominator = _prepare(
-        func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-        size_average, reduce, probabilities_in=True, validate=validate, capture=capture)
+        func,
+        input,
+        target,
+        weight,
+        pos_weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        size_average,
+        reduce,
+        probabilities_in=True,
+        validate=validate,
+        capture=capture,
+    )
     with no_autocast(p.device):
-        loss, denominator = _run_backend("binary_cross_entropy", p, t, weight, pos_weight, keep, denominator,
-                                         reduction, backend, capture)
-    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts,
-                       capture=capture)
+        loss, denominator = _run_backend(
+            "binary_cross_entropy", p, t, weight, pos_weight, keep, denominator, reduction, backend, capture
+        )
+    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts, capture=capture)
 
 
 @overload
@@ -233,7 +285,8 @@ def binary_cross_entropy_with_logits(
     ignore_index: Optional[int] = None,
     validate: Optional[bool] = None,
     return_parts: bool = ...,
-    backend: Optional[str] = None,) -> Union[torch.Tensor, LossParts]: ...
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, LossParts]: ...
 
 
 def binary_cross_entropy_with_logits(
@@ -275,15 +328,27 @@ def binary_cross_entropy_with_logits(
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
     capture = capturing(input)
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
-        func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-        size_average, reduce, probabilities_in=False, validate=validate, capture=capture)
+        func,
+        input,
+        target,
+        weight,
+        pos_weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        size_average,
+        reduce,
+        probabilities_in=False,
+        validate=validate,
+        capture=capture,
+    )
     with no_autocast(x.device):
-        loss, denominator = _run_backend("binary_cross_entropy_with_logits", x, t, weight, pos_weight, keep,
-                                         denominator, reduction, backend, capture)
+        loss, denominator = _run_backend(
+            "binary_cross_entropy_with_logits", x, t, weight, pos_weight, keep, denominator, reduction, backend, capture
+        )
     # torch's result has the dtype of a floating target (its kernel works in place on
     # ``1 - target``: float32 input with a float16 target gives float16); crossent computes
     # in the promoted dtype (at least float32) and returns torch's dtype. Integer and bool
     # targets (an extension) give the input's dtype.
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
-                       capture=capture)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)

@@ -31,66 +31,140 @@ def _check_nonnegative(func: str, name: str, value, fix: str) -> float:
 
 def check_gamma(func: str, gamma) -> float:
     """The focusing parameter: finite, >= 0 (gamma = 0 is the base loss)."""
-    return _check_nonnegative(func, "gamma", gamma, "gamma = 0 is plain cross-entropy; the papers use 0.5 to 5 "
-                              "(2 by default).")
+    return _check_nonnegative(
+        func, "gamma", gamma, "gamma = 0 is plain cross-entropy; the papers use 0.5 to 5 (2 by default)."
+    )
 
 
 def check_epsilon(func: str, epsilon) -> float:
     """Poly-1's epsilon: finite (negative values are allowed by the paper, down to -1)."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-        V.fail(func, "`epsilon` to be a real number", type(epsilon).__name__,
-               "Leng et al. use epsilon = 1 (default); epsilon = 0 is the base loss.", V.CrossentTypeError)
+        V.fail(
+            func,
+            "`epsilon` to be a real number",
+            type(epsilon).__name__,
+            "Leng et al. use epsilon = 1 (default); epsilon = 0 is the base loss.",
+            V.CrossentTypeError,
+        )
     epsilon = float(epsilon)
     if not (math.isfinite(epsilon) and epsilon >= -1):
-        V.fail(func, "`epsilon` to be a finite number >= -1", repr(epsilon),
-               "Below -1 the loss is no longer bounded below (1 - p_t > -log p_t fails); epsilon = 1 is the default.")
+        V.fail(
+            func,
+            "`epsilon` to be a finite number >= -1",
+            repr(epsilon),
+            "Below -1 the loss is no longer bounded below (1 - p_t > -log p_t fails); epsilon = 1 is the default.",
+        )
     return epsilon
 
 
 def check_alpha(func: str, alpha) -> float:
     """torchvision's alpha: in [0, 1], or negative to switch the alpha term off."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        V.fail(func, "`alpha` to be a real number", type(alpha).__name__,
-               "Pass a float in [0, 1], or a negative number (e.g. -1) for no alpha weighting.",
-               V.CrossentTypeError)
+        V.fail(
+            func,
+            "`alpha` to be a real number",
+            type(alpha).__name__,
+            "Pass a float in [0, 1], or a negative number (e.g. -1) for no alpha weighting.",
+            V.CrossentTypeError,
+        )
     alpha = float(alpha)
     if math.isnan(alpha) or alpha > 1:
-        V.fail(func, "`alpha` in [0, 1] (or < 0 to disable it)", repr(alpha),
-               "alpha weights positives, 1 - alpha negatives; alpha=0.25 is torchvision's default.")
+        V.fail(
+            func,
+            "`alpha` in [0, 1] (or < 0 to disable it)",
+            repr(alpha),
+            "alpha weights positives, 1 - alpha negatives; alpha=0.25 is torchvision's default.",
+        )
     return alpha
 
 
 # --------------------------------------------------------------------------- binary family
-def _binary_family(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-                   validate, return_parts, backend, *, alpha, gamma, epsilon):
+def _binary_family(
+    func,
+    input,
+    target,
+    weight,
+    pos_weight,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    validate,
+    return_parts,
+    backend,
+    *,
+    alpha,
+    gamma,
+    epsilon,
+):
     if gamma == 0 and epsilon == 0:
         # The base loss by construction (0 ** 0 = 1, derivative 0): alpha_t is one more weight.
-        return _bce_times_alpha(func, input, target, weight, pos_weight, ignore_index, label_smoothing,
-                                reduction, validate, return_parts, backend, alpha)
+        return _bce_times_alpha(
+            func,
+            input,
+            target,
+            weight,
+            pos_weight,
+            ignore_index,
+            label_smoothing,
+            reduction,
+            validate,
+            return_parts,
+            backend,
+            alpha,
+        )
     input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
     capture = capturing(input)
     reduction, x, t, weight, pos_weight, keep, denominator = _prepare_binary(
-        func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-        None, None, probabilities_in=False, validate=validate, capture=capture)
+        func,
+        input,
+        target,
+        weight,
+        pos_weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        None,
+        None,
+        probabilities_in=False,
+        validate=validate,
+        capture=capture,
+    )
     name = resolve("binary_cross_entropy_with_logits", x.device, backend)
     with no_autocast(x.device):
-        if (reduction != "none" and not capture and name == "chunked" and x.numel()
-                and not focal._wants_graph(t, weight, pos_weight)
-                and focal.cpu_kernel_applies(x, t.expand(x.shape), weight, pos_weight, keep, gamma)):
+        if (
+            reduction != "none"
+            and not capture
+            and name == "chunked"
+            and x.numel()
+            and not focal._wants_graph(t, weight, pos_weight)
+            and focal.cpu_kernel_applies(x, t.expand(x.shape), weight, pos_weight, keep, gamma)
+        ):
             # the 0-dim sum, the gradient pre-scaled by what backward() will send
             scale = mean_grad_scale(x.numel(), x.dtype) if reduction == "mean" else 1.0
             loss = focal.binary_focal_sum(x, t, pos_weight, alpha=alpha, gamma=gamma, epsilon=epsilon, scale=scale)
             denominator = x.numel()
         else:
-            loss = focal.binary_focal(x, t, weight, pos_weight, keep, alpha=alpha, gamma=gamma, epsilon=epsilon,
-                                      backend=name)
+            loss = focal.binary_focal(
+                x, t, weight, pos_weight, keep, alpha=alpha, gamma=gamma, epsilon=epsilon, backend=name
+            )
     out_dtype = target.dtype if target.is_floating_point() else input.dtype
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
-                       capture=capture)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)
 
 
-def _bce_times_alpha(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-                     validate, return_parts, backend, alpha):
+def _bce_times_alpha(
+    func,
+    input,
+    target,
+    weight,
+    pos_weight,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    validate,
+    return_parts,
+    backend,
+    alpha,
+):
     """gamma = 0: :func:`binary_cross_entropy_with_logits` with ``weight * alpha_t``."""
     from ._binary import binary_cross_entropy_with_logits
 
@@ -103,9 +177,18 @@ def _bce_times_alpha(func, input, target, weight, pos_weight, ignore_index, labe
                 t = t * (1 - label_smoothing) + label_smoothing / 2
             a = alpha * t + (1 - alpha) * (1 - t)
             weight = a if weight is None else V.as_weight_tensor(func, "weight", weight, like=input) * a
-    return binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight,
-                                            label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                            validate=validate, return_parts=return_parts, backend=backend)
+    return binary_cross_entropy_with_logits(
+        input,
+        target,
+        weight,
+        reduction=reduction,
+        pos_weight=pos_weight,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        validate=validate,
+        return_parts=return_parts,
+        backend=backend,
+    )
 
 
 def sigmoid_focal_loss(
@@ -159,8 +242,22 @@ def sigmoid_focal_loss(
     func = "sigmoid_focal_loss"
     alpha = check_alpha(func, alpha)
     gamma = check_gamma(func, gamma)
-    return _binary_family(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-                          validate, return_parts, backend, alpha=alpha, gamma=gamma, epsilon=0.0)
+    return _binary_family(
+        func,
+        input,
+        target,
+        weight,
+        pos_weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        validate,
+        return_parts,
+        backend,
+        alpha=alpha,
+        gamma=gamma,
+        epsilon=0.0,
+    )
 
 
 def poly1_binary_cross_entropy_with_logits(
@@ -201,27 +298,67 @@ def poly1_binary_cross_entropy_with_logits(
     func = "poly1_binary_cross_entropy_with_logits"
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     epsilon = check_epsilon(func, epsilon)
-    return _binary_family(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction,
-                          validate, return_parts, backend, alpha=-1.0, gamma=0.0, epsilon=epsilon)
+    return _binary_family(
+        func,
+        input,
+        target,
+        weight,
+        pos_weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        validate,
+        return_parts,
+        backend,
+        alpha=-1.0,
+        gamma=0.0,
+        epsilon=epsilon,
+    )
 
 
 # -------------------------------------------------------------------------- softmax family
-def _softmax_family(func, input, target, weight, ignore_index, reduction, label_smoothing, validate,
-                    return_parts, backend, *, kind, param):
+def _softmax_family(
+    func,
+    input,
+    target,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    validate,
+    return_parts,
+    backend,
+    *,
+    kind,
+    param,
+):
     """The canonicalisation of :func:`crossent.cross_entropy` (rows of classes), then the
     focal / Poly-1 op and the shared reduction (``mean``: cross-entropy's denominator)."""
-    if param == 0:   # gamma = 0 / epsilon = 0: cross-entropy itself
+    if param == 0:  # gamma = 0 / epsilon = 0: cross-entropy itself
         from ._multiclass import cross_entropy
 
-        return cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                             label_smoothing=label_smoothing, validate=validate, return_parts=return_parts,
-                             backend=backend)
+        return cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            validate=validate,
+            return_parts=return_parts,
+            backend=backend,
+        )
     input, target, weight = autocast_inputs(input, target, weight)
     V.check_floating_input(func, input)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
     ignore_index = V.check_ignore_index(func, ignore_index)
-    if (isinstance(target, torch.Tensor) and input.dim() == 1 and tuple(target.shape) == (1,)
-            and tuple(input.shape) != (1,) and not target.is_floating_point()):
+    if (
+        isinstance(target, torch.Tensor)
+        and input.dim() == 1
+        and tuple(target.shape) == (1,)
+        and tuple(input.shape) != (1,)
+        and not target.is_floating_point()
+    ):
         target = target.reshape(())
     target, index_target = V.check_multiclass_shapes(func, input, target, ignore_index)
     class_dim = 1 if input.dim() >= 2 else 0
@@ -234,15 +371,16 @@ def _softmax_family(func, input, target, weight, ignore_index, reduction, label_
         if capture:
             V.assert_multiclass_values(func, target, index_target, C, ignore_index)
         else:
-            V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim,
-                                      reduction=reduction)
+            V.check_multiclass_values(
+                func, input, target, index_target, C, ignore_index, class_dim, reduction=reduction
+            )
     out_dtype = input.dtype
     if not index_target:
         out_dtype = torch.promote_types(input.dtype, target.dtype)
         if weight is not None and weight.is_floating_point():
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
     cdt = compute_dtype(out_dtype)
-    out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    out_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     x = _rows(input, cdt, class_dim, C)
     keep = None
     if index_target:
@@ -253,13 +391,22 @@ def _softmax_family(func, input, target, weight, ignore_index, reduction, label_
     w = weight if weight is None or weight.dtype == cdt else weight.to(cdt)
     name = resolve("cross_entropy", x.device, backend)
     with no_autocast(x.device):
-        loss, den = focal.softmax_focal(x, t, index_target, w, keep, label_smoothing, kind=kind, param=param,
-                                        backend=name, prescale_for=None if capture else reduction)
+        loss, den = focal.softmax_focal(
+            x,
+            t,
+            index_target,
+            w,
+            keep,
+            label_smoothing,
+            kind=kind,
+            param=param,
+            backend=name,
+            prescale_for=None if capture else reduction,
+        )
     if loss.shape != out_shape:
         loss = loss.reshape(out_shape)
     denominator = None if den is None else den.sum()
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
-                       capture=capture)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)
 
 
 def softmax_focal_loss(
@@ -303,8 +450,20 @@ def softmax_focal_loss(
     func = "softmax_focal_loss"
     gamma = check_gamma(func, gamma)
     reduction = legacy_reduction(func, None, None, reduction)
-    return _softmax_family(func, input, target, weight, ignore_index, reduction, label_smoothing, validate,
-                           return_parts, backend, kind="focal", param=gamma)
+    return _softmax_family(
+        func,
+        input,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        validate,
+        return_parts,
+        backend,
+        kind="focal",
+        param=gamma,
+    )
 
 
 def poly1_cross_entropy(
@@ -346,5 +505,17 @@ def poly1_cross_entropy(
     func = "poly1_cross_entropy"
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     epsilon = check_epsilon(func, epsilon)
-    return _softmax_family(func, input, target, weight, ignore_index, reduction, label_smoothing, validate,
-                           return_parts, backend, kind="poly", param=epsilon)
+    return _softmax_family(
+        func,
+        input,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        validate,
+        return_parts,
+        backend,
+        kind="poly",
+        param=epsilon,
+    )

@@ -41,8 +41,9 @@ from ._reduction import compute_dtype, reduce_loss
 
 def wants_lm_head(z_loss, softcap, temperature, token_weight, return_accuracy) -> bool:
     """Does a call use an LM-head option (then :func:`lm_cross_entropy` computes it)?"""
-    return (z_loss != 0.0 or softcap is not None or temperature != 1.0 or token_weight is not None
-            or bool(return_accuracy))
+    return (
+        z_loss != 0.0 or softcap is not None or temperature != 1.0 or token_weight is not None or bool(return_accuracy)
+    )
 
 
 def lm_stats(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: int, backend):
@@ -53,9 +54,30 @@ def lm_stats(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: 
     return fn(x, W, b, y, keep, sigma, temperature, softcap, rows)
 
 
-def lm_cross_entropy(func, x, W, b, y, keep, *, C, weight, label_smoothing, reduction, z_loss, temperature,
-                     softcap, token_weight, return_lse, return_accuracy, return_parts, rows, backend,
-                     out_shape, out_dtype):
+def lm_cross_entropy(
+    func,
+    x,
+    W,
+    b,
+    y,
+    keep,
+    *,
+    C,
+    weight,
+    label_smoothing,
+    reduction,
+    z_loss,
+    temperature,
+    softcap,
+    token_weight,
+    return_lse,
+    return_accuracy,
+    return_parts,
+    rows,
+    backend,
+    out_shape,
+    out_dtype,
+):
     """The loss of the module docstring from the per-row statistics; returns what
     ``cross_entropy`` / ``linear_cross_entropy`` return: the loss (or :class:`LossParts`),
     then the lse (``return_lse``) and the accuracy count (``return_accuracy``)."""
@@ -64,7 +86,7 @@ def lm_cross_entropy(func, x, W, b, y, keep, *, C, weight, label_smoothing, redu
     w = None if weight is None else weight.to(cdt)
     sigma = None
     if eps:
-        sigma = (torch.full((C,), eps / C, dtype=cdt, device=x.device) if w is None else w * (eps / C))
+        sigma = torch.full((C,), eps / C, dtype=cdt, device=x.device) if w is None else w * (eps / C)
     zero = torch.zeros((), dtype=cdt, device=x.device)
     if w is None:
         dw = keep.to(cdt)
@@ -74,14 +96,16 @@ def lm_cross_entropy(func, x, W, b, y, keep, *, C, weight, label_smoothing, redu
     den = dw if tw is None else dw * tw
     fn = dispatch("lm_head", x, "reference" if transforming() else backend)
     fused = getattr(fn, "fused_loss", None)
-    if fused is not None and reduction != "none" and not any(
-            t is not None and t.requires_grad for t in (token_weight, weight)):
+    if (
+        fused is not None
+        and reduction != "none"
+        and not any(t is not None and t.requires_grad for t in (token_weight, weight))
+    ):
         # 'mean' / 'sum' of a loss whose coefficients need no gradient: one pass computes
         # the total and its gradients (the plain fused CE's three matrix products)
         c_nll = den * (1 - eps)
         c_sm = keep.to(cdt) if tw is None else torch.where(keep, tw, zero)
-        total, lse, correct = fused(x, W, b, y, keep, sigma, c_nll, c_sm, den * z_loss, temperature, softcap,
-                                    rows)
+        total, lse, correct = fused(x, W, b, y, keep, sigma, c_nll, c_sm, den * z_loss, temperature, softcap, rows)
         loss = total
     else:
         nll, sm, lse, _, correct = fn(x, W, b, y, keep, sigma, temperature, softcap, rows)
@@ -94,8 +118,7 @@ def lm_cross_entropy(func, x, W, b, y, keep, *, C, weight, label_smoothing, redu
             loss = loss * tw
         loss = loss.reshape(out_shape)
     capture = capturing(x)
-    result = reduce_loss(loss, den.sum(), reduction, out_dtype=out_dtype, return_parts=return_parts,
-                         capture=capture)
+    result = reduce_loss(loss, den.sum(), reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)
     extras = []
     if return_lse:
         extras.append(lse.detach().reshape(out_shape))
@@ -108,22 +131,39 @@ def rows_for(N, C, dtype, chunk_size, memory_budget, func) -> int:
     """Rows per block of the LM-head op (checked ``chunk_size``, else from the budget)."""
     for name, v in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            V.fail(func, f"`{name}` to be a positive int or None", repr(v),
-                   "Leave it None to size row blocks from the memory budget.")
+            V.fail(
+                func,
+                f"`{name}` to be a positive int or None",
+                repr(v),
+                "Leave it None to size row blocks from the memory budget.",
+            )
     return chunk_size if chunk_size is not None else plan_rows(N, C, dtype, memory_budget)
 
 
 def _check_index_target(func, target, lead, C, ignore_index, validate, capture):
     if not isinstance(target, torch.Tensor):
-        V.fail(func, "`target` to be a torch.Tensor", type(target).__name__,
-               "Convert it with torch.as_tensor(...).", V.CrossentTypeError)
+        V.fail(
+            func,
+            "`target` to be a torch.Tensor",
+            type(target).__name__,
+            "Convert it with torch.as_tensor(...).",
+            V.CrossentTypeError,
+        )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        V.fail(func, "`target` of class indices (an integer dtype)", f"dtype {target.dtype}",
-               "Pass the chosen token ids, e.g. `target.long()`.", V.CrossentTypeError)
+        V.fail(
+            func,
+            "`target` of class indices (an integer dtype)",
+            f"dtype {target.dtype}",
+            "Pass the chosen token ids, e.g. `target.long()`.",
+            V.CrossentTypeError,
+        )
     if tuple(target.shape) != tuple(lead):
-        V.fail(func, f"`target` of shape {V.shape_str(lead)} (one token id per row of logits)",
-               f"shape {V.shape_str(target.shape)}",
-               "The classes are the last dimension of the logits; for (B, T, V) logits pass (B, T) ids.")
+        V.fail(
+            func,
+            f"`target` of shape {V.shape_str(lead)} (one token id per row of logits)",
+            f"shape {V.shape_str(target.shape)}",
+            "The classes are the last dimension of the logits; for (B, T, V) logits pass (B, T) ids.",
+        )
     if V.validation_enabled(validate):
         if capture:
             V.assert_multiclass_values(func, target, True, C, ignore_index)
@@ -131,10 +171,18 @@ def _check_index_target(func, target, lead, C, ignore_index, validate, capture):
             V.check_class_indices(func, target, C, ignore_index)
 
 
-def token_logprobs(input: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0,
-                   softcap: Optional[float] = None, ignore_index: int = -100, return_entropy: bool = False,
-                   validate: Optional[bool] = None, backend: Optional[str] = None,
-                   chunk_size: Optional[int] = None):
+def token_logprobs(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    validate: Optional[bool] = None,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+):
     r"""Per-token log-probability of the target under softcapped, tempered logits.
 
     With the transformed logits :math:`z = s\tanh(x/s)/T` (no cap: :math:`z = x/T`):
@@ -190,12 +238,21 @@ def token_logprobs(input: torch.Tensor, target: torch.Tensor, *, temperature: fl
     return (lp, ent.reshape(lead)) if return_entropy else lp
 
 
-def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
-                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                          softcap: Optional[float] = None, ignore_index: int = -100,
-                          return_entropy: bool = False, validate: Optional[bool] = None,
-                          backend: Optional[str] = None, chunk_size: Optional[int] = None,
-                          memory_budget: Optional[int] = None):
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    validate: Optional[bool] = None,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+):
     r""":func:`token_logprobs` of ``F.linear(hidden, weight, bias)`` without the ``(N, V)`` logits.
 
     Same formulas, values and gradients (w.r.t. ``hidden``, ``weight`` and ``bias``) as

@@ -10,8 +10,15 @@ from .. import _validation as V
 from .._capture import capturing
 from ..backends import chunked, dispatch, ops, resolve
 from ._lm_head import lm_cross_entropy, rows_for, wants_lm_head
-from ._reduction import (LossParts, _autocast_enabled, autocast_inputs, compute_dtype, legacy_reduction,
-                         no_autocast, reduce_loss)
+from ._reduction import (
+    LossParts,
+    _autocast_enabled,
+    autocast_inputs,
+    compute_dtype,
+    legacy_reduction,
+    no_autocast,
+    reduce_loss,
+)
 
 
 def _rows(t: torch.Tensor, dtype: torch.dtype, class_dim: int, C: int) -> torch.Tensor:
@@ -34,21 +41,40 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
     softmax heuristic, which runs here too, and the kernel computes exactly what the
     general path would (:func:`crossent.backends.chunked.plain_cross_entropy`). Anything
     else, including every error, takes the general path."""
-    if not (type(input) is torch.Tensor and type(target) is torch.Tensor and input.dim() == 2
-            and target.dim() == 1 and input.dtype == torch.float32 and target.dtype == torch.int64
-            and input.requires_grad and torch.is_grad_enabled() and input.device.type == "cpu"
-            and target.device.type == "cpu" and reduction in ("mean", "sum") and type(ignore_index) is int):
+    if not (
+        type(input) is torch.Tensor
+        and type(target) is torch.Tensor
+        and input.dim() == 2
+        and target.dim() == 1
+        and input.dtype == torch.float32
+        and target.dtype == torch.int64
+        and input.requires_grad
+        and torch.is_grad_enabled()
+        and input.device.type == "cpu"
+        and target.device.type == "cpu"
+        and reduction in ("mean", "sum")
+        and type(ignore_index) is int
+    ):
         return None
     M, C = input.shape
-    if (M == 0 or C < 2 or target.shape[0] != M or not input.is_contiguous() or not target.is_contiguous()
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch._C._are_functorch_transforms_active() or _autocast_enabled("cpu")
-            or resolve("cross_entropy", input.device) != "chunked" or chunked._cpp() is None):
+    if (
+        M == 0
+        or C < 2
+        or target.shape[0] != M
+        or not input.is_contiguous()
+        or not target.is_contiguous()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or _autocast_enabled("cpu")
+        or resolve("cross_entropy", input.device) != "chunked"
+        or chunked._cpp() is None
+    ):
         return None
-    if 0 <= ignore_index < C:   # a class index may be ignored: the general path masks it
+    if 0 <= ignore_index < C:  # a class index may be ignored: the general path masks it
         return None
     tmin, tmax = torch.aminmax(target)
-    if int(tmin) < 0 or int(tmax) >= C:   # ignored (ignore_index < 0 or >= C) or out of range
+    if int(tmin) < 0 or int(tmax) >= C:  # ignored (ignore_index < 0 or >= C) or out of range
         return None
     if V.validation_enabled(validate):
         V.check_logits_not_probabilities("cross_entropy", input, 1)
@@ -208,29 +234,57 @@ def cross_entropy(
     0.3974
     """
     func = "cross_entropy"
-    if (weight is None and size_average is None and reduce is None and not label_smoothing
-            and backend is None and not inplace_backward and not return_parts
-            and not z_loss and softcap is None and temperature == 1.0 and token_weight is None
-            and not return_lse and not return_accuracy):
+    if (
+        weight is None
+        and size_average is None
+        and reduce is None
+        and not label_smoothing
+        and backend is None
+        and not inplace_backward
+        and not return_parts
+        and not z_loss
+        and softcap is None
+        and temperature == 1.0
+        and token_weight is None
+        and not return_lse
+        and not return_accuracy
+    ):
         loss = _plain_call(input, target, ignore_index, reduction, validate)
         if loss is not None:
             return loss
-    if type(input).__name__ == "DTensor":   # sharded on the classes: crossent.distributed
+    if type(input).__name__ == "DTensor":  # sharded on the classes: crossent.distributed
         from ..distributed._dtensor import cross_entropy as dtensor_cross_entropy
 
-        return dtensor_cross_entropy(input, target, weight, ignore_index,
-                                     legacy_reduction(func, size_average, reduce, reduction), label_smoothing,
-                                     validate=validate, return_parts=return_parts, backend=backend,
-                                     inplace_backward=inplace_backward, z_loss=z_loss, return_lse=return_lse,
-                                     softcap=softcap, temperature=temperature, token_weight=token_weight,
-                                     return_accuracy=return_accuracy)
+        return dtensor_cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index,
+            legacy_reduction(func, size_average, reduce, reduction),
+            label_smoothing,
+            validate=validate,
+            return_parts=return_parts,
+            backend=backend,
+            inplace_backward=inplace_backward,
+            z_loss=z_loss,
+            return_lse=return_lse,
+            softcap=softcap,
+            temperature=temperature,
+            token_weight=token_weight,
+            return_accuracy=return_accuracy,
+        )
     input, target, weight = autocast_inputs(input, target, weight)
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     V.check_floating_input(func, input)
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
     ignore_index = V.check_ignore_index(func, ignore_index)
-    if (isinstance(target, torch.Tensor) and input.dim() == 1 and tuple(target.shape) == (1,)
-            and tuple(input.shape) != (1,) and not target.is_floating_point()):
+    if (
+        isinstance(target, torch.Tensor)
+        and input.dim() == 1
+        and tuple(target.shape) == (1,)
+        and tuple(input.shape) != (1,)
+        and not target.is_floating_point()
+    ):
         # torch accepts one class index of shape (1,) for an unbatched (C,) input and
         # returns a 0-dim loss: same here.
         target = target.reshape(())
@@ -242,32 +296,55 @@ def cross_entropy(
     V.check_same_device(func, input, target=target, weight=weight)
     capture = capturing(input)
     if V.validation_enabled(validate):
-        if capture:   # device-side assertions: no host read, no graph break
+        if capture:  # device-side assertions: no host read, no graph break
             V.assert_multiclass_values(func, target, index_target, C, ignore_index)
-        else:         # value tier: one pass, one sync, before any kernel
-            V.check_multiclass_values(func, input, target, index_target, C, ignore_index, class_dim,
-                                      reduction=reduction)
+        else:  # value tier: one pass, one sync, before any kernel
+            V.check_multiclass_values(
+                func, input, target, index_target, C, ignore_index, class_dim, reduction=reduction
+            )
 
     lm = wants_lm_head(z_loss, softcap, temperature, token_weight, return_accuracy) or return_lse
     if lm:
-        z_loss, temperature, softcap = V.check_lm_head_options(func, z_loss=z_loss, temperature=temperature,
-                                                               softcap=softcap)
+        z_loss, temperature, softcap = V.check_lm_head_options(
+            func, z_loss=z_loss, temperature=temperature, softcap=softcap
+        )
         if not index_target:
-            V.fail(func, "class-index targets with the LM-head options (z_loss, softcap, temperature, "
-                   "token_weight, return_lse, return_accuracy)", "class-probability targets",
-                   "Pass token ids, or compute the options on probability targets with the unfused "
-                   "formulas of docs/lm-head.md.")
+            V.fail(
+                func,
+                "class-index targets with the LM-head options (z_loss, softcap, temperature, "
+                "token_weight, return_lse, return_accuracy)",
+                "class-probability targets",
+                "Pass token ids, or compute the options on probability targets with the unfused "
+                "formulas of docs/lm-head.md.",
+            )
         token_weight = V.check_token_weight(func, token_weight, target, validate=validate, capture=capture)
         x = _rows(input, input.dtype, class_dim, C)
         y = target.reshape(-1)
-        out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
+        out_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
         with no_autocast(x.device):
             return lm_cross_entropy(
-                func, x, None, None, y, y != ignore_index, C=C, weight=weight, label_smoothing=label_smoothing,
-                reduction=reduction, z_loss=z_loss, temperature=temperature, softcap=softcap,
-                token_weight=token_weight, return_lse=return_lse, return_accuracy=return_accuracy,
-                return_parts=return_parts, rows=rows_for(x.shape[0], C, input.dtype, None, None, func),
-                backend=backend, out_shape=out_shape, out_dtype=input.dtype)
+                func,
+                x,
+                None,
+                None,
+                y,
+                y != ignore_index,
+                C=C,
+                weight=weight,
+                label_smoothing=label_smoothing,
+                reduction=reduction,
+                z_loss=z_loss,
+                temperature=temperature,
+                softcap=softcap,
+                token_weight=token_weight,
+                return_lse=return_lse,
+                return_accuracy=return_accuracy,
+                return_parts=return_parts,
+                rows=rows_for(x.shape[0], C, input.dtype, None, None, func),
+                backend=backend,
+                out_shape=out_shape,
+                out_dtype=input.dtype,
+            )
 
     # Canonical layout: rows of C logits. Output dtype as torch: the input's for class
     # indices; for probability targets the promotion of input, target and weight (torch's
@@ -278,7 +355,7 @@ def cross_entropy(
         if weight is not None and weight.is_floating_point():
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
     cdt = compute_dtype(out_dtype)
-    out_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    out_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if capture:
         # Registered ops (crossent::cross_entropy_fused); inplace_backward has no effect here:
         # the compiler owns the buffers.
@@ -310,5 +387,4 @@ def cross_entropy(
         loss = loss.reshape(out_shape)
     # Backends return per-row denominator weights, or their 0-dim total when they needed it.
     denominator = None if den is None else den if den.dim() == 0 else den.sum()
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts,
-                       capture=capture)
+    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)

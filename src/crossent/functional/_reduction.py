@@ -38,8 +38,11 @@ def legacy_reduction(func: str, size_average, reduce, reduction: str) -> str:
     with a DeprecationWarning (torch warns too); everything else goes through
     :func:`crossent._validation.check_reduction`."""
     if reduction == "elementwise_mean":
-        warnings.warn(f"{func}: reduction='elementwise_mean' is deprecated (as in torch); use reduction='mean'.",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{func}: reduction='elementwise_mean' is deprecated (as in torch); use reduction='mean'.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         reduction = "mean"
     if size_average is None and reduce is None:
         return check_reduction(func, reduction)
@@ -96,15 +99,16 @@ def reduce_loss(
                 denominator = denominator.to(loss.dtype)
             # Reading a CPU number costs no device sync; elsewhere the select below
             # decides without reading it.
-            nonzero = (not capture and denominator.device.type == "cpu"
-                       and denominator.item() != 0)   # item: no grad warning
+            nonzero = (
+                not capture and denominator.device.type == "cpu" and denominator.item() != 0
+            )  # item: no grad warning
         else:  # a Python number from a backend: divided by as a scalar (same bits as a
             # 0-dim tensor of it), made a tensor only for the selects
             denominator = float(denominator)
             nonzero = denominator != 0
             if not nonzero:
                 denominator = torch.tensor(denominator, dtype=loss.dtype, device=loss.device)
-        if nonzero:   # same value and gradient as the selects, two ops fewer
+        if nonzero:  # same value and gradient as the selects, two ops fewer
             out = (loss if loss.dim() == 0 else loss.sum()) / denominator
         else:
             empty = denominator == 0
@@ -166,9 +170,11 @@ def autocast_inputs(*tensors):
     arguments are cast to float32 and the loss comes back in float32 (``F.binary_cross_entropy``
     on CUDA raises instead; crossent follows the float32 policy there too). Returns the
     tensors, cast where autocast is active on their device; non-tensors pass through."""
-    first = tensors[0] if isinstance(tensors[0], torch.Tensor) else next(
-        (t for t in tensors if isinstance(t, torch.Tensor)), None)
+    first = (
+        tensors[0]
+        if isinstance(tensors[0], torch.Tensor)
+        else next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    )
     if first is None or not _autocast_enabled(first.device.type):
         return tensors
-    return tuple(t.float() if isinstance(t, torch.Tensor) and is_low_precision(t.dtype) else t
-                 for t in tensors)
+    return tuple(t.float() if isinstance(t, torch.Tensor) and is_low_precision(t.dtype) else t for t in tensors)

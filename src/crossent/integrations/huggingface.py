@@ -23,10 +23,18 @@ def _normalise(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     return loss / num_items_in_batch
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: Optional[int] = None,
-                   num_items_in_batch=None, ignore_index: int = -100,
-                   shift_labels: Optional[torch.Tensor] = None, *, validate: Optional[bool] = None,
-                   backend: Optional[str] = None, **kwargs) -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: Optional[int] = None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: Optional[torch.Tensor] = None,
+    *,
+    validate: Optional[bool] = None,
+    backend: Optional[str] = None,
+    **kwargs,
+) -> torch.Tensor:
     r"""Causal LM loss: ``transformers``' ``ForCausalLMLoss`` with crossent's cross-entropy.
 
     .. math::
@@ -50,14 +58,24 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: Optio
     """
     func = "causal_lm_loss"
     if vocab_size is not None and logits.shape[-1] != vocab_size:
-        V.fail(func, f"logits with vocab_size={vocab_size} classes in the last dimension",
-               f"shape {V.shape_str(logits.shape)}", "Pass the model's config.vocab_size.")
+        V.fail(
+            func,
+            f"logits with vocab_size={vocab_size} classes in the last dimension",
+            f"shape {V.shape_str(logits.shape)}",
+            "Pass the model's config.vocab_size.",
+        )
     if shift_labels is None:
         shift_labels = _shift(labels, ignore_index)
     logits = logits.float()
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1).to(logits.device),
-                         ignore_index=ignore_index, reduction=reduction, validate=validate, backend=backend)
+    loss = cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        shift_labels.reshape(-1).to(logits.device),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        validate=validate,
+        backend=backend,
+    )
     return loss if num_items_in_batch is None else _normalise(loss, num_items_in_batch)
 
 
@@ -67,11 +85,19 @@ def compute_loss(outputs, labels: torch.Tensor, num_items_in_batch=None, **kwarg
     return causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch, **kwargs)
 
 
-def fused_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
-                         attention_mask: Optional[torch.Tensor] = None, num_items_in_batch=None,
-                         ignore_index: int = -100, validate: Optional[bool] = None,
-                         backend: Optional[str] = None, memory_budget: Optional[int] = None,
-                         **model_kwargs) -> torch.Tensor:
+def fused_causal_lm_loss(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    validate: Optional[bool] = None,
+    backend: Optional[str] = None,
+    memory_budget: Optional[int] = None,
+    **model_kwargs,
+) -> torch.Tensor:
     r"""A causal LM's loss without its ``(B, T, V)`` logits.
 
     Runs the model's body (``model.base_model``) for the last hidden states :math:`h`
@@ -97,17 +123,33 @@ def fused_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *
     config = getattr(model, "config", None)
     for name in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, name, None):
-            V.fail(func, "a model whose logits are its plain linear head",
-                   f"config.{name}={getattr(config, name)!r}",
-                   "Use model.loss_function = causal_lm_loss for this model (it sees the real logits).")
+            V.fail(
+                func,
+                "a model whose logits are its plain linear head",
+                f"config.{name}={getattr(config, name)!r}",
+                "Use model.loss_function = causal_lm_loss for this model (it sees the real logits).",
+            )
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
-        V.fail(func, "model.get_output_embeddings() to be an nn.Linear", type(head).__name__,
-               "Use model.loss_function = causal_lm_loss for this model.", V.CrossentTypeError)
+        V.fail(
+            func,
+            "model.get_output_embeddings() to be an nn.Linear",
+            type(head).__name__,
+            "Use model.loss_function = causal_lm_loss for this model.",
+            V.CrossentTypeError,
+        )
     hidden = model.base_model(input_ids, attention_mask=attention_mask, **model_kwargs)[0]
     target = _shift(labels, ignore_index).to(hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, target.reshape(-1),
-                                linear_bias=head.bias, ignore_index=ignore_index, reduction=reduction,
-                                validate=validate, backend=backend, memory_budget=memory_budget)
+    loss = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head.weight,
+        target.reshape(-1),
+        linear_bias=head.bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        validate=validate,
+        backend=backend,
+        memory_budget=memory_budget,
+    )
     return loss if num_items_in_batch is None else _normalise(loss, num_items_in_batch)

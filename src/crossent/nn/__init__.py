@@ -44,8 +44,7 @@ def __getattr__(name: str):
     try:
         return getattr(_torch_nn, name)
     except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r} "
-                             "(neither has torch.nn)") from None
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (neither has torch.nn)") from None
 
 
 def __dir__():

@@ -21,8 +21,12 @@ from ._loss import _SHARED_KWARGS, _not_scriptable
 def _class_weight(name, weight):
     weight = V.as_weight_tensor(name, "weight", weight)
     if weight is not None and weight.dim() != 1:
-        V.fail(name, "`weight` of shape (C,), one number per class", f"shape {V.shape_str(weight.shape)}",
-               "Pass a 1-D tensor with one weight per class (e.g. crossent.class_weights.inverse_frequency).")
+        V.fail(
+            name,
+            "`weight` of shape (C,), one number per class",
+            f"shape {V.shape_str(weight.shape)}",
+            "Pass a 1-D tensor with one weight per class (e.g. crossent.class_weights.inverse_frequency).",
+        )
     V.check_weight_values_nonnegative(name, "weight", weight)
     return weight
 
@@ -59,9 +63,19 @@ class SigmoidFocalLoss(torch.nn.Module):
         - Output: scalar; with ``reduction='none'``, :math:`(*)`.
     """
 
-    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none", *, weight=None,
-                 pos_weight=None, ignore_index: Optional[int] = None, label_smoothing: float = 0.0,
-                 validate: Optional[bool] = None, backend: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        reduction: str = "none",
+        *,
+        weight=None,
+        pos_weight=None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         self.alpha = check_alpha(name, alpha)
@@ -82,9 +96,19 @@ class SigmoidFocalLoss(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.sigmoid_focal_loss(
-            input, target, self.alpha, self.gamma, self.reduction, weight=self.weight, pos_weight=self.pos_weight,
-            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, validate=self.validate,
-            return_parts=return_parts, backend=self.backend)
+            input,
+            target,
+            self.alpha,
+            self.gamma,
+            self.reduction,
+            weight=self.weight,
+            pos_weight=self.pos_weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            validate=self.validate,
+            return_parts=return_parts,
+            backend=self.backend,
+        )
 
 
 class SoftmaxFocalLoss(torch.nn.Module):
@@ -101,9 +125,17 @@ class SoftmaxFocalLoss(torch.nn.Module):
 
     {shared}"""
 
-    def __init__(self, gamma: float = 2.0, weight=None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, validate: Optional[bool] = None,
-                 backend: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        weight=None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         self.gamma = check_gamma(name, gamma)
@@ -120,9 +152,18 @@ class SoftmaxFocalLoss(torch.nn.Module):
         return f"gamma={self.gamma}, reduction={self.reduction!r}"
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
-        return F.softmax_focal_loss(input, target, self.gamma, self.weight, self.ignore_index, self.reduction,
-                                    self.label_smoothing, validate=self.validate, return_parts=return_parts,
-                                    backend=self.backend)
+        return F.softmax_focal_loss(
+            input,
+            target,
+            self.gamma,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            validate=self.validate,
+            return_parts=return_parts,
+            backend=self.backend,
+        )
 
 
 class Poly1CrossEntropyLoss(torch.nn.Module):
@@ -137,9 +178,19 @@ class Poly1CrossEntropyLoss(torch.nn.Module):
 
     {shared}"""
 
-    def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *, epsilon: float = 1.0,
-                 validate: Optional[bool] = None, backend: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        epsilon: float = 1.0,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         self.reduction = legacy_reduction(name, size_average, reduce, reduction)
@@ -156,10 +207,18 @@ class Poly1CrossEntropyLoss(torch.nn.Module):
         return f"epsilon={self.epsilon}, reduction={self.reduction!r}"
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
-        return F.poly1_cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
-                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                     epsilon=self.epsilon, validate=self.validate, return_parts=return_parts,
-                                     backend=self.backend)
+        return F.poly1_cross_entropy(
+            input,
+            target,
+            self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            epsilon=self.epsilon,
+            validate=self.validate,
+            return_parts=return_parts,
+            backend=self.backend,
+        )
 
 
 class Poly1BCEWithLogitsLoss(torch.nn.Module):
@@ -174,9 +233,20 @@ class Poly1BCEWithLogitsLoss(torch.nn.Module):
 
     {shared}"""
 
-    def __init__(self, weight=None, size_average=None, reduce=None, reduction: str = "mean", pos_weight=None, *,
-                 epsilon: float = 1.0, label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
-                 validate: Optional[bool] = None, backend: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        reduce=None,
+        reduction: str = "mean",
+        pos_weight=None,
+        *,
+        epsilon: float = 1.0,
+        label_smoothing: float = 0.0,
+        ignore_index: Optional[int] = None,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         self.reduction = legacy_reduction(name, size_average, reduce, reduction)
@@ -196,9 +266,18 @@ class Poly1BCEWithLogitsLoss(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.poly1_binary_cross_entropy_with_logits(
-            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight, epsilon=self.epsilon,
-            label_smoothing=self.label_smoothing, ignore_index=self.ignore_index, validate=self.validate,
-            return_parts=return_parts, backend=self.backend)
+            input,
+            target,
+            self.weight,
+            reduction=self.reduction,
+            pos_weight=self.pos_weight,
+            epsilon=self.epsilon,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            validate=self.validate,
+            return_parts=return_parts,
+            backend=self.backend,
+        )
 
 
 class AsymmetricLoss(torch.nn.Module):
@@ -224,9 +303,17 @@ class AsymmetricLoss(torch.nn.Module):
     Keyword-only: ``weight`` (buffer, broadcast), ``ignore_index``, ``validate``.
     """
 
-    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: Optional[float] = 0.05,
-                 reduction: str = "mean", *, weight=None, ignore_index: Optional[int] = None,
-                 validate: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        gamma_neg: float = 4.0,
+        gamma_pos: float = 1.0,
+        clip: Optional[float] = 0.05,
+        reduction: str = "mean",
+        *,
+        weight=None,
+        ignore_index: Optional[int] = None,
+        validate: Optional[bool] = None,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         self.gamma_neg = check_gamma(name, gamma_neg)
@@ -240,14 +327,21 @@ class AsymmetricLoss(torch.nn.Module):
     __prepare_scriptable__ = _not_scriptable
 
     def extra_repr(self) -> str:
-        return (f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, "
-                f"reduction={self.reduction!r}")
+        return f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, reduction={self.reduction!r}"
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
-        return F.asymmetric_loss(input, target, self.gamma_neg, self.gamma_pos, self.clip, self.reduction,
-                                 weight=self.weight, ignore_index=self.ignore_index, validate=self.validate,
-                                 return_parts=return_parts)
-
+        return F.asymmetric_loss(
+            input,
+            target,
+            self.gamma_neg,
+            self.gamma_pos,
+            self.clip,
+            self.reduction,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            validate=self.validate,
+            return_parts=return_parts,
+        )
 
 
 for _cls in (SigmoidFocalLoss, SoftmaxFocalLoss, Poly1CrossEntropyLoss, Poly1BCEWithLogitsLoss):

@@ -24,9 +24,21 @@ _TorchLCE = getattr(torch.nn, "LinearCrossEntropyLoss", None)
 class _LCEBase(torch.nn.Module):
     """Stand-in for torch < 2.13, which has no ``torch.nn.LinearCrossEntropyLoss``."""
 
-    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None,
-                 dtype=None, reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0,
-                 options=None):
+    def __init__(
+        self,
+        in_features,
+        num_classes,
+        *,
+        out_features=(),
+        bias=False,
+        device=None,
+        dtype=None,
+        reduction="mean",
+        weight=None,
+        ignore_index=None,
+        label_smoothing=0.0,
+        options=None,
+    ):
         super().__init__()
         self.register_buffer("weight", weight)
         self.reduction = reduction
@@ -34,8 +46,9 @@ class _LCEBase(torch.nn.Module):
         self.out_features = out_features
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
-        self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes),
-                                      bias=bias, device=device, dtype=dtype)
+        self.linear = torch.nn.Linear(
+            in_features, math.prod(out_features, start=num_classes), bias=bias, device=device, dtype=dtype
+        )
         self.options = options
 
 
@@ -88,13 +101,29 @@ class LinearCrossEntropyLoss(_Base):
     True
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, out_features: Tuple[int, ...] = (),
-                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
-                 weight: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
-                 label_smoothing: float = 0.0, options=None, validate: Optional[bool] = None,
-                 backend: Optional[str] = None, chunk_size: Optional[int] = None,
-                 class_chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
-                 z_loss: float = 0.0, softcap: Optional[float] = None, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: Tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        options=None,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+        chunk_size: Optional[int] = None,
+        class_chunk_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        temperature: float = 1.0,
+    ) -> None:
         name = type(self).__name__
         V.check_lm_head_options(name, z_loss=z_loss, temperature=temperature, softcap=softcap)
         reduction = V.check_reduction(name, reduction)
@@ -102,14 +131,28 @@ class LinearCrossEntropyLoss(_Base):
         ignore_index = V.check_ignore_index(name, ignore_index)
         weight = V.as_weight_tensor(name, "weight", weight)
         if weight is not None and tuple(weight.shape) != (num_classes,):
-            V.fail(name, f"`weight` of shape ({num_classes},), one number per class",
-                   f"shape {V.shape_str(weight.shape)}", f"Pass weight=torch.ones({num_classes}) scaled per class.")
+            V.fail(
+                name,
+                f"`weight` of shape ({num_classes},), one number per class",
+                f"shape {V.shape_str(weight.shape)}",
+                f"Pass weight=torch.ones({num_classes}) scaled per class.",
+            )
         for arg, v in (("in_features", in_features), ("num_classes", num_classes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 V.fail(name, f"`{arg}` to be a positive int", repr(v), "")
-        super().__init__(in_features, num_classes, out_features=tuple(out_features), bias=bias,
-                         device=device, dtype=dtype, reduction=reduction, weight=weight,
-                         ignore_index=ignore_index, label_smoothing=label_smoothing, options=options)
+        super().__init__(
+            in_features,
+            num_classes,
+            out_features=tuple(out_features),
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            options=options,
+        )
         V.check_weight_values_nonnegative(name, "weight", self.weight)
         self.validate = validate
         self.backend = backend
@@ -121,20 +164,43 @@ class LinearCrossEntropyLoss(_Base):
 
     __prepare_scriptable__ = _not_scriptable
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False,
-                return_lse: bool = False, token_weight: Optional[torch.Tensor] = None,
-                return_accuracy: bool = False):
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        return_parts: bool = False,
+        return_lse: bool = False,
+        token_weight: Optional[torch.Tensor] = None,
+        return_accuracy: bool = False,
+    ):
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
-        linear_bias = (None if self.linear.bias is None
-                       else self.linear.bias.reshape((self.num_classes, *self.out_features)))
+        linear_bias = (
+            None if self.linear.bias is None else self.linear.bias.reshape((self.num_classes, *self.out_features))
+        )
         return F.linear_cross_entropy(
-            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, options=self.options, validate=self.validate,
-            return_parts=return_parts, return_lse=return_lse, backend=self.backend,
-            chunk_size=self.chunk_size, class_chunk_size=self.class_chunk_size,
-            memory_budget=self.memory_budget, z_loss=self.z_loss, softcap=self.softcap,
-            temperature=self.temperature, token_weight=token_weight, return_accuracy=return_accuracy)
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            options=self.options,
+            validate=self.validate,
+            return_parts=return_parts,
+            return_lse=return_lse,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+            class_chunk_size=self.class_chunk_size,
+            memory_budget=self.memory_budget,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            temperature=self.temperature,
+            token_weight=token_weight,
+            return_accuracy=return_accuracy,
+        )
 
 
 class LinearBCEWithLogitsLoss(torch.nn.Module):
@@ -149,12 +215,26 @@ class LinearBCEWithLogitsLoss(torch.nn.Module):
     :func:`crossent.linear_binary_cross_entropy_with_logits`).
     """
 
-    def __init__(self, in_features: int, num_labels: int, *, bias: bool = False, device=None,
-                 dtype=None, reduction: str = "mean", weight=None, pos_weight=None,
-                 label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
-                 target_format: Optional[str] = None, validate: Optional[bool] = None,
-                 backend: Optional[str] = None, chunk_size: Optional[int] = None,
-                 class_chunk_size: Optional[int] = None, memory_budget: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_labels: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight=None,
+        pos_weight=None,
+        label_smoothing: float = 0.0,
+        ignore_index: Optional[int] = None,
+        target_format: Optional[str] = None,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+        chunk_size: Optional[int] = None,
+        class_chunk_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         self.reduction = V.check_reduction(name, reduction)
@@ -172,8 +252,20 @@ class LinearBCEWithLogitsLoss(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.linear_binary_cross_entropy_with_logits(
-            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
-            pos_weight=self.pos_weight, reduction=self.reduction, label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index, target_format=self.target_format, validate=self.validate,
-            return_parts=return_parts, backend=self.backend, chunk_size=self.chunk_size,
-            class_chunk_size=self.class_chunk_size, memory_budget=self.memory_budget)
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            pos_weight=self.pos_weight,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            target_format=self.target_format,
+            validate=self.validate,
+            return_parts=return_parts,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+            class_chunk_size=self.class_chunk_size,
+            memory_budget=self.memory_budget,
+        )

@@ -37,7 +37,8 @@ def _not_scriptable(self):
         f"torch.jit.script: crossent.nn.{name} cannot be compiled to TorchScript (its checks and "
         f"backend choice are Python). Use torch.compile, torch.export or torch.jit.trace, which "
         f"record crossent's registered ops (torch.ops.crossent.*), or torch.nn.{name} where "
-        "TorchScript itself is required.")
+        "TorchScript itself is required."
+    )
 
 
 def _set_bce_options(module, name: str, label_smoothing, ignore_index, validate, backend) -> None:
@@ -75,9 +76,19 @@ class BCELoss(torch.nn.BCELoss):
         - Output: scalar; with ``reduction='none'``, :math:`(*)`.
     """
 
-    def __init__(self, weight=None, size_average=None, reduce=None, reduction: str = "mean", *,
-                 pos_weight=None, label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
-                 validate: Optional[bool] = None, backend: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        reduce=None,
+        reduction: str = "mean",
+        *,
+        pos_weight=None,
+        label_smoothing: float = 0.0,
+        ignore_index: Optional[int] = None,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+    ) -> None:
         name = type(self).__name__
         reduction = legacy_reduction(name, size_average, reduce, reduction)
         super().__init__(weight=V.as_weight_tensor(name, "weight", weight), reduction=reduction)
@@ -88,9 +99,17 @@ class BCELoss(torch.nn.BCELoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.binary_cross_entropy(
-            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
-            validate=self.validate, return_parts=return_parts, backend=self.backend)
+            input,
+            target,
+            self.weight,
+            reduction=self.reduction,
+            pos_weight=self.pos_weight,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            validate=self.validate,
+            return_parts=return_parts,
+            backend=self.backend,
+        )
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
@@ -129,22 +148,43 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         - Output: scalar; with ``reduction='none'``, :math:`(*)`.
     """
 
-    def __init__(self, weight=None, size_average=None, reduce=None, reduction: str = "mean",
-                 pos_weight=None, *, label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
-                 validate: Optional[bool] = None, backend: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        reduce=None,
+        reduction: str = "mean",
+        pos_weight=None,
+        *,
+        label_smoothing: float = 0.0,
+        ignore_index: Optional[int] = None,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+    ) -> None:
         name = type(self).__name__
         reduction = legacy_reduction(name, size_average, reduce, reduction)
-        super().__init__(weight=V.as_weight_tensor(name, "weight", weight), reduction=reduction,
-                         pos_weight=V.as_weight_tensor(name, "pos_weight", pos_weight))
+        super().__init__(
+            weight=V.as_weight_tensor(name, "weight", weight),
+            reduction=reduction,
+            pos_weight=V.as_weight_tensor(name, "pos_weight", pos_weight),
+        )
         _set_bce_options(self, name, label_smoothing, ignore_index, validate, backend)
 
     __prepare_scriptable__ = _not_scriptable
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
         return F.binary_cross_entropy_with_logits(
-            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
-            validate=self.validate, return_parts=return_parts, backend=self.backend)
+            input,
+            target,
+            self.weight,
+            reduction=self.reduction,
+            pos_weight=self.pos_weight,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            validate=self.validate,
+            return_parts=return_parts,
+            backend=self.backend,
+        )
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -182,20 +222,39 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
           :math:`(N, d_1, ..., d_K)`.
     """
 
-    def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 validate: Optional[bool] = None, backend: Optional[str] = None,
-                 inplace_backward: bool = False, z_loss: float = 0.0, softcap: Optional[float] = None,
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        validate: Optional[bool] = None,
+        backend: Optional[str] = None,
+        inplace_backward: bool = False,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        temperature: float = 1.0,
+    ) -> None:
         name = type(self).__name__
         V.check_lm_head_options(name, z_loss=z_loss, temperature=temperature, softcap=softcap)
         reduction = legacy_reduction(name, size_average, reduce, reduction)
         weight = V.as_weight_tensor(name, "weight", weight)
         if weight is not None and weight.dim() != 1:
-            V.fail(name, "`weight` of shape (C,), one number per class", f"shape {V.shape_str(weight.shape)}",
-                   "Pass a 1-D tensor with one weight per class.")
-        super().__init__(weight=weight, ignore_index=V.check_ignore_index(name, ignore_index),
-                         reduction=reduction, label_smoothing=V.check_label_smoothing(name, label_smoothing))
+            V.fail(
+                name,
+                "`weight` of shape (C,), one number per class",
+                f"shape {V.shape_str(weight.shape)}",
+                "Pass a 1-D tensor with one weight per class.",
+            )
+        super().__init__(
+            weight=weight,
+            ignore_index=V.check_ignore_index(name, ignore_index),
+            reduction=reduction,
+            label_smoothing=V.check_label_smoothing(name, label_smoothing),
+        )
         V.check_weight_values_nonnegative(name, "weight", self.weight)
         self.validate = validate
         self.backend = backend
@@ -205,18 +264,46 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     __prepare_scriptable__ = _not_scriptable
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False,
-                token_weight: Optional[torch.Tensor] = None, return_lse: bool = False,
-                return_accuracy: bool = False):
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        return_parts: bool = False,
+        token_weight: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+        return_accuracy: bool = False,
+    ):
         lm = {}
-        if (self.z_loss or self.softcap is not None or self.temperature != 1.0 or token_weight is not None
-                or return_lse or return_accuracy):
-            lm = dict(z_loss=self.z_loss, softcap=self.softcap, temperature=self.temperature,
-                      token_weight=token_weight, return_lse=return_lse, return_accuracy=return_accuracy)
+        if (
+            self.z_loss
+            or self.softcap is not None
+            or self.temperature != 1.0
+            or token_weight is not None
+            or return_lse
+            or return_accuracy
+        ):
+            lm = dict(
+                z_loss=self.z_loss,
+                softcap=self.softcap,
+                temperature=self.temperature,
+                token_weight=token_weight,
+                return_lse=return_lse,
+                return_accuracy=return_accuracy,
+            )
         return F.cross_entropy(
-            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, validate=self.validate,
-            return_parts=return_parts, backend=self.backend, inplace_backward=self.inplace_backward, **lm)
+            input,
+            target,
+            self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            validate=self.validate,
+            return_parts=return_parts,
+            backend=self.backend,
+            inplace_backward=self.inplace_backward,
+            **lm,
+        )
 
 
 for _cls in (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss):

@@ -29,15 +29,24 @@ def _plain(func: str, key: str, value):
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
         value = value.item()
     if isinstance(value, str) and value in _NONFINITE:
-        V.fail(func, f"`{key}` to be a number or a string other than 'NaN', 'Infinity', '-Infinity'",
-               repr(value), "Those strings stand for non-finite floats in history.json; log "
-               "float('nan') / float('inf') for a non-finite number, or another string.")
+        V.fail(
+            func,
+            f"`{key}` to be a number or a string other than 'NaN', 'Infinity', '-Infinity'",
+            repr(value),
+            "Those strings stand for non-finite floats in history.json; log "
+            "float('nan') / float('inf') for a non-finite number, or another string.",
+        )
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, Number) and not isinstance(value, complex):
         return int(value) if isinstance(value, int) else float(value)  # type: ignore[arg-type]
-    V.fail(func, f"`{key}` to be a number, a string, a bool or None", type(value).__name__,
-           "Log scalars only (e.g. meter.compute(), accuracy as a float).", V.CrossentTypeError)
+    V.fail(
+        func,
+        f"`{key}` to be a number, a string, a bool or None",
+        type(value).__name__,
+        "Log scalars only (e.g. meter.compute(), accuracy as a float).",
+        V.CrossentTypeError,
+    )
 
 
 class History:
@@ -143,9 +152,11 @@ class History:
                 what = f"rewrote {csv_path} from it"
             except OSError as exc:
                 what = f"could not rewrite {csv_path} ({exc.strerror or exc}); read the JSON"
-            V.warn_once("history-reconciled",
-                        f"History.load: {csv_path} did not match {json_path} (a save was "
-                        f"interrupted, or the CSV was edited); the JSON is the source of truth: {what}.")
+            V.warn_once(
+                "history-reconciled",
+                f"History.load: {csv_path} did not match {json_path} (a save was "
+                f"interrupted, or the CSV was edited); the JSON is the source of truth: {what}.",
+            )
         return history
 
     @classmethod
@@ -168,25 +179,31 @@ class History:
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise bad("UTF-8 JSON text", f"undecodable bytes at offset {exc.start}",
-                      "Is this the right file?") from None
+            raise bad(
+                "UTF-8 JSON text", f"undecodable bytes at offset {exc.start}", "Is this the right file?"
+            ) from None
         except json.JSONDecodeError as exc:
             end = "" if raw.rstrip().endswith(b"}") else " (the file does not end with '}': truncated?)"
-            raise bad("valid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}{end}",
-                      "Restore the file from a backup (the CSV next to it holds the same records, "
-                      "up to one save behind).") from None
+            raise bad(
+                "valid JSON",
+                f"{exc.msg} at line {exc.lineno} column {exc.colno}{end}",
+                "Restore the file from a backup (the CSV next to it holds the same records, up to one save behind).",
+            ) from None
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-            raise bad("a JSON object with a 'records' list (written by History.save_json)",
-                      f"{type(data).__name__}" + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""),
-                      "Pass a file written by History.save_json.")
+            raise bad(
+                "a JSON object with a 'records' list (written by History.save_json)",
+                f"{type(data).__name__}" + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""),
+                "Pass a file written by History.save_json.",
+            )
         records = []
         for i, r in enumerate(data["records"]):
             if not isinstance(r, dict):
                 raise bad("every record to be a JSON object", f"record {i} = {r!r:.80}")
             for k, v in r.items():
                 if v is not None and not isinstance(v, (bool, int, float, str)):
-                    raise bad("scalar values (number, string, bool or null)",
-                              f"record {i}, key {k!r} = {json.dumps(v)[:80]}")
+                    raise bad(
+                        "scalar values (number, string, bool or null)", f"record {i}, key {k!r} = {json.dumps(v)[:80]}"
+                    )
             records.append({k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in r.items()})
         return cls(records)
 

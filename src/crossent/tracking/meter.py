@@ -89,26 +89,45 @@ class LossMeter:
         func = "LossMeter.load_state_dict"
         if not isinstance(state_dict, dict) or set(state_dict) != set(_STATE_KEYS):
             found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-            V.fail(func, f"a dict with keys {list(_STATE_KEYS)}", repr(found),
-                   "Pass what LossMeter.state_dict() returned.")
+            V.fail(
+                func, f"a dict with keys {list(_STATE_KEYS)}", repr(found), "Pass what LossMeter.state_dict() returned."
+            )
         total, den = state_dict["total"], state_dict["denominator"]
         updates = state_dict["updates"]
         for name, v in (("total", total), ("denominator", den)):
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 v = v.item()
             if isinstance(v, bool) or not isinstance(v, Number):
-                V.fail(func, f"`{name}` to be a number", type(v).__name__,
-                       "Pass what LossMeter.state_dict() returned.", V.CrossentTypeError)
+                V.fail(
+                    func,
+                    f"`{name}` to be a number",
+                    type(v).__name__,
+                    "Pass what LossMeter.state_dict() returned.",
+                    V.CrossentTypeError,
+                )
         if not math.isfinite(float(total)):
-            V.fail(func, "a finite `total`", repr(float(total)),
-                   "A NaN or infinite total means a NaN/inf batch was added before the state was "
-                   "saved: that epoch's average is lost. Start the epoch again (reset()).")
+            V.fail(
+                func,
+                "a finite `total`",
+                repr(float(total)),
+                "A NaN or infinite total means a NaN/inf batch was added before the state was "
+                "saved: that epoch's average is lost. Start the epoch again (reset()).",
+            )
         if not (math.isfinite(float(den)) and float(den) >= 0):
-            V.fail(func, "a finite `denominator` >= 0 (a count of elements or a sum of weights)",
-                   repr(float(den)), "Pass what LossMeter.state_dict() returned.")
+            V.fail(
+                func,
+                "a finite `denominator` >= 0 (a count of elements or a sum of weights)",
+                repr(float(den)),
+                "Pass what LossMeter.state_dict() returned.",
+            )
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
-            V.fail(func, "`updates` to be a non-negative int", repr(updates),
-                   "Pass what LossMeter.state_dict() returned.", V.CrossentTypeError)
+            V.fail(
+                func,
+                "`updates` to be a non-negative int",
+                repr(updates),
+                "Pass what LossMeter.state_dict() returned.",
+                V.CrossentTypeError,
+            )
         device = self._total.device if self._total is not None else torch.device("cpu")
         self._total = torch.tensor(float(total), dtype=torch.float64, device=device)
         self._denominator = torch.tensor(float(den), dtype=torch.float64, device=device)
@@ -128,19 +147,29 @@ class LossMeter:
         func = "LossMeter.update"
         if isinstance(total, LossParts):
             if denominator is not None:
-                V.fail(func, "either a LossParts or (total, denominator)",
-                       "a LossParts and a denominator",
-                       "LossParts already carries its denominator: call meter.update(parts).",
-                       V.CrossentTypeError)
+                V.fail(
+                    func,
+                    "either a LossParts or (total, denominator)",
+                    "a LossParts and a denominator",
+                    "LossParts already carries its denominator: call meter.update(parts).",
+                    V.CrossentTypeError,
+                )
             total, denominator = total.total, total.denominator
         elif denominator is None:
-            found = (f"a single tensor of shape {V.shape_str(total.shape)}" if isinstance(total, torch.Tensor)
-                     else f"a single {type(total).__name__}")
-            V.fail(func, "a LossParts, or a batch's (total, denominator)", found,
-                   "A batch mean has lost its denominator (the batch size, the sum of class "
-                   "weights, the kept elements): call the loss with return_parts=True and pass "
-                   "the result, or use `loss = meter(criterion, input, target)`.",
-                   V.CrossentTypeError)
+            found = (
+                f"a single tensor of shape {V.shape_str(total.shape)}"
+                if isinstance(total, torch.Tensor)
+                else f"a single {type(total).__name__}"
+            )
+            V.fail(
+                func,
+                "a LossParts, or a batch's (total, denominator)",
+                found,
+                "A batch mean has lost its denominator (the batch size, the sum of class "
+                "weights, the kept elements): call the loss with return_parts=True and pass "
+                "the result, or use `loss = meter(criterion, input, target)`.",
+                V.CrossentTypeError,
+            )
         t = self._as_scalar(func, "total", total)
         d = self._as_scalar(func, "denominator", denominator)
         if self._total is None:
@@ -162,9 +191,13 @@ class LossMeter:
             return
         tv, dv = float(t), float(d)
         if not (math.isfinite(dv) and dv >= 0):
-            V.fail(func, "a finite `denominator` >= 0 (a count of elements or a sum of weights)",
-                   repr(dv), "The denominator is what the batch's mean divides by; pass the "
-                   "LossParts of return_parts=True, or `(loss_sum, number_of_elements)`.")
+            V.fail(
+                func,
+                "a finite `denominator` >= 0 (a count of elements or a sum of weights)",
+                repr(dv),
+                "The denominator is what the batch's mean divides by; pass the "
+                "LossParts of return_parts=True, or `(loss_sum, number_of_elements)`.",
+            )
         if not math.isfinite(tv):
             _warn_nonfinite(func, f"the total of batch {self.updates + 1} is {tv}")
 
@@ -181,15 +214,22 @@ class LossMeter:
             if "return_parts" not in str(exc):
                 raise
             name = getattr(criterion, "__qualname__", type(criterion).__qualname__)
-            V.fail("LossMeter", "a crossent loss that accepts return_parts=True",
-                   f"{getattr(criterion, '__module__', type(criterion).__module__)}.{name}",
-                   "Use the crossent drop-in (`import crossent.nn as nn`, or "
-                   "crossent.functional), or call meter.update(loss_sum, denominator) yourself.",
-                   V.CrossentTypeError)
+            V.fail(
+                "LossMeter",
+                "a crossent loss that accepts return_parts=True",
+                f"{getattr(criterion, '__module__', type(criterion).__module__)}.{name}",
+                "Use the crossent drop-in (`import crossent.nn as nn`, or "
+                "crossent.functional), or call meter.update(loss_sum, denominator) yourself.",
+                V.CrossentTypeError,
+            )
         if not isinstance(parts, LossParts):
-            V.fail("LossMeter", "the criterion to return a LossParts with return_parts=True",
-                   type(parts).__name__, "Use a crossent loss (crossent.nn / crossent.functional).",
-                   V.CrossentTypeError)
+            V.fail(
+                "LossMeter",
+                "the criterion to return a LossParts with return_parts=True",
+                type(parts).__name__,
+                "Use a crossent loss (crossent.nn / crossent.functional).",
+                V.CrossentTypeError,
+            )
         self.update(parts)
         return parts.loss
 
@@ -197,15 +237,21 @@ class LossMeter:
     def _as_scalar(func: str, name: str, value) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
-                V.fail(func, f"`{name}` to be a single number", f"a tensor of shape {V.shape_str(value.shape)}",
-                       "Pass the batch's sum (`loss.sum()` of reduction='none' losses), or the "
-                       "LossParts of return_parts=True.")
+                V.fail(
+                    func,
+                    f"`{name}` to be a single number",
+                    f"a tensor of shape {V.shape_str(value.shape)}",
+                    "Pass the batch's sum (`loss.sum()` of reduction='none' losses), or the "
+                    "LossParts of return_parts=True.",
+                )
             if value.requires_grad:
-                V.warn_once(f"meter-grad-{name}",
-                            f"{func}: `{name}` still requires grad; a running sum of such tensors "
-                            "keeps every batch's autograd graph (and activations) alive. The meter "
-                            "detached it. Pass the LossParts of return_parts=True, or "
-                            f"`{name}.detach()`.")
+                V.warn_once(
+                    f"meter-grad-{name}",
+                    f"{func}: `{name}` still requires grad; a running sum of such tensors "
+                    "keeps every batch's autograd graph (and activations) alive. The meter "
+                    "detached it. Pass the LossParts of return_parts=True, or "
+                    f"`{name}.detach()`.",
+                )
             if value.is_complex():
                 V.fail(func, f"`{name}` to be real", f"dtype {value.dtype}", "", V.CrossentTypeError)
             v = value.detach().reshape(())
@@ -213,8 +259,13 @@ class LossMeter:
                 v = v.cpu()
             return v.to(torch.float64)
         if isinstance(value, bool) or not isinstance(value, Number):
-            V.fail(func, f"`{name}` to be a tensor or a number", type(value).__name__,
-                   "Pass the LossParts of return_parts=True.", V.CrossentTypeError)
+            V.fail(
+                func,
+                f"`{name}` to be a tensor or a number",
+                type(value).__name__,
+                "Pass the LossParts of return_parts=True.",
+                V.CrossentTypeError,
+            )
         return torch.tensor(float(value), dtype=torch.float64)
 
     # ------------------------------------------------------------------ result
@@ -235,17 +286,22 @@ class LossMeter:
         """
         total, den, updates, bad_den, bad_total = self._reduced(self.sync if sync is None else sync)
         if bad_den:
-            V.fail("LossMeter.compute", "finite denominators >= 0 in every batch",
-                   f"{int(bad_den)} batch(es) with a negative, NaN or infinite denominator",
-                   "The denominator is what a batch's mean divides by; pass the LossParts of "
-                   "return_parts=True, or `(loss_sum, number_of_elements)`.")
+            V.fail(
+                "LossMeter.compute",
+                "finite denominators >= 0 in every batch",
+                f"{int(bad_den)} batch(es) with a negative, NaN or infinite denominator",
+                "The denominator is what a batch's mean divides by; pass the LossParts of "
+                "return_parts=True, or `(loss_sum, number_of_elements)`.",
+            )
         if bad_total:
             _warn_nonfinite("LossMeter.compute", f"{int(bad_total)} batch(es) had a NaN or infinite total")
         if updates == 0:
-            V.warn_once("meter-empty",
-                        "LossMeter.compute: no batch was added since the last reset(), so the "
-                        "average is nan. Call meter.update(parts) (or meter(criterion, input, "
-                        "target)) for every batch.")
+            V.warn_once(
+                "meter-empty",
+                "LossMeter.compute: no batch was added since the last reset(), so the "
+                "average is nan. Call meter.update(parts) (or meter(criterion, input, "
+                "target)) for every batch.",
+            )
         if den == 0:
             return math.nan
         return total / den
@@ -256,17 +312,25 @@ class LossMeter:
         else:
             dev = self._total.device
             flags = self._flags if self._flags is not None else torch.zeros(2, dtype=torch.float64, device=dev)
-            local = torch.cat([torch.stack([self._total, self._denominator,
-                                            torch.tensor(float(self.updates), dtype=torch.float64, device=dev)]),
-                               flags])
+            local = torch.cat(
+                [
+                    torch.stack(
+                        [
+                            self._total,
+                            self._denominator,
+                            torch.tensor(float(self.updates), dtype=torch.float64, device=dev),
+                        ]
+                    ),
+                    flags,
+                ]
+            )
         if sync and distributed_ready():
             local = all_reduce_sum(local, self.process_group)
         total, den, updates, bad_den, bad_total = (float(v) for v in local.cpu())
         return total, den, int(updates), bad_den, bad_total
 
     def __repr__(self) -> str:
-        return (f"LossMeter(total={self.total!r}, denominator={self.denominator!r}, "
-                f"updates={self.updates})")
+        return f"LossMeter(total={self.total!r}, denominator={self.denominator!r}, updates={self.updates})"
 
 
 def _on_host(t: torch.Tensor) -> bool:
@@ -275,8 +339,10 @@ def _on_host(t: torch.Tensor) -> bool:
 
 
 def _warn_nonfinite(func: str, what: str) -> None:
-    V.warn_once("meter-nonfinite",
-                f"{func}: {what}, so the average is nan or inf from here on. Usual causes: a "
-                "NaN/inf in the inputs or logits, a diverged model (learning rate too high), "
-                "or log(0) in a hand-written loss; `torch.isfinite(logits).all()` per batch "
-                "or torch.autograd.set_detect_anomaly(True) finds the batch.")
+    V.warn_once(
+        "meter-nonfinite",
+        f"{func}: {what}, so the average is nan or inf from here on. Usual causes: a "
+        "NaN/inf in the inputs or logits, a diverged model (learning rate too high), "
+        "or log(0) in a hand-written loss; `torch.isfinite(logits).all()` per batch "
+        "or torch.autograd.set_detect_anomaly(True) finds the batch.",
+    )

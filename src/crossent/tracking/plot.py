@@ -24,7 +24,8 @@ def _matplotlib(func: str):
     except ImportError as exc:
         raise ImportError(
             f"{func}: expected matplotlib (the optional 'plot' extra), but it is not installed "
-            f"({exc}). Install it with: {INSTALL_HINT}") from exc
+            f"({exc}). Install it with: {INSTALL_HINT}"
+        ) from exc
     return Figure
 
 
@@ -94,15 +95,26 @@ def plot_history(
             xs, ys = _series(rows, x, key)
             if not xs:
                 continue
-            ax.plot(xs, ys, linestyle=style, color=color, marker=marker if len(xs) <= 40 else None,
-                    markersize=4, markerfacecolor="none", label=f"{prefix}{label}")
+            ax.plot(
+                xs,
+                ys,
+                linestyle=style,
+                color=color,
+                marker=marker if len(xs) <= 40 else None,
+                markersize=4,
+                markerfacecolor="none",
+                label=f"{prefix}{label}",
+            )
             drawn += 1
     if drawn == 0:
         cols = sorted({k for r in records for k in r})
-        V.fail(func, f"records with numeric columns {x!r} and {train!r} or {val!r}",
-               f"{len(records)} records with columns {cols}",
-               "Log them with history.log(epoch=..., train_loss=..., val_loss=...), or name "
-               "your columns with train=..., val=..., x=....")
+        V.fail(
+            func,
+            f"records with numeric columns {x!r} and {train!r} or {val!r}",
+            f"{len(records)} records with columns {cols}",
+            "Log them with history.log(epoch=..., train_loss=..., val_loss=...), or name "
+            "your columns with train=..., val=..., x=....",
+        )
     if all(isinstance(v, int) for r in records for v in [r.get(x)] if v is not None):
         from matplotlib.ticker import MaxNLocator
 
@@ -122,8 +134,12 @@ def _series(rows: Sequence[Dict[str, Any]], x: str, key: str):
     xs, ys = [], []
     for r in rows:
         xv, yv = r.get(x), r.get(key)
-        if isinstance(xv, (int, float)) and isinstance(yv, (int, float)) \
-                and not isinstance(xv, bool) and not isinstance(yv, bool):
+        if (
+            isinstance(xv, (int, float))
+            and isinstance(yv, (int, float))
+            and not isinstance(xv, bool)
+            and not isinstance(yv, bool)
+        ):
             xs.append(xv)
             ys.append(yv)
     return xs, ys

@@ -38,7 +38,7 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _elementwise(kernel_name):
-    def forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):   # scale: see Kernels.prescale
+    def forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):  # scale: see Kernels.prescale
         if x.dtype == torch.float64:
             chunk = chunked._bcewl_chunk if kernel_name == "bce_logits_kernel" else chunked._bce_chunk
             return chunked._elementwise_forward(chunk, x, t, weight, pos_weight, keep, sum_only)
@@ -51,7 +51,7 @@ def _elementwise(kernel_name):
         pw = None
         if pos_weight is not None:
             if x.dim() >= 1 and pos_weight.numel() == shape[-1] and pos_weight.shape[-1:] == shape[-1:]:
-                pw, L = pos_weight.contiguous().view(-1), shape[-1]     # one weight per label, cycled
+                pw, L = pos_weight.contiguous().view(-1), shape[-1]  # one weight per label, cycled
             else:
                 pw, L = _flat(pos_weight, shape), max(n, 1)
         w = None if weight is None else _flat(weight, shape)
@@ -61,14 +61,27 @@ def _elementwise(kernel_name):
         loss = torch.empty(nblocks if sum_only else n, dtype=torch.float32, device=x.device)
         if n:
             getattr(k, kernel_name)[(nblocks,)](
-                xf, tf, pw if pw is not None else xf, w if w is not None else xf, kp if kp is not None else xf,
-                loss, grad, n, L,
-                HAS_PW=pw is not None, HAS_W=w is not None, HAS_KEEP=kp is not None, SUM_ONLY=sum_only,
-                BLOCK=BLOCK, num_warps=4)
+                xf,
+                tf,
+                pw if pw is not None else xf,
+                w if w is not None else xf,
+                kp if kp is not None else xf,
+                loss,
+                grad,
+                n,
+                L,
+                HAS_PW=pw is not None,
+                HAS_W=w is not None,
+                HAS_KEEP=kp is not None,
+                SUM_ONLY=sum_only,
+                BLOCK=BLOCK,
+                num_warps=4,
+            )
         grad = grad.view(shape)
         if sum_only:
             return loss.sum(dtype=torch.float64).to(x.dtype), grad
         return loss.view(shape).to(x.dtype), grad
+
     return forward
 
 
@@ -82,8 +95,8 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, scale=
         return chunked._ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out)
     k = _kernels()
     M, C = x.shape
-    if x.stride(1) != 1 and C > 1:   # the kernel walks a row with unit stride
-        if grad_out is x:            # in-place on an odd layout: compute in a copy, write back
+    if x.stride(1) != 1 and C > 1:  # the kernel walks a row with unit stride
+        if grad_out is x:  # in-place on an odd layout: compute in a copy, write back
             tmp = x.contiguous()
             loss, _ = _ce_forward(tmp, q, y, c, smooth, keep, want_grad, grad_out=tmp)
             x.copy_(tmp)
@@ -96,14 +109,26 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, scale=
         return loss, grad_out
     block_c = min(CE_BLOCK_C_MAX, 1 << max(0, (C - 1).bit_length()))
     dummy = x
-    kp = None if keep is None else keep.contiguous().view(torch.uint8)   # ignored rows: 0 loss, 0 gradient
+    kp = None if keep is None else keep.contiguous().view(torch.uint8)  # ignored rows: 0 loss, 0 gradient
     k.ce_kernel[(M,)](
-        x, q.contiguous() if q is not None else dummy, y.long() if y is not None else dummy,
-        c.float() if c is not None else dummy, smooth.float().contiguous() if smooth is not None else dummy,
-        kp if kp is not None else dummy, loss, grad_out if want_grad else dummy, C, x.stride(0),
+        x,
+        q.contiguous() if q is not None else dummy,
+        y.long() if y is not None else dummy,
+        c.float() if c is not None else dummy,
+        smooth.float().contiguous() if smooth is not None else dummy,
+        kp if kp is not None else dummy,
+        loss,
+        grad_out if want_grad else dummy,
+        C,
+        x.stride(0),
         grad_out.stride(0) if want_grad else 0,
-        DENSE=q is not None, HAS_SMOOTH=smooth is not None, HAS_KEEP=kp is not None, WANT_GRAD=want_grad,
-        BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4)
+        DENSE=q is not None,
+        HAS_SMOOTH=smooth is not None,
+        HAS_KEEP=kp is not None,
+        WANT_GRAD=want_grad,
+        BLOCK_C=block_c,
+        num_warps=8 if block_c >= 2048 else 4,
+    )
     return loss.to(x.dtype), grad_out
 
 

@@ -42,10 +42,28 @@ def _pow(m, gamma, HALF2: tl.constexpr):
 
 
 @triton.jit
-def binary_focal_kernel(x_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr, n, L, alpha, gamma, eps,
-                        HAS_PW: tl.constexpr, HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr,
-                        HAS_ALPHA: tl.constexpr, HAS_GAMMA: tl.constexpr, HALF2: tl.constexpr,
-                        HAS_EPS: tl.constexpr, BLOCK: tl.constexpr):
+def binary_focal_kernel(
+    x_ptr,
+    t_ptr,
+    pw_ptr,
+    w_ptr,
+    keep_ptr,
+    loss_ptr,
+    grad_ptr,
+    n,
+    L,
+    alpha,
+    gamma,
+    eps,
+    HAS_PW: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HALF2: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -58,7 +76,7 @@ def binary_focal_kernel(x_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_pt
     e = tl.exp(-tl.abs(x))
     ue = 1.0 + e
     l1 = tl.log(ue)
-    l1 = tl.where(ue == 1.0, e, l1 * e / (ue - 1.0))      # log1p(e), exact for tiny e
+    l1 = tl.where(ue == 1.0, e, l1 * e / (ue - 1.0))  # log1p(e), exact for tiny e
     r = 1.0 / ue
     neg = x < 0
     sp_pos = tl.maximum(x, 0.0) + l1
@@ -108,7 +126,7 @@ def binary_focal_forward(x, t, weight, pos_weight, keep, alpha: float, gamma: fl
     L, pw = 1, None
     if pos_weight is not None:
         if x.dim() >= 1 and pos_weight.numel() == shape[-1] and pos_weight.shape[-1:] == shape[-1:]:
-            pw, L = pos_weight.contiguous().view(-1), shape[-1]     # one weight per label, cycled
+            pw, L = pos_weight.contiguous().view(-1), shape[-1]  # one weight per label, cycled
         else:
             pw, L = _flat(pos_weight, shape), max(n, 1)
     w = None if weight is None else _flat(weight, shape)
@@ -117,10 +135,28 @@ def binary_focal_forward(x, t, weight, pos_weight, keep, alpha: float, gamma: fl
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
         binary_focal_kernel[(triton.cdiv(n, BLOCK),)](
-            xf, tf, pw if pw is not None else xf, w if w is not None else xf, kp if kp is not None else xf,
-            loss, grad, n, L, float(alpha), float(gamma), float(epsilon),
-            HAS_PW=pw is not None, HAS_W=w is not None, HAS_KEEP=kp is not None, HAS_ALPHA=alpha >= 0,
-            HAS_GAMMA=gamma != 0, HALF2=_half2(gamma), HAS_EPS=epsilon != 0, BLOCK=BLOCK, num_warps=4)
+            xf,
+            tf,
+            pw if pw is not None else xf,
+            w if w is not None else xf,
+            kp if kp is not None else xf,
+            loss,
+            grad,
+            n,
+            L,
+            float(alpha),
+            float(gamma),
+            float(epsilon),
+            HAS_PW=pw is not None,
+            HAS_W=w is not None,
+            HAS_KEEP=kp is not None,
+            HAS_ALPHA=alpha >= 0,
+            HAS_GAMMA=gamma != 0,
+            HALF2=_half2(gamma),
+            HAS_EPS=epsilon != 0,
+            BLOCK=BLOCK,
+            num_warps=4,
+        )
     return loss.view(shape).to(x.dtype), grad.view(shape).to(x.dtype)
 
 
@@ -130,22 +166,38 @@ def _phi_slope(x, m, lse, inv, s, cols, k, param, POLY: tl.constexpr, HALF2: tl.
     z = tl.where(x == m, 0.0, x - m)
     nll = lse - z
     p = tl.exp(z) * inv
-    om = tl.where(cols == k, s * inv, 1.0 - p)        # 1 - p_c: exact at the arg-max, p <= 1/2 elsewhere
+    om = tl.where(cols == k, s * inv, 1.0 - p)  # 1 - p_c: exact at the arg-max, p <= 1/2 elsewhere
     if POLY:
         phi = nll + param * om
         slope = 1.0 + param * p
     else:
         mg = _pow(om, param, HALF2)
-        ratio = tl.where(om > 0.0, nll * p / tl.maximum(om, 1.17549435e-38), 1.0)   # n / expm1(n)
+        ratio = tl.where(om > 0.0, nll * p / tl.maximum(om, 1.17549435e-38), 1.0)  # n / expm1(n)
         phi = _times(mg, nll)
         slope = mg * (1.0 + param * ratio)
     return phi, slope, p
 
 
 @triton.jit
-def softmax_focal_kernel(x_ptr, q_ptr, y_ptr, c_ptr, sm_ptr, keep_ptr, loss_ptr, grad_ptr, C, stride_x, param,
-                         DENSE: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_KEEP: tl.constexpr,
-                         POLY: tl.constexpr, HALF2: tl.constexpr, BLOCK_C: tl.constexpr):
+def softmax_focal_kernel(
+    x_ptr,
+    q_ptr,
+    y_ptr,
+    c_ptr,
+    sm_ptr,
+    keep_ptr,
+    loss_ptr,
+    grad_ptr,
+    C,
+    stride_x,
+    param,
+    DENSE: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    POLY: tl.constexpr,
+    HALF2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     gr = grad_ptr + row * stride_x
@@ -180,7 +232,7 @@ def softmax_focal_kernel(x_ptr, q_ptr, y_ptr, c_ptr, sm_ptr, keep_ptr, loss_ptr,
         m = tl.where(new_max, mt, m)
     us = 1.0 + s
     lse = tl.log(us)
-    lse = tl.where(us == 1.0, s, lse * s / (us - 1.0))     # log1p(s)
+    lse = tl.where(us == 1.0, s, lse * s / (us - 1.0))  # log1p(s)
     inv = 1.0 / us
     cy = 0.0
     y = -1
@@ -241,9 +293,23 @@ def softmax_focal_forward(x, q, y, c, smooth, keep, kind: str, param: float):
     block_c = min(BLOCK_C_MAX, 1 << max(0, (C - 1).bit_length()))
     kp = None if keep is None else keep.contiguous().view(torch.uint8)
     softmax_focal_kernel[(M,)](
-        x, q.contiguous() if q is not None else x, y.long().contiguous() if y is not None else x,
-        c.float().contiguous() if c is not None else x, smooth.float().contiguous() if smooth is not None else x,
-        kp if kp is not None else x, loss, grad, C, x.stride(0), float(param),
-        DENSE=q is not None, HAS_SMOOTH=smooth is not None, HAS_KEEP=kp is not None, POLY=kind == "poly",
-        HALF2=_half2(param) if kind != "poly" else 0, BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4)
+        x,
+        q.contiguous() if q is not None else x,
+        y.long().contiguous() if y is not None else x,
+        c.float().contiguous() if c is not None else x,
+        smooth.float().contiguous() if smooth is not None else x,
+        kp if kp is not None else x,
+        loss,
+        grad,
+        C,
+        x.stride(0),
+        float(param),
+        DENSE=q is not None,
+        HAS_SMOOTH=smooth is not None,
+        HAS_KEEP=kp is not None,
+        POLY=kind == "poly",
+        HALF2=_half2(param) if kind != "poly" else 0,
+        BLOCK_C=block_c,
+        num_warps=8 if block_c >= 2048 else 4,
+    )
     return loss.to(x.dtype), grad.to(x.dtype)

@@ -15,8 +15,20 @@ def _times(c, v):
 
 
 @triton.jit
-def _weigh_and_store(loss, grad, offs, mask, pid, w_ptr, keep_ptr, loss_ptr, grad_ptr,
-                     HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr, SUM_ONLY: tl.constexpr):
+def _weigh_and_store(
+    loss,
+    grad,
+    offs,
+    mask,
+    pid,
+    w_ptr,
+    keep_ptr,
+    loss_ptr,
+    grad_ptr,
+    HAS_W: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    SUM_ONLY: tl.constexpr,
+):
     """The BCE kernels' common tail: per-element weight, ignore mask (0 loss and gradient),
     store the gradient and the losses (or this block's sum)."""
     if HAS_W:
@@ -35,9 +47,22 @@ def _weigh_and_store(loss, grad, offs, mask, pid, w_ptr, keep_ptr, loss_ptr, gra
 
 
 @triton.jit
-def bce_logits_kernel(x_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr, n, L,
-                      HAS_PW: tl.constexpr, HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr,
-                      SUM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+def bce_logits_kernel(
+    x_ptr,
+    t_ptr,
+    pw_ptr,
+    w_ptr,
+    keep_ptr,
+    loss_ptr,
+    grad_ptr,
+    n,
+    L,
+    HAS_PW: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    SUM_ONLY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -64,9 +89,22 @@ def bce_logits_kernel(x_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr,
 
 
 @triton.jit
-def bce_probs_kernel(p_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr, n, L,
-                     HAS_PW: tl.constexpr, HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr,
-                     SUM_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+def bce_probs_kernel(
+    p_ptr,
+    t_ptr,
+    pw_ptr,
+    w_ptr,
+    keep_ptr,
+    loss_ptr,
+    grad_ptr,
+    n,
+    L,
+    HAS_PW: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    SUM_ONLY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -88,9 +126,24 @@ def bce_probs_kernel(p_ptr, t_ptr, pw_ptr, w_ptr, keep_ptr, loss_ptr, grad_ptr, 
 
 
 @triton.jit
-def ce_kernel(x_ptr, q_ptr, y_ptr, c_ptr, sm_ptr, keep_ptr, loss_ptr, grad_ptr, C, stride_x, stride_g,
-              DENSE: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_KEEP: tl.constexpr,
-              WANT_GRAD: tl.constexpr, BLOCK_C: tl.constexpr):
+def ce_kernel(
+    x_ptr,
+    q_ptr,
+    y_ptr,
+    c_ptr,
+    sm_ptr,
+    keep_ptr,
+    loss_ptr,
+    grad_ptr,
+    C,
+    stride_x,
+    stride_g,
+    DENSE: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     gr = grad_ptr + row * stride_g
@@ -132,7 +185,7 @@ def ce_kernel(x_ptr, q_ptr, y_ptr, c_ptr, sm_ptr, keep_ptr, loss_ptr, grad_ptr, 
         m = tl.where(new_max, mt, m)
     lse = tl.log(1.0 + s)
     u = 1.0 + s
-    lse = tl.where(u == 1.0, s, lse * s / (u - 1.0))     # log1p(s), exact for tiny s
+    lse = tl.where(u == 1.0, s, lse * s / (u - 1.0))  # log1p(s), exact for tiny s
     inv = 1.0 / (1.0 + s)
 
     keep = 1
@@ -144,7 +197,7 @@ def ce_kernel(x_ptr, q_ptr, y_ptr, c_ptr, sm_ptr, keep_ptr, loss_ptr, grad_ptr, 
         y = -1
     else:
         y = tl.load(y_ptr + row)
-        y_ok = (y >= 0) & (y < C)        # never read out of bounds: a bad target gives NaN
+        y_ok = (y >= 0) & (y < C)  # never read out of bounds: a bad target gives NaN
         cy = tl.load(c_ptr + row).to(tl.float32)
         A = cy + A_smooth
         xy = tl.load(xr + y, mask=y_ok, other=float("nan")).to(tl.float32)

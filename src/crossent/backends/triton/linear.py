@@ -11,16 +11,28 @@ import triton
 import triton.language as tl
 
 from .. import linear as L
-from .kernels import _times   # c * v with 0 * inf = 0, the one Triton form of the rule
+from .kernels import _times  # c * v with 0 * inf = 0, the one Triton form of the rule
 
 # Largest class tile of the row kernels; tests lower it so rows span several tiles.
 BLOCK_C_MAX = 4096
 
 
 @triton.jit
-def ce_block_stats_kernel(l_ptr, stride_l, Cc, c0, y_ptr, sm_ptr,
-                          m_out, k_out, s_out, t_out, dy_out,
-                          HAS_SMOOTH: tl.constexpr, BLOCK_C: tl.constexpr):
+def ce_block_stats_kernel(
+    l_ptr,
+    stride_l,
+    Cc,
+    c0,
+    y_ptr,
+    sm_ptr,
+    m_out,
+    k_out,
+    s_out,
+    t_out,
+    dy_out,
+    HAS_SMOOTH: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     row = tl.program_id(0)
     base = l_ptr + row * stride_l
     BIG: tl.constexpr = 2147483647
@@ -58,9 +70,25 @@ def ce_block_stats_kernel(l_ptr, stride_l, Cc, c0, y_ptr, sm_ptr,
 
 
 @triton.jit
-def ce_block_grad_kernel(l_ptr, stride_l, Cc, c0, m_ptr, k_ptr, s_ptr, a_ptr, ar_ptr, sc_ptr,
-                         y_ptr, c_ptr, srow_ptr, sm_ptr,
-                         HAS_SMOOTH: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_C: tl.constexpr):
+def ce_block_grad_kernel(
+    l_ptr,
+    stride_l,
+    Cc,
+    c0,
+    m_ptr,
+    k_ptr,
+    s_ptr,
+    a_ptr,
+    ar_ptr,
+    sc_ptr,
+    y_ptr,
+    c_ptr,
+    srow_ptr,
+    sm_ptr,
+    HAS_SMOOTH: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     row = tl.program_id(0)
     base = l_ptr + row * stride_l
     m = tl.load(m_ptr + row)
@@ -92,9 +120,24 @@ def ce_block_grad_kernel(l_ptr, stride_l, Cc, c0, m_ptr, k_ptr, s_ptr, a_ptr, ar
 
 
 @triton.jit
-def bce_block_kernel(l_ptr, t_ptr, w_ptr, pw_ptr, keep_ptr, loss_ptr, Cc, stride_l, stride_t,
-                     stride_w, stride_pw, HAS_W: tl.constexpr, HAS_PW: tl.constexpr,
-                     HAS_KEEP: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK_C: tl.constexpr):
+def bce_block_kernel(
+    l_ptr,
+    t_ptr,
+    w_ptr,
+    pw_ptr,
+    keep_ptr,
+    loss_ptr,
+    Cc,
+    stride_l,
+    stride_t,
+    stride_w,
+    stride_pw,
+    HAS_W: tl.constexpr,
+    HAS_PW: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     row = tl.program_id(0)
     tile = tl.program_id(1)
     cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -103,13 +146,13 @@ def bce_block_kernel(l_ptr, t_ptr, w_ptr, pw_ptr, keep_ptr, loss_ptr, Cc, stride
     t = tl.load(t_ptr + row * stride_t + cols, mask=mask, other=0.0)
     e = tl.exp(-tl.abs(x))
     u = 1.0 + e
-    l1 = tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0))   # log1p(e), exact for tiny e
+    l1 = tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0))  # log1p(e), exact for tiny e
     r = 1.0 / u
     neg = x < 0
-    sp_pos = tl.maximum(x, 0.0) + l1       # softplus(x)
-    sp_neg = tl.maximum(-x, 0.0) + l1      # softplus(-x)
-    sig = tl.where(neg, e * r, r)          # sigmoid(x)
-    sig_neg = tl.where(neg, r, e * r)      # sigmoid(-x)
+    sp_pos = tl.maximum(x, 0.0) + l1  # softplus(x)
+    sp_neg = tl.maximum(-x, 0.0) + l1  # softplus(-x)
+    sig = tl.where(neg, e * r, r)  # sigmoid(x)
+    sig_neg = tl.where(neg, r, e * r)  # sigmoid(-x)
     p = t
     if HAS_PW:
         p = t * tl.load(pw_ptr + row * stride_pw + cols, mask=mask, other=1.0)
@@ -157,9 +200,22 @@ class TritonBlocks(L.TorchBlocks):
         y = tgt.y[r0:r1].contiguous()
         bc = _block_c(Cc)
         if R:
-            ce_block_stats_kernel[(R,)](L_, L_.stride(0), Cc, c0, y, tgt.smooth if has_smooth else mb,
-                                        mb, kb, sb, tb, dy, HAS_SMOOTH=has_smooth, BLOCK_C=bc,
-                                        num_warps=_warps(bc))
+            ce_block_stats_kernel[(R,)](
+                L_,
+                L_.stride(0),
+                Cc,
+                c0,
+                y,
+                tgt.smooth if has_smooth else mb,
+                mb,
+                kb,
+                sb,
+                tb,
+                dy,
+                HAS_SMOOTH=has_smooth,
+                BLOCK_C=bc,
+                num_warps=_warps(bc),
+            )
         inb = (y >= c0) & (y < c1)
         stats.dy[r0:r1] = torch.where(inb, dy, stats.dy[r0:r1])
         stats.my[r0:r1] = torch.where(inb, mb, stats.my[r0:r1])
@@ -189,10 +245,25 @@ class TritonBlocks(L.TorchBlocks):
         bc = _block_c(Cc)
         if R:
             ce_block_grad_kernel[(R,)](
-                L_, L_.stride(0), Cc, c0, stats.m[r0:r1].contiguous(), stats.k[r0:r1].contiguous(),
-                stats.s[r0:r1].contiguous(), A.contiguous(), Arest.contiguous(), sc,
-                tgt.y[r0:r1].contiguous(), c, srow, tgt.smooth if has_smooth else c,
-                HAS_SMOOTH=has_smooth, ROW_SCALE=sc.dim() == 1, BLOCK_C=bc, num_warps=_warps(bc))
+                L_,
+                L_.stride(0),
+                Cc,
+                c0,
+                stats.m[r0:r1].contiguous(),
+                stats.k[r0:r1].contiguous(),
+                stats.s[r0:r1].contiguous(),
+                A.contiguous(),
+                Arest.contiguous(),
+                sc,
+                tgt.y[r0:r1].contiguous(),
+                c,
+                srow,
+                tgt.smooth if has_smooth else c,
+                HAS_SMOOTH=has_smooth,
+                ROW_SCALE=sc.dim() == 1,
+                BLOCK_C=bc,
+                num_warps=_warps(bc),
+            )
         return L_
 
     @staticmethod
@@ -210,10 +281,24 @@ class TritonBlocks(L.TorchBlocks):
         bc = min(1024, triton.next_power_of_2(max(Cc, 16)))
         if R:
             bce_block_kernel[(R, triton.cdiv(Cc, bc))](
-                L_, t, w if w is not None else t, pw if pw is not None else t, kp if kp is not None else t,
-                loss, Cc, L_.stride(0), t.stride(0), 0 if w is None else w.stride(0),
-                0 if pw is None else pw.stride(0), HAS_W=w is not None, HAS_PW=pw is not None,
-                HAS_KEEP=kp is not None, WANT_GRAD=want_grad, BLOCK_C=bc, num_warps=4)
+                L_,
+                t,
+                w if w is not None else t,
+                pw if pw is not None else t,
+                kp if kp is not None else t,
+                loss,
+                Cc,
+                L_.stride(0),
+                t.stride(0),
+                0 if w is None else w.stride(0),
+                0 if pw is None else pw.stride(0),
+                HAS_W=w is not None,
+                HAS_PW=pw is not None,
+                HAS_KEEP=kp is not None,
+                WANT_GRAD=want_grad,
+                BLOCK_C=bc,
+                num_warps=4,
+            )
         return loss, (L_ if want_grad else None)
 
 
