@@ -72,8 +72,10 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             steps[k]()
             samples[k].append((time.perf_counter() - t0) * 1e3)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.rows} x 4096 fp32, forward + backward; "
-          f"ms: median [min-max] of {a.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.rows} x 4096 fp32, forward + backward; "
+        f"ms: median [min-max] of {a.repeats}"
+    )
     print("| variant | ms |")
     print("|---|---|")
     for k, v in samples.items():
