@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from ..functional._reduction import mean_grad_scale
+from .._dtypes import mean_grad_scale
 
 # 2**16 float32 elements = 256 KiB per intermediate: a chunk's few temporaries stay in L2/L3
 # while per-op overhead (~5-10 us per torch call) stays small against the work per chunk.

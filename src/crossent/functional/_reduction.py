@@ -5,7 +5,6 @@ Design notes: ``docs/design.md``, section ``crossent.functional._reduction``.
 from __future__ import annotations
 
 import contextlib
-import struct
 import warnings
 from typing import NamedTuple, Union
 
@@ -13,6 +12,7 @@ import torch
 
 from .._dtypes import compute_dtype as compute_dtype  # re-exported: functional/* imports it from here
 from .._dtypes import is_low_precision
+from .._dtypes import mean_grad_scale as mean_grad_scale  # re-exported: functional/* imports it from here
 from .._validation import check_reduction
 
 
@@ -127,23 +127,6 @@ def reduce_loss(
         else:
             den = torch.tensor(float(denominator), dtype=torch.float64, device=loss.device)
     return LossParts(out, total, den)
-
-
-def _f32(value: float) -> float:
-    """``value`` rounded to the nearest float32, as a Python float."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-def mean_grad_scale(n: int, dtype: torch.dtype) -> float:
-    """The grad_output a plain ``loss.backward()`` sends to each of ``n`` elements through
-    ``mean`` = ``sum / n`` (no other denominator), as autograd computes it: ``1 / n`` in
-    ``dtype`` (float32 or float64). Computed on the host, no torch call: in float32, 1 and
-    float32(n) are float32 values, and their quotient computed in double then rounded to
-    float32 is the float32 quotient (double has more than 2 x 24 + 2 bits). Fused backends
-    pre-scale their gradient by it; backward checks the value it really receives."""
-    if dtype == torch.float64:
-        return 1.0 / n
-    return _f32(1.0 / _f32(float(n)))
 
 
 def _autocast_enabled(device_type: str) -> bool:
