@@ -183,10 +183,10 @@ def test_two_call_sites_warn_once_each_and_point_at_the_user_line():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(5):
+            line_a = _line() + 1  # the call on the next line
             F.cross_entropy(x, y)
-            line_a = _line()  # noqa: E702
+            line_b = _line() + 1
             criterion(x, y)
-            line_b = _line()  # noqa: E702
     assert len(caught) == 2
     assert {w.filename for w in caught} == {__file__}
     assert sorted(w.lineno for w in caught) == sorted([line_a, line_b])
