@@ -237,9 +237,13 @@ def _opcheck_samples():
         yield ops.cross_entropy_fused, (x3, None, torch.randint(0, 4, (6,), generator=g), c, None, None, backend)
         for g_loss in (torch.full((6,), 0.25), torch.rand(6, generator=g)):  # uniform and per-row
             yield ops.cross_entropy_fused_backward, (g_loss, x.detach(), None, y, c, None, None, backend)
+        yield ops.bce_fused_sum, (x, t, None, torch.rand(4, generator=g) + 0.5, None, True, backend)
+        p = torch.rand(6, 4, generator=g).requires_grad_()
+        yield ops.bce_fused_sum, (p, t, torch.rand(4, generator=g), None, keep, False, backend)
+        yield ops.bce_fused_sum_backward, (torch.tensor(0.3), x.detach(), t, None, None, None, True, backend)
 
 
-@pytest.mark.parametrize("i", range(18))
+@pytest.mark.parametrize("i", range(24))
 def test_opcheck(i):
     op, args = list(_opcheck_samples())[i]
     torch.library.opcheck(op, args)
@@ -265,6 +269,31 @@ def test_ce_op_backward_recomputes_the_gradient_times_grad_loss(backend, uniform
     ref = c.double() * (torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0])
     (want,) = torch.autograd.grad(ref, z, g.double())
     assert_close(loss, ref.detach(), dtype=torch.float32)
+    assert_close(grad, want, dtype=torch.float32)
+
+
+@pytest.mark.backends("chunked", "chunked-torch")
+@pytest.mark.parametrize("logits", [True, False])
+def test_bce_sum_op_saves_only_its_inputs_and_recomputes_the_gradient(backend, logits):
+    # The 0-dim total of a captured mean / sum: nothing but the inputs is kept for the
+    # backward, which equals the float64 reference gradient times grad_total.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 5, generator=gen) * 3
+    x = (x if logits else torch.sigmoid(x)).requires_grad_()
+    t = torch.rand(7, 5, generator=gen)
+    pw = torch.rand(5, generator=gen) + 0.5
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        total = ops.bce_fused_sum(x, t, None, pw, None, logits, backend)
+    assert {s.data_ptr() for s in saved} <= {x.data_ptr(), t.data_ptr(), pw.data_ptr()}
+    (grad,) = torch.autograd.grad(total, x, torch.tensor(0.3))
+    z = x.detach().double().requires_grad_()
+    if logits:
+        ref = TF.binary_cross_entropy_with_logits(z, t.double(), pos_weight=pw.double(), reduction="sum")
+    else:
+        ref = -(pw.double() * t.double() * z.log() + (1 - t.double()) * (-z).log1p()).sum()
+    (want,) = torch.autograd.grad(ref, z, torch.tensor(0.3, dtype=torch.float64))
+    assert_close(total, ref.detach(), dtype=torch.float32)
     assert_close(grad, want, dtype=torch.float32)
 
 

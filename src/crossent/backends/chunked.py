@@ -160,6 +160,20 @@ def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None, use
     return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only, scale)
 
 
+def elementwise_sum(impl, logits: bool, x, t, weight, pos_weight, keep, want_grad: bool, scale=None):
+    """``(sum of the per-element BCE losses (0-dim), gradient * scale or None)``: BCE-with-logits
+    (``logits``) or BCE on probabilities. The C kernel skips the gradient when it is not
+    wanted; the other kernels compute it alongside and it is dropped."""
+    cpp = _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
+    if cpp is not None:
+        return cpp._bce(0 if logits else 1, x, t, *_cycled_pos_weight(x, pos_weight), False, scale, want_grad)
+    forward = impl.bcewl_forward if logits else impl.bce_forward
+    total, grad = forward(x, t, weight, pos_weight, keep, True, scale if impl.prescale else None)
+    if want_grad and scale is not None and not impl.prescale:
+        grad = grad * scale
+    return total, grad if want_grad else None
+
+
 class _FusedElementwise(torch.autograd.Function):
     """Shared autograd shell of the fused BCE ops.
 

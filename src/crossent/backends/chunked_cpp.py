@@ -441,8 +441,8 @@ class _Kernels:
         )
 
     @staticmethod
-    def _bce(kind, x, t, pw, L, want_loss, scale=None):
-        grad = torch.empty_like(x)
+    def _bce(kind, x, t, pw, L, want_loss, scale=None, want_grad=True):
+        grad = torch.empty_like(x) if want_grad else None
         loss = torch.empty_like(x) if want_loss else None
         s = 1.0 if scale is None else float(scale)  # a float32 value: exact as a C float
         total = _lib.crossent_bce(

@@ -91,7 +91,8 @@ static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
 
 #define BLOCK 16384
 
-/* loss: per-element losses, or NULL to return their sum. pw: NULL, or L weights cycled. */
+/* loss: per-element losses, or NULL to return their sum. grad: NULL for the loss alone.
+   pw: NULL, or L weights cycled. */
 /* kind 0: BCE with logits (bce8), kind 1: BCE on probabilities (bcep8). */
 double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
                     float *grad, float scale, int64_t n, int nthreads) {
@@ -127,7 +128,7 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
       if (kind == 0) bce8(xv, tv, pv, &lo, &gr); else bcep8(xv, tv, pv, &lo, &gr);
       if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
       if (m == W) {
-        _mm256_storeu_ps(grad + i, gr);
+        if (grad) _mm256_storeu_ps(grad + i, gr);
         if (loss) _mm256_storeu_ps(loss + i, lo);
         else {
           acc = _mm256_add_ps(acc, lo);
@@ -135,7 +136,7 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
         }
       } else {
         _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
-        for (int64_t j = 0; j < m; ++j) { grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
+        for (int64_t j = 0; j < m; ++j) { if (grad) grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
       }
     }
     total += s + hsum(acc);

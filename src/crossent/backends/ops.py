@@ -11,6 +11,10 @@ a kernel on fake data, and an autograd formula (``register_autograd``).
     gradient, in one elementwise pass; ``weight`` and ``pos_weight`` broadcast to ``x``;
     ``keep`` (bool, shape of ``x``) False drops an element. Backward: the saved gradient
     times ``grad_output``. Batching rule (``register_vmap``): the batch dim is folded in.
+``crossent::bce_fused_sum(x, t, weight, pos_weight, keep, logits, backend) -> total``
+    The 0-dim sum of the same losses, for ``mean`` and ``sum``: no per-element loss and no
+    gradient are written; its backward ``crossent::bce_fused_sum_backward(grad_total, ...)``
+    recomputes the gradient with ``grad_total`` applied in the C kernel.
 ``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> loss``
     Per-row cross-entropy of ``x`` (M, C) or (N, C, S) with the coefficients of
     ``reference.ce_coefficients``: dense ``q`` (M, C), or class indices ``y`` (M,) with row
@@ -119,6 +123,63 @@ def _(info, in_dims, x, t, weight, pos_weight, keep, logits, backend):
     return bce_fused(xs.contiguous(), *[None if v is None else v.contiguous() for v in args], logits, backend), (0, 0)
 
 
+@torch.library.custom_op("crossent::bce_fused_sum", mutates_args=())
+def bce_fused_sum(
+    x: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    keep: Optional[Tensor],
+    logits: bool,
+    backend: str,
+) -> Tensor:
+    impl = _kernels(backend, x.device)
+    total, _ = chunked.elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, want_grad=False)
+    return total.reshape(()).clone()
+
+
+@bce_fused_sum.register_fake
+def _(x, t, weight, pos_weight, keep, logits, backend):
+    return x.new_empty(())
+
+
+@torch.library.custom_op("crossent::bce_fused_sum_backward", mutates_args=())
+def bce_fused_sum_backward(
+    grad_total: Tensor,
+    x: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    pos_weight: Optional[Tensor],
+    keep: Optional[Tensor],
+    logits: bool,
+    backend: str,
+) -> Tensor:
+    impl = _kernels(backend, x.device)
+    g = grad_total.to(x.dtype)
+    if impl.prescale and g.device.type == "cpu":  # host memory: reading it is no device sync
+        return chunked.elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True, float(g))[1]
+    return chunked.elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True)[1].mul_(g)
+
+
+@bce_fused_sum_backward.register_fake
+def _(grad_total, x, t, weight, pos_weight, keep, logits, backend):
+    return x.new_empty(x.shape)
+
+
+def _bce_sum_setup(ctx, inputs, output):
+    ctx.logits, ctx.backend = inputs[5], inputs[6]
+    ctx.save_for_backward(*inputs[:5])
+
+
+def _bce_sum_backward(ctx, g_total):
+    x, t, weight, pos_weight, keep = ctx.saved_tensors
+    grad = bce_fused_sum_backward(g_total, x, t, weight, pos_weight, keep, ctx.logits, ctx.backend)
+    return grad, None, None, None, None, None, None
+
+
+bce_fused_sum.register_autograd(_bce_sum_backward, setup_context=_bce_sum_setup)
+
+
 # ------------------------------------------------------------------ cross-entropy
 @torch.library.custom_op("crossent::cross_entropy_fused", mutates_args=())
 def cross_entropy_fused(
@@ -197,6 +258,17 @@ def binary_cross_entropy(x, t, weight, pos_weight, keep, *, logits: bool, backen
     keep = None if keep is None else keep.expand(x.shape).contiguous()
     loss, _ = bce_fused(x.contiguous(), t.contiguous(), weight, pos_weight, keep, logits, backend)
     return loss
+
+
+def binary_cross_entropy_sum(x, t, weight, pos_weight, keep, *, logits: bool, backend: str) -> Tensor:
+    """The 0-dim sum of the per-element BCE of a captured ``mean`` / ``sum`` call: the
+    forward writes no per-element loss and no gradient, the backward recomputes the gradient
+    with the incoming scale applied in the kernel (canonical arguments as in :mod:`.reference`)."""
+    if backend == "reference" or _capture.transforming() or _wants_graph(t, weight, pos_weight):
+        return binary_cross_entropy(x, t, weight, pos_weight, keep, logits=logits, backend="reference").sum()
+    t = t.expand(x.shape)
+    keep = None if keep is None else keep.expand(x.shape).contiguous()
+    return bce_fused_sum(x.contiguous(), t.contiguous(), weight, pos_weight, keep, logits, backend)
 
 
 def cross_entropy(
