@@ -59,6 +59,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._dtypes import compute_dtype
 from .linear import default_budget
 
 
@@ -70,10 +71,6 @@ def plan_rows(N: int, C: int, dtype: torch.dtype, budget: Optional[int] = None) 
     budget = default_budget() if budget is None else int(budget)
     esize = 8 if dtype == torch.float64 else 4
     return int(max(1, min(max(N, 1), budget // max(1, C * BUFFERS * esize))))
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def transform_(L: Tensor, temperature: float, softcap: float) -> Tensor:
@@ -91,10 +88,16 @@ def transform_(L: Tensor, temperature: float, softcap: float) -> Tensor:
 BUFFERS = 3
 
 
+def _on_host_all(t: Tensor) -> bool:
+    """``bool(t.all())`` where reading it costs no device sync (CPU); elsewhere False, which
+    selects the path that is right either way (so a CUDA graph can capture the op)."""
+    return t.device.type == "cpu" and bool(t.all())
+
+
 def _all_finite(z: Tensor) -> bool:
     """No inf/nan in ``z``: one reduction, no mask buffer (a sum that overflows only sends
-    the block to the exact masked path). A host read inside the op's body, never in a graph."""
-    return bool(torch.isfinite(z.sum()))
+    the block to the exact masked path). Read on the host only where that is free."""
+    return _on_host_all(torch.isfinite(z.sum()))
 
 
 def _block_stats(L: Tensor, y: Tensor, sigma: Optional[Tensor], temperature: float, softcap: float):
@@ -243,7 +246,7 @@ def _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx):
         # rows whose gradient is zero (ignored) may hold non-finite hidden states: a fill,
         # never 0 * nan in the products
         dropped = ~keep[sl].unsqueeze(1)
-        partial = not bool(keep[sl].all())
+        partial = not _on_host_all(keep[sl])
         if partial:
             dx.masked_fill_(dropped, 0.0)
         if W is None:
