@@ -248,27 +248,20 @@ def _wants_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def binary_cross_entropy(x, t, weight, pos_weight, keep, *, logits: bool, backend: str) -> Tensor:
+def binary_cross_entropy(x, t, weight, pos_weight, keep, *, logits: bool, backend: str, total: bool = False) -> Tensor:
     """Per-element BCE (``logits``) or BCE on probabilities of a captured call (canonical
-    arguments as in :mod:`.reference`)."""
+    arguments as in :mod:`.reference`), or with ``total`` (a ``mean`` / ``sum``) their 0-dim
+    sum: then the op writes no per-element loss and no gradient, and its backward
+    recomputes the gradient with the incoming scale applied in the kernel."""
     if backend == "reference" or _capture.transforming() or _wants_graph(t, weight, pos_weight):
         ref = reference.binary_cross_entropy_with_logits if logits else reference.binary_cross_entropy
-        return ref(x, t, weight, pos_weight, keep)
-    t = t.expand(x.shape)
+        loss = ref(x, t, weight, pos_weight, keep)
+        return loss.sum() if total else loss
+    x, t = x.contiguous(), t.expand(x.shape).contiguous()
     keep = None if keep is None else keep.expand(x.shape).contiguous()
-    loss, _ = bce_fused(x.contiguous(), t.contiguous(), weight, pos_weight, keep, logits, backend)
-    return loss
-
-
-def binary_cross_entropy_sum(x, t, weight, pos_weight, keep, *, logits: bool, backend: str) -> Tensor:
-    """The 0-dim sum of the per-element BCE of a captured ``mean`` / ``sum`` call: the
-    forward writes no per-element loss and no gradient, the backward recomputes the gradient
-    with the incoming scale applied in the kernel (canonical arguments as in :mod:`.reference`)."""
-    if backend == "reference" or _capture.transforming() or _wants_graph(t, weight, pos_weight):
-        return binary_cross_entropy(x, t, weight, pos_weight, keep, logits=logits, backend="reference").sum()
-    t = t.expand(x.shape)
-    keep = None if keep is None else keep.expand(x.shape).contiguous()
-    return bce_fused_sum(x.contiguous(), t.contiguous(), weight, pos_weight, keep, logits, backend)
+    if total:
+        return bce_fused_sum(x, t, weight, pos_weight, keep, logits, backend)
+    return bce_fused(x, t, weight, pos_weight, keep, logits, backend)[0]
 
 
 def cross_entropy(

@@ -99,15 +99,15 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
         # compiled composition); the registered op would be a wall between them.
         fuse = op == "binary_cross_entropy" and backend is None and torch.compiler.is_compiling()
         name = "reference" if fuse else resolve(op, x.device, backend)
-        logits = op.endswith("logits")
-        if reduction == "none" or name == "reference":
-            return ops.binary_cross_entropy(x, t, weight, pos_weight, keep, logits=logits, backend=name), denominator
-        # 'mean' / 'sum': the op's 0-dim total (no per-element buffer; the backward op
-        # recomputes the gradient with its scale); the mean's denominator stays a tensor
-        total = ops.binary_cross_entropy_sum(x, t, weight, pos_weight, keep, logits=logits, backend=name)
-        if denominator is None:
-            denominator = torch.scalar_tensor(x.numel(), dtype=total.dtype, device=total.device)
-        return total, denominator
+        # 'mean' / 'sum' take the op's 0-dim total (no per-element buffer); the mean's
+        # denominator stays a tensor (no host read, no shape specialisation)
+        total = reduction != "none"
+        loss = ops.binary_cross_entropy(
+            x, t, weight, pos_weight, keep, logits=op.endswith("logits"), backend=name, total=total
+        )
+        if total and denominator is None:
+            denominator = torch.scalar_tensor(x.numel(), dtype=loss.dtype, device=loss.device)
+        return loss, denominator
     fn = dispatch(op, x, backend)
     if reduction != "none" and getattr(fn, "supports_sum_only", False):
         hint = None
