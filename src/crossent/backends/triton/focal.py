@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _times, _weigh_and_store
+from .kernels import _softplus_sigmoid, _times, _weigh_and_store
 
 BLOCK = 1024
 BLOCK_C_MAX = 4096
@@ -73,16 +73,7 @@ def binary_focal_kernel(
         kk = tl.load(keep_ptr + offs, mask=mask, other=0)
         x = tl.where(kk != 0, x, 0.0)
         t = tl.where(kk != 0, t, 0.0)
-    e = tl.exp(-tl.abs(x))
-    ue = 1.0 + e
-    l1 = tl.log(ue)
-    l1 = tl.where(ue == 1.0, e, l1 * e / (ue - 1.0))  # log1p(e), exact for tiny e
-    r = 1.0 / ue
-    neg = x < 0
-    sp_pos = tl.maximum(x, 0.0) + l1
-    sp_neg = tl.maximum(-x, 0.0) + l1
-    s = tl.where(neg, e * r, r)
-    u = tl.where(neg, r, e * r)
+    sp_pos, sp_neg, s, u = _softplus_sigmoid(x)
     p = t
     if HAS_PW:
         p = t * tl.load(pw_ptr + offs % L, mask=mask, other=1.0).to(tl.float32)

@@ -15,6 +15,24 @@ def _times(c, v):
 
 
 @triton.jit
+def _softplus_sigmoid(x):
+    """softplus(x), softplus(-x), sigmoid(x), sigmoid(-x) from one e = exp(-|x|): the
+    softplus terms are max(+-x, 0) + log1p(e), the sigmoids 1/(1+e) and e/(1+e) by sign."""
+    e = tl.exp(-tl.abs(x))
+    u = 1.0 + e
+    # log1p(e) without cancellation for small e: log(1+e) * e / ((1+e) - 1)
+    l1 = tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0))
+    r = 1.0 / u
+    neg = x < 0
+    return (
+        tl.maximum(x, 0.0) + l1,
+        tl.maximum(-x, 0.0) + l1,
+        tl.where(neg, e * r, r),
+        tl.where(neg, r, e * r),
+    )
+
+
+@triton.jit
 def _weigh_and_store(
     loss,
     grad,
@@ -68,17 +86,7 @@ def bce_logits_kernel(
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.exp(-tl.abs(x))
-    l1 = tl.log(1.0 + e)
-    # log1p(e) without cancellation for small e: log(1+e) * e / ((1+e) - 1)
-    u = 1.0 + e
-    l1 = tl.where(u == 1.0, e, l1 * e / (u - 1.0))
-    r = 1.0 / u
-    neg = x < 0
-    sp_pos = tl.maximum(x, 0.0) + l1
-    sp_neg = tl.maximum(-x, 0.0) + l1
-    sig = tl.where(neg, e * r, r)
-    sig_neg = tl.where(neg, r, e * r)
+    sp_pos, sp_neg, sig, sig_neg = _softplus_sigmoid(x)
     p = t
     if HAS_PW:
         p = t * tl.load(pw_ptr + offs % L, mask=mask, other=1.0).to(tl.float32)
