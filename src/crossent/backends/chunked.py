@@ -174,6 +174,15 @@ def elementwise_sum(impl, logits: bool, x, t, weight, pos_weight, keep, want_gra
     return total, grad if want_grad else None
 
 
+def elementwise_grad(impl, logits: bool, x, t, weight, pos_weight, keep, scale) -> torch.Tensor:
+    """The gradient (times ``scale``) of :func:`elementwise_sum`, for a backward pass: the C
+    kernel evaluates no loss for it."""
+    cpp = _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
+    if cpp is not None:
+        return cpp._bce_grad(0 if logits else 1, x, t, *_cycled_pos_weight(x, pos_weight), scale)
+    return elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True, scale)[1]
+
+
 class _FusedElementwise(torch.autograd.Function):
     """Shared autograd shell of the fused BCE ops.
 

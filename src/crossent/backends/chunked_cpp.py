@@ -379,6 +379,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_bce.restype = ctypes.c_double
+    lib.crossent_bce_grad.argtypes = [ctypes.c_int, P, P, P, I64, P, ctypes.c_float, I64, ctypes.c_int]
+    lib.crossent_bce_grad.restype = None
     lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
     lib.crossent_ce_index.restype = ctypes.c_int64
     lib.crossent_ce_index_ncs.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, I64, ctypes.c_int]
@@ -451,6 +453,14 @@ class _Kernels:
         if not want_loss:
             loss = torch.tensor(total, dtype=x.dtype)
         return loss, grad
+
+    @staticmethod
+    def _bce_grad(kind, x, t, pw, L, scale=None):
+        """The gradient alone (times ``scale``) of ``_bce``: no loss is evaluated."""
+        grad = torch.empty_like(x)
+        s = 1.0 if scale is None else float(scale)
+        _lib.crossent_bce_grad(kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(grad), s, x.numel(), _threads(x.numel()))
+        return grad
 
     @staticmethod
     def ce_index(x, y, c, grad, scale=None, smooth=None):

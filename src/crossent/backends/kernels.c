@@ -91,11 +91,25 @@ static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
 
 #define BLOCK 16384
 
-/* loss: per-element losses, or NULL to return their sum. grad: NULL for the loss alone.
-   pw: NULL, or L weights cycled. */
-/* kind 0: BCE with logits (bce8), kind 1: BCE on probabilities (bcep8). */
-double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
-                    float *grad, float scale, int64_t n, int nthreads) {
+/* The per-element kernels of an elementwise pass: kind 0 BCE with logits (bce8), 1 BCE on
+   probabilities (bcep8), 2 sigmoid focal / Poly-1 (focal8, with alpha, half2, eps). */
+typedef struct { int kind; float alpha; int half2; float eps; } Elementwise;
+static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *loss, V *grad);
+static inline __attribute__((always_inline)) void elem8(const Elementwise *k, V x, V t, V pw, V *loss, V *grad) {
+  if (k->kind == 0) bce8(x, t, pw, loss, grad);
+  else if (k->kind == 1) bcep8(x, t, pw, loss, grad);
+  else focal8(x, t, pw, k->alpha, k->half2, k->eps, loss, grad);
+}
+
+/* One pass over n elements in blocks of BLOCK (one OpenMP task each). pw: NULL, or L
+   weights cycled. With want_loss: per-element losses into loss, or their sum returned when
+   loss is NULL; with want_grad: the gradient times scale into grad. The flags are constants
+   at every call, so each caller gets its own copy of the loop in which the arithmetic of
+   what it does not keep is dropped by the compiler (the forward of a captured 'mean' computes
+   no gradient, its backward no loss). */
+static inline __attribute__((always_inline)) double elementwise_pass(
+    const Elementwise *k, const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
+    float scale, int64_t n, int nthreads, const int want_loss, const int want_grad) {
   const V vscale = vset(scale);
   const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
   double total = 0.0;
@@ -106,9 +120,8 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
     V acc = vzero();
     double s = 0.0;
     int flush = 0;
-    int64_t i = begin;
     int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
-    for (; i < end; i += W) {
+    for (int64_t i = begin; i < end; i += W) {
       const int64_t m = (end - i < W) ? end - i : W;
       V xv, tv, pv = vset(1.f), lo, gr;
       if (m == W) {
@@ -125,23 +138,42 @@ double crossent_bce(int kind, const float *x, const float *t, const float *pw, i
         for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
         xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
       }
-      if (kind == 0) bce8(xv, tv, pv, &lo, &gr); else bcep8(xv, tv, pv, &lo, &gr);
-      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
+      elem8(k, xv, tv, pv, &lo, &gr);
+      if (want_grad && scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
       if (m == W) {
-        if (grad) _mm256_storeu_ps(grad + i, gr);
-        if (loss) _mm256_storeu_ps(loss + i, lo);
-        else {
+        if (want_grad) _mm256_storeu_ps(grad + i, gr);
+        if (want_loss && loss) _mm256_storeu_ps(loss + i, lo);
+        else if (want_loss) {
           acc = _mm256_add_ps(acc, lo);
           if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
         }
       } else {
         _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
-        for (int64_t j = 0; j < m; ++j) { if (grad) grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
+        for (int64_t j = 0; j < m; ++j) {
+          if (want_grad) grad[i + j] = gb[j];
+          if (want_loss && loss) loss[i + j] = lb[j]; else if (want_loss) s += lb[j];
+        }
       }
     }
     total += s + hsum(acc);
   }
   return total;
+}
+
+/* BCE (kind 0: with logits, 1: on probabilities): per-element losses into loss, or their
+   sum returned when loss is NULL; the gradient times scale into grad unless it is NULL. */
+double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
+                    float *grad, float scale, int64_t n, int nthreads) {
+  const Elementwise k = {kind, 0.f, 0, 0.f};
+  if (grad) return elementwise_pass(&k, x, t, pw, L, loss, grad, scale, n, nthreads, 1, 1);
+  return elementwise_pass(&k, x, t, pw, L, loss, grad, scale, n, nthreads, 1, 0);
+}
+
+/* The gradient alone (times scale), for a backward pass that needs no loss. */
+void crossent_bce_grad(int kind, const float *x, const float *t, const float *pw, int64_t L, float *grad,
+                       float scale, int64_t n, int nthreads) {
+  const Elementwise k = {kind, 0.f, 0, 0.f};
+  elementwise_pass(&k, x, t, pw, L, 0, grad, scale, n, nthreads, 0, 1);
 }
 
 /* Cross-entropy, class-index targets, one row at a time (reference formulas):
@@ -573,49 +605,6 @@ static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *
    multiplied by scale (the grad_output a plain backward() of 'mean' / 'sum' will send). */
 double crossent_focal(const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
                       float alpha, int half2, float eps, float scale, int64_t n, int nthreads) {
-  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-  const V vscale = vset(scale);
-  double total = 0.0;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;
-    float pwb[W], xb[W], tb[W], lb[W], gb[W];
-    V acc = vzero();
-    double s = 0.0;
-    int flush = 0;
-    int64_t col = pw ? begin % L : 0;
-    for (int64_t i = begin; i < end; i += W) {
-      const int64_t m = (end - i < W) ? end - i : W;
-      V xv, tv, pv = vset(1.f), lo, gr;
-      if (m == W) {
-        xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
-        if (pw) {
-          if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
-          else {
-            for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
-            pv = _mm256_loadu_ps(pwb);
-          }
-        }
-      } else {
-        for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
-        for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
-        xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
-      }
-      focal8(xv, tv, pv, alpha, half2, eps, &lo, &gr);
-      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
-      if (m == W) {
-        _mm256_storeu_ps(grad + i, gr);
-        if (loss) _mm256_storeu_ps(loss + i, lo);
-        else {
-          acc = _mm256_add_ps(acc, lo);
-          if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
-        }
-      } else {
-        _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
-        for (int64_t j = 0; j < m; ++j) { grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
-      }
-    }
-    total += s + hsum(acc);
-  }
-  return total;
+  const Elementwise k = {2, alpha, half2, eps};
+  return elementwise_pass(&k, x, t, pw, L, loss, grad, scale, n, nthreads, 1, 1);
 }

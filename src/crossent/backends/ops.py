@@ -157,8 +157,8 @@ def bce_fused_sum_backward(
     impl = _kernels(backend, x.device)
     g = grad_total.to(x.dtype)
     if impl.prescale and g.device.type == "cpu":  # host memory: reading it is no device sync
-        return chunked.elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True, float(g))[1]
-    return chunked.elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True)[1].mul_(g)
+        return chunked.elementwise_grad(impl, logits, x, t, weight, pos_weight, keep, float(g))
+    return chunked.elementwise_grad(impl, logits, x, t, weight, pos_weight, keep, None).mul_(g)
 
 
 @bce_fused_sum_backward.register_fake
