@@ -6,7 +6,6 @@
 #include <string.h>
 
 typedef __m256 V;
-extern V Sleef_expf8_u10(V);
 extern V Sleef_log1pf8_u10(V);
 extern V Sleef_logf8_u10(V);
 
@@ -51,13 +50,48 @@ static inline V log1p01(V e) {
   return _mm256_add_ps(_mm256_add_ps(s, s), _mm256_fmadd_ps(p, s, _mm256_add_ps(c, c)));
 }
 
+/* exp(z) for z <= 0 (or -inf), within 1 ulp (checked against float64 on a sample of every
+   binade: tests/backends/test_kernel_source.py). Every exponential of the kernels has such an
+   argument (x - max, -|x|), and inline it costs about half of a call to Sleef_expf8_u10.
+   z = n ln2 + r, |r| <= ln2/2 (n rounded to nearest, ln2 in two parts, FMAs);
+   exp(r) = 1 + r + r^2 P(r), P of degree 5 (Cephes' expf coefficients); the result is
+   scaled by 2^n in two factors 2^(n/2) 2^(n - n/2), each a normal number, so a subnormal
+   result is rounded once. z < -104 gives 0 (exp(-104) is below half the least subnormal),
+   NaN gives NaN. */
+static inline V vexp_nonpos(V z) {
+  z = _mm256_max_ps(vset(-104.f), z);   /* maxps returns its second operand for NaN: NaN stays NaN */
+  V n = _mm256_round_ps(_mm256_mul_ps(z, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  V r = _mm256_fnmadd_ps(n, vset(0.693359375f), z);
+  r = _mm256_fnmadd_ps(n, vset(-2.12194440e-4f), r);
+  V p = vset(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, vset(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, vset(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, vset(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, vset(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, vset(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(r, r), p, r), vset(1.f));
+  __m256i ni = _mm256_cvtps_epi32(n);
+  __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  V s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  V s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+/* The exp of the kernels' scalar tails, the same function as vexp_nonpos lane by lane. */
+static inline float exp_nonpos(float z) {
+  float b[W];
+  _mm256_storeu_ps(b, vexp_nonpos(vset(z)));
+  return b[0];
+}
+
 /* BCE with logits, reference formulas, e = exp(-|x|):
    loss = p t softplus(-x) + (1-t) softplus(x),  softplus(+-x) = max(+-x, 0) + log1p(e)
    grad = (1-t) sigmoid(x) - p t sigmoid(-x),     sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e) */
 static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
   const V one = vset(1.f);
   V ax = _mm256_andnot_ps(vset(-0.0f), x);
-  V e = Sleef_expf8_u10(vneg(ax));
+  V e = vexp_nonpos(vneg(ax));
   V l1 = log1p01(e);
   V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
   V er = _mm256_mul_ps(e, r);
@@ -101,79 +135,90 @@ static inline __attribute__((always_inline)) void elem8(const Elementwise *k, V 
   else focal8(x, t, pw, k->alpha, k->half2, k->eps, loss, grad);
 }
 
-/* One pass over n elements in blocks of BLOCK (one OpenMP task each). pw: NULL, or L
-   weights cycled. With want_loss: per-element losses into loss, or their sum returned when
-   loss is NULL; with want_grad: the gradient times scale into grad. The flags are constants
-   at every call, so each caller gets its own copy of the loop in which the arithmetic of
-   what it does not keep is dropped by the compiler (the forward of a captured 'mean' computes
-   no gradient, its backward no loss). */
-static inline __attribute__((always_inline)) double elementwise_pass(
+/* One block [begin, end) of an elementwise pass. pw: NULL, or L weights cycled. With
+   want_loss: per-element losses into loss, or their sum returned when loss is NULL; with
+   want_grad: the gradient times scale into grad. */
+static inline __attribute__((always_inline)) double elementwise_block(
     const Elementwise *k, const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
-    float scale, int64_t n, int nthreads, const int want_loss, const int want_grad) {
+    float scale, int64_t begin, int64_t end, const int want_loss, const int want_grad) {
   const V vscale = vset(scale);
-  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-  double total = 0.0;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;
-    float pwb[W], xb[W], tb[W], lb[W], gb[W];
-    V acc = vzero();
-    double s = 0.0;
-    int flush = 0;
-    int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
-    for (int64_t i = begin; i < end; i += W) {
-      const int64_t m = (end - i < W) ? end - i : W;
-      V xv, tv, pv = vset(1.f), lo, gr;
-      if (m == W) {
-        xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
-        if (pw) {
-          if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
-          else {
-            for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
-            pv = _mm256_loadu_ps(pwb);
-          }
+  float pwb[W], xb[W], tb[W], lb[W], gb[W];
+  V acc = vzero();
+  double s = 0.0;
+  int flush = 0;
+  int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
+  for (int64_t i = begin; i < end; i += W) {
+    const int64_t m = (end - i < W) ? end - i : W;
+    V xv, tv, pv = vset(1.f), lo, gr;
+    if (m == W) {
+      xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
+      if (pw) {
+        if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
+        else {
+          for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
+          pv = _mm256_loadu_ps(pwb);
         }
-      } else {
-        for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
-        for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
-        xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
       }
-      elem8(k, xv, tv, pv, &lo, &gr);
-      if (want_grad && scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
-      if (m == W) {
-        if (want_grad) _mm256_storeu_ps(grad + i, gr);
-        if (want_loss && loss) _mm256_storeu_ps(loss + i, lo);
-        else if (want_loss) {
-          acc = _mm256_add_ps(acc, lo);
-          if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
-        }
-      } else {
-        _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
-        for (int64_t j = 0; j < m; ++j) {
-          if (want_grad) grad[i + j] = gb[j];
-          if (want_loss && loss) loss[i + j] = lb[j]; else if (want_loss) s += lb[j];
-        }
+    } else {
+      for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
+      for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
+      xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
+    }
+    elem8(k, xv, tv, pv, &lo, &gr);
+    if (want_grad && scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
+    if (m == W) {
+      if (want_grad) _mm256_storeu_ps(grad + i, gr);
+      if (want_loss && loss) _mm256_storeu_ps(loss + i, lo);
+      else if (want_loss) {
+        acc = _mm256_add_ps(acc, lo);
+        if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
+      }
+    } else {
+      _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
+      for (int64_t j = 0; j < m; ++j) {
+        if (want_grad) grad[i + j] = gb[j];
+        if (want_loss && loss) loss[i + j] = lb[j]; else if (want_loss) s += lb[j];
       }
     }
-    total += s + hsum(acc);
   }
-  return total;
+  return s + hsum(acc);
 }
+
+/* A whole pass over n elements, blocks of BLOCK as OpenMP tasks; the sum of the blocks'
+   loss sums. One function per (want_loss, want_grad): OpenMP outlines the parallel loop
+   into a function of its own, so the flags must be constants there for the compiler to drop
+   the arithmetic a pass does not keep (the forward of a captured 'mean' computes no gradient,
+   its backward no loss). */
+#define ELEMENTWISE_PASS(name, want_loss, want_grad)                                                          \
+  static double name(const Elementwise *k, const float *x, const float *t, const float *pw, int64_t L,         \
+                     float *loss, float *grad, float scale, int64_t n, int nthreads) {                          \
+    const int64_t nblocks = (n + BLOCK - 1) / BLOCK;                                                            \
+    double total = 0.0;                                                                                         \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)")                      \
+    for (int64_t b = 0; b < nblocks; ++b) {                                                                    \
+      const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;                          \
+      total += elementwise_block(k, x, t, pw, L, loss, grad, scale, begin, end, want_loss, want_grad);        \
+    }                                                                                                           \
+    return total;                                                                                               \
+  }
+ELEMENTWISE_PASS(pass_loss_grad, 1, 1)
+ELEMENTWISE_PASS(pass_loss, 1, 0)
+ELEMENTWISE_PASS(pass_grad, 0, 1)
 
 /* BCE (kind 0: with logits, 1: on probabilities): per-element losses into loss, or their
    sum returned when loss is NULL; the gradient times scale into grad unless it is NULL. */
 double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
                     float *grad, float scale, int64_t n, int nthreads) {
   const Elementwise k = {kind, 0.f, 0, 0.f};
-  if (grad) return elementwise_pass(&k, x, t, pw, L, loss, grad, scale, n, nthreads, 1, 1);
-  return elementwise_pass(&k, x, t, pw, L, loss, grad, scale, n, nthreads, 1, 0);
+  return grad ? pass_loss_grad(&k, x, t, pw, L, loss, grad, scale, n, nthreads)
+              : pass_loss(&k, x, t, pw, L, loss, grad, scale, n, nthreads);
 }
 
 /* The gradient alone (times scale), for a backward pass that needs no loss. */
 void crossent_bce_grad(int kind, const float *x, const float *t, const float *pw, int64_t L, float *grad,
                        float scale, int64_t n, int nthreads) {
   const Elementwise k = {kind, 0.f, 0, 0.f};
-  elementwise_pass(&k, x, t, pw, L, 0, grad, scale, n, nthreads, 0, 1);
+  pass_grad(&k, x, t, pw, L, 0, grad, scale, n, nthreads);
 }
 
 /* Cross-entropy, class-index targets, one row at a time (reference formulas):
@@ -238,7 +283,7 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
         V negz = _mm256_blendv_ps(_mm256_sub_ps(vmax, xv), vzero(), eq);
         tacc = _mm256_add_ps(tacc, vtimes(_mm256_loadu_ps(sm + j), negz));
       }
-      V e = Sleef_expf8_u10(_mm256_sub_ps(xv, vmax));
+      V e = vexp_nonpos(_mm256_sub_ps(xv, vmax));
       if (bits) {
         e = _mm256_blendv_ps(e, one, eq);
         ties += __builtin_popcount(bits);
@@ -256,7 +301,7 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
       float e;
       if (xr[j] == m) { e = 1.f; ++ties; if (k < 0) k = j; }
       else {
-        e = expf(xr[j] - m); s_total += e;
+        e = exp_nonpos(xr[j] - m); s_total += e;
         if (sm && sm[j] != 0.f) T += sm[j] * (m - xr[j]);
       }
       if (gr) gr[j] = e;
@@ -387,7 +432,7 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
   for (int64_t j = 0; j < C; ++j) {
     V xv = _mm256_loadu_ps(xb + j * T);
     V eq = _mm256_cmp_ps(xv, vm, _CMP_EQ_OQ);
-    V e = _mm256_blendv_ps(Sleef_expf8_u10(_mm256_sub_ps(xv, vm)), one, eq);
+    V e = _mm256_blendv_ps(vexp_nonpos(_mm256_sub_ps(xv, vm)), one, eq);
     if (small) {
       ey = _mm256_blendv_ps(ey, e, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj)));
       vj = _mm256_add_epi32(vj, ione);
@@ -563,7 +608,7 @@ static inline V vpow_half(V m, int half2) {
 static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *loss, V *grad) {
   const V one = vset(1.f);
   V ax = _mm256_andnot_ps(vset(-0.0f), x);
-  V e = Sleef_expf8_u10(vneg(ax));
+  V e = vexp_nonpos(vneg(ax));
   V l1 = log1p01(e);
   V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
   V er = _mm256_mul_ps(e, r);
@@ -606,5 +651,5 @@ static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *
 double crossent_focal(const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
                       float alpha, int half2, float eps, float scale, int64_t n, int nthreads) {
   const Elementwise k = {2, alpha, half2, eps};
-  return elementwise_pass(&k, x, t, pw, L, loss, grad, scale, n, nthreads, 1, 1);
+  return pass_loss_grad(&k, x, t, pw, L, loss, grad, scale, n, nthreads);
 }
