@@ -326,10 +326,7 @@ def _ce_forward(
     if cpp is not None:
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
-        if y.dtype != torch.int64 or not y.is_contiguous():
-            y = y.long().contiguous()
-        if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):  # None: all 1
-            c = c.contiguous().to(x.dtype)
+        y, c = _kernel_targets(x, y, c)
         kernel = cpp.ce_index_ncs if spatial else cpp.ce_index
         loss = kernel(x, y, c, grad_out if want_grad else None, scale, smooth)
         return loss, grad_out
@@ -391,6 +388,42 @@ def fused_ce_forward(impl, x, q, y, c, smooth, keep, scale=None, want_grad=True)
         if want_grad:
             grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
     return loss, grad if want_grad else None
+
+
+def _row_kernel_ok(impl, x, q) -> bool:
+    """Does the compiled row kernel (``ce_index``) take these (M, C) rows as they are?"""
+    return impl is CPU and x.dim() == 2 and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
+
+
+def fused_ce_forward_stats(impl, x, q, y, c, smooth, keep):
+    """:func:`fused_ce_forward` without the gradient, and the per-row statistics (M, 2) that
+    :func:`fused_ce_grad` recomputes the gradient from in one pass: each row's (max, s) when
+    the compiled row kernel ran, zeros otherwise (then nothing reads them)."""
+    if not _row_kernel_ok(impl, x, q):
+        loss, _ = fused_ce_forward(impl, x, q, y, c, smooth, keep, want_grad=False)
+        return loss, x.new_zeros((loss.shape[0], 2))
+    stats = x.new_empty((x.shape[0], 2))
+    y, c = _kernel_targets(x, y, c)
+    return _cpp().ce_index(x, y, c, None, None, smooth, stats), stats
+
+
+def fused_ce_grad(impl, x, q, y, c, smooth, keep, stats, scale=None):
+    """The gradient (times ``scale``) of the rows that :func:`fused_ce_forward_stats` computed:
+    from ``stats`` in one pass over ``x`` on the compiled row kernel (bit for bit what the
+    forward would have written), else recomputed with the forward."""
+    if not _row_kernel_ok(impl, x, q):
+        return fused_ce_forward(impl, x, q, y, c, smooth, keep, scale)[1]
+    y, c = _kernel_targets(x, y, c)
+    return _cpp().ce_index_grad(x, y, c, stats, scale, smooth)
+
+
+def _kernel_targets(x, y, c):
+    """Targets int64 and coefficients in ``x``'s dtype, contiguous, as the kernels read them."""
+    if y.dtype != torch.int64 or not y.is_contiguous():
+        y = y.long().contiguous()
+    if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):  # None: all 1
+        c = c.contiguous().to(x.dtype)
+    return y, c
 
 
 class _FusedCrossEntropy(torch.autograd.Function):

@@ -381,7 +381,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crossent_bce.restype = ctypes.c_double
     lib.crossent_bce_grad.argtypes = [ctypes.c_int, P, P, P, I64, P, ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_bce_grad.restype = None
-    lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index_grad.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index_grad.restype = None
     lib.crossent_ce_index.restype = ctypes.c_int64
     lib.crossent_ce_index_ncs.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, I64, ctypes.c_int]
     lib.crossent_ce_index_ncs.restype = ctypes.c_int64
@@ -463,17 +465,32 @@ class _Kernels:
         return grad
 
     @staticmethod
-    def ce_index(x, y, c, grad, scale=None, smooth=None):
+    def ce_index(x, y, c, grad, scale=None, smooth=None, stats=None):
+        """Per-row cross-entropy of ``x`` (M, C); the gradient times ``scale`` into ``grad``
+        if given; each row's (max, s) into ``stats`` (M, 2) if given, for :meth:`ce_index_grad`."""
         M, C = x.shape
         loss = torch.empty(M, dtype=x.dtype)
         s = 1.0 if scale is None else float(scale)
         sm = None if smooth is None else smooth.to(torch.float32).contiguous()
         bad = _lib.crossent_ce_index(
-            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), s, M, C, _threads(M * C)
+            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), _ptr(stats), s, M, C, _threads(M * C)
         )
         if bad:
             _bad_targets(y, C, bad)
         return loss
+
+    @staticmethod
+    def ce_index_grad(x, y, c, stats, scale=None, smooth=None):
+        """The gradient (times ``scale``) of :meth:`ce_index` from the ``stats`` its forward
+        wrote: one pass over ``x``, bit for bit the gradient the forward would have written."""
+        M, C = x.shape
+        grad = torch.empty_like(x)
+        s = 1.0 if scale is None else float(scale)
+        sm = None if smooth is None else smooth.to(torch.float32).contiguous()
+        _lib.crossent_ce_index_grad(
+            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(stats), _ptr(grad), s, M, C, _threads(M * C)
+        )
+        return grad
 
     @staticmethod
     def ce_index_ncs(x, y, c, grad, scale=None, smooth=None):

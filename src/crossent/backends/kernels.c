@@ -232,13 +232,89 @@ void crossent_bce_grad(int kind, const float *x, const float *t, const float *pw
    Ignored rows (ignore_index) come with c_r = -0.0, a value a kept row never has
    (reference.ce_coefficients): they get loss 0 and a zero gradient row whatever their
    logits hold (NaN, +-inf), without reading them. */
+/* The max of a row (first pass), and whether it holds a NaN. */
+static inline float ce_row_max(const float *xr, int64_t C, int *has_nan) {
+  V vm = vset(-INFINITY), vnan = vzero();
+  int64_t j = 0;
+  for (; j + W <= C; j += W) {
+    V xv = _mm256_loadu_ps(xr + j);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+    vm = _mm256_max_ps(vm, xv);
+  }
+  float tmp[W]; _mm256_storeu_ps(tmp, vm);
+  float m = -INFINITY;
+  for (int q = 0; q < W; ++q) m = tmp[q] > m ? tmp[q] : m;
+  *has_nan = _mm256_movemask_ps(vnan) != 0;
+  for (; j < C; ++j) { if (xr[j] != xr[j]) *has_nan = 1; else if (xr[j] > m) m = xr[j]; }
+  return m;
+}
+
+/* grad_j = scale (A (e_j / (1+s)) - sm_j) over a row, p_j = e_j / (1+s) rounded once (a
+   reciprocal then a product would be two). from_x: e_j = exp(x_j - m) (1 where x_j == m)
+   is computed here and the first arg-max returned; else gr holds e_j already (-1 returned). */
+static inline __attribute__((always_inline)) int64_t ce_grad_pass(const float *xr, float *gr, int64_t C, float m,
+                                                                  float den, float A, const float *sm, float scale,
+                                                                  const int from_x) {
+  const V vA = vset(A), vden = vset(den), vs = vset(scale), vmax = vset(m), one = vset(1.f);
+  int64_t j = 0, k = -1;
+  for (; j + W <= C; j += W) {
+    V e;
+    if (from_x) {
+      V xv = _mm256_loadu_ps(xr + j);
+      V eq = _mm256_cmp_ps(xv, vmax, _CMP_EQ_OQ);
+      e = _mm256_blendv_ps(vexp_nonpos(_mm256_sub_ps(xv, vmax)), one, eq);
+      int bits = _mm256_movemask_ps(eq);
+      if (bits && k < 0) k = j + __builtin_ctz(bits);
+    } else {
+      e = _mm256_loadu_ps(gr + j);
+    }
+    V g = _mm256_mul_ps(vA, _mm256_div_ps(e, vden));
+    if (sm) g = _mm256_sub_ps(g, _mm256_loadu_ps(sm + j));
+    _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, g));
+  }
+  for (; j < C; ++j) {
+    float e = gr[j];
+    if (from_x) {
+      e = (xr[j] == m) ? 1.f : exp_nonpos(xr[j] - m);
+      if (xr[j] == m && k < 0) k = j;
+    }
+    gr[j] = sm ? scale * (A * (e / den) - sm[j]) : scale * (A * (e / den));
+  }
+  return k;
+}
+
+/* The gradient entries at the target y and at the first arg-max k (e_k = 1), written after
+   the general form: at y, A p_y - (sm_y + c); at k, when it dominates (s < 1),
+   (A - a_k) - A s/(1+s) with A - a_k = c [k != y] + (S - sm_k) in double; else A p_k - a_k
+   as everywhere. ey = e_y. */
+static inline void ce_grad_entries(float *gr, int64_t yr, int64_t k, float ey, float s, float den, float A,
+                                   float cr, const float *sm, double S, float scale) {
+  const float sm_y = sm ? sm[yr] : 0.f;
+  gr[yr] = scale * (A * (ey / den) - (sm_y + cr));
+  if (s < 1.f) {
+    const float a_rest = ((k == yr) ? 0.f : cr) + (sm ? (float)(S - (double)sm[k]) : 0.f);
+    gr[k] = scale * (a_rest - A * (s / den));
+  } else {
+    const float a_k = (sm ? sm[k] : 0.f) + ((k == yr) ? cr : 0.f);
+    gr[k] = scale * (A * (1.f / den) - a_k);
+  }
+}
+
+/* The sum S of the smoothing terms sm_j (0 without smoothing). */
+static inline double ce_smooth_total(const float *sm, int64_t C) {
+  double S = 0.0;
+  if (sm) for (int64_t j = 0; j < C; ++j) S += sm[j];
+  return S;
+}
+
+/* stats: NULL, or 2 M floats that receive each row's (m, s) for crossent_ce_index_grad
+   (NaN rows: m = NaN). */
 int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
-                          float *grad, float scale, int64_t M, int64_t C, int nthreads) {
+                          float *grad, float *stats, float scale, int64_t M, int64_t C, int nthreads) {
   int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
   /* label smoothing: a_j = c [j == y] + sm_j, so A = c + S and
      loss = c (log1p(s) - z_y) + S log1p(s) + sum_j sm_j (-z_j)   (terms with sm_j == 0 dropped) */
-  double S = 0.0;
-  if (sm) for (int64_t j = 0; j < C; ++j) S += sm[j];
+  const double S = ce_smooth_total(sm, C);
   const float Sf = (float)S;
   #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
   for (int64_t r = 0; r < M; ++r) {
@@ -246,31 +322,22 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
     float *gr = grad ? grad + r * C : 0;
     const int64_t yr = y[r];
     const float cr = c ? c[r] : 1.f;   /* c NULL: every row has coefficient 1 */
+    if (stats) { stats[2 * r] = NAN; stats[2 * r + 1] = NAN; }
     if (cr == 0.f && signbit(cr)) {    /* ignored row */
       loss[r] = 0.f;
       if (gr) memset(gr, 0, (size_t)C * sizeof(float));
       continue;
     }
     if (yr < 0 || yr >= C) { ++bad; loss[r] = NAN; continue; }
-    V vm = vset(-INFINITY), vnan = vzero();
-    int64_t j = 0;
-    for (; j + W <= C; j += W) {
-      V xv = _mm256_loadu_ps(xr + j);
-      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
-      vm = _mm256_max_ps(vm, xv);
-    }
-    float tmp[W]; _mm256_storeu_ps(tmp, vm);
-    float m = -INFINITY;
-    for (int q = 0; q < W; ++q) m = tmp[q] > m ? tmp[q] : m;
-    int has_nan = _mm256_movemask_ps(vnan) != 0;
-    for (; j < C; ++j) { if (xr[j] != xr[j]) has_nan = 1; else if (xr[j] > m) m = xr[j]; }
+    int has_nan;
+    const float m = ce_row_max(xr, C, &has_nan);
     if (has_nan) {
       loss[r] = NAN;
       if (gr) for (int64_t q = 0; q < C; ++q) gr[q] = NAN;
       continue;
     }
     const float zy = (xr[yr] == m) ? 0.f : xr[yr] - m;
-    int64_t k = -1, ties = 0;
+    int64_t k = -1, ties = 0, j;
     double s_total = 0.0, T = 0.0;
     const V vmax = vset(m), one = vset(1.f);
     V acc = vzero(), tacc = vzero();
@@ -307,40 +374,41 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
       if (gr) gr[j] = e;
     }
     const float s = (float)(s_total + (double)(ties - 1));
+    if (stats) { stats[2 * r] = m; stats[2 * r + 1] = s; }
     const float lse = log1pf(s);
     float lr = (cr == 0.f) ? 0.f : cr * (lse - zy);
     if (sm) lr += (Sf == 0.f ? 0.f : Sf * lse) + (float)T;
     loss[r] = lr;
     if (!gr) continue;
     /* scale: the grad_output a plain backward() will send, applied last (as backward would) */
-    /* p_j = e_j / (1+s): one rounding (a reciprocal then a product would be two) */
-    const float den = 1.f + s;
-    const float ey = gr[yr];
-    const float A = cr + Sf;
-    const V vA = vset(A), vden = vset(den), vs = vset(scale);
-    if (sm) {
-      for (j = 0; j + W <= C; j += W)
-        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_sub_ps(
-            _mm256_mul_ps(vA, _mm256_div_ps(_mm256_loadu_ps(gr + j), vden)), _mm256_loadu_ps(sm + j))));
-      for (; j < C; ++j) gr[j] = scale * (A * (gr[j] / den) - sm[j]);
-    } else {
-      for (j = 0; j + W <= C; j += W)
-        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_mul_ps(vA, _mm256_div_ps(_mm256_loadu_ps(gr + j), vden))));
-      for (; j < C; ++j) gr[j] = scale * (A * (gr[j] / den));
-    }
-    const float sm_y = sm ? sm[yr] : 0.f;
-    gr[yr] = scale * (A * (ey / den) - (sm_y + cr));
-    /* arg-max entry k (e_k = 1): when it dominates (s < 1), (A - a_k) - A s/(1+s) with
-       A - a_k = c [k != y] + (S - sm_k) in double; else A p_k - a_k as everywhere */
-    if (s < 1.f) {
-      const float a_rest = ((k == yr) ? 0.f : cr) + (sm ? (float)(S - (double)sm[k]) : 0.f);
-      gr[k] = scale * (a_rest - A * (s / den));
-    } else {
-      const float a_k = (sm ? sm[k] : 0.f) + ((k == yr) ? cr : 0.f);
-      gr[k] = scale * (A * (1.f / den) - a_k);
-    }
+    const float den = 1.f + s, A = cr + Sf, ey = gr[yr];
+    ce_grad_pass(xr, gr, C, m, den, A, sm, scale, 0);
+    ce_grad_entries(gr, yr, k, ey, s, den, A, cr, sm, S, scale);
   }
   return bad;
+}
+
+/* The gradient of crossent_ce_index (times scale) from the (m, s) of each row that its
+   forward wrote to stats: one pass over the logits (exp, then the gradient), bit for bit the
+   gradient the forward would have written. Targets must be in [0, C) (the forward checked). */
+void crossent_ce_index_grad(const float *x, const int64_t *y, const float *c, const float *sm, const float *stats,
+                            float *grad, float scale, int64_t M, int64_t C, int nthreads) {
+  const double S = ce_smooth_total(sm, C);
+  const float Sf = (float)S;
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < M; ++r) {
+    const float *xr = x + r * C;
+    float *gr = grad + r * C;
+    const int64_t yr = y[r];
+    const float cr = c ? c[r] : 1.f;
+    const float m = stats[2 * r], s = stats[2 * r + 1];
+    if (cr == 0.f && signbit(cr)) { memset(gr, 0, (size_t)C * sizeof(float)); continue; }
+    if (m != m || yr < 0 || yr >= C) { for (int64_t q = 0; q < C; ++q) gr[q] = NAN; continue; }
+    const float den = 1.f + s, A = cr + Sf;
+    const float ey = (xr[yr] == m) ? 1.f : exp_nonpos(xr[yr] - m);
+    const int64_t k = ce_grad_pass(xr, gr, C, m, den, A, sm, scale, 1);
+    ce_grad_entries(gr, yr, k, ey, s, den, A, cr, sm, S, scale);
+  }
 }
 
 /* Cross-entropy, class-index targets, (N, C, S) layout (S = d1 ... dK, contiguous): the
@@ -523,8 +591,7 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
 int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
                               float *grad, float scale, int64_t N, int64_t C, int64_t S, int nthreads) {
   int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
-  double Ssm = 0.0;
-  if (sm) for (int64_t j = 0; j < C; ++j) Ssm += sm[j];
+  const double Ssm = ce_smooth_total(sm, C);
   /* tile width: the tile buffer (C x T floats) stays within 16 KiB of L1 up to C = 512 */
   const int64_t T = C <= 64 ? 64 : C <= 128 ? 32 : C <= 256 ? 16 : 8;
   const int64_t nb = (S + SBLOCK - 1) / SBLOCK;

@@ -15,17 +15,18 @@ a kernel on fake data, and an autograd formula (``register_autograd``).
     The 0-dim sum of the same losses, for ``mean`` and ``sum``: no per-element loss and no
     gradient are written; its backward ``crossent::bce_fused_sum_backward(grad_total, ...)``
     recomputes the gradient with ``grad_total`` applied in the C kernel.
-``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> loss``
+``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> (loss, stats)``
     Per-row cross-entropy of ``x`` (M, C) or (N, C, S) with the coefficients of
     ``reference.ce_coefficients``: dense ``q`` (M, C), or class indices ``y`` (M,) with row
     coefficients ``c`` (M,) and class smoothing terms ``smooth`` (C,). The forward writes
-    no gradient; its backward is
-``crossent::cross_entropy_fused_backward(grad_loss, x, q, y, c, smooth, keep, backend) -> grad``
-    The gradient recomputed from the saved logits, times ``grad_loss`` (per row): on the
-    C kernel a uniform ``grad_loss`` (what ``mean`` and ``sum`` send) is applied inside
-    the kernel, so a captured step holds no (M, C) gradient between forward and backward
-    and makes one pass over the logits in each (the layout Inductor gives torch's own
-    cross-entropy).
+    no gradient; ``stats`` (M, 2) holds each row's max and ``s = sum_{j != k} e_j`` on the
+    compiled row kernel (zeros elsewhere). Its backward is
+``crossent::cross_entropy_fused_backward(grad_loss, x, q, y, c, smooth, keep, stats, backend) -> grad``
+    The gradient from the saved logits, times ``grad_loss`` (per row): on the C row kernel
+    one pass over the logits using ``stats`` (elsewhere recomputed with the forward), with
+    a uniform ``grad_loss`` (what ``mean`` and ``sum`` send) applied inside the kernel, so
+    a captured step holds no (M, C) gradient between forward and backward (the layout
+    Inductor gives torch's own cross-entropy).
 
 ``crossent::binary_focal_fused`` and ``crossent::softmax_focal_fused`` (focal and Poly-1
 losses) are registered the same way in :mod:`crossent.backends.focal`.
@@ -190,14 +191,15 @@ def cross_entropy_fused(
     smooth: Optional[Tensor],
     keep: Optional[Tensor],
     backend: str,
-) -> Tensor:
+) -> Tuple[Tensor, Tensor]:
     impl = _kernels(backend, x.device)
-    return chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep, want_grad=False)[0].contiguous()
+    loss, stats = chunked.fused_ce_forward_stats(impl, x, q, y, c, smooth, keep)
+    return loss.contiguous(), stats
 
 
 @cross_entropy_fused.register_fake
 def _(x, q, y, c, smooth, keep, backend):
-    return x.new_empty((_rows_of(x),))
+    return x.new_empty((_rows_of(x),)), x.new_empty((_rows_of(x), 2))
 
 
 @torch.library.custom_op("crossent::cross_entropy_fused_backward", mutates_args=())
@@ -209,6 +211,7 @@ def cross_entropy_fused_backward(
     c: Optional[Tensor],
     smooth: Optional[Tensor],
     keep: Optional[Tensor],
+    stats: Tensor,
     backend: str,
 ) -> Tensor:
     impl = _kernels(backend, x.device)
@@ -218,25 +221,26 @@ def cross_entropy_fused_backward(
         first = g.reshape(-1)[0]
         if bool((g == first).all()):  # host memory: reading it is no device sync
             scale = float(first)
-    _, grad = chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep, scale)
+    grad = chunked.fused_ce_grad(impl, x, q, y, c, smooth, keep, stats, scale)
     if scale is None:
         grad.mul_(chunked._class_bcast(g.reshape(-1), grad))
     return grad.contiguous()
 
 
 @cross_entropy_fused_backward.register_fake
-def _(grad_loss, x, q, y, c, smooth, keep, backend):
+def _(grad_loss, x, q, y, c, smooth, keep, stats, backend):
     return x.new_empty(x.shape)
 
 
 def _ce_setup(ctx, inputs, output):
     ctx.backend = inputs[-1]
-    ctx.save_for_backward(*inputs[:-1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs[:-1], output[1])
 
 
-def _ce_backward(ctx, g_loss):
-    x, q, y, c, smooth, keep = ctx.saved_tensors
-    grad = cross_entropy_fused_backward(g_loss.contiguous(), x, q, y, c, smooth, keep, ctx.backend)
+def _ce_backward(ctx, g_loss, _g_stats):
+    x, q, y, c, smooth, keep, stats = ctx.saved_tensors
+    grad = cross_entropy_fused_backward(g_loss.contiguous(), x, q, y, c, smooth, keep, stats, ctx.backend)
     return grad, None, None, None, None, None, None
 
 
@@ -284,7 +288,7 @@ def cross_entropy(
         y = y.contiguous()
     # keep is passed also without smoothing: c = 0 alone would leave NaN logits of an
     # ignored row to the torch and Triton paths (the C kernel skips rows with c = -0.0)
-    return cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend), den
+    return cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend)[0], den
 
 
 # ------------------------------------------------------------ fused linear + CE
