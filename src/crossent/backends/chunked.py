@@ -10,6 +10,7 @@ import torch
 
 from . import reference
 from .._dtypes import mean_grad_scale
+from ..errors import fail
 
 # 2**16 float32 elements = 256 KiB per intermediate: a chunk's few temporaries stay in L2/L3
 # while per-op overhead (~5-10 us per torch call) stays small against the work per chunk.
@@ -357,7 +358,7 @@ def _spatial_ok(impl, x, q) -> bool:
     Class-index targets, the CPU kernel table (not chunked-torch, not Triton), float32,
     contiguous, non-empty, kernel built. Everything else is flattened to rows first.
     """
-    return getattr(impl, "spatial", False) and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
+    return impl.spatial and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
 
 
 def _ce_mask(loss, keep, smooth):
@@ -612,8 +613,6 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
     class-index targets and when the logits need a gradient; without autograd (e.g. under
     ``torch.no_grad()``) the logits are left untouched and this is the normal path.
     """
-    from .._validation import fail
-
     func = "cross_entropy"
     if not index_target:
         fail(
@@ -710,14 +709,8 @@ def make_ops(impl: Kernels) -> dict:
         ``crossent.functional.cross_entropy(inplace_backward=True)``)."""
         return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
 
-    cross_entropy.accepts_reduction = True
-    cross_entropy_inplace.accepts_reduction = True
-    # cross_entropy also takes K-dim logits as (N, C, S) (class-index targets (N*S,)): the
-    # functional layer then skips its move-classes-last copy; the op makes it only if needed.
-    cross_entropy.accepts_spatial = True
-
-    binary_cross_entropy_with_logits.supports_sum_only = True
-    binary_cross_entropy.supports_sum_only = True
+    # What these ops accept beyond the reference contract (reduction=, (N, C, S) logits,
+    # sum_only=) is declared with their registration: ``FUSED`` in ``crossent.backends``.
     return {
         "binary_cross_entropy": binary_cross_entropy,
         "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,

@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _config
-from .._validation import KernelCacheWarning
+from ..errors import KernelCacheWarning, fail
 
 _SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
 
@@ -410,8 +410,6 @@ def _ptr(t: Optional[torch.Tensor]):
 
 
 def _bad_targets(y, C, bad):
-    from .._validation import fail
-
     lo, hi = int(y.min()), int(y.max())
     fail(
         "cross_entropy",
