@@ -62,7 +62,7 @@ def _weight_and_mask(loss, grad, w, keep):
     return loss, grad
 
 
-def _bcewl_chunk(x, t, pos, w, keep):
+def _bce_with_logits_chunk(x, t, pos, w, keep):
     """Loss and d loss / dx of one chunk (pure torch), reference formulas.
 
     With :math:`e = e^{-|x|}`: softplus(+-x) = max(+-x, 0) + log1p(e) (non-negative sums),
@@ -146,12 +146,12 @@ def _cycled_pos_weight(x, pos_weight):
     return pos_weight.expand(x.shape).contiguous(), x.numel()
 
 
-def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
+def _bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
     """(loss or its sum, grad * scale) for the whole tensor: compiled kernel or chunked torch ops."""
     cpp = _cpp() if use_cpp and _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
-        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
-    return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
+        return cpp.bce_with_logits(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
+    return _elementwise_forward(_bce_with_logits_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
 
 
 def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
@@ -168,7 +168,7 @@ def elementwise_sum(impl, logits: bool, x, t, weight, pos_weight, keep, want_gra
     cpp = _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
         return cpp._bce(0 if logits else 1, x, t, *_cycled_pos_weight(x, pos_weight), False, scale, want_grad)
-    forward = impl.bcewl_forward if logits else impl.bce_forward
+    forward = impl.bce_with_logits_forward if logits else impl.bce_forward
     total, grad = forward(x, t, weight, pos_weight, keep, True, scale if impl.prescale else None)
     if want_grad and scale is not None and not impl.prescale:
         grad = grad * scale
@@ -192,7 +192,7 @@ class _FusedElementwise(torch.autograd.Function):
         sum_only, scale = opts
         if not impl.prescale:
             scale = None
-        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
+        forward = impl.bce_with_logits_forward if kind == "logits" else impl.bce_forward
         loss, grad = forward(x, t, weight, pos_weight, keep, sum_only, scale)
         ctx.kind, ctx.sum_only, ctx.grad, ctx.scale, ctx.forward = kind, sum_only, grad, scale, forward
         ctx.save_for_backward(x, t, weight, pos_weight, keep)
@@ -259,7 +259,7 @@ def _reference_grads(ctx, fn, inputs, grad_out):
 
 def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only, grad_scale=None):
     if not _needs_graph(x, t, weight, pos_weight):
-        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
+        forward = impl.bce_with_logits_forward if kind == "logits" else impl.bce_forward
         with torch.no_grad():
             return forward(x, t, weight, pos_weight, keep, sum_only)[0]
     return _FusedElementwise.apply(impl, kind, (sum_only, grad_scale), x, t, weight, pos_weight, keep)
@@ -662,13 +662,15 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
 class Kernels:
     """The three forward kernels a fused backend provides (see :func:`make_ops`).
 
-    ``bcewl_forward(x, t, weight, pos_weight, keep, sum_only) -> (loss or its sum, grad)``,
+    ``bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only) -> (loss or its sum, grad)``,
     ``bce_forward`` likewise, ``ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out=None)
     -> (loss (M,), grad (M, C) or None)`` where ``grad_out`` may be ``x`` (in-place).
     """
 
-    def __init__(self, bcewl_forward, bce_forward, ce_forward, prescale: bool = False, spatial: bool = False):
-        self.bcewl_forward, self.bce_forward, self.ce_forward = bcewl_forward, bce_forward, ce_forward
+    def __init__(self, bce_with_logits_forward, bce_forward, ce_forward, prescale: bool = False, spatial: bool = False):
+        self.bce_with_logits_forward = bce_with_logits_forward
+        self.bce_forward = bce_forward
+        self.ce_forward = ce_forward
         # prescale: the BCE forwards honour ``scale`` (multiply the gradient in the same
         # pass), and reading grad_output with .item() in backward costs no device sync.
         self.prescale = prescale
@@ -719,7 +721,7 @@ def make_ops(impl: Kernels) -> dict:
     }
 
 
-CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward, prescale=True, spatial=True)
+CPU = Kernels(_bce_with_logits_forward, _bce_forward, _ce_forward, prescale=True, spatial=True)
 OPS = make_ops(CPU)
 binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
@@ -727,8 +729,8 @@ cross_entropy = OPS["cross_entropy"]
 cross_entropy_inplace = OPS["cross_entropy_inplace"]
 
 
-def _bcewl_forward_torch(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
-    return _bcewl_forward(x, t, weight, pos_weight, keep, sum_only, scale, use_cpp=False)
+def _bce_with_logits_forward_torch(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
+    return _bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only, scale, use_cpp=False)
 
 
 def _bce_forward_torch(p, t, weight, pos_weight, keep, sum_only=False, scale=None):
@@ -741,5 +743,5 @@ def _ce_forward_torch(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, 
 
 # Backend "chunked-torch": the same fused autograd with the compiled kernel never used
 # (the chunked torch-ops fallback), selectable by name, e.g. CROSSENT_BACKEND=chunked-torch.
-CPU_TORCH = Kernels(_bcewl_forward_torch, _bce_forward_torch, _ce_forward_torch, prescale=True)
+CPU_TORCH = Kernels(_bce_with_logits_forward_torch, _bce_forward_torch, _ce_forward_torch, prescale=True)
 TORCH_OPS = make_ops(CPU_TORCH)

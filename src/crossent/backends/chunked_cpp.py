@@ -423,7 +423,7 @@ class _Kernels:
     """Tensor-level wrappers; callers guarantee float32, contiguous, CPU."""
 
     @staticmethod
-    def bcewl(x, t, pw, L, want_loss, scale=None):
+    def bce_with_logits(x, t, pw, L, want_loss, scale=None):
         return _Kernels._bce(0, x, t, pw, L, want_loss, scale)
 
     @staticmethod
@@ -431,7 +431,7 @@ class _Kernels:
         return _Kernels._bce(1, p, t, pw, L, want_loss, scale)
 
     @staticmethod
-    def bcewl_into(x, t, pw, L, loss, grad):
+    def bce_with_logits_into(x, t, pw, L, loss, grad):
         """Per-element BCE-with-logits losses into ``loss`` (may be ``x`` itself: each
         vector is read before it is written) and gradients into ``grad``."""
         _lib.crossent_bce(

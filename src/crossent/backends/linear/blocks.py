@@ -232,7 +232,7 @@ class CpuKernelBlocks(TorchBlocks):
             return bce_with_logits_block(L, tgt, r0, r1, c0, c1, dtype, want_grad)
         t, _ = tgt.block(r0, r1, c0, c1, dtype)
         g = torch.empty_like(L)
-        kernel.bcewl_into(L, t.contiguous(), pw, c1 - c0, L, g)
+        kernel.bce_with_logits_into(L, t.contiguous(), pw, c1 - c0, L, g)
         return L, (g if want_grad else None)
 
 

@@ -40,7 +40,7 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
 def _elementwise(kernel_name):
     def forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):  # scale: see Kernels.prescale
         if x.dtype == torch.float64:
-            chunk = chunked._bcewl_chunk if kernel_name == "bce_logits_kernel" else chunked._bce_chunk
+            chunk = chunked._bce_with_logits_chunk if kernel_name == "bce_with_logits_kernel" else chunked._bce_chunk
             return chunked._elementwise_forward(chunk, x, t, weight, pos_weight, keep, sum_only)
         k = _kernels()
         shape = x.shape
@@ -132,7 +132,7 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, scale=
     return loss.to(x.dtype), grad_out
 
 
-KERNELS = chunked.Kernels(_elementwise("bce_logits_kernel"), _elementwise("bce_probs_kernel"), _ce_forward)
+KERNELS = chunked.Kernels(_elementwise("bce_with_logits_kernel"), _elementwise("bce_probs_kernel"), _ce_forward)
 OPS = chunked.make_ops(KERNELS)
 binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
