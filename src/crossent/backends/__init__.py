@@ -22,7 +22,7 @@ from ._registry import (
     register,
     resolve,
 )
-from . import ops  # noqa: F401  (the crossent:: torch.library ops, used under capture)
+from . import ops  # the crossent:: torch.library ops (under capture, and the LM-head ops)
 
 
 def _cpu_only(device):
@@ -69,15 +69,30 @@ register(
     )
 )
 
+
 # The same fused autograd with the compiled kernel never used (the chunked torch-ops
 # fallback), selectable by name, e.g. CROSSENT_BACKEND=chunked-torch. Its loss ops run on
 # CPU only (where ``chunked`` wins the automatic choice); its fused linear and LM-head ops
 # are plain torch ops on any device: the CUDA fallback without Triton, outranking the
 # unfused ``reference``.
+def _lm_head_op(x, W, b, y, keep, sigma, temperature, softcap, rows):
+    """``lm_head`` of chunked-torch: the registered op ``crossent::lm_head_forward`` (row
+    blocks, never (N, C)); its bodies are in :mod:`.lm_head`."""
+    return ops.lm_head(x, W, b, y, keep, sigma, float(temperature), float(softcap or 0.0), int(rows))
+
+
+def _lm_head_loss_op(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows):
+    """``lm_head_loss`` of chunked-torch: the summed loss with gradients in the same pass
+    (``crossent::lm_head_loss_fused``): ``(total, lse, correct)``."""
+    return ops.lm_head_loss(
+        x, W, b, y, keep, sigma, c_nll, c_sm, c_z, float(temperature), float(softcap or 0.0), int(rows)
+    )
+
+
 _CHUNKED_TORCH_ANY_DEVICE: Dict[str, Callable] = {
     **_linear.OPS_CHUNKED,
-    "lm_head": lm_head.lm_head_chunked,
-    "lm_head_loss": lm_head.lm_head_loss_chunked,
+    "lm_head": _lm_head_op,
+    "lm_head_loss": _lm_head_loss_op,
 }
 register(
     Backend(
