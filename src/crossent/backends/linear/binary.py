@@ -17,7 +17,7 @@ from .plan import spans
 from .targets import bce_ignored
 
 
-def _bce_pass(ops, tgt, plan, grads, scale, per_element, loss_out):
+def _bce_with_logits_pass(ops, tgt, plan, grads, scale, per_element, loss_out):
     """One pass, classes outer and rows inner: loss (rows or elements) and gradients.
 
     ``scale``: None, 0-dim, (N,) per-row or (N, L) per-element factors of the gradient.
@@ -67,7 +67,7 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
             loss = torch.empty(N, L_, dtype=cdt, device=x.device)
         else:
             loss = torch.zeros(N, dtype=cdt, device=x.device)
-        _bce_pass(ops, tgt, plan, grads, scale, per_element, loss)
+        _bce_with_logits_pass(ops, tgt, plan, grads, scale, per_element, loss)
         ctx.save_for_backward(x, W, b)
         ctx.tgt, ctx.plan, ctx.cdt, ctx.scale, ctx.ignored = tgt, plan, cdt, scale, ignored
         ctx.pre = grads.results(x.dtype, None if b is None else b.dtype) if want else None
@@ -76,7 +76,7 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss):
         def recompute(ops, grads):
-            _bce_pass(ops, ctx.tgt, ctx.plan, grads, g_loss.to(ctx.cdt), g_loss.dim() == 2, None)
+            _bce_with_logits_pass(ops, ctx.tgt, ctx.plan, grads, g_loss.to(ctx.cdt), g_loss.dim() == 2, None)
 
         return linear_backward(ctx, "linear_binary_cross_entropy_with_logits", g_loss, recompute, 5)
 

@@ -205,11 +205,11 @@ TORCH_BLOCKS = TorchBlocks()
 
 
 class CpuKernelBlocks(TorchBlocks):
-    """:class:`TorchBlocks` with the usual BCE block (float32 on CPU, labels 0/1 or soft,
-    no per-element weight, no ``ignore_index``, no smoothing, ``pos_weight`` per label) in
-    the compiled kernel of :mod:`.chunked_cpp`: loss and gradient in one pass, the losses
-    written over the logits block (no block temporaries besides the gradient). Anything
-    else, or no compiled kernel, takes the torch-ops block."""
+    """:class:`TorchBlocks` with the usual BCE-with-logits block (float32 on CPU, labels
+    0/1 or soft, no per-element weight, no ``ignore_index``, no smoothing, ``pos_weight``
+    per label) in the compiled kernel of :mod:`crossent.backends.chunked_cpp`: loss and
+    gradient in one pass, the losses written over the logits block (no block temporaries
+    besides the gradient). Anything else, or no compiled kernel, takes the torch-ops block."""
 
     @staticmethod
     def bce(L, tgt, r0, r1, c0, c1, dtype, want_grad):
