@@ -10,6 +10,7 @@ import torch
 
 from . import reference
 from .._dtypes import mean_grad_scale
+from ..errors import fail
 
 # 2**16 float32 elements = 256 KiB per intermediate: a chunk's few temporaries stay in L2/L3
 # while per-op overhead (~5-10 us per torch call) stays small against the work per chunk.
@@ -61,7 +62,7 @@ def _weight_and_mask(loss, grad, w, keep):
     return loss, grad
 
 
-def _bcewl_chunk(x, t, pos, w, keep):
+def _bce_with_logits_chunk(x, t, pos, w, keep):
     """Loss and d loss / dx of one chunk (pure torch), reference formulas.
 
     With :math:`e = e^{-|x|}`: softplus(+-x) = max(+-x, 0) + log1p(e) (non-negative sums),
@@ -145,12 +146,12 @@ def _cycled_pos_weight(x, pos_weight):
     return pos_weight.expand(x.shape).contiguous(), x.numel()
 
 
-def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
+def _bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
     """(loss or its sum, grad * scale) for the whole tensor: compiled kernel or chunked torch ops."""
     cpp = _cpp() if use_cpp and _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
-        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
-    return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
+        return cpp.bce_with_logits(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
+    return _elementwise_forward(_bce_with_logits_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
 
 
 def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
@@ -167,7 +168,7 @@ def elementwise_sum(impl, logits: bool, x, t, weight, pos_weight, keep, want_gra
     cpp = _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
         return cpp._bce(0 if logits else 1, x, t, *_cycled_pos_weight(x, pos_weight), False, scale, want_grad)
-    forward = impl.bcewl_forward if logits else impl.bce_forward
+    forward = impl.bce_with_logits_forward if logits else impl.bce_forward
     total, grad = forward(x, t, weight, pos_weight, keep, True, scale if impl.prescale else None)
     if want_grad and scale is not None and not impl.prescale:
         grad = grad * scale
@@ -200,7 +201,7 @@ class _FusedElementwise(torch.autograd.Function):
         sum_only, scale = opts
         if not impl.prescale:
             scale = None
-        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
+        forward = impl.bce_with_logits_forward if kind == "logits" else impl.bce_forward
         loss, grad = forward(x, t, weight, pos_weight, keep, sum_only, scale)
         ctx.kind, ctx.sum_only, ctx.grad, ctx.scale, ctx.forward = kind, sum_only, grad, scale, forward
         ctx.save_for_backward(x, t, weight, pos_weight, keep)
@@ -267,7 +268,7 @@ def _reference_grads(ctx, fn, inputs, grad_out):
 
 def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only, grad_scale=None):
     if not _needs_graph(x, t, weight, pos_weight):
-        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
+        forward = impl.bce_with_logits_forward if kind == "logits" else impl.bce_forward
         with torch.no_grad():
             return forward(x, t, weight, pos_weight, keep, sum_only)[0]
     return _FusedElementwise.apply(impl, kind, (sum_only, grad_scale), x, t, weight, pos_weight, keep)
@@ -363,7 +364,7 @@ def _spatial_ok(impl, x, q) -> bool:
     Class-index targets, the CPU kernel table (not chunked-torch, not Triton), float32,
     contiguous, non-empty, kernel built. Everything else is flattened to rows first.
     """
-    return getattr(impl, "spatial", False) and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
+    return impl.spatial and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
 
 
 def _ce_mask(loss, keep, smooth):
@@ -664,8 +665,6 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
     class-index targets and when the logits need a gradient; without autograd (e.g. under
     ``torch.no_grad()``) the logits are left untouched and this is the normal path.
     """
-    from .._validation import fail
-
     func = "cross_entropy"
     if not index_target:
         fail(
@@ -715,13 +714,15 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
 class Kernels:
     """The three forward kernels a fused backend provides (see :func:`make_ops`).
 
-    ``bcewl_forward(x, t, weight, pos_weight, keep, sum_only) -> (loss or its sum, grad)``,
+    ``bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only) -> (loss or its sum, grad)``,
     ``bce_forward`` likewise, ``ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out=None)
     -> (loss (M,), grad (M, C) or None)`` where ``grad_out`` may be ``x`` (in-place).
     """
 
-    def __init__(self, bcewl_forward, bce_forward, ce_forward, prescale: bool = False, spatial: bool = False):
-        self.bcewl_forward, self.bce_forward, self.ce_forward = bcewl_forward, bce_forward, ce_forward
+    def __init__(self, bce_with_logits_forward, bce_forward, ce_forward, prescale: bool = False, spatial: bool = False):
+        self.bce_with_logits_forward = bce_with_logits_forward
+        self.bce_forward = bce_forward
+        self.ce_forward = ce_forward
         # prescale: the BCE forwards honour ``scale`` (multiply the gradient in the same
         # pass), and reading grad_output with .item() in backward costs no device sync.
         self.prescale = prescale
@@ -762,14 +763,8 @@ def make_ops(impl: Kernels) -> dict:
         ``crossent.functional.cross_entropy(inplace_backward=True)``)."""
         return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
 
-    cross_entropy.accepts_reduction = True
-    cross_entropy_inplace.accepts_reduction = True
-    # cross_entropy also takes K-dim logits as (N, C, S) (class-index targets (N*S,)): the
-    # functional layer then skips its move-classes-last copy; the op makes it only if needed.
-    cross_entropy.accepts_spatial = True
-
-    binary_cross_entropy_with_logits.supports_sum_only = True
-    binary_cross_entropy.supports_sum_only = True
+    # What these ops accept beyond the reference contract (reduction=, (N, C, S) logits,
+    # sum_only=) is declared with their registration: ``FUSED`` in ``crossent.backends``.
     return {
         "binary_cross_entropy": binary_cross_entropy,
         "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
@@ -778,7 +773,7 @@ def make_ops(impl: Kernels) -> dict:
     }
 
 
-CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward, prescale=True, spatial=True)
+CPU = Kernels(_bce_with_logits_forward, _bce_forward, _ce_forward, prescale=True, spatial=True)
 OPS = make_ops(CPU)
 binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
@@ -786,8 +781,8 @@ cross_entropy = OPS["cross_entropy"]
 cross_entropy_inplace = OPS["cross_entropy_inplace"]
 
 
-def _bcewl_forward_torch(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
-    return _bcewl_forward(x, t, weight, pos_weight, keep, sum_only, scale, use_cpp=False)
+def _bce_with_logits_forward_torch(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
+    return _bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only, scale, use_cpp=False)
 
 
 def _bce_forward_torch(p, t, weight, pos_weight, keep, sum_only=False, scale=None):
@@ -800,5 +795,5 @@ def _ce_forward_torch(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, 
 
 # Backend "chunked-torch": the same fused autograd with the compiled kernel never used
 # (the chunked torch-ops fallback), selectable by name, e.g. CROSSENT_BACKEND=chunked-torch.
-CPU_TORCH = Kernels(_bcewl_forward_torch, _bce_forward_torch, _ce_forward_torch, prescale=True)
+CPU_TORCH = Kernels(_bce_with_logits_forward_torch, _bce_forward_torch, _ce_forward_torch, prescale=True)
 TORCH_OPS = make_ops(CPU_TORCH)

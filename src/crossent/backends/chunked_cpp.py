@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _config
-from .._validation import KernelCacheWarning
+from ..errors import KernelCacheWarning, fail
 
 _SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
 
@@ -414,8 +414,6 @@ def _ptr(t: Optional[torch.Tensor]):
 
 
 def _bad_targets(y, C, bad):
-    from .._validation import fail
-
     lo, hi = int(y.min()), int(y.max())
     fail(
         "cross_entropy",
@@ -429,7 +427,7 @@ class _Kernels:
     """Tensor-level wrappers; callers guarantee float32, contiguous, CPU."""
 
     @staticmethod
-    def bcewl(x, t, pw, L, want_loss, scale=None):
+    def bce_with_logits(x, t, pw, L, want_loss, scale=None):
         return _Kernels._bce(0, x, t, pw, L, want_loss, scale)
 
     @staticmethod
@@ -437,7 +435,7 @@ class _Kernels:
         return _Kernels._bce(1, p, t, pw, L, want_loss, scale)
 
     @staticmethod
-    def bcewl_into(x, t, pw, L, loss, grad):
+    def bce_with_logits_into(x, t, pw, L, loss, grad):
         """Per-element BCE-with-logits losses into ``loss`` (may be ``x`` itself: each
         vector is read before it is written) and gradients into ``grad``."""
         _lib.crossent_bce(

@@ -86,7 +86,7 @@ def bce_fused(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     impl = _kernels(backend, x.device)
-    forward = impl.bcewl_forward if logits else impl.bce_forward
+    forward = impl.bce_with_logits_forward if logits else impl.bce_forward
     loss, grad = forward(x, t, weight, pos_weight, keep, False, None)
     return loss.contiguous(), grad.contiguous()
 

@@ -65,7 +65,7 @@ def _weigh_and_store(
 
 
 @triton.jit
-def bce_logits_kernel(
+def bce_with_logits_kernel(
     x_ptr,
     t_ptr,
     pw_ptr,
