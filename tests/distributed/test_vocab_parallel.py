@@ -121,9 +121,16 @@ def _compare_parts(got, ref, msg):
     assert got["total"].dtype == torch.float64 and got["den"].dtype == torch.float64
 
 
-@pytest.mark.parametrize("P", [2, 3])
-def test_parity_with_one_process_uneven_shards(P, tmp_path):
-    results = _launch("parity", P, tmp_path)
+@pytest.fixture(scope="module", params=[2, 3], ids=["P2", "P3"])
+def parity_run(request, tmp_path_factory):
+    """(P, results): one process group per P runs the parity and the options scenarios
+    (spawning is the expensive part)."""
+    P = request.param
+    return P, _launch("parity+options", P, tmp_path_factory.mktemp(f"parity{P}"))
+
+
+def test_parity_with_one_process_uneven_shards(parity_run):
+    P, results = parity_run
     bounds = wk.BOUNDS[P]
     for c in wk.cases():
         k = wk.key(c)
@@ -171,6 +178,56 @@ def test_parity_with_one_process_uneven_shards(P, tmp_path):
     for res in results:  # each rank its own rows, synced over the world: the whole batch's mean
         assert abs(res["meter_dp"] - dp) <= 8 * 2.0**-52 * abs(dp)
     _confident_row(results, bounds)
+
+
+def _reference_option(c):
+    """Single-process crossent on the gathered data, the options of case ``c``: outputs and
+    the gradients of the full tensors."""
+    dt = wk.DTYPES[c["dtype"]]
+    x, y, w, h, W, b, u = wk.data(dt, c["ignore"])
+    tw, q, u2 = wk.extra(dt)
+    fns = dict(
+        ce=crossent.cross_entropy,
+        lce=crossent.linear_cross_entropy,
+        tlp=crossent.token_logprobs,
+        ltlp=crossent.linear_token_logprobs,
+    )
+    with warnings.catch_warnings():  # every target ignored: the single-process loss warns (nan mean)
+        warnings.simplefilter("ignore", crossent.CrossentWarning)
+        out, res, leaves = wk.option_call(c, fns, x, y, w, h, W, b, tw, q, 0, wk.V, {})
+    wk.option_backward(c, out, u, u2).backward()
+    res.update({k: t.grad for k, t in leaves.items()})
+    return res
+
+
+def test_options_match_one_process(parity_run):
+    """LM-head options, per-token log-probs and entropy, probability targets: values,
+    LossParts, lse, hit counts and every gradient against one process, on every rank."""
+    P, results = parity_run
+    bounds = wk.BOUNDS[P]
+    for c in wk.option_cases():
+        k = "options," + wk.key(c)
+        ref = _reference_option(c)
+        for r, res in enumerate(results):
+            lo, hi = bounds[r], bounds[r + 1]
+            got = res[k]
+            msg = f"P={P} rank {r} {k}"
+            assert set(got) == set(ref), msg
+            for name, want in ref.items():
+                if name in ("grad", "grad_W", "grad_b"):
+                    want = want[:, lo:hi] if name == "grad" else want[lo:hi]
+                if name == "den":
+                    assert torch.equal(got[name], want) or got[name].isnan().all(), msg + " den"
+                elif name == "hits":
+                    assert got[name].dtype == torch.int64 and torch.equal(got[name], want), msg + " hits"
+                elif name == "total":
+                    assert_ulp(got[name], want, f"{msg} {name}", dtype=wk.DTYPES[c["dtype"]])
+                else:
+                    assert_ulp(got[name], want.detach(), f"{msg} {name}")
+        for res in results[1:]:  # every rank returns the same bits
+            for name in ("loss", "lp", "H", "lse"):
+                if name in ref:
+                    assert torch.equal(res[k][name].nan_to_num(7.0), results[0][k][name].nan_to_num(7.0)), k
 
 
 def _confident_row(results, bounds):
@@ -292,11 +349,40 @@ def test_one_rank_equals_one_process(one_rank):
 def test_guardrails(one_rank):
     from crossent.distributed import vocab_parallel_cross_entropy as vp
     from crossent.distributed import vocab_parallel_linear_cross_entropy as vpl
+    from crossent.distributed import vocab_parallel_linear_token_logprobs as vplt
+    from crossent.distributed import vocab_parallel_token_logprobs as vpt
     from crossent import CrossentIndexError, CrossentTypeError, CrossentValueError
 
     x, y, w, h, W, b, u = wk.data(torch.float32)
-    with pytest.raises(CrossentTypeError, match="class-index targets.*probability targets"):
-        vp(x, torch.softmax(x, 1))
+    with pytest.raises(CrossentTypeError, match="class-index targets.*dtype torch.bool"):
+        vp(x, y > 3)
+    with pytest.raises(
+        CrossentTypeError, match="class-index targets.*dtype torch.float32.*go to vocab_parallel_cross_entropy"
+    ):
+        vpl(h, W, y.float())
+    q = torch.softmax(x, 1)
+    with pytest.raises(CrossentValueError, match=r"target of shape \(9, 11\).*got target of shape \(9, 5\)"):
+        vp(x, q[:, :5])
+    with pytest.raises(CrossentValueError, match="class-index targets with the LM-head options.*probability"):
+        vp(x, q, z_loss=1e-4)
+    with pytest.raises(CrossentValueError, match="non-negative class-probability targets.*-0.5 at flat index 3"):
+        vp(x, q.flatten().index_fill(0, torch.tensor([3]), -0.5).view(9, 11))
+    with pytest.raises(CrossentValueError, match="`target` that does not require grad.*target.detach"):
+        vp(x, q.clone().requires_grad_())
+    with pytest.raises(CrossentValueError, match="`z_loss` finite and >= 0"):
+        vp(x, y, z_loss=-1.0)
+    with pytest.raises(CrossentValueError, match="`softcap` None or finite and > 0"):
+        vpl(h, W, y, softcap=0.0)
+    with pytest.raises(CrossentValueError, match=r"`token_weight` of the target's shape \(9,\)"):
+        vp(x, y, token_weight=torch.ones(4))
+    with pytest.raises(CrossentValueError, match="`temperature` finite and > 0"):
+        vpt(x, y, temperature=0.0)
+    with pytest.raises(CrossentTypeError, match="class-index targets"):
+        vplt(h, W, y.double())
+    with pytest.raises(CrossentValueError, match=r"`target` of shape \(9,\) \(one token id per row"):
+        vpt(x, y[:3])
+    with pytest.raises(CrossentIndexError, match=r"class indices in \[0, 10\]"):
+        vplt(h, W, y + 20)
     with pytest.raises(CrossentValueError, match=r"`weight` of shape \(11,\).*slice"):
         vp(x, y, weight=w[:5])
     with pytest.raises(CrossentValueError, match="both given or both None"):
@@ -371,12 +457,20 @@ def test_dtensor_guardrails(one_rank):
     with pytest.raises(CrossentValueError, match="`target` replicated.*placements"):
         crossent.cross_entropy(xd, distribute_tensor(y, mesh, [Shard(0)]))
     Wd = distribute_tensor(W, mesh, [Shard(0)])
-    with pytest.raises(CrossentValueError, match="no `return_lse` with a linear weight sharded"):
-        crossent.linear_cross_entropy(h, Wd, y, return_lse=True)
-    with pytest.raises(CrossentValueError, match="no `z_loss` with logits sharded.*z_loss=0.0001"):
-        crossent.cross_entropy(xd, y, z_loss=1e-4)
-    with pytest.raises(CrossentValueError, match="no `temperature` with a linear weight sharded"):
-        crossent.linear_cross_entropy(h, Wd, y, temperature=0.5)
+    with pytest.raises(CrossentValueError, match="no `backend` with a linear weight sharded.*backend='chunked'"):
+        crossent.linear_cross_entropy(h, Wd, y, backend="chunked")
+    with pytest.raises(CrossentValueError, match="no `inplace_backward` with logits sharded"):
+        crossent.cross_entropy(xd, y, inplace_backward=True)
+    # the LM-head options go along; lse and hits come back as replicated DTensors
+    loss, lse, hits = crossent.cross_entropy(xd, y, z_loss=1e-2, softcap=3.0, return_lse=True, return_accuracy=True)
+    ref, ref_lse, ref_hits = crossent.cross_entropy(
+        x, y, z_loss=1e-2, softcap=3.0, return_lse=True, return_accuracy=True
+    )
+    assert_ulp(loss.full_tensor(), ref)
+    assert_ulp(lse.full_tensor(), ref_lse)
+    assert torch.equal(hits.full_tensor(), ref_hits)
+    got = crossent.linear_cross_entropy(h, Wd, y, temperature=0.5, token_weight=u)
+    assert_ulp(got.full_tensor(), crossent.linear_cross_entropy(h, W, y, temperature=0.5, token_weight=u))
     # on one rank the sharded path is the whole vocabulary: equal to the plain call
     assert_ulp(crossent.cross_entropy(xd, y, weight=w).full_tensor(), crossent.cross_entropy(x, y, weight=w))
     assert_ulp(crossent.linear_cross_entropy(h, Wd, y).full_tensor(), crossent.linear_cross_entropy(h, W, y))

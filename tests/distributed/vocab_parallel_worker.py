@@ -1,4 +1,4 @@
-"""One rank of the vocabulary-parallel tests: ``python vocab_parallel_worker.py SCENARIO OUTDIR``.
+"""One rank of the vocabulary-parallel tests: ``python vocab_parallel_worker.py SCENARIO[+SCENARIO...] OUTDIR``.
 
 Environment: RANK, WORLD_SIZE, MASTER_PORT (gloo over TCP on 127.0.0.1). Each rank takes
 its slice of the data made by :func:`data` (the same seeds as the test process, which
@@ -190,6 +190,136 @@ def run_dtensor(rank, P, save):
         save[f"replicated,{dt}"] = dict(loss=loss.full_tensor().detach(), grad=xr.grad.full_tensor())
 
 
+def extra(dtype: torch.dtype, seed: int = 1):
+    """Token weights tau (N,), class-probability targets q (N, V) and a second upstream
+    u2 (N,) (another generator than :func:`data`, so its tensors stay as they are)."""
+    g = torch.Generator().manual_seed(seed)
+    tw = (torch.rand(N, generator=g, dtype=torch.float64) * 2).to(dtype)
+    q = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2, dim=1).to(dtype)
+    q[1] = 0.0
+    q[1, 3] = 1.0  # a one-hot row
+    u2 = torch.rand(N, generator=g, dtype=torch.float64).to(dtype)
+    return tw, q, u2
+
+
+#: the LM-head options of the option cases: each alone, then all at once
+LM_ALONE = ({"z_loss": 0.05}, {"softcap": 4.0}, {"temperature": 0.7}, {"token_weight": True}, {"lse": True})
+LM_ALL = {
+    "weight": True,
+    "label_smoothing": 0.1,
+    "z_loss": 0.05,
+    "softcap": 4.0,
+    "temperature": 1.5,
+    "token_weight": True,
+    "lse": True,
+}
+
+
+def option_cases():
+    """(kind, options) of the options scenario. kind: 'ce' (logits), 'lce' (linear),
+    'tlp' / 'ltlp' (token log-probs of logits / linear), 'probs' (probability targets)."""
+    out = []
+    for dt in DTYPES:
+        for kind in ("ce", "lce"):
+            for opts in LM_ALONE:
+                out.append(dict(kind=kind, dtype=dt, reduction="mean", ignore="some", **opts))
+            for red in ("mean", "sum", "none"):
+                out.append(dict(kind=kind, dtype=dt, reduction=red, ignore="some", **LM_ALL))
+            for ig in ("all", "shard0"):
+                out.append(dict(kind=kind, dtype=dt, reduction="mean", ignore=ig, **LM_ALL))
+        for kind in ("tlp", "ltlp"):
+            for ig in ("some", "all", "shard0"):
+                out.append(dict(kind=kind, dtype=dt, reduction="none", ignore=ig, entropy=True))
+            out.append(dict(kind=kind, dtype=dt, reduction="none", ignore="some", softcap=4.0, temperature=0.7))
+            out.append(
+                dict(kind=kind, dtype=dt, reduction="none", ignore="some", softcap=4.0, temperature=0.7, entropy=True)
+            )
+        for red in ("mean", "sum", "none"):
+            for opts in ({}, {"weight": True}, {"weight": True, "label_smoothing": 0.2}):
+                out.append(dict(kind="probs", dtype=dt, reduction=red, ignore="none", **opts))
+    return out
+
+
+def option_call(c, fns, x, y, w, h, W, b, tw, q, lo, hi, group_kw):
+    """Run case ``c`` with ``fns`` (the single-process or the vocabulary-parallel functions:
+    ce, lce, tlp, ltlp) on the classes [lo, hi); returns (outputs, leaves) where outputs
+    is a dict of result tensors and leaves the differentiated inputs by name."""
+    kind = c["kind"]
+    kw = {}
+    if kind in ("ce", "lce", "probs"):
+        kw = dict(reduction=c["reduction"], return_parts=True, label_smoothing=c.get("label_smoothing", 0.0))
+        if c.get("weight"):
+            kw["weight"] = w[lo:hi]
+    for k in ("z_loss", "softcap", "temperature"):
+        if k in c:
+            kw[k] = c[k]
+    if c.get("token_weight"):
+        kw["token_weight"] = tw
+    if c.get("lse"):
+        kw.update(return_lse=True, return_accuracy=True)
+    if c.get("entropy"):
+        kw["return_entropy"] = True
+    kw.update(group_kw)
+    if kind in ("ce", "tlp", "probs"):
+        leaves = dict(grad=x[:, lo:hi].clone().requires_grad_())
+        t = q[:, lo:hi] if kind == "probs" else y
+        out = fns["tlp" if kind == "tlp" else "ce"](leaves["grad"], t, **kw)
+    else:
+        leaves = dict(grad_h=h.clone().requires_grad_(), grad_W=W[lo:hi].clone().requires_grad_())
+        leaves["grad_b"] = b[lo:hi].clone().requires_grad_()
+        fn = fns["ltlp" if kind == "ltlp" else "lce"]
+        bias = "linear_bias" if kind == "lce" and not group_kw else "bias"  # crossent.linear_cross_entropy's name
+        out = fn(leaves["grad_h"], leaves["grad_W"], y, **{bias: leaves["grad_b"]}, chunk_size=4, **kw)
+    res = {}
+    if kind in ("tlp", "ltlp"):
+        lp, H = out if c.get("entropy") else (out, None)
+        res["lp"] = lp.detach()
+        if H is not None:
+            res["H"] = H.detach()
+    else:
+        parts, *extras = out if isinstance(out, tuple) and not hasattr(out, "_fields") else (out,)
+        res.update(loss=parts.loss.detach(), total=parts.total, den=parts.denominator)
+        if extras:
+            res.update(lse=extras[0], hits=extras[1])
+    return out, res, leaves
+
+
+def option_backward(c, out, u, u2):
+    """The scalar the gradients are taken of: every output, with upstream weights."""
+    if c["kind"] in ("tlp", "ltlp"):
+        if c.get("entropy"):
+            lp, H = out
+            return (lp * u).sum() + (H * u2).sum()
+        return (out * u).sum()
+    parts = out[0] if isinstance(out, tuple) and not hasattr(out, "_fields") else out
+    return (parts.loss * u).sum() if c["reduction"] == "none" else parts.loss
+
+
+def run_options(rank, P, save):
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+        vocab_parallel_linear_token_logprobs,
+        vocab_parallel_token_logprobs,
+    )
+
+    fns = dict(
+        ce=vocab_parallel_cross_entropy,
+        lce=vocab_parallel_linear_cross_entropy,
+        tlp=vocab_parallel_token_logprobs,
+        ltlp=vocab_parallel_linear_token_logprobs,
+    )
+    lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]
+    for c in option_cases():
+        dt = DTYPES[c["dtype"]]
+        x, y, w, h, W, b, u = data(dt, c["ignore"])
+        tw, q, u2 = extra(dt)
+        out, res, leaves = option_call(c, fns, x, y, w, h, W, b, tw, q, lo, hi, dict(vocab_start=lo, vocab_size=V))
+        option_backward(c, out, u, u2).backward()
+        res.update({k: t.grad for k, t in leaves.items()})
+        save["options," + key(c)] = res
+
+
 def collective_kind(func) -> str:
     """'all_gather' / 'all_reduce' / ... for a communicating c10d op (functional or in-place
     ``c10d::allreduce_``), '' for everything else (wait_tensor and the autograd wrapper
@@ -277,7 +407,13 @@ def run_compile(rank, P, save):
         )
 
 
-SCENARIOS = {"parity": run_parity, "dtensor": run_dtensor, "count": run_count, "compile": run_compile}
+SCENARIOS = {
+    "parity": run_parity,
+    "options": run_options,
+    "dtensor": run_dtensor,
+    "count": run_count,
+    "compile": run_compile,
+}
 
 
 def main():
@@ -293,7 +429,8 @@ def main():
         timeout=datetime.timedelta(seconds=120),
     )
     save = {}
-    SCENARIOS[scenario](rank, P, save)
+    for name in scenario.split("+"):  # several scenarios in one process group: one spawn
+        SCENARIOS[name](rank, P, save)
     dist.barrier()
     dist.destroy_process_group()
     torch.save(save, os.path.join(outdir, f"rank{rank}.pt"))
