@@ -291,6 +291,12 @@ DOCUMENTED = {
     "logits": dict(forward=["all_gather"], backward=[]),
     "logits_nolayout": dict(forward=["all_gather", "all_gather"], backward=[]),
     "linear": dict(forward=["all_gather"], backward=["all_reduce"]),
+    # every LM-head option at once, log-probs with entropy, probability targets: the same
+    "logits_options": dict(forward=["all_gather"], backward=[]),
+    "linear_options": dict(forward=["all_gather"], backward=["all_reduce"]),
+    "token_logprobs": dict(forward=["all_gather"], backward=[]),
+    "linear_token_logprobs": dict(forward=["all_gather"], backward=["all_reduce"]),
+    "probs": dict(forward=["all_gather"], backward=[]),
 }
 
 
@@ -303,10 +309,11 @@ def test_collective_count_matches_the_documentation(tmp_path):
 def test_compiled_step_has_one_graph_and_eager_values(tmp_path):
     results = _launch("compile", 2, tmp_path, timeout=600)
     for res in results:
-        for name in ("logits", "linear"):
+        for name in ("logits", "linear", "logits_options", "linear_options", "token_logprobs", "probs", "dtensor"):
             got = res[name]
             assert (got["graphs"], got["breaks"]) == (1, 0), got["reasons"]
             assert_ulp(got["compiled"], got["eager"], f"compiled {name}")
+            assert len(got["compiled_grads"]) == len(got["eager_grads"]) >= 1, name
             for a, e in zip(got["compiled_grads"], got["eager_grads"]):
                 assert_ulp(a, e, f"compiled {name} grad")
 

@@ -368,43 +368,123 @@ def run_count(rank, P, save):
         with Count() as bwd:
             loss.backward()
         save[name] = dict(forward=fwd.ops, backward=bwd.ops)
+    # every option at once, the per-token outputs, probability targets: the same collectives
+    from crossent.distributed import vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs
+
+    tw, q, u2 = extra(torch.float32)
+    layout = dict(vocab_start=lo, vocab_size=V)
+    lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw, return_lse=True, return_accuracy=True)
+    for name in ("logits_options", "linear_options", "token_logprobs", "linear_token_logprobs", "probs"):
+        xl = x[:, lo:hi].clone().requires_grad_()
+        Wl = W[lo:hi].clone().requires_grad_()
+        hl = h.clone().requires_grad_()
+        with Count() as fwd:
+            if name == "logits_options":
+                loss = vocab_parallel_cross_entropy(xl, y, weight=w[lo:hi], label_smoothing=0.1, **lm, **layout)[0]
+            elif name == "linear_options":
+                loss = vocab_parallel_linear_cross_entropy(
+                    hl, Wl, y, weight=w[lo:hi], label_smoothing=0.1, chunk_size=4, **lm, **layout
+                )[0]
+            elif name == "token_logprobs":
+                lp, H = vocab_parallel_token_logprobs(xl, y, softcap=4.0, return_entropy=True, **layout)
+                loss = (lp * u).sum() + (H * u2).sum()
+            elif name == "linear_token_logprobs":
+                lp, H = vocab_parallel_linear_token_logprobs(
+                    hl, Wl, y, softcap=4.0, return_entropy=True, chunk_size=4, **layout
+                )
+                loss = (lp * u).sum() + (H * u2).sum()
+            else:
+                loss = vocab_parallel_cross_entropy(xl, q[:, lo:hi], weight=w[lo:hi], label_smoothing=0.1, **layout)
+        with Count() as bwd:
+            loss.backward()
+        save[name] = dict(forward=fwd.ops, backward=bwd.ops)
+
+
+def _compiled_case(step, args, backend=None):
+    """explain (graphs, breaks) of ``step(*args, target)``, then eager and ``fullgraph=True``
+    compiled values and gradients of ``args`` (DTensors compared as full tensors)."""
+    import crossent.distributed._dtensor as D
+
+    def full(t):
+        return t.full_tensor() if D.is_dtensor(t) else t
+
+    *args, target = args
+    ex = torch._dynamo.explain(step)(*args, target)
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    eager = step(*leaves, target)
+    eager.backward()
+    eager_grads = [full(t.grad) for t in leaves]
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    kw = {} if backend is None else {"backend": backend}
+    compiled = torch.compile(step, fullgraph=True, **kw)(*leaves, target)
+    compiled.backward()
+    return dict(
+        graphs=ex.graph_count,
+        breaks=ex.graph_break_count,
+        reasons=[str(r.reason)[:200] for r in ex.break_reasons],
+        eager=full(eager).detach(),
+        compiled=full(compiled).detach(),
+        eager_grads=eager_grads,
+        compiled_grads=[full(t.grad) for t in leaves],
+    )
 
 
 def run_compile(rank, P, save):
-    """One compiled training step per loss: explain (graphs, breaks), then fullgraph values."""
-    from crossent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+    """One compiled training step per loss: explain (graphs, breaks), then fullgraph values.
+    The base losses compile with inductor; the option steps and the DTensor step with
+    ``aot_eager`` (the same capture -- Dynamo and AOT autograd, where graph breaks and
+    tracing failures live -- without a second C++ code generation, which takes a minute
+    per step on CPU)."""
+    import crossent
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+        vocab_parallel_token_logprobs,
+    )
 
     lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]
     x, y, w, h, W, b, u = data(torch.float32)
+    tw, q, u2 = extra(torch.float32)
+    layout = dict(vocab_start=lo, vocab_size=V)
 
     def logits_step(xl, y):
-        return vocab_parallel_cross_entropy(
-            xl * 2.0, y, vocab_start=lo, vocab_size=V, weight=w[lo:hi], label_smoothing=0.1
-        )
+        return vocab_parallel_cross_entropy(xl * 2.0, y, weight=w[lo:hi], label_smoothing=0.1, **layout)
 
     def linear_step(hl, Wl, y):
-        return vocab_parallel_linear_cross_entropy(
-            hl, Wl, y, vocab_start=lo, vocab_size=V, chunk_size=4, label_smoothing=0.1
-        )
+        return vocab_parallel_linear_cross_entropy(hl, Wl, y, chunk_size=4, label_smoothing=0.1, **layout)
 
-    for name, step, args in (("logits", logits_step, (x[:, lo:hi],)), ("linear", linear_step, (h, W[lo:hi]))):
-        ex = torch._dynamo.explain(step)(*args, y)
-        leaves = [a.clone().requires_grad_() for a in args]
-        eager = step(*leaves, y)
-        eager.backward()
-        eager_grads = [t.grad for t in leaves]
-        leaves = [a.clone().requires_grad_() for a in args]
-        compiled = torch.compile(step, fullgraph=True)(*leaves, y)
-        compiled.backward()
-        save[name] = dict(
-            graphs=ex.graph_count,
-            breaks=ex.graph_break_count,
-            reasons=[str(r.reason)[:200] for r in ex.break_reasons],
-            eager=eager.detach(),
-            compiled=compiled.detach(),
-            eager_grads=eager_grads,
-            compiled_grads=[t.grad for t in leaves],
-        )
+    def logits_options_step(xl, y):
+        lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw)
+        return vocab_parallel_cross_entropy(xl * 2.0, y, weight=w[lo:hi], label_smoothing=0.1, **lm, **layout)
+
+    def linear_options_step(hl, Wl, y):
+        lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw)
+        return vocab_parallel_linear_cross_entropy(hl, Wl, y, chunk_size=4, **lm, **layout)
+
+    def logprobs_step(xl, y):
+        lp, H = vocab_parallel_token_logprobs(xl, y, softcap=4.0, temperature=0.7, return_entropy=True, **layout)
+        return (lp * u).sum() + (H * u2).sum()
+
+    def probs_step(xl, ql):
+        return vocab_parallel_cross_entropy(xl * 2.0, ql, weight=w[lo:hi], label_smoothing=0.1, **layout)
+
+    def dtensor_step(xd, y):
+        return crossent.cross_entropy(xd * 2.0, y, label_smoothing=0.1, z_loss=0.05, softcap=4.0)
+
+    xd = distribute_tensor(x, init_device_mesh("cpu", (P,)), [Shard(1)])
+    for name, step, args, backend in (
+        ("logits", logits_step, (x[:, lo:hi], y), None),
+        ("linear", linear_step, (h, W[lo:hi], y), None),
+        ("logits_options", logits_options_step, (x[:, lo:hi], y), "aot_eager"),
+        ("linear_options", linear_options_step, (h, W[lo:hi], y), "aot_eager"),
+        ("token_logprobs", logprobs_step, (x[:, lo:hi], y), "aot_eager"),
+        ("probs", probs_step, (x[:, lo:hi], q[:, lo:hi]), "aot_eager"),
+        ("dtensor", dtensor_step, (xd, y), "aot_eager"),
+    ):
+        torch._dynamo.reset()
+        save[name] = _compiled_case(step, args, backend)
 
 
 SCENARIOS = {
