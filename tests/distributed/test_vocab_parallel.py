@@ -263,6 +263,17 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
         xp = x.clone().requires_grad_()
         plain = crossent.cross_entropy(xp, y)
         plain.backward()
+        tw, q, _ = wk.extra(dtype)
+        xo = x.clone().requires_grad_()
+        lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw, return_lse=True, return_accuracy=True)
+        opt, opt_lse, opt_hits = crossent.cross_entropy(xo, y, weight=w, return_parts=True, **lm)
+        opt.loss.backward()
+        xq = x.clone().requires_grad_()
+        pr = crossent.cross_entropy(xq, q, weight=w, label_smoothing=0.2)
+        pr.backward()
+        hl, Wl, bl = (t.clone().requires_grad_() for t in (h, W, b))
+        lo_ref = crossent.linear_cross_entropy(hl, Wl, y, linear_bias=bl, softcap=4.0, z_loss=0.05)
+        lo_ref.backward()
         for r, res in enumerate(results):
             got = res[f"logits,{dt}"]
             lo, hi = wk.DT_BOUNDS[P][r], wk.DT_BOUNDS[P][r + 1]
@@ -282,6 +293,18 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
             got = res[f"btv,{dt}"]  # (B, T, V) logits: flattened they work, unflattened the error says so
             assert "flatten(0, -2)" in got["error"] and "placements" in got["error"]
             assert_ulp(got["loss"], crossent.cross_entropy(h @ W.t(), y), f"(B, T, V) {dt} rank {r}")
+            got = res[f"options,{dt}"]  # LM-head options on DTensor logits
+            _compare_parts(got, opt, f"dtensor options {dt} rank {r}")
+            assert_ulp(got["lse"], opt_lse, f"dtensor lse {dt} rank {r}")
+            assert torch.equal(got["hits"], opt_hits)
+            assert_ulp(got["grad"], xo.grad, f"dtensor options grad {dt} rank {r}")
+            for name in ("probs_sharded", "probs_full"):  # probability targets
+                assert_ulp(res[f"{name},{dt}"]["loss"], pr.detach(), f"dtensor {name} {dt} rank {r}")
+                assert_ulp(res[f"{name},{dt}"]["grad"], xq.grad, f"dtensor {name} grad {dt} rank {r}")
+            got = res[f"linear_options,{dt}"]
+            assert_ulp(got["loss"], lo_ref.detach(), f"dtensor linear options {dt} rank {r}")
+            for name, g in (("grad_h", hl.grad), ("grad_W", Wl.grad), ("grad_b", bl.grad)):
+                assert_ulp(got[name], g, f"dtensor linear options {name} {dt} rank {r}")
             got = res[f"replicated,{dt}"]  # the single-process path: same bits
             assert torch.equal(got["loss"], plain.detach()) and torch.equal(got["grad"], xp.grad)
 

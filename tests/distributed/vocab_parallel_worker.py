@@ -184,6 +184,39 @@ def run_dtensor(rank, P, save):
             grad_W=head.weight.grad.full_tensor(),
             placements=str(logits.placements),
         )
+        # the LM-head options and probability targets (sharded like the logits, or full)
+        tw, q, u2 = extra(DTYPES[dt])
+        xd = distribute_tensor(x, mesh, [Shard(1)]).detach().requires_grad_()
+        lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw, return_lse=True, return_accuracy=True)
+        parts, lse, hits = crossent.cross_entropy(xd, y, weight=w, return_parts=True, **lm)
+        parts.loss.backward()
+        save[f"options,{dt}"] = dict(
+            loss=parts.loss.full_tensor().detach(),
+            total=parts.total,
+            den=parts.denominator,
+            lse=lse.full_tensor(),
+            hits=hits.full_tensor(),
+            grad=xd.grad.full_tensor(),
+        )
+        for name, qq in (("probs_sharded", distribute_tensor(q, mesh, [Shard(1)])), ("probs_full", q)):
+            xd = distribute_tensor(x, mesh, [Shard(1)]).detach().requires_grad_()
+            loss = crossent.cross_entropy(xd, qq, weight=w, label_smoothing=0.2)
+            loss.backward()
+            save[f"{name},{dt}"] = dict(loss=loss.full_tensor().detach(), grad=xd.grad.full_tensor())
+        lm2 = torch.nn.Linear(H, V, dtype=DTYPES[dt])
+        with torch.no_grad():
+            lm2.weight.copy_(W)
+            lm2.bias.copy_(b)
+        parallelize_module(lm2, mesh, ColwiseParallel())
+        hl = h.clone().requires_grad_()
+        loss = crossent.linear_cross_entropy(hl, lm2.weight, y, linear_bias=lm2.bias, softcap=4.0, z_loss=0.05)
+        loss.backward()
+        save[f"linear_options,{dt}"] = dict(
+            loss=loss.full_tensor().detach(),
+            grad_h=hl.grad,
+            grad_W=lm2.weight.grad.full_tensor(),
+            grad_b=lm2.bias.grad.full_tensor(),
+        )
         xr = distribute_tensor(x, mesh, [Replicate()]).detach().requires_grad_()
         loss = crossent.cross_entropy(xr, y)
         loss.backward()
