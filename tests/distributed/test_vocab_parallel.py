@@ -374,6 +374,26 @@ def test_one_rank_equals_one_process(one_rank):
     x, y, w = wk.data(torch.float64)[:3]
     got = vocab_parallel_cross_entropy(x, y, weight=w, label_smoothing=0.2)
     assert_ulp(got, crossent.cross_entropy(x, y, weight=w, label_smoothing=0.2), "one rank")
+    # token weights receive their gradient (loss_i / the mean's denominator), as in one process
+    tw, q, _ = wk.extra(torch.float64)
+    grads = []
+    for fn in (vocab_parallel_cross_entropy, crossent.cross_entropy):
+        t = tw.clone().requires_grad_()
+        fn(x, y, weight=w, z_loss=0.1, softcap=5.0, token_weight=t).backward()
+        grads.append(t.grad)
+    assert_ulp(grads[0], grads[1], "token_weight grad")
+    # K-dimensional and unbatched probability targets
+    xk = x.reshape(3, 3, wk.V).transpose(1, 2)
+    qk = q.reshape(3, 3, wk.V).transpose(1, 2)
+    for xi, qi in ((xk, qk), (x[0], q[0])):
+        for red in ("none", "mean"):
+            got = vocab_parallel_cross_entropy(xi, qi, weight=w, label_smoothing=0.1, reduction=red)
+            ref = crossent.cross_entropy(xi, qi, weight=w, label_smoothing=0.1, reduction=red)
+            assert_ulp(got, ref, f"probs {tuple(xi.shape)} {red}")
+    # float32 logits with float64 probabilities: torch's promotion (a float64 loss)
+    got = vocab_parallel_cross_entropy(x.float(), q)
+    assert got.dtype == torch.float64
+    assert_ulp(got, crossent.cross_entropy(x.float(), q), "promoted")
 
 
 def test_guardrails(one_rank):
