@@ -78,8 +78,14 @@ def test_any_split_equals_one_process(data):
     (ref * up).sum().backward()
     tol = ULP["vocab_parallel"] * torch.finfo(dtype).eps
     assert (loss - ref.detach()).abs().max() <= tol * ref.detach().abs().max().clamp(min=1), bounds
-    assert (grad - xr.grad).abs().max() <= tol * xr.grad.abs().max().clamp(min=1e-30), bounds
+    # the gradient A p_j - a_j subtracts terms up to A = sum_j a_j (both here and in one
+    # process): its rounding is relative to g A, which heavy smoothing makes far larger than
+    # the result (eps = 0.7 on near-uniform logits: terms ~0.5, difference ~0.01)
     keep = y != -100
+    wv = torch.ones(V, dtype=torch.float64) if w is None else w.double()
+    A = torch.where(keep, (1 - eps) * wv[y.clamp(min=0)] + eps / V * wv.sum(), 0.0)
+    scale = torch.maximum(xr.grad.abs().max().double(), (up.double().abs() * A).max())
+    assert (grad - xr.grad).abs().max() <= tol * scale.clamp(min=1e-30), bounds
     want = keep.to(dtype) if w is None else torch.where(keep, w[y.clamp(min=0)], 0)
     assert torch.equal(den, want)
 
@@ -190,12 +196,29 @@ def _sharded_lm(x, y, T, s, bounds, g, g_lse, g_ent):
     return r.loss, r.lse, r.ent, r.correct, torch.cat(grads, dim=1)
 
 
+def _mp_lm_grad(row, zrow, y, T, s, gn, gl, ge):
+    """d(gn nll + gl lse + ge H)/dx of one row in 50 digits, from the definitions:
+    dnll/dz = p - [j = y], dlse/dz = p, dH/dz = -p (log p + H), dz/dx = sech^2(x/s)/T, at the
+    transformed logits ``zrow`` (as rounded in the input dtype) and the raw ``row``."""
+    x = [mpmath.mpf(v) for v in row]
+    z = [mpmath.mpf(v) for v in zrow]
+    lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in z))
+    lp = [v - lse for v in z]
+    p = [mpmath.exp(v) for v in lp]
+    H = -mpmath.fsum(a * b for a, b in zip(p, lp))
+    dz = [gn * (p[j] - (1 if j == y else 0)) + gl * p[j] - ge * p[j] * (lp[j] + H) for j in range(len(x))]
+    return [d * (mpmath.sech(v / s) ** 2 if s else 1) / T for d, v in zip(dz, x)]
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
-def test_any_split_lm_outputs_equal_a_float64_composition(data):
-    """Log-prob, lse, entropy and hits of any split, softcap and temperature, and the
-    gradient of all three outputs at once, against float64 torch ops written from the
-    definitions (log_softmax, -(p log p).sum, autograd through tanh)."""
+def test_any_split_lm_outputs_equal_one_process(data):
+    """Log-prob, lse, entropy and hits of any split, softcap and temperature, against a
+    float64 composition of torch ops written from the definitions (log_softmax,
+    -(p log p).sum); the gradient of all three outputs at once against 50-digit mpmath.
+    Both references start from the transformed logits as rounded in the input dtype (that
+    rounding, ``eps |z|``, is the input's, the same in one process; what is checked is the
+    arithmetic after it)."""
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
     N = data.draw(st.integers(1, 6))
     V = data.draw(st.integers(2, 9))
@@ -212,19 +235,25 @@ def test_any_split_lm_outputs_equal_a_float64_composition(data):
     nll, lse, ent, hits, grad = _sharded_lm(x, y, T, s, bounds, *up)
 
     keep = y != -100
-    xr = x.double().requires_grad_()
-    z = _transform(xr, T, s)
+    zd = transform_(x.clone(), T, s)  # rounded as the functions round it
+    z = zd.double()
     logp = torch.log_softmax(z, 1)
     r_nll = torch.where(keep, -logp.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
     r_lse = torch.where(keep, torch.logsumexp(z, 1), 0.0)
     r_ent = torch.where(keep, -(logp.exp() * logp).sum(1), 0.0)
-    (r_nll * up[0].double() + r_lse * up[1].double() + r_ent * up[2].double()).sum().backward()
-    eps = torch.finfo(dtype).eps
-    tol = ULP["vocab_parallel"] * eps
+    tol = ULP["vocab_parallel"] * torch.finfo(dtype).eps
     for got, want in ((nll, r_nll), (lse, r_lse), (ent, r_ent)):
-        assert (got.double() - want.detach()).abs().max() <= tol * want.detach().abs().max().clamp(min=1), bounds
-    assert (grad.double() - xr.grad).abs().max() <= tol * xr.grad.abs().max().clamp(min=1e-30), bounds
-    assert torch.equal(hits, keep & (z.argmax(1) == y))
+        assert (got.double() - want).abs().max() <= tol * want.abs().max().clamp(min=1), bounds
+    exact = torch.zeros(N, V, dtype=torch.float64)
+    for i in range(N):
+        if keep[i]:
+            u = [float(t[i]) for t in up]
+            g_i = _mp_lm_grad(x[i].tolist(), zd[i].tolist(), int(y[i]), T, s, *u)
+            exact[i] = torch.tensor([float(v) for v in g_i], dtype=torch.float64)
+    assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
+    assert (grad.double() - exact).abs().max() <= tol * exact.abs().max().clamp(min=1e-30), bounds
+    # hits: the first arg-max of the transformed logits (a float32 soft cap makes ties)
+    assert torch.equal(hits, keep & (zd.argmax(1) == y))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
