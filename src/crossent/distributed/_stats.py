@@ -113,12 +113,15 @@ def transform_(x: torch.Tensor, temperature: float, softcap: float) -> torch.Ten
     return x.div_(temperature) if temperature != 1.0 else x
 
 
-def transform_grad_(grad: torch.Tensor, x: torch.Tensor, temperature: float, softcap: float) -> torch.Tensor:
+def transform_grad_(
+    grad: torch.Tensor, x: torch.Tensor, temperature: float, softcap: float, scratch: bool = False
+) -> torch.Tensor:
     """``grad * dz/dx`` in place: ``dz/dx = sech^2(x / s) / T`` as ``1 / cosh^2`` (exact far
     out, where ``1 - tanh^2`` cancels; ``cosh`` overflows to inf: the limit 0). ``x``: the
-    raw logits (read only; one more work buffer with a cap)."""
+    raw logits, overwritten with ``scratch`` (else read only: one more work buffer with a cap)."""
     if softcap:
-        grad.div_(torch.div(x, softcap).cosh_().square_())
+        c = x.div_(softcap) if scratch else torch.div(x, softcap)
+        grad.div_(c.cosh_().square_())
     return grad.div_(temperature) if temperature != 1.0 else grad
 
 

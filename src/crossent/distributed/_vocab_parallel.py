@@ -233,17 +233,27 @@ class _LogitsCE(torch.autograd.Function):
 
 
 def _row_blocks(
-    N: int, Vr: int, world: int, cdt: torch.dtype, chunk_size: Optional[int], memory_budget: Optional[int]
+    N: int,
+    Vr: int,
+    world: int,
+    cdt: torch.dtype,
+    chunk_size: Optional[int],
+    memory_budget: Optional[int],
+    softcap: float = 0.0,
+    entropy: bool = False,
 ) -> int:
     """Rows per block: ``chunk_size``, or what fits ``memory_budget`` bytes in
-    ``_BLOCK_BUFFERS`` (rows, V_r) buffers. The default budget is the single-process one
-    divided by the ranks: a rank holds 1/P of the classes, so its blocks keep the row count
-    (the speed of the matrix products) of one process while its scratch is 1/P of it."""
+    ``_BLOCK_BUFFERS`` (rows, V_r) buffers (one more with a soft cap: its backward keeps the
+    raw block; 1.25 more with the entropy: ``p`` and a mask beside the shifted logits). The
+    default budget is the single-process one divided by the ranks: a rank holds 1/P of the
+    classes, so its blocks keep the row count (the speed of the matrix products) of one
+    process while its scratch is 1/P of it."""
     if chunk_size is not None:
         return max(1, chunk_size)
     budget = default_budget() // world if memory_budget is None else memory_budget
     esize = 8 if cdt == torch.float64 else 4
-    return max(1, min(max(N, 1), int(budget // (_BLOCK_BUFFERS * esize * Vr))))
+    buffers = _BLOCK_BUFFERS + (1 if softcap else 0) + (1.25 if entropy else 0)
+    return max(1, min(max(N, 1), int(budget // (buffers * esize * Vr))))
 
 
 class _LinearCE(torch.autograd.Function):
@@ -296,7 +306,7 @@ class _LinearCE(torch.autograd.Function):
                 z, yl, owned, sm, keep, rows_of(r, sl), block(g_loss, sl), block(g_lse, sl), block(g_ent, sl), True
             )
             if tg.transformed:
-                transform_grad_(gz, L, tg.temperature, tg.softcap)
+                transform_grad_(gz, L, tg.temperature, tg.softcap, scratch=True)
             xb = _block_rows(x, tg.keep, r0, R, cdt)
             gW.addmm_(gz.t(), xb)
             gx[sl] = gz @ Wc
@@ -697,7 +707,7 @@ def vocab_parallel_linear_cross_entropy(
     ``return_lse``, ``return_accuracy`` included) in blocks of ``chunk_size`` rows
     (default: as many as fit 1.25 buffers of ``(rows, V_r)`` in ``memory_budget`` bytes, by
     default the single-process budget -- 256 MiB or ``CROSSENT_LINEAR_BUDGET`` -- divided
-    by the number of ranks; a soft cap adds one block buffer in the backward): neither
+    by the number of ranks; one more with a soft cap, whose backward keeps the raw block): neither
     ``(N, V)`` nor ``(N, V_r)`` is ever stored. Backward recomputes each block, returns the
     local weight's (and bias's) gradient and the full ``hidden`` gradient: one
     ``all_reduce`` of the ``(N, H)`` partial sums, like a column-parallel linear layer.
@@ -746,7 +756,7 @@ def vocab_parallel_linear_cross_entropy(
     tg = _Targets(
         y, keep, sh, Vr, w, eps, cdt, temperature=temperature, softcap=softcap, accuracy=bool(return_accuracy)
     )
-    R = _row_blocks(N, Vr, sh.world, cdt, chunk_size, memory_budget)
+    R = _row_blocks(N, Vr, sh.world, cdt, chunk_size, memory_budget, softcap)
     return _finish(
         _LinearCE.apply(x, local_weight, bias, tg, sh, R),
         z_loss=z_loss,
@@ -903,7 +913,7 @@ def vocab_parallel_linear_token_logprobs(
     y = target.reshape(-1).long()
     keep = y != ignore_index
     tg = _Targets(y, keep, sh, Vr, None, 0.0, cdt, temperature=temperature, softcap=softcap, entropy=return_entropy)
-    R = _row_blocks(x.shape[0], Vr, sh.world, cdt, chunk_size, memory_budget)
+    R = _row_blocks(x.shape[0], Vr, sh.world, cdt, chunk_size, memory_budget, softcap, return_entropy)
     nll, _, _, ent, _ = _LinearCE.apply(x, local_weight, bias, tg, sh, R)
     lp = (-nll).reshape(lead)
     return (lp, ent.reshape(lead)) if return_entropy else lp
