@@ -259,7 +259,7 @@ def test_any_split_lm_outputs_equal_one_process(data):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bounds", [[0, 1, 5], [0, 3, 4, 5], [0, 5]])
 def test_entropy_extremes_against_mpmath(dtype, bounds):
-    """A near-one-hot row (entropy ~1e-15), its max on one shard and the rest on others,
+    """A near-one-hot row (entropy 5.9e-16), its max on one shard and the rest on others,
     huge logits and ties: the entropy within a few ulp of the 50-digit value, relative to
     itself (a ``p log p`` sum loses it entirely in float32)."""
     rows = [
