@@ -354,8 +354,22 @@ def _(x, W, b, target, weight, keep, index, eps, rows, classes, budget, backend)
     )
 
 
+def _scaled(grads, g: Tensor):
+    """Gradients a fused op computed in its forward, times the incoming scalar ``g``, in place
+    (they are the op's own buffers, handed out once): a weight-sized gradient is never
+    copied, which would undo the memory the fused linear ops save. Left as they are when
+    ``g`` is exactly 1 (a plain ``backward()`` of a ``sum``; read on the host only on an
+    eager CPU call); out of place while traced."""
+    if _capture.capturing(g):  # traced: out of place (the compiler plans the buffers)
+        return tuple(t * g.to(t.dtype) for t in grads)
+    if g.device.type == "cpu" and g.item() == 1.0:
+        return grads
+    return tuple(t.mul_(g.to(t.dtype)) for t in grads)
+
+
 def _linear_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
+    ctx.set_materialize_grads(False)  # no zeros of the weight's size for the unused gradient outputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(*output[2:])
 
@@ -574,19 +588,28 @@ def _(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, nee
 
 
 def _lm_loss_setup(ctx, inputs, output):
-    ctx.needs = inputs[12:15]
+    # The gradients of the forward are kept on ctx (not saved tensors: the first backward
+    # scales them in place and hands them out); a second backward through the same graph
+    # (retain_graph=True, gradcheck, jacobians) recomputes them from the saved inputs.
+    ctx.set_materialize_grads(False)  # no zeros of the weight's size for the unused gradient outputs
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(*output[3:])
+    ctx.grads = output[3:]
+    ctx.save_for_backward(*(t for t in inputs[:9]))
+    ctx.options = inputs[9:]
 
 
 def _lm_loss_backward(ctx, g_total, *_):
-    gx, gW, gb = ctx.saved_tensors
-    need_x, need_W, need_b = ctx.needs
-    return (
-        gx * g_total.to(gx.dtype) if need_x else None,
-        gW * g_total.to(gW.dtype) if need_W else None,
-        gb * g_total.to(gb.dtype) if need_b else None,
-    ) + (None,) * 12
+    if g_total is None:  # no gradient reached the total (only its non-differentiable outputs were used)
+        return (None,) * 15
+    if ctx.grads is not None:
+        grads, ctx.grads = ctx.grads, None
+    else:
+        from . import lm_head
+
+        grads = lm_head.loss_rows(*ctx.saved_tensors, *ctx.options)[3:]
+    gx, gW, gb = _scaled(grads, g_total)
+    need_x, need_W, need_b = ctx.options[3:]
+    return (gx if need_x else None, gW if need_W else None, gb if need_b else None) + (None,) * 12
 
 
 lm_head_loss_fused.register_autograd(_lm_loss_backward, setup_context=_lm_loss_setup)
