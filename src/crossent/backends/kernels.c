@@ -78,6 +78,11 @@ static inline V vexp_nonpos(V z) {
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
 }
 
+/* The first n (< W) lanes: a mask for _mm256_maskload_ps / _mm256_maskstore_ps. */
+static inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 /* The exp of the kernels' scalar tails, the same function as vexp_nonpos lane by lane. */
 static inline float exp_nonpos(float z) {
   float b[W];
@@ -360,19 +365,31 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
         acc = _mm256_add_ps(acc, e);
       }
       if (gr) _mm256_storeu_ps(gr + j, e);
-      if (++flush == 32) { s_total += hsum(acc); acc = vzero(); T += hsum(tacc); tacc = vzero(); flush = 0; }
+      if (++flush == 32) {
+        s_total += hsum(acc); acc = vzero(); flush = 0;
+        if (sm) { T += hsum(tacc); tacc = vzero(); }
+      }
+    }
+    if (j < C) {   /* the last C % W classes as one masked vector (lanes past C: e = 0, no tie) */
+      const __m256i mask = lanes_below(C - j);
+      const V in = _mm256_castsi256_ps(mask);
+      V xv = _mm256_maskload_ps(xr + j, mask);
+      V eq = _mm256_and_ps(_mm256_cmp_ps(xv, vmax, _CMP_EQ_OQ), in);
+      int bits = _mm256_movemask_ps(eq);
+      if (sm) {
+        V negz = _mm256_blendv_ps(_mm256_sub_ps(vmax, xv), vzero(), eq);
+        tacc = _mm256_add_ps(tacc, _mm256_and_ps(vtimes(_mm256_maskload_ps(sm + j, mask), negz), in));
+      }
+      V e = _mm256_and_ps(_mm256_blendv_ps(vexp_nonpos(_mm256_sub_ps(xv, vmax)), one, eq), in);
+      if (bits) {
+        ties += __builtin_popcount(bits);
+        if (k < 0) k = j + __builtin_ctz(bits);
+      }
+      acc = _mm256_add_ps(acc, _mm256_blendv_ps(e, vzero(), eq));
+      if (gr) _mm256_maskstore_ps(gr + j, mask, e);
     }
     s_total += hsum(acc);
-    T += hsum(tacc);
-    for (; j < C; ++j) {
-      float e;
-      if (xr[j] == m) { e = 1.f; ++ties; if (k < 0) k = j; }
-      else {
-        e = exp_nonpos(xr[j] - m); s_total += e;
-        if (sm && sm[j] != 0.f) T += sm[j] * (m - xr[j]);
-      }
-      if (gr) gr[j] = e;
-    }
+    if (sm) T += hsum(tacc);
     const float s = (float)(s_total + (double)(ties - 1));
     if (stats) { stats[2 * r] = m; stats[2 * r + 1] = s; }
     const float lse = log1pf(s);
