@@ -54,7 +54,7 @@ static inline V log1p01(V e) {
 /* BCE with logits, reference formulas, e = exp(-|x|):
    loss = p t softplus(-x) + (1-t) softplus(x),  softplus(+-x) = max(+-x, 0) + log1p(e)
    grad = (1-t) sigmoid(x) - p t sigmoid(-x),     sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e) */
-static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
+static inline void softplus_sigmoid8(V x, V *sp_pos, V *sp_neg, V *sig, V *sig_neg) {
   const V one = vset(1.f);
   V ax = _mm256_andnot_ps(vset(-0.0f), x);
   V e = Sleef_expf8_u10(vneg(ax));
@@ -62,10 +62,16 @@ static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
   V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
   V er = _mm256_mul_ps(e, r);
   V neg = _mm256_cmp_ps(x, vzero(), _CMP_LT_OQ);
-  V sp_pos = _mm256_add_ps(vrelu(x), l1);
-  V sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
-  V sig = _mm256_blendv_ps(r, er, neg);
-  V sig_neg = _mm256_blendv_ps(er, r, neg);
+  *sp_pos = _mm256_add_ps(vrelu(x), l1);
+  *sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
+  *sig = _mm256_blendv_ps(r, er, neg);
+  *sig_neg = _mm256_blendv_ps(er, r, neg);
+}
+
+static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
+  const V one = vset(1.f);
+  V sp_pos, sp_neg, sig, sig_neg;
+  softplus_sigmoid8(x, &sp_pos, &sp_neg, &sig, &sig_neg);
   V p = _mm256_mul_ps(pw, t);
   V omt = _mm256_sub_ps(one, t);
   *loss = _mm256_add_ps(vtimes(p, sp_neg), vtimes(omt, sp_pos));
@@ -90,59 +96,6 @@ static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
 }
 
 #define BLOCK 16384
-
-/* loss: per-element losses, or NULL to return their sum. grad: NULL for the loss alone.
-   pw: NULL, or L weights cycled. */
-/* kind 0: BCE with logits (bce8), kind 1: BCE on probabilities (bcep8). */
-double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
-                    float *grad, float scale, int64_t n, int nthreads) {
-  const V vscale = vset(scale);
-  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-  double total = 0.0;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;
-    float pwb[W], xb[W], tb[W], lb[W], gb[W];
-    V acc = vzero();
-    double s = 0.0;
-    int flush = 0;
-    int64_t i = begin;
-    int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
-    for (; i < end; i += W) {
-      const int64_t m = (end - i < W) ? end - i : W;
-      V xv, tv, pv = vset(1.f), lo, gr;
-      if (m == W) {
-        xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
-        if (pw) {
-          if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
-          else {
-            for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
-            pv = _mm256_loadu_ps(pwb);
-          }
-        }
-      } else {
-        for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
-        for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
-        xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
-      }
-      if (kind == 0) bce8(xv, tv, pv, &lo, &gr); else bcep8(xv, tv, pv, &lo, &gr);
-      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
-      if (m == W) {
-        if (grad) _mm256_storeu_ps(grad + i, gr);
-        if (loss) _mm256_storeu_ps(loss + i, lo);
-        else {
-          acc = _mm256_add_ps(acc, lo);
-          if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
-        }
-      } else {
-        _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
-        for (int64_t j = 0; j < m; ++j) { if (grad) grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
-      }
-    }
-    total += s + hsum(acc);
-  }
-  return total;
-}
 
 /* Cross-entropy, class-index targets, one row at a time (reference formulas):
    m = max x, k = first arg-max, z = x - m (0 where x == m), e = exp(z) (1 for ties),
@@ -530,16 +483,8 @@ static inline V vpow_half(V m, int half2) {
 
 static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *loss, V *grad) {
   const V one = vset(1.f);
-  V ax = _mm256_andnot_ps(vset(-0.0f), x);
-  V e = Sleef_expf8_u10(vneg(ax));
-  V l1 = log1p01(e);
-  V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
-  V er = _mm256_mul_ps(e, r);
-  V neg = _mm256_cmp_ps(x, vzero(), _CMP_LT_OQ);
-  V sp_pos = _mm256_add_ps(vrelu(x), l1);
-  V sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
-  V s = _mm256_blendv_ps(r, er, neg);
-  V u = _mm256_blendv_ps(er, r, neg);
+  V sp_pos, sp_neg, s, u;   /* s = sigmoid(x), u = sigmoid(-x) */
+  softplus_sigmoid8(x, &sp_pos, &sp_neg, &s, &u);
   V p = _mm256_mul_ps(pw, t);
   V omt = _mm256_sub_ps(one, t);
   V ce = _mm256_add_ps(vtimes(p, sp_neg), vtimes(omt, sp_pos));
@@ -569,12 +514,16 @@ static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *
   *loss = lo; *grad = g;
 }
 
-/* loss: per-element losses, or NULL to return their sum (as crossent_bce); grad is
-   multiplied by scale (the grad_output a plain backward() of 'mean' / 'sum' will send). */
-double crossent_focal(const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
-                      float alpha, int half2, float eps, float scale, int64_t n, int nthreads) {
-  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
+/* The elementwise driver of the BCE and focal kernels, blocks of BLOCK elements over
+   nthreads threads. kind 0: BCE with logits (bce8), 1: BCE on probabilities (bcep8),
+   2: sigmoid focal / Poly-1 (focal8 with alpha, half2, eps).
+   loss: per-element losses, or NULL to return their sum (accumulated in double per block).
+   grad: NULL for the loss alone; otherwise multiplied by scale (the grad_output a plain
+   backward() of 'mean' / 'sum' will send). pw: NULL, or L weights cycled. */
+static double elementwise(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
+                          float *grad, float scale, int64_t n, int nthreads, float alpha, int half2, float eps) {
   const V vscale = vset(scale);
+  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
   double total = 0.0;
   #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
   for (int64_t b = 0; b < nblocks; ++b) {
@@ -583,8 +532,9 @@ double crossent_focal(const float *x, const float *t, const float *pw, int64_t L
     V acc = vzero();
     double s = 0.0;
     int flush = 0;
-    int64_t col = pw ? begin % L : 0;
-    for (int64_t i = begin; i < end; i += W) {
+    int64_t i = begin;
+    int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
+    for (; i < end; i += W) {
       const int64_t m = (end - i < W) ? end - i : W;
       V xv, tv, pv = vset(1.f), lo, gr;
       if (m == W) {
@@ -601,10 +551,12 @@ double crossent_focal(const float *x, const float *t, const float *pw, int64_t L
         for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
         xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
       }
-      focal8(xv, tv, pv, alpha, half2, eps, &lo, &gr);
+      if (kind == 0) bce8(xv, tv, pv, &lo, &gr);
+      else if (kind == 1) bcep8(xv, tv, pv, &lo, &gr);
+      else focal8(xv, tv, pv, alpha, half2, eps, &lo, &gr);
       if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
       if (m == W) {
-        _mm256_storeu_ps(grad + i, gr);
+        if (grad) _mm256_storeu_ps(grad + i, gr);
         if (loss) _mm256_storeu_ps(loss + i, lo);
         else {
           acc = _mm256_add_ps(acc, lo);
@@ -612,10 +564,21 @@ double crossent_focal(const float *x, const float *t, const float *pw, int64_t L
         }
       } else {
         _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
-        for (int64_t j = 0; j < m; ++j) { grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
+        for (int64_t j = 0; j < m; ++j) { if (grad) grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
       }
     }
     total += s + hsum(acc);
   }
   return total;
+}
+
+
+double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
+                    float *grad, float scale, int64_t n, int nthreads) {
+  return elementwise(kind, x, t, pw, L, loss, grad, scale, n, nthreads, 0.f, 0, 0.f);
+}
+
+double crossent_focal(const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
+                      float alpha, int half2, float eps, float scale, int64_t n, int nthreads) {
+  return elementwise(2, x, t, pw, L, loss, grad, scale, n, nthreads, alpha, half2, eps);
 }
