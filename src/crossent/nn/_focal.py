@@ -316,8 +316,8 @@ class AsymmetricLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.gamma_neg = check_gamma(name, gamma_neg)
-        self.gamma_pos = check_gamma(name, gamma_pos)
+        self.gamma_neg = check_gamma(name, gamma_neg, "gamma_neg")
+        self.gamma_pos = check_gamma(name, gamma_pos, "gamma_pos")
         self.clip = check_clip(name, clip)
         self.reduction = legacy_reduction(name, None, None, reduction)
         self.register_buffer("weight", V.as_weight_tensor(name, "weight", weight))
