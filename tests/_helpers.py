@@ -179,3 +179,56 @@ def torch_quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- training steps
+# The captured-code tests run ``loss = crossent_loss(model(x), target)`` on a small linear
+# model: logits (STEP_N, STEP_C) from STEP_H features, one ignored target (row 1).
+STEP_N, STEP_H, STEP_C = 12, 6, 5
+STEP_PW = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])
+STEP_W = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.25])
+
+
+def step_model(seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(STEP_H, STEP_C)
+
+
+def step_data(n: int = STEP_N, seed: int = 1):
+    """``(x, y, soft)``: features (n, H), class indices (n,) with y[1] ignored (-100),
+    and unnormalised soft scores (n, C) in [0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, STEP_H, generator=g)
+    y = torch.randint(0, STEP_C, (n,), generator=g)
+    y[1] = -100
+    soft = torch.rand(n, STEP_C, generator=g)
+    return x, y, soft
+
+
+def run_step(step, model, x, y, s):
+    """One training step ``step(model(x), y, s).backward()``: the loss and the model's gradients."""
+    model.zero_grad()
+    loss = step(model(x), y, s)
+    loss.backward()
+    return loss.detach(), model.weight.grad.clone(), model.bias.grad.clone()
+
+
+def check_compiled_step(step):
+    """The captured-code contract for a loss ``step(logits, y, soft)``: a training step is
+    one graph with no break (``torch._dynamo.explain``), and compiled with fullgraph=True
+    it gives eager's loss and gradients. Returns the compiled step's
+    ``(loss, grad_W, grad_b)`` and the data, for comparisons with torch."""
+    model = step_model()
+    x, y, s = step_data()
+
+    def train_step(x, y, s):
+        return step(model(x), y, s)
+
+    explained = torch._dynamo.explain(train_step)(x, y, s)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(lambda z, y, s: step(z, y, s), fullgraph=True, backend="aot_eager")
+    got = run_step(compiled, model, x, y, s)
+    want = run_step(step, model, x, y, s)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+    return got, (model, x, y, s)
