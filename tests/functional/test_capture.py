@@ -117,6 +117,8 @@ def test_compiled_gpt_with_a_warm_inductor_cache(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     for run in runs:
+        # Inductor's fused kernels sum in another order than eager, and the difference grows
+        # over the training steps: a looser bound than one float32 comparison
         torch.testing.assert_close(torch.tensor(run["compiled"]), torch.tensor(run["eager"]), rtol=1e-5, atol=1e-5)
     assert runs[0]["compiled"] == runs[1]["compiled"]
     assert all(v < 1e-5 for v in runs[0]["checks"].values()), runs[0]["checks"]
@@ -326,7 +328,7 @@ def test_torch_func_transforms_match_torch(k):
     assert_close(jacrev(a)(x), jacrev(b)(x))
     v = torch.randn_like(x)
     assert_close(jvp(a, (x,), (v,))[1], jvp(b, (x,), (v,))[1])
-    assert_close(hessian(a)(x), hessian(b)(x), rtol=1e-8, atol=1e-10)
+    assert_close(hessian(a)(x), hessian(b)(x), tol="second_order")
 
     # per-example losses and per-sample gradients (torch's side as a loop: torch's own
     # cross_entropy with ignore_index and smoothing cannot run under vmap)

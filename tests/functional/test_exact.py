@@ -146,8 +146,8 @@ def test_cross_entropy_matches_math(target_kind, weighted, eps, reduction):
 
 # --------------------------------------------------------------------------- gradcheck
 def _gc(fn, inputs):
-    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
-    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert gradcheck(fn, inputs, **TOL["gradcheck"])
+    assert gradgradcheck(fn, inputs, **TOL["gradgradcheck"])
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
