@@ -55,28 +55,18 @@ def _prepare(
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     pos_weight = V.as_weight_tensor(func, "pos_weight", pos_weight, like=input)
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
-    V.check_broadcastable(
-        func,
-        "weight",
-        weight,
-        input.shape,
-        "the input's shape",
+    per_element = (
         lambda: (
             "Per-element weights need the input's shape (or a shape that broadcasts to it, "
             f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label)."
-        ),
+        )
     )
-    V.check_broadcastable(
-        func,
-        "pos_weight",
-        pos_weight,
-        input.shape,
-        "the input's shape",
-        lambda: (
-            "One weight per label, along the last dimension: use pos_weight of shape "
-            f"({input.shape[-1] if input.dim() else 1},) (e.g. num_negatives / num_positives per label)."
-        ),
+    per_label = lambda: (
+        "One weight per label, along the last dimension: use pos_weight of shape "
+        f"({input.shape[-1] if input.dim() else 1},) (e.g. num_negatives / num_positives per label)."
     )
+    for name, value, fix in (("weight", weight, per_element), ("pos_weight", pos_weight, per_label)):
+        V.check_broadcastable(func, name, value, input.shape, "the input's shape", fix)
     keep = None
     if ignore_index is not None:
         keep = target != ignore_index
