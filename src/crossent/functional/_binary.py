@@ -55,11 +55,9 @@ def _prepare(
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     pos_weight = V.as_weight_tensor(func, "pos_weight", pos_weight, like=input)
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
-    per_element = (
-        lambda: (
-            "Per-element weights need the input's shape (or a shape that broadcasts to it, "
-            f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label)."
-        )
+    per_element = lambda: (
+        "Per-element weights need the input's shape (or a shape that broadcasts to it, "
+        f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label)."
     )
     per_label = lambda: (
         "One weight per label, along the last dimension: use pos_weight of shape "
