@@ -288,8 +288,8 @@ def test_cross_entropy_ignored_rows(backend, reduction, opts, shape):
 
 
 @pytest.mark.parametrize("bad", list(BAD))
-def test_cross_entropy_issue_example(backend, bad):
-    """The report: ``x=[[1, 2, .5], [nan, 0, 0]], y=[0, -100]`` gives torch's 1.464369 and a
+def test_cross_entropy_nonfinite_ignored_row_example(backend, bad):
+    """``x=[[1, 2, .5], [nan, 0, 0]], y=[0, -100]`` gives torch's 1.464369 and a
     zero gradient row for the ignored one (torch's own gradient row is NaN there)."""
     xl = torch.tensor([[1.0, 2.0, 0.5], [BAD[bad], 0.0, 0.0]], requires_grad=True)
     loss = crossent.cross_entropy(xl, torch.tensor([0, -100]), backend=backend)
