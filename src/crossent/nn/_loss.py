@@ -50,12 +50,14 @@ def _set_bce_options(module, name: str, label_smoothing, ignore_index, validate,
     module.backend = backend
 
 
-def _bce_forward(module, loss, input, target, return_parts):
-    """``forward`` of both BCE modules: the functional ``loss`` with the module's options."""
+def _bce_forward(module, loss, input, target, return_parts, **options):
+    """``forward`` of the BCE-shaped modules: the functional ``loss`` with the module's
+    options (``options``: the loss's own, e.g. Poly-1's ``epsilon``)."""
     return loss(
         input,
         target,
         module.weight,
+        **options,
         reduction=module.reduction,
         pos_weight=module.pos_weight,
         label_smoothing=module.label_smoothing,
