@@ -74,6 +74,7 @@ def _worker(a) -> dict:
 
     torch.set_num_threads(a.threads)
     h, W, y = _data(a.N, a.H, a.V)
+    lm = dict(softcap=30.0, z_loss=1e-4) if a.lm else {}
     rank, P = 0, 1
     if a.variant == "vocab-parallel":
         import torch.distributed as dist
@@ -87,14 +88,14 @@ def _worker(a) -> dict:
         W = W[lo:hi].clone()
 
         def loss_fn(h, W):
-            return vocab_parallel_linear_cross_entropy(h, W, y, vocab_start=lo, vocab_size=a.V)
+            return vocab_parallel_linear_cross_entropy(h, W, y, vocab_start=lo, vocab_size=a.V, **lm)
 
         sync = dist.barrier
     elif a.variant == "single":
         import crossent
 
         def loss_fn(h, W):
-            return crossent.linear_cross_entropy(h, W, y)
+            return crossent.linear_cross_entropy(h, W, y, **lm)
 
         def sync():
             pass
@@ -158,6 +159,7 @@ def _run(a, variant, nproc=1):
         f"--repeats={a.repeats}",
         f"--threads={a.threads}",
         f"--worker={variant}",
+        *(["--lm"] if a.lm else []),
         f"--out={out}",
     ]
     env = dict(
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no-eager", action="store_true")
+    p.add_argument("--lm", action="store_true", help="LM-head options: softcap=30, z_loss=1e-4 (not for eager)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)

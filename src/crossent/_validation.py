@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from numbers import Number
-from typing import Callable, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -21,6 +21,7 @@ from .errors import CrossentTypeError
 from .errors import CrossentValueError
 from .errors import CrossentWarning
 from .errors import KernelCacheWarning
+from .errors import fail  # the message template, shared with the backends
 
 __all__ = [
     "CrossentWarning",
@@ -60,14 +61,6 @@ def validation_enabled(validate: Optional[bool] = None) -> bool:
     if validate is not None:
         return bool(validate)
     return _config.validate_default()
-
-
-def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError) -> NoReturn:
-    """Raise ``cls`` with the house message template."""
-    msg = f"{func}: expected {what}, but got {found}."
-    if fix:
-        msg += f" {fix}"
-    raise cls(msg)
 
 
 # --------------------------------------------------------------------------- warnings

@@ -15,6 +15,8 @@ CrossentValueError
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 __all__ = [
     "BackendUnavailableError",
     "CrossentIndexError",
@@ -63,3 +65,12 @@ class HistoryFileError(CrossentValueError):
     def __init__(self, message: str, path: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+def fail(func: str, what: str, found: str, fix: str = "", cls: type = CrossentValueError) -> NoReturn:
+    """Raise ``cls`` with the house message template (used by crossent's own modules):
+    ``{func}: expected {what}, but got {found}. {fix}``."""
+    msg = f"{func}: expected {what}, but got {found}."
+    if fix:
+        msg += f" {fix}"
+    raise cls(msg)

@@ -121,9 +121,16 @@ def _compare_parts(got, ref, msg):
     assert got["total"].dtype == torch.float64 and got["den"].dtype == torch.float64
 
 
-@pytest.mark.parametrize("P", [2, 3])
-def test_parity_with_one_process_uneven_shards(P, tmp_path):
-    results = _launch("parity", P, tmp_path)
+@pytest.fixture(scope="module", params=[2, 3], ids=["P2", "P3"])
+def parity_run(request, tmp_path_factory):
+    """(P, results): one process group per P runs the parity and the options scenarios
+    (spawning is the expensive part)."""
+    P = request.param
+    return P, _launch("parity+options", P, tmp_path_factory.mktemp(f"parity{P}"))
+
+
+def test_parity_with_one_process_uneven_shards(parity_run):
+    P, results = parity_run
     bounds = wk.BOUNDS[P]
     for c in wk.cases():
         k = wk.key(c)
@@ -173,6 +180,56 @@ def test_parity_with_one_process_uneven_shards(P, tmp_path):
     _confident_row(results, bounds)
 
 
+def _reference_option(c):
+    """Single-process crossent on the gathered data, the options of case ``c``: outputs and
+    the gradients of the full tensors."""
+    dt = wk.DTYPES[c["dtype"]]
+    x, y, w, h, W, b, u = wk.data(dt, c["ignore"])
+    tw, q, u2 = wk.extra(dt)
+    fns = dict(
+        ce=crossent.cross_entropy,
+        lce=crossent.linear_cross_entropy,
+        tlp=crossent.token_logprobs,
+        ltlp=crossent.linear_token_logprobs,
+    )
+    with warnings.catch_warnings():  # every target ignored: the single-process loss warns (nan mean)
+        warnings.simplefilter("ignore", crossent.CrossentWarning)
+        out, res, leaves = wk.option_call(c, fns, x, y, w, h, W, b, tw, q, 0, wk.V, {})
+    wk.option_backward(c, out, u, u2).backward()
+    res.update({k: t.grad for k, t in leaves.items()})
+    return res
+
+
+def test_options_match_one_process(parity_run):
+    """LM-head options, per-token log-probs and entropy, probability targets: values,
+    LossParts, lse, hit counts and every gradient against one process, on every rank."""
+    P, results = parity_run
+    bounds = wk.BOUNDS[P]
+    for c in wk.option_cases():
+        k = "options," + wk.key(c)
+        ref = _reference_option(c)
+        for r, res in enumerate(results):
+            lo, hi = bounds[r], bounds[r + 1]
+            got = res[k]
+            msg = f"P={P} rank {r} {k}"
+            assert set(got) == set(ref), msg
+            for name, want in ref.items():
+                if name in ("grad", "grad_W", "grad_b"):
+                    want = want[:, lo:hi] if name == "grad" else want[lo:hi]
+                if name == "den":
+                    assert torch.equal(got[name], want) or got[name].isnan().all(), msg + " den"
+                elif name == "hits":
+                    assert got[name].dtype == torch.int64 and torch.equal(got[name], want), msg + " hits"
+                elif name == "total":
+                    assert_ulp(got[name], want, f"{msg} {name}", dtype=wk.DTYPES[c["dtype"]])
+                else:
+                    assert_ulp(got[name], want.detach(), f"{msg} {name}")
+        for res in results[1:]:  # every rank returns the same bits
+            for name in ("loss", "lp", "H", "lse"):
+                if name in ref:
+                    assert torch.equal(res[k][name].nan_to_num(7.0), results[0][k][name].nan_to_num(7.0)), k
+
+
 def _confident_row(results, bounds):
     """Row 0 has logit 20 on its target among N(0, 9) logits: its loss and the target's
     gradient p - 1 keep their relative precision in float32 (no 1 - p cancellation),
@@ -206,6 +263,17 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
         xp = x.clone().requires_grad_()
         plain = crossent.cross_entropy(xp, y)
         plain.backward()
+        tw, q, _ = wk.extra(dtype)
+        xo = x.clone().requires_grad_()
+        lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw, return_lse=True, return_accuracy=True)
+        opt, opt_lse, opt_hits = crossent.cross_entropy(xo, y, weight=w, return_parts=True, **lm)
+        opt.loss.backward()
+        xq = x.clone().requires_grad_()
+        pr = crossent.cross_entropy(xq, q, weight=w, label_smoothing=0.2)
+        pr.backward()
+        hl, Wl, bl = (t.clone().requires_grad_() for t in (h, W, b))
+        lo_ref = crossent.linear_cross_entropy(hl, Wl, y, linear_bias=bl, softcap=4.0, z_loss=0.05)
+        lo_ref.backward()
         for r, res in enumerate(results):
             got = res[f"logits,{dt}"]
             lo, hi = wk.DT_BOUNDS[P][r], wk.DT_BOUNDS[P][r + 1]
@@ -225,6 +293,18 @@ def test_dtensor_inputs_match_one_process(P, tmp_path):
             got = res[f"btv,{dt}"]  # (B, T, V) logits: flattened they work, unflattened the error says so
             assert "flatten(0, -2)" in got["error"] and "placements" in got["error"]
             assert_ulp(got["loss"], crossent.cross_entropy(h @ W.t(), y), f"(B, T, V) {dt} rank {r}")
+            got = res[f"options,{dt}"]  # LM-head options on DTensor logits
+            _compare_parts(got, opt, f"dtensor options {dt} rank {r}")
+            assert_ulp(got["lse"], opt_lse, f"dtensor lse {dt} rank {r}")
+            assert torch.equal(got["hits"], opt_hits)
+            assert_ulp(got["grad"], xo.grad, f"dtensor options grad {dt} rank {r}")
+            for name in ("probs_sharded", "probs_full"):  # probability targets
+                assert_ulp(res[f"{name},{dt}"]["loss"], pr.detach(), f"dtensor {name} {dt} rank {r}")
+                assert_ulp(res[f"{name},{dt}"]["grad"], xq.grad, f"dtensor {name} grad {dt} rank {r}")
+            got = res[f"linear_options,{dt}"]
+            assert_ulp(got["loss"], lo_ref.detach(), f"dtensor linear options {dt} rank {r}")
+            for name, g in (("grad_h", hl.grad), ("grad_W", Wl.grad), ("grad_b", bl.grad)):
+                assert_ulp(got[name], g, f"dtensor linear options {name} {dt} rank {r}")
             got = res[f"replicated,{dt}"]  # the single-process path: same bits
             assert torch.equal(got["loss"], plain.detach()) and torch.equal(got["grad"], xp.grad)
 
@@ -234,6 +314,12 @@ DOCUMENTED = {
     "logits": dict(forward=["all_gather"], backward=[]),
     "logits_nolayout": dict(forward=["all_gather", "all_gather"], backward=[]),
     "linear": dict(forward=["all_gather"], backward=["all_reduce"]),
+    # every LM-head option at once, log-probs with entropy, probability targets: the same
+    "logits_options": dict(forward=["all_gather"], backward=[]),
+    "linear_options": dict(forward=["all_gather"], backward=["all_reduce"]),
+    "token_logprobs": dict(forward=["all_gather"], backward=[]),
+    "linear_token_logprobs": dict(forward=["all_gather"], backward=["all_reduce"]),
+    "probs": dict(forward=["all_gather"], backward=[]),
 }
 
 
@@ -246,10 +332,11 @@ def test_collective_count_matches_the_documentation(tmp_path):
 def test_compiled_step_has_one_graph_and_eager_values(tmp_path):
     results = _launch("compile", 2, tmp_path, timeout=600)
     for res in results:
-        for name in ("logits", "linear"):
+        for name in ("logits", "linear", "logits_options", "linear_options", "token_logprobs", "probs", "dtensor"):
             got = res[name]
             assert (got["graphs"], got["breaks"]) == (1, 0), got["reasons"]
             assert_ulp(got["compiled"], got["eager"], f"compiled {name}")
+            assert len(got["compiled_grads"]) == len(got["eager_grads"]) >= 1, name
             for a, e in zip(got["compiled_grads"], got["eager_grads"]):
                 assert_ulp(a, e, f"compiled {name} grad")
 
@@ -287,16 +374,65 @@ def test_one_rank_equals_one_process(one_rank):
     x, y, w = wk.data(torch.float64)[:3]
     got = vocab_parallel_cross_entropy(x, y, weight=w, label_smoothing=0.2)
     assert_ulp(got, crossent.cross_entropy(x, y, weight=w, label_smoothing=0.2), "one rank")
+    # token weights receive their gradient (loss_i / the mean's denominator), as in one process
+    tw, q, _ = wk.extra(torch.float64)
+    grads = []
+    for fn in (vocab_parallel_cross_entropy, crossent.cross_entropy):
+        t = tw.clone().requires_grad_()
+        fn(x, y, weight=w, z_loss=0.1, softcap=5.0, token_weight=t).backward()
+        grads.append(t.grad)
+    assert_ulp(grads[0], grads[1], "token_weight grad")
+    # K-dimensional and unbatched probability targets
+    xk = x.reshape(3, 3, wk.V).transpose(1, 2)
+    qk = q.reshape(3, 3, wk.V).transpose(1, 2)
+    for xi, qi in ((xk, qk), (x[0], q[0])):
+        for red in ("none", "mean"):
+            got = vocab_parallel_cross_entropy(xi, qi, weight=w, label_smoothing=0.1, reduction=red)
+            ref = crossent.cross_entropy(xi, qi, weight=w, label_smoothing=0.1, reduction=red)
+            assert_ulp(got, ref, f"probs {tuple(xi.shape)} {red}")
+    # float32 logits with float64 probabilities: torch's promotion (a float64 loss)
+    got = vocab_parallel_cross_entropy(x.float(), q)
+    assert got.dtype == torch.float64
+    assert_ulp(got, crossent.cross_entropy(x.float(), q), "promoted")
 
 
 def test_guardrails(one_rank):
     from crossent.distributed import vocab_parallel_cross_entropy as vp
     from crossent.distributed import vocab_parallel_linear_cross_entropy as vpl
+    from crossent.distributed import vocab_parallel_linear_token_logprobs as vplt
+    from crossent.distributed import vocab_parallel_token_logprobs as vpt
     from crossent import CrossentIndexError, CrossentTypeError, CrossentValueError
 
     x, y, w, h, W, b, u = wk.data(torch.float32)
-    with pytest.raises(CrossentTypeError, match="class-index targets.*probability targets"):
-        vp(x, torch.softmax(x, 1))
+    with pytest.raises(CrossentTypeError, match="class-index targets.*dtype torch.bool"):
+        vp(x, y > 3)
+    with pytest.raises(
+        CrossentTypeError, match="class-index targets.*dtype torch.float32.*go to vocab_parallel_cross_entropy"
+    ):
+        vpl(h, W, y.float())
+    q = torch.softmax(x, 1)
+    with pytest.raises(CrossentValueError, match=r"target of shape \(9, 11\).*got target of shape \(9, 5\)"):
+        vp(x, q[:, :5])
+    with pytest.raises(CrossentValueError, match="class-index targets with the LM-head options.*probability"):
+        vp(x, q, z_loss=1e-4)
+    with pytest.raises(CrossentValueError, match="non-negative class-probability targets.*-0.5 at flat index 3"):
+        vp(x, q.flatten().index_fill(0, torch.tensor([3]), -0.5).view(9, 11))
+    with pytest.raises(CrossentValueError, match="`target` that does not require grad.*target.detach"):
+        vp(x, q.clone().requires_grad_())
+    with pytest.raises(CrossentValueError, match="`z_loss` finite and >= 0"):
+        vp(x, y, z_loss=-1.0)
+    with pytest.raises(CrossentValueError, match="`softcap` None or finite and > 0"):
+        vpl(h, W, y, softcap=0.0)
+    with pytest.raises(CrossentValueError, match=r"`token_weight` of the target's shape \(9,\)"):
+        vp(x, y, token_weight=torch.ones(4))
+    with pytest.raises(CrossentValueError, match="`temperature` finite and > 0"):
+        vpt(x, y, temperature=0.0)
+    with pytest.raises(CrossentTypeError, match="class-index targets"):
+        vplt(h, W, y.double())
+    with pytest.raises(CrossentValueError, match=r"`target` of shape \(9,\) \(one token id per row"):
+        vpt(x, y[:3])
+    with pytest.raises(CrossentIndexError, match=r"class indices in \[0, 10\]"):
+        vplt(h, W, y + 20)
     with pytest.raises(CrossentValueError, match=r"`weight` of shape \(11,\).*slice"):
         vp(x, y, weight=w[:5])
     with pytest.raises(CrossentValueError, match="both given or both None"):
@@ -371,12 +507,20 @@ def test_dtensor_guardrails(one_rank):
     with pytest.raises(CrossentValueError, match="`target` replicated.*placements"):
         crossent.cross_entropy(xd, distribute_tensor(y, mesh, [Shard(0)]))
     Wd = distribute_tensor(W, mesh, [Shard(0)])
-    with pytest.raises(CrossentValueError, match="no `return_lse` with a linear weight sharded"):
-        crossent.linear_cross_entropy(h, Wd, y, return_lse=True)
-    with pytest.raises(CrossentValueError, match="no `z_loss` with logits sharded.*z_loss=0.0001"):
-        crossent.cross_entropy(xd, y, z_loss=1e-4)
-    with pytest.raises(CrossentValueError, match="no `temperature` with a linear weight sharded"):
-        crossent.linear_cross_entropy(h, Wd, y, temperature=0.5)
+    with pytest.raises(CrossentValueError, match="no `backend` with a linear weight sharded.*backend='chunked'"):
+        crossent.linear_cross_entropy(h, Wd, y, backend="chunked")
+    with pytest.raises(CrossentValueError, match="no `inplace_backward` with logits sharded"):
+        crossent.cross_entropy(xd, y, inplace_backward=True)
+    # the LM-head options go along; lse and hits come back as replicated DTensors
+    loss, lse, hits = crossent.cross_entropy(xd, y, z_loss=1e-2, softcap=3.0, return_lse=True, return_accuracy=True)
+    ref, ref_lse, ref_hits = crossent.cross_entropy(
+        x, y, z_loss=1e-2, softcap=3.0, return_lse=True, return_accuracy=True
+    )
+    assert_ulp(loss.full_tensor(), ref)
+    assert_ulp(lse.full_tensor(), ref_lse)
+    assert torch.equal(hits.full_tensor(), ref_hits)
+    got = crossent.linear_cross_entropy(h, Wd, y, temperature=0.5, token_weight=u)
+    assert_ulp(got.full_tensor(), crossent.linear_cross_entropy(h, W, y, temperature=0.5, token_weight=u))
     # on one rank the sharded path is the whole vocabulary: equal to the plain call
     assert_ulp(crossent.cross_entropy(xd, y, weight=w).full_tensor(), crossent.cross_entropy(x, y, weight=w))
     assert_ulp(crossent.linear_cross_entropy(h, Wd, y).full_tensor(), crossent.linear_cross_entropy(h, W, y))

@@ -1,4 +1,4 @@
-"""One rank of the vocabulary-parallel tests: ``python vocab_parallel_worker.py SCENARIO OUTDIR``.
+"""One rank of the vocabulary-parallel tests: ``python vocab_parallel_worker.py SCENARIO[+SCENARIO...] OUTDIR``.
 
 Environment: RANK, WORLD_SIZE, MASTER_PORT (gloo over TCP on 127.0.0.1). Each rank takes
 its slice of the data made by :func:`data` (the same seeds as the test process, which
@@ -184,10 +184,173 @@ def run_dtensor(rank, P, save):
             grad_W=head.weight.grad.full_tensor(),
             placements=str(logits.placements),
         )
+        # the LM-head options and probability targets (sharded like the logits, or full)
+        tw, q, u2 = extra(DTYPES[dt])
+        xd = distribute_tensor(x, mesh, [Shard(1)]).detach().requires_grad_()
+        lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw, return_lse=True, return_accuracy=True)
+        parts, lse, hits = crossent.cross_entropy(xd, y, weight=w, return_parts=True, **lm)
+        parts.loss.backward()
+        save[f"options,{dt}"] = dict(
+            loss=parts.loss.full_tensor().detach(),
+            total=parts.total,
+            den=parts.denominator,
+            lse=lse.full_tensor(),
+            hits=hits.full_tensor(),
+            grad=xd.grad.full_tensor(),
+        )
+        for name, qq in (("probs_sharded", distribute_tensor(q, mesh, [Shard(1)])), ("probs_full", q)):
+            xd = distribute_tensor(x, mesh, [Shard(1)]).detach().requires_grad_()
+            loss = crossent.cross_entropy(xd, qq, weight=w, label_smoothing=0.2)
+            loss.backward()
+            save[f"{name},{dt}"] = dict(loss=loss.full_tensor().detach(), grad=xd.grad.full_tensor())
+        lm2 = torch.nn.Linear(H, V, dtype=DTYPES[dt])
+        with torch.no_grad():
+            lm2.weight.copy_(W)
+            lm2.bias.copy_(b)
+        parallelize_module(lm2, mesh, ColwiseParallel())
+        hl = h.clone().requires_grad_()
+        loss = crossent.linear_cross_entropy(hl, lm2.weight, y, linear_bias=lm2.bias, softcap=4.0, z_loss=0.05)
+        loss.backward()
+        save[f"linear_options,{dt}"] = dict(
+            loss=loss.full_tensor().detach(),
+            grad_h=hl.grad,
+            grad_W=lm2.weight.grad.full_tensor(),
+            grad_b=lm2.bias.grad.full_tensor(),
+        )
         xr = distribute_tensor(x, mesh, [Replicate()]).detach().requires_grad_()
         loss = crossent.cross_entropy(xr, y)
         loss.backward()
         save[f"replicated,{dt}"] = dict(loss=loss.full_tensor().detach(), grad=xr.grad.full_tensor())
+
+
+def extra(dtype: torch.dtype, seed: int = 1):
+    """Token weights tau (N,), class-probability targets q (N, V) and a second upstream
+    u2 (N,) (another generator than :func:`data`, so its tensors stay as they are)."""
+    g = torch.Generator().manual_seed(seed)
+    tw = (torch.rand(N, generator=g, dtype=torch.float64) * 2).to(dtype)
+    q = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2, dim=1).to(dtype)
+    q[1] = 0.0
+    q[1, 3] = 1.0  # a one-hot row
+    u2 = torch.rand(N, generator=g, dtype=torch.float64).to(dtype)
+    return tw, q, u2
+
+
+#: the LM-head options of the option cases: each alone, then all at once
+LM_ALONE = ({"z_loss": 0.05}, {"softcap": 4.0}, {"temperature": 0.7}, {"token_weight": True}, {"lse": True})
+LM_ALL = {
+    "weight": True,
+    "label_smoothing": 0.1,
+    "z_loss": 0.05,
+    "softcap": 4.0,
+    "temperature": 1.5,
+    "token_weight": True,
+    "lse": True,
+}
+
+
+def option_cases():
+    """(kind, options) of the options scenario. kind: 'ce' (logits), 'lce' (linear),
+    'tlp' / 'ltlp' (token log-probs of logits / linear), 'probs' (probability targets)."""
+    out = []
+    for dt in DTYPES:
+        for kind in ("ce", "lce"):
+            for opts in LM_ALONE:
+                out.append(dict(kind=kind, dtype=dt, reduction="mean", ignore="some", **opts))
+            for red in ("mean", "sum", "none"):
+                out.append(dict(kind=kind, dtype=dt, reduction=red, ignore="some", **LM_ALL))
+            for ig in ("all", "shard0"):
+                out.append(dict(kind=kind, dtype=dt, reduction="mean", ignore=ig, **LM_ALL))
+        for kind in ("tlp", "ltlp"):
+            for ig in ("some", "all", "shard0"):
+                out.append(dict(kind=kind, dtype=dt, reduction="none", ignore=ig, entropy=True))
+            out.append(dict(kind=kind, dtype=dt, reduction="none", ignore="some", softcap=4.0, temperature=0.7))
+            out.append(
+                dict(kind=kind, dtype=dt, reduction="none", ignore="some", softcap=4.0, temperature=0.7, entropy=True)
+            )
+        for red in ("mean", "sum", "none"):
+            for opts in ({}, {"weight": True}, {"weight": True, "label_smoothing": 0.2}):
+                out.append(dict(kind="probs", dtype=dt, reduction=red, ignore="none", **opts))
+    return out
+
+
+def option_call(c, fns, x, y, w, h, W, b, tw, q, lo, hi, group_kw):
+    """Run case ``c`` with ``fns`` (the single-process or the vocabulary-parallel functions:
+    ce, lce, tlp, ltlp) on the classes [lo, hi); returns (outputs, leaves) where outputs
+    is a dict of result tensors and leaves the differentiated inputs by name."""
+    kind = c["kind"]
+    kw = {}
+    if kind in ("ce", "lce", "probs"):
+        kw = dict(reduction=c["reduction"], return_parts=True, label_smoothing=c.get("label_smoothing", 0.0))
+        if c.get("weight"):
+            kw["weight"] = w[lo:hi]
+    for k in ("z_loss", "softcap", "temperature"):
+        if k in c:
+            kw[k] = c[k]
+    if c.get("token_weight"):
+        kw["token_weight"] = tw
+    if c.get("lse"):
+        kw.update(return_lse=True, return_accuracy=True)
+    if c.get("entropy"):
+        kw["return_entropy"] = True
+    kw.update(group_kw)
+    if kind in ("ce", "tlp", "probs"):
+        leaves = dict(grad=x[:, lo:hi].clone().requires_grad_())
+        t = q[:, lo:hi] if kind == "probs" else y
+        out = fns["tlp" if kind == "tlp" else "ce"](leaves["grad"], t, **kw)
+    else:
+        leaves = dict(grad_h=h.clone().requires_grad_(), grad_W=W[lo:hi].clone().requires_grad_())
+        leaves["grad_b"] = b[lo:hi].clone().requires_grad_()
+        fn = fns["ltlp" if kind == "ltlp" else "lce"]
+        bias = "linear_bias" if kind == "lce" and not group_kw else "bias"  # crossent.linear_cross_entropy's name
+        out = fn(leaves["grad_h"], leaves["grad_W"], y, **{bias: leaves["grad_b"]}, chunk_size=4, **kw)
+    res = {}
+    if kind in ("tlp", "ltlp"):
+        lp, H = out if c.get("entropy") else (out, None)
+        res["lp"] = lp.detach()
+        if H is not None:
+            res["H"] = H.detach()
+    else:
+        parts, *extras = out if isinstance(out, tuple) and not hasattr(out, "_fields") else (out,)
+        res.update(loss=parts.loss.detach(), total=parts.total, den=parts.denominator)
+        if extras:
+            res.update(lse=extras[0], hits=extras[1])
+    return out, res, leaves
+
+
+def option_backward(c, out, u, u2):
+    """The scalar the gradients are taken of: every output, with upstream weights."""
+    if c["kind"] in ("tlp", "ltlp"):
+        if c.get("entropy"):
+            lp, H = out
+            return (lp * u).sum() + (H * u2).sum()
+        return (out * u).sum()
+    parts = out[0] if isinstance(out, tuple) and not hasattr(out, "_fields") else out
+    return (parts.loss * u).sum() if c["reduction"] == "none" else parts.loss
+
+
+def run_options(rank, P, save):
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+        vocab_parallel_linear_token_logprobs,
+        vocab_parallel_token_logprobs,
+    )
+
+    fns = dict(
+        ce=vocab_parallel_cross_entropy,
+        lce=vocab_parallel_linear_cross_entropy,
+        tlp=vocab_parallel_token_logprobs,
+        ltlp=vocab_parallel_linear_token_logprobs,
+    )
+    lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]
+    for c in option_cases():
+        dt = DTYPES[c["dtype"]]
+        x, y, w, h, W, b, u = data(dt, c["ignore"])
+        tw, q, u2 = extra(dt)
+        out, res, leaves = option_call(c, fns, x, y, w, h, W, b, tw, q, lo, hi, dict(vocab_start=lo, vocab_size=V))
+        option_backward(c, out, u, u2).backward()
+        res.update({k: t.grad for k, t in leaves.items()})
+        save["options," + key(c)] = res
 
 
 def collective_kind(func) -> str:
@@ -238,46 +401,132 @@ def run_count(rank, P, save):
         with Count() as bwd:
             loss.backward()
         save[name] = dict(forward=fwd.ops, backward=bwd.ops)
+    # every option at once, the per-token outputs, probability targets: the same collectives
+    from crossent.distributed import vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs
+
+    tw, q, u2 = extra(torch.float32)
+    layout = dict(vocab_start=lo, vocab_size=V)
+    lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw, return_lse=True, return_accuracy=True)
+    for name in ("logits_options", "linear_options", "token_logprobs", "linear_token_logprobs", "probs"):
+        xl = x[:, lo:hi].clone().requires_grad_()
+        Wl = W[lo:hi].clone().requires_grad_()
+        hl = h.clone().requires_grad_()
+        with Count() as fwd:
+            if name == "logits_options":
+                loss = vocab_parallel_cross_entropy(xl, y, weight=w[lo:hi], label_smoothing=0.1, **lm, **layout)[0]
+            elif name == "linear_options":
+                loss = vocab_parallel_linear_cross_entropy(
+                    hl, Wl, y, weight=w[lo:hi], label_smoothing=0.1, chunk_size=4, **lm, **layout
+                )[0]
+            elif name == "token_logprobs":
+                lp, H = vocab_parallel_token_logprobs(xl, y, softcap=4.0, return_entropy=True, **layout)
+                loss = (lp * u).sum() + (H * u2).sum()
+            elif name == "linear_token_logprobs":
+                lp, H = vocab_parallel_linear_token_logprobs(
+                    hl, Wl, y, softcap=4.0, return_entropy=True, chunk_size=4, **layout
+                )
+                loss = (lp * u).sum() + (H * u2).sum()
+            else:
+                loss = vocab_parallel_cross_entropy(xl, q[:, lo:hi], weight=w[lo:hi], label_smoothing=0.1, **layout)
+        with Count() as bwd:
+            loss.backward()
+        save[name] = dict(forward=fwd.ops, backward=bwd.ops)
+
+
+def _compiled_case(step, args, backend=None):
+    """explain (graphs, breaks) of ``step(*args, target)``, then eager and ``fullgraph=True``
+    compiled values and gradients of ``args`` (DTensors compared as full tensors)."""
+    import crossent.distributed._dtensor as D
+
+    def full(t):
+        return t.full_tensor() if D.is_dtensor(t) else t
+
+    *args, target = args
+    ex = torch._dynamo.explain(step)(*args, target)
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    eager = step(*leaves, target)
+    eager.backward()
+    eager_grads = [full(t.grad) for t in leaves]
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    kw = {} if backend is None else {"backend": backend}
+    compiled = torch.compile(step, fullgraph=True, **kw)(*leaves, target)
+    compiled.backward()
+    return dict(
+        graphs=ex.graph_count,
+        breaks=ex.graph_break_count,
+        reasons=[str(r.reason)[:200] for r in ex.break_reasons],
+        eager=full(eager).detach(),
+        compiled=full(compiled).detach(),
+        eager_grads=eager_grads,
+        compiled_grads=[full(t.grad) for t in leaves],
+    )
 
 
 def run_compile(rank, P, save):
-    """One compiled training step per loss: explain (graphs, breaks), then fullgraph values."""
-    from crossent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+    """One compiled training step per loss: explain (graphs, breaks), then fullgraph values.
+    The base losses compile with inductor; the option steps and the DTensor step with
+    ``aot_eager`` (the same capture -- Dynamo and AOT autograd, where graph breaks and
+    tracing failures live -- without a second C++ code generation, which takes a minute
+    per step on CPU)."""
+    import crossent
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+        vocab_parallel_token_logprobs,
+    )
 
     lo, hi = BOUNDS[P][rank], BOUNDS[P][rank + 1]
     x, y, w, h, W, b, u = data(torch.float32)
+    tw, q, u2 = extra(torch.float32)
+    layout = dict(vocab_start=lo, vocab_size=V)
 
     def logits_step(xl, y):
-        return vocab_parallel_cross_entropy(
-            xl * 2.0, y, vocab_start=lo, vocab_size=V, weight=w[lo:hi], label_smoothing=0.1
-        )
+        return vocab_parallel_cross_entropy(xl * 2.0, y, weight=w[lo:hi], label_smoothing=0.1, **layout)
 
     def linear_step(hl, Wl, y):
-        return vocab_parallel_linear_cross_entropy(
-            hl, Wl, y, vocab_start=lo, vocab_size=V, chunk_size=4, label_smoothing=0.1
-        )
+        return vocab_parallel_linear_cross_entropy(hl, Wl, y, chunk_size=4, label_smoothing=0.1, **layout)
 
-    for name, step, args in (("logits", logits_step, (x[:, lo:hi],)), ("linear", linear_step, (h, W[lo:hi]))):
-        ex = torch._dynamo.explain(step)(*args, y)
-        leaves = [a.clone().requires_grad_() for a in args]
-        eager = step(*leaves, y)
-        eager.backward()
-        eager_grads = [t.grad for t in leaves]
-        leaves = [a.clone().requires_grad_() for a in args]
-        compiled = torch.compile(step, fullgraph=True)(*leaves, y)
-        compiled.backward()
-        save[name] = dict(
-            graphs=ex.graph_count,
-            breaks=ex.graph_break_count,
-            reasons=[str(r.reason)[:200] for r in ex.break_reasons],
-            eager=eager.detach(),
-            compiled=compiled.detach(),
-            eager_grads=eager_grads,
-            compiled_grads=[t.grad for t in leaves],
-        )
+    def logits_options_step(xl, y):
+        lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw)
+        return vocab_parallel_cross_entropy(xl * 2.0, y, weight=w[lo:hi], label_smoothing=0.1, **lm, **layout)
+
+    def linear_options_step(hl, Wl, y):
+        lm = dict(z_loss=0.05, softcap=4.0, temperature=1.5, token_weight=tw)
+        return vocab_parallel_linear_cross_entropy(hl, Wl, y, chunk_size=4, **lm, **layout)
+
+    def logprobs_step(xl, y):
+        lp, H = vocab_parallel_token_logprobs(xl, y, softcap=4.0, temperature=0.7, return_entropy=True, **layout)
+        return (lp * u).sum() + (H * u2).sum()
+
+    def probs_step(xl, ql):
+        return vocab_parallel_cross_entropy(xl * 2.0, ql, weight=w[lo:hi], label_smoothing=0.1, **layout)
+
+    def dtensor_step(xd, y):
+        return crossent.cross_entropy(xd * 2.0, y, label_smoothing=0.1, z_loss=0.05, softcap=4.0)
+
+    xd = distribute_tensor(x, init_device_mesh("cpu", (P,)), [Shard(1)])
+    for name, step, args, backend in (
+        ("logits", logits_step, (x[:, lo:hi], y), None),
+        ("linear", linear_step, (h, W[lo:hi], y), None),
+        ("logits_options", logits_options_step, (x[:, lo:hi], y), "aot_eager"),
+        ("linear_options", linear_options_step, (h, W[lo:hi], y), "aot_eager"),
+        ("token_logprobs", logprobs_step, (x[:, lo:hi], y), "aot_eager"),
+        ("probs", probs_step, (x[:, lo:hi], q[:, lo:hi]), "aot_eager"),
+        ("dtensor", dtensor_step, (xd, y), "aot_eager"),
+    ):
+        torch._dynamo.reset()
+        save[name] = _compiled_case(step, args, backend)
 
 
-SCENARIOS = {"parity": run_parity, "dtensor": run_dtensor, "count": run_count, "compile": run_compile}
+SCENARIOS = {
+    "parity": run_parity,
+    "options": run_options,
+    "dtensor": run_dtensor,
+    "count": run_count,
+    "compile": run_compile,
+}
 
 
 def main():
@@ -293,7 +542,8 @@ def main():
         timeout=datetime.timedelta(seconds=120),
     )
     save = {}
-    SCENARIOS[scenario](rank, P, save)
+    for name in scenario.split("+"):  # several scenarios in one process group: one spawn
+        SCENARIOS[name](rank, P, save)
     dist.barrier()
     dist.destroy_process_group()
     torch.save(save, os.path.join(outdir, f"rank{rank}.pt"))

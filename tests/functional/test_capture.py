@@ -216,8 +216,9 @@ def _opcheck_samples():
         yield ops.cross_entropy_fused, (x, t.softmax(1), None, None, None, None, backend)
         x3 = torch.randn(2, 4, 3, generator=g, requires_grad=True)
         yield ops.cross_entropy_fused, (x3, None, torch.randint(0, 4, (6,), generator=g), c, None, None, backend)
+        stats = ops.cross_entropy_fused(x.detach(), None, y, c, None, None, backend)[1]
         for g_loss in (torch.full((6,), 0.25), torch.rand(6, generator=g)):  # uniform and per-row
-            yield ops.cross_entropy_fused_backward, (g_loss, x.detach(), None, y, c, None, None, backend)
+            yield ops.cross_entropy_fused_backward, (g_loss, x.detach(), None, y, c, None, None, stats, backend)
         yield ops.bce_fused_sum, (x, t, None, torch.rand(4, generator=g) + 0.5, None, True, backend)
         p = torch.rand(6, 4, generator=g).requires_grad_()
         yield ops.bce_fused_sum, (p, t, torch.rand(4, generator=g), None, keep, False, backend)
@@ -233,7 +234,7 @@ def test_opcheck(i):
 @pytest.mark.backends("chunked", "chunked-torch")
 @pytest.mark.parametrize("uniform", [True, False])
 def test_ce_op_backward_recomputes_the_gradient_times_grad_loss(backend, uniform):
-    # The forward saves only its inputs (no (M, C) gradient lives until backward); the
+    # The forward saves its inputs and the (M, 2) row statistics, no (M, C) gradient; the
     # backward equals the reference gradient of sum(g * loss), uniform g (mean, sum) or not.
     # float32: the C kernel (backend 'chunked'); the reference in float64.
     gen = torch.Generator().manual_seed(3)
@@ -243,8 +244,9 @@ def test_ce_op_backward_recomputes_the_gradient_times_grad_loss(backend, uniform
     g = torch.full((9,), 0.3) if uniform else torch.rand(9, generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = ops.cross_entropy_fused(x, None, y, c, None, None, backend)
-    assert {t.data_ptr() for t in saved} <= {x.data_ptr(), y.data_ptr(), c.data_ptr()}
+        loss, stats = ops.cross_entropy_fused(x, None, y, c, None, None, backend)
+    assert {t.data_ptr() for t in saved} <= {x.data_ptr(), y.data_ptr(), c.data_ptr(), stats.data_ptr()}
+    assert stats.shape == (9, 2)
     (grad,) = torch.autograd.grad(loss, x, g)
     z = x.detach().double().requires_grad_()
     ref = c.double() * (torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0])

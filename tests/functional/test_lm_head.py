@@ -616,3 +616,37 @@ def test_loss_with_minus_inf_logits_and_confident_gradient(reduction):
     ).sum().backward()
     truth = _one_minus_p([20.0, 0.0, 0.0], 0)
     assert _rel(-z.grad[0, 0], truth) <= 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("opts", [{"softcap": 30.0}, {"z_loss": 1e-4}, {"temperature": 0.7}])
+def test_linear_options_make_one_weight_sized_buffer(opts):
+    # forward + backward of the fused linear loss with LM-head options creates exactly one
+    # tensor the size of the weight (its gradient): the incoming scale is applied in place,
+    # no zeros are materialised for the op's unused gradient outputs
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 24, 8, 301
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    W = torch.randn(V, H, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (N,), generator=g)
+    made = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == W.shape and out._base is None:
+                if not any(out is a for a in args if isinstance(a, torch.Tensor)):  # not in place
+                    made.append(func)
+            return out
+
+    with Allocations():
+        crossent.linear_cross_entropy(h, W, y, chunk_size=5, **opts).backward()
+    assert len(made) == 1, made
+    loss = crossent.linear_cross_entropy(h, W, y, chunk_size=5, **opts)
+    first = torch.autograd.grad(loss * 3, (h, W), retain_graph=True)  # the forward's gradients, used up
+    again = torch.autograd.grad(loss * 3, (h, W))  # a second backward recomputes them
+    for got, want in zip(again, first):
+        assert_close(got, want, dtype=torch.float32)
+    assert_close(W.grad * 3, first[1], dtype=torch.float32)
+    assert_close(h.grad * 3, first[0], dtype=torch.float32)

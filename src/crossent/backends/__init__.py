@@ -1,15 +1,48 @@
 """Backends own speed; ``crossent.functional`` owns meaning. See ``_registry``.
-Design notes: ``docs/design.md``, section ``crossent.backends``.
+
+Every backend is registered here, once, with all of its ops, where it runs and its
+declared :class:`Capabilities`: this table is the whole answer to "what can each backend
+do". Design notes: ``docs/design.md``, section ``crossent.backends``.
 """
 
-from . import chunked, reference
+import dataclasses
+from typing import Callable, Dict
+
+from . import chunked, lm_head, reference
+from . import linear as _linear
 from . import triton as triton_backend
-from ._registry import Backend, BackendUnavailableError, available_backends, dispatch, register, resolve
+from ._registry import (
+    Backend,
+    BackendUnavailableError,
+    Capabilities,
+    available_backends,
+    backend_for,
+    capabilities,
+    dispatch,
+    register,
+    resolve,
+)
+from . import ops  # the crossent:: torch.library ops (under capture, and the LM-head ops)
 
 
 def _cpu_only(device):
     return None if device.type == "cpu" else f"it runs on CPU tensors only, got a {device.type} tensor"
 
+
+def _any_device(device):
+    return None
+
+
+#: The fused loss ops of ``chunked``, ``chunked-torch`` and ``triton`` (``chunked.make_ops``):
+#: the cross-entropy ops take ``reduction=`` and (``cross_entropy``) (N, C, S) logits, the
+#: BCE ops ``sum_only=``.
+FUSED = Capabilities(cross_entropy_spatial=True, cross_entropy_reduction=True, bce_sum_only=True)
+
+# LM-head options (z_loss, softcap, temperature, ...): ``reference`` (full logits, autograd)
+# and ``chunked-torch`` (the registered row-block op, plain torch ops, any device) compute
+# them. The C kernel of ``chunked`` and the Triton kernels do not, so the automatic choice
+# skips them and an explicit ``backend='chunked'`` or ``'triton'`` raises
+# BackendUnavailableError naming the backends that can.
 
 register(
     Backend(
@@ -19,7 +52,10 @@ register(
             "binary_cross_entropy": reference.binary_cross_entropy,
             "binary_cross_entropy_with_logits": reference.binary_cross_entropy_with_logits,
             "cross_entropy": reference.cross_entropy,
+            **_linear.OPS_REFERENCE,  # unfused: the full (N, C) logits
+            "lm_head": lm_head.lm_head_unfused,
         },
+        capabilities=Capabilities(),
     )
 )
 
@@ -27,17 +63,45 @@ register(
     Backend(
         name="chunked",
         priority=10,
-        ops=dict(chunked.OPS),
+        ops={**chunked.OPS, **_linear.OPS_CPU},
         unavailable=_cpu_only,
+        capabilities=FUSED,
     )
 )
 
+
+# The same fused autograd with the compiled kernel never used (the chunked torch-ops
+# fallback), selectable by name, e.g. CROSSENT_BACKEND=chunked-torch. Its loss ops run on
+# CPU only (where ``chunked`` wins the automatic choice); its fused linear and LM-head ops
+# are plain torch ops on any device: the CUDA fallback without Triton, outranking the
+# unfused ``reference``.
+def _lm_head_op(x, W, b, y, keep, sigma, temperature, softcap, rows):
+    """``lm_head`` of chunked-torch: the registered op ``crossent::lm_head_forward`` (row
+    blocks, never (N, C)); its bodies are in :mod:`.lm_head`."""
+    return ops.lm_head(x, W, b, y, keep, sigma, float(temperature), float(softcap or 0.0), int(rows))
+
+
+def _lm_head_loss_op(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows):
+    """``lm_head_loss`` of chunked-torch: the summed loss with gradients in the same pass
+    (``crossent::lm_head_loss_fused``): ``(total, lse, correct)``."""
+    return ops.lm_head_loss(
+        x, W, b, y, keep, sigma, c_nll, c_sm, c_z, float(temperature), float(softcap or 0.0), int(rows)
+    )
+
+
+_CHUNKED_TORCH_ANY_DEVICE: Dict[str, Callable] = {
+    **_linear.OPS_CHUNKED,
+    "lm_head": _lm_head_op,
+    "lm_head_loss": _lm_head_loss_op,
+}
 register(
     Backend(
         name="chunked-torch",
         priority=1,
-        ops=dict(chunked.TORCH_OPS),
+        ops={**chunked.TORCH_OPS, **_CHUNKED_TORCH_ANY_DEVICE},
         unavailable=_cpu_only,
+        op_unavailable={op: _any_device for op in _CHUNKED_TORCH_ANY_DEVICE},
+        capabilities=dataclasses.replace(FUSED, lm_head_loss=True),
     )
 )
 
@@ -45,12 +109,20 @@ register(
     Backend(
         name="triton",
         priority=20,
-        ops=dict(triton_backend.OPS),
+        ops={**triton_backend.OPS, **triton_backend.LINEAR_OPS},
         unavailable=triton_backend.unavailable_reason,
+        capabilities=FUSED,
     )
 )
 
-__all__ = ["Backend", "BackendUnavailableError", "available_backends", "dispatch", "register", "resolve"]
-from . import linear as _linear  # noqa: E402,F401  (fused linear + loss ops: chunked, reference)
-from . import ops  # noqa: E402,F401  (the crossent:: torch.library ops, used under capture)
-from . import lm_head as _lm_head  # noqa: E402,F401  (LM-head statistics: chunked-torch, reference)
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "Capabilities",
+    "available_backends",
+    "backend_for",
+    "capabilities",
+    "dispatch",
+    "register",
+    "resolve",
+]

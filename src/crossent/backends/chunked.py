@@ -10,6 +10,7 @@ import torch
 
 from . import reference
 from .._dtypes import mean_grad_scale
+from ..errors import fail
 
 # 2**16 float32 elements = 256 KiB per intermediate: a chunk's few temporaries stay in L2/L3
 # while per-op overhead (~5-10 us per torch call) stays small against the work per chunk.
@@ -61,7 +62,7 @@ def _weight_and_mask(loss, grad, w, keep):
     return loss, grad
 
 
-def _bcewl_chunk(x, t, pos, w, keep):
+def _bce_with_logits_chunk(x, t, pos, w, keep):
     """Loss and d loss / dx of one chunk (pure torch), reference formulas.
 
     With :math:`e = e^{-|x|}`: softplus(+-x) = max(+-x, 0) + log1p(e) (non-negative sums),
@@ -145,12 +146,12 @@ def _cycled_pos_weight(x, pos_weight):
     return pos_weight.expand(x.shape).contiguous(), x.numel()
 
 
-def _bcewl_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
+def _bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
     """(loss or its sum, grad * scale) for the whole tensor: compiled kernel or chunked torch ops."""
     cpp = _cpp() if use_cpp and _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
-        return cpp.bcewl(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
-    return _elementwise_forward(_bcewl_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
+        return cpp.bce_with_logits(x, t, *_cycled_pos_weight(x, pos_weight), not sum_only, scale)
+    return _elementwise_forward(_bce_with_logits_chunk, x, t, weight, pos_weight, keep, sum_only, scale)
 
 
 def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None, use_cpp=True):
@@ -167,11 +168,20 @@ def elementwise_sum(impl, logits: bool, x, t, weight, pos_weight, keep, want_gra
     cpp = _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
     if cpp is not None:
         return cpp._bce(0 if logits else 1, x, t, *_cycled_pos_weight(x, pos_weight), False, scale, want_grad)
-    forward = impl.bcewl_forward if logits else impl.bce_forward
+    forward = impl.bce_with_logits_forward if logits else impl.bce_forward
     total, grad = forward(x, t, weight, pos_weight, keep, True, scale if impl.prescale else None)
     if want_grad and scale is not None and not impl.prescale:
         grad = grad * scale
     return total, grad if want_grad else None
+
+
+def elementwise_grad(impl, logits: bool, x, t, weight, pos_weight, keep, scale) -> torch.Tensor:
+    """The gradient (times ``scale``) of :func:`elementwise_sum`, for a backward pass: the C
+    kernel evaluates no loss for it."""
+    cpp = _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
+    if cpp is not None:
+        return cpp._bce_grad(0 if logits else 1, x, t, *_cycled_pos_weight(x, pos_weight), scale)
+    return elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True, scale)[1]
 
 
 class _FusedElementwise(torch.autograd.Function):
@@ -191,7 +201,7 @@ class _FusedElementwise(torch.autograd.Function):
         sum_only, scale = opts
         if not impl.prescale:
             scale = None
-        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
+        forward = impl.bce_with_logits_forward if kind == "logits" else impl.bce_forward
         loss, grad = forward(x, t, weight, pos_weight, keep, sum_only, scale)
         ctx.kind, ctx.sum_only, ctx.grad, ctx.scale, ctx.forward = kind, sum_only, grad, scale, forward
         ctx.save_for_backward(x, t, weight, pos_weight, keep)
@@ -258,7 +268,7 @@ def _reference_grads(ctx, fn, inputs, grad_out):
 
 def _elementwise_op(impl, kind, x, t, weight, pos_weight, keep, sum_only, grad_scale=None):
     if not _needs_graph(x, t, weight, pos_weight):
-        forward = impl.bcewl_forward if kind == "logits" else impl.bce_forward
+        forward = impl.bce_with_logits_forward if kind == "logits" else impl.bce_forward
         with torch.no_grad():
             return forward(x, t, weight, pos_weight, keep, sum_only)[0]
     return _FusedElementwise.apply(impl, kind, (sum_only, grad_scale), x, t, weight, pos_weight, keep)
@@ -317,10 +327,7 @@ def _ce_forward(
     if cpp is not None:
         if want_grad and grad_out is None:
             grad_out = torch.empty_like(x)
-        if y.dtype != torch.int64 or not y.is_contiguous():
-            y = y.long().contiguous()
-        if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):  # None: all 1
-            c = c.contiguous().to(x.dtype)
+        y, c = _kernel_targets(x, y, c)
         kernel = cpp.ce_index_ncs if spatial else cpp.ce_index
         loss = kernel(x, y, c, grad_out if want_grad else None, scale, smooth)
         return loss, grad_out
@@ -357,7 +364,7 @@ def _spatial_ok(impl, x, q) -> bool:
     Class-index targets, the CPU kernel table (not chunked-torch, not Triton), float32,
     contiguous, non-empty, kernel built. Everything else is flattened to rows first.
     """
-    return getattr(impl, "spatial", False) and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
+    return impl.spatial and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
 
 
 def _ce_mask(loss, keep, smooth):
@@ -382,6 +389,42 @@ def fused_ce_forward(impl, x, q, y, c, smooth, keep, scale=None, want_grad=True)
         if want_grad:
             grad.masked_fill_(~_class_bcast(keep, grad), 0.0)
     return loss, grad if want_grad else None
+
+
+def _row_kernel_ok(impl, x, q) -> bool:
+    """Does the compiled row kernel (``ce_index``) take these (M, C) rows as they are?"""
+    return impl is CPU and x.dim() == 2 and q is None and x.numel() > 0 and _cpp_ok(x) and _cpp() is not None
+
+
+def fused_ce_forward_stats(impl, x, q, y, c, smooth, keep):
+    """:func:`fused_ce_forward` without the gradient, and the per-row statistics (M, 2) that
+    :func:`fused_ce_grad` recomputes the gradient from in one pass: each row's (max, s) when
+    the compiled row kernel ran, zeros otherwise (then nothing reads them)."""
+    if not _row_kernel_ok(impl, x, q):
+        loss, _ = fused_ce_forward(impl, x, q, y, c, smooth, keep, want_grad=False)
+        return loss, x.new_zeros((loss.shape[0], 2))
+    stats = x.new_empty((x.shape[0], 2))
+    y, c = _kernel_targets(x, y, c)
+    return _cpp().ce_index(x, y, c, None, None, smooth, stats), stats
+
+
+def fused_ce_grad(impl, x, q, y, c, smooth, keep, stats, scale=None):
+    """The gradient (times ``scale``) of the rows that :func:`fused_ce_forward_stats` computed:
+    from ``stats`` in one pass over ``x`` on the compiled row kernel (bit for bit what the
+    forward would have written), else recomputed with the forward."""
+    if not _row_kernel_ok(impl, x, q):
+        return fused_ce_forward(impl, x, q, y, c, smooth, keep, scale)[1]
+    y, c = _kernel_targets(x, y, c)
+    return _cpp().ce_index_grad(x, y, c, stats, scale, smooth)
+
+
+def _kernel_targets(x, y, c):
+    """Targets int64 and coefficients in ``x``'s dtype, contiguous, as the kernels read them."""
+    if y.dtype != torch.int64 or not y.is_contiguous():
+        y = y.long().contiguous()
+    if c is not None and (c.dtype != x.dtype or not c.is_contiguous()):  # None: all 1
+        c = c.contiguous().to(x.dtype)
+    return y, c
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -427,31 +470,41 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 
 class _FusedCrossEntropyReduced(torch.autograd.Function):
-    """:class:`_FusedCrossEntropy` with its ``sum`` (``rows`` None) or ``mean`` (``sum / rows``)
-    taken inside: one autograd node instead of three on the small-input path. Values and
-    gradients are bit for bit those of the per-row Function followed by ``sum`` and ``/ rows``:
-    the same reductions run, and backward hands the per-row Function exactly the grad_output
-    that ``SumBackward`` and ``DivBackward`` would (``g / rows`` expanded), so its pre-scaled
-    gradient is used under the same test. The inputs keep the per-row Function's positions
-    (its backward indexes ``needs_input_grad``)."""
+    """The small-input path (:func:`plain_cross_entropy`) in one autograd node: the per-row
+    losses of :class:`_FusedCrossEntropy` with their ``sum`` (``rows`` None) or ``mean``
+    (``sum / rows``) taken inside. float32 (M, C) rows and int64 (M,) targets with no
+    weights, smoothing or ignored rows go straight to the compiled kernel. Values and
+    gradients are bit for bit those of the per-row Function followed by ``sum`` and
+    ``/ rows``: the same reductions run, and backward uses the pre-scaled gradient only when
+    the ``grad_output`` that ``SumBackward`` and ``DivBackward`` would hand on is exactly the
+    pre-scale (a plain ``backward()`` sends 1: then it is); otherwise the per-row
+    Function's backward gets that ``g / rows``, expanded. The inputs keep the per-row
+    Function's positions (its backward indexes ``needs_input_grad``)."""
 
     @staticmethod
     def forward(ctx, impl, scale, x, q, y, c, smooth, keep, rows):
-        loss = _FusedCrossEntropy.forward(ctx, impl, scale, x, q, y, c, smooth, keep)
+        grad = torch.empty_like(x)
+        loss = _cpp().ce_index(x, y, None, grad, scale)
+        ctx.grad, ctx.scale, ctx.scale_value, ctx.impl = grad, scale, scale, impl
+        ctx.save_for_backward(x, q, y, c, smooth, keep)
         ctx.rows, ctx.M = rows, loss.shape[0]
         total = loss.sum()
         return total if rows is None else total / rows
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.grad is not None and not torch.is_grad_enabled() and g.item() == 1.0:
+            grad, ctx.grad = ctx.grad, None  # pre-scaled by 1 / rows (or 1): what g = 1 makes
+            return None, None, grad, None, None, None, None, None, None
         go = (g if ctx.rows is None else g / ctx.rows).expand(ctx.M)
         return _FusedCrossEntropy.backward(ctx, go) + (None,)
 
 
 def plain_cross_entropy(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The reduced loss of the small-input path (:func:`_plain_rows` holds, and no target
-    equals ignore_index): float32 (M, C) rows on the compiled kernel, int64 (M,) targets,
-    ``reduction`` 'mean' or 'sum'. The same values and gradients as the general path."""
+    """The reduced loss of the small-input path (the functional layer's ``_plain_call``
+    holds: float32 contiguous (M, C) rows, the compiled kernel, int64 (M,) targets in
+    [0, C), no weights, smoothing or ignored targets), ``reduction`` 'mean' or 'sum'. The
+    same values and gradients as the general path."""
     M = x.shape[0]
     scale = 1.0 if reduction == "sum" else mean_grad_scale(M, x.dtype)
     return _FusedCrossEntropyReduced.apply(CPU, scale, x, None, y, None, None, None, None if reduction == "sum" else M)
@@ -612,8 +665,6 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
     class-index targets and when the logits need a gradient; without autograd (e.g. under
     ``torch.no_grad()``) the logits are left untouched and this is the normal path.
     """
-    from .._validation import fail
-
     func = "cross_entropy"
     if not index_target:
         fail(
@@ -663,13 +714,15 @@ def _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_sm
 class Kernels:
     """The three forward kernels a fused backend provides (see :func:`make_ops`).
 
-    ``bcewl_forward(x, t, weight, pos_weight, keep, sum_only) -> (loss or its sum, grad)``,
+    ``bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only) -> (loss or its sum, grad)``,
     ``bce_forward`` likewise, ``ce_forward(x, q, y, c, smooth, keep, want_grad, grad_out=None)
     -> (loss (M,), grad (M, C) or None)`` where ``grad_out`` may be ``x`` (in-place).
     """
 
-    def __init__(self, bcewl_forward, bce_forward, ce_forward, prescale: bool = False, spatial: bool = False):
-        self.bcewl_forward, self.bce_forward, self.ce_forward = bcewl_forward, bce_forward, ce_forward
+    def __init__(self, bce_with_logits_forward, bce_forward, ce_forward, prescale: bool = False, spatial: bool = False):
+        self.bce_with_logits_forward = bce_with_logits_forward
+        self.bce_forward = bce_forward
+        self.ce_forward = ce_forward
         # prescale: the BCE forwards honour ``scale`` (multiply the gradient in the same
         # pass), and reading grad_output with .item() in backward costs no device sync.
         self.prescale = prescale
@@ -710,14 +763,8 @@ def make_ops(impl: Kernels) -> dict:
         ``crossent.functional.cross_entropy(inplace_backward=True)``)."""
         return _cross_entropy_inplace(impl, x, target, index_target, weight, keep, label_smoothing, reduction)
 
-    cross_entropy.accepts_reduction = True
-    cross_entropy_inplace.accepts_reduction = True
-    # cross_entropy also takes K-dim logits as (N, C, S) (class-index targets (N*S,)): the
-    # functional layer then skips its move-classes-last copy; the op makes it only if needed.
-    cross_entropy.accepts_spatial = True
-
-    binary_cross_entropy_with_logits.supports_sum_only = True
-    binary_cross_entropy.supports_sum_only = True
+    # What these ops accept beyond the reference contract (reduction=, (N, C, S) logits,
+    # sum_only=) is declared with their registration: ``FUSED`` in ``crossent.backends``.
     return {
         "binary_cross_entropy": binary_cross_entropy,
         "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
@@ -726,7 +773,7 @@ def make_ops(impl: Kernels) -> dict:
     }
 
 
-CPU = Kernels(_bcewl_forward, _bce_forward, _ce_forward, prescale=True, spatial=True)
+CPU = Kernels(_bce_with_logits_forward, _bce_forward, _ce_forward, prescale=True, spatial=True)
 OPS = make_ops(CPU)
 binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
@@ -734,8 +781,8 @@ cross_entropy = OPS["cross_entropy"]
 cross_entropy_inplace = OPS["cross_entropy_inplace"]
 
 
-def _bcewl_forward_torch(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
-    return _bcewl_forward(x, t, weight, pos_weight, keep, sum_only, scale, use_cpp=False)
+def _bce_with_logits_forward_torch(x, t, weight, pos_weight, keep, sum_only=False, scale=None):
+    return _bce_with_logits_forward(x, t, weight, pos_weight, keep, sum_only, scale, use_cpp=False)
 
 
 def _bce_forward_torch(p, t, weight, pos_weight, keep, sum_only=False, scale=None):
@@ -748,5 +795,5 @@ def _ce_forward_torch(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, 
 
 # Backend "chunked-torch": the same fused autograd with the compiled kernel never used
 # (the chunked torch-ops fallback), selectable by name, e.g. CROSSENT_BACKEND=chunked-torch.
-CPU_TORCH = Kernels(_bcewl_forward_torch, _bce_forward_torch, _ce_forward_torch, prescale=True)
+CPU_TORCH = Kernels(_bce_with_logits_forward_torch, _bce_forward_torch, _ce_forward_torch, prescale=True)
 TORCH_OPS = make_ops(CPU_TORCH)

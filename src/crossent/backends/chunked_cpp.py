@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _config
-from .._validation import KernelCacheWarning
+from ..errors import KernelCacheWarning, fail
 
 _SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
 
@@ -379,7 +379,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     lib.crossent_bce.argtypes = [ctypes.c_int, P, P, P, I64, P, P, ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_bce.restype = ctypes.c_double
-    lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
+    lib.crossent_bce_grad.argtypes = [ctypes.c_int, P, P, P, I64, P, ctypes.c_float, I64, ctypes.c_int]
+    lib.crossent_bce_grad.restype = None
+    lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index_grad.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index_grad.restype = None
     lib.crossent_ce_index.restype = ctypes.c_int64
     lib.crossent_ce_index_ncs.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, I64, ctypes.c_int]
     lib.crossent_ce_index_ncs.restype = ctypes.c_int64
@@ -410,8 +414,6 @@ def _ptr(t: Optional[torch.Tensor]):
 
 
 def _bad_targets(y, C, bad):
-    from .._validation import fail
-
     lo, hi = int(y.min()), int(y.max())
     fail(
         "cross_entropy",
@@ -425,7 +427,7 @@ class _Kernels:
     """Tensor-level wrappers; callers guarantee float32, contiguous, CPU."""
 
     @staticmethod
-    def bcewl(x, t, pw, L, want_loss, scale=None):
+    def bce_with_logits(x, t, pw, L, want_loss, scale=None):
         return _Kernels._bce(0, x, t, pw, L, want_loss, scale)
 
     @staticmethod
@@ -433,7 +435,7 @@ class _Kernels:
         return _Kernels._bce(1, p, t, pw, L, want_loss, scale)
 
     @staticmethod
-    def bcewl_into(x, t, pw, L, loss, grad):
+    def bce_with_logits_into(x, t, pw, L, loss, grad):
         """Per-element BCE-with-logits losses into ``loss`` (may be ``x`` itself: each
         vector is read before it is written) and gradients into ``grad``."""
         _lib.crossent_bce(
@@ -453,17 +455,40 @@ class _Kernels:
         return loss, grad
 
     @staticmethod
-    def ce_index(x, y, c, grad, scale=None, smooth=None):
+    def _bce_grad(kind, x, t, pw, L, scale=None):
+        """The gradient alone (times ``scale``) of ``_bce``: no loss is evaluated."""
+        grad = torch.empty_like(x)
+        s = 1.0 if scale is None else float(scale)
+        _lib.crossent_bce_grad(kind, _ptr(x), _ptr(t), _ptr(pw), int(L), _ptr(grad), s, x.numel(), _threads(x.numel()))
+        return grad
+
+    @staticmethod
+    def ce_index(x, y, c, grad, scale=None, smooth=None, stats=None):
+        """Per-row cross-entropy of ``x`` (M, C); the gradient times ``scale`` into ``grad``
+        if given; each row's (max, s) into ``stats`` (M, 2) if given, for :meth:`ce_index_grad`."""
         M, C = x.shape
         loss = torch.empty(M, dtype=x.dtype)
         s = 1.0 if scale is None else float(scale)
         sm = None if smooth is None else smooth.to(torch.float32).contiguous()
         bad = _lib.crossent_ce_index(
-            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), s, M, C, _threads(M * C)
+            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), _ptr(stats), s, M, C, _threads(M * C)
         )
         if bad:
             _bad_targets(y, C, bad)
         return loss
+
+    @staticmethod
+    def ce_index_grad(x, y, c, stats, scale=None, smooth=None):
+        """The gradient (times ``scale``) of :meth:`ce_index` from the ``stats`` its forward
+        wrote: one pass over ``x``, bit for bit the gradient the forward would have written."""
+        M, C = x.shape
+        grad = torch.empty_like(x)
+        s = 1.0 if scale is None else float(scale)
+        sm = None if smooth is None else smooth.to(torch.float32).contiguous()
+        _lib.crossent_ce_index_grad(
+            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(stats), _ptr(grad), s, M, C, _threads(M * C)
+        )
+        return grad
 
     @staticmethod
     def ce_index_ncs(x, y, c, grad, scale=None, smooth=None):

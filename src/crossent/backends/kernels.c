@@ -6,7 +6,6 @@
 #include <string.h>
 
 typedef __m256 V;
-extern V Sleef_expf8_u10(V);
 extern V Sleef_log1pf8_u10(V);
 extern V Sleef_logf8_u10(V);
 
@@ -51,13 +50,48 @@ static inline V log1p01(V e) {
   return _mm256_add_ps(_mm256_add_ps(s, s), _mm256_fmadd_ps(p, s, _mm256_add_ps(c, c)));
 }
 
+/* exp(z) for z <= 0 (or -inf), within 1 ulp (checked against float64 on a sample of every
+   binade: tests/backends/test_kernel_source.py). Every exponential of the kernels has such an
+   argument (x - max, -|x|), and inline it costs about half of a call to Sleef_expf8_u10.
+   z = n ln2 + r, |r| <= ln2/2 (n rounded to nearest, ln2 in two parts, FMAs);
+   exp(r) = 1 + r + r^2 P(r), P of degree 5 (Cephes' expf coefficients); the result is
+   scaled by 2^n in two factors 2^(n/2) 2^(n - n/2), each a normal number, so a subnormal
+   result is rounded once. z < -104 gives 0 (exp(-104) is below half the least subnormal),
+   NaN gives NaN. */
+static inline V vexp_nonpos(V z) {
+  z = _mm256_max_ps(vset(-104.f), z);   /* maxps returns its second operand for NaN: NaN stays NaN */
+  V n = _mm256_round_ps(_mm256_mul_ps(z, vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  V r = _mm256_fnmadd_ps(n, vset(0.693359375f), z);
+  r = _mm256_fnmadd_ps(n, vset(-2.12194440e-4f), r);
+  V p = vset(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, vset(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, vset(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, vset(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, vset(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, vset(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(r, r), p, r), vset(1.f));
+  __m256i ni = _mm256_cvtps_epi32(n);
+  __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  V s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  V s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+/* The exp of the kernels' scalar tails, the same function as vexp_nonpos lane by lane. */
+static inline float exp_nonpos(float z) {
+  float b[W];
+  _mm256_storeu_ps(b, vexp_nonpos(vset(z)));
+  return b[0];
+}
+
 /* BCE with logits, reference formulas, e = exp(-|x|):
    loss = p t softplus(-x) + (1-t) softplus(x),  softplus(+-x) = max(+-x, 0) + log1p(e)
    grad = (1-t) sigmoid(x) - p t sigmoid(-x),     sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e) */
 static inline void softplus_sigmoid8(V x, V *sp_pos, V *sp_neg, V *sig, V *sig_neg) {
   const V one = vset(1.f);
   V ax = _mm256_andnot_ps(vset(-0.0f), x);
-  V e = Sleef_expf8_u10(vneg(ax));
+  V e = vexp_nonpos(vneg(ax));
   V l1 = log1p01(e);
   V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
   V er = _mm256_mul_ps(e, r);
@@ -97,6 +131,102 @@ static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
 
 #define BLOCK 16384
 
+/* The per-element kernels of an elementwise pass: kind 0 BCE with logits (bce8), 1 BCE on
+   probabilities (bcep8), 2 sigmoid focal / Poly-1 (focal8, with alpha, half2, eps). */
+typedef struct { int kind; float alpha; int half2; float eps; } Elementwise;
+static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *loss, V *grad);
+static inline __attribute__((always_inline)) void elem8(const Elementwise *k, V x, V t, V pw, V *loss, V *grad) {
+  if (k->kind == 0) bce8(x, t, pw, loss, grad);
+  else if (k->kind == 1) bcep8(x, t, pw, loss, grad);
+  else focal8(x, t, pw, k->alpha, k->half2, k->eps, loss, grad);
+}
+
+/* One block [begin, end) of an elementwise pass. pw: NULL, or L weights cycled. With
+   want_loss: per-element losses into loss, or their sum returned when loss is NULL; with
+   want_grad: the gradient times scale into grad. */
+static inline __attribute__((always_inline)) double elementwise_block(
+    const Elementwise *k, const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
+    float scale, int64_t begin, int64_t end, const int want_loss, const int want_grad) {
+  const V vscale = vset(scale);
+  float pwb[W], xb[W], tb[W], lb[W], gb[W];
+  V acc = vzero();
+  double s = 0.0;
+  int flush = 0;
+  int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
+  for (int64_t i = begin; i < end; i += W) {
+    const int64_t m = (end - i < W) ? end - i : W;
+    V xv, tv, pv = vset(1.f), lo, gr;
+    if (m == W) {
+      xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
+      if (pw) {
+        if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
+        else {
+          for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
+          pv = _mm256_loadu_ps(pwb);
+        }
+      }
+    } else {
+      for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
+      for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
+      xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
+    }
+    elem8(k, xv, tv, pv, &lo, &gr);
+    if (want_grad && scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
+    if (m == W) {
+      if (want_grad) _mm256_storeu_ps(grad + i, gr);
+      if (want_loss && loss) _mm256_storeu_ps(loss + i, lo);
+      else if (want_loss) {
+        acc = _mm256_add_ps(acc, lo);
+        if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
+      }
+    } else {
+      _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
+      for (int64_t j = 0; j < m; ++j) {
+        if (want_grad) grad[i + j] = gb[j];
+        if (want_loss && loss) loss[i + j] = lb[j]; else if (want_loss) s += lb[j];
+      }
+    }
+  }
+  return s + hsum(acc);
+}
+
+/* A whole pass over n elements, blocks of BLOCK as OpenMP tasks; the sum of the blocks'
+   loss sums. One function per (want_loss, want_grad): OpenMP outlines the parallel loop
+   into a function of its own, so the flags must be constants there for the compiler to drop
+   the arithmetic a pass does not keep (the forward of a captured 'mean' computes no gradient,
+   its backward no loss). */
+#define ELEMENTWISE_PASS(name, want_loss, want_grad)                                                          \
+  static double name(const Elementwise *k, const float *x, const float *t, const float *pw, int64_t L,         \
+                     float *loss, float *grad, float scale, int64_t n, int nthreads) {                          \
+    const int64_t nblocks = (n + BLOCK - 1) / BLOCK;                                                            \
+    double total = 0.0;                                                                                         \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)")                      \
+    for (int64_t b = 0; b < nblocks; ++b) {                                                                    \
+      const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;                          \
+      total += elementwise_block(k, x, t, pw, L, loss, grad, scale, begin, end, want_loss, want_grad);        \
+    }                                                                                                           \
+    return total;                                                                                               \
+  }
+ELEMENTWISE_PASS(pass_loss_grad, 1, 1)
+ELEMENTWISE_PASS(pass_loss, 1, 0)
+ELEMENTWISE_PASS(pass_grad, 0, 1)
+
+/* BCE (kind 0: with logits, 1: on probabilities): per-element losses into loss, or their
+   sum returned when loss is NULL; the gradient times scale into grad unless it is NULL. */
+double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
+                    float *grad, float scale, int64_t n, int nthreads) {
+  const Elementwise k = {kind, 0.f, 0, 0.f};
+  return grad ? pass_loss_grad(&k, x, t, pw, L, loss, grad, scale, n, nthreads)
+              : pass_loss(&k, x, t, pw, L, loss, grad, scale, n, nthreads);
+}
+
+/* The gradient alone (times scale), for a backward pass that needs no loss. */
+void crossent_bce_grad(int kind, const float *x, const float *t, const float *pw, int64_t L, float *grad,
+                       float scale, int64_t n, int nthreads) {
+  const Elementwise k = {kind, 0.f, 0, 0.f};
+  pass_grad(&k, x, t, pw, L, 0, grad, scale, n, nthreads);
+}
+
 /* Cross-entropy, class-index targets, one row at a time (reference formulas):
    m = max x, k = first arg-max, z = x - m (0 where x == m), e = exp(z) (1 for ties),
    s = sum_{j != k} e_j, loss = c (log1p(s) - z_y) (0 if c == 0),
@@ -108,13 +238,89 @@ static inline void bcep8(V q, V t, V pw, V *loss, V *grad) {
    Ignored rows (ignore_index) come with c_r = -0.0, a value a kept row never has
    (reference.ce_coefficients): they get loss 0 and a zero gradient row whatever their
    logits hold (NaN, +-inf), without reading them. */
+/* The max of a row (first pass), and whether it holds a NaN. */
+static inline float ce_row_max(const float *xr, int64_t C, int *has_nan) {
+  V vm = vset(-INFINITY), vnan = vzero();
+  int64_t j = 0;
+  for (; j + W <= C; j += W) {
+    V xv = _mm256_loadu_ps(xr + j);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+    vm = _mm256_max_ps(vm, xv);
+  }
+  float tmp[W]; _mm256_storeu_ps(tmp, vm);
+  float m = -INFINITY;
+  for (int q = 0; q < W; ++q) m = tmp[q] > m ? tmp[q] : m;
+  *has_nan = _mm256_movemask_ps(vnan) != 0;
+  for (; j < C; ++j) { if (xr[j] != xr[j]) *has_nan = 1; else if (xr[j] > m) m = xr[j]; }
+  return m;
+}
+
+/* grad_j = scale (A (e_j / (1+s)) - sm_j) over a row, p_j = e_j / (1+s) rounded once (a
+   reciprocal then a product would be two). from_x: e_j = exp(x_j - m) (1 where x_j == m)
+   is computed here and the first arg-max returned; else gr holds e_j already (-1 returned). */
+static inline __attribute__((always_inline)) int64_t ce_grad_pass(const float *xr, float *gr, int64_t C, float m,
+                                                                  float den, float A, const float *sm, float scale,
+                                                                  const int from_x) {
+  const V vA = vset(A), vden = vset(den), vs = vset(scale), vmax = vset(m), one = vset(1.f);
+  int64_t j = 0, k = -1;
+  for (; j + W <= C; j += W) {
+    V e;
+    if (from_x) {
+      V xv = _mm256_loadu_ps(xr + j);
+      V eq = _mm256_cmp_ps(xv, vmax, _CMP_EQ_OQ);
+      e = _mm256_blendv_ps(vexp_nonpos(_mm256_sub_ps(xv, vmax)), one, eq);
+      int bits = _mm256_movemask_ps(eq);
+      if (bits && k < 0) k = j + __builtin_ctz(bits);
+    } else {
+      e = _mm256_loadu_ps(gr + j);
+    }
+    V g = _mm256_mul_ps(vA, _mm256_div_ps(e, vden));
+    if (sm) g = _mm256_sub_ps(g, _mm256_loadu_ps(sm + j));
+    _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, g));
+  }
+  for (; j < C; ++j) {
+    float e = gr[j];
+    if (from_x) {
+      e = (xr[j] == m) ? 1.f : exp_nonpos(xr[j] - m);
+      if (xr[j] == m && k < 0) k = j;
+    }
+    gr[j] = sm ? scale * (A * (e / den) - sm[j]) : scale * (A * (e / den));
+  }
+  return k;
+}
+
+/* The gradient entries at the target y and at the first arg-max k (e_k = 1), written after
+   the general form: at y, A p_y - (sm_y + c); at k, when it dominates (s < 1),
+   (A - a_k) - A s/(1+s) with A - a_k = c [k != y] + (S - sm_k) in double; else A p_k - a_k
+   as everywhere. ey = e_y. */
+static inline void ce_grad_entries(float *gr, int64_t yr, int64_t k, float ey, float s, float den, float A,
+                                   float cr, const float *sm, double S, float scale) {
+  const float sm_y = sm ? sm[yr] : 0.f;
+  gr[yr] = scale * (A * (ey / den) - (sm_y + cr));
+  if (s < 1.f) {
+    const float a_rest = ((k == yr) ? 0.f : cr) + (sm ? (float)(S - (double)sm[k]) : 0.f);
+    gr[k] = scale * (a_rest - A * (s / den));
+  } else {
+    const float a_k = (sm ? sm[k] : 0.f) + ((k == yr) ? cr : 0.f);
+    gr[k] = scale * (A * (1.f / den) - a_k);
+  }
+}
+
+/* The sum S of the smoothing terms sm_j (0 without smoothing). */
+static inline double ce_smooth_total(const float *sm, int64_t C) {
+  double S = 0.0;
+  if (sm) for (int64_t j = 0; j < C; ++j) S += sm[j];
+  return S;
+}
+
+/* stats: NULL, or 2 M floats that receive each row's (m, s) for crossent_ce_index_grad
+   (NaN rows: m = NaN). */
 int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
-                          float *grad, float scale, int64_t M, int64_t C, int nthreads) {
+                          float *grad, float *stats, float scale, int64_t M, int64_t C, int nthreads) {
   int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
   /* label smoothing: a_j = c [j == y] + sm_j, so A = c + S and
      loss = c (log1p(s) - z_y) + S log1p(s) + sum_j sm_j (-z_j)   (terms with sm_j == 0 dropped) */
-  double S = 0.0;
-  if (sm) for (int64_t j = 0; j < C; ++j) S += sm[j];
+  const double S = ce_smooth_total(sm, C);
   const float Sf = (float)S;
   #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
   for (int64_t r = 0; r < M; ++r) {
@@ -122,31 +328,22 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
     float *gr = grad ? grad + r * C : 0;
     const int64_t yr = y[r];
     const float cr = c ? c[r] : 1.f;   /* c NULL: every row has coefficient 1 */
+    if (stats) { stats[2 * r] = NAN; stats[2 * r + 1] = NAN; }
     if (cr == 0.f && signbit(cr)) {    /* ignored row */
       loss[r] = 0.f;
       if (gr) memset(gr, 0, (size_t)C * sizeof(float));
       continue;
     }
     if (yr < 0 || yr >= C) { ++bad; loss[r] = NAN; continue; }
-    V vm = vset(-INFINITY), vnan = vzero();
-    int64_t j = 0;
-    for (; j + W <= C; j += W) {
-      V xv = _mm256_loadu_ps(xr + j);
-      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
-      vm = _mm256_max_ps(vm, xv);
-    }
-    float tmp[W]; _mm256_storeu_ps(tmp, vm);
-    float m = -INFINITY;
-    for (int q = 0; q < W; ++q) m = tmp[q] > m ? tmp[q] : m;
-    int has_nan = _mm256_movemask_ps(vnan) != 0;
-    for (; j < C; ++j) { if (xr[j] != xr[j]) has_nan = 1; else if (xr[j] > m) m = xr[j]; }
+    int has_nan;
+    const float m = ce_row_max(xr, C, &has_nan);
     if (has_nan) {
       loss[r] = NAN;
       if (gr) for (int64_t q = 0; q < C; ++q) gr[q] = NAN;
       continue;
     }
     const float zy = (xr[yr] == m) ? 0.f : xr[yr] - m;
-    int64_t k = -1, ties = 0;
+    int64_t k = -1, ties = 0, j;
     double s_total = 0.0, T = 0.0;
     const V vmax = vset(m), one = vset(1.f);
     V acc = vzero(), tacc = vzero();
@@ -159,7 +356,7 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
         V negz = _mm256_blendv_ps(_mm256_sub_ps(vmax, xv), vzero(), eq);
         tacc = _mm256_add_ps(tacc, vtimes(_mm256_loadu_ps(sm + j), negz));
       }
-      V e = Sleef_expf8_u10(_mm256_sub_ps(xv, vmax));
+      V e = vexp_nonpos(_mm256_sub_ps(xv, vmax));
       if (bits) {
         e = _mm256_blendv_ps(e, one, eq);
         ties += __builtin_popcount(bits);
@@ -177,46 +374,47 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
       float e;
       if (xr[j] == m) { e = 1.f; ++ties; if (k < 0) k = j; }
       else {
-        e = expf(xr[j] - m); s_total += e;
+        e = exp_nonpos(xr[j] - m); s_total += e;
         if (sm && sm[j] != 0.f) T += sm[j] * (m - xr[j]);
       }
       if (gr) gr[j] = e;
     }
     const float s = (float)(s_total + (double)(ties - 1));
+    if (stats) { stats[2 * r] = m; stats[2 * r + 1] = s; }
     const float lse = log1pf(s);
     float lr = (cr == 0.f) ? 0.f : cr * (lse - zy);
     if (sm) lr += (Sf == 0.f ? 0.f : Sf * lse) + (float)T;
     loss[r] = lr;
     if (!gr) continue;
     /* scale: the grad_output a plain backward() will send, applied last (as backward would) */
-    /* p_j = e_j / (1+s): one rounding (a reciprocal then a product would be two) */
-    const float den = 1.f + s;
-    const float ey = gr[yr];
-    const float A = cr + Sf;
-    const V vA = vset(A), vden = vset(den), vs = vset(scale);
-    if (sm) {
-      for (j = 0; j + W <= C; j += W)
-        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_sub_ps(
-            _mm256_mul_ps(vA, _mm256_div_ps(_mm256_loadu_ps(gr + j), vden)), _mm256_loadu_ps(sm + j))));
-      for (; j < C; ++j) gr[j] = scale * (A * (gr[j] / den) - sm[j]);
-    } else {
-      for (j = 0; j + W <= C; j += W)
-        _mm256_storeu_ps(gr + j, _mm256_mul_ps(vs, _mm256_mul_ps(vA, _mm256_div_ps(_mm256_loadu_ps(gr + j), vden))));
-      for (; j < C; ++j) gr[j] = scale * (A * (gr[j] / den));
-    }
-    const float sm_y = sm ? sm[yr] : 0.f;
-    gr[yr] = scale * (A * (ey / den) - (sm_y + cr));
-    /* arg-max entry k (e_k = 1): when it dominates (s < 1), (A - a_k) - A s/(1+s) with
-       A - a_k = c [k != y] + (S - sm_k) in double; else A p_k - a_k as everywhere */
-    if (s < 1.f) {
-      const float a_rest = ((k == yr) ? 0.f : cr) + (sm ? (float)(S - (double)sm[k]) : 0.f);
-      gr[k] = scale * (a_rest - A * (s / den));
-    } else {
-      const float a_k = (sm ? sm[k] : 0.f) + ((k == yr) ? cr : 0.f);
-      gr[k] = scale * (A * (1.f / den) - a_k);
-    }
+    const float den = 1.f + s, A = cr + Sf, ey = gr[yr];
+    ce_grad_pass(xr, gr, C, m, den, A, sm, scale, 0);
+    ce_grad_entries(gr, yr, k, ey, s, den, A, cr, sm, S, scale);
   }
   return bad;
+}
+
+/* The gradient of crossent_ce_index (times scale) from the (m, s) of each row that its
+   forward wrote to stats: one pass over the logits (exp, then the gradient), bit for bit the
+   gradient the forward would have written. Targets must be in [0, C) (the forward checked). */
+void crossent_ce_index_grad(const float *x, const int64_t *y, const float *c, const float *sm, const float *stats,
+                            float *grad, float scale, int64_t M, int64_t C, int nthreads) {
+  const double S = ce_smooth_total(sm, C);
+  const float Sf = (float)S;
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < M; ++r) {
+    const float *xr = x + r * C;
+    float *gr = grad + r * C;
+    const int64_t yr = y[r];
+    const float cr = c ? c[r] : 1.f;
+    const float m = stats[2 * r], s = stats[2 * r + 1];
+    if (cr == 0.f && signbit(cr)) { memset(gr, 0, (size_t)C * sizeof(float)); continue; }
+    if (m != m || yr < 0 || yr >= C) { for (int64_t q = 0; q < C; ++q) gr[q] = NAN; continue; }
+    const float den = 1.f + s, A = cr + Sf;
+    const float ey = (xr[yr] == m) ? 1.f : exp_nonpos(xr[yr] - m);
+    const int64_t k = ce_grad_pass(xr, gr, C, m, den, A, sm, scale, 1);
+    ce_grad_entries(gr, yr, k, ey, s, den, A, cr, sm, S, scale);
+  }
 }
 
 /* Cross-entropy, class-index targets, (N, C, S) layout (S = d1 ... dK, contiguous): the
@@ -308,7 +506,7 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
   for (int64_t j = 0; j < C; ++j) {
     V xv = _mm256_loadu_ps(xb + j * T);
     V eq = _mm256_cmp_ps(xv, vm, _CMP_EQ_OQ);
-    V e = _mm256_blendv_ps(Sleef_expf8_u10(_mm256_sub_ps(xv, vm)), one, eq);
+    V e = _mm256_blendv_ps(vexp_nonpos(_mm256_sub_ps(xv, vm)), one, eq);
     if (small) {
       ey = _mm256_blendv_ps(ey, e, _mm256_castsi256_ps(_mm256_cmpeq_epi32(vy, vj)));
       vj = _mm256_add_epi32(vj, ione);
@@ -399,8 +597,7 @@ static inline void ce_lanes(float *xb, int64_t T, int64_t C, const int32_t *yb, 
 int64_t crossent_ce_index_ncs(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
                               float *grad, float scale, int64_t N, int64_t C, int64_t S, int nthreads) {
   int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
-  double Ssm = 0.0;
-  if (sm) for (int64_t j = 0; j < C; ++j) Ssm += sm[j];
+  const double Ssm = ce_smooth_total(sm, C);
   /* tile width: the tile buffer (C x T floats) stays within 16 KiB of L1 up to C = 512 */
   const int64_t T = C <= 64 ? 64 : C <= 128 ? 32 : C <= 256 ? 16 : 8;
   const int64_t nb = (S + SBLOCK - 1) / SBLOCK;
@@ -514,71 +711,10 @@ static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *
   *loss = lo; *grad = g;
 }
 
-/* The elementwise driver of the BCE and focal kernels, blocks of BLOCK elements over
-   nthreads threads. kind 0: BCE with logits (bce8), 1: BCE on probabilities (bcep8),
-   2: sigmoid focal / Poly-1 (focal8 with alpha, half2, eps).
-   loss: per-element losses, or NULL to return their sum (accumulated in double per block).
-   grad: NULL for the loss alone; otherwise multiplied by scale (the grad_output a plain
-   backward() of 'mean' / 'sum' will send). pw: NULL, or L weights cycled. */
-static double elementwise(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
-                          float *grad, float scale, int64_t n, int nthreads, float alpha, int half2, float eps) {
-  const V vscale = vset(scale);
-  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-  double total = 0.0;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:total)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t begin = b * BLOCK, end = (begin + BLOCK < n) ? begin + BLOCK : n;
-    float pwb[W], xb[W], tb[W], lb[W], gb[W];
-    V acc = vzero();
-    double s = 0.0;
-    int flush = 0;
-    int64_t i = begin;
-    int64_t col = pw ? begin % L : 0;   /* position in the cycled pos_weight */
-    for (; i < end; i += W) {
-      const int64_t m = (end - i < W) ? end - i : W;
-      V xv, tv, pv = vset(1.f), lo, gr;
-      if (m == W) {
-        xv = _mm256_loadu_ps(x + i); tv = _mm256_loadu_ps(t + i);
-        if (pw) {
-          if (col + W <= L) { pv = _mm256_loadu_ps(pw + col); col += W; if (col == L) col = 0; }
-          else {
-            for (int j = 0; j < W; ++j) { pwb[j] = pw[col]; if (++col == L) col = 0; }
-            pv = _mm256_loadu_ps(pwb);
-          }
-        }
-      } else {
-        for (int j = 0; j < W; ++j) { xb[j] = 0.5f; tb[j] = 0.f; pwb[j] = 1.f; }
-        for (int64_t j = 0; j < m; ++j) { xb[j] = x[i + j]; tb[j] = t[i + j]; if (pw) pwb[j] = pw[(i + j) % L]; }
-        xv = _mm256_loadu_ps(xb); tv = _mm256_loadu_ps(tb); pv = _mm256_loadu_ps(pwb);
-      }
-      if (kind == 0) bce8(xv, tv, pv, &lo, &gr);
-      else if (kind == 1) bcep8(xv, tv, pv, &lo, &gr);
-      else focal8(xv, tv, pv, alpha, half2, eps, &lo, &gr);
-      if (scale != 1.f) gr = _mm256_mul_ps(gr, vscale);
-      if (m == W) {
-        if (grad) _mm256_storeu_ps(grad + i, gr);
-        if (loss) _mm256_storeu_ps(loss + i, lo);
-        else {
-          acc = _mm256_add_ps(acc, lo);
-          if (++flush == 32) { s += hsum(acc); acc = vzero(); flush = 0; }
-        }
-      } else {
-        _mm256_storeu_ps(gb, gr); _mm256_storeu_ps(lb, lo);
-        for (int64_t j = 0; j < m; ++j) { if (grad) grad[i + j] = gb[j]; if (loss) loss[i + j] = lb[j]; else s += lb[j]; }
-      }
-    }
-    total += s + hsum(acc);
-  }
-  return total;
-}
-
-
-double crossent_bce(int kind, const float *x, const float *t, const float *pw, int64_t L, float *loss,
-                    float *grad, float scale, int64_t n, int nthreads) {
-  return elementwise(kind, x, t, pw, L, loss, grad, scale, n, nthreads, 0.f, 0, 0.f);
-}
-
+/* loss: per-element losses, or NULL to return their sum (as crossent_bce); grad is
+   multiplied by scale (the grad_output a plain backward() of 'mean' / 'sum' will send). */
 double crossent_focal(const float *x, const float *t, const float *pw, int64_t L, float *loss, float *grad,
                       float alpha, int half2, float eps, float scale, int64_t n, int nthreads) {
-  return elementwise(2, x, t, pw, L, loss, grad, scale, n, nthreads, alpha, half2, eps);
+  const Elementwise k = {2, alpha, half2, eps};
+  return pass_loss_grad(&k, x, t, pw, L, loss, grad, scale, n, nthreads);
 }

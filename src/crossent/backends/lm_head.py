@@ -38,13 +38,14 @@ where at ``j = y`` the ``p_y - 1`` of the ``nll`` term is evaluated as
 
 Implementations:
 
-* ``lm_head_chunked``: the registered op ``crossent::lm_head_forward`` (and its backward
-  op), row blocks of ``rows`` rows by **all** classes: memory ``O(rows * C)``, never
-  ``(N, C)`` for the linear version. Forward keeps per row ``m``, ``log(1 + S')``, ``nll``
+* ``chunked-torch``'s ``lm_head``: the registered op ``crossent::lm_head_forward`` (and
+  its backward op; bodies :func:`forward_rows` / :func:`backward_rows`), row blocks of
+  ``rows`` rows by **all** classes: memory ``O(rows * C)``, never ``(N, C)`` for the
+  linear version. Forward keeps per row ``m``, ``log(1 + S')``, ``nll``
   and ``B/(1+S')``; backward recomputes each block's logits (one more matrix product).
   Plain torch ops: any device (registered on ``chunked-torch``).
-* ``lm_head_loss_chunked`` (``lm_head_chunked.fused_loss``): the registered op
-  ``crossent::lm_head_loss_fused`` for a summed loss
+* ``chunked-torch``'s ``lm_head_loss``: the registered op ``crossent::lm_head_loss_fused``
+  (body :func:`loss_rows`) for a summed loss
   :math:`\sum_i c^{nll}_i nll_i + c^{sm}_i sm_i + c^{z}_i lse_i^2`: its per-row upstream is
   known once the row's lse is, so the gradients are computed in the same pass (no
   recomputation: the plain fused CE's three matrix products).
@@ -417,41 +418,3 @@ def lm_head_unfused(x, W, b, y, keep, sigma, temperature, softcap, rows=None):
         torch.where(keep, ent, zero),
         correct,
     )
-
-
-def lm_head_chunked(x, W, b, y, keep, sigma, temperature, softcap, rows):
-    """The registered op (``crossent::lm_head_forward``): row blocks, never (N, C)."""
-    from . import ops
-
-    return ops.lm_head(x, W, b, y, keep, sigma, float(temperature), float(softcap or 0.0), int(rows))
-
-
-def lm_head_loss_chunked(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows):
-    """The summed loss with gradients in the same pass (``crossent::lm_head_loss_fused``):
-    ``(total, lse, correct)``."""
-    from . import ops
-
-    return ops.lm_head_loss(
-        x, W, b, y, keep, sigma, c_nll, c_sm, c_z, float(temperature), float(softcap or 0.0), int(rows)
-    )
-
-
-# The summed-loss variant of a backend's ``lm_head`` (declared, not probed): the
-# functional layer uses it for 'mean' and 'sum' when nothing but the inputs needs a gradient.
-lm_head_chunked.fused_loss = lm_head_loss_chunked
-
-
-# ----------------------------------------------------------------------- registration
-# Declared capability: ``reference`` (full logits, autograd) and ``chunked-torch`` (the
-# registered row-block op, plain torch ops, any device) implement ``lm_head``. The C
-# kernel of ``chunked`` and the Triton kernels do not compute these options, so the
-# automatic choice skips them and an explicit ``backend='chunked'`` or ``'triton'``
-# raises BackendUnavailableError naming the backends that can.
-def _register() -> None:
-    from .linear import _add_ops
-
-    _add_ops("reference", 0, {"lm_head": lm_head_unfused})
-    _add_ops("chunked-torch", 1, {"lm_head": lm_head_chunked}, any_device=True)
-
-
-_register()

@@ -15,17 +15,18 @@ a kernel on fake data, and an autograd formula (``register_autograd``).
     The 0-dim sum of the same losses, for ``mean`` and ``sum``: no per-element loss and no
     gradient are written; its backward ``crossent::bce_fused_sum_backward(grad_total, ...)``
     recomputes the gradient with ``grad_total`` applied in the C kernel.
-``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> loss``
+``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> (loss, stats)``
     Per-row cross-entropy of ``x`` (M, C) or (N, C, S) with the coefficients of
     ``reference.ce_coefficients``: dense ``q`` (M, C), or class indices ``y`` (M,) with row
     coefficients ``c`` (M,) and class smoothing terms ``smooth`` (C,). The forward writes
-    no gradient; its backward is
-``crossent::cross_entropy_fused_backward(grad_loss, x, q, y, c, smooth, keep, backend) -> grad``
-    The gradient recomputed from the saved logits, times ``grad_loss`` (per row): on the
-    C kernel a uniform ``grad_loss`` (what ``mean`` and ``sum`` send) is applied inside
-    the kernel, so a captured step holds no (M, C) gradient between forward and backward
-    and makes one pass over the logits in each (the layout Inductor gives torch's own
-    cross-entropy).
+    no gradient; ``stats`` (M, 2) holds each row's max and ``s = sum_{j != k} e_j`` on the
+    compiled row kernel (zeros elsewhere). Its backward is
+``crossent::cross_entropy_fused_backward(grad_loss, x, q, y, c, smooth, keep, stats, backend) -> grad``
+    The gradient from the saved logits, times ``grad_loss`` (per row): on the C row kernel
+    one pass over the logits using ``stats`` (elsewhere recomputed with the forward), with
+    a uniform ``grad_loss`` (what ``mean`` and ``sum`` send) applied inside the kernel, so
+    a captured step holds no (M, C) gradient between forward and backward (the layout
+    Inductor gives torch's own cross-entropy).
 
 ``crossent::binary_focal_fused`` and ``crossent::softmax_focal_fused`` (focal and Poly-1
 losses) are registered the same way in :mod:`crossent.backends.focal`.
@@ -85,7 +86,7 @@ def bce_fused(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     impl = _kernels(backend, x.device)
-    forward = impl.bcewl_forward if logits else impl.bce_forward
+    forward = impl.bce_with_logits_forward if logits else impl.bce_forward
     loss, grad = forward(x, t, weight, pos_weight, keep, False, None)
     return loss.contiguous(), grad.contiguous()
 
@@ -157,8 +158,8 @@ def bce_fused_sum_backward(
     impl = _kernels(backend, x.device)
     g = grad_total.to(x.dtype)
     if impl.prescale and g.device.type == "cpu":  # host memory: reading it is no device sync
-        return chunked.elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True, float(g))[1]
-    return chunked.elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True)[1].mul_(g)
+        return chunked.elementwise_grad(impl, logits, x, t, weight, pos_weight, keep, float(g))
+    return chunked.elementwise_grad(impl, logits, x, t, weight, pos_weight, keep, None).mul_(g)
 
 
 @bce_fused_sum_backward.register_fake
@@ -190,14 +191,15 @@ def cross_entropy_fused(
     smooth: Optional[Tensor],
     keep: Optional[Tensor],
     backend: str,
-) -> Tensor:
+) -> Tuple[Tensor, Tensor]:
     impl = _kernels(backend, x.device)
-    return chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep, want_grad=False)[0].contiguous()
+    loss, stats = chunked.fused_ce_forward_stats(impl, x, q, y, c, smooth, keep)
+    return loss.contiguous(), stats
 
 
 @cross_entropy_fused.register_fake
 def _(x, q, y, c, smooth, keep, backend):
-    return x.new_empty((_rows_of(x),))
+    return x.new_empty((_rows_of(x),)), x.new_empty((_rows_of(x), 2))
 
 
 @torch.library.custom_op("crossent::cross_entropy_fused_backward", mutates_args=())
@@ -209,6 +211,7 @@ def cross_entropy_fused_backward(
     c: Optional[Tensor],
     smooth: Optional[Tensor],
     keep: Optional[Tensor],
+    stats: Tensor,
     backend: str,
 ) -> Tensor:
     impl = _kernels(backend, x.device)
@@ -218,25 +221,26 @@ def cross_entropy_fused_backward(
         first = g.reshape(-1)[0]
         if bool((g == first).all()):  # host memory: reading it is no device sync
             scale = float(first)
-    _, grad = chunked.fused_ce_forward(impl, x, q, y, c, smooth, keep, scale)
+    grad = chunked.fused_ce_grad(impl, x, q, y, c, smooth, keep, stats, scale)
     if scale is None:
         grad.mul_(chunked._class_bcast(g.reshape(-1), grad))
     return grad.contiguous()
 
 
 @cross_entropy_fused_backward.register_fake
-def _(grad_loss, x, q, y, c, smooth, keep, backend):
+def _(grad_loss, x, q, y, c, smooth, keep, stats, backend):
     return x.new_empty(x.shape)
 
 
 def _ce_setup(ctx, inputs, output):
     ctx.backend = inputs[-1]
-    ctx.save_for_backward(*inputs[:-1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs[:-1], output[1])
 
 
-def _ce_backward(ctx, g_loss):
-    x, q, y, c, smooth, keep = ctx.saved_tensors
-    grad = cross_entropy_fused_backward(g_loss.contiguous(), x, q, y, c, smooth, keep, ctx.backend)
+def _ce_backward(ctx, g_loss, _g_stats):
+    x, q, y, c, smooth, keep, stats = ctx.saved_tensors
+    grad = cross_entropy_fused_backward(g_loss.contiguous(), x, q, y, c, smooth, keep, stats, ctx.backend)
     return grad, None, None, None, None, None, None
 
 
@@ -284,7 +288,7 @@ def cross_entropy(
         y = y.contiguous()
     # keep is passed also without smoothing: c = 0 alone would leave NaN logits of an
     # ignored row to the torch and Triton paths (the C kernel skips rows with c = -0.0)
-    return cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend), den
+    return cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend)[0], den
 
 
 # ------------------------------------------------------------ fused linear + CE
@@ -350,8 +354,22 @@ def _(x, W, b, target, weight, keep, index, eps, rows, classes, budget, backend)
     )
 
 
+def _scaled(grads, g: Tensor):
+    """Gradients a fused op computed in its forward, times the incoming scalar ``g``, in place
+    (they are the op's own buffers, handed out once): a weight-sized gradient is never
+    copied, which would undo the memory the fused linear ops save. Left as they are when
+    ``g`` is exactly 1 (a plain ``backward()`` of a ``sum``; read on the host only on an
+    eager CPU call); out of place while traced."""
+    if _capture.capturing(g):  # traced: out of place (the compiler plans the buffers)
+        return tuple(t * g.to(t.dtype) for t in grads)
+    if g.device.type == "cpu" and g.item() == 1.0:
+        return grads
+    return tuple(t.mul_(g.to(t.dtype)) for t in grads)
+
+
 def _linear_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
+    ctx.set_materialize_grads(False)  # no zeros of the weight's size for the unused gradient outputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(*output[2:])
 
@@ -532,19 +550,28 @@ def _(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, nee
 
 
 def _lm_loss_setup(ctx, inputs, output):
-    ctx.needs = inputs[12:15]
+    # The gradients of the forward are kept on ctx (not saved tensors: the first backward
+    # scales them in place and hands them out); a second backward through the same graph
+    # (retain_graph=True, gradcheck, jacobians) recomputes them from the saved inputs.
+    ctx.set_materialize_grads(False)  # no zeros of the weight's size for the unused gradient outputs
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(*output[3:])
+    ctx.grads = output[3:]
+    ctx.save_for_backward(*(t for t in inputs[:9]))
+    ctx.options = inputs[9:]
 
 
 def _lm_loss_backward(ctx, g_total, *_):
-    gx, gW, gb = ctx.saved_tensors
-    need_x, need_W, need_b = ctx.needs
-    return (
-        gx * g_total.to(gx.dtype) if need_x else None,
-        gW * g_total.to(gW.dtype) if need_W else None,
-        gb * g_total.to(gb.dtype) if need_b else None,
-    ) + (None,) * 12
+    if g_total is None:  # no gradient reached the total (only its non-differentiable outputs were used)
+        return (None,) * 15
+    if ctx.grads is not None:
+        grads, ctx.grads = ctx.grads, None
+    else:
+        from . import lm_head
+
+        grads = lm_head.loss_rows(*ctx.saved_tensors, *ctx.options)[3:]
+    gx, gW, gb = _scaled(grads, g_total)
+    need_x, need_W, need_b = ctx.options[3:]
+    return (gx if need_x else None, gW if need_W else None, gb if need_b else None) + (None,) * 12
 
 
 lm_head_loss_fused.register_autograd(_lm_loss_backward, setup_context=_lm_loss_setup)

@@ -6,10 +6,14 @@
   of ``lm_head``) goes to :func:`vocab_parallel_linear_cross_entropy`;
 * fully replicated DTensors take the single-process path on their local tensors.
 
-The loss comes back as a replicated DTensor on the same mesh (as torch's
-``loss_parallel``); gradients flow back to the DTensors through ``to_local``. The shard
+The LM-head options (``z_loss``, ``softcap``, ``temperature``, ``token_weight``,
+``return_lse``, ``return_accuracy``) go along; probability targets may be a DTensor
+sharded like the logits, or a full tensor (each rank takes its slice).
+
+The loss (and the lse and hit count) comes back as a replicated DTensor on the same mesh
+(as torch's ``loss_parallel``); gradients flow back to the DTensors through ``to_local``. The shard
 layout (offsets of uneven shards) is read from the DTensor, so no collective is spent on
-it. Other mesh dimensions must replicate the tensors: a batch sharded over a
+it, and a compiled step traces it. Other mesh dimensions must replicate the tensors: a batch sharded over a
 data-parallel dimension is a different loss (a mean per data-parallel rank).
 """
 
@@ -92,17 +96,19 @@ _DEFAULTS = {
     "backend": None,
     "inplace_backward": False,
     "options": None,
-    "return_lse": False,
     "class_chunk_size": None,
-    "z_loss": 0.0,
-    "softcap": None,
-    "temperature": 1.0,
-    "token_weight": None,
-    "return_accuracy": False,
 }
 
+#: The LM-head options, passed on to the vocabulary-parallel functions.
+_LM_OPTIONS = ("z_loss", "return_lse", "softcap", "temperature", "token_weight", "return_accuracy")
 
-def _reject_options(func: str, what: str, options: dict) -> None:
+
+def _split_options(func: str, what: str, options: dict) -> dict:
+    """The LM-head options of ``options`` (``token_weight`` as a local tensor); any other
+    option away from its default raises."""
+    lm = {k: options.pop(k) for k in _LM_OPTIONS if k in options}
+    if "token_weight" in lm:
+        lm["token_weight"] = _local(func, "token_weight", lm["token_weight"])
     for k, v in options.items():
         d = _DEFAULTS.get(k)
         if v is d or (not isinstance(v, torch.Tensor) and v == d):
@@ -112,28 +118,52 @@ def _reject_options(func: str, what: str, options: dict) -> None:
             f"no `{k}` with {what} sharded on the vocabulary",
             f"{k}={v!r}",
             "The vocabulary-parallel path supports weight, ignore_index, label_smoothing, "
-            "reduction, validate and return_parts (docs/distributed.md); leave it at its default, "
-            "or gather the logits (`.full_tensor()`) for the single-process options.",
+            "reduction, validate, return_parts and the LM-head options (docs/distributed.md); "
+            "leave it at its default, or gather the logits (`.full_tensor()`).",
         )
+    return lm
 
 
 def _wrap(result, mesh):
+    """The loss (or LossParts' loss), and the lse and hit count that follow it with
+    ``return_lse`` / ``return_accuracy``, as replicated DTensors on ``mesh``."""
     from torch.distributed.tensor import DTensor
 
     def wrap(x):
         return DTensor.from_local(x, mesh, _replicate_all(mesh), run_check=False)
 
-    if isinstance(result, tuple) and hasattr(result, "_fields"):  # LossParts
-        return result._replace(loss=wrap(result.loss))
-    return wrap(result)
+    def one(r):
+        if isinstance(r, tuple) and hasattr(r, "_fields"):  # LossParts
+            return r._replace(loss=wrap(r.loss))
+        return wrap(r)
+
+    if isinstance(result, tuple) and not hasattr(result, "_fields"):
+        return tuple(one(r) for r in result)
+    return one(result)
 
 
-def _layout(t, dim: int):
-    """(start, global size) of this rank's shard of DTensor ``t`` on tensor dimension ``dim``."""
+def _layout(t, dim: int, mesh_dim: int):
+    """(start, global size) of this rank's shard of DTensor ``t`` on tensor dimension ``dim``,
+    sharded over mesh dimension ``mesh_dim``.
+
+    DTensor's ``Shard`` splits as ``torch.chunk`` does: ``ceil(size / n)`` per rank, the last
+    ones shorter or empty. Computed here from the mesh coordinate (Python ints, so a
+    compiled step traces it without a graph break: torch's own
+    ``compute_local_shape_and_global_offset`` reads the offset from a tensor); any other
+    split (a ``Shard`` subclass with its own layout) is read with that function in eager."""
+    size = int(t.shape[dim])
+    n = t.device_mesh.size(mesh_dim)
+    coord = t.device_mesh.get_coordinate()
+    local = int(t.to_local().shape[dim])
+    if coord is not None:
+        chunk = -(-size // n)
+        start = min(coord[mesh_dim] * chunk, size)
+        if local == min(chunk, size - start) and type(t.placements[mesh_dim]).__name__ == "Shard":
+            return start, size
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return int(offset[dim]), int(t.shape[dim])
+    return int(offset[dim]), size
 
 
 def cross_entropy(
@@ -147,7 +177,14 @@ def cross_entropy(
     mesh = input.device_mesh
     class_dim = 1 if input.dim() >= 2 else 0
     mesh_dim = _shard_dim(func, "input", input, class_dim)
-    target = _local(func, "target", target)
+    # probability targets may be sharded like the logits: then their local shard is this rank's slice
+    sharded_probs = (
+        mesh_dim is not None
+        and is_dtensor(target)
+        and target.is_floating_point()
+        and _shard_dim(func, "target", target, class_dim) == mesh_dim
+    )
+    target = target.to_local() if sharded_probs else _local(func, "target", target)
     if mesh_dim is None:  # replicated: the normal path on the local tensor
         result = single(
             input.to_local(),
@@ -161,10 +198,13 @@ def cross_entropy(
             **unsupported,
         )
         return _wrap(result, mesh)
-    _reject_options(func, "logits", unsupported)
-    start, size = _layout(input, class_dim)
+    lm = _split_options(func, "logits", unsupported)
+    start, size = _layout(input, class_dim, mesh_dim)
     local = input.to_local()
     w = _slice(func, "weight", weight, start, local.shape[class_dim], True)
+    if isinstance(target, torch.Tensor) and target.is_floating_point() and not sharded_probs:
+        # probability targets of the whole vocabulary: this rank's slice of the classes
+        target = target.narrow(class_dim, start, local.shape[class_dim])
     result = vocab_parallel_cross_entropy(
         local,
         target,
@@ -177,6 +217,7 @@ def cross_entropy(
         label_smoothing=label_smoothing,
         validate=validate,
         return_parts=return_parts,
+        **lm,
     )
     return _wrap(result, mesh)
 
@@ -239,7 +280,7 @@ def linear_cross_entropy(
             **unsupported,
         )
         return _wrap(result, mesh)
-    _reject_options(func, "a linear weight", unsupported)
+    lm = _split_options(func, "a linear weight", unsupported)
     if linear_weight.dim() != 2:
         V.fail(
             func,
@@ -247,7 +288,7 @@ def linear_cross_entropy(
             f"shape {V.shape_str(linear_weight.shape)}",
             "K-dimensional heads are not vocabulary-parallel.",
         )
-    start, size = _layout(linear_weight, 0)
+    start, size = _layout(linear_weight, 0, mesh_dim)
     local_w = linear_weight.to_local()
     Vr = local_w.shape[0]
     return _wrap(
@@ -267,6 +308,7 @@ def linear_cross_entropy(
             return_parts=return_parts,
             chunk_size=chunk_size,
             memory_budget=memory_budget,
+            **lm,
         ),
         mesh,
     )

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from .._capture import capturing
-from ..backends import dispatch, ops, resolve
+from ..backends import backend_for, ops, resolve
 from ._reduction import (
     LossParts,
     autocast_inputs,
@@ -106,8 +106,9 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
         if total and denominator is None:
             denominator = torch.scalar_tensor(x.numel(), dtype=loss.dtype, device=loss.device)
         return loss, denominator
-    fn = dispatch(op, x, backend)
-    if reduction != "none" and getattr(fn, "supports_sum_only", False):
+    chosen = backend_for(op, x, backend)
+    fn = chosen.ops[op]
+    if reduction != "none" and chosen.capabilities.bce_sum_only:
         hint = None
         if denominator is None and x.numel():
             # the grad_output loss.backward() will send, computed as autograd computes it

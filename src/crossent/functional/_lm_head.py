@@ -35,7 +35,7 @@ import torch
 
 from .. import _validation as V
 from .._capture import capturing, transforming
-from ..backends import dispatch
+from ..backends import backend_for, dispatch
 from ..backends.lm_head import plan_rows
 from ._reduction import compute_dtype, reduce_loss
 
@@ -90,8 +90,9 @@ def lm_cross_entropy(func, x, W, b, y, keep, o: LMOptions, *, rows: int, out_sha
         dw = torch.where(keep, w.gather(0, torch.where(keep, y, 0).long()), zero)
     tw = None if token_weight is None else token_weight.reshape(-1).to(cdt)
     den = dw if tw is None else dw * tw
-    fn = dispatch("lm_head", x, "reference" if transforming() else o.backend)
-    fused = getattr(fn, "fused_loss", None)
+    chosen = backend_for("lm_head", x, "reference" if transforming() else o.backend)
+    fn = chosen.ops["lm_head"]
+    fused = chosen.ops["lm_head_loss"] if chosen.capabilities.lm_head_loss else None
     if (
         fused is not None
         and o.reduction != "none"

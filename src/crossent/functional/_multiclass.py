@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as V
 from .._capture import capturing
-from ..backends import chunked, dispatch, ops, resolve
+from ..backends import backend_for, chunked, ops, resolve
 from ._lm_head import LMOptions, lm_cross_entropy, rows_for, wants_lm_head
 from ._reduction import (
     LossParts,
@@ -369,8 +369,10 @@ def cross_entropy(
         name = resolve("cross_entropy", input.device, backend)
         spatial = True
     else:
-        fn = dispatch("cross_entropy_inplace" if inplace_backward else "cross_entropy", input, backend)
-        spatial = getattr(fn, "accepts_spatial", False)
+        op = "cross_entropy_inplace" if inplace_backward else "cross_entropy"
+        chosen = backend_for(op, input, backend)
+        fn, caps = chosen.ops[op], chosen.capabilities
+        spatial = caps.cross_entropy_spatial and not inplace_backward
     if index_target and input.dim() > 2 and spatial:
         # (N, C, S) (a view of contiguous input): the backend picks the layout, no copy here
         x = (input if input.dtype == cdt else input.to(cdt)).flatten(2)
@@ -388,7 +390,7 @@ def cross_entropy(
             loss, den = ops.cross_entropy(x, t, index_target, w, keep, label_smoothing, backend=name)
         else:
             # Fused backends may pre-scale the gradient by what a plain backward() sends.
-            kw = {"reduction": reduction} if getattr(fn, "accepts_reduction", False) else {}
+            kw = {"reduction": reduction} if caps.cross_entropy_reduction else {}
             loss, den = fn(x, t, index_target, w, keep, label_smoothing, **kw)
     if loss.shape != out_shape:
         loss = loss.reshape(out_shape)

@@ -4,7 +4,7 @@ Design notes: ``docs/design.md``, section ``crossent.backends.triton``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ def _elementwise(probabilities: bool):
 
     def forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):  # scale: see Kernels.prescale
         if x.dtype == torch.float64:
-            chunk = chunked._bce_chunk if probabilities else chunked._bcewl_chunk
+            chunk = chunked._bce_chunk if probabilities else chunked._bce_with_logits_chunk
             return chunked._elementwise_forward(chunk, x, t, weight, pos_weight, keep, sum_only)
         k = _kernels()
         shape = x.shape
@@ -141,3 +141,22 @@ binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]
 cross_entropy = OPS["cross_entropy"]
 cross_entropy_inplace = OPS["cross_entropy_inplace"]
+
+
+def _linear_op(name):
+    """The Triton fused linear op ``name`` of :mod:`.linear`, imported on first call (it
+    imports ``triton``, which ``import crossent`` never does)."""
+
+    def call(*args):
+        from . import linear
+
+        return getattr(linear, name)(*args)
+
+    call.__name__ = name
+    return call
+
+
+LINEAR_OPS: Dict[str, Callable] = {
+    "linear_cross_entropy": _linear_op("linear_cross_entropy_chunked"),
+    "linear_binary_cross_entropy_with_logits": _linear_op("linear_bce_with_logits_chunked"),
+}

@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import linear as chunked_linear
+from ..linear.binary import linear_bce_with_logits_chunked as _linear_bce_with_logits_blocked
+from ..linear.blocks import TorchBlocks
+from ..linear.cross_entropy import linear_cross_entropy_chunked as _linear_cross_entropy_blocked
 from .kernels import _times  # c * v with 0 * inf = 0, the one Triton form of the rule
 
 # Largest class tile of the row kernels; tests lower it so rows span several tiles.
@@ -180,7 +182,7 @@ def _warps(bc):
     return 8 if bc >= 2048 else 4
 
 
-class TritonBlocks(chunked_linear.TorchBlocks):
+class TritonBlocks(TorchBlocks):
     """Per-block arithmetic in Triton kernels (class-index CE and BCE); float64 and
     probability targets use the inherited torch implementation."""
 
@@ -191,7 +193,7 @@ class TritonBlocks(chunked_linear.TorchBlocks):
     @staticmethod
     def ce_stats(logits, r0, r1, c0, c1, tgt, stats, dtype):
         if not TritonBlocks._native(logits, tgt):
-            return chunked_linear.TorchBlocks.ce_stats(logits, r0, r1, c0, c1, tgt, stats, dtype)
+            return TorchBlocks.ce_stats(logits, r0, r1, c0, c1, tgt, stats, dtype)
         R, Cc = logits.shape
         dev = logits.device
         mb, sb, tb, dy = (torch.empty(R, dtype=torch.float32, device=dev) for _ in range(4))
@@ -233,9 +235,7 @@ class TritonBlocks(chunked_linear.TorchBlocks):
         if not TritonBlocks._native(logits, tgt):
             if reused:  # torch's ce_grad(reused=True) expects e, the Triton stats left logits
                 reused = False
-            return chunked_linear.TorchBlocks.ce_grad(
-                logits, reused, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype
-            )
+            return TorchBlocks.ce_grad(logits, reused, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype)
         R, Cc = logits.shape
         dev = logits.device
         if scale is None:
@@ -271,7 +271,7 @@ class TritonBlocks(chunked_linear.TorchBlocks):
     @staticmethod
     def bce(logits, tgt, r0, r1, c0, c1, dtype, want_grad):
         if not TritonBlocks._native(logits, None):
-            return chunked_linear.TorchBlocks.bce(logits, tgt, r0, r1, c0, c1, dtype, want_grad)
+            return TorchBlocks.bce(logits, tgt, r0, r1, c0, c1, dtype, want_grad)
         t, keep = tgt.block(r0, r1, c0, c1, dtype)
         w, pw = tgt.wblock(r0, r1, c0, c1, dtype)
         R, Cc = logits.shape
@@ -312,10 +312,8 @@ def _with_triton(plan):
 
 
 def linear_cross_entropy_chunked(x, W, b, tgts, plan, grad_scale, precompute):
-    return chunked_linear.linear_cross_entropy_chunked(x, W, b, tgts, _with_triton(plan), grad_scale, precompute)
+    return _linear_cross_entropy_blocked(x, W, b, tgts, _with_triton(plan), grad_scale, precompute)
 
 
 def linear_bce_with_logits_chunked(x, W, b, tgt, plan, grad_scale, precompute, per_element):
-    return chunked_linear.linear_bce_with_logits_chunked(
-        x, W, b, tgt, _with_triton(plan), grad_scale, precompute, per_element
-    )
+    return _linear_bce_with_logits_blocked(x, W, b, tgt, _with_triton(plan), grad_scale, precompute, per_element)
