@@ -26,7 +26,7 @@ import crossent
 
 
 def _variants():
-    bce, bcewl = crossent.binary_cross_entropy, crossent.binary_cross_entropy_with_logits
+    bce, bce_logits = crossent.binary_cross_entropy, crossent.binary_cross_entropy_with_logits
     return {
         "sigmoid+BCE torch eager": lambda x, t: F.binary_cross_entropy(torch.sigmoid(x), t),
         "sigmoid+BCE torch.compile": torch.compile(lambda x, t: F.binary_cross_entropy(torch.sigmoid(x), t)),
@@ -37,10 +37,10 @@ def _variants():
         ),
         "logits torch eager": lambda x, t: F.binary_cross_entropy_with_logits(x, t),
         "logits torch.compile": torch.compile(lambda x, t: F.binary_cross_entropy_with_logits(x, t)),
-        "logits crossent eager": lambda x, t: bcewl(x, t, validate=False),
-        "logits crossent compiled": torch.compile(lambda x, t: bcewl(x, t, validate=False)),
+        "logits crossent eager": lambda x, t: bce_logits(x, t, validate=False),
+        "logits crossent compiled": torch.compile(lambda x, t: bce_logits(x, t, validate=False)),
         "logits crossent compiled, formulas": torch.compile(
-            lambda x, t: bcewl(x, t, validate=False, backend="reference")
+            lambda x, t: bce_logits(x, t, validate=False, backend="reference")
         ),
     }
 

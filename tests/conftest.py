@@ -67,7 +67,7 @@ def g():
     return gen(1234)
 
 
-_SMALL_TENSOR_MODULES = ("test_parity", "test_exact", "test_properties", "test_extensions")
+_SMALL_TENSOR_MODULES = ("test_parity", "test_exact", "test_properties", "test_extensions", "test_standin")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from numbers import Number
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -1035,46 +1035,52 @@ def assert_binary_values(
 
 
 # --------------------------------------------------------------------------- LM-head options
-def _real_number(func: str, name: str, value, example: str) -> float:
+def check_real(func: str, name: str, value, ok: Callable[[float], bool], what: str, fix: str) -> float:
+    """A real-valued option (int, float or a one-element floating tensor; never bool or
+    complex) as a Python float, finite and with ``ok(value)`` true. Every such option
+    fails with one message: ``expected `name` to be {what}, but got {found}. {fix}``
+    (``CrossentTypeError`` for a non-number, ``CrossentValueError`` for a value)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = float(value)
     if not isinstance(value, Number) or isinstance(value, (bool, complex)):
-        fail(
-            func,
-            f"`{name}` to be a Python float",
-            type(value).__name__,
-            f"Pass a number such as {name}={example}.",
-            CrossentTypeError,
-        )
-    return float(value)
+        fail(func, f"`{name}` to be {what}", type(value).__name__, fix, CrossentTypeError)
+    x = float(value)
+    if not (math.isfinite(x) and ok(x)):
+        fail(func, f"`{name}` to be {what}", repr(value), fix)
+    return x
 
 
-def check_lm_head_options(func: str, *, z_loss=0.0, temperature=1.0, softcap=None):
+def check_lm_head_options(func: str, *, z_loss=0.0, temperature=1.0, softcap=None) -> Tuple[float, float, float]:
     """``(z_loss, temperature, softcap)`` as floats: ``z_loss`` finite and >= 0,
     ``temperature`` finite and > 0, ``softcap`` None or finite and > 0 (returned as 0.0
     meaning none)."""
-    z = _real_number(func, "z_loss", z_loss, "1e-4")
-    if not (math.isfinite(z) and z >= 0):
-        fail(func, "`z_loss` finite and >= 0", repr(z_loss), "0 turns the z-loss off; PaLM uses z_loss=1e-4.")
-    t = _real_number(func, "temperature", temperature, "1.0")
-    if not (math.isfinite(t) and t > 0):
-        fail(
-            func,
-            "`temperature` finite and > 0",
-            repr(temperature),
-            "The logits are divided by it; 1.0 leaves them unchanged (greedy decoding has no "
-            "finite temperature: use the argmax instead).",
-        )
+    z = check_real(
+        func,
+        "z_loss",
+        z_loss,
+        lambda v: v >= 0,
+        "a finite number >= 0",
+        "0 turns the z-loss off; PaLM uses z_loss=1e-4.",
+    )
+    t = check_real(
+        func,
+        "temperature",
+        temperature,
+        lambda v: v > 0,
+        "a finite number > 0",
+        "The logits are divided by it; 1.0 leaves them unchanged (greedy decoding has no "
+        "finite temperature: use the argmax instead).",
+    )
     s = 0.0
     if softcap is not None:
-        s = _real_number(func, "softcap", softcap, "30.0")
-        if not (math.isfinite(s) and s > 0):
-            fail(
-                func,
-                "`softcap` None or finite and > 0",
-                repr(softcap),
-                "Logits become softcap * tanh(logits / softcap); None turns the cap off (Gemma 2 uses softcap=30.0).",
-            )
+        s = check_real(
+            func,
+            "softcap",
+            softcap,
+            lambda v: v > 0,
+            "None or a finite number > 0",
+            "Logits become softcap * tanh(logits / softcap); None turns the cap off (Gemma 2 uses softcap=30.0).",
+        )
     return z, t, s
 
 

@@ -419,13 +419,13 @@ def test_guardrails(one_rank):
         vp(x, q.flatten().index_fill(0, torch.tensor([3]), -0.5).view(9, 11))
     with pytest.raises(CrossentValueError, match="`target` that does not require grad.*target.detach"):
         vp(x, q.clone().requires_grad_())
-    with pytest.raises(CrossentValueError, match="`z_loss` finite and >= 0"):
+    with pytest.raises(CrossentValueError, match="`z_loss` to be a finite number >= 0"):
         vp(x, y, z_loss=-1.0)
-    with pytest.raises(CrossentValueError, match="`softcap` None or finite and > 0"):
+    with pytest.raises(CrossentValueError, match="`softcap` to be None or a finite number > 0"):
         vpl(h, W, y, softcap=0.0)
     with pytest.raises(CrossentValueError, match=r"`token_weight` of the target's shape \(9,\)"):
         vp(x, y, token_weight=torch.ones(4))
-    with pytest.raises(CrossentValueError, match="`temperature` finite and > 0"):
+    with pytest.raises(CrossentValueError, match="`temperature` to be a finite number > 0"):
         vpt(x, y, temperature=0.0)
     with pytest.raises(CrossentTypeError, match="class-index targets"):
         vplt(h, W, y.double())

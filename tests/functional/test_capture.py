@@ -16,27 +16,23 @@ import torch.nn.functional as TF
 import crossent
 from crossent.backends import ops
 
-from _helpers import assert_close
+from _helpers import (
+    STEP_C,
+    STEP_H,
+    STEP_N,
+    STEP_PW,
+    STEP_W,
+    assert_close,
+    check_compiled_step,
+    run_step,
+    step_data,
+    step_model,
+)
 
 torch._dynamo.config.cache_size_limit = 64
 
-N, H, C = 12, 6, 5
-PW = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])
-W = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.25])
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Linear(H, C)
-
-
-def _data(n=N, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, H, generator=g)
-    y = torch.randint(0, C, (n,), generator=g)
-    y[1] = -100
-    soft = torch.rand(n, C, generator=g)
-    return x, y, soft
+N, H, C = STEP_N, STEP_H, STEP_C
+PW, W = STEP_PW, STEP_W
 
 
 # name -> (crossent step, torch step) taking (logits (n, C), y, soft); each returns a loss
@@ -91,31 +87,12 @@ CASES = {
 }
 
 
-def _run(step, model, x, y, s):
-    model.zero_grad()
-    loss = step(model(x), y, s)
-    loss.backward()
-    return loss.detach(), model.weight.grad.clone(), model.bias.grad.clone()
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_compiled_step_is_one_graph_equal_to_eager(name):
     step, torch_step = CASES[name]
-    model = _model()
-    x, y, s = _data()
-
-    def train_step(x, y, s):
-        return step(model(x), y, s)
-
-    explained = torch._dynamo.explain(train_step)(x, y, s)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    compiled = torch.compile(lambda z, y, s: step(z, y, s), fullgraph=True, backend="aot_eager")
-    got = _run(compiled, model, x, y, s)
-    want = _run(step, model, x, y, s)
-    for a, b in zip(got, want):
-        assert_close(a, b)
+    got, (model, x, y, s) = check_compiled_step(step)
     if torch_step is not None:
-        for a, b in zip(got, _run(torch_step, model, x, y, s)):
+        for a, b in zip(got, run_step(torch_step, model, x, y, s)):
             assert_close(a, b)
 
 
@@ -131,7 +108,9 @@ def test_compiled_gpt_with_a_warm_inductor_cache(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "scripts" / "compiled_gpt.py"
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    # One compile thread: Inductor's default worker pool costs more to start than these few
+    # small kernels take to compile on a CI machine with two cores.
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TORCHINDUCTOR_COMPILE_THREADS="1")
     runs = []
     for extra in (["--checks"], []):
         proc = subprocess.run(
@@ -140,6 +119,8 @@ def test_compiled_gpt_with_a_warm_inductor_cache(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     for run in runs:
+        # Inductor's fused kernels sum in another order than eager, and the difference grows
+        # over the training steps: a looser bound than one float32 comparison
         torch.testing.assert_close(torch.tensor(run["compiled"]), torch.tensor(run["eager"]), rtol=1e-5, atol=1e-5)
     assert runs[0]["compiled"] == runs[1]["compiled"]
     assert all(v < 1e-5 for v in runs[0]["checks"].values()), runs[0]["checks"]
@@ -155,10 +136,10 @@ def test_dynamic_batch_recompiles_no_more_than_torch(name):
     for step in CASES[name]:
         torch._dynamo.reset()
         compiled = torch.compile(step, dynamic=True, backend="aot_eager", fullgraph=True)
-        model = _model()
+        model = step_model()
         for n in (8, 12, 20, 36):
-            x, y, s = _data(n)
-            _run(compiled, model, x, y, s)
+            x, y, s = step_data(n)
+            run_step(compiled, model, x, y, s)
         counts.append(len(_debug_get_cache_entry_list(step.__code__)))
     assert counts[0] <= counts[1] and counts[0] >= 1, counts
 
@@ -205,7 +186,7 @@ class _Head(torch.nn.Module):
 def test_export_gives_the_eager_values(loss, target, probs):
     torch.manual_seed(0)
     module = _Head(loss, probs)
-    x, y, s = _data()
+    x, y, s = step_data()
     t = y if target == "y" else s
     program = torch.export.export(module, (x, t))
     ops_used = {str(n.target) for n in program.graph.nodes}
@@ -213,7 +194,7 @@ def test_export_gives_the_eager_values(loss, target, probs):
     assert not any(
         o.endswith(("_local_scalar_dense.default", "nonzero.default", "is_nonzero.default")) for o in ops_used
     ), ops_used
-    x2, y2, s2 = _data(seed=5)
+    x2, y2, s2 = step_data(seed=5)
     t2 = y2 if target == "y" else s2
     assert_close(program.module()(x2, t2), module(x2, t2))
 
@@ -351,7 +332,7 @@ def test_torch_func_transforms_match_torch(k):
     assert_close(jacrev(a)(x), jacrev(b)(x))
     v = torch.randn_like(x)
     assert_close(jvp(a, (x,), (v,))[1], jvp(b, (x,), (v,))[1])
-    assert_close(hessian(a)(x), hessian(b)(x), rtol=1e-8, atol=1e-10)
+    assert_close(hessian(a)(x), hessian(b)(x), tol="second_order")
 
     # per-example losses and per-sample gradients (torch's side as a loop: torch's own
     # cross_entropy with ignore_index and smoothing cannot run under vmap)
@@ -370,8 +351,8 @@ def test_torch_func_transforms_match_torch(k):
 def test_per_sample_gradients_of_a_model():
     from torch.func import functional_call, grad, vmap
 
-    model = _model()
-    x, y, _ = _data()
+    model = step_model()
+    x, y, _ = step_data()
     y = y.clamp(min=0)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -391,12 +372,12 @@ def test_per_sample_gradients_of_a_model():
 def test_jit_trace_records_the_op_and_is_right_on_new_inputs(loss, target):
     torch.manual_seed(0)
     module = _Head(loss)
-    x, y, s = _data()
+    x, y, s = step_data()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, (x, y if target == "y" else s))
     assert "crossent::" in str(traced.inlined_graph)
-    x2, y2, s2 = _data(seed=9)
+    x2, y2, s2 = step_data(seed=9)
     t2 = y2 if target == "y" else s2
     out = traced(x2, t2)
     assert_close(out, module(x2, t2))
@@ -454,7 +435,7 @@ LINEAR_CASES = {
 @pytest.mark.parametrize("name", sorted(LINEAR_CASES))
 def test_compiled_fused_linear_losses_are_one_graph_equal_to_eager(name):
     f = LINEAR_CASES[name]
-    x, y, s = _data()
+    x, y, s = step_data()
     torch.manual_seed(3)
     h = x.clone().requires_grad_()
     Wt = torch.randn(C, H, requires_grad=True)
@@ -507,9 +488,9 @@ def test_cuda_graph_replays_a_training_step(name):
         ),
     }
     ours, theirs = step_losses[name]
-    model, ref = _model().to(dev), _model().to(dev)
+    model, ref = step_model().to(dev), step_model().to(dev)
     opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
-    batches = [tuple(t.to(dev) for t in _data(seed=s)) for s in range(6)]
+    batches = [tuple(t.to(dev) for t in step_data(seed=s)) for s in range(6)]
     static = [t.clone() for t in batches[0]]
 
     def step():
@@ -553,7 +534,7 @@ def test_compiled_bce_on_probabilities_is_traced_as_formulas():
         graphs.append(gm)
         return gm.forward
 
-    x, _, soft = _data()
+    x, _, soft = step_data()
     z = x[:, :C].clone().requires_grad_()
     f = lambda z, s: crossent.nn.BCELoss()(torch.sigmoid(z), s)
     got = torch.compile(f, backend=backend, fullgraph=True)(z, soft)

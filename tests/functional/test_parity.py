@@ -22,7 +22,7 @@ from _helpers import (
     REDUCTIONS,
     SHAPES_BINARY,
     SHAPES_MULTICLASS,
-    TOL_SECOND_ORDER,
+    TOL,
     assert_close,
     class_indices,
     class_probabilities,
@@ -452,7 +452,7 @@ def test_second_derivatives_match_torch(loss, opts, reduction):
         v = torch.rand(x.shape, generator=gen(9), dtype=torch.float64)
         (hv,) = torch.autograd.grad((gx * v).sum(), x)
         results.append(hv)
-    torch.testing.assert_close(results[1], results[0], **TOL_SECOND_ORDER)
+    torch.testing.assert_close(results[1], results[0], **TOL["second_order"])
 
 
 # --------------------------------------------------------------------------- modules

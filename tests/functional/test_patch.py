@@ -1,7 +1,7 @@
 """crossent.patch(): torch's own loss entry points routed through crossent, and put back.
 
 How a call is proven to go through crossent: a recorder wrapped around crossent's backend
-``dispatch`` (only crossent calls it), values torch cannot produce (logits [20, 0, 0] with
+``backend_for`` (only crossent calls it), values torch cannot produce (logits [20, 0, 0] with
 class 0: torch float32 gives 0, crossent 4.12e-9), and crossent-only errors.
 """
 
@@ -46,8 +46,8 @@ def _leave_torch_as_found():
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Every (op, backend) crossent's functional layer dispatches (or resolves, on the plain
-    eager cross-entropy call, which skips ``dispatch``)."""
+    """Every (op, backend) crossent's functional layer dispatches (``backend_for``), or
+    resolves on the plain eager cross-entropy call, which skips it."""
     seen = []
 
     def recording(dispatch):
@@ -57,9 +57,9 @@ def calls(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(_multiclass, "dispatch", recording(_multiclass.dispatch))
+    monkeypatch.setattr(_multiclass, "backend_for", recording(_multiclass.backend_for))
     monkeypatch.setattr(_multiclass, "resolve", recording(_multiclass.resolve))  # the plain eager call
-    monkeypatch.setattr(_binary, "dispatch", recording(_binary.dispatch))
+    monkeypatch.setattr(_binary, "backend_for", recording(_binary.backend_for))
     return seen
 
 

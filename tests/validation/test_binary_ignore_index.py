@@ -21,7 +21,7 @@ def _bce(ii):
     return F.binary_cross_entropy(torch.sigmoid(x), t, ignore_index=ii)
 
 
-def _bcewl(ii):
+def _bce_logits(ii):
     x, t = _x_t()
     return F.binary_cross_entropy_with_logits(x, t, ignore_index=ii)
 
@@ -31,7 +31,7 @@ def _bce_module(ii):
     return nn.BCELoss(ignore_index=ii)(torch.sigmoid(x), t)
 
 
-def _bcewl_module(ii):
+def _bce_logits_module(ii):
     x, t = _x_t()
     return nn.BCEWithLogitsLoss(ignore_index=ii)(x, t)
 
@@ -46,7 +46,7 @@ def _linear_module(ii):
     return nn.LinearBCEWithLogitsLoss(3, 3, ignore_index=ii)(x, t)
 
 
-ENTRY_POINTS = [_bce, _bcewl, _bce_module, _bcewl_module, _linear, _linear_module]
+ENTRY_POINTS = [_bce, _bce_logits, _bce_module, _bce_logits_module, _linear, _linear_module]
 
 
 @pytest.mark.parametrize("call", ENTRY_POINTS, ids=lambda f: f.__name__.lstrip("_"))

@@ -93,7 +93,7 @@ static inline float exp_nonpos(float z) {
 /* BCE with logits, reference formulas, e = exp(-|x|):
    loss = p t softplus(-x) + (1-t) softplus(x),  softplus(+-x) = max(+-x, 0) + log1p(e)
    grad = (1-t) sigmoid(x) - p t sigmoid(-x),     sigmoid(|x|) = 1/(1+e), sigmoid(-|x|) = e/(1+e) */
-static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
+static inline void softplus_sigmoid8(V x, V *sp_pos, V *sp_neg, V *sig, V *sig_neg) {
   const V one = vset(1.f);
   V ax = _mm256_andnot_ps(vset(-0.0f), x);
   V e = vexp_nonpos(vneg(ax));
@@ -101,10 +101,16 @@ static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
   V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
   V er = _mm256_mul_ps(e, r);
   V neg = _mm256_cmp_ps(x, vzero(), _CMP_LT_OQ);
-  V sp_pos = _mm256_add_ps(vrelu(x), l1);
-  V sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
-  V sig = _mm256_blendv_ps(r, er, neg);
-  V sig_neg = _mm256_blendv_ps(er, r, neg);
+  *sp_pos = _mm256_add_ps(vrelu(x), l1);
+  *sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
+  *sig = _mm256_blendv_ps(r, er, neg);
+  *sig_neg = _mm256_blendv_ps(er, r, neg);
+}
+
+static inline void bce8(V x, V t, V pw, V *loss, V *grad) {
+  const V one = vset(1.f);
+  V sp_pos, sp_neg, sig, sig_neg;
+  softplus_sigmoid8(x, &sp_pos, &sp_neg, &sig, &sig_neg);
   V p = _mm256_mul_ps(pw, t);
   V omt = _mm256_sub_ps(one, t);
   *loss = _mm256_add_ps(vtimes(p, sp_neg), vtimes(omt, sp_pos));
@@ -691,16 +697,8 @@ static inline V vpow_half(V m, int half2) {
 
 static inline void focal8(V x, V t, V pw, float alpha, int half2, float eps, V *loss, V *grad) {
   const V one = vset(1.f);
-  V ax = _mm256_andnot_ps(vset(-0.0f), x);
-  V e = vexp_nonpos(vneg(ax));
-  V l1 = log1p01(e);
-  V r = _mm256_div_ps(one, _mm256_add_ps(one, e));
-  V er = _mm256_mul_ps(e, r);
-  V neg = _mm256_cmp_ps(x, vzero(), _CMP_LT_OQ);
-  V sp_pos = _mm256_add_ps(vrelu(x), l1);
-  V sp_neg = _mm256_add_ps(vrelu(vneg(x)), l1);
-  V s = _mm256_blendv_ps(r, er, neg);
-  V u = _mm256_blendv_ps(er, r, neg);
+  V sp_pos, sp_neg, s, u;   /* s = sigmoid(x), u = sigmoid(-x) */
+  softplus_sigmoid8(x, &sp_pos, &sp_neg, &s, &u);
   V p = _mm256_mul_ps(pw, t);
   V omt = _mm256_sub_ps(one, t);
   V ce = _mm256_add_ps(vtimes(p, sp_neg), vtimes(omt, sp_pos));

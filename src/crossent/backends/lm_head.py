@@ -270,29 +270,13 @@ def _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx):
     )
 
 
-def backward_rows(
-    x,
-    W,
-    b,
-    y,
-    keep,
-    sigma,
-    temperature,
-    softcap,
-    rows,
-    m,
-    lp1,
-    nll,
-    BA,
-    g_nll,
-    g_sm,
-    g_lse,
-    g_ent,
-    need_x: bool,
-    need_W: bool,
-    need_b: bool,
-):
-    """``(grad_x, grad_W, grad_b)`` of the upstream-weighted outputs, block by block."""
+def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, saved, grads, need):
+    """``(grad_x, grad_W, grad_b)`` of the upstream-weighted outputs, block by block:
+    ``saved`` is the forward's ``(m, lp1, nll, BA)``, ``grads`` the upstream
+    ``(g_nll, g_sm, g_lse, g_ent)`` (each may be None), ``need`` ``(need_x, need_W, need_b)``."""
+    m, lp1, nll, BA = saved
+    g_nll, g_sm, g_lse, g_ent = grads
+    need_x, need_W, need_b = need
     cdt = compute_dtype(x.dtype)
     N = x.shape[0]
     y = _safe_y(y, keep)

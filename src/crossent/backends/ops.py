@@ -464,53 +464,15 @@ def lm_head_backward(
     """``(grad_x, grad_W, grad_b)`` of ``crossent::lm_head_forward`` (empty where not needed)."""
     from . import lm_head
 
+    saved, grads = (m, lp1, nll, BA), (g_nll, g_sm, g_lse, g_ent)
     return lm_head.backward_rows(
-        x,
-        W,
-        b,
-        y,
-        keep,
-        sigma,
-        temperature,
-        softcap,
-        rows,
-        m,
-        lp1,
-        nll,
-        BA,
-        g_nll,
-        g_sm,
-        g_lse,
-        g_ent,
-        need_x,
-        need_W,
-        need_b,
+        x, W, b, y, keep, sigma, temperature, softcap, rows, saved, grads, (need_x, need_W, need_b)
     )
 
 
 @lm_head_backward.register_fake
-def _(
-    x,
-    W,
-    b,
-    y,
-    keep,
-    sigma,
-    temperature,
-    softcap,
-    rows,
-    m,
-    lp1,
-    nll,
-    BA,
-    g_nll,
-    g_sm,
-    g_lse,
-    g_ent,
-    need_x,
-    need_W,
-    need_b,
-):
+def _(x, W, b, *rest):
+    need_x, need_W, need_b = rest[-3:]
     return (
         x.new_empty(x.shape) if need_x else x.new_empty((0,)),
         W.new_empty(W.shape) if (need_W and W is not None) else x.new_empty((0,)),

@@ -2,40 +2,30 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .. import _validation as V
-from .._capture import capturing
 from ..backends.reference import _softplus, _times, sanitise_ignored
 from ._binary import _prepare as _prepare_binary
 from ._focal import check_gamma
-from ._reduction import autocast_inputs, no_autocast, reduce_loss
+from ._reduction import legacy_reduction, no_autocast, reduce_loss
 
 
 def check_clip(func: str, clip) -> float:
     """ASL's probability margin: in [0, 1); None means 0."""
     if clip is None:
         return 0.0
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)):
-        V.fail(
-            func,
-            "`clip` to be a real number or None",
-            type(clip).__name__,
-            "Ridnik et al. use clip=0.05 (default); clip=0 or None switches the margin off.",
-            V.CrossentTypeError,
-        )
-    clip = float(clip)
-    if not (0 <= clip < 1) or math.isnan(clip):
-        V.fail(
-            func,
-            "`clip` in [0, 1)",
-            repr(clip),
-            "clip shifts the probability of negatives down by that margin; 0.05 is the paper's value.",
-        )
-    return clip
+    return V.check_real(
+        func,
+        "clip",
+        clip,
+        lambda v: 0 <= v < 1,
+        "a number in [0, 1) or None",
+        "clip shifts the probability of negatives down by that margin; Ridnik et al. use clip=0.05 "
+        "(default); 0 or None switches it off.",
+    )
 
 
 def asymmetric_terms(x: torch.Tensor, gamma_neg: float, gamma_pos: float, clip: float):
@@ -104,26 +94,12 @@ def asymmetric_loss(
     40.0
     """
     func = "asymmetric_loss"
-    gamma_neg = check_gamma(func, gamma_neg)
-    gamma_pos = check_gamma(func, gamma_pos)
+    gamma_neg = check_gamma(func, gamma_neg, "gamma_neg")
+    gamma_pos = check_gamma(func, gamma_pos, "gamma_pos")
     clip = check_clip(func, clip)
-    input, target, weight = autocast_inputs(input, target, weight)
-    capture = capturing(input)
-    reduction, x, t, weight, _, keep, denominator = _prepare_binary(
-        func,
-        input,
-        target,
-        weight,
-        None,
-        ignore_index,
-        0.0,
-        reduction,
-        None,
-        None,
-        probabilities_in=False,
-        validate=validate,
-        capture=capture,
-    )
+    reduction = legacy_reduction(func, None, None, reduction)
+    c = _prepare_binary(func, input, target, weight, None, ignore_index, 0.0, reduction, False, validate)
+    x, t, weight, keep = c.x, c.t, c.weight, c.keep
     with no_autocast(x.device):
         x = sanitise_ignored(x, keep)
         pos, neg = asymmetric_terms(x, gamma_neg, gamma_pos, clip)
@@ -132,5 +108,6 @@ def asymmetric_loss(
             loss = loss * weight
         if keep is not None:
             loss = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
-    out_dtype = target.dtype if target.is_floating_point() else input.dtype
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)
+    return reduce_loss(
+        loss, c.denominator, c.reduction, out_dtype=c.out_dtype, return_parts=return_parts, capture=c.capture
+    )

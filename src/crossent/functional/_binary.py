@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union, overload
+from typing import Literal, NamedTuple, Optional, Union, overload
 
 import torch
 
@@ -20,53 +20,51 @@ from ._reduction import (
 )
 
 
+class BinaryCall(NamedTuple):
+    """One BCE call after validation and canonicalisation: what the backend and the
+    shared reduction need (``out_dtype`` is torch's result dtype)."""
+
+    reduction: str
+    x: torch.Tensor
+    t: torch.Tensor
+    weight: Optional[torch.Tensor]
+    pos_weight: Optional[torch.Tensor]
+    keep: Optional[torch.Tensor]
+    denominator: Optional[torch.Tensor]
+    capture: bool
+    out_dtype: torch.dtype
+
+
 def _prepare(
-    func,
-    input,
-    target,
-    weight,
-    pos_weight,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    size_average,
-    reduce,
-    *,
-    probabilities_in,
-    validate,
-    capture,
-):
-    """Validate and canonicalise once: returns what the backend needs."""
-    reduction = legacy_reduction(func, size_average, reduce, reduction)
+    func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction, probabilities_in, validate
+) -> BinaryCall:
+    """Validate and canonicalise once (autocast policy included): returns what the backend
+    needs. ``reduction`` is already resolved from the legacy ``size_average``/``reduce``."""
+    input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
+    capture = capturing(input)
     V.check_floating_input(func, input)
+    given_target = target
     target = V.check_binary_target(func, input, target)
+    # torch's result dtype: the input's for probabilities; on logits the dtype of a floating
+    # target (torch's kernel works in place on ``1 - target``: float32 input with a float16
+    # target gives float16). Integer and bool targets (an extension) give the input's dtype.
+    floating_target = given_target.is_floating_point()
+    out_dtype = given_target.dtype if floating_target and not probabilities_in else input.dtype
     label_smoothing = V.check_label_smoothing(func, label_smoothing)
     ignore_index = V.check_binary_ignore_index(func, ignore_index)
     weight = V.as_weight_tensor(func, "weight", weight, like=input)
     pos_weight = V.as_weight_tensor(func, "pos_weight", pos_weight, like=input)
     V.check_same_device(func, input, target=target, weight=weight, pos_weight=pos_weight)
-    V.check_broadcastable(
-        func,
-        "weight",
-        weight,
-        input.shape,
-        "the input's shape",
-        lambda: (
-            "Per-element weights need the input's shape (or a shape that broadcasts to it, "
-            f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label)."
-        ),
+    per_element = lambda: (
+        "Per-element weights need the input's shape (or a shape that broadcasts to it, "
+        f"e.g. {V.shape_str(input.shape[-1:])} for one weight per label)."
     )
-    V.check_broadcastable(
-        func,
-        "pos_weight",
-        pos_weight,
-        input.shape,
-        "the input's shape",
-        lambda: (
-            "One weight per label, along the last dimension: use pos_weight of shape "
-            f"({input.shape[-1] if input.dim() else 1},) (e.g. num_negatives / num_positives per label)."
-        ),
+    per_label = lambda: (
+        "One weight per label, along the last dimension: use pos_weight of shape "
+        f"({input.shape[-1] if input.dim() else 1},) (e.g. num_negatives / num_positives per label)."
     )
+    for name, value, fix in (("weight", weight, per_element), ("pos_weight", pos_weight, per_label)):
+        V.check_broadcastable(func, name, value, input.shape, "the input's shape", fix)
     keep = None
     if ignore_index is not None:
         keep = target != ignore_index
@@ -85,7 +83,7 @@ def _prepare(
     weight = None if weight is None else weight.to(cdt)
     pos_weight = None if pos_weight is None else pos_weight.to(cdt)
     denominator = None if keep is None else keep.sum()
-    return reduction, x, t, weight, pos_weight, keep, denominator
+    return BinaryCall(reduction, x, t, weight, pos_weight, keep, denominator, capture, out_dtype)
 
 
 def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, backend, capture):
@@ -118,6 +116,17 @@ def _run_backend(op, x, t, weight, pos_weight, keep, denominator, reduction, bac
         total = fn(x, t, weight, pos_weight, keep, sum_only=True, grad_scale=hint)
         return total, (x.numel() if denominator is None else denominator)
     return fn(x, t, weight, pos_weight, keep), denominator
+
+
+def _run(func: str, c: BinaryCall, backend, return_parts):
+    """The backend's losses for a prepared call, reduced by the shared rule."""
+    with no_autocast(c.x.device):
+        loss, denominator = _run_backend(
+            func, c.x, c.t, c.weight, c.pos_weight, c.keep, c.denominator, c.reduction, backend, c.capture
+        )
+    return reduce_loss(
+        loss, denominator, c.reduction, out_dtype=c.out_dtype, return_parts=return_parts, capture=c.capture
+    )
 
 
 @overload
@@ -218,28 +227,9 @@ def binary_cross_entropy(
     0.4835
     """
     func = "binary_cross_entropy"
-    input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
-    capture = capturing(input)
-    reduction, p, t, weight, pos_weight, keep, denominator = _prepare(
-        func,
-        input,
-        target,
-        weight,
-        pos_weight,
-        ignore_index,
-        label_smoothing,
-        reduction,
-        size_average,
-        reduce,
-        probabilities_in=True,
-        validate=validate,
-        capture=capture,
-    )
-    with no_autocast(p.device):
-        loss, denominator = _run_backend(
-            "binary_cross_entropy", p, t, weight, pos_weight, keep, denominator, reduction, backend, capture
-        )
-    return reduce_loss(loss, denominator, reduction, out_dtype=input.dtype, return_parts=return_parts, capture=capture)
+    reduction = legacy_reduction(func, size_average, reduce, reduction)
+    c = _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction, True, validate)
+    return _run(func, c, backend, return_parts)
 
 
 @overload
@@ -332,30 +322,6 @@ def binary_cross_entropy_with_logits(
     0.4878
     """
     func = "binary_cross_entropy_with_logits"
-    input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
-    capture = capturing(input)
-    reduction, x, t, weight, pos_weight, keep, denominator = _prepare(
-        func,
-        input,
-        target,
-        weight,
-        pos_weight,
-        ignore_index,
-        label_smoothing,
-        reduction,
-        size_average,
-        reduce,
-        probabilities_in=False,
-        validate=validate,
-        capture=capture,
-    )
-    with no_autocast(x.device):
-        loss, denominator = _run_backend(
-            "binary_cross_entropy_with_logits", x, t, weight, pos_weight, keep, denominator, reduction, backend, capture
-        )
-    # torch's result has the dtype of a floating target (its kernel works in place on
-    # ``1 - target``: float32 input with a float16 target gives float16); crossent computes
-    # in the promoted dtype (at least float32) and returns torch's dtype. Integer and bool
-    # targets (an extension) give the input's dtype.
-    out_dtype = target.dtype if target.is_floating_point() else input.dtype
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)
+    reduction = legacy_reduction(func, size_average, reduce, reduction)
+    c = _prepare(func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction, False, validate)
+    return _run(func, c, backend, return_parts)

@@ -7,133 +7,68 @@ sharing the canonicalisation of the base losses (:mod:`._binary`, :mod:`._multic
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .. import _validation as V
-from .._capture import capturing
 from ..backends import focal, resolve
 from ._binary import _prepare as _prepare_binary
-from ._multiclass import _rows
+from ._binary import _run as _run_binary
+from ._multiclass import _check, _out_dtype, _rows
 from ._reduction import autocast_inputs, compute_dtype, legacy_reduction, mean_grad_scale, no_autocast, reduce_loss
 
 
-def _check_nonnegative(func: str, name: str, value, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        V.fail(func, f"`{name}` to be a real number", type(value).__name__, fix, V.CrossentTypeError)
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        V.fail(func, f"`{name}` to be a finite number >= 0", repr(value), fix)
-    return value
-
-
-def check_gamma(func: str, gamma) -> float:
-    """The focusing parameter: finite, >= 0 (gamma = 0 is the base loss)."""
-    return _check_nonnegative(
-        func, "gamma", gamma, "gamma = 0 is plain cross-entropy; the papers use 0.5 to 5 (2 by default)."
+def check_gamma(func: str, gamma, name: str = "gamma") -> float:
+    """A focusing parameter: finite, >= 0 (gamma = 0 is the base loss)."""
+    return V.check_real(
+        func,
+        name,
+        gamma,
+        lambda v: v >= 0,
+        "a finite number >= 0",
+        "gamma = 0 is plain cross-entropy; the papers use 0.5 to 5 (2 by default).",
     )
 
 
 def check_epsilon(func: str, epsilon) -> float:
-    """Poly-1's epsilon: finite (negative values are allowed by the paper, down to -1)."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-        V.fail(
-            func,
-            "`epsilon` to be a real number",
-            type(epsilon).__name__,
-            "Leng et al. use epsilon = 1 (default); epsilon = 0 is the base loss.",
-            V.CrossentTypeError,
-        )
-    epsilon = float(epsilon)
-    if not (math.isfinite(epsilon) and epsilon >= -1):
-        V.fail(
-            func,
-            "`epsilon` to be a finite number >= -1",
-            repr(epsilon),
-            "Below -1 the loss is no longer bounded below (1 - p_t > -log p_t fails); epsilon = 1 is the default.",
-        )
-    return epsilon
+    """Poly-1's epsilon: finite, >= -1 (below, the loss is no longer bounded below:
+    1 - p_t > -log p_t fails)."""
+    return V.check_real(
+        func,
+        "epsilon",
+        epsilon,
+        lambda v: v >= -1,
+        "a finite number >= -1",
+        "Leng et al. use epsilon = 1 (default); epsilon = 0 is the base loss; below -1 the loss is unbounded.",
+    )
 
 
 def check_alpha(func: str, alpha) -> float:
     """torchvision's alpha: in [0, 1], or negative to switch the alpha term off."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        V.fail(
-            func,
-            "`alpha` to be a real number",
-            type(alpha).__name__,
-            "Pass a float in [0, 1], or a negative number (e.g. -1) for no alpha weighting.",
-            V.CrossentTypeError,
-        )
-    alpha = float(alpha)
-    if math.isnan(alpha) or alpha > 1:
-        V.fail(
-            func,
-            "`alpha` in [0, 1] (or < 0 to disable it)",
-            repr(alpha),
-            "alpha weights positives, 1 - alpha negatives; alpha=0.25 is torchvision's default.",
-        )
-    return alpha
+    return V.check_real(
+        func,
+        "alpha",
+        alpha,
+        lambda v: v <= 1,
+        "a finite number in [0, 1], or < 0 for no alpha weighting",
+        "alpha weights positives, 1 - alpha negatives; alpha=0.25 is torchvision's default, -1 switches it off.",
+    )
 
 
 # --------------------------------------------------------------------------- binary family
-def _binary_family(
-    func,
-    input,
-    target,
-    weight,
-    pos_weight,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    validate,
-    return_parts,
-    backend,
-    *,
-    alpha,
-    gamma,
-    epsilon,
-):
+def _binary_family(func, c, backend, return_parts, *, alpha, gamma, epsilon):
+    """The focal / Poly-1 op on a prepared BCE call (:func:`._binary._prepare`) and the
+    shared reduction; gamma = epsilon = 0 is the base loss itself."""
     if gamma == 0 and epsilon == 0:
-        # The base loss by construction (0 ** 0 = 1, derivative 0): alpha_t is one more weight.
-        return _bce_times_alpha(
-            func,
-            input,
-            target,
-            weight,
-            pos_weight,
-            ignore_index,
-            label_smoothing,
-            reduction,
-            validate,
-            return_parts,
-            backend,
-            alpha,
-        )
-    input, target, weight, pos_weight = autocast_inputs(input, target, weight, pos_weight)
-    capture = capturing(input)
-    reduction, x, t, weight, pos_weight, keep, denominator = _prepare_binary(
-        func,
-        input,
-        target,
-        weight,
-        pos_weight,
-        ignore_index,
-        label_smoothing,
-        reduction,
-        None,
-        None,
-        probabilities_in=False,
-        validate=validate,
-        capture=capture,
-    )
+        return _run_binary("binary_cross_entropy_with_logits", c, backend, return_parts)
+    x, t, weight, pos_weight, keep = c.x, c.t, c.weight, c.pos_weight, c.keep
+    reduction, denominator = c.reduction, c.denominator
     name = resolve("binary_cross_entropy_with_logits", x.device, backend)
     with no_autocast(x.device):
         if (
             reduction != "none"
-            and not capture
+            and not c.capture
             and name == "chunked"
             and x.numel()
             and not focal._wants_graph(t, weight, pos_weight)
@@ -147,48 +82,22 @@ def _binary_family(
             loss = focal.binary_focal(
                 x, t, weight, pos_weight, keep, alpha=alpha, gamma=gamma, epsilon=epsilon, backend=name
             )
-    out_dtype = target.dtype if target.is_floating_point() else input.dtype
-    return reduce_loss(loss, denominator, reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)
-
-
-def _bce_times_alpha(
-    func,
-    input,
-    target,
-    weight,
-    pos_weight,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    validate,
-    return_parts,
-    backend,
-    alpha,
-):
-    """gamma = 0: :func:`binary_cross_entropy_with_logits` with ``weight * alpha_t``."""
-    from ._binary import binary_cross_entropy_with_logits
-
-    if alpha >= 0:
-        t = target if isinstance(target, torch.Tensor) and target.is_floating_point() else None
-        if t is None and isinstance(target, torch.Tensor):
-            t = target.to(input.dtype if input.is_floating_point() else torch.float32)
-        if isinstance(t, torch.Tensor):
-            if label_smoothing:
-                t = t * (1 - label_smoothing) + label_smoothing / 2
-            a = alpha * t + (1 - alpha) * (1 - t)
-            weight = a if weight is None else V.as_weight_tensor(func, "weight", weight, like=input) * a
-    return binary_cross_entropy_with_logits(
-        input,
-        target,
-        weight,
-        reduction=reduction,
-        pos_weight=pos_weight,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        validate=validate,
-        return_parts=return_parts,
-        backend=backend,
+    return reduce_loss(
+        loss, denominator, reduction, out_dtype=c.out_dtype, return_parts=return_parts, capture=c.capture
     )
+
+
+def _alpha_weight(func, input, target, weight, label_smoothing, alpha):
+    """gamma = 0: ``weight * alpha_t``, the weight of :func:`binary_cross_entropy_with_logits`
+    that gives the focal loss (``weight`` unchanged when alpha < 0 or the target is not a
+    tensor: the base loss's checks then report it)."""
+    if alpha < 0 or not isinstance(target, torch.Tensor):
+        return weight
+    t = target if target.is_floating_point() else target.to(input.dtype if input.is_floating_point() else torch.float32)
+    if label_smoothing:
+        t = t * (1 - label_smoothing) + label_smoothing / 2
+    a = alpha * t + (1 - alpha) * (1 - t)
+    return a if weight is None else V.as_weight_tensor(func, "weight", weight, like=input) * a
 
 
 def sigmoid_focal_loss(
@@ -240,24 +149,15 @@ def sigmoid_focal_loss(
     '2.189e-27'
     """
     func = "sigmoid_focal_loss"
+    reduction = legacy_reduction(func, None, None, reduction)
     alpha = check_alpha(func, alpha)
     gamma = check_gamma(func, gamma)
-    return _binary_family(
-        func,
-        input,
-        target,
-        weight,
-        pos_weight,
-        ignore_index,
-        label_smoothing,
-        reduction,
-        validate,
-        return_parts,
-        backend,
-        alpha=alpha,
-        gamma=gamma,
-        epsilon=0.0,
+    if gamma == 0:  # the base loss by construction (0 ** 0 = 1, derivative 0): alpha_t is one more weight
+        weight = _alpha_weight(func, input, target, weight, label_smoothing, alpha)
+    c = _prepare_binary(
+        func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction, False, validate
     )
+    return _binary_family(func, c, backend, return_parts, alpha=alpha, gamma=gamma, epsilon=0.0)
 
 
 def poly1_binary_cross_entropy_with_logits(
@@ -298,42 +198,19 @@ def poly1_binary_cross_entropy_with_logits(
     func = "poly1_binary_cross_entropy_with_logits"
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     epsilon = check_epsilon(func, epsilon)
-    return _binary_family(
-        func,
-        input,
-        target,
-        weight,
-        pos_weight,
-        ignore_index,
-        label_smoothing,
-        reduction,
-        validate,
-        return_parts,
-        backend,
-        alpha=-1.0,
-        gamma=0.0,
-        epsilon=epsilon,
+    c = _prepare_binary(
+        func, input, target, weight, pos_weight, ignore_index, label_smoothing, reduction, False, validate
     )
+    return _binary_family(func, c, backend, return_parts, alpha=-1.0, gamma=0.0, epsilon=epsilon)
 
 
 # -------------------------------------------------------------------------- softmax family
 def _softmax_family(
-    func,
-    input,
-    target,
-    weight,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    validate,
-    return_parts,
-    backend,
-    *,
-    kind,
-    param,
+    func, input, target, weight, ignore_index, reduction, label_smoothing, validate, return_parts, backend, param
 ):
     """The canonicalisation of :func:`crossent.cross_entropy` (rows of classes), then the
-    focal / Poly-1 op and the shared reduction (``mean``: cross-entropy's denominator)."""
+    focal (``softmax_focal_loss``: ``param`` is gamma) or Poly-1 (``param`` is epsilon) op
+    and the shared reduction (``mean``: cross-entropy's denominator)."""
     if param == 0:  # gamma = 0 / epsilon = 0: cross-entropy itself
         from ._multiclass import cross_entropy
 
@@ -349,36 +226,9 @@ def _softmax_family(
             backend=backend,
         )
     input, target, weight = autocast_inputs(input, target, weight)
-    V.check_floating_input(func, input)
-    label_smoothing = V.check_label_smoothing(func, label_smoothing)
-    ignore_index = V.check_ignore_index(func, ignore_index)
-    if (
-        isinstance(target, torch.Tensor)
-        and input.dim() == 1
-        and tuple(target.shape) == (1,)
-        and tuple(input.shape) != (1,)
-        and not target.is_floating_point()
-    ):
-        target = target.reshape(())
-    target, index_target = V.check_multiclass_shapes(func, input, target, ignore_index)
-    class_dim = 1 if input.dim() >= 2 else 0
-    C = input.shape[class_dim]
-    weight = V.as_weight_tensor(func, "weight", weight, like=input)
-    V.check_class_weight(func, weight, C)
-    V.check_same_device(func, input, target=target, weight=weight)
-    capture = capturing(input)
-    if V.validation_enabled(validate):
-        if capture:
-            V.assert_multiclass_values(func, target, index_target, C, ignore_index)
-        else:
-            V.check_multiclass_values(
-                func, input, target, index_target, C, ignore_index, class_dim, reduction=reduction
-            )
-    out_dtype = input.dtype
-    if not index_target:
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None and weight.is_floating_point():
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    m = _check(func, input, target, weight, ignore_index, label_smoothing, reduction, validate)
+    target, index_target, class_dim, C, weight, label_smoothing, ignore_index, capture = m
+    out_dtype = _out_dtype(input, target, weight, index_target)
     cdt = compute_dtype(out_dtype)
     out_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     x = _rows(input, cdt, class_dim, C)
@@ -398,7 +248,7 @@ def _softmax_family(
             w,
             keep,
             label_smoothing,
-            kind=kind,
+            kind="focal" if func == "softmax_focal_loss" else "poly",
             param=param,
             backend=name,
             prescale_for=None if capture else reduction,
@@ -451,18 +301,7 @@ def softmax_focal_loss(
     gamma = check_gamma(func, gamma)
     reduction = legacy_reduction(func, None, None, reduction)
     return _softmax_family(
-        func,
-        input,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        validate,
-        return_parts,
-        backend,
-        kind="focal",
-        param=gamma,
+        func, input, target, weight, ignore_index, reduction, label_smoothing, validate, return_parts, backend, gamma
     )
 
 
@@ -506,16 +345,5 @@ def poly1_cross_entropy(
     reduction = legacy_reduction(func, size_average, reduce, reduction)
     epsilon = check_epsilon(func, epsilon)
     return _softmax_family(
-        func,
-        input,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        validate,
-        return_parts,
-        backend,
-        kind="poly",
-        param=epsilon,
+        func, input, target, weight, ignore_index, reduction, label_smoothing, validate, return_parts, backend, epsilon
     )

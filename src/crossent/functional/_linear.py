@@ -19,7 +19,7 @@ from .. import _validation as V
 from .._capture import capturing
 from ..backends import dispatch, ops, resolve
 from ..backends.linear import BUFFERS_DENSE, BUFFERS_INDEX, BCETarget, ce_targets, plan_chunks
-from ._lm_head import lm_cross_entropy, rows_for, wants_lm_head
+from ._lm_head import LMOptions, lm_cross_entropy, rows_for, wants_lm_head
 from ._reduction import LossParts, compute_dtype, reduce_loss
 
 _INT = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -413,9 +413,7 @@ def linear_cross_entropy(
             V.check_probability_target(func, target, class_dim)
 
     if wants_lm_head(z_loss, softcap, temperature, token_weight, return_accuracy):
-        z_loss, temperature, softcap = V.check_lm_head_options(
-            func, z_loss=z_loss, temperature=temperature, softcap=softcap
-        )
+        zts = V.check_lm_head_options(func, z_loss=z_loss, temperature=temperature, softcap=softcap)
         if not index_target or out_features:
             V.fail(
                 func,
@@ -427,30 +425,14 @@ def linear_cross_entropy(
                 "Pass token ids and an (C, in_features) weight, or use the unfused loss on F.linear(...) logits.",
             )
         token_weight = V.check_token_weight(func, token_weight, target, validate=validate, capture=capture)
+        o = LMOptions(
+            weight, label_smoothing, reduction, *zts, token_weight, return_lse, return_accuracy, return_parts, backend
+        )
         x = input.reshape(-1, H)
         y = check_target.reshape(-1)
+        rows = rows_for(x.shape[0], C, input.dtype, chunk_size, memory_budget, func)
         return lm_cross_entropy(
-            func,
-            x,
-            linear_weight,
-            linear_bias,
-            y,
-            y != ignore_index,
-            C=C,
-            weight=weight,
-            label_smoothing=label_smoothing,
-            reduction=reduction,
-            z_loss=z_loss,
-            temperature=temperature,
-            softcap=softcap,
-            token_weight=token_weight,
-            return_lse=return_lse,
-            return_accuracy=return_accuracy,
-            return_parts=return_parts,
-            rows=rows_for(x.shape[0], C, input.dtype, chunk_size, memory_budget, func),
-            backend=backend,
-            out_shape=out_shape,
-            out_dtype=input.dtype,
+            func, x, linear_weight, linear_bias, y, y != ignore_index, o, rows=rows, out_shape=out_shape
         )
 
     cdt = compute_dtype(input.dtype)

@@ -28,7 +28,8 @@ Entropy :math:`H = -\sum_j p_j \log p_j` is computed as :math:`B/(1+S') + \log(1
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -54,35 +55,30 @@ def lm_stats(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: 
     return fn(x, W, b, y, keep, sigma, temperature, softcap, rows)
 
 
-def lm_cross_entropy(
-    func,
-    x,
-    W,
-    b,
-    y,
-    keep,
-    *,
-    C,
-    weight,
-    label_smoothing,
-    reduction,
-    z_loss,
-    temperature,
-    softcap,
-    token_weight,
-    return_lse,
-    return_accuracy,
-    return_parts,
-    rows,
-    backend,
-    out_shape,
-    out_dtype,
-):
+class LMOptions(NamedTuple):
+    """The checked LM-head options of one call, with the loss options they combine with."""
+
+    weight: Optional[torch.Tensor]
+    label_smoothing: float
+    reduction: str
+    z_loss: float
+    temperature: float
+    softcap: float
+    token_weight: Optional[torch.Tensor]
+    return_lse: bool
+    return_accuracy: bool
+    return_parts: bool
+    backend: Optional[str]
+
+
+def lm_cross_entropy(func, x, W, b, y, keep, o: LMOptions, *, rows: int, out_shape):
     """The loss of the module docstring from the per-row statistics; returns what
     ``cross_entropy`` / ``linear_cross_entropy`` return: the loss (or :class:`LossParts`),
-    then the lse (``return_lse``) and the accuracy count (``return_accuracy``)."""
+    then the lse (``return_lse``) and the accuracy count (``return_accuracy``), in ``x``'s
+    dtype. ``W`` None: ``x`` holds the logits rows; else the hidden states of a linear head."""
+    C = x.shape[1] if W is None else W.shape[0]
     cdt = compute_dtype(x.dtype)
-    eps = label_smoothing
+    eps, z_loss, token_weight, weight = o.label_smoothing, o.z_loss, o.token_weight, o.weight
     w = None if weight is None else weight.to(cdt)
     sigma = None
     if eps:
@@ -94,22 +90,22 @@ def lm_cross_entropy(
         dw = torch.where(keep, w.gather(0, torch.where(keep, y, 0).long()), zero)
     tw = None if token_weight is None else token_weight.reshape(-1).to(cdt)
     den = dw if tw is None else dw * tw
-    chosen = backend_for("lm_head", x, "reference" if transforming() else backend)
+    chosen = backend_for("lm_head", x, "reference" if transforming() else o.backend)
     fn = chosen.ops["lm_head"]
     fused = chosen.ops["lm_head_loss"] if chosen.capabilities.lm_head_loss else None
     if (
         fused is not None
-        and reduction != "none"
+        and o.reduction != "none"
         and not any(t is not None and t.requires_grad for t in (token_weight, weight))
     ):
         # 'mean' / 'sum' of a loss whose coefficients need no gradient: one pass computes
         # the total and its gradients (the plain fused CE's three matrix products)
         c_nll = den * (1 - eps)
         c_sm = keep.to(cdt) if tw is None else torch.where(keep, tw, zero)
-        total, lse, correct = fused(x, W, b, y, keep, sigma, c_nll, c_sm, den * z_loss, temperature, softcap, rows)
+        total, lse, correct = fused(x, W, b, y, keep, sigma, c_nll, c_sm, den * z_loss, o.temperature, o.softcap, rows)
         loss = total
     else:
-        nll, sm, lse, _, correct = fn(x, W, b, y, keep, sigma, temperature, softcap, rows)
+        nll, sm, lse, _, correct = fn(x, W, b, y, keep, sigma, o.temperature, o.softcap, rows)
         loss = nll * ((1 - eps) * dw)
         if eps:
             loss = loss + sm
@@ -119,11 +115,11 @@ def lm_cross_entropy(
             loss = loss * tw
         loss = loss.reshape(out_shape)
     capture = capturing(x)
-    result = reduce_loss(loss, den.sum(), reduction, out_dtype=out_dtype, return_parts=return_parts, capture=capture)
+    result = reduce_loss(loss, den.sum(), o.reduction, out_dtype=x.dtype, return_parts=o.return_parts, capture=capture)
     extras = []
-    if return_lse:
+    if o.return_lse:
         extras.append(lse.detach().reshape(out_shape))
-    if return_accuracy:
+    if o.return_accuracy:
         extras.append(correct.sum())
     return (result, *extras) if extras else result
 
@@ -170,6 +166,23 @@ def _check_index_target(func, target, lead, C, ignore_index, validate, capture):
             V.assert_multiclass_values(func, target, True, C, ignore_index)
         else:
             V.check_class_indices(func, target, C, ignore_index)
+
+
+def _logprobs(func, input, W, b, target, temperature, softcap, ignore_index, return_entropy, validate, backend, rows):
+    """The common part of :func:`token_logprobs` (``W`` None: ``input`` holds logits) and
+    :func:`linear_token_logprobs` (``input`` holds hidden states): target checks, then the
+    per-row statistics in blocks of ``rows`` rows."""
+    C = input.shape[-1] if W is None else W.shape[0]
+    lead = tuple(input.shape[:-1])
+    capture = capturing(input)
+    _check_index_target(func, target, lead, C, ignore_index, validate, capture)
+    V.check_same_device(func, input, target=target)
+    x = input.reshape(-1, input.shape[-1])
+    y = target.reshape(-1)
+    keep = y != ignore_index
+    nll, _, _, ent, _ = lm_stats(x, W, b, y, keep, None, temperature, softcap, rows, backend)
+    lp = (-nll).reshape(lead)
+    return (lp, ent.reshape(lead)) if return_entropy else lp
 
 
 def token_logprobs(
@@ -227,16 +240,10 @@ def token_logprobs(
         V.fail(func, "`input` of shape (*, C)", "a 0-dim tensor", "Pass logits with the classes last.")
     C = input.shape[-1]
     lead = tuple(input.shape[:-1])
-    capture = capturing(input)
-    _check_index_target(func, target, lead, C, ignore_index, validate, capture)
-    V.check_same_device(func, input, target=target)
-    x = input.reshape(-1, C)
-    y = target.reshape(-1)
-    keep = y != ignore_index
-    rows = rows_for(x.shape[0], C, input.dtype, chunk_size, None, func)
-    nll, _, _, ent, _ = lm_stats(x, None, None, y, keep, None, temperature, softcap, rows, backend)
-    lp = (-nll).reshape(lead)
-    return (lp, ent.reshape(lead)) if return_entropy else lp
+    rows = rows_for(math.prod(lead), C, input.dtype, chunk_size, None, func)
+    return _logprobs(
+        func, input, None, None, target, temperature, softcap, ignore_index, return_entropy, validate, backend, rows
+    )
 
 
 def linear_token_logprobs(
@@ -281,13 +288,7 @@ def linear_token_logprobs(
     _, temperature, softcap = V.check_lm_head_options(func, temperature=temperature, softcap=softcap)
     ignore_index = V.check_ignore_index(func, ignore_index)
     lead = tuple(hidden.shape[:-1])
-    capture = capturing(hidden)
-    _check_index_target(func, target, lead, C, ignore_index, validate, capture)
-    V.check_same_device(func, hidden, target=target)
-    x = hidden.reshape(-1, H)
-    y = target.reshape(-1)
-    keep = y != ignore_index
-    rows = rows_for(x.shape[0], C, hidden.dtype, chunk_size, memory_budget, func)
-    nll, _, _, ent, _ = lm_stats(x, weight, bias, y, keep, None, temperature, softcap, rows, backend)
-    lp = (-nll).reshape(lead)
-    return (lp, ent.reshape(lead)) if return_entropy else lp
+    rows = rows_for(math.prod(lead), C, hidden.dtype, chunk_size, memory_budget, func)
+    return _logprobs(
+        func, hidden, weight, bias, target, temperature, softcap, ignore_index, return_entropy, validate, backend, rows
+    )

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple, Union, overload
+from typing import Literal, NamedTuple, Optional, Tuple, Union, overload
 
 import torch
 
 from .. import _validation as V
 from .._capture import capturing
 from ..backends import backend_for, chunked, ops, resolve
-from ._lm_head import lm_cross_entropy, rows_for, wants_lm_head
+from ._lm_head import LMOptions, lm_cross_entropy, rows_for, wants_lm_head
 from ._reduction import (
     LossParts,
     _autocast_enabled,
@@ -79,6 +79,65 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
     if V.validation_enabled(validate):
         V.check_logits_not_probabilities("cross_entropy", input, 1)
     return chunked.plain_cross_entropy(input, target, reduction)
+
+
+class MulticlassCall(NamedTuple):
+    """A cross-entropy-shaped call after the checks: the (possibly reshaped) target, whether
+    it holds class indices, the class dimension and count, the checked options."""
+
+    target: torch.Tensor
+    index_target: bool
+    class_dim: int
+    C: int
+    weight: Optional[torch.Tensor]
+    label_smoothing: float
+    ignore_index: int
+    capture: bool
+
+
+def _check(func, input, target, weight, ignore_index, label_smoothing, reduction, validate) -> MulticlassCall:
+    """The checks of :func:`cross_entropy` (metadata, then the value tier), shared by the
+    losses with its arguments (focal, Poly-1)."""
+    V.check_floating_input(func, input)
+    label_smoothing = V.check_label_smoothing(func, label_smoothing)
+    ignore_index = V.check_ignore_index(func, ignore_index)
+    if (
+        isinstance(target, torch.Tensor)
+        and input.dim() == 1
+        and tuple(target.shape) == (1,)
+        and tuple(input.shape) != (1,)
+        and not target.is_floating_point()
+    ):
+        # torch accepts one class index of shape (1,) for an unbatched (C,) input and
+        # returns a 0-dim loss: same here.
+        target = target.reshape(())
+    target, index_target = V.check_multiclass_shapes(func, input, target, ignore_index)
+    class_dim = 1 if input.dim() >= 2 else 0
+    C = input.shape[class_dim]
+    weight = V.as_weight_tensor(func, "weight", weight, like=input)
+    V.check_class_weight(func, weight, C)
+    V.check_same_device(func, input, target=target, weight=weight)
+    capture = capturing(input)
+    if V.validation_enabled(validate):
+        if capture:  # device-side assertions: no host read, no graph break
+            V.assert_multiclass_values(func, target, index_target, C, ignore_index)
+        else:  # value tier: one pass, one sync, before any kernel
+            V.check_multiclass_values(
+                func, input, target, index_target, C, ignore_index, class_dim, reduction=reduction
+            )
+    return MulticlassCall(target, index_target, class_dim, C, weight, label_smoothing, ignore_index, capture)
+
+
+def _out_dtype(input, target, weight, index_target) -> torch.dtype:
+    """torch's result dtype: the input's for class indices; for probability targets the
+    promotion of input, target and weight (torch's composite formula promotes: float16
+    logits with float32 targets give float32)."""
+    out_dtype = input.dtype
+    if not index_target:
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None and weight.is_floating_point():
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    return out_dtype
 
 
 @overload
@@ -275,39 +334,11 @@ def cross_entropy(
         )
     input, target, weight = autocast_inputs(input, target, weight)
     reduction = legacy_reduction(func, size_average, reduce, reduction)
-    V.check_floating_input(func, input)
-    label_smoothing = V.check_label_smoothing(func, label_smoothing)
-    ignore_index = V.check_ignore_index(func, ignore_index)
-    if (
-        isinstance(target, torch.Tensor)
-        and input.dim() == 1
-        and tuple(target.shape) == (1,)
-        and tuple(input.shape) != (1,)
-        and not target.is_floating_point()
-    ):
-        # torch accepts one class index of shape (1,) for an unbatched (C,) input and
-        # returns a 0-dim loss: same here.
-        target = target.reshape(())
-    target, index_target = V.check_multiclass_shapes(func, input, target, ignore_index)
-    class_dim = 1 if input.dim() >= 2 else 0
-    C = input.shape[class_dim]
-    weight = V.as_weight_tensor(func, "weight", weight, like=input)
-    V.check_class_weight(func, weight, C)
-    V.check_same_device(func, input, target=target, weight=weight)
-    capture = capturing(input)
-    if V.validation_enabled(validate):
-        if capture:  # device-side assertions: no host read, no graph break
-            V.assert_multiclass_values(func, target, index_target, C, ignore_index)
-        else:  # value tier: one pass, one sync, before any kernel
-            V.check_multiclass_values(
-                func, input, target, index_target, C, ignore_index, class_dim, reduction=reduction
-            )
-
+    m = _check(func, input, target, weight, ignore_index, label_smoothing, reduction, validate)
+    target, index_target, class_dim, C, weight, label_smoothing, ignore_index, capture = m
     lm = wants_lm_head(z_loss, softcap, temperature, token_weight, return_accuracy) or return_lse
     if lm:
-        z_loss, temperature, softcap = V.check_lm_head_options(
-            func, z_loss=z_loss, temperature=temperature, softcap=softcap
-        )
+        zts = V.check_lm_head_options(func, z_loss=z_loss, temperature=temperature, softcap=softcap)
         if not index_target:
             V.fail(
                 func,
@@ -318,42 +349,18 @@ def cross_entropy(
                 "formulas of docs/lm-head.md.",
             )
         token_weight = V.check_token_weight(func, token_weight, target, validate=validate, capture=capture)
+        o = LMOptions(
+            weight, label_smoothing, reduction, *zts, token_weight, return_lse, return_accuracy, return_parts, backend
+        )
         x = _rows(input, input.dtype, class_dim, C)
         y = target.reshape(-1)
+        rows = rows_for(x.shape[0], C, input.dtype, None, None, func)
         out_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
         with no_autocast(x.device):
-            return lm_cross_entropy(
-                func,
-                x,
-                None,
-                None,
-                y,
-                y != ignore_index,
-                C=C,
-                weight=weight,
-                label_smoothing=label_smoothing,
-                reduction=reduction,
-                z_loss=z_loss,
-                temperature=temperature,
-                softcap=softcap,
-                token_weight=token_weight,
-                return_lse=return_lse,
-                return_accuracy=return_accuracy,
-                return_parts=return_parts,
-                rows=rows_for(x.shape[0], C, input.dtype, None, None, func),
-                backend=backend,
-                out_shape=out_shape,
-                out_dtype=input.dtype,
-            )
+            return lm_cross_entropy(func, x, None, None, y, y != ignore_index, o, rows=rows, out_shape=out_shape)
 
-    # Canonical layout: rows of C logits. Output dtype as torch: the input's for class
-    # indices; for probability targets the promotion of input, target and weight (torch's
-    # composite formula promotes: float16 logits with float32 targets give float32).
-    out_dtype = input.dtype
-    if not index_target:
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None and weight.is_floating_point():
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    # Canonical layout: rows of C logits.
+    out_dtype = _out_dtype(input, target, weight, index_target)
     cdt = compute_dtype(out_dtype)
     out_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if capture:

@@ -15,7 +15,7 @@ from .. import functional as F
 from ..functional._asymmetric import check_clip
 from ..functional._focal import check_alpha, check_epsilon, check_gamma
 from ..functional._reduction import legacy_reduction
-from ._loss import _SHARED_KWARGS, _not_scriptable
+from ._loss import _SHARED_KWARGS, _bce_forward, _not_scriptable
 
 
 def _class_weight(name, weight):
@@ -265,18 +265,8 @@ class Poly1BCEWithLogitsLoss(torch.nn.Module):
         return f"epsilon={self.epsilon}, reduction={self.reduction!r}"
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
-        return F.poly1_binary_cross_entropy_with_logits(
-            input,
-            target,
-            self.weight,
-            reduction=self.reduction,
-            pos_weight=self.pos_weight,
-            epsilon=self.epsilon,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            validate=self.validate,
-            return_parts=return_parts,
-            backend=self.backend,
+        return _bce_forward(
+            self, F.poly1_binary_cross_entropy_with_logits, input, target, return_parts, epsilon=self.epsilon
         )
 
 
@@ -316,8 +306,8 @@ class AsymmetricLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.gamma_neg = check_gamma(name, gamma_neg)
-        self.gamma_pos = check_gamma(name, gamma_pos)
+        self.gamma_neg = check_gamma(name, gamma_neg, "gamma_neg")
+        self.gamma_pos = check_gamma(name, gamma_pos, "gamma_pos")
         self.clip = check_clip(name, clip)
         self.reduction = legacy_reduction(name, None, None, reduction)
         self.register_buffer("weight", V.as_weight_tensor(name, "weight", weight))

@@ -50,6 +50,24 @@ def _set_bce_options(module, name: str, label_smoothing, ignore_index, validate,
     module.backend = backend
 
 
+def _bce_forward(module, loss, input, target, return_parts, **options):
+    """``forward`` of the BCE-shaped modules: the functional ``loss`` with the module's
+    options (``options``: the loss's own, e.g. Poly-1's ``epsilon``)."""
+    return loss(
+        input,
+        target,
+        module.weight,
+        **options,
+        reduction=module.reduction,
+        pos_weight=module.pos_weight,
+        label_smoothing=module.label_smoothing,
+        ignore_index=module.ignore_index,
+        validate=module.validate,
+        return_parts=return_parts,
+        backend=module.backend,
+    )
+
+
 class BCELoss(torch.nn.BCELoss):
     r"""Binary cross-entropy between target and input probabilities.
 
@@ -98,18 +116,7 @@ class BCELoss(torch.nn.BCELoss):
     __prepare_scriptable__ = _not_scriptable
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
-        return F.binary_cross_entropy(
-            input,
-            target,
-            self.weight,
-            reduction=self.reduction,
-            pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            validate=self.validate,
-            return_parts=return_parts,
-            backend=self.backend,
-        )
+        return _bce_forward(self, F.binary_cross_entropy, input, target, return_parts)
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
@@ -173,18 +180,7 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
     __prepare_scriptable__ = _not_scriptable
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, return_parts: bool = False):
-        return F.binary_cross_entropy_with_logits(
-            input,
-            target,
-            self.weight,
-            reduction=self.reduction,
-            pos_weight=self.pos_weight,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            validate=self.validate,
-            return_parts=return_parts,
-            backend=self.backend,
-        )
+        return _bce_forward(self, F.binary_cross_entropy_with_logits, input, target, return_parts)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

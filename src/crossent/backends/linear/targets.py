@@ -10,6 +10,7 @@ for BCE, weight rows) whose targets are all ignored.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from .. import reference
 
 
+@dataclasses.dataclass(frozen=True)
 class CETarget:
     r"""Per-class coefficients :math:`a_{ij}` of one position, produced block by block.
 
@@ -25,12 +27,25 @@ class CETarget:
     (0 for ignored ones) and :math:`\sigma_j = \epsilon w_j / C` (``smooth``), exactly the
     coefficients ``reference.cross_entropy`` builds.
     Probabilities: :math:`a_{ij} = w_j ((1-\epsilon) q_{ij} + \epsilon/C)`, made per block.
+    ``raw_target`` and ``keep`` are the position's class indices and kept mask as given
+    (None for probabilities), for the unfused reference formulas.
     """
 
-    def __init__(self, *, y=None, c=None, srow=None, smooth=None, q=None, eps=0.0, weight=None, C=0):
-        self.y, self.c, self.srow, self.smooth = y, c, srow, smooth
-        self.q, self.eps, self.weight, self.C = q, eps, weight, C
-        self.index = q is None
+    C: int
+    y: Optional[torch.Tensor] = None
+    c: Optional[torch.Tensor] = None
+    srow: Optional[torch.Tensor] = None
+    smooth: Optional[torch.Tensor] = None
+    q: Optional[torch.Tensor] = None
+    eps: float = 0.0
+    weight: Optional[torch.Tensor] = None
+    raw_target: Optional[torch.Tensor] = None
+    keep: Optional[torch.Tensor] = None
+
+    @property
+    def index(self) -> bool:
+        """Class-index targets (else probabilities)."""
+        return self.q is None
 
     def dense(self, r0, r1, c0, c1, dtype):
         """(R, Cc) coefficients of probability targets (a fresh block, never the full (N, C))."""
@@ -104,8 +119,7 @@ def ce_targets(target, index, weight, keep, eps, C, cdt):
     tgts, dens = [], []
     for p in range(D):
         if not index:
-            tgts.append(CETarget(q=target[:, :, p], eps=eps, weight=weight, C=C))
-            tgts[-1].raw_target, tgts[-1].keep = None, None
+            tgts.append(CETarget(C, q=target[:, :, p], eps=eps, weight=weight))
             dens.append(torch.ones(target.shape[0], dtype=cdt, device=target.device))
             continue
         t = target[:, p]
@@ -114,9 +128,7 @@ def ce_targets(target, index, weight, keep, eps, C, cdt):
         srow = None
         if eps:
             srow = torch.ones(y.shape, dtype=cdt, device=y.device) if kp is None else kp.to(cdt)
-        tg = CETarget(y=y, c=c, srow=srow, smooth=smooth, C=C)
-        tg.raw_target, tg.keep, tg.weight, tg.eps = t, kp, weight, eps
-        tgts.append(tg)
+        tgts.append(CETarget(C, y=y, c=c, srow=srow, smooth=smooth, eps=eps, weight=weight, raw_target=t, keep=kp))
         dens.append(den)
     return tgts, torch.stack(dens, 1)
 

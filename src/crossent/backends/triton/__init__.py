@@ -37,10 +37,12 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
     return t.expand(shape).contiguous().view(-1)
 
 
-def _elementwise(kernel_name):
+def _elementwise(probabilities: bool):
+    """The forward of BCE on probabilities or on logits (``kernels.bce_kernel``)."""
+
     def forward(x, t, weight, pos_weight, keep, sum_only=False, scale=None):  # scale: see Kernels.prescale
         if x.dtype == torch.float64:
-            chunk = chunked._bce_with_logits_chunk if kernel_name == "bce_with_logits_kernel" else chunked._bce_chunk
+            chunk = chunked._bce_chunk if probabilities else chunked._bce_with_logits_chunk
             return chunked._elementwise_forward(chunk, x, t, weight, pos_weight, keep, sum_only)
         k = _kernels()
         shape = x.shape
@@ -60,7 +62,7 @@ def _elementwise(kernel_name):
         nblocks = triton_cdiv(n, BLOCK)
         loss = torch.empty(nblocks if sum_only else n, dtype=torch.float32, device=x.device)
         if n:
-            getattr(k, kernel_name)[(nblocks,)](
+            k.bce_kernel[(nblocks,)](
                 xf,
                 tf,
                 pw if pw is not None else xf,
@@ -70,6 +72,7 @@ def _elementwise(kernel_name):
                 grad,
                 n,
                 L,
+                PROBS=probabilities,
                 HAS_PW=pw is not None,
                 HAS_W=w is not None,
                 HAS_KEEP=kp is not None,
@@ -132,7 +135,7 @@ def _ce_forward(x, q, y, c, smooth, keep, want_grad: bool, grad_out=None, scale=
     return loss.to(x.dtype), grad_out
 
 
-KERNELS = chunked.Kernels(_elementwise("bce_with_logits_kernel"), _elementwise("bce_probs_kernel"), _ce_forward)
+KERNELS = chunked.Kernels(_elementwise(False), _elementwise(True), _ce_forward)
 OPS = chunked.make_ops(KERNELS)
 binary_cross_entropy = OPS["binary_cross_entropy"]
 binary_cross_entropy_with_logits = OPS["binary_cross_entropy_with_logits"]

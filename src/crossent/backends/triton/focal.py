@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _softplus_sigmoid, _times, _weigh_and_store
+from .kernels import _log1p, _online_max_sum, _softplus_sigmoid, _times, _weigh_and_store
 
 BLOCK = 1024
 BLOCK_C_MAX = 4096
@@ -170,6 +170,23 @@ def _phi_slope(x, m, lse, inv, s, cols, k, param, POLY: tl.constexpr, HALF2: tl.
 
 
 @triton.jit
+def _tile(xr, qr, sm_ptr, cols, msk, keep, y, cy, m, lse, inv, s, k, param, DENSE, HAS_SMOOTH, HAS_KEEP, POLY, HALF2):
+    """One class tile of a row: phi, phi', p (:func:`_phi_slope`) and the coefficients a_c
+    (the probability target, or the target's c_y plus the smoothing term)."""
+    x = tl.load(xr + cols, mask=msk, other=0.0).to(tl.float32)
+    if HAS_KEEP:
+        x = tl.where(keep == 0, 0.0, x)
+    phi, slope, p = _phi_slope(x, m, lse, inv, s, cols, k, param, POLY, HALF2)
+    if DENSE:
+        a = tl.load(qr + cols, mask=msk, other=0.0).to(tl.float32)
+    else:
+        a = tl.where(cols == y, cy, 0.0)
+        if HAS_SMOOTH:
+            a = a + tl.load(sm_ptr + cols, mask=msk, other=0.0).to(tl.float32)
+    return phi, slope, p, a
+
+
+@triton.jit
 def softmax_focal_kernel(
     x_ptr,
     q_ptr,
@@ -194,7 +211,6 @@ def softmax_focal_kernel(
     gr = grad_ptr + row * stride_x
     qr = q_ptr + row * stride_x
     cols0 = tl.arange(0, BLOCK_C)
-    BIG: tl.constexpr = 2147483647
     keep = 1
     if HAS_KEEP:
         keep = tl.load(keep_ptr + row)
@@ -208,23 +224,9 @@ def softmax_focal_kernel(
         x = tl.load(xr + cols, mask=msk, other=-float("inf")).to(tl.float32)
         if HAS_KEEP:
             x = tl.where(msk & (keep == 0), 0.0, x)
-        mt = tl.max(x, axis=0)
-        new_max = (mt > m) | (k < 0)
-        ref = tl.where(new_max, mt, m)
-        z = tl.where(x == ref, 0.0, x - ref)
-        e = tl.where(msk, tl.exp(z), 0.0)
-        kt = tl.min(tl.where((x == ref) & msk, cols, BIG), axis=0)
-        scale = tl.where(k < 0, 0.0, tl.exp(tl.where(m == mt, 0.0, m - mt)))
-        e_excl = tl.where(cols == kt, 0.0, e)
-        s_new = (s + 1.0) * scale + tl.sum(e_excl, axis=0)
-        s_same = s + tl.sum(e, axis=0)
-        s = tl.where(new_max, s_new, s_same)
-        k = tl.where(new_max & (kt != BIG), kt, k)
-        m = tl.where(new_max, mt, m)
-    us = 1.0 + s
-    lse = tl.log(us)
-    lse = tl.where(us == 1.0, s, lse * s / (us - 1.0))  # log1p(s)
-    inv = 1.0 / us
+        m, k, s = _online_max_sum(x, msk, cols, m, k, s)
+    lse = _log1p(s)
+    inv = 1.0 / (1.0 + s)
     cy = 0.0
     y = -1
     if not DENSE:
@@ -237,16 +239,9 @@ def softmax_focal_kernel(
     for start in range(0, C, BLOCK_C):
         cols = start + cols0
         msk = cols < C
-        x = tl.load(xr + cols, mask=msk, other=0.0).to(tl.float32)
-        if HAS_KEEP:
-            x = tl.where(keep == 0, 0.0, x)
-        phi, slope, p = _phi_slope(x, m, lse, inv, s, cols, k, param, POLY, HALF2)
-        if DENSE:
-            a = tl.load(qr + cols, mask=msk, other=0.0).to(tl.float32)
-        else:
-            a = tl.where(cols == y, cy, 0.0)
-            if HAS_SMOOTH:
-                a = a + tl.load(sm_ptr + cols, mask=msk, other=0.0).to(tl.float32)
+        phi, slope, p, a = _tile(
+            xr, qr, sm_ptr, cols, msk, keep, y, cy, m, lse, inv, s, k, param, DENSE, HAS_SMOOTH, HAS_KEEP, POLY, HALF2
+        )
         ab = tl.where(msk, _times(a, slope), 0.0)
         loss += tl.sum(tl.where(msk, _times(a, phi), 0.0), axis=0)
         total += tl.sum(ab, axis=0)
@@ -255,16 +250,9 @@ def softmax_focal_kernel(
     for start in range(0, C, BLOCK_C):
         cols = start + cols0
         msk = cols < C
-        x = tl.load(xr + cols, mask=msk, other=0.0).to(tl.float32)
-        if HAS_KEEP:
-            x = tl.where(keep == 0, 0.0, x)
-        phi, slope, p = _phi_slope(x, m, lse, inv, s, cols, k, param, POLY, HALF2)
-        if DENSE:
-            a = tl.load(qr + cols, mask=msk, other=0.0).to(tl.float32)
-        else:
-            a = tl.where(cols == y, cy, 0.0)
-            if HAS_SMOOTH:
-                a = a + tl.load(sm_ptr + cols, mask=msk, other=0.0).to(tl.float32)
+        phi, slope, p, a = _tile(
+            xr, qr, sm_ptr, cols, msk, keep, y, cy, m, lse, inv, s, k, param, DENSE, HAS_SMOOTH, HAS_KEEP, POLY, HALF2
+        )
         g = total * p - _times(a, slope)
         g = tl.where(cols == k, p * (total - ab_k) - ab_k * (s * inv), g)
         g = tl.where(keep != 0, g, 0.0)

@@ -65,7 +65,7 @@ def _weigh_and_store(
 
 
 @triton.jit
-def bce_with_logits_kernel(
+def bce_kernel(
     x_ptr,
     t_ptr,
     pw_ptr,
@@ -75,62 +75,70 @@ def bce_with_logits_kernel(
     grad_ptr,
     n,
     L,
+    PROBS: tl.constexpr,
     HAS_PW: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     SUM_ONLY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """BCE with logits (``PROBS`` False) or on probabilities (``PROBS`` True), one block of
+    elements: loss and gradient w.r.t. ``x``, ``pw`` cycled over L labels."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.5).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sp_pos, sp_neg, sig, sig_neg = _softplus_sigmoid(x)
     p = t
     if HAS_PW:
         p = t * tl.load(pw_ptr + offs % L, mask=mask, other=1.0).to(tl.float32)
     omt = 1.0 - t
-    loss = _times(p, sp_neg) + _times(omt, sp_pos)
-    grad = omt * sig - p * sig_neg
+    if PROBS:
+        # torch's clamp of the logs at -100 and its gradient; x is the probability
+        log_x = tl.maximum(tl.log(x), -100.0)
+        q = 1.0 - x
+        # log1p(-x) = log(1-x) * (-x) / ((1-x) - 1), exact also for tiny x
+        log_1mx = tl.where(q == 1.0, -x, tl.log(q) * (-x) / (q - 1.0))
+        log_1mx = tl.where(q == 0.0, -float("inf"), log_1mx)
+        log_1mx = tl.maximum(log_1mx, -100.0)
+        loss = -(p * log_x + omt * log_1mx)
+        grad = (omt * x - p * (1.0 - x)) / tl.maximum(x * (1.0 - x), 1e-12)
+    else:
+        sp_pos, sp_neg, sig, sig_neg = _softplus_sigmoid(x)
+        loss = _times(p, sp_neg) + _times(omt, sp_pos)
+        grad = omt * sig - p * sig_neg
     _weigh_and_store(loss, grad, offs, mask, pid, w_ptr, keep_ptr, loss_ptr, grad_ptr, HAS_W, HAS_KEEP, SUM_ONLY)
 
 
 @triton.jit
-def bce_probs_kernel(
-    p_ptr,
-    t_ptr,
-    pw_ptr,
-    w_ptr,
-    keep_ptr,
-    loss_ptr,
-    grad_ptr,
-    n,
-    L,
-    HAS_PW: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_KEEP: tl.constexpr,
-    SUM_ONLY: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask, other=0.5).to(tl.float32)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    log_p = tl.maximum(tl.log(p), -100.0)
-    q = 1.0 - p
-    # log1p(-p) = log(1-p) * (-p) / ((1-p) - 1), exact also for tiny p
-    log_1mp = tl.where(q == 1.0, -p, tl.log(q) * (-p) / (q - 1.0))
-    log_1mp = tl.where(q == 0.0, -float("inf"), log_1mp)
-    log_1mp = tl.maximum(log_1mp, -100.0)
-    pt = t
-    if HAS_PW:
-        pt = t * tl.load(pw_ptr + offs % L, mask=mask, other=1.0).to(tl.float32)
-    omt = 1.0 - t
-    loss = -(pt * log_p + omt * log_1mp)
-    grad = (omt * p - pt * (1.0 - p)) / tl.maximum(p * (1.0 - p), 1e-12)
-    _weigh_and_store(loss, grad, offs, mask, pid, w_ptr, keep_ptr, loss_ptr, grad_ptr, HAS_W, HAS_KEEP, SUM_ONLY)
+def _log1p(s):
+    # log(1+s) * s / ((1+s) - 1): exact for tiny s (s >= 0)
+    u = 1.0 + s
+    return tl.where(u == 1.0, s, tl.log(u) * s / (u - 1.0))
+
+
+@triton.jit
+def _online_max_sum(x, msk, cols, m, k, s):
+    """One tile of the online row statistics: the max ``m``, the first arg-max ``k`` (-1
+    before the first tile) and ``s = sum_{j != k} exp(x_j - m)`` (ties count 1)."""
+    BIG: tl.constexpr = 2147483647
+    mt = tl.max(x, axis=0)
+    new_max = (mt > m) | (k < 0)
+    # the reference point for this tile's exponentials
+    ref = tl.where(new_max, mt, m)
+    z = tl.where(x == ref, 0.0, x - ref)
+    e = tl.where(msk, tl.exp(z), 0.0)
+    kt = tl.min(tl.where((x == ref) & msk, cols, BIG), axis=0)
+    # a new max: old sum and old arg-max (one more term, exp(0) = 1) rescaled, and the
+    # tile's own arg-max excluded; otherwise every term of the tile counts (ties as 1).
+    scale = tl.where(k < 0, 0.0, tl.exp(tl.where(m == mt, 0.0, m - mt)))
+    e_excl = tl.where(cols == kt, 0.0, e)
+    s_new = (s + 1.0) * scale + tl.sum(e_excl, axis=0)
+    s_same = s + tl.sum(e, axis=0)
+    s = tl.where(new_max, s_new, s_same)
+    k = tl.where(new_max & (kt != BIG), kt, k)
+    m = tl.where(new_max, mt, m)
+    return m, k, s
 
 
 @triton.jit
@@ -157,7 +165,6 @@ def ce_kernel(
     gr = grad_ptr + row * stride_g
     qr = q_ptr + row * stride_x
     cols0 = tl.arange(0, BLOCK_C)
-    BIG: tl.constexpr = 2147483647
 
     # ---- pass 1: m, first arg-max k, s = sum_{j != k} exp(x_j - m), nan flag, A = sum a_j
     m = -float("inf")
@@ -171,29 +178,12 @@ def ce_kernel(
         msk = cols < C
         x = tl.load(xr + cols, mask=msk, other=-float("inf")).to(tl.float32)
         nan_count += tl.sum((x != x).to(tl.int32), axis=0)
-        mt = tl.max(x, axis=0)
         if DENSE:
             A_dense += tl.sum(tl.load(qr + cols, mask=msk, other=0.0).to(tl.float32), axis=0)
         if HAS_SMOOTH:
             A_smooth += tl.sum(tl.load(sm_ptr + cols, mask=msk, other=0.0).to(tl.float32), axis=0)
-        new_max = (mt > m) | (k < 0)
-        # the reference point for this tile's exponentials
-        ref = tl.where(new_max, mt, m)
-        z = tl.where(x == ref, 0.0, x - ref)
-        e = tl.where(msk, tl.exp(z), 0.0)
-        kt = tl.min(tl.where((x == ref) & msk, cols, BIG), axis=0)
-        # a new max: old sum and old arg-max (one more term, exp(0) = 1) rescaled, and the
-        # tile's own arg-max excluded; otherwise every term of the tile counts (ties as 1).
-        scale = tl.where(k < 0, 0.0, tl.exp(tl.where(m == mt, 0.0, m - mt)))
-        e_excl = tl.where(cols == kt, 0.0, e)
-        s_new = (s + 1.0) * scale + tl.sum(e_excl, axis=0)
-        s_same = s + tl.sum(e, axis=0)
-        s = tl.where(new_max, s_new, s_same)
-        k = tl.where(new_max & (kt != BIG), kt, k)
-        m = tl.where(new_max, mt, m)
-    lse = tl.log(1.0 + s)
-    u = 1.0 + s
-    lse = tl.where(u == 1.0, s, lse * s / (u - 1.0))  # log1p(s), exact for tiny s
+        m, k, s = _online_max_sum(x, msk, cols, m, k, s)
+    lse = _log1p(s)
     inv = 1.0 / (1.0 + s)
 
     keep = 1

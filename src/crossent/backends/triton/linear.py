@@ -187,15 +187,15 @@ class TritonBlocks(TorchBlocks):
     probability targets use the inherited torch implementation."""
 
     @staticmethod
-    def _native(L_, tgt):
-        return L_.dtype == torch.float32 and (tgt is None or getattr(tgt, "index", True)) and L_.stride(1) == 1
+    def _native(logits, tgt):
+        return logits.dtype == torch.float32 and (tgt is None or getattr(tgt, "index", True)) and logits.stride(1) == 1
 
     @staticmethod
-    def ce_stats(L_, r0, r1, c0, c1, tgt, stats, dtype):
-        if not TritonBlocks._native(L_, tgt):
-            return TorchBlocks.ce_stats(L_, r0, r1, c0, c1, tgt, stats, dtype)
-        R, Cc = L_.shape
-        dev = L_.device
+    def ce_stats(logits, r0, r1, c0, c1, tgt, stats, dtype):
+        if not TritonBlocks._native(logits, tgt):
+            return TorchBlocks.ce_stats(logits, r0, r1, c0, c1, tgt, stats, dtype)
+        R, Cc = logits.shape
+        dev = logits.device
         mb, sb, tb, dy = (torch.empty(R, dtype=torch.float32, device=dev) for _ in range(4))
         kb = torch.empty(R, dtype=torch.int64, device=dev)
         has_smooth = tgt.smooth is not None
@@ -203,8 +203,8 @@ class TritonBlocks(TorchBlocks):
         bc = _block_c(Cc)
         if R:
             ce_block_stats_kernel[(R,)](
-                L_,
-                L_.stride(0),
+                logits,
+                logits.stride(0),
                 Cc,
                 c0,
                 y,
@@ -228,16 +228,16 @@ class TritonBlocks(TorchBlocks):
         else:
             tb = wb = torch.zeros(R, dtype=dtype, device=dev)
         stats.merge(r0, r1, mb, kb, sb, tb, wb)
-        return L_  # untouched: the gradient kernel re-reads the logits
+        return logits  # untouched: the gradient kernel re-reads the logits
 
     @staticmethod
-    def ce_grad(L_, reused, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype):
-        if not TritonBlocks._native(L_, tgt):
+    def ce_grad(logits, reused, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype):
+        if not TritonBlocks._native(logits, tgt):
             if reused:  # torch's ce_grad(reused=True) expects e, the Triton stats left logits
                 reused = False
-            return TorchBlocks.ce_grad(L_, reused, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype)
-        R, Cc = L_.shape
-        dev = L_.device
+            return TorchBlocks.ce_grad(logits, reused, r0, r1, c0, c1, tgt, stats, A, Arest, scale, dtype)
+        R, Cc = logits.shape
+        dev = logits.device
         if scale is None:
             scale = torch.ones((), dtype=torch.float32, device=dev)
         sc = scale.to(torch.float32).contiguous()
@@ -247,8 +247,8 @@ class TritonBlocks(TorchBlocks):
         bc = _block_c(Cc)
         if R:
             ce_block_grad_kernel[(R,)](
-                L_,
-                L_.stride(0),
+                logits,
+                logits.stride(0),
                 Cc,
                 c0,
                 stats.m[r0:r1].contiguous(),
@@ -266,31 +266,31 @@ class TritonBlocks(TorchBlocks):
                 BLOCK_C=bc,
                 num_warps=_warps(bc),
             )
-        return L_
+        return logits
 
     @staticmethod
-    def bce(L_, tgt, r0, r1, c0, c1, dtype, want_grad):
-        if not TritonBlocks._native(L_, None):
-            return TorchBlocks.bce(L_, tgt, r0, r1, c0, c1, dtype, want_grad)
+    def bce(logits, tgt, r0, r1, c0, c1, dtype, want_grad):
+        if not TritonBlocks._native(logits, None):
+            return TorchBlocks.bce(logits, tgt, r0, r1, c0, c1, dtype, want_grad)
         t, keep = tgt.block(r0, r1, c0, c1, dtype)
         w, pw = tgt.wblock(r0, r1, c0, c1, dtype)
-        R, Cc = L_.shape
+        R, Cc = logits.shape
         t = t.contiguous()
         w = None if w is None else w.contiguous()
         pw = None if pw is None else pw.contiguous()
         kp = None if keep is None else keep.contiguous().view(torch.uint8)
-        loss = torch.empty_like(L_)
+        loss = torch.empty_like(logits)
         bc = min(1024, triton.next_power_of_2(max(Cc, 16)))
         if R:
             bce_block_kernel[(R, triton.cdiv(Cc, bc))](
-                L_,
+                logits,
                 t,
                 w if w is not None else t,
                 pw if pw is not None else t,
                 kp if kp is not None else t,
                 loss,
                 Cc,
-                L_.stride(0),
+                logits.stride(0),
                 t.stride(0),
                 0 if w is None else w.stride(0),
                 0 if pw is None else pw.stride(0),
@@ -301,7 +301,7 @@ class TritonBlocks(TorchBlocks):
                 BLOCK_C=bc,
                 num_warps=4,
             )
-        return loss, (L_ if want_grad else None)
+        return loss, (logits if want_grad else None)
 
 
 TRITON_BLOCKS = TritonBlocks()
