@@ -1,4 +1,4 @@
-"""Guardrails beyond the issue's list (decisions documented in crossent._validation).
+"""Guardrails beyond the classic mistakes (decisions documented in crossent._validation).
 
 Rule: raise only where torch raises too or the answer would be wrong (NaN targets);
 warn where the input is legal but probably a mistake."""

@@ -243,30 +243,13 @@ def linear_cross_entropy(
     from ._vocab_parallel import vocab_parallel_linear_cross_entropy
 
     func = "linear_cross_entropy"
-    if not is_dtensor(linear_weight):  # a DTensor input with a plain weight
-        mesh = input.device_mesh
+    plain = not is_dtensor(linear_weight)  # then the input is the DTensor
+    mesh = input.device_mesh if plain else linear_weight.device_mesh
+    mesh_dim = None if plain else _shard_dim(func, "linear_weight", linear_weight, 0)
+    if mesh_dim is None:  # a plain or replicated weight: the single-process loss on local tensors
         result = single(
             _local(func, "input", input),
-            linear_weight,
-            _local(func, "target", target),
-            linear_bias=_local(func, "linear_bias", linear_bias),
-            weight=_local(func, "weight", weight),
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            validate=validate,
-            return_parts=return_parts,
-            chunk_size=chunk_size,
-            memory_budget=memory_budget,
-            **unsupported,
-        )
-        return _wrap(result, mesh)
-    mesh = linear_weight.device_mesh
-    mesh_dim = _shard_dim(func, "linear_weight", linear_weight, 0)
-    if mesh_dim is None:
-        result = single(
-            _local(func, "input", input),
-            linear_weight.to_local(),
+            linear_weight if plain else linear_weight.to_local(),
             _local(func, "target", target),
             linear_bias=_local(func, "linear_bias", linear_bias),
             weight=_local(func, "weight", weight),

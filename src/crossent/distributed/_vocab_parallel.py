@@ -500,10 +500,11 @@ def vocab_parallel_cross_entropy(
         vocab_start, vocab_size: this rank's first class and the global V; both None
             finds them with one ``all_gather`` of the local sizes (eager only).
         weight: ``(V_r,)``, this rank's slice of the class weights.
-        ignore_index, reduction, label_smoothing, validate, return_parts, z_loss,
-            return_lse, softcap, temperature, token_weight, return_accuracy: as in
-            :func:`crossent.cross_entropy` (``token_weight`` the target's shape, identical
-            on every rank).
+        ignore_index, reduction, label_smoothing, validate, return_parts: as in
+            :func:`crossent.cross_entropy`.
+        z_loss, return_lse, softcap, temperature, token_weight, return_accuracy: the
+            LM-head options of :func:`crossent.cross_entropy` (``token_weight`` the
+            target's shape, identical on every rank).
 
     Returns:
         The loss (shape of ``target`` for ``reduction='none'``), the same on every rank
