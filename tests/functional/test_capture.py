@@ -211,14 +211,14 @@ def _opcheck_samples():
         yield ops.bce_fused, (torch.rand(6, 4, generator=g).requires_grad_(), t, None, None, None, False, backend)
         y = torch.randint(0, 4, (6,), generator=g)
         c = torch.rand(6, generator=g)
-        yield ops.cross_entropy_fused, (x, None, y, c, None, None, backend)
-        yield ops.cross_entropy_fused, (x, None, y, c, torch.full((4,), 0.05), keep[:, 0], backend)
-        yield ops.cross_entropy_fused, (x, t.softmax(1), None, None, None, None, backend)
+        yield ops.cross_entropy_rows, (x, None, y, c, None, None, backend)
+        yield ops.cross_entropy_rows, (x, None, y, c, torch.full((4,), 0.05), keep[:, 0], backend)
+        yield ops.cross_entropy_rows, (x, t.softmax(1), None, None, None, None, backend)
         x3 = torch.randn(2, 4, 3, generator=g, requires_grad=True)
-        yield ops.cross_entropy_fused, (x3, None, torch.randint(0, 4, (6,), generator=g), c, None, None, backend)
-        stats = ops.cross_entropy_fused(x.detach(), None, y, c, None, None, backend)[1]
+        yield ops.cross_entropy_rows, (x3, None, torch.randint(0, 4, (6,), generator=g), c, None, None, backend)
+        stats = ops.cross_entropy_rows(x.detach(), None, y, c, None, None, backend)[1]
         for g_loss in (torch.full((6,), 0.25), torch.rand(6, generator=g)):  # uniform and per-row
-            yield ops.cross_entropy_fused_backward, (g_loss, x.detach(), None, y, c, None, None, stats, backend)
+            yield ops.cross_entropy_rows_backward, (g_loss, x.detach(), None, y, c, None, None, stats, backend)
         yield ops.bce_fused_sum, (x, t, None, torch.rand(4, generator=g) + 0.5, None, True, backend)
         p = torch.rand(6, 4, generator=g).requires_grad_()
         yield ops.bce_fused_sum, (p, t, torch.rand(4, generator=g), None, keep, False, backend)
@@ -244,7 +244,7 @@ def test_ce_op_backward_recomputes_the_gradient_times_grad_loss(backend, uniform
     g = torch.full((9,), 0.3) if uniform else torch.rand(9, generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss, stats = ops.cross_entropy_fused(x, None, y, c, None, None, backend)
+        loss, stats = ops.cross_entropy_rows(x, None, y, c, None, None, backend)
     assert {t.data_ptr() for t in saved} <= {x.data_ptr(), y.data_ptr(), c.data_ptr(), stats.data_ptr()}
     assert stats.shape == (9, 2)
     (grad,) = torch.autograd.grad(loss, x, g)

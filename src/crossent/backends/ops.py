@@ -15,13 +15,13 @@ a kernel on fake data, and an autograd formula (``register_autograd``).
     The 0-dim sum of the same losses, for ``mean`` and ``sum``: no per-element loss and no
     gradient are written; its backward ``crossent::bce_fused_sum_backward(grad_total, ...)``
     recomputes the gradient with ``grad_total`` applied in the C kernel.
-``crossent::cross_entropy_fused(x, q, y, c, smooth, keep, backend) -> (loss, stats)``
+``crossent::cross_entropy_rows(x, q, y, c, smooth, keep, backend) -> (loss, stats)``
     Per-row cross-entropy of ``x`` (M, C) or (N, C, S) with the coefficients of
     ``reference.ce_coefficients``: dense ``q`` (M, C), or class indices ``y`` (M,) with row
     coefficients ``c`` (M,) and class smoothing terms ``smooth`` (C,). The forward writes
     no gradient; ``stats`` (M, 2) holds each row's max and ``s = sum_{j != k} e_j`` on the
     compiled row kernel (zeros elsewhere). Its backward is
-``crossent::cross_entropy_fused_backward(grad_loss, x, q, y, c, smooth, keep, stats, backend) -> grad``
+``crossent::cross_entropy_rows_backward(grad_loss, x, q, y, c, smooth, keep, stats, backend) -> grad``
     The gradient from the saved logits, times ``grad_loss`` (per row): on the C row kernel
     one pass over the logits using ``stats`` (elsewhere recomputed with the forward), with
     a uniform ``grad_loss`` (what ``mean`` and ``sum`` send) applied inside the kernel, so
@@ -46,6 +46,11 @@ Gradients w.r.t. targets, weights or smoothing coefficients, and higher derivati
 not what these ops are for: the Python entry points below send such calls (and every call
 under ``torch.func`` transforms, and ``backend='reference'``) to the plain-torch reference
 formulas, which the tracer captures op by op.
+
+An op whose outputs change meaning or shape gets a new name, never a new body under the
+old one: Inductor's on-disk cache keys a compiled graph by the op names and schemas in it,
+not by the fake implementations, so a warm cache from an older crossent would hand the old
+output shapes to the new op (``assert_size_stride`` fails in the cached code).
 """
 
 from __future__ import annotations
@@ -182,8 +187,8 @@ bce_fused_sum.register_autograd(_bce_sum_backward, setup_context=_bce_sum_setup)
 
 
 # ------------------------------------------------------------------ cross-entropy
-@torch.library.custom_op("crossent::cross_entropy_fused", mutates_args=())
-def cross_entropy_fused(
+@torch.library.custom_op("crossent::cross_entropy_rows", mutates_args=())
+def cross_entropy_rows(
     x: Tensor,
     q: Optional[Tensor],
     y: Optional[Tensor],
@@ -197,13 +202,13 @@ def cross_entropy_fused(
     return loss.contiguous(), stats
 
 
-@cross_entropy_fused.register_fake
+@cross_entropy_rows.register_fake
 def _(x, q, y, c, smooth, keep, backend):
     return x.new_empty((_rows_of(x),)), x.new_empty((_rows_of(x), 2))
 
 
-@torch.library.custom_op("crossent::cross_entropy_fused_backward", mutates_args=())
-def cross_entropy_fused_backward(
+@torch.library.custom_op("crossent::cross_entropy_rows_backward", mutates_args=())
+def cross_entropy_rows_backward(
     grad_loss: Tensor,
     x: Tensor,
     q: Optional[Tensor],
@@ -227,7 +232,7 @@ def cross_entropy_fused_backward(
     return grad.contiguous()
 
 
-@cross_entropy_fused_backward.register_fake
+@cross_entropy_rows_backward.register_fake
 def _(grad_loss, x, q, y, c, smooth, keep, stats, backend):
     return x.new_empty(x.shape)
 
@@ -240,11 +245,11 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_backward(ctx, g_loss, _g_stats):
     x, q, y, c, smooth, keep, stats = ctx.saved_tensors
-    grad = cross_entropy_fused_backward(g_loss.contiguous(), x, q, y, c, smooth, keep, stats, ctx.backend)
+    grad = cross_entropy_rows_backward(g_loss.contiguous(), x, q, y, c, smooth, keep, stats, ctx.backend)
     return grad, None, None, None, None, None, None
 
 
-cross_entropy_fused.register_autograd(_ce_backward, setup_context=_ce_setup)
+cross_entropy_rows.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 # --------------------------------------------------------------- entry points
@@ -288,7 +293,7 @@ def cross_entropy(
         y = y.contiguous()
     # keep is passed also without smoothing: c = 0 alone would leave NaN logits of an
     # ignored row to the torch and Triton paths (the C kernel skips rows with c = -0.0)
-    return cross_entropy_fused(x.contiguous(), q, y, c, smooth, keep, backend)[0], den
+    return cross_entropy_rows(x.contiguous(), q, y, c, smooth, keep, backend)[0], den
 
 
 # ------------------------------------------------------------ fused linear + CE

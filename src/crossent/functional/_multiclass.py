@@ -364,7 +364,7 @@ def cross_entropy(
     cdt = compute_dtype(out_dtype)
     out_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if capture:
-        # Registered ops (crossent::cross_entropy_fused); inplace_backward has no effect here:
+        # Registered ops (crossent::cross_entropy_rows); inplace_backward has no effect here:
         # the compiler owns the buffers.
         name = resolve("cross_entropy", input.device, backend)
         spatial = True
