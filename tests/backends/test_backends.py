@@ -681,7 +681,7 @@ def _spy_kernels(monkeypatch):
     kernel raises). Returns the lane kernel's calls; which inputs go where is reported by
     benchmarks/op_counts.py."""
     calls = []
-    K = chunked_cpp._Kernels
+    K = chunked_cpp._CFunctions
     lane = K.ce_index_ncs
 
     def row(*a, **k):

@@ -94,14 +94,14 @@ def get():
     if not _config.cpu_kernel_enabled():
         return None
     if _lib is not None:
-        return _Kernels
+        return _CFunctions
     if _tried:
         return None
     with _lock:
         notes = _first_use() if not _tried else []
     for note in notes:  # outside the lock: a warning turned into an error must not block others
         warnings.warn(note, KernelCacheWarning, stacklevel=2)
-    return _Kernels if _lib is not None else None
+    return _CFunctions if _lib is not None else None
 
 
 def kernel_path() -> Optional[Path]:
@@ -423,16 +423,18 @@ def _bad_targets(y, C, bad):
     )
 
 
-class _Kernels:
-    """Tensor-level wrappers; callers guarantee float32, contiguous, CPU."""
+class _CFunctions:
+    """The functions of the compiled C library as tensor-level calls (not a backend kernel
+    table: that is :class:`crossent.backends.chunked.Kernels`); callers guarantee float32,
+    contiguous, CPU."""
 
     @staticmethod
     def bce_with_logits(x, t, pw, L, want_loss, scale=None):
-        return _Kernels._bce(0, x, t, pw, L, want_loss, scale)
+        return _CFunctions._bce(0, x, t, pw, L, want_loss, scale)
 
     @staticmethod
     def bce_probs(p, t, pw, L, want_loss, scale=None):
-        return _Kernels._bce(1, p, t, pw, L, want_loss, scale)
+        return _CFunctions._bce(1, p, t, pw, L, want_loss, scale)
 
     @staticmethod
     def bce_with_logits_into(x, t, pw, L, loss, grad):
