@@ -161,11 +161,17 @@ def _bce_forward(p, t, weight, pos_weight, keep, sum_only=False, scale=None, use
     return _elementwise_forward(_bce_chunk, p, t, weight, pos_weight, keep, sum_only, scale)
 
 
+def _elementwise_kernel(impl, x, t, weight, keep):
+    """The compiled C library when it runs this BCE pass (the CPU table, float32 contiguous
+    inputs, no per-element weight or mask), else None."""
+    return _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
+
+
 def elementwise_sum(impl, logits: bool, x, t, weight, pos_weight, keep, want_grad: bool, scale=None):
     """``(sum of the per-element BCE losses (0-dim), gradient * scale or None)``: BCE-with-logits
     (``logits``) or BCE on probabilities. The C kernel skips the gradient when it is not
     wanted; the other kernels compute it alongside and it is dropped."""
-    cpp = _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
+    cpp = _elementwise_kernel(impl, x, t, weight, keep)
     if cpp is not None:
         return cpp._bce(0 if logits else 1, x, t, *_cycled_pos_weight(x, pos_weight), False, scale, want_grad)
     forward = impl.bce_with_logits_forward if logits else impl.bce_forward
@@ -178,7 +184,7 @@ def elementwise_sum(impl, logits: bool, x, t, weight, pos_weight, keep, want_gra
 def elementwise_grad(impl, logits: bool, x, t, weight, pos_weight, keep, scale) -> torch.Tensor:
     """The gradient (times ``scale``) of :func:`elementwise_sum`, for a backward pass: the C
     kernel evaluates no loss for it."""
-    cpp = _cpp() if impl is CPU and _cpp_ok(x, t) and weight is None and keep is None else None
+    cpp = _elementwise_kernel(impl, x, t, weight, keep)
     if cpp is not None:
         return cpp._bce_grad(0 if logits else 1, x, t, *_cycled_pos_weight(x, pos_weight), scale)
     return elementwise_sum(impl, logits, x, t, weight, pos_weight, keep, True, scale)[1]
