@@ -18,7 +18,7 @@ from _helpers import TOL, assert_close
 
 mpmath.mp.dps = 60
 C = 7
-BACKENDS = ("chunked-torch", "reference")
+BACKENDS = ("chunked", "chunked-torch", "reference")
 
 
 # ----------------------------------------------------------------------- references
@@ -337,6 +337,157 @@ def test_linear_bf16_matches_float32_composition():
     assert_close(ent, want_ent.float())
 
 
+# ----------------------------------------------------------------------- float32 (the compiled kernel)
+# float32 is what the ``chunked`` backend runs in its compiled C kernel (float64 takes the
+# torch-ops blocks). 37 classes: four full 8-lane vectors and a 5-class tail.
+def _data_f32(M=11, C=37, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, C, generator=g, dtype=torch.float64) * 3).float()
+    y = torch.randint(0, C, (M,), generator=g)
+    y[4] = -100
+    tw = torch.rand(M, generator=g, dtype=torch.float64).float()
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).float()
+    up = torch.randn(M, generator=g, dtype=torch.float64)
+    return x, y, tw, w, up
+
+
+@pytest.mark.backends("chunked", "chunked-torch")
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(sorted(o)))
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+@pytest.mark.parametrize("weighted,eps", [(False, 0.0), (True, 0.1)])
+def test_float32_options_match_the_formulas(backend, opts, reduction, weighted, eps):
+    x, y, tw, w, up = _data_f32()
+    weight = w if weighted else None
+    xi = x.clone().requires_grad_()
+    got, lse, hits = crossent.cross_entropy(
+        xi,
+        y,
+        weight,
+        reduction=reduction,
+        label_smoothing=eps,
+        return_lse=True,
+        return_accuracy=True,
+        **_kw(opts, tw),
+    )
+    xr = x.double().requires_grad_()
+    want, want_lse, want_hits, _ = ref_ce(xr, y, weight=weight, eps=eps, reduction=reduction, **_refkw(opts, tw))
+    assert got.dtype == torch.float32
+    assert_close(got, want.float())
+    assert_close(lse, want_lse.float())
+    assert hits.item() == want_hits.item()
+    upstream = up.float() if reduction == "none" else torch.tensor(1.5)
+    (got * upstream).sum().backward()
+    (want * upstream.double()).sum().backward()
+    assert_close(xi.grad, xr.grad.float())
+
+
+@pytest.mark.backends("chunked", "chunked-torch")
+@pytest.mark.parametrize("T,s", [(1.0, None), (0.6, None), (1.0, 2.0), (1.4, 30.0)])
+def test_float32_token_logprobs_entropy_and_gradients(backend, T, s):
+    x, y, _, _, up = _data_f32()
+    xi = x.clone().requires_grad_()
+    lp, ent = crossent.token_logprobs(xi, y, temperature=T, softcap=s, return_entropy=True, chunk_size=4)
+    xr = x.double().requires_grad_()
+    want_lp, want_ent = ref_logprobs(xr, y, T=T, s=s)
+    assert_close(lp, want_lp.float())
+    assert_close(ent, want_ent.float())
+    b = up.flip(0)
+    ((lp * up.float()).sum() + (ent * b.float()).sum()).backward()
+    ((want_lp * up).sum() + (want_ent * b).sum()).backward()
+    assert_close(xi.grad, xr.grad.float())
+
+
+@pytest.mark.backends("chunked", "chunked-torch")
+@pytest.mark.parametrize("fn", ("linear_token_logprobs", "linear_cross_entropy"))
+def test_float32_linear_versions_match_the_unfused_composition(backend, fn):
+    x, y, tw, _, up = _data_f32(M=13)
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(13, 6, generator=g).float()
+    W = (torch.randn(37, 6, generator=g) * 0.7).float()
+    bias = torch.randn(37, generator=g).float()
+    params = [t.clone().requires_grad_() for t in (h, W, bias)]
+    ref = [t.double().requires_grad_() for t in (h, W, bias)]
+    if fn == "linear_token_logprobs":
+        lp, ent = crossent.linear_token_logprobs(
+            *params[:2], y, bias=params[2], temperature=0.8, softcap=4.0, return_entropy=True, chunk_size=5
+        )
+        want_lp, want_ent = ref_logprobs(TF.linear(*ref), y, T=0.8, s=4.0)
+        got, want = (lp * up.float()).sum() + ent.sum(), (want_lp * up).sum() + want_ent.sum()
+    else:
+        got = crossent.linear_cross_entropy(
+            *params[:2],
+            y,
+            linear_bias=params[2],
+            z_loss=1e-2,
+            softcap=4.0,
+            temperature=0.8,
+            token_weight=tw,
+            label_smoothing=0.05,
+            chunk_size=5,
+        )
+        want = ref_ce(TF.linear(*ref), y, eps=0.05, z_loss=1e-2, T=0.8, s=4.0, tw=tw)[0]
+    assert_close(got, want.float())
+    got.backward()
+    want.backward()
+    for p, r in zip(params, ref):
+        assert_close(p.grad, r.grad.float())
+
+
+def test_kernel_softcap_transform_and_derivative_against_float64():
+    """The compiled kernel's z = s tanh(x / s) / T and dz/dx = sech^2(x / s) / T, read from
+    one-class rows (m = z; the gradient of lse is dz/dx), against float64, on a log-spaced
+    grid of |x / s| from 1e-6 to 60 (both signs, across the polynomial / exp switch at
+    0.625) and at +-inf: z within 3 ulp, dz/dx within (8 + 2 |x / s|) ulp wherever it is a
+    normal float (the rounding of x / s to float32 alone moves sech^2 by 2 |x / s| ulp: the
+    function's condition number, which any float32 evaluation pays)."""
+    from crossent.backends import chunked_cpp
+
+    K = chunked_cpp.get()
+    if K is None:
+        pytest.skip(f"compiled CPU kernel unavailable: {chunked_cpp.disabled_reason()}")
+    s, T = 3.0, 0.7
+    a = torch.logspace(-6, math.log10(60), 4001, dtype=torch.float64)
+    a = torch.cat([a, torch.tensor([0.625, 0.62499, 0.62501])])
+    x = torch.cat([a, -a]).mul(s).float()
+    x = torch.cat([x, torch.tensor([0.0, math.inf, -math.inf])])[:, None].contiguous()
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    out, _ = K.lm_stats(x, y, None, T, s)
+    xd = x[:, 0].double()
+    z_true = s * torch.tanh(xd / s) / T
+    d_true = 1 / torch.cosh(xd / s) ** 2 / T
+    ulp = 2.0**-23
+    z_err = ((out[0].double() - z_true).abs() / z_true.abs().clamp_min(1e-300)).where(
+        z_true != 0, out[0].double().abs()
+    )
+    assert z_err.max() <= 3 * ulp
+    g = torch.zeros(4, x.shape[0])
+    g[2] = 1.0  # the upstream of lse
+    dz = K.lm_grad(x, y, None, T, s, out[:4].contiguous(), g, torch.empty_like(x))[:, 0].double()
+    normal = d_true >= torch.finfo(torch.float32).tiny
+    bound = (8 + 2 * (xd / s).abs()) * ulp
+    assert (((dz - d_true).abs() / d_true)[normal] <= bound[normal]).all()
+    # subnormal: w = exp(-2 |x / s|) is a multiple of 1.4e-45 there, scaled by 4 / T
+    slack = torch.where(d_true > 0, bound * d_true, 0.0) + 2 * 1.4e-45 * 4 / T  # (at +-inf: 0)
+    assert ((dz - d_true).abs() <= slack)[~normal].all()
+
+
+@pytest.mark.parametrize("fn", ("token_logprobs", "cross_entropy"))
+def test_float32_softcap_gradient_far_out_keeps_relative_precision(fn):
+    """In float32 (the compiled kernel): d/dx of 2 tanh(x / 2) at x / 2 = 40 is sech^2(40) ~ 7e-35,
+    a normal float32 that 1 - tanh^2 would round to 0."""
+    x = torch.tensor([[80.0, 0.0, -3.0]], requires_grad=True)
+    if fn == "token_logprobs":
+        crossent.token_logprobs(x, torch.tensor([1]), softcap=2.0).sum().backward()
+        sign = -1.0
+    else:
+        crossent.cross_entropy(x, torch.tensor([1]), softcap=2.0).backward()
+        sign = 1.0
+    p0 = _mp_row([2 * math.tanh(v / 2) for v in (80.0, 0.0, -3.0)])[1][0]
+    truth = sign * p0 / mpmath.cosh(40) ** 2
+    assert 1e-36 < abs(float(truth)) < 1e-33
+    assert _rel(x.grad[0, 0], truth) < 16 * 2.0**-23
+
+
 # ----------------------------------------------------------------------- extremes (mpmath)
 def _mp_row(row, T=1.0):
     """(lse, p, entropy) at 60 digits, each from -log p_j = (m - z_j) + log1p(S') (exact
@@ -458,8 +609,8 @@ def test_options_need_class_index_targets():
 
 def test_backends_without_the_options_raise_when_named():
     x, y, _, _ = _data()
-    with pytest.raises(BackendUnavailableError, match=r"does not implement 'lm_head'.*chunked-torch"):
-        crossent.cross_entropy(x, y, softcap=3.0, backend="chunked")
+    with pytest.raises(BackendUnavailableError, match=r"does not implement 'lm_head'.*'chunked', 'chunked-torch'"):
+        crossent.cross_entropy(x, y, softcap=3.0, backend="triton")
 
 
 def test_linear_options_refuse_kdim_and_probabilities():

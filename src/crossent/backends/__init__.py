@@ -38,11 +38,29 @@ def _any_device(device):
 #: BCE ops ``sum_only=``.
 FUSED = Capabilities(cross_entropy_spatial=True, cross_entropy_reduction=True, bce_sum_only=True)
 
-# LM-head options (z_loss, softcap, temperature, ...): ``reference`` (full logits, autograd)
-# and ``chunked-torch`` (the registered row-block op, plain torch ops, any device) compute
-# them. The C kernel of ``chunked`` and the Triton kernels do not, so the automatic choice
-# skips them and an explicit ``backend='chunked'`` or ``'triton'`` raises
-# BackendUnavailableError naming the backends that can.
+# LM-head options (z_loss, softcap, temperature, ...): ``reference`` (full logits, autograd),
+# ``chunked`` (the registered row-block ops with the blocks in the compiled C kernel, CPU)
+# and ``chunked-torch`` (the same ops in plain torch ops, any device) compute them. The
+# Triton kernels do not, so on CUDA the automatic choice skips ``triton`` and an explicit
+# ``backend='triton'`` raises BackendUnavailableError naming the backends that can.
+
+
+def _lm_head_ops(backend: str) -> Dict[str, Callable]:
+    """``lm_head`` and ``lm_head_loss`` through the registered ops
+    ``crossent::lm_head_forward`` (row blocks, never (N, C); bodies in :mod:`.lm_head`) and
+    ``crossent::lm_head_loss_fused`` (the summed loss with its gradients from the same
+    pass: ``(total, lse, correct)``), their blocks computed by ``backend``'s kernels."""
+
+    def lm_head_op(x, W, b, y, keep, sigma, temperature, softcap, rows):
+        return ops.lm_head(x, W, b, y, keep, sigma, float(temperature), float(softcap or 0.0), int(rows), backend)
+
+    def lm_head_loss_op(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows):
+        return ops.lm_head_loss(
+            x, W, b, y, keep, sigma, c_nll, c_sm, c_z, float(temperature), float(softcap or 0.0), int(rows), backend
+        )
+
+    return {"lm_head": lm_head_op, "lm_head_loss": lm_head_loss_op}
+
 
 register(
     Backend(
@@ -63,9 +81,9 @@ register(
     Backend(
         name="chunked",
         priority=10,
-        ops={**chunked.OPS, **_linear.OPS_CPU},
+        ops={**chunked.OPS, **_linear.OPS_CPU, **_lm_head_ops("chunked")},
         unavailable=_cpu_only,
-        capabilities=FUSED,
+        capabilities=dataclasses.replace(FUSED, lm_head_loss=True),
     )
 )
 
@@ -75,24 +93,9 @@ register(
 # CPU only (where ``chunked`` wins the automatic choice); its fused linear and LM-head ops
 # are plain torch ops on any device: the CUDA fallback without Triton, outranking the
 # unfused ``reference``.
-def _lm_head_op(x, W, b, y, keep, sigma, temperature, softcap, rows):
-    """``lm_head`` of chunked-torch: the registered op ``crossent::lm_head_forward`` (row
-    blocks, never (N, C)); its bodies are in :mod:`.lm_head`."""
-    return ops.lm_head(x, W, b, y, keep, sigma, float(temperature), float(softcap or 0.0), int(rows))
-
-
-def _lm_head_loss_op(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows):
-    """``lm_head_loss`` of chunked-torch: the summed loss with gradients in the same pass
-    (``crossent::lm_head_loss_fused``): ``(total, lse, correct)``."""
-    return ops.lm_head_loss(
-        x, W, b, y, keep, sigma, c_nll, c_sm, c_z, float(temperature), float(softcap or 0.0), int(rows)
-    )
-
-
 _CHUNKED_TORCH_ANY_DEVICE: Dict[str, Callable] = {
     **_linear.OPS_CHUNKED,
-    "lm_head": _lm_head_op,
-    "lm_head_loss": _lm_head_loss_op,
+    **_lm_head_ops("chunked-torch"),
 }
 register(
     Backend(

@@ -402,6 +402,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.c_int,
     ]
     lib.crossent_focal.restype = ctypes.c_double
+    F = ctypes.c_float
+    lib.crossent_lm_stats.argtypes = [P, P, P, F, F, ctypes.c_int, P, P, I64, I64, ctypes.c_int]
+    lib.crossent_lm_stats.restype = None
+    lib.crossent_lm_grad.argtypes = [P, P, P, F, F, P, P, P, I64, I64, ctypes.c_int]
+    lib.crossent_lm_grad.restype = None
+    lib.crossent_lm_loss_grad.argtypes = [P, P, P, F, F, P, P, P, I64, I64, ctypes.c_int]
+    lib.crossent_lm_loss_grad.restype = ctypes.c_int
 
 
 def _threads(work: int) -> int:
@@ -533,3 +540,73 @@ class _CFunctions:
         if sum_only:
             loss = torch.tensor(total, dtype=x.dtype)
         return loss, grad
+
+    @staticmethod
+    def lm_stats(x, y, smooth, temperature: float, softcap: float, scratch: bool = False):
+        """LM-head row statistics of the raw logits ``x`` (R, C) (``crossent_lm_stats``):
+        ``(out, correct)``, ``out`` (5, R) holding m, log1p(S'), nll, B/(1+S'), sm;
+        ``y`` int64 in [0, C); ``smooth`` (C,) float32 or None; ``softcap`` 0: none;
+        ``scratch``: ``x`` may be overwritten."""
+        R, C = x.shape
+        out = torch.empty(5, R, dtype=torch.float32)
+        correct = torch.empty(R, dtype=torch.bool)
+        _lib.crossent_lm_stats(
+            _ptr(x),
+            _ptr(y),
+            _ptr(smooth),
+            float(temperature),
+            float(softcap),
+            int(scratch),
+            _ptr(out),
+            _ptr(correct),
+            R,
+            C,
+            _threads(R * C),
+        )
+        return out, correct
+
+    @staticmethod
+    def lm_grad(x, y, smooth, temperature: float, softcap: float, stats, g, out):
+        """d/dx of the upstream-weighted LM-head outputs of ``x`` (R, C) into ``out`` (may
+        be ``x``) (``crossent_lm_grad``): ``stats`` (4, R) m, log1p(S'), nll, B/(1+S') from
+        :meth:`lm_stats`, ``g`` (4, R) the upstream g_nll, g_sm, g_lse, g_ent."""
+        R, C = x.shape
+        _lib.crossent_lm_grad(
+            _ptr(x),
+            _ptr(y),
+            _ptr(smooth),
+            float(temperature),
+            float(softcap),
+            _ptr(stats),
+            _ptr(g),
+            _ptr(out),
+            R,
+            C,
+            _threads(R * C),
+        )
+        return out
+
+    @staticmethod
+    def lm_loss_grad(x, y, smooth, temperature: float, softcap: float, coefs):
+        """The summed LM-head loss of ``x`` (R, C) with per-row ``coefs`` (3, R) (c_nll,
+        c_sm, c_z) (``crossent_lm_loss_grad``): ``(out, correct)``, ``out`` (3, R) holding
+        nll, lse, sm, and its gradient written over ``x``."""
+        R, C = x.shape
+        out = torch.empty(3, R, dtype=torch.float32)
+        correct = torch.empty(R, dtype=torch.bool)
+        failed = _lib.crossent_lm_loss_grad(
+            _ptr(x),
+            _ptr(y),
+            _ptr(smooth),
+            float(temperature),
+            float(softcap),
+            _ptr(coefs),
+            _ptr(out),
+            _ptr(correct),
+            R,
+            C,
+            _threads(R * C),
+        )
+        if failed:
+            raise MemoryError(f"the compiled LM-head kernel could not allocate its {C}-float row")
+        return out, correct

@@ -735,3 +735,289 @@ double crossent_focal(const float *x, const float *t, const float *pw, int64_t L
   const Elementwise k = {2, alpha, half2, eps};
   return pass_loss_grad(&k, x, t, pw, L, loss, grad, scale, n, nthreads);
 }
+
+/* ------------------------------------------------------------------ LM-head rows
+   The per-row statistics and gradient of crossent.backends.lm_head (its docstring has the
+   formulas), on a block of raw logits x (R, C). The transform is
+   z = (s tanh(x / s)) / T with a soft cap s > 0, z = x / T without one (s = 0). */
+
+/* tanh(a) and sech^2(a) from w = exp(-2|a|) <= 1: tanh|a| = (1 - w) / (1 + w) and
+   sech^2 a = 4 w / (1 + w)^2, both without cancellation for |a| >= 0.625 (w <= 0.29); below,
+   tanh|a| = |a| + |a| a^2 P(a^2) (Cephes' tanhf polynomial), as 1 - w would cancel. sech^2
+   has no cancellation anywhere and underflows to 0 (the exact limit) far out; NaN stays
+   NaN, +-inf gives +-1 and 0. */
+static inline V vtanh_sech2(V a, V *sech2) {
+  const V one = vset(1.f);
+  V aa = _mm256_andnot_ps(vset(-0.0f), a);
+  V w = vexp_nonpos(_mm256_mul_ps(vset(-2.f), aa));
+  V opw = _mm256_add_ps(one, w);
+  V big = _mm256_div_ps(_mm256_sub_ps(one, w), opw);
+  V z = _mm256_mul_ps(aa, aa);
+  V p = vset(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, vset(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, vset(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, vset(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, vset(-3.33332819422e-1f));
+  V small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), aa, aa);
+  V th = _mm256_blendv_ps(big, small, _mm256_cmp_ps(aa, vset(0.625f), _CMP_LT_OQ));
+  if (sech2) *sech2 = _mm256_div_ps(_mm256_mul_ps(vset(4.f), w), _mm256_mul_ps(opw, opw));
+  return _mm256_or_ps(th, _mm256_and_ps(a, vset(-0.0f)));   /* the sign of a */
+}
+
+/* The transformed logits z of 8 raw logits, and (dz) dz/dx unless dz is NULL. */
+typedef struct { float T, cap, cap_over_T, inv_T; } LMTransform;
+static inline V lm_z(const LMTransform *f, V x, V *dz) {
+  if (f->cap > 0.f) {
+    V u = vtanh_sech2(_mm256_div_ps(x, vset(f->cap)), dz);
+    if (dz) *dz = _mm256_mul_ps(*dz, vset(f->inv_T));
+    return _mm256_mul_ps(u, vset(f->cap_over_T));
+  }
+  if (dz) *dz = vset(f->inv_T);
+  return f->T == 1.f ? x : _mm256_div_ps(x, vset(f->T));
+}
+
+/* The same for one logit (lane 0 of the vector function: bit for bit the same value). */
+static inline float lm_z1(const LMTransform *f, float x, float *dz) {
+  V d, z = lm_z(f, vset(x), &d);
+  float zb[W], db[W];
+  _mm256_storeu_ps(zb, z); _mm256_storeu_ps(db, d);
+  if (dz) *dz = db[0];
+  return zb[0];
+}
+
+/* 8 raw logits from x[j, j + n) (n < W: the lanes past n get -inf; with a soft cap their
+   z is finite, so a sum masks them again after the transform). */
+static inline V lm_load(const float *x, int64_t n) {
+  if (n >= W) return _mm256_loadu_ps(x);
+  const __m256i mask = lanes_below(n);
+  return _mm256_blendv_ps(vset(-INFINITY), _mm256_maskload_ps(x, mask), _mm256_castsi256_ps(mask));
+}
+
+/* 8 values into x[j, j + n) (n < W: the first n). */
+static inline void lm_store(float *x, int64_t n, V v) {
+  if (n >= W) _mm256_storeu_ps(x, v);
+  else _mm256_maskstore_ps(x, lanes_below(n), v);
+}
+
+/* Per row r of x (R, C): out[0..4][r] = m, log1p(S'), nll, B/(1+S'), sm (the smoothing
+   term, 0 when sm is NULL) and correct[r] = (first arg-max == y[r]), with
+   t_j = z_j - m (0 where z_j == m: ties and a +inf max), e_j = exp(t_j),
+   S' = sum over j off the ties of e_j + (ties - 1), nll = log1p(S') - t_y,
+   B = sum_j e_j (-t_j) (0 where e_j = 0), sm = (sum sm_j) log1p(S') + sum_j sm_j (-t_j).
+   A row holding a NaN gets NaN everywhere (correct 0). Targets in [0, C) (the caller's).
+   scratch: x may be overwritten (with z, so the transform is evaluated once, not twice). */
+void crossent_lm_stats(float *x, const int64_t *y, const float *sm, float T, float cap, int scratch, float *out,
+                       uint8_t *correct, int64_t R, int64_t C, int nthreads) {
+  const LMTransform f = {T, cap, cap / T, 1.f / T};
+  const double S_sm = ce_smooth_total(sm, C);
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    float *xr = x + r * C;
+    const float zy = lm_z1(&f, xr[y[r]], 0);
+    const int in_place = scratch && (cap > 0.f || T != 1.f);   /* then xr holds z after pass 1 */
+    V vm = vset(-INFINITY), vnan = vzero();
+    for (int64_t j = 0; j < C; j += W) {
+      V z = lm_z(&f, lm_load(xr + j, C - j), 0);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+      vm = _mm256_max_ps(vm, z);
+      if (in_place) lm_store(xr + j, C - j, z);
+    }
+    const LMTransform id = {1.f, 0.f, 1.f, 1.f};
+    const LMTransform *f2 = in_place ? &id : &f;   /* pass 2 reads z */
+    float mb[W]; _mm256_storeu_ps(mb, vm);
+    float m = -INFINITY;
+    for (int q = 0; q < W; ++q) m = mb[q] > m ? mb[q] : m;
+    if (_mm256_movemask_ps(vnan)) {
+      for (int q = 0; q < 5; ++q) out[q * R + r] = NAN;
+      correct[r] = 0;
+      continue;
+    }
+    const V vmax = vset(m);
+    V acc = vzero(), bacc = vzero(), tacc = vzero();
+    double s_total = 0.0, B = 0.0, Tsm = 0.0;
+    int64_t k = -1, ties = 0;
+    int flush = 0;
+    for (int64_t j = 0; j < C; j += W) {
+      const int64_t n = C - j;
+      V z = lm_z(f2, lm_load(xr + j, n), 0);
+      if (n < W) z = _mm256_blendv_ps(vset(-INFINITY), z, _mm256_castsi256_ps(lanes_below(n)));
+      V eq = _mm256_cmp_ps(z, vmax, _CMP_EQ_OQ);
+      if (n < W) eq = _mm256_and_ps(eq, _mm256_castsi256_ps(lanes_below(n)));
+      V t = _mm256_andnot_ps(eq, _mm256_sub_ps(z, vmax));   /* 0 at ties; -inf past the end */
+      V e = vexp_nonpos(t);
+      int bits = _mm256_movemask_ps(eq);
+      if (bits) {
+        ties += __builtin_popcount(bits);
+        if (k < 0) k = j + __builtin_ctz(bits);
+      }
+      acc = _mm256_add_ps(acc, _mm256_andnot_ps(eq, e));
+      bacc = _mm256_add_ps(bacc, vtimes(e, vneg(t)));   /* e = 0 (a -inf logit, or past the end): no term */
+      if (sm) {
+        V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
+        tacc = _mm256_add_ps(tacc, vtimes(s8, vneg(t)));
+      }
+      if (++flush == 32) {
+        s_total += hsum(acc); B += hsum(bacc); acc = bacc = vzero(); flush = 0;
+        if (sm) { Tsm += hsum(tacc); tacc = vzero(); }
+      }
+    }
+    s_total += hsum(acc); B += hsum(bacc);
+    if (sm) Tsm += hsum(tacc);
+    const float s = (float)(s_total + (double)(ties - 1));
+    const float lp1 = log1pf(s);
+    const float ty = (zy == m) ? 0.f : zy - m;
+    out[r] = m;
+    out[R + r] = lp1;
+    out[2 * R + r] = lp1 - ty;
+    out[3 * R + r] = (float)B / (1.f + s);
+    out[4 * R + r] = sm ? ((S_sm == 0.0 ? 0.f : (float)S_sm * lp1) + (float)Tsm) : 0.f;
+    correct[r] = (k == y[r]);
+  }
+}
+
+/* d/dx of g_nll nll + g_sm sm + g_lse lse + g_ent ent per row r of x (R, C), into grad (may
+   alias x: a row's target logit is read first). stats: (4, R) m, log1p(S'), nll, B/(1+S')
+   of crossent_lm_stats; g: (4, R) upstream g_nll, g_sm, g_lse, g_ent. With
+   p_j = exp(t_j - log1p(S')), coef = g_nll + g_lse + g_sm sum(sm):
+   dz_j = p_j (a + b t_j) - g_sm sm_j, a = coef - g_ent B/(1+S'), b = -g_ent (0 where p_j = 0),
+   at the target p_y (coef - g_nll) + g_nll expm1(-nll) - g_ent p_y (t_y + B/(1+S')) - g_sm sm_y
+   (p_y - 1 as expm1: exact for a confident token), each times dz/dx. */
+void crossent_lm_grad(const float *x, const int64_t *y, const float *sm, float T, float cap, const float *stats,
+                      const float *g, float *grad, int64_t R, int64_t C, int nthreads) {
+  const LMTransform f = {T, cap, cap / T, 1.f / T};
+  const double S_sm = ce_smooth_total(sm, C);
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const float *xr = x + r * C;
+    float *gr = grad + r * C;
+    const float m = stats[r], lp1 = stats[R + r], nll = stats[2 * R + r], BA = stats[3 * R + r];
+    const float g_nll = g[r], g_sm = sm ? g[R + r] : 0.f, g_lse = g[2 * R + r], g_ent = g[3 * R + r];
+    const float coef = g_nll + g_lse + (sm ? g_sm * (float)S_sm : 0.f);
+    const float a = coef - g_ent * BA;
+    const int64_t yr = y[r];
+    float dzy;
+    const float zy = lm_z1(&f, xr[yr], &dzy);
+    const float ty = (zy == m) ? 0.f : zy - m;
+    const V vmax = vset(m), vlp1 = vset(lp1), va = vset(a), vb = vset(-g_ent), vgs = vset(g_sm);
+    for (int64_t j = 0; j < C; j += W) {
+      const int64_t n = C - j;
+      V d, z = lm_z(&f, lm_load(xr + j, n), &d);
+      V eq = _mm256_cmp_ps(z, vmax, _CMP_EQ_OQ);
+      V t = _mm256_andnot_ps(eq, _mm256_sub_ps(z, vmax));
+      V p = vexp_nonpos(_mm256_sub_ps(t, vlp1));
+      V dz = vtimes(p, _mm256_fmadd_ps(vb, t, va));
+      if (sm) {
+        V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
+        dz = _mm256_fnmadd_ps(vgs, s8, dz);
+      }
+      lm_store(gr + j, n, _mm256_mul_ps(dz, d));
+    }
+    const float p_y = expf(-nll);
+    float col = p_y * (coef - g_nll) + g_nll * expm1f(-nll);
+    if (g_ent != 0.f && p_y > 0.f) col -= g_ent * (p_y * (ty + BA));
+    if (sm) col -= g_sm * sm[yr];
+    gr[yr] = col * dzy;
+  }
+}
+
+/* The summed LM-head loss of crossent.backends.lm_head.loss_rows in one call per block: per
+   row r, with coefficients c_nll, c_sm, c_z (c: (3, R)), out (3, R) receives nll, lse and sm
+   (as crossent_lm_stats), correct the arg-max hit, and x (R, C) is overwritten with
+   d/dx of c_nll nll + c_sm sm + c_z lse^2: with coef = c_nll + 2 c_z lse + c_sm sum(sm),
+   dz_j = coef e_j / (1 + S') - c_sm sm_j, at the target
+   p_y (coef - c_nll) + c_nll expm1(-nll) - c_sm sm_y, each times dz/dx.
+   Three passes over a row: z (written over x) with dz/dx (a per-thread row, soft cap only)
+   and the max; e_j (written over z) and the sums; the gradient. One transform and one
+   exponential per logit. Returns -1 when the per-thread row cannot be allocated, else 0. */
+int crossent_lm_loss_grad(float *x, const int64_t *y, const float *sm, float T, float cap, const float *c,
+                          float *out, uint8_t *correct, int64_t R, int64_t C, int nthreads) {
+  const LMTransform f = {T, cap, cap / T, 1.f / T};
+  const double S_sm = ce_smooth_total(sm, C);
+  int failed = 0;
+  #pragma omp parallel num_threads(nthreads) reduction(|:failed)
+  {
+    float *dbuf = cap > 0.f ? (float *)malloc((size_t)C * sizeof(float)) : 0;
+    if (cap > 0.f && !dbuf) failed = 1;
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      if (cap > 0.f && !dbuf) continue;
+      float *xr = x + r * C;
+      const int64_t yr = y[r];
+      const float c_nll = c[r], c_sm = sm ? c[R + r] : 0.f, c_z = c[2 * R + r];
+      V vm = vset(-INFINITY), vnan = vzero();
+      for (int64_t j = 0; j < C; j += W) {
+        const int64_t n = C - j;
+        V d, z = lm_z(&f, lm_load(xr + j, n), &d);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+        vm = _mm256_max_ps(vm, z);
+        lm_store(xr + j, n, z);
+        if (dbuf) lm_store(dbuf + j, n, d);
+      }
+      float mb[W]; _mm256_storeu_ps(mb, vm);
+      float m = -INFINITY;
+      for (int q = 0; q < W; ++q) m = mb[q] > m ? mb[q] : m;
+      if (_mm256_movemask_ps(vnan)) {
+        for (int q = 0; q < 3; ++q) out[q * R + r] = NAN;
+        correct[r] = 0;
+        for (int64_t j = 0; j < C; ++j) xr[j] = NAN;
+        continue;
+      }
+      const float zy = xr[yr];
+      const V vmax = vset(m);
+      V acc = vzero(), tacc = vzero();
+      double s_total = 0.0, Tsm = 0.0;
+      int64_t k = -1, ties = 0;
+      int flush = 0;
+      for (int64_t j = 0; j < C; j += W) {
+        const int64_t n = C - j;
+        V z = lm_load(xr + j, n);
+        V eq = _mm256_cmp_ps(z, vmax, _CMP_EQ_OQ);
+        if (n < W) eq = _mm256_and_ps(eq, _mm256_castsi256_ps(lanes_below(n)));
+        V t = _mm256_andnot_ps(eq, _mm256_sub_ps(z, vmax));
+        V e = vexp_nonpos(t);
+        int bits = _mm256_movemask_ps(eq);
+        if (bits) {
+          ties += __builtin_popcount(bits);
+          if (k < 0) k = j + __builtin_ctz(bits);
+        }
+        acc = _mm256_add_ps(acc, _mm256_andnot_ps(eq, e));
+        if (sm) {
+          V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
+          tacc = _mm256_add_ps(tacc, vtimes(s8, vneg(t)));
+        }
+        lm_store(xr + j, n, e);
+        if (++flush == 32) {
+          s_total += hsum(acc); acc = vzero(); flush = 0;
+          if (sm) { Tsm += hsum(tacc); tacc = vzero(); }
+        }
+      }
+      s_total += hsum(acc);
+      if (sm) Tsm += hsum(tacc);
+      const float s = (float)(s_total + (double)(ties - 1));
+      const float lp1 = log1pf(s);
+      const float ty = (zy == m) ? 0.f : zy - m;
+      const float nll = lp1 - ty, lse = m + lp1;
+      out[r] = nll;
+      out[R + r] = lse;
+      out[2 * R + r] = sm ? ((S_sm == 0.0 ? 0.f : (float)S_sm * lp1) + (float)Tsm) : 0.f;
+      correct[r] = (k == yr);
+      const float coef = c_nll + 2.f * c_z * lse + (sm ? c_sm * (float)S_sm : 0.f);
+      const V vscale = vset(coef / (1.f + s)), vcs = vset(c_sm), vinvT = vset(f.inv_T);
+      for (int64_t j = 0; j < C; j += W) {
+        const int64_t n = C - j;
+        V g = _mm256_mul_ps(lm_load(xr + j, n), vscale);   /* e_j coef / (1 + S') */
+        if (sm) {
+          V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
+          g = _mm256_fnmadd_ps(vcs, s8, g);
+        }
+        lm_store(xr + j, n, _mm256_mul_ps(g, dbuf ? lm_load(dbuf + j, n) : vinvT));
+      }
+      const float p_y = expf(-nll);
+      float col = p_y * (coef - c_nll) + c_nll * expm1f(-nll);
+      if (sm) col -= c_sm * sm[yr];
+      xr[yr] = col * (dbuf ? dbuf[yr] : f.inv_T);
+    }
+    free(dbuf);
+  }
+  return failed ? -1 : 0;
+}

@@ -55,6 +55,7 @@ Implementations:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -206,20 +207,63 @@ def _safe_y(y: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device)).long()
 
 
-def forward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows):
+def _c_functions(kernel: bool, cdt: torch.dtype, device: torch.device):
+    """The compiled C functions when ``kernel`` asks for them and they apply (float32
+    compute on the CPU, the library built), else None: the torch-ops blocks."""
+    if not kernel or cdt != torch.float32 or device.type != "cpu":
+        return None
+    from .chunked import _cpp
+
+    return _cpp()
+
+
+def _c_block_stats(K, L, y, sigma, temperature, softcap):
+    """:func:`_block_stats` in the compiled kernel (``crossent_lm_stats``; ``L`` is scratch)."""
+    out, correct = K.lm_stats(L, y, sigma, temperature, softcap, scratch=True)
+    m, lp1, nll, BA, sm = out.unbind(0)
+    return m, lp1, nll, BA, (sm if sigma is not None else None), correct
+
+
+def _c_block_grad(K, L, y, sigma, temperature, softcap, m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent):
+    """:func:`_block_grad` in the compiled kernel (``crossent_lm_grad``), written over ``L``."""
+    zero = torch.zeros_like(m)
+    g = torch.stack([g_nll, zero if g_sm is None else g_sm, g_lse, zero if g_ent is None else g_ent])
+    return K.lm_grad(L, y, sigma, temperature, softcap, torch.stack([m, lp1, nll, BA]), g, L)
+
+
+def _c_block_loss_grad(K, L, y, keep, sigma, temperature, softcap, c_nll, c_sm, c_z):
+    """:func:`_block_loss_grad` in the compiled kernel (``crossent_lm_loss_grad``): the
+    gradient is written over ``L``."""
+    out, ok = K.lm_loss_grad(L, y, sigma, temperature, softcap, torch.stack([c_nll, c_sm, c_z]))
+    nll, lse, sm = out.unbind(0)
+    zero = torch.zeros((), dtype=L.dtype)
+    lse = torch.where(keep, lse, zero)
+    loss = c_nll * torch.where(keep, nll, zero) + c_z * lse.square()
+    if sigma is not None:
+        loss = loss + c_sm * torch.where(keep, sm, zero)
+    return loss, lse, ok, L
+
+
+def forward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, kernel=False):
     """The forward of ``crossent::lm_head_forward`` (no autograd): per-row outputs
-    ``(nll, sm, lse, ent, correct)`` and the saved ``(m, lp1, BA)``."""
+    ``(nll, sm, lse, ent, correct)`` and the saved ``(m, lp1, BA)``. ``kernel``: the blocks
+    run in the compiled C kernel where it applies (:func:`_c_functions`)."""
     cdt = compute_dtype(x.dtype)
+    K = _c_functions(kernel, cdt, x.device)
     N = x.shape[0]
     y = _safe_y(y, keep)
-    sig = None if sigma is None else sigma.to(cdt)
+    sig = None if sigma is None else sigma.to(cdt).contiguous()
     m_, lp1_, nll_, BA_, sm_ = (torch.zeros(N, dtype=cdt, device=x.device) for _ in range(5))
     correct = torch.empty(N, dtype=torch.bool, device=x.device)
     if W is not None and W.dtype != cdt:  # fp16/bf16: one float32 copy of the weight
         W = W.to(cdt)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        m, lp1, nll, BA, sm, ok = _block_stats(_logits(x, W, b, r0, r1, cdt), y[r0:r1], sig, temperature, softcap)
+        L = _logits(x, W, b, r0, r1, cdt)
+        if K is not None:
+            m, lp1, nll, BA, sm, ok = _c_block_stats(K, L, y[r0:r1], sig, temperature, softcap)
+        else:
+            m, lp1, nll, BA, sm, ok = _block_stats(L, y[r0:r1], sig, temperature, softcap)
         m_[r0:r1], lp1_[r0:r1], nll_[r0:r1], BA_[r0:r1] = m, lp1, nll, BA
         if sm is not None:
             sm_[r0:r1] = sm
@@ -270,7 +314,7 @@ def _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx):
     )
 
 
-def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, saved, grads, need):
+def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, saved, grads, need, kernel=False):
     """``(grad_x, grad_W, grad_b)`` of the upstream-weighted outputs, block by block:
     ``saved`` is the forward's ``(m, lp1, nll, BA)``, ``grads`` the upstream
     ``(g_nll, g_sm, g_lse, g_ent)`` (each may be None), ``need`` ``(need_x, need_W, need_b)``."""
@@ -280,7 +324,7 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, saved, gr
     cdt = compute_dtype(x.dtype)
     N = x.shape[0]
     y = _safe_y(y, keep)
-    sig = None if sigma is None else sigma.to(cdt)
+    sig = None if sigma is None else sigma.to(cdt).contiguous()
     zero = torch.zeros((), dtype=cdt, device=x.device)
 
     def up(g, always=False):
@@ -291,8 +335,10 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, saved, gr
     g_nll, g_lse, g_ent = up(g_nll, True), up(g_lse, True), up(g_ent)
     g_sm = up(g_sm, True) if sig is not None else None
 
+    K = _c_functions(kernel, cdt, x.device)
+
     def block_dx(sl, L):
-        return _block_grad(
+        return (_block_grad if K is None else functools.partial(_c_block_grad, K))(
             L,
             y[sl],
             sig,
@@ -354,7 +400,9 @@ def _block_loss_grad(
     return loss, lse, k.squeeze(1) == y, dz
 
 
-def loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b):
+def loss_rows(
+    x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b, kernel=False
+):
     """One pass for a summed loss ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2``:
     ``(total, lse, correct, grad_x, grad_W, grad_b)`` with the gradients of ``total``
     computed block by block in the same pass (the per-row upstream of each statistic is
@@ -364,18 +412,18 @@ def loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, r
     cdt = compute_dtype(x.dtype)
     N = x.shape[0]
     y = _safe_y(y, keep)
-    sig = None if sigma is None else sigma.to(cdt)
+    sig = None if sigma is None else sigma.to(cdt).contiguous()
     zero = torch.zeros((), dtype=cdt, device=x.device)
     c_nll, c_sm, c_z = (torch.where(keep, c.to(cdt), zero) for c in (c_nll, c_sm, c_z))
     total = torch.zeros((), dtype=cdt, device=x.device)
     lse_ = torch.zeros(N, dtype=cdt, device=x.device)
     correct = torch.zeros(N, dtype=torch.bool, device=x.device)
+    K = _c_functions(kernel, cdt, x.device)
+    block = _block_loss_grad if K is None else functools.partial(_c_block_loss_grad, K)
 
     def block_dx(sl, L):
         nonlocal total
-        loss, lse, ok, dz = _block_loss_grad(
-            L, y[sl], keep[sl], sig, temperature, softcap, c_nll[sl], c_sm[sl], c_z[sl]
-        )
+        loss, lse, ok, dz = block(L, y[sl], keep[sl], sig, temperature, softcap, c_nll[sl], c_sm[sl], c_z[sl])
         total = total + loss.sum()
         lse_[sl] = lse
         correct[sl] = ok & keep[sl]

@@ -425,20 +425,22 @@ def lm_head_forward(
     temperature: float,
     softcap: float,
     rows: int,
+    backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row ``(nll, sm, lse, ent, correct)`` of :mod:`.lm_head` plus the saved
     ``(m, log1p(S'), B/(1+S'))``: ``x`` logits (N, C) (``W`` None) or hidden states (N, H)
-    of ``W`` (C, H); row blocks of ``rows`` rows; ``softcap`` 0 means none."""
+    of ``W`` (C, H); row blocks of ``rows`` rows; ``softcap`` 0 means none; ``backend``
+    ``chunked`` runs the blocks in the compiled C kernel where it applies."""
     from . import lm_head
 
     (nll, sm, lse, ent, correct), (m, lp1, _, BA) = lm_head.forward_rows(
-        x, W, b, y, keep, sigma, temperature, softcap, rows
+        x, W, b, y, keep, sigma, temperature, softcap, rows, backend == "chunked"
     )
     return nll, sm, lse, ent, correct, m, lp1, BA
 
 
 @lm_head_forward.register_fake
-def _(x, W, b, y, keep, sigma, temperature, softcap, rows):
+def _(x, W, b, y, keep, sigma, temperature, softcap, rows, backend):
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     N = x.shape[0]
     f = [x.new_empty((N,), dtype=cdt) for _ in range(7)]
@@ -456,6 +458,7 @@ def lm_head_backward(
     temperature: float,
     softcap: float,
     rows: int,
+    backend: str,
     m: Tensor,
     lp1: Tensor,
     nll: Tensor,
@@ -473,7 +476,19 @@ def lm_head_backward(
 
     saved, grads = (m, lp1, nll, BA), (g_nll, g_sm, g_lse, g_ent)
     return lm_head.backward_rows(
-        x, W, b, y, keep, sigma, temperature, softcap, rows, saved, grads, (need_x, need_W, need_b)
+        x,
+        W,
+        b,
+        y,
+        keep,
+        sigma,
+        temperature,
+        softcap,
+        rows,
+        saved,
+        grads,
+        (need_x, need_W, need_b),
+        backend == "chunked",
     )
 
 
@@ -488,9 +503,9 @@ def _(x, W, b, *rest):
 
 
 def _lm_head_setup(ctx, inputs, output):
-    x, W, b, y, keep, sigma, temperature, softcap, rows = inputs
+    x, W, b, y, keep, sigma, temperature, softcap, rows, backend = inputs
     ctx.mark_non_differentiable(*output[4:])
-    ctx.args = (temperature, softcap, rows)
+    ctx.args = (temperature, softcap, rows, backend)
     ctx.needs = (x.requires_grad, W is not None and W.requires_grad, b is not None and b.requires_grad)
     ctx.has = (W is not None, b is not None, sigma is not None)
     ctx.save_for_backward(x, W, b, y, keep, sigma, output[5], output[6], output[0], output[7])
@@ -502,15 +517,17 @@ def _lm_head_backward(ctx, g_nll, g_sm, g_lse, g_ent, *_):
     gx, gW, gb = lm_head_backward(
         x, W, b, y, keep, sigma, *ctx.args, m, lp1, nll, BA, g_nll, g_sm, g_lse, g_ent, need_x, need_W, need_b
     )
-    return (gx if need_x else None, gW if need_W else None, gb if need_b else None, None, None, None, None, None, None)
+    return (gx if need_x else None, gW if need_W else None, gb if need_b else None) + (None,) * 7
 
 
 lm_head_forward.register_autograd(_lm_head_backward, setup_context=_lm_head_setup)
 
 
-def lm_head(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: int):
+def lm_head(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: int, backend: str):
     """``(nll, sm, lse, ent, correct)`` per row through ``crossent::lm_head_forward``."""
-    out = lm_head_forward(x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma, temperature, softcap, rows)
+    out = lm_head_forward(
+        x.contiguous(), W, b, y.contiguous(), keep.contiguous(), sigma, temperature, softcap, rows, backend
+    )
     return out[:5]
 
 
@@ -531,6 +548,7 @@ def lm_head_loss_fused(
     need_x: bool,
     need_W: bool,
     need_b: bool,
+    backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(total, lse, correct, grad_x, grad_W, grad_b)`` of the summed LM-head loss
     ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2`` (:func:`.lm_head.loss_rows`): the
@@ -538,12 +556,27 @@ def lm_head_loss_fused(
     from . import lm_head
 
     return lm_head.loss_rows(
-        x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b
+        x,
+        W,
+        b,
+        y,
+        keep,
+        sigma,
+        c_nll,
+        c_sm,
+        c_z,
+        temperature,
+        softcap,
+        rows,
+        need_x,
+        need_W,
+        need_b,
+        backend == "chunked",
     )
 
 
 @lm_head_loss_fused.register_fake
-def _(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b):
+def _(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b, backend):
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     N = x.shape[0]
     return (
@@ -569,22 +602,25 @@ def _lm_loss_setup(ctx, inputs, output):
 
 def _lm_loss_backward(ctx, g_total, *_):
     if g_total is None:  # no gradient reached the total (only its non-differentiable outputs were used)
-        return (None,) * 15
+        return (None,) * 16
     if ctx.grads is not None:
         grads, ctx.grads = ctx.grads, None
     else:
         from . import lm_head
 
-        grads = lm_head.loss_rows(*ctx.saved_tensors, *ctx.options)[3:]
+        *options, backend = ctx.options
+        grads = lm_head.loss_rows(*ctx.saved_tensors, *options, backend == "chunked")[3:]
     gx, gW, gb = _scaled(grads, g_total)
-    need_x, need_W, need_b = ctx.options[3:]
-    return (gx if need_x else None, gW if need_W else None, gb if need_b else None) + (None,) * 12
+    need_x, need_W, need_b = ctx.options[3:6]
+    return (gx if need_x else None, gW if need_W else None, gb if need_b else None) + (None,) * 13
 
 
 lm_head_loss_fused.register_autograd(_lm_loss_backward, setup_context=_lm_loss_setup)
 
 
-def lm_head_loss(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature: float, softcap: float, rows: int):
+def lm_head_loss(
+    x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature: float, softcap: float, rows: int, backend: str
+):
     """``(total, lse, correct)`` through ``crossent::lm_head_loss_fused``; gradients are
     computed (in the same pass) for the inputs that require them."""
 
@@ -607,5 +643,6 @@ def lm_head_loss(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature: float, 
         need(x),
         need(W),
         need(b),
+        backend,
     )
     return total, lse, correct
