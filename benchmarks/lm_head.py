@@ -1,6 +1,7 @@
 """LM-head options: time and peak memory of the fused linear versions, and the exactness rows.
 
-Time (median of ``--repeats`` forward+backward calls, after one warm-up) and peak extra
+Time (median of ``--repeats`` forward+backward calls, after one warm-up, the variants
+interleaved) and peak extra
 CPU memory (one call in a fresh child process, measured as ``crossent.bench.memory``
 does: ``VmHWM - VmRSS`` with ``MALLOC_MMAP_THRESHOLD_=65536``; "beyond grads" subtracts
 the gradients the call leaves, ``grad_hidden`` and ``grad_weight``) of:
@@ -10,10 +11,12 @@ the gradients the call leaves, ``grad_hidden`` and ``grad_weight``) of:
 * ``fused_ce``: ``crossent.linear_cross_entropy(h, W, y)``;
 * ``fused_ce_options``: the same with ``z_loss=1e-4, softcap=30, temperature=0.9``;
 * ``bare_products``: the three matrix products of the fused CE (``h W^T``, ``G W``,
-  ``G^T h``) on the whole batch, nothing else.
+  ``G^T h``) on the whole batch, nothing else;
+* ``bare_products_4``: the four that ``token_logprobs`` needs (``h W^T`` again in the
+  backward: its upstream gradient is unknown in the forward, so the logits are recomputed).
 
     PYTHONPATH=src python benchmarks/lm_head.py --shape 2048x256x32000 --repeats 3
-    PYTHONPATH=src python benchmarks/lm_head.py --shape 4096x2048x128256 --repeats 3   # the issue's size
+    PYTHONPATH=src python benchmarks/lm_head.py --shape 4096x2048x128256 --repeats 1 --warmup 0 --no-memory
     PYTHONPATH=src python benchmarks/lm_head.py --exactness    # README exactness rows (mpmath)
 """
 
@@ -32,7 +35,7 @@ import torch.nn.functional as TF
 
 import crossent
 
-VARIANTS = ("token_logprobs", "unfused", "fused_ce", "fused_ce_options", "bare_products")
+VARIANTS = ("token_logprobs", "unfused", "fused_ce", "fused_ce_options", "bare_products", "bare_products_4")
 
 
 def _inputs(N, H, V, seed=0):
@@ -61,25 +64,32 @@ def _step(name, h, W, y):
         crossent.linear_cross_entropy(
             h, W, y, z_loss=1e-4, softcap=30.0, temperature=0.9, memory_budget=BUDGET
         ).backward()
-    elif name == "bare_products":
+    elif name in ("bare_products", "bare_products_4"):
         with torch.no_grad():
             L = h @ W.t()
+            if name == "bare_products_4":
+                L = h @ W.t()
             L @ W
             L.t() @ h
     else:
         raise SystemExit(f"unknown variant {name!r}")
 
 
-def _time(name, N, H, V, repeats):
+def _times(names, N, H, V, repeats, warmup=1):
+    """Median seconds per variant: ``warmup`` calls each, then ``repeats`` rounds that
+    run every variant once (interleaved, so a slow spell of the machine hits them all)."""
     h, W, y = _inputs(N, H, V)
-    _step(name, h, W, y)
-    out = []
+    for _ in range(warmup):
+        for name in names:
+            _step(name, h, W, y)
+    out = {name: [] for name in names}
     for _ in range(repeats):
-        h.grad = W.grad = None
-        t0 = time.perf_counter()
-        _step(name, h, W, y)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        for name in names:
+            h.grad = W.grad = None
+            t0 = time.perf_counter()
+            _step(name, h, W, y)
+            out[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in out.items()}
 
 
 def _memory_child(name, N, H, V):
@@ -89,7 +99,7 @@ def _memory_child(name, N, H, V):
     _step(name, h, W, y)
     h.grad = W.grad = None
     extra = _measure_cpu(lambda: _step(name, h, W, y))
-    grads = (h.numel() + W.numel()) * 4 if name != "bare_products" else 0
+    grads = (h.numel() + W.numel()) * 4 if not name.startswith("bare_products") else 0
     print(json.dumps({"extra": extra, "grads": grads}))
 
 
@@ -159,6 +169,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="2048x256x32000", help="N x H x V")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first (0 at the full size)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--exactness", action="store_true")
@@ -184,14 +195,17 @@ def main(argv=None):
         f"# {N} x {H} -> {V} float32, budget {BUDGET or 'default'}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}"
     )
-    print("| variant | time (median) | peak extra memory | beyond grads |")
-    print("|---|---|---|---|")
-    for name in args.variants.split(","):
-        t = _time(name, N, H, V, args.repeats)
+    names = args.variants.split(",")
+    times = _times(names, N, H, V, args.repeats, args.warmup)
+    print("| variant | time (median) | vs fused CE | vs 3 bare products | peak extra memory | beyond grads |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        t = times[name]
         mem = "" if args.no_memory else _memory(name, N, H, V)
         ms = "" if not mem or mem["extra"] is None else f"{mem['extra'] / 2**20:.0f} MiB"
         beyond = "" if not mem or mem["extra"] is None else f"{(mem['extra'] - mem['grads']) / 2**20:.0f} MiB"
-        print(f"| {name} | {t * 1e3:.0f} ms | {ms} | {beyond} |", flush=True)
+        rel = [f"{t / times[b]:.3f}x" if b in times else "" for b in ("fused_ce", "bare_products")]
+        print(f"| {name} | {t * 1e3:.0f} ms | {rel[0]} | {rel[1]} | {ms} | {beyond} |", flush=True)
     return 0
 
 

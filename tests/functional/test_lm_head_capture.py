@@ -118,16 +118,24 @@ def test_compiled_negative_token_weight_raises_inside_the_graph():
         compiled(z, y, -torch.ones(4))
 
 
-def test_opcheck_lm_head_op():
+# float32 on ``chunked`` runs the compiled C kernel's blocks, float64 the torch-ops blocks
+_OPCHECK_CASES = [("chunked", torch.float32), ("chunked-torch", torch.float64)]
+
+
+@pytest.mark.parametrize("name,dtype", _OPCHECK_CASES)
+def test_opcheck_lm_head_op(name, dtype):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 4, generator=g, dtype=dtype, requires_grad=True)
+    W = torch.randn(5, 4, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=dtype, requires_grad=True)
     y = torch.tensor([0, 4, 2, -100, 1, 3])
     keep = y != -100
-    sigma = torch.full((5,), 0.02, dtype=torch.float64)
-    logits = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    for args in ((x, W, b, y, keep, sigma, 0.8, 2.0, 4), (logits, None, None, y, keep, None, 1.0, 0.0, 2)):
+    sigma = torch.full((5,), 0.02, dtype=dtype)
+    logits = torch.randn(6, 5, generator=g, dtype=dtype, requires_grad=True)
+    for args in (
+        (x, W, b, y, keep, sigma, 0.8, 2.0, 4, name),
+        (logits, None, None, y, keep, None, 1.0, 0.0, 2, name),
+    ):
         torch.library.opcheck(ops.lm_head_forward, args)
 
 
@@ -145,15 +153,17 @@ def test_torch_func_grad_runs_the_reference_formulas():
     assert_close(got, zz.grad)
 
 
-def test_opcheck_lm_head_loss_op():
+@pytest.mark.parametrize("name,dtype", _OPCHECK_CASES)
+def test_opcheck_lm_head_loss_op(name, dtype):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 4, generator=g, dtype=dtype, requires_grad=True)
+    W = torch.randn(5, 4, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=dtype, requires_grad=True)
     y = torch.tensor([0, 4, 2, -100, 1, 3])
     keep = y != -100
-    sigma = torch.full((5,), 0.02, dtype=torch.float64)
-    c = torch.rand(6, generator=g, dtype=torch.float64)
+    sigma = torch.full((5,), 0.02, dtype=dtype)
+    c = torch.rand(6, generator=g, dtype=dtype)
     torch.library.opcheck(
-        ops.lm_head_loss_fused, (x, W, b, y, keep, sigma, c, c * 0.5, c * 1e-2, 0.8, 2.0, 4, True, True, True)
+        ops.lm_head_loss_fused,
+        (x, W, b, y, keep, sigma, c, c * 0.5, c * 1e-2, 0.8, 2.0, 4, True, True, True, name),
     )

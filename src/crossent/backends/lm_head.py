@@ -38,17 +38,20 @@ where at ``j = y`` the ``p_y - 1`` of the ``nll`` term is evaluated as
 
 Implementations:
 
-* ``chunked-torch``'s ``lm_head``: the registered op ``crossent::lm_head_forward`` (and
-  its backward op; bodies :func:`forward_rows` / :func:`backward_rows`), row blocks of
-  ``rows`` rows by **all** classes: memory ``O(rows * C)``, never ``(N, C)`` for the
-  linear version. Forward keeps per row ``m``, ``log(1 + S')``, ``nll``
-  and ``B/(1+S')``; backward recomputes each block's logits (one more matrix product).
-  Plain torch ops: any device (registered on ``chunked-torch``).
-* ``chunked-torch``'s ``lm_head_loss``: the registered op ``crossent::lm_head_loss_fused``
+* ``lm_head`` of ``chunked`` and ``chunked-torch``: the registered op
+  ``crossent::lm_head_forward`` (and its backward op; bodies :func:`forward_rows` /
+  :func:`backward_rows`), row blocks of ``rows`` rows by **all** classes: memory
+  ``O(rows * C)``, never ``(N, C)`` for the linear version. Forward keeps per row ``m``,
+  ``log(1 + S')``, ``nll`` and ``B/(1+S')``; backward recomputes each block's logits (one
+  more matrix product). ``chunked`` computes each float32 block in the compiled C kernel
+  (``crossent_lm_stats`` / ``crossent_lm_grad``), ``chunked-torch`` (and ``chunked`` in
+  float64) in plain torch ops (:func:`_block_stats` / :func:`_block_grad`): any device.
+* ``lm_head_loss`` of the same two: the registered op ``crossent::lm_head_loss_fused``
   (body :func:`loss_rows`) for a summed loss
   :math:`\sum_i c^{nll}_i nll_i + c^{sm}_i sm_i + c^{z}_i lse_i^2`: its per-row upstream is
   known once the row's lse is, so the gradients are computed in the same pass (no
-  recomputation: the plain fused CE's three matrix products).
+  recomputation: the plain fused CE's three matrix products); the C kernel
+  ``crossent_lm_loss_grad`` does a block in three passes over its rows.
 * ``lm_head_unfused``: the same formulas on the full logits, differentiated by autograd
   (``reference``; also what ``torch.func`` transforms run).
 """
