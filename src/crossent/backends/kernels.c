@@ -799,79 +799,109 @@ static inline void lm_store(float *x, int64_t n, V v) {
   else _mm256_maskstore_ps(x, lanes_below(n), v);
 }
 
-/* Per row r of x (R, C): out[0..4][r] = m, log1p(S'), nll, B/(1+S'), sm (the smoothing
-   term, 0 when sm is NULL) and correct[r] = (first arg-max == y[r]), with
-   t_j = z_j - m (0 where z_j == m: ties and a +inf max), e_j = exp(t_j),
-   S' = sum over j off the ties of e_j + (ties - 1), nll = log1p(S') - t_y,
-   B = sum_j e_j (-t_j) (0 where e_j = 0), sm = (sum sm_j) log1p(S') + sum_j sm_j (-t_j).
+/* Pass 1 over a row: the max m of z (the transform of x) and whether a z is NaN; z is
+   written to zout and dz/dx to dout where they are not NULL (zout may be xr). */
+static inline __attribute__((always_inline)) float lm_row_max(const LMTransform *f, float *xr, int64_t C,
+                                                              float *zout, float *dout, int *has_nan) {
+  V vm = vset(-INFINITY), vnan = vzero();
+  for (int64_t j = 0; j < C; j += W) {
+    V d, z = lm_z(f, lm_load(xr + j, C - j), dout ? &d : 0);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+    vm = _mm256_max_ps(vm, z);
+    if (zout) lm_store(zout + j, C - j, z);
+    if (dout) lm_store(dout + j, C - j, d);
+  }
+  float mb[W]; _mm256_storeu_ps(mb, vm);
+  float m = -INFINITY;
+  for (int q = 0; q < W; ++q) m = mb[q] > m ? mb[q] : m;
+  *has_nan = _mm256_movemask_ps(vnan) != 0;
+  return m;
+}
+
+/* Pass 2 over a row, z = f(x) (f the identity when the row holds z already), with
+   t_j = z_j - m (0 where z_j == m: ties and a +inf max) and e_j = exp(t_j):
+   s = sum over j off the ties of e_j + (ties - 1) (= S'), B = sum_j e_j (-t_j) (0 where e_j = 0;
+   with want_B), T = sum_j sm_j (-t_j) (sm not NULL), k the first arg-max; e_j is written to
+   eout unless it is NULL (eout may be xr). Float lanes are flushed to double every 32
+   vectors, as in the row kernel. */
+typedef struct { float s; double B, T; int64_t k; } LMSums;
+static inline __attribute__((always_inline)) LMSums lm_row_sums(const LMTransform *f, float *xr, int64_t C, float m,
+                                                                const float *sm, float *eout, const int want_B) {
+  const V vmax = vset(m);
+  V acc = vzero(), bacc = vzero(), tacc = vzero();
+  double s_total = 0.0, B = 0.0, Tsm = 0.0;
+  int64_t k = -1, ties = 0;
+  int flush = 0;
+  for (int64_t j = 0; j < C; j += W) {
+    const int64_t n = C - j;
+    V z = lm_z(f, lm_load(xr + j, n), 0);
+    V eq = _mm256_cmp_ps(z, vmax, _CMP_EQ_OQ);
+    if (n < W) {   /* the lanes past the end: z = -inf, never a tie */
+      const V in = _mm256_castsi256_ps(lanes_below(n));
+      z = _mm256_blendv_ps(vset(-INFINITY), z, in);
+      eq = _mm256_and_ps(eq, in);
+    }
+    V t = _mm256_andnot_ps(eq, _mm256_sub_ps(z, vmax));   /* 0 at ties; -inf past the end */
+    V e = vexp_nonpos(t);
+    int bits = _mm256_movemask_ps(eq);
+    if (bits) {
+      ties += __builtin_popcount(bits);
+      if (k < 0) k = j + __builtin_ctz(bits);
+    }
+    acc = _mm256_add_ps(acc, _mm256_andnot_ps(eq, e));
+    if (want_B) bacc = _mm256_add_ps(bacc, vtimes(e, vneg(t)));   /* e = 0 (-inf, or past the end): no term */
+    if (sm) {
+      V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
+      tacc = _mm256_add_ps(tacc, vtimes(s8, vneg(t)));
+    }
+    if (eout) lm_store(eout + j, n, e);
+    if (++flush == 32) {
+      s_total += hsum(acc); acc = vzero(); flush = 0;
+      if (want_B) { B += hsum(bacc); bacc = vzero(); }
+      if (sm) { Tsm += hsum(tacc); tacc = vzero(); }
+    }
+  }
+  s_total += hsum(acc);
+  if (want_B) B += hsum(bacc);
+  if (sm) Tsm += hsum(tacc);
+  const LMSums r = {(float)(s_total + (double)(ties - 1)), B, Tsm, k};
+  return r;
+}
+
+/* The smoothing term sm = (sum sm_j) log1p(S') + sum_j sm_j (-t_j) of a row (0 without sm). */
+static inline float lm_smooth(const float *sm, double S_sm, float lp1, double T) {
+  return sm ? ((S_sm == 0.0 ? 0.f : (float)S_sm * lp1) + (float)T) : 0.f;
+}
+
+/* Per row r of x (R, C): out[0..4][r] = m, log1p(S'), nll = log1p(S') - t_y, B/(1+S'),
+   sm (lm_row_sums; 0 when sm is NULL) and correct[r] = (first arg-max == y[r]).
    A row holding a NaN gets NaN everywhere (correct 0). Targets in [0, C) (the caller's).
    scratch: x may be overwritten (with z, so the transform is evaluated once, not twice). */
 void crossent_lm_stats(float *x, const int64_t *y, const float *sm, float T, float cap, int scratch, float *out,
                        uint8_t *correct, int64_t R, int64_t C, int nthreads) {
-  const LMTransform f = {T, cap, cap / T, 1.f / T};
+  const LMTransform f = {T, cap, cap / T, 1.f / T}, id = {1.f, 0.f, 1.f, 1.f};
   const double S_sm = ce_smooth_total(sm, C);
+  const int in_place = scratch && (cap > 0.f || T != 1.f);   /* then pass 2 reads z from x */
   #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     float *xr = x + r * C;
     const float zy = lm_z1(&f, xr[y[r]], 0);
-    const int in_place = scratch && (cap > 0.f || T != 1.f);   /* then xr holds z after pass 1 */
-    V vm = vset(-INFINITY), vnan = vzero();
-    for (int64_t j = 0; j < C; j += W) {
-      V z = lm_z(&f, lm_load(xr + j, C - j), 0);
-      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
-      vm = _mm256_max_ps(vm, z);
-      if (in_place) lm_store(xr + j, C - j, z);
-    }
-    const LMTransform id = {1.f, 0.f, 1.f, 1.f};
-    const LMTransform *f2 = in_place ? &id : &f;   /* pass 2 reads z */
-    float mb[W]; _mm256_storeu_ps(mb, vm);
-    float m = -INFINITY;
-    for (int q = 0; q < W; ++q) m = mb[q] > m ? mb[q] : m;
-    if (_mm256_movemask_ps(vnan)) {
+    int has_nan;
+    const float m = lm_row_max(&f, xr, C, in_place ? xr : 0, 0, &has_nan);
+    if (has_nan) {
       for (int q = 0; q < 5; ++q) out[q * R + r] = NAN;
       correct[r] = 0;
       continue;
     }
-    const V vmax = vset(m);
-    V acc = vzero(), bacc = vzero(), tacc = vzero();
-    double s_total = 0.0, B = 0.0, Tsm = 0.0;
-    int64_t k = -1, ties = 0;
-    int flush = 0;
-    for (int64_t j = 0; j < C; j += W) {
-      const int64_t n = C - j;
-      V z = lm_z(f2, lm_load(xr + j, n), 0);
-      if (n < W) z = _mm256_blendv_ps(vset(-INFINITY), z, _mm256_castsi256_ps(lanes_below(n)));
-      V eq = _mm256_cmp_ps(z, vmax, _CMP_EQ_OQ);
-      if (n < W) eq = _mm256_and_ps(eq, _mm256_castsi256_ps(lanes_below(n)));
-      V t = _mm256_andnot_ps(eq, _mm256_sub_ps(z, vmax));   /* 0 at ties; -inf past the end */
-      V e = vexp_nonpos(t);
-      int bits = _mm256_movemask_ps(eq);
-      if (bits) {
-        ties += __builtin_popcount(bits);
-        if (k < 0) k = j + __builtin_ctz(bits);
-      }
-      acc = _mm256_add_ps(acc, _mm256_andnot_ps(eq, e));
-      bacc = _mm256_add_ps(bacc, vtimes(e, vneg(t)));   /* e = 0 (a -inf logit, or past the end): no term */
-      if (sm) {
-        V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
-        tacc = _mm256_add_ps(tacc, vtimes(s8, vneg(t)));
-      }
-      if (++flush == 32) {
-        s_total += hsum(acc); B += hsum(bacc); acc = bacc = vzero(); flush = 0;
-        if (sm) { Tsm += hsum(tacc); tacc = vzero(); }
-      }
-    }
-    s_total += hsum(acc); B += hsum(bacc);
-    if (sm) Tsm += hsum(tacc);
-    const float s = (float)(s_total + (double)(ties - 1));
-    const float lp1 = log1pf(s);
+    const LMSums u = lm_row_sums(in_place ? &id : &f, xr, C, m, sm, 0, 1);
+    const float lp1 = log1pf(u.s);
     const float ty = (zy == m) ? 0.f : zy - m;
     out[r] = m;
     out[R + r] = lp1;
     out[2 * R + r] = lp1 - ty;
-    out[3 * R + r] = (float)B / (1.f + s);
-    out[4 * R + r] = sm ? ((S_sm == 0.0 ? 0.f : (float)S_sm * lp1) + (float)Tsm) : 0.f;
-    correct[r] = (k == y[r]);
+    out[3 * R + r] = (float)u.B / (1.f + u.s);
+    out[4 * R + r] = lm_smooth(sm, S_sm, lp1, u.T);
+    correct[r] = (u.k == y[r]);
   }
 }
 
@@ -931,7 +961,7 @@ void crossent_lm_grad(const float *x, const int64_t *y, const float *sm, float T
    exponential per logit. Returns -1 when the per-thread row cannot be allocated, else 0. */
 int crossent_lm_loss_grad(float *x, const int64_t *y, const float *sm, float T, float cap, const float *c,
                           float *out, uint8_t *correct, int64_t R, int64_t C, int nthreads) {
-  const LMTransform f = {T, cap, cap / T, 1.f / T};
+  const LMTransform f = {T, cap, cap / T, 1.f / T}, id = {1.f, 0.f, 1.f, 1.f};
   const double S_sm = ce_smooth_total(sm, C);
   int failed = 0;
   #pragma omp parallel num_threads(nthreads) reduction(|:failed)
@@ -944,65 +974,25 @@ int crossent_lm_loss_grad(float *x, const int64_t *y, const float *sm, float T, 
       float *xr = x + r * C;
       const int64_t yr = y[r];
       const float c_nll = c[r], c_sm = sm ? c[R + r] : 0.f, c_z = c[2 * R + r];
-      V vm = vset(-INFINITY), vnan = vzero();
-      for (int64_t j = 0; j < C; j += W) {
-        const int64_t n = C - j;
-        V d, z = lm_z(&f, lm_load(xr + j, n), &d);
-        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
-        vm = _mm256_max_ps(vm, z);
-        lm_store(xr + j, n, z);
-        if (dbuf) lm_store(dbuf + j, n, d);
-      }
-      float mb[W]; _mm256_storeu_ps(mb, vm);
-      float m = -INFINITY;
-      for (int q = 0; q < W; ++q) m = mb[q] > m ? mb[q] : m;
-      if (_mm256_movemask_ps(vnan)) {
+      int has_nan;
+      const float m = lm_row_max(&f, xr, C, xr, dbuf, &has_nan);
+      if (has_nan) {
         for (int q = 0; q < 3; ++q) out[q * R + r] = NAN;
         correct[r] = 0;
         for (int64_t j = 0; j < C; ++j) xr[j] = NAN;
         continue;
       }
       const float zy = xr[yr];
-      const V vmax = vset(m);
-      V acc = vzero(), tacc = vzero();
-      double s_total = 0.0, Tsm = 0.0;
-      int64_t k = -1, ties = 0;
-      int flush = 0;
-      for (int64_t j = 0; j < C; j += W) {
-        const int64_t n = C - j;
-        V z = lm_load(xr + j, n);
-        V eq = _mm256_cmp_ps(z, vmax, _CMP_EQ_OQ);
-        if (n < W) eq = _mm256_and_ps(eq, _mm256_castsi256_ps(lanes_below(n)));
-        V t = _mm256_andnot_ps(eq, _mm256_sub_ps(z, vmax));
-        V e = vexp_nonpos(t);
-        int bits = _mm256_movemask_ps(eq);
-        if (bits) {
-          ties += __builtin_popcount(bits);
-          if (k < 0) k = j + __builtin_ctz(bits);
-        }
-        acc = _mm256_add_ps(acc, _mm256_andnot_ps(eq, e));
-        if (sm) {
-          V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
-          tacc = _mm256_add_ps(tacc, vtimes(s8, vneg(t)));
-        }
-        lm_store(xr + j, n, e);
-        if (++flush == 32) {
-          s_total += hsum(acc); acc = vzero(); flush = 0;
-          if (sm) { Tsm += hsum(tacc); tacc = vzero(); }
-        }
-      }
-      s_total += hsum(acc);
-      if (sm) Tsm += hsum(tacc);
-      const float s = (float)(s_total + (double)(ties - 1));
-      const float lp1 = log1pf(s);
+      const LMSums u = lm_row_sums(&id, xr, C, m, sm, xr, 0);
+      const float lp1 = log1pf(u.s);
       const float ty = (zy == m) ? 0.f : zy - m;
       const float nll = lp1 - ty, lse = m + lp1;
       out[r] = nll;
       out[R + r] = lse;
-      out[2 * R + r] = sm ? ((S_sm == 0.0 ? 0.f : (float)S_sm * lp1) + (float)Tsm) : 0.f;
-      correct[r] = (k == yr);
+      out[2 * R + r] = lm_smooth(sm, S_sm, lp1, u.T);
+      correct[r] = (u.k == yr);
       const float coef = c_nll + 2.f * c_z * lse + (sm ? c_sm * (float)S_sm : 0.f);
-      const V vscale = vset(coef / (1.f + s)), vcs = vset(c_sm), vinvT = vset(f.inv_T);
+      const V vscale = vset(coef / (1.f + u.s)), vcs = vset(c_sm), vinvT = vset(f.inv_T);
       for (int64_t j = 0; j < C; j += W) {
         const int64_t n = C - j;
         V g = _mm256_mul_ps(lm_load(xr + j, n), vscale);   /* e_j coef / (1 + S') */
