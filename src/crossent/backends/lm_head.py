@@ -260,13 +260,10 @@ def forward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, kernel=Fal
     correct = torch.empty(N, dtype=torch.bool, device=x.device)
     if W is not None and W.dtype != cdt:  # fp16/bf16: one float32 copy of the weight
         W = W.to(cdt)
+    block = _block_stats if K is None else functools.partial(_c_block_stats, K)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        L = _logits(x, W, b, r0, r1, cdt)
-        if K is not None:
-            m, lp1, nll, BA, sm, ok = _c_block_stats(K, L, y[r0:r1], sig, temperature, softcap)
-        else:
-            m, lp1, nll, BA, sm, ok = _block_stats(L, y[r0:r1], sig, temperature, softcap)
+        m, lp1, nll, BA, sm, ok = block(_logits(x, W, b, r0, r1, cdt), y[r0:r1], sig, temperature, softcap)
         m_[r0:r1], lp1_[r0:r1], nll_[r0:r1], BA_[r0:r1] = m, lp1, nll, BA
         if sm is not None:
             sm_[r0:r1] = sm

@@ -49,8 +49,8 @@ def wants_lm_head(z_loss, softcap, temperature, token_weight, return_accuracy) -
 
 def lm_stats(x, W, b, y, keep, sigma, temperature: float, softcap: float, rows: int, backend):
     """``(nll, sm, lse, ent, correct)`` per row from the backend that implements ``lm_head``
-    (``chunked-torch`` by default: the fused C and Triton kernels do not compute these
-    options; ``reference`` under ``torch.func`` transforms)."""
+    (``chunked`` on CPU, ``chunked-torch`` elsewhere: the Triton kernels do not compute
+    these options; ``reference`` under ``torch.func`` transforms)."""
     fn = dispatch("lm_head", x, "reference" if transforming() else backend)
     return fn(x, W, b, y, keep, sigma, temperature, softcap, rows)
 
@@ -219,8 +219,8 @@ def token_logprobs(
         softcap: None, or ``s``: logits become ``s * tanh(logits / s)`` first.
         ignore_index: log-prob and entropy are 0 there, with zero gradient.
         return_entropy: also return the per-token entropy ``H``.
-        validate, backend, chunk_size: value checks, backend choice (``'chunked-torch'``
-            by default, ``'reference'``), rows per block.
+        validate, backend, chunk_size: value checks, backend choice (``'chunked'`` by
+            default on CPU, ``'chunked-torch'``, ``'reference'``), rows per block.
 
     Returns:
         ``logp`` of shape ``(*)`` in float32 (float64 for float64 input), or ``(logp, H)``;
