@@ -31,7 +31,7 @@ a kernel on fake data, and an autograd formula (``register_autograd``).
 ``crossent::binary_focal_fused`` and ``crossent::softmax_focal_fused`` (focal and Poly-1
 losses) are registered the same way in :mod:`crossent.backends.focal`.
 
-``crossent::lm_head_forward(x, W, b, y, keep, sigma, temperature, softcap, rows) -> (nll, sm, lse, ent, correct, m, lp1, BA)``
+``crossent::lm_head_forward(x, W, b, y, keep, sigma, temperature, softcap, rows, backend) -> (nll, sm, lse, ent, correct, m, lp1, BA)``
     Per-row LM-head statistics of softcapped, tempered logits (:mod:`.lm_head`), ``x``
     logits (N, C) or hidden states (N, H) of ``W`` (C, H); its backward is the op
     ``crossent::lm_head_backward`` (recomputes each row block's logits).
