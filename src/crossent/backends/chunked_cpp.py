@@ -403,7 +403,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]
     lib.crossent_focal.restype = ctypes.c_double
     F = ctypes.c_float
-    lib.crossent_lm_stats.argtypes = [P, P, P, F, F, ctypes.c_int, P, P, I64, I64, ctypes.c_int]
+    lib.crossent_lm_stats.argtypes = [P, P, P, F, F, P, P, I64, I64, ctypes.c_int]
     lib.crossent_lm_stats.restype = None
     lib.crossent_lm_grad.argtypes = [P, P, P, F, F, P, P, P, I64, I64, ctypes.c_int]
     lib.crossent_lm_grad.restype = None
@@ -542,11 +542,11 @@ class _CFunctions:
         return loss, grad
 
     @staticmethod
-    def lm_stats(x, y, smooth, temperature: float, softcap: float, scratch: bool = False):
+    def lm_stats(x, y, smooth, temperature: float, softcap: float):
         """LM-head row statistics of the raw logits ``x`` (R, C) (``crossent_lm_stats``):
         ``(out, correct)``, ``out`` (5, R) holding m, log1p(S'), nll, B/(1+S'), sm;
-        ``y`` int64 in [0, C); ``smooth`` (C,) float32 or None; ``softcap`` 0: none;
-        ``scratch``: ``x`` may be overwritten."""
+        ``y`` int64 in [0, C); ``smooth`` (C,) float32 or None; ``softcap`` 0: none.
+        ``x`` is scratch: a temperature or soft cap overwrites it with the transformed logits."""
         R, C = x.shape
         out = torch.empty(5, R, dtype=torch.float32)
         correct = torch.empty(R, dtype=torch.bool)
@@ -556,7 +556,6 @@ class _CFunctions:
             _ptr(smooth),
             float(temperature),
             float(softcap),
-            int(scratch),
             _ptr(out),
             _ptr(correct),
             R,

@@ -793,6 +793,11 @@ static inline V lm_load(const float *x, int64_t n) {
   return _mm256_blendv_ps(vset(-INFINITY), _mm256_maskload_ps(x, mask), _mm256_castsi256_ps(mask));
 }
 
+/* 8 smoothing coefficients sm[j, j + n) (n < W: 0 in the lanes past n, so no term). */
+static inline V lm_load_sm(const float *sm, int64_t n) {
+  return n < W ? _mm256_maskload_ps(sm, lanes_below(n)) : _mm256_loadu_ps(sm);
+}
+
 /* 8 values into x[j, j + n) (n < W: the first n). */
 static inline void lm_store(float *x, int64_t n, V v) {
   if (n >= W) _mm256_storeu_ps(x, v);
@@ -850,10 +855,7 @@ static inline __attribute__((always_inline)) LMSums lm_row_sums(const LMTransfor
     }
     acc = _mm256_add_ps(acc, _mm256_andnot_ps(eq, e));
     if (want_B) bacc = _mm256_add_ps(bacc, vtimes(e, vneg(t)));   /* e = 0 (-inf, or past the end): no term */
-    if (sm) {
-      V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
-      tacc = _mm256_add_ps(tacc, vtimes(s8, vneg(t)));
-    }
+    if (sm) tacc = _mm256_add_ps(tacc, vtimes(lm_load_sm(sm + j, n), vneg(t)));
     if (eout) lm_store(eout + j, n, e);
     if (++flush == 32) {
       s_total += hsum(acc); acc = vzero(); flush = 0;
@@ -876,12 +878,13 @@ static inline float lm_smooth(const float *sm, double S_sm, float lp1, double T)
 /* Per row r of x (R, C): out[0..4][r] = m, log1p(S'), nll = log1p(S') - t_y, B/(1+S'),
    sm (lm_row_sums; 0 when sm is NULL) and correct[r] = (first arg-max == y[r]).
    A row holding a NaN gets NaN everywhere (correct 0). Targets in [0, C) (the caller's).
-   scratch: x may be overwritten (with z, so the transform is evaluated once, not twice). */
-void crossent_lm_stats(float *x, const int64_t *y, const float *sm, float T, float cap, int scratch, float *out,
+   x is scratch: with a temperature or soft cap it is overwritten with z (so the transform
+   is evaluated once per logit, not twice). */
+void crossent_lm_stats(float *x, const int64_t *y, const float *sm, float T, float cap, float *out,
                        uint8_t *correct, int64_t R, int64_t C, int nthreads) {
   const LMTransform f = {T, cap, cap / T, 1.f / T}, id = {1.f, 0.f, 1.f, 1.f};
   const double S_sm = ce_smooth_total(sm, C);
-  const int in_place = scratch && (cap > 0.f || T != 1.f);   /* then pass 2 reads z from x */
+  const int in_place = cap > 0.f || T != 1.f;   /* then pass 1 writes z over x and pass 2 reads it */
   #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     float *xr = x + r * C;
@@ -903,6 +906,13 @@ void crossent_lm_stats(float *x, const int64_t *y, const float *sm, float T, flo
     out[4 * R + r] = lm_smooth(sm, S_sm, lp1, u.T);
     correct[r] = (u.k == y[r]);
   }
+}
+
+/* d/dz_y of the nll, smoothing and lse terms at the target (p_y = exp(-nll); coef as in the
+   gradient passes; smy = g_sm sm_y): p_y (coef - g_nll) + g_nll (p_y - 1) - smy, with
+   p_y - 1 = expm1(-nll), exact for a confident token. */
+static inline float lm_target_grad(float p_y, float nll, float coef, float g_nll, float smy) {
+  return p_y * (coef - g_nll) + g_nll * expm1f(-nll) - smy;
 }
 
 /* d/dx of g_nll nll + g_sm sm + g_lse lse + g_ent ent per row r of x (R, C), into grad (may
@@ -936,16 +946,12 @@ void crossent_lm_grad(const float *x, const int64_t *y, const float *sm, float T
       V t = _mm256_andnot_ps(eq, _mm256_sub_ps(z, vmax));
       V p = vexp_nonpos(_mm256_sub_ps(t, vlp1));
       V dz = vtimes(p, _mm256_fmadd_ps(vb, t, va));
-      if (sm) {
-        V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
-        dz = _mm256_fnmadd_ps(vgs, s8, dz);
-      }
+      if (sm) dz = _mm256_fnmadd_ps(vgs, lm_load_sm(sm + j, n), dz);
       lm_store(gr + j, n, _mm256_mul_ps(dz, d));
     }
     const float p_y = expf(-nll);
-    float col = p_y * (coef - g_nll) + g_nll * expm1f(-nll);
+    float col = lm_target_grad(p_y, nll, coef, g_nll, sm ? g_sm * sm[yr] : 0.f);
     if (g_ent != 0.f && p_y > 0.f) col -= g_ent * (p_y * (ty + BA));
-    if (sm) col -= g_sm * sm[yr];
     gr[yr] = col * dzy;
   }
 }
@@ -996,15 +1002,10 @@ int crossent_lm_loss_grad(float *x, const int64_t *y, const float *sm, float T, 
       for (int64_t j = 0; j < C; j += W) {
         const int64_t n = C - j;
         V g = _mm256_mul_ps(lm_load(xr + j, n), vscale);   /* e_j coef / (1 + S') */
-        if (sm) {
-          V s8 = n < W ? _mm256_maskload_ps(sm + j, lanes_below(n)) : _mm256_loadu_ps(sm + j);
-          g = _mm256_fnmadd_ps(vcs, s8, g);
-        }
+        if (sm) g = _mm256_fnmadd_ps(vcs, lm_load_sm(sm + j, n), g);
         lm_store(xr + j, n, _mm256_mul_ps(g, dbuf ? lm_load(dbuf + j, n) : vinvT));
       }
-      const float p_y = expf(-nll);
-      float col = p_y * (coef - c_nll) + c_nll * expm1f(-nll);
-      if (sm) col -= c_sm * sm[yr];
+      const float col = lm_target_grad(expf(-nll), nll, coef, c_nll, sm ? c_sm * sm[yr] : 0.f);
       xr[yr] = col * (dbuf ? dbuf[yr] : f.inv_T);
     }
     free(dbuf);

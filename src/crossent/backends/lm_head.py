@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from .._dtypes import compute_dtype
+from . import chunked
 from .linear import default_budget
 
 
@@ -210,19 +211,17 @@ def _safe_y(y: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device)).long()
 
 
-def _c_functions(kernel: bool, cdt: torch.dtype, device: torch.device):
-    """The compiled C functions when ``kernel`` asks for them and they apply (float32
+def _c_functions(backend: str, cdt: torch.dtype, device: torch.device):
+    """The compiled C functions when ``backend`` is ``chunked`` and they apply (float32
     compute on the CPU, the library built), else None: the torch-ops blocks."""
-    if not kernel or cdt != torch.float32 or device.type != "cpu":
+    if backend != "chunked" or cdt != torch.float32 or device.type != "cpu":
         return None
-    from .chunked import _cpp
-
-    return _cpp()
+    return chunked._cpp()
 
 
 def _c_block_stats(K, L, y, sigma, temperature, softcap):
     """:func:`_block_stats` in the compiled kernel (``crossent_lm_stats``; ``L`` is scratch)."""
-    out, correct = K.lm_stats(L, y, sigma, temperature, softcap, scratch=True)
+    out, correct = K.lm_stats(L, y, sigma, temperature, softcap)
     m, lp1, nll, BA, sm = out.unbind(0)
     return m, lp1, nll, BA, (sm if sigma is not None else None), correct
 
@@ -247,12 +246,12 @@ def _c_block_loss_grad(K, L, y, keep, sigma, temperature, softcap, c_nll, c_sm, 
     return loss, lse, ok, L
 
 
-def forward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, kernel=False):
+def forward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, backend):
     """The forward of ``crossent::lm_head_forward`` (no autograd): per-row outputs
-    ``(nll, sm, lse, ent, correct)`` and the saved ``(m, lp1, BA)``. ``kernel``: the blocks
-    run in the compiled C kernel where it applies (:func:`_c_functions`)."""
+    ``(nll, sm, lse, ent, correct)`` and the saved ``(m, lp1, BA)``. ``backend``
+    ``chunked`` runs the blocks in the compiled C kernel where it applies (:func:`_c_functions`)."""
     cdt = compute_dtype(x.dtype)
-    K = _c_functions(kernel, cdt, x.device)
+    K = _c_functions(backend, cdt, x.device)
     N = x.shape[0]
     y = _safe_y(y, keep)
     sig = None if sigma is None else sigma.to(cdt).contiguous()
@@ -314,7 +313,7 @@ def _grad_loop(x, W, b, keep, rows, cdt, need_x, need_W, need_b, block_dx):
     )
 
 
-def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, saved, grads, need, kernel=False):
+def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, backend, saved, grads, need):
     """``(grad_x, grad_W, grad_b)`` of the upstream-weighted outputs, block by block:
     ``saved`` is the forward's ``(m, lp1, nll, BA)``, ``grads`` the upstream
     ``(g_nll, g_sm, g_lse, g_ent)`` (each may be None), ``need`` ``(need_x, need_W, need_b)``."""
@@ -335,7 +334,7 @@ def backward_rows(x, W, b, y, keep, sigma, temperature, softcap, rows, saved, gr
     g_nll, g_lse, g_ent = up(g_nll, True), up(g_lse, True), up(g_ent)
     g_sm = up(g_sm, True) if sig is not None else None
 
-    K = _c_functions(kernel, cdt, x.device)
+    K = _c_functions(backend, cdt, x.device)
 
     def block_dx(sl, L):
         return (_block_grad if K is None else functools.partial(_c_block_grad, K))(
@@ -400,9 +399,7 @@ def _block_loss_grad(
     return loss, lse, k.squeeze(1) == y, dz
 
 
-def loss_rows(
-    x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b, kernel=False
-):
+def loss_rows(x, W, b, y, keep, sigma, c_nll, c_sm, c_z, temperature, softcap, rows, need_x, need_W, need_b, backend):
     """One pass for a summed loss ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2``:
     ``(total, lse, correct, grad_x, grad_W, grad_b)`` with the gradients of ``total``
     computed block by block in the same pass (the per-row upstream of each statistic is
@@ -418,7 +415,7 @@ def loss_rows(
     total = torch.zeros((), dtype=cdt, device=x.device)
     lse_ = torch.zeros(N, dtype=cdt, device=x.device)
     correct = torch.zeros(N, dtype=torch.bool, device=x.device)
-    K = _c_functions(kernel, cdt, x.device)
+    K = _c_functions(backend, cdt, x.device)
     block = _block_loss_grad if K is None else functools.partial(_c_block_loss_grad, K)
 
     def block_dx(sl, L):

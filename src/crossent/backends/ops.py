@@ -434,7 +434,7 @@ def lm_head_forward(
     from . import lm_head
 
     (nll, sm, lse, ent, correct), (m, lp1, _, BA) = lm_head.forward_rows(
-        x, W, b, y, keep, sigma, temperature, softcap, rows, backend == "chunked"
+        x, W, b, y, keep, sigma, temperature, softcap, rows, backend
     )
     return nll, sm, lse, ent, correct, m, lp1, BA
 
@@ -476,19 +476,7 @@ def lm_head_backward(
 
     saved, grads = (m, lp1, nll, BA), (g_nll, g_sm, g_lse, g_ent)
     return lm_head.backward_rows(
-        x,
-        W,
-        b,
-        y,
-        keep,
-        sigma,
-        temperature,
-        softcap,
-        rows,
-        saved,
-        grads,
-        (need_x, need_W, need_b),
-        backend == "chunked",
+        x, W, b, y, keep, sigma, temperature, softcap, rows, backend, saved, grads, (need_x, need_W, need_b)
     )
 
 
@@ -571,7 +559,7 @@ def lm_head_loss_fused(
         need_x,
         need_W,
         need_b,
-        backend == "chunked",
+        backend,
     )
 
 
@@ -608,8 +596,7 @@ def _lm_loss_backward(ctx, g_total, *_):
     else:
         from . import lm_head
 
-        *options, backend = ctx.options
-        grads = lm_head.loss_rows(*ctx.saved_tensors, *options, backend == "chunked")[3:]
+        grads = lm_head.loss_rows(*ctx.saved_tensors, *ctx.options)[3:]
     gx, gW, gb = _scaled(grads, g_total)
     need_x, need_W, need_b = ctx.options[3:6]
     return (gx if need_x else None, gW if need_W else None, gb if need_b else None) + (None,) * 13

@@ -306,9 +306,10 @@ def linear_cross_entropy(
     logits (0 at ignored tokens) and the result is ``(loss, lse?, accuracy?)``. They need
     class-index targets without K dimensions, and run as the registered op
     ``crossent::lm_head_loss_fused`` (``chunked``, ``chunked-torch``; row blocks of
-    ``chunk_size`` rows by all classes; ``class_chunk_size`` does not apply): never ``(N, C)``; gradients in the
-    forward pass for ``'mean'``/``'sum'`` (three matrix products), recomputed in backward
-    for ``'none'`` or weights that require grad (``crossent::lm_head_forward``, four).
+    ``chunk_size`` rows by all classes; ``class_chunk_size`` does not apply): never
+    ``(N, C)``; gradients in the forward pass for ``'mean'``/``'sum'`` (three matrix
+    products), recomputed in backward for ``'none'`` or weights that require grad
+    (``crossent::lm_head_forward``, four).
 
     >>> import torch, crossent
     >>> h = torch.tensor([[1.0, -0.5], [0.2, 0.3]])
