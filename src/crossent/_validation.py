@@ -796,14 +796,18 @@ def _sample_rows(x: torch.Tensor, class_dim: int, k: int) -> torch.Tensor:
     return y.movedim(1, -1).reshape(-1, x.shape[class_dim])
 
 
+def softmax_rows_to_inspect(C: int) -> int:
+    """How many rows of C classes the "looks like softmax output" check reads: at most
+    :data:`_ROWS_TO_INSPECT` rows and about :data:`_ELEMENTS_TO_INSPECT` numbers (at least
+    one row). With a 32000-word vocabulary two rows already cannot be raw logits by chance."""
+    return max(1, min(_ROWS_TO_INSPECT, _ELEMENTS_TO_INSPECT // max(C, 1)))
+
+
 def _softmax_stats(input: torch.Tensor, class_dim: int):
     C = input.shape[class_dim]
     if C < 2 or input.numel() < _MIN_ELEMENTS_TO_TELL:
         return []
-    # At most _ROWS_TO_INSPECT rows and about _ELEMENTS_TO_INSPECT numbers (at least one
-    # row): with a 32000-word vocabulary two rows already cannot be raw logits by chance.
-    rows = max(1, min(_ROWS_TO_INSPECT, _ELEMENTS_TO_INSPECT // max(C, 1)))
-    xs = _sample_rows(input.detach(), class_dim, rows)
+    xs = _sample_rows(input.detach(), class_dim, softmax_rows_to_inspect(C))
     xs = xs.to(compute_dtype(xs.dtype))
     xmin, xmax = torch.aminmax(xs)
     if _on_host(xs):
@@ -860,13 +864,22 @@ def _softmax_judge(func: str, input: torch.Tensor, class_dim: int, stats) -> Non
         warn_once("log-softmax-before-ce", _LOG_SOFTMAX_MSG.format(func=func, why="the input rows have logsumexp 0"))
 
 
-def check_logits_not_probabilities(func: str, input: torch.Tensor, class_dim: int) -> None:
+def check_logits_not_probabilities(
+    func: str, input: torch.Tensor, class_dim: int, sampled_range: Optional[Tuple[float, float]] = None
+) -> None:
     """Value tier heuristic: warn when the input looks like softmax or log_softmax output.
 
     Exact signal first: the autograd node that produced the input (any size, free).
     Otherwise, on at least :data:`_MIN_ELEMENTS_TO_TELL` elements, the first
-    :data:`_ROWS_TO_INSPECT` rows are all non-negative and sum to 1 (softmax), or all
-    have logsumexp 0 (log_softmax): raw logits never do either."""
+    :func:`softmax_rows_to_inspect` rows are all non-negative and sum to 1 (softmax), or
+    all have logsumexp 0 (log_softmax): raw logits never do either.
+
+    ``sampled_range``: the (min, max) of those rows when a kernel has read them already
+    (``chunked_cpp.ce_index_plain``). Entries of both signs settle it (neither output
+    has them); any other range is checked from the rows as without it."""
+    if sampled_range is not None and sampled_range[0] < 0 < sampled_range[1]:
+        _softmax_judge(func, input, class_dim, [])
+        return
     _softmax_judge(func, input, class_dim, _fetch(_softmax_stats(input, class_dim)))
 
 

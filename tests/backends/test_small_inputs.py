@@ -46,6 +46,63 @@ def test_softmax_heuristic_judges_what_it_reads_on_cpu():
         V.check_logits_not_probabilities("f", x.detach().log_softmax(1), 1)
 
 
+@pytest.mark.parametrize("make", ["logits", "softmax", "log_softmax", "nan_first_row", "non_negative"])
+def test_plain_call_warns_exactly_as_the_general_path(monkeypatch, make):
+    """The plain call hands the heuristic the sign range its kernel read
+    (``chunked_cpp.ce_index_plain``); the warnings are those of the general path, which
+    reads the rows itself, for inputs of every kind the heuristic tells apart."""
+    _needs_kernel()
+    x, y = _classifier(M=100, C=12, seed=3)
+    z = {
+        "logits": x.detach(),
+        "softmax": x.detach().softmax(1),
+        "log_softmax": x.detach().log_softmax(1),
+        "nan_first_row": x.detach().index_fill(0, torch.tensor([0]), float("nan")),
+        "non_negative": x.detach().abs(),  # no sign change, rows do not sum to 1
+    }[make]
+
+    def warned():
+        V.reset_warnings()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            crossent.cross_entropy(z.clone().requires_grad_(), y)
+        return [str(w.message) for w in caught]
+
+    taken = []
+    real = chunked.plain_cross_entropy
+    monkeypatch.setattr(chunked, "plain_cross_entropy", lambda *a: taken.append(a[3]) or real(*a))
+    fast = warned()
+    assert taken == [V.softmax_rows_to_inspect(12)]
+    monkeypatch.setattr(_multiclass, "_plain_call", lambda *a: None)
+    assert fast == warned()
+    assert bool(fast) == (make in ("softmax", "log_softmax"))
+
+
+def test_kernel_reads_the_sample_range_and_refuses_out_of_range_targets():
+    """``ce_index_plain``: the (min, max) of the first rows (NaN when one is NaN, all rows
+    when fewer), and for a target outside [0, C) None with nothing written."""
+    _needs_kernel()
+    cpp = chunked._cpp()
+    x, y = _classifier(M=50, C=13, seed=4)
+    x = x.detach()
+    grad = torch.empty_like(x)
+    for rows in (1, 7, 50, 80):
+        loss, (lo, hi) = cpp.ce_index_plain(x, y, grad, 1.0, rows)
+        assert (lo, hi) == tuple(t.item() for t in torch.aminmax(x[:rows]))
+        assert_close(loss, torch.nn.functional.cross_entropy(x, y, reduction="none"))
+    assert cpp.ce_index_plain(x, y, grad, 1.0, 0)[1] is None
+    xn = x.clone()
+    xn[6, 12] = float("nan")
+    assert all(v != v for v in cpp.ce_index_plain(xn, y, grad, 1.0, 7)[1])
+    assert cpp.ce_index_plain(xn, y, grad, 1.0, 6)[1] == tuple(t.item() for t in torch.aminmax(x[:6]))
+    for bad in (-100, -1, 13):
+        yb = y.clone()
+        yb[31] = bad
+        grad.fill_(7.0)
+        assert cpp.ce_index_plain(x, yb, grad, 1.0, 5) is None
+        assert bool((grad == 7.0).all())  # nothing written
+
+
 def test_index_check_decides_the_range_with_and_without_ignored_targets():
     """The CPU check masks ``ignore_index`` only when a target equals it (op counts:
     benchmarks/op_counts.py); the decision is the same either way."""

@@ -477,20 +477,17 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 class _FusedCrossEntropyReduced(torch.autograd.Function):
     """The small-input path (:func:`plain_cross_entropy`) in one autograd node: the per-row
-    losses of :class:`_FusedCrossEntropy` with their ``sum`` (``rows`` None) or ``mean``
-    (``sum / rows``) taken inside. float32 (M, C) rows and int64 (M,) targets with no
-    weights, smoothing or ignored rows go straight to the compiled kernel. Values and
-    gradients are bit for bit those of the per-row Function followed by ``sum`` and
-    ``/ rows``: the same reductions run, and backward uses the pre-scaled gradient only when
-    the ``grad_output`` that ``SumBackward`` and ``DivBackward`` would hand on is exactly the
-    pre-scale (a plain ``backward()`` sends 1: then it is); otherwise the per-row
-    Function's backward gets that ``g / rows``, expanded. The inputs keep the per-row
-    Function's positions (its backward indexes ``needs_input_grad``)."""
+    losses and pre-scaled gradient the compiled kernel already wrote (``loss``, ``grad``),
+    their ``sum`` (``rows`` None) or ``mean`` (``sum / rows``) taken here. Values and
+    gradients are bit for bit those of the per-row :class:`_FusedCrossEntropy` followed by
+    ``sum`` and ``/ rows``: the same reductions run, and backward hands on the pre-scaled
+    gradient only when the ``grad_output`` that ``SumBackward`` and ``DivBackward`` would
+    pass is exactly the pre-scale (a plain ``backward()`` sends 1: then it is); otherwise
+    the per-row Function's backward gets that ``g / rows``, expanded. The inputs keep the
+    per-row Function's positions (its backward indexes ``needs_input_grad``)."""
 
     @staticmethod
-    def forward(ctx, impl, scale, x, q, y, c, smooth, keep, rows):
-        grad = torch.empty_like(x)
-        loss = _cpp().ce_index(x, y, None, grad, scale)
+    def forward(ctx, impl, scale, x, q, y, c, smooth, keep, rows, loss, grad):
         ctx.grad, ctx.scale, ctx.scale_value, ctx.impl = grad, scale, scale, impl
         ctx.save_for_backward(x, q, y, c, smooth, keep)
         ctx.rows, ctx.M = rows, loss.shape[0]
@@ -501,19 +498,29 @@ class _FusedCrossEntropyReduced(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.grad is not None and not torch.is_grad_enabled() and g.item() == 1.0:
             grad, ctx.grad = ctx.grad, None  # pre-scaled by 1 / rows (or 1): what g = 1 makes
-            return None, None, grad, None, None, None, None, None, None
+            return None, None, grad, None, None, None, None, None, None, None, None
         go = (g if ctx.rows is None else g / ctx.rows).expand(ctx.M)
-        return _FusedCrossEntropy.backward(ctx, go) + (None,)
+        return _FusedCrossEntropy.backward(ctx, go) + (None, None, None)
 
 
-def plain_cross_entropy(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+def plain_cross_entropy(x: torch.Tensor, y: torch.Tensor, reduction: str, range_rows: int = 0):
     """The reduced loss of the small-input path (the functional layer's ``_plain_call``
-    holds: float32 contiguous (M, C) rows, the compiled kernel, int64 (M,) targets in
-    [0, C), no weights, smoothing or ignored targets), ``reduction`` 'mean' or 'sum'. The
-    same values and gradients as the general path."""
+    holds: float32 contiguous (M, C) rows, the compiled kernel, int64 (M,) targets, no
+    weights, smoothing or class index equal to ``ignore_index``), ``reduction`` 'mean' or
+    'sum'. The same values and gradients as the general path.
+
+    Returns None, with nothing computed, when a target is outside [0, C) (an ignored one or
+    an error: the general path handles both); else the loss and the (min, max) of the first
+    ``range_rows`` rows (None for 0), read by the kernel for the softmax-output check."""
     M = x.shape[0]
     scale = 1.0 if reduction == "sum" else mean_grad_scale(M, x.dtype)
-    return _FusedCrossEntropyReduced.apply(CPU, scale, x, None, y, None, None, None, None if reduction == "sum" else M)
+    grad = torch.empty_like(x)
+    out = _cpp().ce_index_plain(x, y, grad, scale, range_rows)
+    if out is None:
+        return None
+    loss, sampled_range = out
+    rows = None if reduction == "sum" else M
+    return _FusedCrossEntropyReduced.apply(CPU, scale, x, None, y, None, None, None, rows, loss, grad), sampled_range
 
 
 def _value(scale) -> float:

@@ -381,7 +381,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crossent_bce.restype = ctypes.c_double
     lib.crossent_bce_grad.argtypes = [ctypes.c_int, P, P, P, I64, P, ctypes.c_float, I64, ctypes.c_int]
     lib.crossent_bce_grad.restype = None
-    lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
+    lib.crossent_ce_index.argtypes = [P, P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int, P, I64]
     lib.crossent_ce_index_grad.argtypes = [P, P, P, P, P, P, ctypes.c_float, I64, I64, ctypes.c_int]
     lib.crossent_ce_index_grad.restype = None
     lib.crossent_ce_index.restype = ctypes.c_int64
@@ -480,11 +480,27 @@ class _CFunctions:
         s = 1.0 if scale is None else float(scale)
         sm = None if smooth is None else smooth.to(torch.float32).contiguous()
         bad = _lib.crossent_ce_index(
-            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), _ptr(stats), s, M, C, _threads(M * C)
+            _ptr(x), _ptr(y), _ptr(c), _ptr(sm), _ptr(loss), _ptr(grad), _ptr(stats), s, M, C, _threads(M * C), None, 0
         )
         if bad:
             _bad_targets(y, C, bad)
         return loss
+
+    @staticmethod
+    def ce_index_plain(x, y, grad, scale: float, range_rows: int):
+        """:meth:`ce_index` without row coefficients (every row counts once), for a caller
+        that has a path for targets outside [0, C) (``ignore_index``, errors): None when
+        there is one (nothing is computed), else the per-row loss and, for ``range_rows``
+        > 0, the (min, max) of the first ``range_rows`` rows' logits (NaN when one is NaN)."""
+        M, C = x.shape
+        loss = torch.empty(M, dtype=x.dtype)
+        out = (ctypes.c_float * 2)() if range_rows else None
+        bad = _lib.crossent_ce_index(
+            _ptr(x), _ptr(y), None, None, _ptr(loss), _ptr(grad), None, scale, M, C, _threads(M * C), out, range_rows
+        )
+        if bad:
+            return None
+        return loss, (None if out is None else (out[0], out[1]))
 
     @staticmethod
     def ce_index_grad(x, y, c, stats, scale=None, smooth=None):

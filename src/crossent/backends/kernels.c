@@ -318,16 +318,48 @@ static inline double ce_smooth_total(const float *sm, int64_t C) {
   return S;
 }
 
-/* stats: NULL, or 2 M floats that receive each row's (m, s) for crossent_ce_index_grad
-   (NaN rows: m = NaN). */
+/* The min and max of n floats into out[0], out[1]; both NaN when one of the floats is NaN. */
+static void value_range(const float *x, int64_t n, float *out) {
+  V lo = vset(INFINITY), hi = vset(-INFINITY), vnan = vzero();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    V xv = _mm256_loadu_ps(x + j);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+    lo = _mm256_min_ps(lo, xv);
+    hi = _mm256_max_ps(hi, xv);
+  }
+  float l[W], h[W];
+  _mm256_storeu_ps(l, lo); _mm256_storeu_ps(h, hi);
+  float a = INFINITY, b = -INFINITY;
+  int has_nan = _mm256_movemask_ps(vnan) != 0;
+  for (int q = 0; q < W; ++q) { a = l[q] < a ? l[q] : a; b = h[q] > b ? h[q] : b; }
+  for (; j < n; ++j) { if (x[j] != x[j]) has_nan = 1; a = x[j] < a ? x[j] : a; b = x[j] > b ? x[j] : b; }
+  out[0] = has_nan ? NAN : a;
+  out[1] = has_nan ? NAN : b;
+}
+
+/* Targets outside [0, C) of the rows not ignored are counted first: when there are any,
+   nothing is computed or written and their count is returned (the caller raises, or hands
+   the call to a path that handles ignore_index), so no row is read out of bounds.
+   stats: NULL, or 2 M floats that receive each row's (m, s) for crossent_ce_index_grad
+   (NaN rows: m = NaN). range: NULL, or 2 floats that receive the min and max of the first
+   range_rows rows' logits (value_range), which the functional layer's "looks like softmax
+   output" check would otherwise read again. */
 int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, const float *sm, float *loss,
-                          float *grad, float *stats, float scale, int64_t M, int64_t C, int nthreads) {
-  int64_t bad = 0;   /* targets outside [0, C): never read out of bounds; the caller raises */
+                          float *grad, float *stats, float scale, int64_t M, int64_t C, int nthreads,
+                          float *range, int64_t range_rows) {
+  int64_t bad = 0;
+  for (int64_t r = 0; r < M; ++r) {
+    const int ignored = c && c[r] == 0.f && signbit(c[r]);
+    bad += !ignored && (y[r] < 0 || y[r] >= C);
+  }
+  if (bad) return bad;
+  if (range) value_range(x, (range_rows < M ? range_rows : M) * C, range);
   /* label smoothing: a_j = c [j == y] + sm_j, so A = c + S and
      loss = c (log1p(s) - z_y) + S log1p(s) + sum_j sm_j (-z_j)   (terms with sm_j == 0 dropped) */
   const double S = ce_smooth_total(sm, C);
   const float Sf = (float)S;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < M; ++r) {
     const float *xr = x + r * C;
     float *gr = grad ? grad + r * C : 0;
@@ -339,7 +371,6 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
       if (gr) memset(gr, 0, (size_t)C * sizeof(float));
       continue;
     }
-    if (yr < 0 || yr >= C) { ++bad; loss[r] = NAN; continue; }
     int has_nan;
     const float m = ce_row_max(xr, C, &has_nan);
     if (has_nan) {
@@ -408,7 +439,7 @@ int64_t crossent_ce_index(const float *x, const int64_t *y, const float *c, cons
     ce_grad_pass(xr, gr, C, m, den, A, sm, scale, 0);
     ce_grad_entries(gr, yr, k, ey, s, den, A, cr, sm, S, scale);
   }
-  return bad;
+  return 0;
 }
 
 /* The gradient of crossent_ce_index (times scale) from the (m, s) of each row that its

@@ -37,10 +37,12 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
     Plain means: an eager CPU call (nothing captured, no autocast) on float32 (N, C) logits
     (C >= 2, contiguous) that need a gradient, int64 (N,) class indices all in [0, C) with
     ignore_index outside it (so none is ignored), no weights or smoothing, reduction 'mean'
-    or 'sum', and the compiled kernel chosen. Then every check of the general path passes except the
-    softmax heuristic, which runs here too, and the kernel computes exactly what the
-    general path would (:func:`crossent.backends.chunked.plain_cross_entropy`). Anything
-    else, including every error, takes the general path."""
+    or 'sum', and the compiled kernel chosen. Then every check of the general path passes
+    except the softmax heuristic, which runs here too (on the sign range the kernel read),
+    and the kernel computes exactly what the general path would
+    (:func:`crossent.backends.chunked.plain_cross_entropy`). The kernel itself looks at the
+    targets first: with one outside [0, C) it computes nothing and the call, ignored
+    targets and errors alike, takes the general path, as does anything else."""
     if not (
         type(input) is torch.Tensor
         and type(target) is torch.Tensor
@@ -73,12 +75,14 @@ def _plain_call(input, target, ignore_index, reduction: str, validate) -> Option
         return None
     if 0 <= ignore_index < C:  # a class index may be ignored: the general path masks it
         return None
-    tmin, tmax = torch.aminmax(target)
-    if int(tmin) < 0 or int(tmax) >= C:  # ignored (ignore_index < 0 or >= C) or out of range
+    check = V.validation_enabled(validate)
+    out = chunked.plain_cross_entropy(input, target, reduction, V.softmax_rows_to_inspect(C) if check else 0)
+    if out is None:  # a target outside [0, C): ignored (ignore_index < 0 or >= C) or an error
         return None
-    if V.validation_enabled(validate):
-        V.check_logits_not_probabilities("cross_entropy", input, 1)
-    return chunked.plain_cross_entropy(input, target, reduction)
+    loss, sampled_range = out
+    if check:
+        V.check_logits_not_probabilities("cross_entropy", input, 1, sampled_range)
+    return loss
 
 
 class MulticlassCall(NamedTuple):
