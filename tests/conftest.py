@@ -6,11 +6,15 @@ Helpers (tolerances, generators) are plain functions in ``tests/_helpers.py``.
 from __future__ import annotations
 
 import os
+import tempfile
 
 # The Triton tests run the kernels through Triton's interpreter (no GPU). Triton reads the
 # variable once, when it is first imported, and torch._dynamo / export import it early:
 # set it before any test module imports torch.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Compiled graphs come from this session's compilations, not from a warm Inductor cache
+# filled by an older crossent (it keys graphs by op names, not by their decompositions).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="crossent-tests-inductor-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -144,6 +144,72 @@ def test_dynamic_batch_recompiles_no_more_than_torch(name):
     assert counts[0] <= counts[1] and counts[0] >= 1, counts
 
 
+@pytest.mark.parametrize("name", ["ce", "ce_weight_smoothing", "ce_ignore_sum", "ce_kdim"])
+def test_inductor_compiles_the_cross_entropy_formulas_not_the_op(name):
+    """With Inductor on CPU, the cross-entropy row ops are compiled from their formulas
+    (``backends/inductor.py``): the generated code calls no crossent op, and the step gives
+    eager's loss and gradients."""
+    from torch._inductor.utils import run_and_get_code
+
+    step = CASES[name][0]
+    model = step_model()
+    x, y, s = step_data()
+    compiled = torch.compile(lambda z, y, s: step(z, y, s), fullgraph=True)
+    got, code = run_and_get_code(lambda: run_step(compiled, model, x, y, s))
+    assert not any("crossent" in c for c in code)
+    for a, b in zip(got, run_step(step, model, x, y, s)):
+        assert_close(a, b)
+
+
+def _ce_row_inputs():
+    """(x, y, c, smooth) for the row ops: ties, +-inf, NaN, ignored rows (c = -0.0) with
+    garbage logits, dominant and flat rows, zero weights, with and without smoothing."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 7, generator=g) * 4
+    x[0] = torch.tensor([20.0, 0, 0, 0, 0, 0, 0])  # a tiny loss: 6 e^-20
+    x[1] = 3.0  # all tied
+    x[2, 3] = x[2, 5] = x[2].max() + 1  # a tie at the max
+    x[3, 2] = float("inf")
+    x[4, :] = float("-inf")
+    x[4, 1] = 0.0
+    x[5, 4] = float("nan")
+    x[6] = float("nan")  # ignored below: loss 0, gradient 0
+    x[7] = torch.tensor([100.0, -100, 3, 0, 0, 0, 0])  # a subnormal probability
+    y = torch.tensor([0, 3, 3, 2, 1, 0, 0, 1, 6, 2, 4, 5])
+    c = torch.rand(12, generator=g) + 0.5
+    c[6] = -0.0
+    c[9] = 0.0
+    smooth = torch.full((7,), 0.1 / 7)
+    smooth[2] = 0.0
+    return x, y, c, smooth
+
+
+@pytest.mark.parametrize("coefficients", ["none", "weights", "smoothing"])
+@pytest.mark.parametrize("layout", ["rows", "ncs"])
+def test_inductor_formulas_match_the_row_kernel(coefficients, layout):
+    """The functions Inductor compiles (run here as plain torch code) give the C kernel's
+    per-row loss, statistics and gradient times grad_loss, special rows included."""
+    from crossent.backends import inductor
+
+    x, y, c, smooth = _ce_row_inputs()
+    c, smooth = {"none": (None, None), "weights": (c, None), "smoothing": (c, smooth)}[coefficients]
+    if layout == "ncs":  # rows (N * S, C) as (N, C, S), N = 3, S = 4
+        x = x.view(3, 4, 7).transpose(1, 2).contiguous()
+    want = ops.cross_entropy_rows(x, None, y, c, smooth, None, "chunked")
+    got = inductor.cross_entropy_rows(x, None, y, c, smooth, None, "chunked")
+    assert_close(got[0], want[0], tol="f32_same_formulas")
+    finite = torch.isfinite(want[0])
+    if layout == "rows":  # the lane kernel of (N, C, S) writes no statistics
+        assert_close(got[1][finite], want[1][finite], tol="f32_same_formulas")
+    stats = got[1]
+    g_loss = torch.linspace(0.5, 2.0, 12)
+    want_g = ops.cross_entropy_rows_backward(g_loss, x, None, y, c, smooth, None, stats, "chunked")
+    got_g = inductor.cross_entropy_rows_backward(g_loss, x, None, y, c, smooth, None, stats, "chunked")
+    assert_close(got_g, want_g, tol="f32_same_formulas")
+    assert inductor.cross_entropy_rows(x, torch.ones_like(x), None, None, None, None, "chunked") is NotImplemented
+    assert inductor.cross_entropy_rows(x, None, y, c, smooth, None, "chunked-torch") is NotImplemented
+
+
 def test_compiled_out_of_range_target_raises_inside_the_graph():
     compiled = torch.compile(lambda z, y: crossent.cross_entropy(z, y), fullgraph=True)
     z = torch.randn(4, C)
@@ -155,7 +221,7 @@ def test_compiled_out_of_range_target_raises_inside_the_graph():
         bce(z, torch.full((4, C), 2.0))
 
 
-def test_compiled_out_of_range_target_with_validate_false_raises_in_the_kernel():
+def test_compiled_out_of_range_target_with_validate_false_still_raises():
     compiled = torch.compile(lambda z, y: crossent.cross_entropy(z, y, validate=False), fullgraph=True)
     with pytest.raises(Exception, match="class indices"):
         compiled(torch.randn(4, C), torch.tensor([0, 1, 7, 3]))

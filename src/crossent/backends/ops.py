@@ -38,6 +38,10 @@ losses) are registered the same way in :mod:`crossent.backends.focal`.
 ``crossent::lm_head_loss_fused(...) -> (total, lse, correct, grad_x, grad_W, grad_b)``
     A summed LM-head loss with its gradients from the same pass (below).
 
+Under ``torch.compile`` on CPU, Inductor compiles ``cross_entropy_rows`` and its backward
+from the same formulas in aten ops (:mod:`.inductor`, registered as decompositions), which
+it fuses into vectorised loops; every other capture keeps the ops.
+
 ``backend`` names the kernels (``chunked``: the C kernel where it applies, ``chunked-torch``:
 the same formulas in torch ops on any device, ``triton``: CUDA); the choice is made before
 the op (:func:`crossent.backends.resolve`), a constant of the captured graph.
@@ -61,7 +65,7 @@ import torch
 from torch import Tensor
 
 from .. import _capture
-from . import chunked, reference
+from . import chunked, inductor, reference
 
 
 def _kernels(backend: str, device: torch.device):
@@ -204,6 +208,7 @@ def cross_entropy_rows(
 
 @cross_entropy_rows.register_fake
 def _(x, q, y, c, smooth, keep, backend):
+    inductor.ensure_registered()  # Dynamo's first trace of the op, before Inductor compiles it
     return x.new_empty((_rows_of(x),)), x.new_empty((_rows_of(x), 2))
 
 
