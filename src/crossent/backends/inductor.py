@@ -136,14 +136,16 @@ def ensure_registered() -> None:
     _registered = True
     try:
         with torch.utils._python_dispatch._disable_current_modes():  # called under fake mode
-            from torch._inductor.decomposition import decompositions, register_decomposition
+            from torch._inductor import decomposition as table
+        # Inductor keeps a copy of its table from its first compilation in the process
+        # (select_decomp_table caches it): the entries go into that copy too.
+        tables = [table.decompositions, table.select_decomp_table()]
     except Exception:  # pragma: no cover - a torch without Inductor's table: the ops run
         return
-    table = [
+    for op, fn in [
         (torch.ops.crossent.cross_entropy_rows.default, cross_entropy_rows),
         (torch.ops.crossent.cross_entropy_rows_backward.default, cross_entropy_rows_backward),
-    ]
-    for op, fn in table:
-        if op not in decompositions:
-            register_decomposition(op)(fn)
+    ]:
+        for t in tables:
+            t.setdefault(op, fn)
 
