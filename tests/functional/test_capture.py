@@ -7,6 +7,9 @@ same step run eagerly by crossent (values and the model's gradients) and with to
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -159,6 +162,23 @@ def test_inductor_compiles_the_cross_entropy_formulas_not_the_op(name):
     assert not any("crossent" in c for c in code)
     for a, b in zip(got, run_step(step, model, x, y, s)):
         assert_close(a, b)
+
+
+def test_inductor_uses_the_formulas_after_compiling_another_model_first(tmp_path):
+    """Inductor caches its decomposition table at its first compilation in a process; the
+    formulas are registered later (the first trace of a crossent op) and must still be used."""
+    code = (
+        "import torch, crossent\n"
+        "from torch._inductor.utils import run_and_get_code\n"
+        "torch.compile(lambda a: a.sin() * 2, fullgraph=True)(torch.randn(8))\n"
+        "z = torch.randn(16, 5, requires_grad=True)\n"
+        "f = torch.compile(lambda z, y: crossent.cross_entropy(z, y), fullgraph=True)\n"
+        "_, code = run_and_get_code(lambda: f(z, torch.arange(16) % 5).backward())\n"
+        "print('op called:', any('crossent' in c for c in code))\n"
+    )
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert "op called: False" in out.stdout, out.stdout + out.stderr
 
 
 def _ce_row_inputs():

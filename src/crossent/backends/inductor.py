@@ -148,4 +148,3 @@ def ensure_registered() -> None:
     ]:
         for t in tables:
             t.setdefault(op, fn)
-
