@@ -6,6 +6,7 @@ Helpers (tolerances, generators) are plain functions in ``tests/_helpers.py``.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 # The Triton tests run the kernels through Triton's interpreter (no GPU). Triton reads the
@@ -13,8 +14,11 @@ import tempfile
 # set it before any test module imports torch.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Compiled graphs come from this session's compilations, not from a warm Inductor cache
-# filled by an older crossent (it keys graphs by op names, not by their decompositions).
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="crossent-tests-inductor-"))
+# filled by an older crossent (it keys graphs by op names, not by their decompositions);
+# the directory is removed when the session ends.
+_INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="crossent-tests-inductor-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -109,3 +113,8 @@ def _fresh_warning_registry(monkeypatch):
     _validation.reset_warnings()
     yield
     _validation.reset_warnings()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _INDUCTOR_CACHE is not None:
+        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
