@@ -65,7 +65,8 @@ import torch
 from torch import Tensor
 
 from .. import _capture
-from . import chunked, inductor, reference
+from . import chunked, inductor, linear, reference
+from . import lm_head as _lm_head  # ``lm_head`` names this module's entry point below
 
 
 def _kernels(backend: str, device: torch.device):
@@ -320,8 +321,6 @@ def linear_cross_entropy_fused(
     """``(total, lse, grad_x, grad_W, grad_b)`` of ``sum(loss)`` for the fused linear + CE:
     ``x`` (N, H), ``W`` (D, C, H), ``b`` (D, C) or None, ``target`` (N, D) class indices or
     (N, C, D) probabilities (see ``linear.ce_targets``); ``grad_b`` is empty without a bias."""
-    from . import linear
-
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     D, C, H = W.shape
     tgts, _ = linear.ce_targets(target, index, weight, keep, eps, C, cdt)
@@ -436,9 +435,7 @@ def lm_head_forward(
     ``(m, log1p(S'), B/(1+S'))``: ``x`` logits (N, C) (``W`` None) or hidden states (N, H)
     of ``W`` (C, H); row blocks of ``rows`` rows; ``softcap`` 0 means none; ``backend``
     ``chunked`` runs the blocks in the compiled C kernel where it applies."""
-    from . import lm_head
-
-    (nll, sm, lse, ent, correct), (m, lp1, _, BA) = lm_head.forward_rows(
+    (nll, sm, lse, ent, correct), (m, lp1, _, BA) = _lm_head.forward_rows(
         x, W, b, y, keep, sigma, temperature, softcap, rows, backend
     )
     return nll, sm, lse, ent, correct, m, lp1, BA
@@ -477,10 +474,8 @@ def lm_head_backward(
     need_b: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b)`` of ``crossent::lm_head_forward`` (empty where not needed)."""
-    from . import lm_head
-
     saved, grads = (m, lp1, nll, BA), (g_nll, g_sm, g_lse, g_ent)
-    return lm_head.backward_rows(
+    return _lm_head.backward_rows(
         x, W, b, y, keep, sigma, temperature, softcap, rows, backend, saved, grads, (need_x, need_W, need_b)
     )
 
@@ -546,9 +541,7 @@ def lm_head_loss_fused(
     """``(total, lse, correct, grad_x, grad_W, grad_b)`` of the summed LM-head loss
     ``sum_i c_nll_i nll_i + c_sm_i sm_i + c_z_i lse_i^2`` (:func:`.lm_head.loss_rows`): the
     gradients are computed in the forward pass and scaled by the incoming gradient."""
-    from . import lm_head
-
-    return lm_head.loss_rows(
+    return _lm_head.loss_rows(
         x,
         W,
         b,
@@ -599,9 +592,7 @@ def _lm_loss_backward(ctx, g_total, *_):
     if ctx.grads is not None:
         grads, ctx.grads = ctx.grads, None
     else:
-        from . import lm_head
-
-        grads = lm_head.loss_rows(*ctx.saved_tensors, *ctx.options)[3:]
+        grads = _lm_head.loss_rows(*ctx.saved_tensors, *ctx.options)[3:]
     gx, gW, gb = _scaled(grads, g_total)
     need_x, need_W, need_b = ctx.options[3:6]
     return (gx if need_x else None, gW if need_W else None, gb if need_b else None) + (None,) * 13
